@@ -1,0 +1,95 @@
+//! CPU matmul: `ops::matmul` against the `gemm` crate called directly (the wrapper must cost
+//! < 5%) and against a naive triple loop, each ratio measured in the same run.
+//! `cargo bench --bench matmul_cpu`
+
+mod common;
+
+use criterion::{criterion_group, Criterion, Throughput};
+use std::hint::black_box;
+use vit_tensor::{cpu::gemm_f32, ops, DType, Device, Tensor};
+
+/// `[m, k] x [k, n]` shapes: square, and ViT-like linear layers on a small batch of tokens.
+const SHAPES: &[(&str, usize, usize, usize)] =
+    &[("square 256", 256, 256, 256), ("S/16 qkv, 4x197 tokens", 788, 1152, 384), ("Ti/16 fc1, 8x197 tokens", 1576, 768, 192)];
+
+fn naive(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) {
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f32;
+            for p in 0..k {
+                s += a[i * k + p] * b[p * n + j];
+            }
+            c[i * n + j] = s;
+        }
+    }
+}
+
+fn inputs(m: usize, n: usize, k: usize) -> (Tensor, Tensor) {
+    let a = Tensor::randn([m, k], 0.0, 1.0, 1, DType::F32, Device::Cpu).unwrap();
+    let b = Tensor::randn([k, n], 0.0, 1.0, 2, DType::F32, Device::Cpu).unwrap();
+    (a, b)
+}
+
+/// Prints, per shape, GFLOP/s of each path and the ratios the issue asks for.
+fn ratios() {
+    let threads = rayon::current_num_threads();
+    let (samples, iters) = if common::quick() { (3, 1) } else { (15, 3) };
+    println!("matmul_cpu: {threads} threads; ratio = time / time of gemm called directly");
+    for &(name, m, n, k) in SHAPES {
+        let (a, b) = inputs(m, n, k);
+        let (av, bv) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+        let direct = common::median_time(samples, iters, || {
+            let mut c = vec![0.0f32; m * n];
+            gemm_f32(&av, &bv, &mut c, m, n, k, false, false, threads);
+            black_box(c);
+        });
+        let ours = common::median_time(samples, iters, || {
+            black_box(ops::matmul(&a, &b).unwrap());
+        });
+        let naive_t = common::median_time(if common::quick() { 1 } else { 3 }, 1, || {
+            let mut c = vec![0.0f32; m * n];
+            naive(&av, &bv, &mut c, m, n, k);
+            black_box(c);
+        });
+        let gflops = |t: std::time::Duration| 2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9;
+        println!(
+            "  {name:<26} [{m}x{k}]x[{k}x{n}]  gemm {:7.1} GFLOP/s | ops::matmul {:7.1} (ratio {:.3}) | naive loop {:6.2} (ratio {:.1})",
+            gflops(direct),
+            gflops(ours),
+            ours.as_secs_f64() / direct.as_secs_f64(),
+            gflops(naive_t),
+            naive_t.as_secs_f64() / direct.as_secs_f64()
+        );
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    ratios();
+    let threads = rayon::current_num_threads();
+    let mut g = c.benchmark_group("matmul_cpu");
+    for &(name, m, n, k) in SHAPES {
+        let (a, b) = inputs(m, n, k);
+        let (av, bv) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        g.bench_function(format!("{name}/ops::matmul"), |bch| bch.iter(|| ops::matmul(&a, &b).unwrap()));
+        g.bench_function(format!("{name}/gemm direct"), |bch| {
+            bch.iter(|| {
+                let mut c = vec![0.0f32; m * n];
+                gemm_f32(&av, &bv, &mut c, m, n, k, false, false, threads);
+                c
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10);
+    targets = bench
+}
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

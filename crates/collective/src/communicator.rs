@@ -1,0 +1,84 @@
+//! The [`Communicator`] trait: collectives and point-to-point transfers among the ranks of
+//! one group, with the same behaviour on every backend.
+
+use crate::Result;
+use std::fmt;
+use vit_tensor::Tensor;
+
+/// How [`Communicator::all_reduce`] and [`Communicator::reduce_scatter`] combine the ranks'
+/// tensors, element by element. Reductions run in f32 in rank order (rank 0 first) and the
+/// result is cast back to the input dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// `x_0 + x_1 + … + x_{n-1}`.
+    Sum,
+    /// The sum divided by the world size.
+    Mean,
+    /// The element-wise maximum; a NaN on any rank gives NaN.
+    Max,
+}
+
+impl fmt::Display for ReduceOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Mean => "mean",
+            ReduceOp::Max => "max",
+        })
+    }
+}
+
+/// One rank's handle on a group of `world_size` ranks.
+///
+/// Every collective is a rendezvous: all ranks call it, in the same order, with the same op,
+/// reduce op, root, shape and dtype. A disagreement is an [`Error::Mismatch`](crate::Error)
+/// on every rank (never a hang or a panic). Results keep the input's dtype and device.
+/// Below, `n` is the world size and `[m, ..]` a tensor whose leading dimension is `m`.
+pub trait Communicator: Send + Sync {
+    /// This rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// The number of ranks in the group.
+    fn world_size(&self) -> usize;
+
+    /// Combines `x` (any shape, float dtype) from every rank with `op`; every rank gets the
+    /// same result, bitwise, of the same shape.
+    fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor>;
+
+    /// Concatenates `x: [m, ..]` from every rank along dim 0 in rank order: `[n·m, ..]`.
+    /// Any dtype; `x` must have rank ≥ 1.
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Reduces `x: [n·m, ..]` (float dtype) across ranks with `op` and gives rank `r` rows
+    /// `r·m..(r+1)·m` of the reduction: `[m, ..]`. Dim 0 must be divisible by `n`.
+    fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor>;
+
+    /// Splits `x: [n·m, ..]` into `n` chunks of `m` rows and sends chunk `j` to rank `j`; the
+    /// result `[n·m, ..]` holds, in rank order, the chunks every rank sent to this one. Any
+    /// dtype; dim 0 must be divisible by `n`.
+    fn all_to_all(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Every rank gets `root`'s `x`. The other ranks pass a tensor of the same shape and dtype
+    /// (its values are ignored), as NCCL needs a receive buffer of that size.
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor>;
+
+    /// Sends `x` to rank `to`. Messages between one (sender, receiver) pair arrive in the order
+    /// they were sent. Backends may buffer (the in-process group does) or block until the
+    /// matching [`recv`](Communicator::recv); portable code pairs sends and receives so that it
+    /// works with either, or uses [`send_recv`](Communicator::send_recv).
+    fn send(&self, x: &Tensor, to: usize) -> Result<()>;
+
+    /// Receives the next tensor that rank `from` sent to this rank (its shape and dtype).
+    fn recv(&self, from: usize) -> Result<Tensor>;
+
+    /// Sends `x` to `to` and receives the next tensor from `from`, as one step of a ring
+    /// (`to = rank + 1`, `from = rank - 1`, mod n) that cannot deadlock. Backends that block
+    /// in `send` override this to post both at once.
+    fn send_recv(&self, x: &Tensor, to: usize, from: usize) -> Result<Tensor> {
+        self.send(x, to)?;
+        self.recv(from)
+    }
+
+    /// Returns once every rank has called `barrier`.
+    fn barrier(&self) -> Result<()>;
+}

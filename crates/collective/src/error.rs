@@ -1,0 +1,51 @@
+//! The one error type of `vit-collective`. Every variant names the op and says what was
+//! expected and what was given, e.g.
+//! `reduce_scatter: dim 0 of [6, 4] is not divisible by world size 4`.
+
+use vit_tensor::DType;
+
+/// Errors from collectives and point-to-point transfers.
+///
+/// Errors found when checking a collective call (different calls, shapes, dtypes or roots on
+/// different ranks; a shape the op cannot split) are detected once every rank has arrived, so
+/// every rank of the group gets one, never just some of them.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor error (casting, device transfer) while computing a result.
+    #[error(transparent)]
+    Tensor(#[from] vit_tensor::Error),
+
+    /// Ranks disagree on the call: a different op, reduce op or root, or a different shape or
+    /// dtype, e.g. `all_reduce: expected the same shape and dtype on every rank, got rank 0:
+    /// [4, 3] f32, rank 1: [4, 5] f32`.
+    #[error("{op}: {msg}")]
+    Mismatch { op: &'static str, msg: String },
+
+    /// A shape the op cannot handle (a rank-0 tensor to split, dim 0 not divisible by the world size).
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+
+    /// A reduction on a non-float tensor.
+    #[error("{op}: expected a float dtype (f32, bf16 or f16), got {got}")]
+    DType { op: &'static str, got: DType },
+
+    /// A rank argument (root, peer) outside `0..world_size`.
+    #[error("{op}: expected {what} in 0..{world_size}, got {got}")]
+    Rank { op: &'static str, what: &'static str, got: usize, world_size: usize },
+
+    /// A peer's communicator was dropped (its thread ended or panicked) while this rank waited on it.
+    #[error("{op}: rank {peer} has left the group (its communicator was dropped)")]
+    Disconnected { op: &'static str, peer: usize },
+
+    /// An earlier failure (a deadlock found on another rank) left the group unusable.
+    #[error("{op}: the group is unusable after an earlier failure: {reason}")]
+    Poisoned { op: &'static str, reason: String },
+
+    /// The call can never complete: every rank of the group is waiting on another, a rank
+    /// receives from itself with nothing sent, or one communicator is used by two threads at once.
+    #[error("{op}: {msg}")]
+    Deadlock { op: &'static str, msg: String },
+}
+
+/// Result alias for `vit-collective`.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,32 @@
+//! `vit-collective`: collectives for vitrs (design §5). The [`Communicator`] trait gives
+//! all-reduce, all-gather, reduce-scatter, all-to-all, broadcast, send/recv and barrier on
+//! tensors, with one behaviour on every backend:
+//!
+//! - [`LocalGroup`]: `n` ranks as `n` threads of one process (the test bed for every
+//!   sharding strategy);
+//! - [`SingleProcess`]: a world of one, where every collective is the identity.
+//!
+//! ```
+//! use vit_collective::{Communicator, LocalGroup};
+//! use vit_tensor::{DType, Device, Tensor};
+//! let gathered = LocalGroup::run(2, |comm| {
+//!     let x = Tensor::full(comm.rank() as f32, [1, 2], DType::F32, Device::Cpu)?; // [1, 2]
+//!     comm.all_gather(&x)?.to_f32_vec()                                            // [2, 2]
+//! });
+//! for g in gathered {
+//!     assert_eq!(g?, vec![0.0, 0.0, 1.0, 1.0]);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod call;
+mod communicator;
+mod error;
+mod host;
+mod local;
+mod single;
+
+pub use communicator::{Communicator, ReduceOp};
+pub use error::{Error, Result};
+pub use local::{LocalCommunicator, LocalGroup};
+pub use single::SingleProcess;

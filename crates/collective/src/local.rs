@@ -1,0 +1,368 @@
+//! [`LocalGroup`]: `n` ranks in one process, one thread per rank, exchanging tensors through
+//! shared memory. The test bed for every sharding strategy (design §5).
+//!
+//! Every collective is a rendezvous on one shared slot table: each rank deposits its call,
+//! the last to arrive closes the round, and then every rank checks all calls (so a mismatch is
+//! an error on every rank) and computes its own result from all inputs in rank order (so
+//! reductions are bitwise identical on every rank). Nothing can strand a rank: a rank whose
+//! communicator is dropped (its thread returned or panicked) makes the others' waits on it
+//! fail, and when every live rank is waiting on another the group reports the deadlock to all.
+
+use crate::{
+    call::{validate, Call, Op},
+    host, Communicator, Error, ReduceOp, Result,
+};
+use std::{
+    collections::VecDeque,
+    fmt,
+    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
+};
+use vit_tensor::Tensor;
+
+/// Builds groups of in-process ranks.
+///
+/// ```
+/// use vit_collective::{Communicator, LocalGroup, ReduceOp};
+/// use vit_tensor::{DType, Device, Tensor};
+/// let sums = LocalGroup::run(4, |comm| {
+///     let x = Tensor::full(comm.rank() as f32, [2, 3], DType::F32, Device::Cpu)?; // [2, 3]
+///     comm.all_reduce(&x, ReduceOp::Sum)?.to_f32_vec()                             // [2, 3]
+/// });
+/// for s in sums {
+///     assert_eq!(s?, vec![6.0; 6]); // 0 + 1 + 2 + 3
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct LocalGroup;
+
+impl LocalGroup {
+    /// One communicator per rank, in rank order, for `n` ranks; move each to its own thread.
+    /// `n = 0` gives none.
+    pub fn new(n: usize) -> Vec<LocalCommunicator> {
+        let shared = Arc::new(Shared {
+            n,
+            state: Mutex::new(State {
+                slots: vec![None; n],
+                arrived: 0,
+                generation: 0,
+                done: None,
+                taken: 0,
+                mailboxes: vec![VecDeque::new(); n * n],
+                left: vec![false; n],
+                waiting: vec![None; n],
+                poisoned: None,
+            }),
+            cv: Condvar::new(),
+        });
+        (0..n).map(|rank| LocalCommunicator { rank, shared: Arc::clone(&shared) }).collect()
+    }
+
+    /// Runs `f` on `n` scoped threads, one per rank, and returns the results in rank order.
+    /// Each rank's communicator is dropped when its `f` returns, so a rank that stops early
+    /// (an error, a panic) makes the others' collectives fail instead of hang. A panic in any
+    /// rank is re-raised here after every thread has ended.
+    pub fn run<R: Send>(n: usize, f: impl Fn(LocalCommunicator) -> R + Sync) -> Vec<R> {
+        let f = &f;
+        let joined: Vec<std::thread::Result<R>> = std::thread::scope(|s| {
+            let handles: Vec<_> = Self::new(n).into_iter().map(|comm| s.spawn(move || f(comm))).collect();
+            handles.into_iter().map(|h| h.join()).collect()
+        });
+        let mut out = Vec::with_capacity(n);
+        for r in joined {
+            match r {
+                Ok(v) => out.push(v),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    }
+}
+
+/// One rank of a [`LocalGroup`]. Works on tensors of any device (through host memory); results
+/// land on the device of this rank's input. Sends are buffered: [`Communicator::send`] never
+/// blocks. Use one communicator from one thread at a time.
+pub struct LocalCommunicator {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for LocalCommunicator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalCommunicator").field("rank", &self.rank).field("world_size", &self.shared.n).finish()
+    }
+}
+
+/// State shared by the ranks of one group.
+struct Shared {
+    n: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+/// What a rank is blocked on, for deadlock detection and messages.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    Collective(Op),
+    Recv { from: usize },
+}
+
+impl fmt::Display for Wait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Wait::Collective(op) => write!(f, "{op}"),
+            Wait::Recv { from } => write!(f, "recv from rank {from}"),
+        }
+    }
+}
+
+/// A closed collective round: every rank's call, kept until every rank has taken it.
+struct Round {
+    generation: u64,
+    calls: Vec<Call>,
+}
+
+struct State {
+    /// This round's calls so far, by rank.
+    slots: Vec<Option<Call>>,
+    arrived: usize,
+    /// Number of closed rounds; the open round's number.
+    generation: u64,
+    /// The last closed round, until all `n` ranks have taken it (before any can join the next).
+    done: Option<Arc<Round>>,
+    taken: usize,
+    /// Point-to-point queues, `from * n + to`.
+    mailboxes: Vec<VecDeque<Tensor>>,
+    /// Ranks whose communicator was dropped.
+    left: Vec<bool>,
+    /// What each rank is blocked on; `None` while it runs or can proceed.
+    waiting: Vec<Option<Wait>>,
+    /// Set when a deadlock was found; every later call fails with it.
+    poisoned: Option<String>,
+}
+
+impl State {
+    /// A description of the deadlock if every rank that has not left is blocked.
+    fn deadlock(&self) -> Option<String> {
+        let stuck = self.waiting.iter().zip(&self.left).all(|(w, &left)| left || w.is_some());
+        if !stuck || self.waiting.iter().all(Option::is_none) {
+            return None;
+        }
+        let each: Vec<String> = self
+            .waiting
+            .iter()
+            .enumerate()
+            .map(|(r, w)| match w {
+                Some(w) => format!("rank {r} in {w}"),
+                None => format!("rank {r} has left"),
+            })
+            .collect();
+        Some(format!("deadlock: every rank is waiting on another: {}", each.join(", ")))
+    }
+
+    fn first_left(&self) -> Option<usize> {
+        self.left.iter().position(|&l| l)
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock, so a poisoned mutex still holds consistent state.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl LocalCommunicator {
+    /// Blocks rank `self.rank` until `poll` yields a result, marking it as waiting on `wait`
+    /// meanwhile. Fails when the group is poisoned, or poisons it when this wait completes a
+    /// deadlock (every live rank waiting), so that no rank waits forever.
+    fn block<'a, T>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        op: &'static str,
+        wait: Wait,
+        mut poll: impl FnMut(&mut State) -> Option<Result<T>>,
+    ) -> (MutexGuard<'a, State>, Result<T>) {
+        let rank = self.rank;
+        loop {
+            if let Some(out) = poll(&mut st) {
+                st.waiting[rank] = None;
+                return (st, out);
+            }
+            if let Some(reason) = &st.poisoned {
+                let err = Error::Poisoned { op, reason: reason.clone() };
+                st.waiting[rank] = None;
+                return (st, Err(err));
+            }
+            st.waiting[rank] = Some(wait);
+            if let Some(msg) = st.deadlock() {
+                st.poisoned = Some(msg.clone());
+                st.waiting[rank] = None;
+                self.shared.cv.notify_all();
+                return (st, Err(Error::Deadlock { op, msg }));
+            }
+            st = self.shared.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Joins the open round with `call` and returns the closed round once every rank is in.
+    fn rendezvous(&self, call: Call) -> Result<Arc<Round>> {
+        let (rank, n) = (self.rank, self.shared.n);
+        let op = call.op.name();
+        let wait = Wait::Collective(call.op);
+        let mut st = self.shared.lock();
+        if let Some(reason) = &st.poisoned {
+            return Err(Error::Poisoned { op, reason: reason.clone() });
+        }
+        if let Some(peer) = st.first_left() {
+            return Err(Error::Disconnected { op, peer });
+        }
+        if st.slots[rank].is_some() {
+            let msg = format!("rank {rank} is already in a collective: one communicator used by two threads at once");
+            return Err(Error::Deadlock { op, msg });
+        }
+        let generation = st.generation;
+        st.slots[rank] = Some(call);
+        st.arrived += 1;
+        if st.arrived == n {
+            let calls: Vec<Call> = st.slots.iter_mut().filter_map(Option::take).collect();
+            st.arrived = 0;
+            st.generation += 1;
+            st.done = Some(Arc::new(Round { generation, calls }));
+            st.taken = 0;
+            st.waiting.iter_mut().for_each(|w| *w = None); // everyone else was waiting on this round
+            self.shared.cv.notify_all();
+        } else {
+            let (guard, closed) = self.block(st, op, wait, |st| {
+                if st.generation > generation {
+                    Some(Ok(()))
+                } else {
+                    st.first_left().map(|peer| Err(Error::Disconnected { op, peer }))
+                }
+            });
+            st = guard;
+            if let Err(e) = closed {
+                // The round never closed: take our call back so the table stays consistent.
+                if st.slots[rank].take().is_some() {
+                    st.arrived -= 1;
+                }
+                return Err(e);
+            }
+        }
+        let round = match &st.done {
+            Some(round) if round.generation == generation => Arc::clone(round),
+            _ => {
+                let msg = format!("rank {rank} missed the result of round {generation}");
+                return Err(Error::Deadlock { op, msg });
+            }
+        };
+        st.taken += 1;
+        if st.taken == n {
+            st.done = None; // frees the inputs once the last rank holds its own reference
+        }
+        Ok(round)
+    }
+
+    /// A collective on `x`: rendezvous, check every rank's call, compute this rank's result.
+    fn collective(&self, op: Op, x: &Tensor) -> Result<Tensor> {
+        let round = self.rendezvous(Call { op, tensor: Some(x.clone()) })?;
+        validate(op, &round.calls)?;
+        host::complete(&round.calls, self.rank, x.device())?
+            .ok_or(Error::Mismatch { op: op.name(), msg: "no rank passed a tensor".into() })
+    }
+
+    fn check_peer(&self, op: &'static str, what: &'static str, peer: usize) -> Result<()> {
+        if peer >= self.shared.n {
+            return Err(Error::Rank { op, what, got: peer, world_size: self.shared.n });
+        }
+        Ok(())
+    }
+}
+
+impl Communicator for LocalCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.shared.n
+    }
+
+    fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.collective(Op::AllReduce(op), x)
+    }
+
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+        self.collective(Op::AllGather, x)
+    }
+
+    fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.collective(Op::ReduceScatter(op), x)
+    }
+
+    fn all_to_all(&self, x: &Tensor) -> Result<Tensor> {
+        self.collective(Op::AllToAll, x)
+    }
+
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        self.collective(Op::Broadcast { root }, x)
+    }
+
+    fn send(&self, x: &Tensor, to: usize) -> Result<()> {
+        let op = "send";
+        self.check_peer(op, "destination rank", to)?;
+        let n = self.shared.n;
+        let mut st = self.shared.lock();
+        if let Some(reason) = &st.poisoned {
+            return Err(Error::Poisoned { op, reason: reason.clone() });
+        }
+        if st.left[to] {
+            return Err(Error::Disconnected { op, peer: to });
+        }
+        st.mailboxes[self.rank * n + to].push_back(x.clone());
+        if matches!(st.waiting[to], Some(Wait::Recv { from }) if from == self.rank) {
+            st.waiting[to] = None; // it can proceed now
+        }
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    fn recv(&self, from: usize) -> Result<Tensor> {
+        let op = "recv";
+        self.check_peer(op, "source rank", from)?;
+        let (rank, n) = (self.rank, self.shared.n);
+        let st = self.shared.lock();
+        let (_st, out) = self.block(st, op, Wait::Recv { from }, |st| {
+            if let Some(t) = st.mailboxes[from * n + rank].pop_front() {
+                Some(Ok(t))
+            } else if from == rank {
+                let msg = format!("rank {rank} receives from itself, but sent itself nothing");
+                Some(Err(Error::Deadlock { op, msg }))
+            } else if st.left[from] {
+                Some(Err(Error::Disconnected { op, peer: from }))
+            } else {
+                None
+            }
+        });
+        out
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let round = self.rendezvous(Call { op: Op::Barrier, tensor: None })?;
+        validate(Op::Barrier, &round.calls)
+    }
+}
+
+impl Drop for LocalCommunicator {
+    /// Marks this rank as gone and wakes the others: their waits on it fail, and if all that
+    /// remain are waiting on each other, the deadlock is reported to them.
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.left[self.rank] = true;
+        st.waiting[self.rank] = None;
+        if st.poisoned.is_none() {
+            st.poisoned = st.deadlock();
+        }
+        self.shared.cv.notify_all();
+    }
+}

@@ -1,0 +1,93 @@
+//! Elementwise ops and GELU.
+
+use super::PAR_MIN_ELEMS;
+use crate::ops::{BinaryOp, Gelu};
+use rayon::prelude::*;
+
+pub(crate) fn binary(a: &[f32], b: &[f32], op: BinaryOp) -> Vec<f32> {
+    let f = match op {
+        BinaryOp::Add => |x: f32, y: f32| x + y,
+        BinaryOp::Sub => |x: f32, y: f32| x - y,
+        BinaryOp::Mul => |x: f32, y: f32| x * y,
+    };
+    a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+}
+
+pub(crate) fn scale(x: &[f32], s: f32) -> Vec<f32> {
+    x.iter().map(|&v| v * s).collect()
+}
+
+pub(crate) fn bias_add(x: &[f32], bias: &[f32]) -> Vec<f32> {
+    let n = bias.len();
+    let mut y = x.to_vec();
+    if n > 0 {
+        y.chunks_mut(n).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+    }
+    y
+}
+
+/// Sums of the columns of `x [rows, n]` -> `[n]`.
+pub(crate) fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
+    let mut s = vec![0.0f32; n];
+    if n > 0 {
+        x.chunks(n).for_each(|row| s.iter_mut().zip(row).for_each(|(a, v)| *a += v));
+    }
+    s
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
+/// erf with |error| < 1.2e-7 (Numerical Recipes' erfc, Chebyshev fit), enough for f32.
+pub(crate) fn erf(x: f32) -> f32 {
+    let z = (x as f64).abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let r = 1.0 - t * poly.exp();
+    (if x >= 0.0 { r } else { -r }) as f32
+}
+
+pub(crate) fn gelu(x: f32, kind: Gelu) -> f32 {
+    match kind {
+        Gelu::Tanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_C * x * x * x)).tanh()),
+        Gelu::Erf => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
+    }
+}
+
+pub(crate) fn gelu_grad(x: f32, kind: Gelu) -> f32 {
+    match kind {
+        Gelu::Tanh => {
+            let u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+            let t = u.tanh();
+            let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+        }
+        Gelu::Erf => {
+            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * x * x).exp() / (2.0 * std::f32::consts::PI).sqrt();
+            cdf + x * pdf
+        }
+    }
+}
+
+pub(crate) fn gelu_fwd(x: &[f32], kind: Gelu) -> Vec<f32> {
+    if x.len() >= PAR_MIN_ELEMS {
+        x.par_iter().map(|&v| gelu(v, kind)).collect()
+    } else {
+        x.iter().map(|&v| gelu(v, kind)).collect()
+    }
+}
+
+pub(crate) fn gelu_bwd(x: &[f32], dy: &[f32], kind: Gelu) -> Vec<f32> {
+    if x.len() >= PAR_MIN_ELEMS {
+        x.par_iter().zip(dy).map(|(&v, &g)| g * gelu_grad(v, kind)).collect()
+    } else {
+        x.iter().zip(dy).map(|(&v, &g)| g * gelu_grad(v, kind)).collect()
+    }
+}

@@ -1,0 +1,79 @@
+//! Softmax and the cross-entropy losses, row by row.
+
+use rayon::prelude::*;
+
+/// Numerically stable softmax of one row into `out`.
+pub(crate) fn softmax_row(x: &[f32], out: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v - max).exp();
+        sum += *o;
+    }
+    out.iter_mut().for_each(|o| *o /= sum);
+}
+
+/// `log Σ exp(x)` of one row.
+pub(crate) fn logsumexp(x: &[f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+}
+
+pub(crate) fn softmax_fwd(x: &[f32], n: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; x.len()];
+    if n > 0 {
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yr, xr)| softmax_row(xr, yr));
+    }
+    y
+}
+
+pub(crate) fn softmax_bwd(y: &[f32], dy: &[f32], n: usize) -> Vec<f32> {
+    let mut dx = vec![0.0f32; y.len()];
+    if n > 0 {
+        dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(dxr, (yr, dyr))| {
+            let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
+            for ((d, &yv), &g) in dxr.iter_mut().zip(yr).zip(dyr) {
+                *d = yv * (g - dot);
+            }
+        });
+    }
+    dx
+}
+
+pub(crate) fn softmax_xent_fwd(z: &[f32], t: &[f32], k: usize) -> Vec<f32> {
+    z.par_chunks(k)
+        .zip(t.par_chunks(k))
+        .map(|(zr, tr)| {
+            let lse = logsumexp(zr);
+            -zr.iter().zip(tr).map(|(&zv, &tv)| if tv == 0.0 { 0.0 } else { tv * (zv - lse) }).sum::<f32>()
+        })
+        .collect()
+}
+
+pub(crate) fn softmax_xent_bwd(z: &[f32], t: &[f32], dloss: &[f32], k: usize) -> Vec<f32> {
+    let mut dz = vec![0.0f32; z.len()];
+    dz.par_chunks_mut(k).enumerate().for_each(|(i, dr)| {
+        let (zr, tr) = (&z[i * k..(i + 1) * k], &t[i * k..(i + 1) * k]);
+        softmax_row(zr, dr);
+        let tsum: f32 = tr.iter().sum();
+        for (d, &tv) in dr.iter_mut().zip(tr) {
+            *d = dloss[i] * (*d * tsum - tv);
+        }
+    });
+    dz
+}
+
+pub(crate) fn sigmoid_xent_fwd(z: &[f32], t: &[f32], k: usize) -> Vec<f32> {
+    z.par_chunks(k)
+        .zip(t.par_chunks(k))
+        .map(|(zr, tr)| zr.iter().zip(tr).map(|(&zv, &tv)| zv.max(0.0) - zv * tv + (-zv.abs()).exp().ln_1p()).sum())
+        .collect()
+}
+
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+pub(crate) fn sigmoid_xent_bwd(z: &[f32], t: &[f32], dloss: &[f32], k: usize) -> Vec<f32> {
+    z.iter().zip(t).enumerate().map(|(j, (&zv, &tv))| dloss[j / k] * (sigmoid(zv) - tv)).collect()
+}

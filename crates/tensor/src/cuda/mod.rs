@@ -1,0 +1,168 @@
+//! CUDA backend: one context and stream per device, the NVRTC kernel cache, cuBLAS(Lt) GEMM,
+//! and device storage. Everything goes through cudarc's dynamic loading, so the crate builds
+//! and runs without CUDA installed; [`available`] asks before anything touches the driver.
+
+pub(crate) mod blas;
+pub mod nvrtc;
+pub(crate) mod ops;
+mod storage;
+
+pub(crate) use storage::CudaStorage;
+
+use crate::{DType, Device, Error, Result, Shape, Tensor};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, LaunchConfig};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock},
+};
+
+/// True when the CUDA driver library loads and reports at least one device. Never panics
+/// (cudarc panics on first use of a missing library, so this checks for it first).
+pub fn available() -> bool {
+    device_count() > 0
+}
+
+/// Number of CUDA devices, 0 when the driver is missing or fails to initialise.
+pub fn device_count() -> usize {
+    // SAFETY: is_culib_present only tries to dlopen the driver library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return 0;
+    }
+    CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
+}
+
+/// True when the NVRTC library can be loaded (needed to compile kernels).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+pub(crate) fn cuda_err(e: impl std::fmt::Debug) -> Error {
+    Error::Cuda(format!("{e:?}"))
+}
+
+/// One device: its context, the stream every op runs on, loaded kernel modules and BLAS handles.
+pub(crate) struct CudaBackend {
+    pub(crate) ordinal: usize,
+    pub(crate) stream: Arc<CudaStream>,
+    /// `sm_90a` on Hopper, `sm_XY` otherwise (design §4).
+    pub(crate) arch: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    blas: OnceLock<blas::Handles>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend(cuda:{}, {})", self.ordinal, self.arch)
+    }
+}
+
+/// The backend of device `ordinal`, created on first use.
+pub(crate) fn backend(ordinal: usize) -> Result<Arc<CudaBackend>> {
+    static BACKENDS: OnceLock<Mutex<HashMap<usize, Arc<CudaBackend>>>> = OnceLock::new();
+    let mut map = BACKENDS.get_or_init(Default::default).lock().expect("backend map poisoned");
+    if let Some(b) = map.get(&ordinal) {
+        return Ok(b.clone());
+    }
+    let count = device_count();
+    if ordinal >= count {
+        return Err(Error::Cuda(format!("device cuda:{ordinal} requested, {count} CUDA device(s) available")));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(cuda_err)?;
+    let (major, minor) = ctx.compute_capability().map_err(cuda_err)?;
+    let arch = if major == 9 && minor == 0 { "sm_90a".to_string() } else { format!("sm_{major}{minor}") };
+    let b = Arc::new(CudaBackend {
+        ordinal,
+        stream: ctx.default_stream(),
+        arch,
+        modules: Mutex::new(HashMap::new()),
+        blas: OnceLock::new(),
+    });
+    map.insert(ordinal, b.clone());
+    Ok(b)
+}
+
+impl CudaBackend {
+    /// The kernel `name` from `kernels/<file>`, compiled for this device on first use.
+    pub(crate) fn function(&self, file: &'static str, name: &str) -> Result<CudaFunction> {
+        let module = {
+            let mut modules = self.modules.lock().expect("module map poisoned");
+            match modules.get(file) {
+                Some(m) => m.clone(),
+                None => {
+                    let src = nvrtc::kernel_source(file)
+                        .ok_or_else(|| Error::Cuda(format!("no kernel file {file} in kernels/")))?;
+                    let image = nvrtc::compile_cached(file, &src, &self.arch)?;
+                    let m =
+                        self.stream.context().load_module(cudarc::nvrtc::Ptx::from_binary(image)).map_err(cuda_err)?;
+                    modules.insert(file, m.clone());
+                    m
+                }
+            }
+        };
+        module.load_function(name).map_err(|e| Error::Cuda(format!("kernel {name} not found in {file}: {e:?}")))
+    }
+
+    /// An uninitialised-free (zeroed) device buffer of `bytes` bytes.
+    pub(crate) fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(cuda_err)
+    }
+
+    pub(crate) fn blas(&self) -> Result<&blas::Handles> {
+        if let Some(h) = self.blas.get() {
+            return Ok(h);
+        }
+        let h = blas::Handles::new(self.stream.clone())?;
+        Ok(self.blas.get_or_init(|| h))
+    }
+
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err)
+    }
+}
+
+/// Blocks until every op queued on device `ordinal` has finished (for benchmarks).
+pub fn synchronize(ordinal: usize) -> Result<()> {
+    backend(ordinal)?.synchronize()
+}
+
+/// The backend of a CUDA tensor.
+pub(crate) fn backend_of(t: &Tensor, op: &'static str) -> Result<Arc<CudaBackend>> {
+    Ok(t.cuda_storage(op)?.0.backend.clone())
+}
+
+/// A read-only byte view of a CUDA tensor's elements.
+pub(crate) fn view<'a>(t: &'a Tensor, op: &'static str) -> Result<CudaView<'a, u8>> {
+    let (s, offset) = t.cuda_storage(op)?;
+    Ok(s.buf.slice(offset..offset + t.numel() * t.dtype().size_in_bytes()))
+}
+
+/// A fresh zeroed output buffer for a tensor of `shape` and `dtype` on `backend`.
+pub(crate) fn output(backend: &Arc<CudaBackend>, shape: &Shape, dtype: DType) -> Result<CudaSlice<u8>> {
+    backend.alloc(shape.numel() * dtype.size_in_bytes())
+}
+
+/// Wraps a device buffer written by a kernel as a tensor.
+pub(crate) fn wrap(backend: &Arc<CudaBackend>, buf: CudaSlice<u8>, shape: impl Into<Shape>, dtype: DType) -> Tensor {
+    Tensor::from_storage(
+        crate::storage::Storage::Cuda(CudaStorage { buf, backend: backend.clone() }),
+        shape.into(),
+        dtype,
+        Device::Cuda(backend.ordinal),
+    )
+}
+
+/// A 1-D launch of `n` threads in blocks of 256.
+pub(crate) fn grid_1d(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block of `threads` per row, `rows` blocks (row-wise reductions), with `smem` bytes of shared memory.
+pub(crate) fn grid_rows(rows: usize, threads: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem }
+}

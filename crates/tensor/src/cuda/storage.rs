@@ -1,0 +1,40 @@
+//! Untyped device buffers; the tensor's dtype says how kernels read them.
+
+use super::{backend, cuda_err, CudaBackend};
+use crate::Result;
+use cudarc::driver::CudaSlice;
+use std::sync::Arc;
+
+/// Bytes on one CUDA device, with the backend (stream, kernels) that owns them.
+pub(crate) struct CudaStorage {
+    pub(crate) buf: CudaSlice<u8>,
+    pub(crate) backend: Arc<CudaBackend>,
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaStorage({} bytes on cuda:{})", self.buf.len(), self.backend.ordinal)
+    }
+}
+
+impl CudaStorage {
+    pub(crate) fn zeros(ordinal: usize, bytes: usize) -> Result<Self> {
+        let backend = backend(ordinal)?;
+        Ok(CudaStorage { buf: backend.alloc(bytes)?, backend })
+    }
+
+    pub(crate) fn from_bytes(ordinal: usize, bytes: &[u8]) -> Result<Self> {
+        let backend = backend(ordinal)?;
+        let buf =
+            if bytes.is_empty() { backend.alloc(1)? } else { backend.stream.clone_htod(bytes).map_err(cuda_err)? };
+        Ok(CudaStorage { buf, backend })
+    }
+
+    /// Copies bytes `[offset, offset + len)` to the host (synchronises the stream).
+    pub(crate) fn to_host(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        self.backend.stream.clone_dtoh(&self.buf.slice(offset..offset + len)).map_err(cuda_err)
+    }
+}

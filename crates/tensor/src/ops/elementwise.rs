@@ -1,0 +1,118 @@
+//! Elementwise ops: add, mul, scale, bias add, GELU.
+
+use super::{min_rank, same_device, same_float_dtype, same_shape};
+use crate::{cpu, cuda, Device, Error, Result, Tensor};
+
+/// A binary elementwise op on tensors of equal shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+}
+
+/// GELU variant: big_vision uses the tanh approximation, timm the exact erf (reference §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Gelu {
+    #[default]
+    Tanh,
+    Erf,
+}
+
+fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, name: &'static str) -> Result<Tensor> {
+    let device = same_device(name, &[a, b])?;
+    let dtype = same_float_dtype(name, &[a, b])?;
+    same_shape(name, a, b)?;
+    match device {
+        Device::Cpu => {
+            let (x, y) = (a.cpu_f32(name)?, b.cpu_f32(name)?);
+            Ok(Tensor::cpu_like(cpu::binary(&x, &y, op), a.shape().clone(), dtype))
+        }
+        Device::Cuda(_) => cuda::ops::binary(a, b, op),
+    }
+}
+
+/// `a + b`, equal shapes. Backward: both gradients are `dy`.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Add, "add")
+}
+
+/// `a - b`, equal shapes. Backward: `dy` and `-dy`.
+pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Sub, "sub")
+}
+
+/// `a * b` elementwise, equal shapes.
+pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Mul, "mul")
+}
+
+/// Gradients of `a * b`: `(dy * b, dy * a)`.
+pub fn mul_bwd(a: &Tensor, b: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    Ok((mul(dy, b)?, mul(dy, a)?))
+}
+
+/// `x * s`. Backward: `scale(dy, s)`.
+pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
+    same_float_dtype("scale", &[x])?;
+    match x.device() {
+        Device::Cpu => Ok(Tensor::cpu_like(cpu::scale(&x.cpu_f32("scale")?, s), x.shape().clone(), x.dtype())),
+        Device::Cuda(_) => cuda::ops::scale(x, s),
+    }
+}
+
+/// `x [.., n] + bias [n]`, the bias broadcast over every leading index.
+pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let device = same_device("bias_add", &[x, bias])?;
+    let dtype = same_float_dtype("bias_add", &[x, bias])?;
+    min_rank("bias_add", x, 1, "x")?;
+    if bias.dims() != [x.shape().last()] {
+        return Err(Error::shape(
+            "bias_add",
+            format!("expected bias of shape [{}] for x {}, got {}", x.shape().last(), x.shape(), bias.shape()),
+        ));
+    }
+    match device {
+        Device::Cpu => Ok(Tensor::cpu_like(
+            cpu::bias_add(&x.cpu_f32("bias_add")?, &bias.cpu_f32("bias_add")?),
+            x.shape().clone(),
+            dtype,
+        )),
+        Device::Cuda(_) => cuda::ops::bias_add(x, bias),
+    }
+}
+
+/// Gradient of the bias in [`bias_add`]: `dy [.., n]` summed over every leading index -> `[n]`.
+pub fn bias_add_bwd(dy: &Tensor) -> Result<Tensor> {
+    same_float_dtype("bias_add_bwd", &[dy])?;
+    min_rank("bias_add_bwd", dy, 1, "dy")?;
+    let n = dy.shape().last();
+    match dy.device() {
+        Device::Cpu => Ok(Tensor::cpu_like(cpu::column_sums(&dy.cpu_f32("bias_add_bwd")?, n), [n], dy.dtype())),
+        Device::Cuda(_) => cuda::ops::bias_add_bwd(dy),
+    }
+}
+
+/// GELU of every element.
+pub fn gelu_fwd(x: &Tensor, kind: Gelu) -> Result<Tensor> {
+    same_float_dtype("gelu_fwd", &[x])?;
+    match x.device() {
+        Device::Cpu => Ok(Tensor::cpu_like(cpu::gelu_fwd(&x.cpu_f32("gelu_fwd")?, kind), x.shape().clone(), x.dtype())),
+        Device::Cuda(_) => cuda::ops::gelu_fwd(x, kind),
+    }
+}
+
+/// `dx = dy * gelu'(x)`.
+pub fn gelu_bwd(x: &Tensor, dy: &Tensor, kind: Gelu) -> Result<Tensor> {
+    let device = same_device("gelu_bwd", &[x, dy])?;
+    let dtype = same_float_dtype("gelu_bwd", &[x, dy])?;
+    same_shape("gelu_bwd", x, dy)?;
+    match device {
+        Device::Cpu => Ok(Tensor::cpu_like(
+            cpu::gelu_bwd(&x.cpu_f32("gelu_bwd")?, &dy.cpu_f32("gelu_bwd")?, kind),
+            x.shape().clone(),
+            dtype,
+        )),
+        Device::Cuda(_) => cuda::ops::gelu_bwd(x, dy, kind),
+    }
+}

@@ -1,0 +1,276 @@
+//! The `Tensor` type: a contiguous row-major array on one device, cheap to clone.
+
+use crate::{
+    cuda,
+    storage::{CpuStorage, Storage},
+    DType, Device, Element, Error, Result, Shape,
+};
+use half::{bf16, f16};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use std::{borrow::Cow, sync::Arc};
+
+/// A contiguous row-major tensor. Clones share storage; [`Tensor::reshape`] and
+/// [`Tensor::narrow`] (a leading-dimension slice) are views, everything else copies.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    storage: Arc<Storage>,
+    shape: Shape,
+    dtype: DType,
+    device: Device,
+    /// Offset of the first element into the storage, in elements.
+    offset: usize,
+}
+
+impl Tensor {
+    pub(crate) fn from_storage(storage: Storage, shape: Shape, dtype: DType, device: Device) -> Self {
+        Tensor { storage: Arc::new(storage), shape, dtype, device, offset: 0 }
+    }
+
+    /// A tensor holding `data` with `shape`, on `device`.
+    pub fn from_vec<T: Element>(data: Vec<T>, shape: impl Into<Shape>, device: Device) -> Result<Self> {
+        let shape = shape.into();
+        if shape.numel() != data.len() {
+            return Err(Error::shape(
+                "from_vec",
+                format!("shape {shape} needs {} elements, got {}", shape.numel(), data.len()),
+            ));
+        }
+        Self::from_cpu(CpuStorage::from_vec(data), shape).to_device(device)
+    }
+
+    /// A float tensor of `dtype` from f32 values (rounded to nearest even for bf16/f16).
+    pub fn from_f32(data: Vec<f32>, shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
+        let shape = shape.into();
+        if shape.numel() != data.len() {
+            return Err(Error::shape(
+                "from_f32",
+                format!("shape {shape} needs {} elements, got {}", shape.numel(), data.len()),
+            ));
+        }
+        Self::from_cpu(CpuStorage::from_f32(data, dtype), shape).to_device(device)
+    }
+
+    pub(crate) fn from_cpu(storage: CpuStorage, shape: Shape) -> Self {
+        let dtype = storage.dtype();
+        Self::from_storage(Storage::Cpu(storage), shape, dtype, Device::Cpu)
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
+        let shape = shape.into();
+        match device {
+            Device::Cpu => Ok(Self::from_cpu(CpuStorage::from_f32(vec![0.0; shape.numel()], dtype), shape)),
+            Device::Cuda(i) => {
+                let storage = cuda::CudaStorage::zeros(i, shape.numel() * dtype.size_in_bytes())?;
+                Ok(Self::from_storage(Storage::Cuda(storage), shape, dtype, device))
+            }
+        }
+    }
+
+    /// A tensor filled with `value`.
+    pub fn full(value: f32, shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
+        let shape = shape.into();
+        Self::from_f32(vec![value; shape.numel()], shape, dtype, device)
+    }
+
+    /// Normal(mean, std) samples from a seeded generator; the same seed gives the same values
+    /// on every device and dtype (before rounding).
+    pub fn randn(
+        shape: impl Into<Shape>,
+        mean: f32,
+        std: f32,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let shape = shape.into();
+        if !(std >= 0.0 && std.is_finite() && mean.is_finite()) {
+            return Err(Error::value(
+                "randn",
+                format!("expected a finite mean and a finite std >= 0, got mean {mean}, std {std}"),
+            ));
+        }
+        let normal = Normal::new(mean, std).map_err(|e| Error::value("randn", format!("std {std}: {e}")))?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let data = (0..shape.numel()).map(|_| normal.sample(&mut rng)).collect();
+        Self::from_f32(data, shape, dtype, device)
+    }
+
+    /// Uniform samples in `[low, high)` from a seeded generator.
+    pub fn rand_uniform(
+        shape: impl Into<Shape>,
+        low: f32,
+        high: f32,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let shape = shape.into();
+        if !(low < high) || !low.is_finite() || !high.is_finite() {
+            return Err(Error::value("rand_uniform", format!("expected finite low < high, got [{low}, {high})")));
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let data = (0..shape.numel()).map(|_| rng.random_range(low..high)).collect();
+        Self::from_f32(data, shape, dtype, device)
+    }
+
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.shape.dims()
+    }
+    pub fn rank(&self) -> usize {
+        self.shape.rank()
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.numel()
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The same elements under another shape with the same number of elements (a view).
+    pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Self> {
+        let shape = shape.into();
+        if shape.numel() != self.numel() {
+            return Err(Error::shape(
+                "reshape",
+                format!(
+                    "cannot view {} ({} elements) as {shape} ({} elements)",
+                    self.shape,
+                    self.numel(),
+                    shape.numel()
+                ),
+            ));
+        }
+        Ok(Tensor { shape, ..self.clone() })
+    }
+
+    /// Rows `start..start + len` of the leading dimension (a view).
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        let dims = self.dims();
+        if dims.is_empty() || start + len > dims[0] {
+            return Err(Error::shape(
+                "narrow",
+                format!("rows {start}..{} out of range for shape {}", start + len, self.shape),
+            ));
+        }
+        let row = self.numel() / dims[0].max(1);
+        let mut new = dims.to_vec();
+        new[0] = len;
+        Ok(Tensor { shape: Shape::new(new), offset: self.offset + start * row, ..self.clone() })
+    }
+
+    /// A copy on `device` (or a clone if already there).
+    pub fn to_device(&self, device: Device) -> Result<Self> {
+        if device == self.device {
+            return Ok(self.clone());
+        }
+        let host = self.to_cpu_storage()?;
+        match device {
+            Device::Cpu => Ok(Self::from_cpu(host, self.shape.clone())),
+            Device::Cuda(i) => {
+                let storage = cuda::CudaStorage::from_bytes(i, host.bytes(0, self.numel()))?;
+                Ok(Self::from_storage(Storage::Cuda(storage), self.shape.clone(), self.dtype, device))
+            }
+        }
+    }
+
+    /// A copy converted to float `dtype` (f32 ↔ bf16 ↔ f16, round to nearest even).
+    pub fn cast(&self, dtype: DType) -> Result<Self> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        if !dtype.is_float() || !self.dtype.is_float() {
+            return Err(Error::DType {
+                op: "cast",
+                expected: "a float dtype on both sides".into(),
+                got: if dtype.is_float() { self.dtype } else { dtype },
+            });
+        }
+        match self.device {
+            Device::Cpu => {
+                Ok(Self::from_cpu(CpuStorage::from_f32(self.cpu_f32("cast")?.into_owned(), dtype), self.shape.clone()))
+            }
+            Device::Cuda(_) => cuda::ops::cast(self, dtype),
+        }
+    }
+
+    /// A contiguous copy of the elements as `T`, which must be this tensor's dtype.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DType { op: "to_vec", expected: T::DTYPE.to_string(), got: self.dtype });
+        }
+        let host = self.to_cpu_storage()?;
+        Ok(host.as_slice::<T>().expect("dtype checked").to_vec())
+    }
+
+    /// The elements as f32 values, from any float dtype, on the host.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        match self.device {
+            Device::Cpu => Ok(self.cpu_f32("to_f32_vec")?.into_owned()),
+            Device::Cuda(_) => self.to_device(Device::Cpu)?.to_f32_vec(),
+        }
+    }
+
+    /// The single value of a one-element float tensor.
+    pub fn to_scalar(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            return Err(Error::shape("to_scalar", format!("expected one element, got shape {}", self.shape)));
+        }
+        Ok(self.to_f32_vec()?[0])
+    }
+
+    /// This tensor's elements copied into a fresh host storage (exactly `numel` of them).
+    fn to_cpu_storage(&self) -> Result<CpuStorage> {
+        match self.storage.as_ref() {
+            Storage::Cpu(s) => Ok(CpuStorage::from_bytes(s.bytes(self.offset, self.numel()), self.dtype)),
+            Storage::Cuda(s) => {
+                let bytes =
+                    s.to_host(self.offset * self.dtype.size_in_bytes(), self.numel() * self.dtype.size_in_bytes())?;
+                Ok(CpuStorage::from_bytes(&bytes, self.dtype))
+            }
+        }
+    }
+
+    /// The elements of a CPU float tensor as f32, borrowed when already f32.
+    pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<Cow<'_, [f32]>> {
+        let range = self.offset..self.offset + self.numel();
+        match self.storage.as_ref() {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(Cow::Borrowed(&v[range])),
+            Storage::Cpu(CpuStorage::BF16(v)) => Ok(Cow::Owned(v[range].iter().map(|x| bf16::to_f32(*x)).collect())),
+            Storage::Cpu(CpuStorage::F16(v)) => Ok(Cow::Owned(v[range].iter().map(|x| f16::to_f32(*x)).collect())),
+            Storage::Cpu(_) => Err(Error::DType { op, expected: "f32, bf16 or f16".into(), got: self.dtype }),
+            Storage::Cuda(_) => Err(Error::Device { op, expected: Device::Cpu, got: self.device }),
+        }
+    }
+
+    /// The elements of a CPU tensor of element type `T`, borrowed.
+    pub(crate) fn cpu_slice<T: Element>(&self, op: &'static str) -> Result<&[T]> {
+        match self.storage.as_ref() {
+            Storage::Cpu(s) => s
+                .as_slice::<T>()
+                .map(|v| &v[self.offset..self.offset + self.numel()])
+                .ok_or(Error::DType { op, expected: T::DTYPE.to_string(), got: self.dtype }),
+            Storage::Cuda(_) => Err(Error::Device { op, expected: Device::Cpu, got: self.device }),
+        }
+    }
+
+    /// The device buffer and byte offset of a CUDA tensor.
+    pub(crate) fn cuda_storage(&self, op: &'static str) -> Result<(&cuda::CudaStorage, usize)> {
+        match self.storage.as_ref() {
+            Storage::Cuda(s) => Ok((s, self.offset * self.dtype.size_in_bytes())),
+            Storage::Cpu(_) => Err(Error::Device { op, expected: Device::Cuda(0), got: self.device }),
+        }
+    }
+
+    /// A new CPU float tensor of this tensor's dtype holding `values` (computed in f32).
+    pub(crate) fn cpu_like(values: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> Tensor {
+        Self::from_cpu(CpuStorage::from_f32(values, dtype), shape.into())
+    }
+}

@@ -1,0 +1,75 @@
+//! Bad input is an `Err` that names the op, what was expected and what was given; never a panic.
+
+use vit_tensor::{ops, DType, Device, Error, Tensor};
+
+const CPU: Device = Device::Cpu;
+
+fn t(shape: &[usize]) -> Tensor {
+    Tensor::randn(shape.to_vec(), 0.0, 1.0, 1, DType::F32, CPU).unwrap()
+}
+
+fn msg(e: Error) -> String {
+    e.to_string()
+}
+
+#[test]
+fn shape_mismatches_name_op_and_shapes() {
+    let m = msg(ops::matmul(&t(&[2, 4]), &t(&[3, 5])).unwrap_err());
+    assert!(m.starts_with("matmul:") && m.contains("[2, 4]") && m.contains("[3, 5]"), "{m}");
+    let m = msg(ops::add(&t(&[2, 3]), &t(&[3, 2])).unwrap_err());
+    assert!(m.starts_with("add:") && m.contains("[2, 3]") && m.contains("[3, 2]"), "{m}");
+    let m = msg(ops::bias_add(&t(&[2, 3]), &t(&[4])).unwrap_err());
+    assert!(m.contains("bias of shape [3]") && m.contains("[4]"), "{m}");
+    let m = msg(ops::layer_norm_fwd(&t(&[2, 3]), Some(&t(&[2])), None, 1e-6, ops::NormKind::LayerNorm).unwrap_err());
+    assert!(m.contains("weight of shape [3]"), "{m}");
+    let m = msg(ops::attention_fwd(&t(&[1, 2, 3, 4]), &t(&[1, 2, 3, 5]), &t(&[1, 2, 3, 5]), 1.0).unwrap_err());
+    assert!(m.starts_with("attention_fwd:"), "{m}");
+    let m = msg(ops::patchify(&t(&[1, 3, 10, 10]), 4).unwrap_err());
+    assert!(m.contains("patch size 4") && m.contains("10"), "{m}");
+    let m = msg(t(&[2, 3]).reshape([4, 2]).unwrap_err());
+    assert!(m.contains("[2, 3]") && m.contains("[4, 2]"), "{m}");
+    let m = msg(t(&[2, 3]).narrow(1, 2).unwrap_err());
+    assert!(m.contains("1..3"), "{m}");
+    let m = msg(Tensor::from_vec(vec![1.0f32; 5], [2, 3], CPU).unwrap_err());
+    assert!(m.contains("6 elements") && m.contains("got 5"), "{m}");
+    let m = msg(ops::sum(&t(&[2, 3]), 2).unwrap_err());
+    assert!(m.contains("dim 2"), "{m}");
+    let m = msg(ops::softmax_cross_entropy_fwd(&t(&[2, 3]), &t(&[2, 4])).unwrap_err());
+    assert!(m.contains("[2, 3]") && m.contains("[2, 4]"), "{m}");
+}
+
+#[test]
+fn dtype_and_value_errors_are_clear() {
+    let ints = Tensor::from_vec(vec![1i32, 2], [2], CPU).unwrap();
+    let m = msg(ops::scale(&ints, 2.0).unwrap_err());
+    assert!(m.contains("scale") && m.contains("I32"), "{m}");
+    let m = msg(ops::add(&t(&[2]), &t(&[2]).cast(DType::BF16).unwrap()).unwrap_err());
+    assert!(m.contains("expected dtype f32") && m.contains("BF16"), "{m}");
+    let m = msg(t(&[2]).to_vec::<i32>().unwrap_err());
+    assert!(m.contains("to_vec") && m.contains("i32"), "{m}");
+    let m = msg(ops::topk(&t(&[2, 3]), 4).unwrap_err());
+    assert!(m.contains("k = 4") && m.contains("<= 3"), "{m}");
+    let idx = Tensor::from_vec(vec![0i32, 5], [2], CPU).unwrap();
+    let m = msg(ops::gather_rows(&t(&[3, 2]), &idx).unwrap_err());
+    assert!(m.contains("index 5 at position 1") && m.contains("-1..3"), "{m}");
+    let m = msg(ops::layer_norm_fwd(&t(&[2, 3]), None, None, 0.0, ops::NormKind::Rms).unwrap_err());
+    assert!(m.contains("eps"), "{m}");
+    let labels = Tensor::from_vec(vec![0i32, 10], [2], CPU).unwrap();
+    let m = msg(ops::one_hot(&labels, 10, DType::F32).unwrap_err());
+    assert!(m.contains("label 10 at index 1"), "{m}");
+    let m = msg(Tensor::randn([2], 0.0, -1.0, 0, DType::F32, CPU).unwrap_err());
+    assert!(m.contains("std"), "{m}");
+    let m = msg("gpu:0".parse::<Device>().unwrap_err());
+    assert!(m.contains("gpu:0"), "{m}");
+}
+
+#[test]
+fn a_missing_cuda_device_is_an_error_not_a_panic() {
+    if vit_tensor::cuda::available() {
+        return; // on a GPU host cuda:0 exists; ask for one past the last instead
+    }
+    let m = msg(t(&[2]).to_device(Device::Cuda(0)).unwrap_err());
+    assert!(m.contains("cuda:0") && m.contains("0 CUDA device"), "{m}");
+    let m = msg(Tensor::zeros([2], DType::F32, Device::Cuda(3)).unwrap_err());
+    assert!(m.contains("cuda:3"), "{m}");
+}

@@ -1,0 +1,69 @@
+//! Compiles every file in `kernels/` with NVRTC for each CI architecture (sm_90a, sm_80) and
+//! fails on a compile error or a register spill (design §4). Needs only the NVRTC library, no
+//! GPU: `scripts/test.sh` installs it and puts it on LD_LIBRARY_PATH, so this runs in CI.
+
+use vit_tensor::cuda::nvrtc::{self, CI_ARCHS, KERNEL_FILES};
+
+fn require_nvrtc() {
+    assert!(
+        vit_tensor::cuda::nvrtc_available(),
+        "libnvrtc.so not found: run the tests with scripts/test.sh, which installs NVRTC from the \
+         nvidia-cuda-nvrtc wheel and sets LD_LIBRARY_PATH"
+    );
+}
+
+#[test]
+fn every_kernel_compiles_without_spills() {
+    require_nvrtc();
+    let (major, minor) = nvrtc::version().expect("nvrtcVersion");
+    println!("NVRTC {major}.{minor}");
+    let mut failures = Vec::new();
+    let mut compiled = 0;
+    for (file, _) in KERNEL_FILES.iter().filter(|(f, _)| f.ends_with(".cu")) {
+        let src = nvrtc::kernel_source(file).expect("embedded file");
+        assert!(src.contains("__global__"), "{file} defines no kernel");
+        for arch in CI_ARCHS {
+            match nvrtc::compile(file, &src, arch) {
+                Err(e) => failures.push(format!("{file} ({arch}): {e}")),
+                Ok(c) => {
+                    assert!(!c.cubin.is_empty(), "{file} ({arch}): empty CUBIN");
+                    assert!(c.log.contains("ptxas info"), "{file} ({arch}): no ptxas report in the log:\n{}", c.log);
+                    for (kernel, bytes) in c.spills() {
+                        failures.push(format!("{file} ({arch}): {kernel} spills {bytes} bytes"));
+                    }
+                    compiled += 1;
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "kernel compile failures:\n{}", failures.join("\n"));
+    println!("compiled {compiled} (file, arch) pairs");
+}
+
+#[test]
+fn a_spill_and_a_compile_error_are_detected() {
+    require_nvrtc();
+    // A compile error names the file and carries NVRTC's log.
+    let err =
+        nvrtc::compile("broken.cu", "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }", "sm_80")
+            .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("broken.cu") && msg.contains("undefined_name"), "unexpected error: {msg}");
+    // A kernel forced to 16 registers with a large live array must spill, and the parser must see it.
+    let src = r#"
+extern "C" __global__ void __launch_bounds__(1024, 4) spill(float* x, int n) {
+    float acc[96];
+    #pragma unroll
+    for (int i = 0; i < 96; ++i) acc[i] = x[(threadIdx.x + i * 131) % n];
+    for (int r = 0; r < n; ++r) {
+        #pragma unroll
+        for (int i = 0; i < 96; ++i) acc[i] = acc[i] * acc[(i + r) % 96] + x[i];
+    }
+    float s = 0.f;
+    #pragma unroll
+    for (int i = 0; i < 96; ++i) s += acc[i];
+    x[threadIdx.x] = s;
+}"#;
+    let c = nvrtc::compile("spill.cu", src, "sm_80").expect("compiles");
+    assert!(!c.spills().is_empty(), "expected a spill to be reported; log:\n{}", c.log);
+}

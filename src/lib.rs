@@ -1,0 +1,1 @@
+pub use vit_tensor as tensor;
