@@ -36,6 +36,9 @@ fn main() {
             cuda::synchronize(0).unwrap();
         });
         let tflops = 2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e12;
-        println!("  {name:<14} {m}x{n}x{k}: {tflops:7.1} TFLOP/s (ratio to peak {:.3})", tflops / H100_BF16_PEAK_TFLOPS);
+        println!(
+            "  {name:<14} {m}x{n}x{k}: {tflops:7.1} TFLOP/s (ratio to peak {:.3})",
+            tflops / H100_BF16_PEAK_TFLOPS
+        );
     }
 }

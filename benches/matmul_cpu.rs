@@ -9,8 +9,11 @@ use std::hint::black_box;
 use vit_tensor::{cpu::gemm_f32, ops, DType, Device, Tensor};
 
 /// `[m, k] x [k, n]` shapes: square, and ViT-like linear layers on a small batch of tokens.
-const SHAPES: &[(&str, usize, usize, usize)] =
-    &[("square 256", 256, 256, 256), ("S/16 qkv, 4x197 tokens", 788, 1152, 384), ("Ti/16 fc1, 8x197 tokens", 1576, 768, 192)];
+const SHAPES: &[(&str, usize, usize, usize)] = &[
+    ("square 256", 256, 256, 256),
+    ("S/16 qkv, 4x197 tokens", 788, 1152, 384),
+    ("Ti/16 fc1, 8x197 tokens", 1576, 768, 192),
+];
 
 fn naive(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) {
     for i in 0..m {

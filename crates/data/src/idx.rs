@@ -83,7 +83,10 @@ pub fn load_idx_dataset(dir: impl AsRef<Path>, prefix: &str, limit: Option<usize
         } else if raw.exists() {
             Ok(raw)
         } else {
-            Err(DataError::Io { path: raw, source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file (nor .gz)") })
+            Err(DataError::Io {
+                path: raw,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file (nor .gz)"),
+            })
         }
     };
     let ipath = find(format!("{prefix}-images-idx3-ubyte"))?;
@@ -91,7 +94,10 @@ pub fn load_idx_dataset(dir: impl AsRef<Path>, prefix: &str, limit: Option<usize
     let images = read_idx(&ipath)?;
     let labels = read_idx(&lpath)?;
     if images.dims.len() != 3 {
-        return Err(DataError::Format { path: ipath, msg: format!("expected image dims [count, rows, cols], found {:?}", images.dims) });
+        return Err(DataError::Format {
+            path: ipath,
+            msg: format!("expected image dims [count, rows, cols], found {:?}", images.dims),
+        });
     }
     if labels.dims.len() != 1 || labels.dims[0] != images.dims[0] {
         return Err(DataError::Format {

@@ -1,1 +1,37 @@
-fn main() {}
+//! `vit`: the command-line tool of vitrs. Every failure ends with a one-line error naming the
+//! thing and what was expected, and exit code 1 (design §6).
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "vit", version, about = "Vision Transformers at every scale: train, evaluate, inspect")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parameter counts of a model preset or config, without building it.
+    Params(commands::params::Args),
+    /// The compute devices vitrs can use here (CPU threads, CUDA devices, NVRTC).
+    Devices(commands::devices::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Params(a) => commands::params::run(a),
+        Command::Devices(a) => commands::devices::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -276,10 +276,7 @@ impl ModelConfig {
             }
         });
         let Some(&(canonical, width, depth, mlp_dim, heads, patch)) = found else {
-            return Err(ModelError::UnknownPreset {
-                name: name.to_string(),
-                known: Self::preset_names().join(", "),
-            });
+            return Err(ModelError::UnknownPreset { name: name.to_string(), known: Self::preset_names().join(", ") });
         };
         let mut cfg = ModelConfig { width, depth, mlp_dim, heads, patch, ..Self::custom() };
         if canonical == "22B/14" {

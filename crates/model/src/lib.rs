@@ -29,6 +29,8 @@
 //! # Ok::<(), vit_model::ModelError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod error;
 pub mod params;

@@ -17,7 +17,11 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64, OptimError> {
 /// A non-finite norm is returned unchanged with the gradients untouched, so the caller can stop.
 pub fn clip_by_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, OptimError> {
     if !(max_norm > 0.0 && max_norm.is_finite()) {
-        return Err(OptimError::Setting { setting: "max_norm", value: max_norm.to_string(), expected: "a finite value > 0" });
+        return Err(OptimError::Setting {
+            setting: "max_norm",
+            value: max_norm.to_string(),
+            expected: "a finite value > 0",
+        });
     }
     let norm = global_norm(grads)?;
     if norm.is_finite() && norm > max_norm {

@@ -30,7 +30,8 @@ pub struct Schedule {
 impl Schedule {
     /// Checks the settings: `total_steps > 0`, warmup and cooldown each ≤ total, a positive timescale.
     pub fn new(decay: Decay, warmup_steps: u64, cooldown_steps: u64, total_steps: u64) -> Result<Self, OptimError> {
-        let bad = |setting, value: u64, expected| Err(OptimError::Setting { setting, value: value.to_string(), expected });
+        let bad =
+            |setting, value: u64, expected| Err(OptimError::Setting { setting, value: value.to_string(), expected });
         if total_steps == 0 {
             return bad("total_steps", total_steps, "at least 1");
         }
@@ -90,7 +91,7 @@ mod tests {
             (0, 0.0),
             (5_000, 0.5),
             (10_000, 1.0),
-            (20_000, 0.707107),
+            (20_000, std::f64::consts::FRAC_1_SQRT_2), // 0.707107
             (110_000, 0.301511),
             (950_000, 0.102598),
             (975_000, 0.050637),

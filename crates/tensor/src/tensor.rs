@@ -107,7 +107,7 @@ impl Tensor {
         device: Device,
     ) -> Result<Self> {
         let shape = shape.into();
-        if !(low < high) || !low.is_finite() || !high.is_finite() {
+        if !low.is_finite() || !high.is_finite() || low >= high {
             return Err(Error::value("rand_uniform", format!("expected finite low < high, got [{low}, {high})")));
         }
         let mut rng = StdRng::seed_from_u64(seed);

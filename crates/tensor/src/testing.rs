@@ -31,6 +31,7 @@ fn projected(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor, r: &[f32]) -> Re
 /// Checks `analytic` (the gradient of `Σ f(x) ⊙ r` with respect to f32 CPU tensor `x`) against
 /// central differences with step `h` at up to `samples` positions spread over `x`.
 /// Passes when every sampled `|analytic − numeric| ≤ tol · max(1, max|numeric|)`.
+#[allow(clippy::too_many_arguments)]
 pub fn check_gradient(
     what: &str,
     f: impl Fn(&Tensor) -> Result<Tensor>,

@@ -32,18 +32,13 @@ pub fn patchify(images: &Tensor, p: usize) -> Result<Tensor> {
 pub fn unpatchify(patches: &Tensor, channels: usize, height: usize, width: usize, p: usize) -> Result<Tensor> {
     same_float_dtype("unpatchify", &[patches])?;
     let d = patches.dims();
-    let ok = p > 0
-        && height % p == 0
-        && width % p == 0
-        && d.len() == 3
-        && d[1] == (height / p) * (width / p)
-        && d[2] == channels * p * p;
+    let tokens = height.checked_div(p).unwrap_or(0) * width.checked_div(p).unwrap_or(0);
+    let ok = p > 0 && height % p == 0 && width % p == 0 && d.len() == 3 && d[1] == tokens && d[2] == channels * p * p;
     if !ok {
         return Err(Error::shape(
             "unpatchify",
             format!(
-                "expected patches [batch, {}, {}] for {channels}x{height}x{width} images with patch {p}, got {}",
-                if p > 0 { (height / p) * (width / p) } else { 0 },
+                "expected patches [batch, {tokens}, {}] for {channels}x{height}x{width} images with patch {p} dividing both sides, got {}",
                 channels * p * p,
                 patches.shape()
             ),
