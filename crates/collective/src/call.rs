@@ -80,10 +80,8 @@ pub(crate) fn validate(mine: Op, calls: &[Call]) -> Result<()> {
         (None, None) => false,
         _ => true,
     }) {
-        let msg = format!(
-            "expected the same shape and dtype on every rank, got {}",
-            per_rank(calls, Call::describe_tensor)
-        );
+        let msg =
+            format!("expected the same shape and dtype on every rank, got {}", per_rank(calls, Call::describe_tensor));
         return Err(Error::Mismatch { op, msg });
     }
     let Some(x) = &first.tensor else {
@@ -101,7 +99,11 @@ pub(crate) fn validate(mine: Op, calls: &[Call]) -> Result<()> {
     if matches!(first.op, Op::AllGather | Op::ReduceScatter(_) | Op::AllToAll) {
         match x.dims().first() {
             None => {
-                let msg = format!("expected a tensor of rank >= 1 to {} along dim 0, got shape {}", verb(first.op), x.shape());
+                let msg = format!(
+                    "expected a tensor of rank >= 1 to {} along dim 0, got shape {}",
+                    verb(first.op),
+                    x.shape()
+                );
                 return Err(Error::Shape { op, msg });
             }
             Some(&d0) if first.op != Op::AllGather && d0 % n != 0 => {

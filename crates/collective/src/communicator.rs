@@ -2,31 +2,13 @@
 //! one group, with the same behaviour on every backend.
 
 use crate::Result;
-use std::fmt;
 use vit_tensor::Tensor;
 
 /// How [`Communicator::all_reduce`] and [`Communicator::reduce_scatter`] combine the ranks'
-/// tensors, element by element. Reductions run in f32 in rank order (rank 0 first) and the
-/// result is cast back to the input dtype.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReduceOp {
-    /// `x_0 + x_1 + … + x_{n-1}`.
-    Sum,
-    /// The sum divided by the world size.
-    Mean,
-    /// The element-wise maximum; a NaN on any rank gives NaN.
-    Max,
-}
-
-impl fmt::Display for ReduceOp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ReduceOp::Sum => "sum",
-            ReduceOp::Mean => "mean",
-            ReduceOp::Max => "max",
-        })
-    }
-}
+/// tensors, element by element: the reduction of `vit-tensor`'s ops, here across ranks.
+/// Reductions run in f32 in rank order (rank 0 first) and the result is cast back to the input
+/// dtype; `Mean` divides the sum by the world size; `Max` lets a NaN on any rank through.
+pub use vit_tensor::ops::ReduceOp;
 
 /// One rank's handle on a group of `world_size` ranks.
 ///

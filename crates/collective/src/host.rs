@@ -39,7 +39,8 @@ pub(crate) fn complete(calls: &[Call], rank: usize, device: Device) -> Result<Op
             concat_rows(&chunks, device)?
         }
         Op::Broadcast { root } => {
-            let src = inputs.get(root).ok_or(Error::Rank { op: "broadcast", what: "root", got: root, world_size: n })?;
+            let src =
+                inputs.get(root).ok_or(Error::Rank { op: "broadcast", what: "root", got: root, world_size: n })?;
             src.to_device(device)?
         }
     };

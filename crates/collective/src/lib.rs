@@ -9,9 +9,9 @@
 //! ```
 //! use vit_collective::{Communicator, LocalGroup};
 //! use vit_tensor::{DType, Device, Tensor};
-//! let gathered = LocalGroup::run(2, |comm| {
+//! let gathered = LocalGroup::run(2, |comm| -> vit_collective::Result<Vec<f32>> {
 //!     let x = Tensor::full(comm.rank() as f32, [1, 2], DType::F32, Device::Cpu)?; // [1, 2]
-//!     comm.all_gather(&x)?.to_f32_vec()                                            // [2, 2]
+//!     Ok(comm.all_gather(&x)?.to_f32_vec()?)                                       // [2, 2]
 //! });
 //! for g in gathered {
 //!     assert_eq!(g?, vec![0.0, 0.0, 1.0, 1.0]);

@@ -24,9 +24,9 @@ use vit_tensor::Tensor;
 /// ```
 /// use vit_collective::{Communicator, LocalGroup, ReduceOp};
 /// use vit_tensor::{DType, Device, Tensor};
-/// let sums = LocalGroup::run(4, |comm| {
+/// let sums = LocalGroup::run(4, |comm| -> vit_collective::Result<Vec<f32>> {
 ///     let x = Tensor::full(comm.rank() as f32, [2, 3], DType::F32, Device::Cpu)?; // [2, 3]
-///     comm.all_reduce(&x, ReduceOp::Sum)?.to_f32_vec()                             // [2, 3]
+///     Ok(comm.all_reduce(&x, ReduceOp::Sum)?.to_f32_vec()?)                        // [2, 3]
 /// });
 /// for s in sums {
 ///     assert_eq!(s?, vec![6.0; 6]); // 0 + 1 + 2 + 3
@@ -39,6 +39,7 @@ pub struct LocalGroup;
 impl LocalGroup {
     /// One communicator per rank, in rank order, for `n` ranks; move each to its own thread.
     /// `n = 0` gives none.
+    #[allow(clippy::new_ret_no_self)] // a group is its ranks' communicators; there is no group value
     pub fn new(n: usize) -> Vec<LocalCommunicator> {
         let shared = Arc::new(Shared {
             n,
@@ -50,6 +51,7 @@ impl LocalGroup {
                 taken: 0,
                 mailboxes: vec![VecDeque::new(); n * n],
                 left: vec![false; n],
+                departed: Vec::new(),
                 waiting: vec![None; n],
                 poisoned: None,
             }),
@@ -135,6 +137,8 @@ struct State {
     mailboxes: Vec<VecDeque<Tensor>>,
     /// Ranks whose communicator was dropped.
     left: Vec<bool>,
+    /// The same ranks in the order they left: the first is the root cause of the failures.
+    departed: Vec<usize>,
     /// What each rank is blocked on; `None` while it runs or can proceed.
     waiting: Vec<Option<Wait>>,
     /// Set when a deadlock was found; every later call fails with it.
@@ -142,10 +146,21 @@ struct State {
 }
 
 impl State {
-    /// A description of the deadlock if every rank that has not left is blocked.
+    /// True if rank `r` waits on something only a live rank could provide. A wait that a
+    /// departed rank blocks is not stuck: it fails with [`Error::Disconnected`] when it wakes.
+    fn stuck(&self, r: usize) -> bool {
+        match self.waiting[r] {
+            None => false,
+            Some(Wait::Collective(_)) => self.departed.is_empty(),
+            Some(Wait::Recv { from }) => !self.left[from],
+        }
+    }
+
+    /// A description of the deadlock if every rank that has not left is stuck (and one is).
     fn deadlock(&self) -> Option<String> {
-        let stuck = self.waiting.iter().zip(&self.left).all(|(w, &left)| left || w.is_some());
-        if !stuck || self.waiting.iter().all(Option::is_none) {
+        let n = self.left.len();
+        let all_stuck = (0..n).all(|r| self.left[r] || self.stuck(r));
+        if !all_stuck || !(0..n).any(|r| self.stuck(r)) {
             return None;
         }
         let each: Vec<String> = self
@@ -160,8 +175,9 @@ impl State {
         Some(format!("deadlock: every rank is waiting on another: {}", each.join(", ")))
     }
 
+    /// The rank that left first, if any.
     fn first_left(&self) -> Option<usize> {
-        self.left.iter().position(|&l| l)
+        self.departed.first().copied()
     }
 }
 
@@ -185,14 +201,21 @@ impl LocalCommunicator {
     ) -> (MutexGuard<'a, State>, Result<T>) {
         let rank = self.rank;
         loop {
-            if let Some(out) = poll(&mut st) {
+            let polled = poll(&mut st);
+            if let Some(Ok(v)) = polled {
                 st.waiting[rank] = None;
-                return (st, out);
+                return (st, Ok(v));
             }
+            // A deadlock found elsewhere is the root cause of any other failure seen now
+            // (ranks that got the deadlock error leave the group).
             if let Some(reason) = &st.poisoned {
                 let err = Error::Poisoned { op, reason: reason.clone() };
                 st.waiting[rank] = None;
                 return (st, Err(err));
+            }
+            if let Some(Err(e)) = polled {
+                st.waiting[rank] = None;
+                return (st, Err(e));
             }
             st.waiting[rank] = Some(wait);
             if let Some(msg) = st.deadlock() {
@@ -359,6 +382,7 @@ impl Drop for LocalCommunicator {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         st.left[self.rank] = true;
+        st.departed.push(self.rank);
         st.waiting[self.rank] = None;
         if st.poisoned.is_none() {
             st.poisoned = st.deadlock();
