@@ -261,6 +261,19 @@ impl Tensor {
         }
     }
 
+    /// The raw bytes of a CPU tensor's elements (any dtype), for layout ops.
+    pub(crate) fn cpu_bytes(&self, op: &'static str) -> Result<&[u8]> {
+        match self.storage.as_ref() {
+            Storage::Cpu(s) => Ok(s.bytes(self.offset, self.numel())),
+            Storage::Cuda(_) => Err(Error::Device { op, expected: Device::Cpu, got: self.device }),
+        }
+    }
+
+    /// A CPU tensor of `dtype` from raw element bytes.
+    pub(crate) fn cpu_from_bytes(bytes: &[u8], shape: Shape, dtype: DType) -> Tensor {
+        Self::from_cpu(CpuStorage::from_bytes(bytes, dtype), shape)
+    }
+
     /// The device buffer and byte offset of a CUDA tensor.
     pub(crate) fn cuda_storage(&self, op: &'static str) -> Result<(&cuda::CudaStorage, usize)> {
         match self.storage.as_ref() {

@@ -444,3 +444,60 @@ fn tensors_create_view_cast_and_copy() {
     assert_eq!(Tensor::full(2.5, [2], DType::F16, CPU).unwrap().to_f32_vec().unwrap(), vec![2.5, 2.5]);
     assert_eq!(Tensor::zeros([3], DType::I32, CPU).unwrap().to_vec::<i32>().unwrap(), vec![0, 0, 0]);
 }
+
+#[test]
+fn layout_ops_match_naive_and_finite_differences() {
+    // permute [2, 3, 4, 5] -> [2, 4, 3, 5] (heads <-> tokens) against index arithmetic.
+    let x = randn(&[2, 3, 4, 5], 55);
+    let y = ops::permute(&x, &[0, 2, 1, 3]).unwrap();
+    assert_eq!(y.dims(), &[2, 4, 3, 5]);
+    let (xv, yv) = (v(&x), v(&y));
+    for (a, b, c, d) in [(0, 0, 0, 0), (1, 2, 3, 4), (1, 0, 2, 1), (0, 1, 3, 2)] {
+        assert_eq!(yv[((a * 4 + c) * 3 + b) * 5 + d], xv[((a * 3 + b) * 4 + c) * 5 + d]);
+    }
+    let back = ops::permute(&y, &ops::inverse_permutation(&[0, 2, 1, 3])).unwrap();
+    assert_eq!(v(&back), xv);
+    // A 5-D permute on bf16 keeps the bits.
+    let h = randn(&[2, 3, 2, 4, 3], 56).cast(DType::BF16).unwrap();
+    let p = ops::permute(&h, &[2, 0, 3, 1, 4]).unwrap();
+    assert_eq!(v(&ops::permute(&p, &ops::inverse_permutation(&[2, 0, 3, 1, 4])).unwrap()), v(&h));
+    // slice / pad / concat along the middle dim.
+    let s = ops::slice(&x, 2, 1, 2).unwrap();
+    assert_eq!(s.dims(), &[2, 3, 2, 5]);
+    assert_eq!(v(&s)[..5], xv[5..10]);
+    let parts = [ops::slice(&x, 2, 0, 1).unwrap(), ops::slice(&x, 2, 1, 3).unwrap()];
+    assert_eq!(v(&ops::concat(&[&parts[0], &parts[1]], 2).unwrap()), xv);
+    let padded = ops::pad_along(&s, x.dims(), 2, 1).unwrap();
+    let pv = v(&padded);
+    assert_eq!(pv[..5], [0.0; 5]);
+    assert_eq!(pv[5..10], xv[5..10]);
+    // Gradients: slice's is pad, permute's is the inverse permute, concat's is slices.
+    let r = randn(&[2, 3, 2, 5], 57);
+    check_gradient(
+        "slice",
+        |t| ops::slice(t, 2, 1, 2),
+        &x,
+        &r,
+        &ops::pad_along(&r, x.dims(), 2, 1).unwrap(),
+        1e-2,
+        1e-3,
+        60,
+    )
+    .unwrap();
+    let r = randn(&[2, 4, 3, 5], 58);
+    let dx = ops::permute(&r, &ops::inverse_permutation(&[0, 2, 1, 3])).unwrap();
+    check_gradient("permute", |t| ops::permute(t, &[0, 2, 1, 3]), &x, &r, &dx, 1e-2, 1e-3, 60).unwrap();
+    let a = randn(&[2, 3], 59);
+    let b = randn(&[2, 5], 60);
+    let r = randn(&[2, 8], 61);
+    let da = ops::slice(&r, 1, 0, 3).unwrap();
+    check_gradient("concat", |t| ops::concat(&[t, &b], 1), &a, &r, &da, 1e-2, 1e-3, 6).unwrap();
+    // broadcast along a new dim, and its gradient (a sum).
+    let bc = ops::broadcast(&a, 0, 4).unwrap();
+    assert_eq!(bc.dims(), &[4, 2, 3]);
+    assert_eq!(v(&bc)[18..24], v(&a)[..]);
+    let r = randn(&[4, 2, 3], 62);
+    check_gradient("broadcast", |t| ops::broadcast(t, 0, 4), &a, &r, &ops::sum(&r, 0).unwrap(), 1e-2, 1e-3, 6).unwrap();
+    assert!(ops::permute(&x, &[0, 1, 1, 3]).is_err());
+    assert!(ops::concat(&[&a, &randn(&[3, 5], 63)], 1).unwrap_err().to_string().contains("[2, 3] with [3, 5]"));
+}

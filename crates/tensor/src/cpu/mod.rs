@@ -5,6 +5,7 @@
 mod attention;
 mod elementwise;
 mod index;
+mod layout;
 mod matmul;
 mod norm;
 mod patch;
@@ -14,6 +15,7 @@ mod softmax;
 pub(crate) use attention::*;
 pub(crate) use elementwise::*;
 pub(crate) use index::*;
+pub(crate) use layout::*;
 pub use matmul::gemm_f32;
 pub(crate) use matmul::matmul;
 pub(crate) use norm::*;

@@ -3,6 +3,7 @@
 //! and runs without CUDA installed; [`available`] asks before anything touches the driver.
 
 pub(crate) mod blas;
+pub(crate) mod layout;
 pub mod nvrtc;
 pub(crate) mod ops;
 mod storage;

@@ -24,6 +24,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("reduce.cu", include_str!("../../../../kernels/reduce.cu")),
     ("index.cu", include_str!("../../../../kernels/index.cu")),
     ("patch.cu", include_str!("../../../../kernels/patch.cu")),
+    ("layout.cu", include_str!("../../../../kernels/layout.cu")),
 ];
 
 /// The architectures CI compiles every kernel for.

@@ -145,7 +145,14 @@ fn finalize_columns(
 }
 
 /// First index of the maximum of each line of `x` viewed as `[outer, n, inner]`, into `idx` (u32).
-fn argmax_into(backend: &Arc<CudaBackend>, x: &Tensor, outer: usize, n: usize, inner: usize, idx: &mut CudaSlice<u8>) -> Result<()> {
+fn argmax_into(
+    backend: &Arc<CudaBackend>,
+    x: &Tensor,
+    outer: usize,
+    n: usize,
+    inner: usize,
+    idx: &mut CudaSlice<u8>,
+) -> Result<()> {
     let lines = outer * inner;
     if lines == 0 {
         return Ok(());
@@ -175,12 +182,17 @@ pub(crate) fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
         return Ok(x.clone());
     }
     if !x.dtype().is_float() || !dtype.is_float() {
-        return Err(Error::DType { op: "cast", expected: "a float dtype on both sides".into(), got: if dtype.is_float() { x.dtype() } else { dtype } });
+        return Err(Error::DType {
+            op: "cast",
+            expected: "a float dtype on both sides".into(),
+            got: if dtype.is_float() { x.dtype() } else { dtype },
+        });
     }
     let mut out = output(&backend, x.shape(), dtype)?;
     let n = x.numel();
     if n > 0 {
-        let func = backend.function("elementwise.cu", &format!("cast_{}_{}", x.dtype().kernel_suffix(), dtype.kernel_suffix()))?;
+        let func = backend
+            .function("elementwise.cu", &format!("cast_{}_{}", x.dtype().kernel_suffix(), dtype.kernel_suffix()))?;
         let xv = view(x, "cast")?;
         let n_ = i64_of(n);
         launch!(backend, func, cfg_1d(n), &xv, &mut out, &n_);
@@ -283,7 +295,13 @@ pub(crate) fn gelu_bwd(x: &Tensor, dy: &Tensor, kind: Gelu) -> Result<Tensor> {
 }
 
 /// Returns `(y, mean [rows] f32, rstd [rows] f32)`.
-pub(crate) fn layer_norm_fwd(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, kind: NormKind) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn layer_norm_fwd(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+    kind: NormKind,
+) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "layer_norm_fwd";
     let backend = backend_of(x, OP)?;
     let (d, rows) = (x.shape().last(), x.shape().rows());
@@ -301,7 +319,23 @@ pub(crate) fn layer_norm_fwd(x: &Tensor, weight: Option<&Tensor>, bias: Option<&
         let (rows_, d_) = (i64_of(rows), i64_of(d));
         let rms = i32::from(kind == NormKind::Rms);
         let (has_w, has_b) = (i32::from(weight.is_some()), i32::from(bias.is_some()));
-        launch!(backend, func, cfg_rows(rows, d), &xv, &wv, &bv, &mut y, &mut mean, &mut rstd, &rows_, &d_, &eps, &rms, &has_w, &has_b);
+        launch!(
+            backend,
+            func,
+            cfg_rows(rows, d),
+            &xv,
+            &wv,
+            &bv,
+            &mut y,
+            &mut mean,
+            &mut rstd,
+            &rows_,
+            &d_,
+            &eps,
+            &rms,
+            &has_w,
+            &has_b
+        );
     }
     Ok((
         wrap(&backend, y, x.shape().clone(), x.dtype()),
@@ -311,7 +345,15 @@ pub(crate) fn layer_norm_fwd(x: &Tensor, weight: Option<&Tensor>, bias: Option<&
 }
 
 /// Returns `(dx, dweight, dbias)`; dweight iff weight is given, dbias iff `with_bias`.
-pub(crate) fn layer_norm_bwd(x: &Tensor, weight: Option<&Tensor>, mean: &Tensor, rstd: &Tensor, dy: &Tensor, kind: NormKind, with_bias: bool) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+pub(crate) fn layer_norm_bwd(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    mean: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    kind: NormKind,
+    with_bias: bool,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
     const OP: &str = "layer_norm_bwd";
     let backend = backend_of(x, OP)?;
     let (d, rows) = (x.shape().last(), x.shape().rows());
@@ -454,7 +496,10 @@ fn attention_dims(op: &'static str, q: &Tensor, k: &Tensor) -> Result<(usize, us
     let (qd, kd) = (q.dims(), k.dims());
     let d = qd[3];
     if d > ATT_MAX_HEAD_DIM {
-        return Err(Error::shape(op, format!("the CUDA attention kernels support head_dim <= {ATT_MAX_HEAD_DIM}, got q {}", q.shape())));
+        return Err(Error::shape(
+            op,
+            format!("the CUDA attention kernels support head_dim <= {ATT_MAX_HEAD_DIM}, got q {}", q.shape()),
+        ));
     }
     Ok((qd[0] * qd[1], qd[2], kd[2], d))
 }
@@ -477,7 +522,15 @@ pub(crate) fn attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> R
 }
 
 /// Returns `(dq, dk, dv)`.
-pub(crate) fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, scale: f32) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn attention_bwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "attention_bwd";
     let backend = backend_of(q, OP)?;
     let (bh, n, m, d) = attention_dims(OP, q, k)?;
@@ -491,11 +544,45 @@ pub(crate) fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse:
     let (bh_, n_, m_, d_) = (i64_of(bh), i64_of(n), i64_of(m), d as i32);
     if bh * n > 0 {
         let func = backend.function("attention.cu", &name("attention_bwd_dq", q.dtype()))?;
-        launch!(backend, func, cfg_warp_rows(bh * n), &qv, &kv, &vv, &ov, &lv, &dov, &mut dq, &mut delta, &bh_, &n_, &m_, &d_, &scale);
+        launch!(
+            backend,
+            func,
+            cfg_warp_rows(bh * n),
+            &qv,
+            &kv,
+            &vv,
+            &ov,
+            &lv,
+            &dov,
+            &mut dq,
+            &mut delta,
+            &bh_,
+            &n_,
+            &m_,
+            &d_,
+            &scale
+        );
     }
     if bh * m > 0 {
         let func = backend.function("attention.cu", &name("attention_bwd_dkv", q.dtype()))?;
-        launch!(backend, func, cfg_warp_rows(bh * m), &qv, &kv, &vv, &lv, &dov, &delta, &mut dk, &mut dv, &bh_, &n_, &m_, &d_, &scale);
+        launch!(
+            backend,
+            func,
+            cfg_warp_rows(bh * m),
+            &qv,
+            &kv,
+            &vv,
+            &lv,
+            &dov,
+            &delta,
+            &mut dk,
+            &mut dv,
+            &bh_,
+            &n_,
+            &m_,
+            &d_,
+            &scale
+        );
     }
     Ok((
         wrap(&backend, dq, q.shape().clone(), q.dtype()),

@@ -5,6 +5,7 @@
 mod attention;
 mod elementwise;
 mod index;
+mod layout;
 mod matmul;
 mod norm;
 mod patch;
@@ -14,6 +15,7 @@ mod softmax;
 pub use attention::*;
 pub use elementwise::*;
 pub use index::*;
+pub use layout::*;
 pub use matmul::*;
 pub use norm::*;
 pub use patch::*;
