@@ -7,15 +7,15 @@
 // reduce.cu.)
 // Launch: block 256 threads, grid min(ceil(n / 256), cap) blocks.
 // Precision: every value is loaded to f32, computed in f32 and rounded to the output dtype once
-// (round to nearest even). GELU uses the device's tanhf / erff / expf.
+// (round to nearest even). GELU and tanh use the device's tanhf / erff / expf.
 //
 // Kernels (dtype in f32, bf16, f16):
 //   cast_<from>_<to>(const From* x, To* y, i64 n)                       from != to
 //   add_<dt>, sub_<dt>, mul_<dt>(const T* a, const T* b, T* y, i64 n)
 //   scale_<dt>(const T* x, T* y, f32 s, i64 n)
 //   bias_add_<dt>(const T* x, const T* bias, T* y, i64 n, i64 width)
-//   gelu_fwd_<dt>(const T* x, T* y, i64 n, i32 kind)                   kind 0 = tanh, 1 = erf
-//   gelu_bwd_<dt>(const T* x, const T* dy, T* dx, i64 n, i32 kind)
+//   act_fwd_<dt>(const T* x, T* y, i64 n, i32 kind)      kind 0 = GELU (tanh), 1 = GELU (erf), 2 = tanh
+//   act_bwd_<dt>(const T* x, const T* dy, T* dx, i64 n, i32 kind)   dx = dy * act'(x)
 #include "common.cuh"
 
 template <class From, class To>
@@ -56,12 +56,17 @@ __device__ void bias_add_impl(const T* x, const T* bias, T* y, long long n, long
 #define FRAC_1_SQRT_2 0.70710678f
 #define INV_SQRT_2PI 0.39894228f
 
-__device__ __forceinline__ float gelu(float x, int kind) {
+__device__ __forceinline__ float act(float x, int kind) {
+    if (kind == 2) return tanhf(x);
     if (kind == 0) return 0.5f * x * (1.f + tanhf(SQRT_2_OVER_PI * (x + GELU_C * x * x * x)));
     return 0.5f * x * (1.f + erff(x * FRAC_1_SQRT_2));
 }
 
-__device__ __forceinline__ float gelu_grad(float x, int kind) {
+__device__ __forceinline__ float act_grad(float x, int kind) {
+    if (kind == 2) {
+        const float t = tanhf(x);
+        return 1.f - t * t;
+    }
     if (kind == 0) {
         const float t = tanhf(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
         const float du = SQRT_2_OVER_PI * (1.f + 3.f * GELU_C * x * x);
@@ -73,13 +78,13 @@ __device__ __forceinline__ float gelu_grad(float x, int kind) {
 }
 
 template <class T>
-__device__ void gelu_fwd_impl(const T* x, T* y, long long n, int kind) {
-    for (long long i = global_thread(); i < n; i += grid_threads()) store(y, i, gelu(load(x, i), kind));
+__device__ void act_fwd_impl(const T* x, T* y, long long n, int kind) {
+    for (long long i = global_thread(); i < n; i += grid_threads()) store(y, i, act(load(x, i), kind));
 }
 
 template <class T>
-__device__ void gelu_bwd_impl(const T* x, const T* dy, T* dx, long long n, int kind) {
-    for (long long i = global_thread(); i < n; i += grid_threads()) store(dx, i, load(dy, i) * gelu_grad(load(x, i), kind));
+__device__ void act_bwd_impl(const T* x, const T* dy, T* dx, long long n, int kind) {
+    for (long long i = global_thread(); i < n; i += grid_threads()) store(dx, i, load(dy, i) * act_grad(load(x, i), kind));
 }
 
 #define ELEMENTWISE(name, T)                                                                                      \
@@ -90,9 +95,9 @@ __device__ void gelu_bwd_impl(const T* x, const T* dy, T* dx, long long n, int k
     extern "C" __global__ void bias_add_##name(const T* x, const T* bias, T* y, long long n, long long width) {     \
         bias_add_impl(x, bias, y, n, width);                                                                       \
     }                                                                                                              \
-    extern "C" __global__ void gelu_fwd_##name(const T* x, T* y, long long n, int kind) { gelu_fwd_impl(x, y, n, kind); } \
-    extern "C" __global__ void gelu_bwd_##name(const T* x, const T* dy, T* dx, long long n, int kind) {            \
-        gelu_bwd_impl(x, dy, dx, n, kind);                                                                         \
+    extern "C" __global__ void act_fwd_##name(const T* x, T* y, long long n, int kind) { act_fwd_impl(x, y, n, kind); } \
+    extern "C" __global__ void act_bwd_##name(const T* x, const T* dy, T* dx, long long n, int kind) {              \
+        act_bwd_impl(x, dy, dx, n, kind);                                                                          \
     }
 ELEMENTWISE(f32, float)
 ELEMENTWISE(bf16, bf16)

@@ -160,7 +160,7 @@ fn elementwise_backward_matches_finite_differences() {
 }
 
 #[test]
-fn gelu_matches_formulas_and_finite_differences() {
+fn activations_match_formulas_and_finite_differences() {
     let x = Tensor::rand_uniform([5, 40], -4.0, 4.0, 27, DType::F32, CPU).unwrap();
     let xv = v(&x);
     let tanh: Vec<f32> = xv
@@ -188,6 +188,9 @@ fn gelu_matches_formulas_and_finite_differences() {
         let dx = ops::gelu_bwd(&x, &r, kind).unwrap();
         check_gradient("gelu", |t| ops::gelu_fwd(t, kind), &x, &r, &dx, 1e-2, 2e-3, 200).unwrap();
     }
+    let want: Vec<f32> = xv.iter().map(|&t| (t as f64).tanh() as f32).collect();
+    assert_close("tanh", &v(&ops::tanh_fwd(&x).unwrap()), &want, 1e-6, 1e-7);
+    check_gradient("tanh", ops::tanh_fwd, &x, &r, &ops::tanh_bwd(&x, &r).unwrap(), 1e-2, 2e-3, 200).unwrap();
 }
 
 #[test]

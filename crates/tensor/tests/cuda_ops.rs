@@ -197,7 +197,7 @@ fn bias_add_bwd_column_sums() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
-fn gelu_forward_and_backward() {
+fn activations_forward_and_backward() {
     require_gpu();
     for dt in FLOATS {
         let x = randn_scaled(&[7, 197, 33], 2.5, 11, dt);
@@ -217,6 +217,8 @@ fn gelu_forward_and_backward() {
                 dt,
             );
         }
+        check("tanh_fwd", &ops::tanh_fwd(&xg).unwrap(), &ops::tanh_fwd(&x).unwrap(), dt);
+        check("tanh_bwd", &ops::tanh_bwd(&xg, &dyg).unwrap(), &ops::tanh_bwd(&x, &dy).unwrap(), dt);
     }
 }
 

@@ -1,7 +1,7 @@
 //! Elementwise ops and GELU.
 
 use super::PAR_MIN_ELEMS;
-use crate::ops::{BinaryOp, Gelu};
+use crate::ops::{Activation, BinaryOp, Gelu};
 use rayon::prelude::*;
 
 pub(crate) fn binary(a: &[f32], b: &[f32], op: BinaryOp) -> Vec<f32> {
@@ -76,18 +76,32 @@ pub(crate) fn gelu_grad(x: f32, kind: Gelu) -> f32 {
     }
 }
 
-pub(crate) fn gelu_fwd(x: &[f32], kind: Gelu) -> Vec<f32> {
-    if x.len() >= PAR_MIN_ELEMS {
-        x.par_iter().map(|&v| gelu(v, kind)).collect()
-    } else {
-        x.iter().map(|&v| gelu(v, kind)).collect()
+pub(crate) fn activation(x: f32, kind: Activation) -> f32 {
+    match kind {
+        Activation::Gelu(g) => gelu(x, g),
+        Activation::Tanh => x.tanh(),
     }
 }
 
-pub(crate) fn gelu_bwd(x: &[f32], dy: &[f32], kind: Gelu) -> Vec<f32> {
+pub(crate) fn activation_grad(x: f32, kind: Activation) -> f32 {
+    match kind {
+        Activation::Gelu(g) => gelu_grad(x, g),
+        Activation::Tanh => 1.0 - x.tanh() * x.tanh(),
+    }
+}
+
+pub(crate) fn activation_fwd(x: &[f32], kind: Activation) -> Vec<f32> {
     if x.len() >= PAR_MIN_ELEMS {
-        x.par_iter().zip(dy).map(|(&v, &g)| g * gelu_grad(v, kind)).collect()
+        x.par_iter().map(|&v| activation(v, kind)).collect()
     } else {
-        x.iter().zip(dy).map(|(&v, &g)| g * gelu_grad(v, kind)).collect()
+        x.iter().map(|&v| activation(v, kind)).collect()
+    }
+}
+
+pub(crate) fn activation_bwd(x: &[f32], dy: &[f32], kind: Activation) -> Vec<f32> {
+    if x.len() >= PAR_MIN_ELEMS {
+        x.par_iter().zip(dy).map(|(&v, &g)| g * activation_grad(v, kind)).collect()
+    } else {
+        x.iter().zip(dy).map(|(&v, &g)| g * activation_grad(v, kind)).collect()
     }
 }

@@ -10,7 +10,7 @@
 
 use super::{backend_of, cuda_err, output, view, wrap, CudaBackend};
 use crate::{
-    ops::{BinaryOp, Gelu, NormKind, ReduceOp},
+    ops::{Activation, BinaryOp, Gelu, NormKind, ReduceOp},
     DType, Error, Result, Shape, Tensor,
 };
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
@@ -261,35 +261,41 @@ pub(crate) fn bias_add_bwd(dy: &Tensor) -> Result<Tensor> {
     Ok(wrap(&backend, out, shape, dy.dtype()))
 }
 
-fn gelu_code(kind: Gelu) -> i32 {
+/// The activation code of `act_fwd`/`act_bwd` in kernels/elementwise.cu.
+fn activation_code(kind: Activation) -> i32 {
     match kind {
-        Gelu::Tanh => 0,
-        Gelu::Erf => 1,
+        Activation::Gelu(Gelu::Tanh) => 0,
+        Activation::Gelu(Gelu::Erf) => 1,
+        Activation::Tanh => 2,
     }
 }
 
-pub(crate) fn gelu_fwd(x: &Tensor, kind: Gelu) -> Result<Tensor> {
-    let backend = backend_of(x, "gelu_fwd")?;
+/// `act(x)` elementwise.
+pub(crate) fn activation_fwd(x: &Tensor, kind: Activation) -> Result<Tensor> {
+    const OP: &str = "activation_fwd";
+    let backend = backend_of(x, OP)?;
     let mut out = output(&backend, x.shape(), x.dtype())?;
     let n = x.numel();
     if n > 0 {
-        let func = backend.function("elementwise.cu", &name("gelu_fwd", x.dtype()))?;
-        let xv = view(x, "gelu_fwd")?;
-        let (n_, kind) = (i64_of(n), gelu_code(kind));
-        launch!(backend, func, cfg_1d(n), &xv, &mut out, &n_, &kind);
+        let func = backend.function("elementwise.cu", &name("act_fwd", x.dtype()))?;
+        let xv = view(x, OP)?;
+        let (n_, code) = (i64_of(n), activation_code(kind));
+        launch!(backend, func, cfg_1d(n), &xv, &mut out, &n_, &code);
     }
     Ok(wrap(&backend, out, x.shape().clone(), x.dtype()))
 }
 
-pub(crate) fn gelu_bwd(x: &Tensor, dy: &Tensor, kind: Gelu) -> Result<Tensor> {
-    let backend = backend_of(x, "gelu_bwd")?;
+/// `dy · act'(x)` elementwise.
+pub(crate) fn activation_bwd(x: &Tensor, dy: &Tensor, kind: Activation) -> Result<Tensor> {
+    const OP: &str = "activation_bwd";
+    let backend = backend_of(x, OP)?;
     let mut out = output(&backend, x.shape(), x.dtype())?;
     let n = x.numel();
     if n > 0 {
-        let func = backend.function("elementwise.cu", &name("gelu_bwd", x.dtype()))?;
-        let (xv, dyv) = (view(x, "gelu_bwd")?, view(dy, "gelu_bwd")?);
-        let (n_, kind) = (i64_of(n), gelu_code(kind));
-        launch!(backend, func, cfg_1d(n), &xv, &dyv, &mut out, &n_, &kind);
+        let func = backend.function("elementwise.cu", &name("act_bwd", x.dtype()))?;
+        let (xv, dyv) = (view(x, OP)?, view(dy, OP)?);
+        let (n_, code) = (i64_of(n), activation_code(kind));
+        launch!(backend, func, cfg_1d(n), &xv, &dyv, &mut out, &n_, &code);
     }
     Ok(wrap(&backend, out, x.shape().clone(), x.dtype()))
 }

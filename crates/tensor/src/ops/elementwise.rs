@@ -93,26 +93,49 @@ pub fn bias_add_bwd(dy: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// An elementwise nonlinearity: GELU (either form) or tanh (pre-logits, reference §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Gelu(Gelu),
+    Tanh,
+}
+
+fn activation_fwd(x: &Tensor, kind: Activation, op: &'static str) -> Result<Tensor> {
+    same_float_dtype(op, &[x])?;
+    match x.device() {
+        Device::Cpu => Ok(Tensor::cpu_like(cpu::activation_fwd(&x.cpu_f32(op)?, kind), x.shape().clone(), x.dtype())),
+        Device::Cuda(_) => cuda::ops::activation_fwd(x, kind),
+    }
+}
+
+fn activation_bwd(x: &Tensor, dy: &Tensor, kind: Activation, op: &'static str) -> Result<Tensor> {
+    let device = same_device(op, &[x, dy])?;
+    let dtype = same_float_dtype(op, &[x, dy])?;
+    same_shape(op, x, dy)?;
+    match device {
+        Device::Cpu => {
+            Ok(Tensor::cpu_like(cpu::activation_bwd(&x.cpu_f32(op)?, &dy.cpu_f32(op)?, kind), x.shape().clone(), dtype))
+        }
+        Device::Cuda(_) => cuda::ops::activation_bwd(x, dy, kind),
+    }
+}
+
 /// GELU of every element.
 pub fn gelu_fwd(x: &Tensor, kind: Gelu) -> Result<Tensor> {
-    same_float_dtype("gelu_fwd", &[x])?;
-    match x.device() {
-        Device::Cpu => Ok(Tensor::cpu_like(cpu::gelu_fwd(&x.cpu_f32("gelu_fwd")?, kind), x.shape().clone(), x.dtype())),
-        Device::Cuda(_) => cuda::ops::gelu_fwd(x, kind),
-    }
+    activation_fwd(x, Activation::Gelu(kind), "gelu_fwd")
 }
 
 /// `dx = dy * gelu'(x)`.
 pub fn gelu_bwd(x: &Tensor, dy: &Tensor, kind: Gelu) -> Result<Tensor> {
-    let device = same_device("gelu_bwd", &[x, dy])?;
-    let dtype = same_float_dtype("gelu_bwd", &[x, dy])?;
-    same_shape("gelu_bwd", x, dy)?;
-    match device {
-        Device::Cpu => Ok(Tensor::cpu_like(
-            cpu::gelu_bwd(&x.cpu_f32("gelu_bwd")?, &dy.cpu_f32("gelu_bwd")?, kind),
-            x.shape().clone(),
-            dtype,
-        )),
-        Device::Cuda(_) => cuda::ops::gelu_bwd(x, dy, kind),
-    }
+    activation_bwd(x, dy, Activation::Gelu(kind), "gelu_bwd")
+}
+
+/// tanh of every element.
+pub fn tanh_fwd(x: &Tensor) -> Result<Tensor> {
+    activation_fwd(x, Activation::Tanh, "tanh_fwd")
+}
+
+/// `dx = dy * (1 - tanh(x)²)`, from the forward's input `x`.
+pub fn tanh_bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    activation_bwd(x, dy, Activation::Tanh, "tanh_bwd")
 }
