@@ -67,6 +67,15 @@ pub enum ModelError {
         what: &'static str,
     },
 
+    /// A named parameter is missing, duplicated, or has the wrong shape or dtype.
+    #[error("parameter {name}: {msg}")]
+    Param {
+        /// The dotted parameter name, e.g. `blocks.3.attn.qkv.weight`.
+        name: String,
+        /// What is wrong: expected versus found.
+        msg: String,
+    },
+
     /// An error from a tensor op.
     #[error(transparent)]
     Tensor(#[from] vit_tensor::Error),

@@ -33,8 +33,13 @@
 
 pub mod config;
 pub mod error;
+pub mod layers;
+pub mod model;
+pub mod param_store;
 pub mod params;
 
 pub use config::{BlockKind, Gelu, ModelConfig, Pool, PosEmb, KEYS};
 pub use error::{ModelError, Result};
+pub use model::{ForwardSaved, VisionTransformer};
+pub use param_store::ParamStore;
 pub use params::{ParamBreakdown, ParamCounts};

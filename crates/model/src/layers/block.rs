@@ -1,0 +1,239 @@
+//! Encoder blocks (reference §2). Sequential (ViT): `x += Attn(LN1(x)); x += MLP(LN2(x))`.
+//! Parallel (ViT-22B): `y = x + Attn(LN(x)) + MLP(LN(x))` with one LN, the input projections
+//! fused into one `D → M + 3D` matmul (timm's split order: mlp, q, k, v) and the output
+//! projections into one `(D + M) → D` matmul.
+
+use super::{
+    heads::{HeadAttention, HeadSaved},
+    init::{Fill, Init},
+    linear::Linear,
+    mlp::{Mlp, MlpSaved},
+    norm::{Norm, NormSaved},
+};
+use crate::{BlockKind, ModelConfig, ParamStore, Result};
+use vit_tensor::{
+    ops::{self, Gelu},
+    Tensor,
+};
+
+/// One encoder block, either kind.
+#[derive(Debug, Clone)]
+pub enum Block {
+    /// Pre-LN ViT block.
+    Sequential(SequentialBlock),
+    /// ViT-22B parallel block.
+    Parallel(ParallelBlock),
+}
+
+/// What a block's backward needs; with activation checkpointing only the input is kept and
+/// this is rebuilt by running the forward again.
+#[derive(Debug, Clone)]
+pub enum BlockSaved {
+    /// Of a sequential block.
+    Sequential(Box<SequentialSaved>),
+    /// Of a parallel block.
+    Parallel(Box<ParallelSaved>),
+}
+
+/// `{prefix}.norm1`, `{prefix}.attn.{qkv,q_norm,k_norm,proj}`, `{prefix}.norm2`, `{prefix}.mlp` (timm's names).
+#[derive(Debug, Clone)]
+pub struct SequentialBlock {
+    norm1: Norm,
+    qkv: Linear,
+    core: HeadAttention,
+    proj: Linear,
+    norm2: Norm,
+    mlp: Mlp,
+    width: usize,
+}
+
+#[derive(Debug, Clone)]
+/// Activations of a sequential block.
+pub struct SequentialSaved {
+    n1: Tensor,
+    s1: NormSaved,
+    heads: HeadSaved,
+    merged: Tensor,
+    x1: Tensor,
+    n2: Tensor,
+    s2: NormSaved,
+    mlp: MlpSaved,
+}
+
+/// `{prefix}.in_norm`, `{prefix}.in_proj`, `{prefix}.mlp_bias` (without QKV bias),
+/// `{prefix}.q_norm`, `{prefix}.k_norm`, `{prefix}.out_proj` (timm's ParallelScalingBlock, fused).
+#[derive(Debug, Clone)]
+pub struct ParallelBlock {
+    in_norm: Norm,
+    in_proj: Linear,
+    mlp_bias: Option<String>,
+    core: HeadAttention,
+    out_proj: Linear,
+    gelu: Gelu,
+    width: usize,
+    mlp_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+/// Activations of a parallel block.
+pub struct ParallelSaved {
+    h: Tensor,
+    s: NormSaved,
+    u: Tensor,
+    heads: HeadSaved,
+    cat: Tensor,
+}
+
+fn qk_norms(prefix: &str, cfg: &ModelConfig) -> (Option<Norm>, Option<Norm>) {
+    let dh = cfg.head_dim();
+    let make = |n: &str| cfg.qk_norm.then(|| Norm::new(&format!("{prefix}.{n}"), dh, cfg.norm_bias));
+    (make("q_norm"), make("k_norm"))
+}
+
+pub(crate) fn gelu_of(cfg: &ModelConfig) -> Gelu {
+    match cfg.gelu {
+        crate::Gelu::Tanh => Gelu::Tanh,
+        crate::Gelu::Erf => Gelu::Erf,
+    }
+}
+
+/// q, k, v slices of a `[.., 3D]` projection starting at `offset`.
+fn split_qkv(z: &Tensor, offset: usize, d: usize) -> Result<[Tensor; 3]> {
+    let last = z.rank() - 1;
+    Ok([ops::slice(z, last, offset, d)?, ops::slice(z, last, offset + d, d)?, ops::slice(z, last, offset + 2 * d, d)?])
+}
+
+impl Block {
+    /// Block `index` of a model with config `cfg`.
+    pub fn new(index: usize, cfg: &ModelConfig) -> Self {
+        let prefix = format!("blocks.{index}");
+        let (d, m) = (cfg.width, cfg.mlp_dim);
+        // timm keeps the QK norms under `attn` in the sequential block, on the block in the parallel one.
+        let norm_prefix = match cfg.block {
+            BlockKind::Sequential => format!("{prefix}.attn"),
+            BlockKind::Parallel => prefix.clone(),
+        };
+        let (q_norm, k_norm) = qk_norms(&norm_prefix, cfg);
+        let core = HeadAttention { heads: cfg.heads, head_dim: cfg.head_dim(), q_norm, k_norm };
+        match cfg.block {
+            BlockKind::Sequential => Block::Sequential(SequentialBlock {
+                norm1: Norm::new(&format!("{prefix}.norm1"), d, cfg.norm_bias),
+                qkv: Linear::new(&format!("{prefix}.attn.qkv"), d, 3 * d, cfg.qkv_bias),
+                core,
+                proj: Linear::new(&format!("{prefix}.attn.proj"), d, d, true),
+                norm2: Norm::new(&format!("{prefix}.norm2"), d, cfg.norm_bias),
+                mlp: Mlp::new(&format!("{prefix}.mlp"), d, m, gelu_of(cfg)),
+                width: d,
+            }),
+            BlockKind::Parallel => Block::Parallel(ParallelBlock {
+                in_norm: Norm::new(&format!("{prefix}.in_norm"), d, cfg.norm_bias),
+                in_proj: Linear::new(&format!("{prefix}.in_proj"), d, m + 3 * d, cfg.qkv_bias),
+                mlp_bias: (!cfg.qkv_bias).then(|| format!("{prefix}.mlp_bias")),
+                core,
+                out_proj: Linear::new(&format!("{prefix}.out_proj"), d + m, d, true),
+                gelu: gelu_of(cfg),
+                width: d,
+                mlp_dim: m,
+            }),
+        }
+    }
+
+    /// Adds the block's parameters to `store`.
+    pub fn init(&self, store: &mut ParamStore, init: &Init) -> Result<()> {
+        let core = match self {
+            Block::Sequential(b) => {
+                b.norm1.init(store, init)?;
+                b.qkv.init_default(store, init)?;
+                &b.core
+            }
+            Block::Parallel(b) => {
+                b.in_norm.init(store, init)?;
+                b.in_proj.init_default(store, init)?;
+                if let Some(mb) = &b.mlp_bias {
+                    init.add(store, mb, &[b.mlp_dim], Fill::Normal { std: 1e-6 })?;
+                }
+                &b.core
+            }
+        };
+        for n in [&core.q_norm, &core.k_norm].into_iter().flatten() {
+            n.init(store, init)?;
+        }
+        match self {
+            Block::Sequential(b) => {
+                b.proj.init_default(store, init)?;
+                b.norm2.init(store, init)?;
+                b.mlp.init(store, init)
+            }
+            Block::Parallel(b) => b.out_proj.init_default(store, init),
+        }
+    }
+
+    /// `x [batch, tokens, D] -> [batch, tokens, D]`.
+    pub fn forward(&self, p: &ParamStore, x: &Tensor) -> Result<(Tensor, BlockSaved)> {
+        match self {
+            Block::Sequential(b) => {
+                let (n1, s1) = b.norm1.forward(p, x)?;
+                let qkv = b.qkv.forward(p, &n1)?;
+                let [q, k, v] = split_qkv(&qkv, 0, b.width)?;
+                let (merged, heads) = b.core.forward(p, &q, &k, &v)?;
+                let x1 = ops::add(x, &b.proj.forward(p, &merged)?)?;
+                let (n2, s2) = b.norm2.forward(p, &x1)?;
+                let (m, mlp) = b.mlp.forward(p, &n2)?;
+                let y = ops::add(&x1, &m)?;
+                let saved = SequentialSaved { n1, s1, heads, merged, x1, n2, s2, mlp };
+                Ok((y, BlockSaved::Sequential(Box::new(saved))))
+            }
+            Block::Parallel(b) => {
+                let (h, s) = b.in_norm.forward(p, x)?;
+                let z = b.in_proj.forward(p, &h)?;
+                let mut u = ops::slice(&z, 2, 0, b.mlp_dim)?;
+                if let Some(mb) = &b.mlp_bias {
+                    u = ops::bias_add(&u, p.get(mb)?)?;
+                }
+                let [q, k, v] = split_qkv(&z, b.mlp_dim, b.width)?;
+                let (a, heads) = b.core.forward(p, &q, &k, &v)?;
+                let cat = ops::concat(&[&a, &ops::gelu_fwd(&u, b.gelu)?], 2)?;
+                let y = ops::add(x, &b.out_proj.forward(p, &cat)?)?;
+                Ok((y, BlockSaved::Parallel(Box::new(ParallelSaved { h, s, u, heads, cat }))))
+            }
+        }
+    }
+
+    /// Accumulates parameter gradients; returns `dx`.
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        x: &Tensor,
+        saved: &BlockSaved,
+        dy: &Tensor,
+        g: &mut ParamStore,
+    ) -> Result<Tensor> {
+        match (self, saved) {
+            (Block::Sequential(b), BlockSaved::Sequential(s)) => {
+                let dn2 = b.mlp.backward(p, &s.n2, &s.mlp, dy, g)?;
+                let dx1 = ops::add(dy, &b.norm2.backward(p, &s.x1, &s.s2, &dn2, g)?)?;
+                let dmerged = b.proj.backward(p, &s.merged, &dx1, g)?;
+                let (dq, dk, dv) = b.core.backward(p, &s.heads, &dmerged, g)?;
+                let dqkv = ops::concat(&[&dq, &dk, &dv], 2)?;
+                let dn1 = b.qkv.backward(p, &s.n1, &dqkv, g)?;
+                Ok(ops::add(&dx1, &b.norm1.backward(p, x, &s.s1, &dn1, g)?)?)
+            }
+            (Block::Parallel(b), BlockSaved::Parallel(s)) => {
+                let dcat = b.out_proj.backward(p, &s.cat, dy, g)?;
+                let da = ops::slice(&dcat, 2, 0, b.width)?;
+                let du = ops::gelu_bwd(&s.u, &ops::slice(&dcat, 2, b.width, b.mlp_dim)?, b.gelu)?;
+                if let Some(mb) = &b.mlp_bias {
+                    g.accumulate(mb, &ops::bias_add_bwd(&du)?)?;
+                }
+                let (dq, dk, dv) = b.core.backward(p, &s.heads, &da, g)?;
+                let dz = ops::concat(&[&du, &dq, &dk, &dv], 2)?;
+                let dh = b.in_proj.backward(p, &s.h, &dz, g)?;
+                Ok(ops::add(dy, &b.in_norm.backward(p, x, &s.s, &dh, g)?)?)
+            }
+            _ => Err(crate::ModelError::Param {
+                name: "blocks".into(),
+                msg: "saved activations are of the other block kind".into(),
+            }),
+        }
+    }
+}

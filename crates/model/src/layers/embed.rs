@@ -1,0 +1,173 @@
+//! Patch embedding, position embedding (learned or sincos2d) and the class token (reference §2).
+
+use super::init::{Fill, Init};
+use crate::{ModelConfig, ModelError, ParamStore, Pool, PosEmb, Result};
+use vit_tensor::{ops, DType, Device, Tensor};
+
+/// `patch_embed.proj` (a p×p stride-p convolution with bias, stored `[D, C, p, p]` as in timm),
+/// `cls_token` `[1, 1, D]` with `pool = "tok"`, `pos_embed` `[1, T, D]` when learned.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    patch: usize,
+    channels: usize,
+    width: usize,
+    tokens: usize,
+    cls: bool,
+    learned: bool,
+    /// The fixed sincos2d table `[N, D]`, built once (no parameters).
+    sincos: Option<Tensor>,
+}
+
+/// What [`Embedding::backward`] needs.
+#[derive(Debug, Clone)]
+pub struct EmbedSaved {
+    patches: Tensor,
+    batch: usize,
+}
+
+/// The sincos2d table `[grid·grid, D]` (big_vision `posemb_sincos_2d`, temperature 10000):
+/// token `(y, x)` row-major; features `[sin(xω), cos(xω), sin(yω), cos(yω)]`, ω_i = 10000^(−i/(D/4−1)).
+pub fn sincos2d(grid: usize, width: usize) -> Vec<f32> {
+    let q = width / 4;
+    let omega: Vec<f64> = (0..q).map(|i| 1.0 / 10000f64.powf(i as f64 / (q as f64 - 1.0).max(1.0))).collect();
+    let mut out = vec![0.0f32; grid * grid * width];
+    for y in 0..grid {
+        for x in 0..grid {
+            let row = &mut out[(y * grid + x) * width..][..width];
+            for (i, w) in omega.iter().enumerate() {
+                row[i] = (x as f64 * w).sin() as f32;
+                row[q + i] = (x as f64 * w).cos() as f32;
+                row[2 * q + i] = (y as f64 * w).sin() as f32;
+                row[3 * q + i] = (y as f64 * w).cos() as f32;
+            }
+        }
+    }
+    out
+}
+
+/// Bilinear resampling of a learned position embedding `[1, T, D]` from an `old × old` grid to
+/// `new × new` (half-pixel centres, as `jax.image.resize`), keeping a leading class-token
+/// position unchanged when `cls` is set: how a model is fine-tuned at another resolution.
+pub fn resample_posemb(pos: &Tensor, old: usize, new: usize, cls: bool) -> Result<Tensor> {
+    let (t, d) = (pos.dims().get(1).copied().unwrap_or(0), pos.shape().last());
+    let extra = usize::from(cls);
+    if pos.rank() != 3 || pos.dims()[0] != 1 || t != old * old + extra {
+        return Err(ModelError::Param {
+            name: "pos_embed".into(),
+            msg: format!("expected [1, {}, D] for a {old}x{old} grid, found {}", old * old + extra, pos.shape()),
+        });
+    }
+    let v = pos.to_f32_vec()?;
+    let mut out = v[..extra * d].to_vec();
+    let src = |y: usize, x: usize, c: usize| v[(extra + y * old + x) * d + c];
+    let coord = |i: usize| ((i as f64 + 0.5) * old as f64 / new as f64 - 0.5).clamp(0.0, (old - 1) as f64);
+    for y in 0..new {
+        let fy = coord(y);
+        let (y0, wy) = (fy.floor() as usize, fy - fy.floor());
+        let y1 = (y0 + 1).min(old - 1);
+        for x in 0..new {
+            let fx = coord(x);
+            let (x0, wx) = (fx.floor() as usize, fx - fx.floor());
+            let x1 = (x0 + 1).min(old - 1);
+            for c in 0..d {
+                let top = src(y0, x0, c) as f64 * (1.0 - wx) + src(y0, x1, c) as f64 * wx;
+                let bottom = src(y1, x0, c) as f64 * (1.0 - wx) + src(y1, x1, c) as f64 * wx;
+                out.push((top * (1.0 - wy) + bottom * wy) as f32);
+            }
+        }
+    }
+    Ok(Tensor::from_f32(out, [1, new * new + extra, d], pos.dtype(), pos.device())?)
+}
+
+impl Embedding {
+    /// The embedding of `cfg`; the sincos2d table (if any) is built in `dtype` on `device`.
+    pub fn new(cfg: &ModelConfig, dtype: DType, device: Device) -> Result<Self> {
+        let n = cfg.num_patches();
+        let sincos = match cfg.posemb {
+            PosEmb::Sincos2d => {
+                Some(Tensor::from_f32(sincos2d(cfg.grid(), cfg.width), [n * cfg.width], dtype, device)?)
+            }
+            PosEmb::Learn => None,
+        };
+        Ok(Embedding {
+            patch: cfg.patch,
+            channels: cfg.channels,
+            width: cfg.width,
+            tokens: n,
+            cls: cfg.pool == Pool::Tok,
+            learned: cfg.posemb == PosEmb::Learn,
+            sincos,
+        })
+    }
+
+    /// Tokens per image after embedding (patches, plus the class token).
+    pub fn seq_len(&self) -> usize {
+        self.tokens + usize::from(self.cls)
+    }
+
+    /// Adds the patch embedding, class token and learned position embedding to `store`.
+    pub fn init(&self, store: &mut ParamStore, init: &Init) -> Result<()> {
+        let (d, c, p) = (self.width, self.channels, self.patch);
+        let fan_in = c * p * p;
+        init.add(store, "patch_embed.proj.weight", &[d, c, p, p], Fill::Normal { std: (fan_in as f32).powf(-0.5) })?;
+        init.add(store, "patch_embed.proj.bias", &[d], Fill::Zeros)?;
+        if self.cls {
+            init.add(store, "cls_token", &[1, 1, d], Fill::Zeros)?;
+        }
+        if self.learned {
+            init.add(store, "pos_embed", &[1, self.seq_len(), d], Fill::Normal { std: (d as f32).powf(-0.5) })?;
+        }
+        Ok(())
+    }
+
+    /// `images [batch, C, H, W] -> tokens [batch, T, D]`.
+    pub fn forward(&self, p: &ParamStore, images: &Tensor) -> Result<(Tensor, EmbedSaved)> {
+        let (b, d) = (images.dims()[0], self.width);
+        let expect = [self.channels, self.patch * self.grid(), self.patch * self.grid()];
+        if images.rank() != 4 || images.dims()[1..] != expect {
+            return Err(ModelError::Param {
+                name: "images".into(),
+                msg: format!("expected [batch, {}, {}, {}], found {}", expect[0], expect[1], expect[2], images.shape()),
+            });
+        }
+        let patches = ops::patchify(images, self.patch)?;
+        let w = p.get("patch_embed.proj.weight")?.reshape([d, self.channels * self.patch * self.patch])?;
+        let mut x = ops::bias_add(&ops::matmul_t(&patches, &w, false, true)?, p.get("patch_embed.proj.bias")?)?;
+        if let Some(s) = &self.sincos {
+            x = ops::bias_add(&x.reshape([b, self.tokens * d])?, s)?.reshape([b, self.tokens, d])?;
+        }
+        if self.cls {
+            let cls = ops::broadcast(&p.get("cls_token")?.reshape([1, d])?, 0, b)?;
+            x = ops::concat(&[&cls, &x], 1)?;
+        }
+        if self.learned {
+            let t = self.seq_len();
+            x = ops::bias_add(&x.reshape([b, t * d])?, &p.get("pos_embed")?.reshape([t * d])?)?.reshape([b, t, d])?;
+        }
+        Ok((x, EmbedSaved { patches, batch: b }))
+    }
+
+    /// Accumulates parameter gradients; returns the gradient of the images.
+    pub fn backward(&self, p: &ParamStore, s: &EmbedSaved, dx: &Tensor, g: &mut ParamStore) -> Result<Tensor> {
+        let (b, d, t) = (s.batch, self.width, self.seq_len());
+        if self.learned {
+            g.accumulate("pos_embed", &ops::bias_add_bwd(&dx.reshape([b, t * d])?)?.reshape([1, t, d])?)?;
+        }
+        let dtok = if self.cls {
+            g.accumulate("cls_token", &ops::sum(&ops::slice(dx, 1, 0, 1)?, 0)?.reshape([1, 1, d])?)?;
+            ops::slice(dx, 1, 1, self.tokens)?
+        } else {
+            dx.clone()
+        };
+        let w = p.get("patch_embed.proj.weight")?;
+        let (dpatches, dw) = ops::matmul_bwd(&s.patches, &w.reshape([d, w.numel() / d])?, &dtok, false, true)?;
+        g.accumulate("patch_embed.proj.weight", &dw.reshape(w.shape().clone())?)?;
+        g.accumulate("patch_embed.proj.bias", &ops::bias_add_bwd(&dtok)?)?;
+        let side = self.patch * self.grid();
+        Ok(ops::unpatchify(&dpatches, self.channels, side, side, self.patch)?)
+    }
+
+    fn grid(&self) -> usize {
+        (self.tokens as f64).sqrt().round() as usize
+    }
+}

@@ -1,0 +1,63 @@
+//! Parameter initialisation as in big_vision: every tensor draws from its own stream, seeded
+//! by the model seed and the parameter's name, so adding a layer never changes the others.
+
+use crate::{ParamStore, Result};
+use vit_tensor::{DType, Device, Tensor};
+
+/// Where and how parameters are created.
+#[derive(Debug, Clone, Copy)]
+pub struct Init {
+    /// Model seed; each tensor's stream also depends on its name.
+    pub seed: u64,
+    /// Master-weight dtype (f32 per design §2).
+    pub dtype: DType,
+    /// Device the parameters are created on.
+    pub device: Device,
+}
+
+/// How one tensor is initialised.
+#[derive(Debug, Clone, Copy)]
+pub enum Fill {
+    /// All zeros (biases, the class token, the head kernel).
+    Zeros,
+    /// All ones (norm scales).
+    Ones,
+    /// One value everywhere (the head bias).
+    Constant(f32),
+    /// Normal(0, std²).
+    Normal {
+        /// Standard deviation.
+        std: f32,
+    },
+    /// Uniform in ±sqrt(6 / (fan_in + fan_out)) (Glorot/Xavier), big_vision's Dense default.
+    Xavier {
+        /// Input features.
+        fan_in: usize,
+        /// Output features.
+        fan_out: usize,
+    },
+}
+
+impl Init {
+    fn stream(&self, name: &str) -> u64 {
+        // FNV-1a of the name, mixed with the model seed.
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+        h ^ self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
+    /// Creates `name` with `dims` filled by `fill` and adds it to `store`.
+    pub fn add(&self, store: &mut ParamStore, name: &str, dims: &[usize], fill: Fill) -> Result<()> {
+        let seed = self.stream(name);
+        let t = match fill {
+            Fill::Zeros => Tensor::zeros(dims.to_vec(), self.dtype, self.device)?,
+            Fill::Ones => Tensor::full(1.0, dims.to_vec(), self.dtype, self.device)?,
+            Fill::Constant(c) => Tensor::full(c, dims.to_vec(), self.dtype, self.device)?,
+            Fill::Normal { std } => Tensor::randn(dims.to_vec(), 0.0, std, seed, self.dtype, self.device)?,
+            Fill::Xavier { fan_in, fan_out } => {
+                let limit = (6.0 / (fan_in + fan_out) as f32).sqrt();
+                Tensor::rand_uniform(dims.to_vec(), -limit, limit, seed, self.dtype, self.device)?
+            }
+        };
+        store.insert(name, t)
+    }
+}

@@ -1,0 +1,79 @@
+//! LayerNorm (or RMSNorm) over the last dim with a scale and an optional bias (ViT-22B drops it).
+
+use super::init::{Fill, Init};
+use crate::{ParamStore, Result};
+use vit_tensor::{
+    ops::{self, NormKind},
+    Tensor,
+};
+
+/// LayerNorm epsilon of ViT (reference §2).
+pub const LAYER_NORM_EPS: f32 = 1e-6;
+
+/// A norm layer's parameter names.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    /// `{name}.weight`, `[dim]`.
+    pub weight: String,
+    /// `{name}.bias`, `[dim]`, if any.
+    pub bias: Option<String>,
+    /// Normalised (last) dimension.
+    pub dim: usize,
+    /// Centred LayerNorm or RMSNorm.
+    pub kind: NormKind,
+}
+
+/// What a norm's backward needs from its forward (besides its input).
+#[derive(Debug, Clone)]
+pub struct NormSaved {
+    mean: Tensor,
+    rstd: Tensor,
+}
+
+impl Norm {
+    /// A centred LayerNorm `{name}` over `dim` features, with or without bias.
+    pub fn new(name: &str, dim: usize, bias: bool) -> Self {
+        Norm {
+            weight: format!("{name}.weight"),
+            bias: bias.then(|| format!("{name}.bias")),
+            dim,
+            kind: NormKind::LayerNorm,
+        }
+    }
+
+    /// Scale 1, bias 0.
+    pub fn init(&self, store: &mut ParamStore, init: &Init) -> Result<()> {
+        init.add(store, &self.weight, &[self.dim], Fill::Ones)?;
+        if let Some(b) = &self.bias {
+            init.add(store, b, &[self.dim], Fill::Zeros)?;
+        }
+        Ok(())
+    }
+
+    /// `x [.., dim]` normalised per row.
+    pub fn forward(&self, p: &ParamStore, x: &Tensor) -> Result<(Tensor, NormSaved)> {
+        let b = self.bias.as_ref().map(|b| p.get(b)).transpose()?;
+        let out = ops::layer_norm_fwd(x, Some(p.get(&self.weight)?), b, LAYER_NORM_EPS, self.kind)?;
+        Ok((out.y, NormSaved { mean: out.mean, rstd: out.rstd }))
+    }
+
+    /// Accumulates scale and bias gradients; returns `dx`.
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        x: &Tensor,
+        s: &NormSaved,
+        dy: &Tensor,
+        g: &mut ParamStore,
+    ) -> Result<Tensor> {
+        let w = p.get(&self.weight)?;
+        let grads = ops::layer_norm_bwd(x, Some(w), &s.mean, &s.rstd, dy, self.kind, self.bias.is_some())?;
+        if let Some(dw) = &grads.dweight {
+            g.accumulate(&self.weight, dw)?;
+        }
+        if let (Some(b), Some(db)) = (&self.bias, &grads.dbias) {
+            g.accumulate(b, db)?;
+        }
+        Ok(grads.dx)
+    }
+}

@@ -1,0 +1,140 @@
+//! Pooling the encoded tokens into one vector per image: class token, global average (GAP),
+//! or multihead attention pooling (MAP: a learned probe attends to the tokens, reference §2).
+
+use super::{
+    heads::{HeadAttention, HeadSaved},
+    init::{Fill, Init},
+    linear::Linear,
+    mlp::{Mlp, MlpSaved},
+    norm::{Norm, NormSaved},
+};
+use crate::{ModelConfig, ParamStore, Pool, Result};
+use vit_tensor::{ops, Tensor};
+
+/// How tokens `[batch, T, D]` become `[batch, D]`.
+#[derive(Debug, Clone)]
+pub enum Pooling {
+    /// Token 0 (the class token).
+    Tok,
+    /// Mean over tokens.
+    Gap,
+    /// timm's `AttentionPoolLatent` names: `attn_pool.{latent,q,kv,proj,norm,mlp}`.
+    Map(Box<MapHead>),
+}
+
+/// The MAP head: probe → attention over the tokens → `y = LN(x)` → `x + MLP(y)` → `x[:, 0]`;
+/// no LN before the attention and no residual from the probe (big_vision `MAPHead`).
+#[derive(Debug, Clone)]
+pub struct MapHead {
+    width: usize,
+    q: Linear,
+    kv: Linear,
+    core: HeadAttention,
+    proj: Linear,
+    norm: Norm,
+    mlp: Mlp,
+}
+
+/// What pooling's backward needs.
+#[derive(Debug, Clone)]
+pub enum PoolSaved {
+    /// Class-token pooling of tokens with these dims.
+    Tok(Vec<usize>),
+    /// Average pooling of tokens with these dims.
+    Gap(Vec<usize>),
+    /// The MAP head's activations.
+    Map(Box<MapSaved>),
+}
+
+#[derive(Debug, Clone)]
+/// Activations of the MAP head.
+pub struct MapSaved {
+    x: Tensor,
+    probe: Tensor,
+    heads: HeadSaved,
+    merged: Tensor,
+    a: Tensor,
+    n: Tensor,
+    ns: NormSaved,
+    mlp: MlpSaved,
+}
+
+impl Pooling {
+    /// The pooling `cfg.pool` selects.
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let d = cfg.width;
+        match cfg.pool {
+            Pool::Tok => Pooling::Tok,
+            Pool::Gap => Pooling::Gap,
+            Pool::Map => Pooling::Map(Box::new(MapHead {
+                width: d,
+                q: Linear::new("attn_pool.q", d, d, cfg.qkv_bias),
+                kv: Linear::new("attn_pool.kv", d, 2 * d, cfg.qkv_bias),
+                core: HeadAttention { heads: cfg.heads, head_dim: cfg.head_dim(), q_norm: None, k_norm: None },
+                proj: Linear::new("attn_pool.proj", d, d, true),
+                norm: Norm::new("attn_pool.norm", d, cfg.norm_bias),
+                mlp: Mlp::new("attn_pool.mlp", d, cfg.mlp_dim, super::block::gelu_of(cfg)),
+            })),
+        }
+    }
+
+    /// Adds the MAP head's parameters (the other poolings have none).
+    pub fn init(&self, store: &mut ParamStore, init: &Init) -> Result<()> {
+        if let Pooling::Map(m) = self {
+            // big_vision: probe xavier_uniform over (1, 1, D): fan_in 1, fan_out D.
+            init.add(store, "attn_pool.latent", &[1, 1, m.width], Fill::Xavier { fan_in: 1, fan_out: m.width })?;
+            m.q.init_default(store, init)?;
+            m.kv.init_default(store, init)?;
+            m.proj.init_default(store, init)?;
+            m.norm.init(store, init)?;
+            m.mlp.init(store, init)?;
+        }
+        Ok(())
+    }
+
+    /// `x [batch, T, D] -> [batch, D]`.
+    pub fn forward(&self, p: &ParamStore, x: &Tensor) -> Result<(Tensor, PoolSaved)> {
+        let (b, d) = (x.dims()[0], x.dims()[2]);
+        match self {
+            Pooling::Tok => Ok((ops::slice(x, 1, 0, 1)?.reshape([b, d])?, PoolSaved::Tok(x.dims().to_vec()))),
+            Pooling::Gap => Ok((ops::mean(x, 1)?, PoolSaved::Gap(x.dims().to_vec()))),
+            Pooling::Map(m) => {
+                let probe = ops::broadcast(&p.get("attn_pool.latent")?.reshape([1, d])?, 0, b)?; // [b, 1, d]
+                let q = m.q.forward(p, &probe)?;
+                let kv = m.kv.forward(p, x)?;
+                let (k, v) = (ops::slice(&kv, 2, 0, d)?, ops::slice(&kv, 2, d, d)?);
+                let (merged, heads) = m.core.forward(p, &q, &k, &v)?;
+                let a = m.proj.forward(p, &merged)?;
+                let (n, ns) = m.norm.forward(p, &a)?;
+                let (h, mlp) = m.mlp.forward(p, &n)?;
+                let y = ops::add(&a, &h)?.reshape([b, d])?;
+                Ok((y, PoolSaved::Map(Box::new(MapSaved { x: x.clone(), probe, heads, merged, a, n, ns, mlp }))))
+            }
+        }
+    }
+
+    /// Accumulates parameter gradients; returns the gradient of the tokens.
+    pub fn backward(&self, p: &ParamStore, s: &PoolSaved, dy: &Tensor, g: &mut ParamStore) -> Result<Tensor> {
+        match (self, s) {
+            (Pooling::Tok, PoolSaved::Tok(dims)) => {
+                Ok(ops::pad_along(&dy.reshape([dims[0], 1, dims[2]])?, dims, 1, 0)?)
+            }
+            (Pooling::Gap, PoolSaved::Gap(dims)) => Ok(ops::mean_bwd(dy, dims, 1)?),
+            (Pooling::Map(m), PoolSaved::Map(s)) => {
+                let (b, d) = (dy.dims()[0], m.width);
+                let dy = dy.reshape([b, 1, d])?;
+                let dn = m.mlp.backward(p, &s.n, &s.mlp, &dy, g)?;
+                let da = ops::add(&dy, &m.norm.backward(p, &s.a, &s.ns, &dn, g)?)?;
+                let dmerged = m.proj.backward(p, &s.merged, &da, g)?;
+                let (dq, dk, dv) = m.core.backward(p, &s.heads, &dmerged, g)?;
+                let dprobe = m.q.backward(p, &s.probe, &dq, g)?;
+                g.accumulate("attn_pool.latent", &ops::sum(&dprobe, 0)?.reshape([1, 1, d])?)?;
+                m.kv.backward(p, &s.x, &ops::concat(&[&dk, &dv], 2)?, g)
+            }
+            _ => Err(crate::ModelError::Param {
+                name: "pool".into(),
+                msg: "saved activations are of another pooling".into(),
+            }),
+        }
+    }
+}

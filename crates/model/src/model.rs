@@ -1,0 +1,171 @@
+//! The Vision Transformer assembled from a [`ModelConfig`]: embedding → blocks → final norm →
+//! pooling → optional pre-logits (Dense + tanh) → classifier. Every ViT, Scaling-ViT and
+//! ViT-22B variant of the zoo is this one model with different settings.
+
+use crate::{
+    layers::{Block, BlockSaved, EmbedSaved, Embedding, Fill, Init, Linear, Norm, NormSaved, PoolSaved, Pooling},
+    ModelConfig, ParamStore, Result,
+};
+use vit_tensor::{ops, DType, Device, Tensor};
+
+/// A Vision Transformer: the layer descriptions of one config. Parameters live in a
+/// [`ParamStore`] made by [`VisionTransformer::init_params`] (or loaded from a checkpoint).
+#[derive(Debug, Clone)]
+pub struct VisionTransformer {
+    /// The (validated) configuration.
+    pub config: ModelConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: Norm,
+    pool: Pooling,
+    pre_logits: Option<Linear>,
+    head: Option<Linear>,
+    /// Initial bias of the classifier: big_vision uses −10 for JFT and −6.9 for 1000-class
+    /// sigmoid heads; 0 here unless set.
+    pub head_bias_init: f32,
+}
+
+/// Everything [`VisionTransformer::backward`] needs from a forward pass.
+#[derive(Debug, Clone)]
+pub struct ForwardSaved {
+    embed: EmbedSaved,
+    /// Input of each block (kept with or without activation checkpointing).
+    block_inputs: Vec<Tensor>,
+    /// Saved activations of each block; `None` under activation checkpointing (recomputed).
+    block_saved: Vec<Option<BlockSaved>>,
+    encoded: Tensor,
+    norm: NormSaved,
+    pool: PoolSaved,
+    pooled: Tensor,
+    pre_act: Option<Tensor>,
+    features: Tensor,
+}
+
+impl ForwardSaved {
+    /// The pre-logit features `[batch, F]` (the input of the classifier): what few-shot linear
+    /// evaluation and linear probes use.
+    pub fn features(&self) -> &Tensor {
+        &self.features
+    }
+}
+
+impl VisionTransformer {
+    /// Describes the model of `cfg` (validated); `dtype` and `device` are those of its activations
+    /// (the fixed sincos2d table is built there).
+    pub fn new(cfg: &ModelConfig, dtype: DType, device: Device) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.width;
+        let features = cfg.prelogits.unwrap_or(d);
+        Ok(VisionTransformer {
+            config: cfg.clone(),
+            embed: Embedding::new(cfg, dtype, device)?,
+            blocks: (0..cfg.depth).map(|i| Block::new(i, cfg)).collect(),
+            norm: Norm::new("norm", d, cfg.norm_bias),
+            pool: Pooling::new(cfg),
+            pre_logits: cfg.prelogits.map(|pl| Linear::new("pre_logits.fc", d, pl, true)),
+            head: (cfg.classes > 0).then(|| Linear::new("head", features, cfg.classes, true)),
+            head_bias_init: 0.0,
+        })
+    }
+
+    /// Fresh parameters (big_vision's initialisers, seeded per name; head kernel zero).
+    pub fn init_params(&self, seed: u64, dtype: DType, device: Device) -> Result<ParamStore> {
+        let init = Init { seed, dtype, device };
+        let mut p = ParamStore::new();
+        self.embed.init(&mut p, &init)?;
+        for b in &self.blocks {
+            b.init(&mut p, &init)?;
+        }
+        self.norm.init(&mut p, &init)?;
+        self.pool.init(&mut p, &init)?;
+        if let Some(pl) = &self.pre_logits {
+            pl.init_default(&mut p, &init)?;
+        }
+        if let Some(h) = &self.head {
+            h.init(&mut p, &init, Fill::Zeros, Fill::Constant(self.head_bias_init))?;
+        }
+        Ok(p)
+    }
+
+    /// `images [batch, C, H, W]` (values in [-1, 1]) → logits `[batch, classes]` (the features
+    /// `[batch, F]` when `classes = 0`), and what backward needs. With `config.remat` only each
+    /// block's input is kept and backward runs the block again (activation checkpointing).
+    pub fn forward(&self, p: &ParamStore, images: &Tensor) -> Result<(Tensor, ForwardSaved)> {
+        let (mut x, embed) = self.embed.forward(p, images)?;
+        let mut block_inputs = Vec::with_capacity(self.blocks.len());
+        let mut block_saved = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            let (y, s) = b.forward(p, &x)?;
+            block_inputs.push(x);
+            block_saved.push((!self.config.remat).then_some(s));
+            x = y;
+        }
+        let (normed, norm) = self.norm.forward(p, &x)?;
+        let (pooled, pool) = self.pool.forward(p, &normed)?;
+        let (pre_act, features) = match &self.pre_logits {
+            Some(pl) => {
+                let z = pl.forward(p, &pooled)?;
+                let f = ops::tanh_fwd(&z)?;
+                (Some(z), f)
+            }
+            None => (None, pooled.clone()),
+        };
+        let out = match &self.head {
+            Some(h) => h.forward(p, &features)?,
+            None => features.clone(),
+        };
+        let saved =
+            ForwardSaved { embed, block_inputs, block_saved, encoded: x, norm, pool, pooled, pre_act, features };
+        Ok((out, saved))
+    }
+
+    /// Logits without keeping activations for backward (evaluation, prediction).
+    pub fn predict(&self, p: &ParamStore, images: &Tensor) -> Result<Tensor> {
+        Ok(self.features_and_logits(p, images)?.1)
+    }
+
+    /// `(features [batch, F], logits)` without keeping activations for backward.
+    pub fn features_and_logits(&self, p: &ParamStore, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (mut x, _) = self.embed.forward(p, images)?;
+        for b in &self.blocks {
+            x = b.forward(p, &x)?.0;
+        }
+        let (pooled, _) = self.pool.forward(p, &self.norm.forward(p, &x)?.0)?;
+        let features = match &self.pre_logits {
+            Some(pl) => ops::tanh_fwd(&pl.forward(p, &pooled)?)?,
+            None => pooled,
+        };
+        let logits = match &self.head {
+            Some(h) => h.forward(p, &features)?,
+            None => features.clone(),
+        };
+        Ok((features, logits))
+    }
+
+    /// Accumulates every parameter's gradient into `g` (a store like the parameters, e.g.
+    /// `p.zeros_like(F32)`) given `dout`, the gradient of the forward's output; returns the
+    /// gradient of the images.
+    pub fn backward(&self, p: &ParamStore, s: &ForwardSaved, dout: &Tensor, g: &mut ParamStore) -> Result<Tensor> {
+        let dfeat = match &self.head {
+            Some(h) => h.backward(p, &s.features, dout, g)?,
+            None => dout.clone(),
+        };
+        let dpooled = match (&self.pre_logits, &s.pre_act) {
+            (Some(pl), Some(z)) => pl.backward(p, &s.pooled, &ops::tanh_bwd(z, &dfeat)?, g)?,
+            _ => dfeat,
+        };
+        let dnormed = self.pool.backward(p, &s.pool, &dpooled, g)?;
+        let mut dx = self.norm.backward(p, &s.encoded, &s.norm, &dnormed, g)?;
+        for (i, b) in self.blocks.iter().enumerate().rev() {
+            let x = &s.block_inputs[i];
+            dx = match &s.block_saved[i] {
+                Some(saved) => b.backward(p, x, saved, &dx, g)?,
+                None => {
+                    let (_, saved) = b.forward(p, x)?;
+                    b.backward(p, x, &saved, &dx, g)?
+                }
+            };
+        }
+        self.embed.backward(p, &s.embed, &dx, g)
+    }
+}

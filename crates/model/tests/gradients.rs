@@ -1,0 +1,155 @@
+//! The whole model against finite differences, in every combination of pool × block ×
+//! qk_norm × biases (issue 3), and its parameters against the closed-form counts.
+
+use vit_model::{BlockKind, ModelConfig, ParamCounts, ParamStore, Pool, PosEmb, VisionTransformer};
+use vit_tensor::{ops, testing::check_gradient, DType, Device, Tensor};
+
+const CPU: Device = Device::Cpu;
+
+fn tiny(pool: Pool, block: BlockKind, qk_norm: bool, bias: bool) -> ModelConfig {
+    let mut c = ModelConfig::custom();
+    for s in ["image_size=8", "patch=4", "channels=2", "width=8", "depth=2", "mlp_dim=12", "heads=2", "classes=3"] {
+        c.set(s).unwrap();
+    }
+    c.pool = pool;
+    c.block = block;
+    c.qk_norm = qk_norm;
+    c.qkv_bias = bias;
+    c.norm_bias = bias;
+    c
+}
+
+/// Every parameter replaced by random values (the zero head would hide the body's gradients).
+fn randomised(p: &ParamStore, seed: u64) -> ParamStore {
+    let mut out = ParamStore::new();
+    for (i, (name, t)) in p.iter().enumerate() {
+        out.insert(name, Tensor::randn(t.shape().clone(), 0.0, 0.5, seed + i as u64, DType::F32, CPU).unwrap())
+            .unwrap();
+    }
+    out
+}
+
+/// Checks the gradient of every parameter tensor (sampled) and of the images.
+fn check_model(cfg: &ModelConfig, what: &str) {
+    let model = VisionTransformer::new(cfg, DType::F32, CPU).unwrap();
+    let p = randomised(&model.init_params(0, DType::F32, CPU).unwrap(), 100);
+    assert_eq!(p.numel() as u64, ParamCounts::of(cfg).unwrap().total, "{what}: parameter count");
+    let images =
+        Tensor::randn([2, cfg.channels, cfg.image_size, cfg.image_size], 0.0, 1.0, 7, DType::F32, CPU).unwrap();
+    let (out, saved) = model.forward(&p, &images).unwrap();
+    let r = Tensor::randn(out.shape().clone(), 0.0, 1.0, 8, DType::F32, CPU).unwrap();
+    let mut g = p.zeros_like(DType::F32).unwrap();
+    let dimages = model.backward(&p, &saved, &r, &mut g).unwrap();
+    check_gradient(
+        &format!("{what}: images"),
+        |x| Ok(model.forward(&p, x).unwrap().0),
+        &images,
+        &r,
+        &dimages,
+        1e-2,
+        3e-3,
+        12,
+    )
+    .unwrap();
+    for (name, t) in p.iter() {
+        let f = |x: &Tensor| {
+            let mut q = p.clone();
+            q.set(name, x.clone()).unwrap();
+            Ok(model.forward(&q, &images).unwrap().0)
+        };
+        check_gradient(&format!("{what}: {name}"), f, t, &r, g.get(name).unwrap(), 1e-2, 3e-3, 6).unwrap();
+    }
+}
+
+#[test]
+fn every_pool_block_qk_norm_and_bias_combination_matches_finite_differences() {
+    for pool in [Pool::Tok, Pool::Gap, Pool::Map] {
+        for block in [BlockKind::Sequential, BlockKind::Parallel] {
+            for qk_norm in [false, true] {
+                for bias in [false, true] {
+                    let cfg = tiny(pool, block, qk_norm, bias);
+                    check_model(&cfg, &format!("{pool:?} {block:?} qk_norm={qk_norm} bias={bias}"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sincos_posemb_prelogits_erf_and_headless_models_match_finite_differences() {
+    let mut c = tiny(Pool::Tok, BlockKind::Sequential, false, true);
+    c.posemb = PosEmb::Sincos2d;
+    c.prelogits = Some(5);
+    c.set("gelu=erf").unwrap();
+    check_model(&c, "sincos + prelogits + erf");
+    let mut c = tiny(Pool::Map, BlockKind::Parallel, true, false);
+    c.classes = 0;
+    check_model(&c, "no classifier");
+}
+
+#[test]
+fn activation_checkpointing_gives_the_same_gradients() {
+    for block in [BlockKind::Sequential, BlockKind::Parallel] {
+        let cfg = tiny(Pool::Gap, block, true, true);
+        let mut remat = cfg.clone();
+        remat.remat = true;
+        let (m, mr) = (
+            VisionTransformer::new(&cfg, DType::F32, CPU).unwrap(),
+            VisionTransformer::new(&remat, DType::F32, CPU).unwrap(),
+        );
+        let p = randomised(&m.init_params(0, DType::F32, CPU).unwrap(), 1);
+        let images = Tensor::randn([3, 2, 8, 8], 0.0, 1.0, 2, DType::F32, CPU).unwrap();
+        let r = Tensor::randn([3, 3], 0.0, 1.0, 3, DType::F32, CPU).unwrap();
+        let grads = |model: &VisionTransformer| {
+            let (_, s) = model.forward(&p, &images).unwrap();
+            let mut g = p.zeros_like(DType::F32).unwrap();
+            model.backward(&p, &s, &r, &mut g).unwrap();
+            g
+        };
+        let (g, gr) = (grads(&m), grads(&mr));
+        for (name, t) in g.iter() {
+            assert_eq!(t.to_f32_vec().unwrap(), gr.get(name).unwrap().to_f32_vec().unwrap(), "{block:?} {name}");
+        }
+    }
+}
+
+#[test]
+fn gradients_accumulate_across_micro_batches() {
+    let cfg = tiny(Pool::Map, BlockKind::Sequential, false, true);
+    let m = VisionTransformer::new(&cfg, DType::F32, CPU).unwrap();
+    let p = randomised(&m.init_params(0, DType::F32, CPU).unwrap(), 4);
+    let images = Tensor::randn([4, 2, 8, 8], 0.0, 1.0, 5, DType::F32, CPU).unwrap();
+    let r = Tensor::randn([4, 3], 0.0, 1.0, 6, DType::F32, CPU).unwrap();
+    let mut whole = p.zeros_like(DType::F32).unwrap();
+    let (_, s) = m.forward(&p, &images).unwrap();
+    m.backward(&p, &s, &r, &mut whole).unwrap();
+    let mut halves = p.zeros_like(DType::F32).unwrap();
+    for h in 0..2 {
+        let (_, s) = m.forward(&p, &images.narrow(2 * h, 2).unwrap()).unwrap();
+        m.backward(&p, &s, &r.narrow(2 * h, 2).unwrap(), &mut halves).unwrap();
+    }
+    for (name, t) in whole.iter() {
+        let (a, b) = (t.to_f32_vec().unwrap(), halves.get(name).unwrap().to_f32_vec().unwrap());
+        vit_tensor::testing::assert_close(name, &b, &a, 1e-4, 1e-5);
+    }
+}
+
+#[test]
+fn predict_equals_forward_and_features_feed_the_head() {
+    let mut cfg = tiny(Pool::Gap, BlockKind::Parallel, true, false);
+    cfg.prelogits = Some(6);
+    let m = VisionTransformer::new(&cfg, DType::F32, CPU).unwrap();
+    let p = randomised(&m.init_params(0, DType::F32, CPU).unwrap(), 9);
+    let images = Tensor::randn([2, 2, 8, 8], 0.0, 1.0, 10, DType::F32, CPU).unwrap();
+    let (out, saved) = m.forward(&p, &images).unwrap();
+    let (features, logits) = m.features_and_logits(&p, &images).unwrap();
+    assert_eq!(out.to_f32_vec().unwrap(), logits.to_f32_vec().unwrap());
+    assert_eq!(saved.features().to_f32_vec().unwrap(), features.to_f32_vec().unwrap());
+    assert_eq!(features.dims(), &[2, 6]);
+    let head = ops::bias_add(
+        &ops::matmul_t(&features, p.get("head.weight").unwrap(), false, true).unwrap(),
+        p.get("head.bias").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(head.to_f32_vec().unwrap(), logits.to_f32_vec().unwrap());
+}
