@@ -19,6 +19,10 @@ enum Command {
     Params(commands::params::Args),
     /// The compute devices vitrs can use here (CPU threads, CUDA devices, NVRTC).
     Devices(commands::devices::Args),
+    /// Convert another framework's weights (timm) into a vitrs checkpoint.
+    Convert(commands::convert::Args),
+    /// Logits of a checkpoint on images stored in a safetensors file.
+    Predict(commands::predict::Args),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +30,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Params(a) => commands::params::run(a),
         Command::Devices(a) => commands::devices::run(a),
+        Command::Convert(a) => commands::convert::run(a),
+        Command::Predict(a) => commands::predict::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -52,3 +52,77 @@ fn devices_reports_without_panicking() {
     assert!(d["cpu_threads"].as_u64().unwrap() >= 1);
     assert!(d["cuda_devices"].is_u64());
 }
+
+fn fixtures() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures")
+}
+
+/// `--set` arguments describing a fixture's model (from its JSON).
+fn fixture_sets(kind: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(fixtures().join(format!("{kind}.json"))).unwrap();
+    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
+    json.into_iter()
+        .flat_map(|(k, v)| {
+            ["--set".to_string(), format!("{k}={}", v.as_str().map(str::to_string).unwrap_or(v.to_string()))]
+        })
+        .collect()
+}
+
+#[test]
+fn convert_then_predict_reproduces_timm_logits() {
+    let dir = std::env::temp_dir().join(format!("vitrs-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for kind in ["vit_map", "parallel_qknorm"] {
+        let ckpt = dir.join(format!("{kind}.safetensors"));
+        let input = fixtures().join(format!("{kind}.timm.safetensors"));
+        let mut args = vec!["convert", "--from", "timm", input.to_str().unwrap(), "--out", ckpt.to_str().unwrap()];
+        let sets = fixture_sets(kind);
+        args.extend(sets.iter().map(String::as_str));
+        let out = vit(&args);
+        assert!(out.status.success(), "convert {kind}: {}", String::from_utf8_lossy(&out.stderr));
+        let images = fixtures().join(format!("{kind}.io.safetensors"));
+        let logits = dir.join(format!("{kind}.logits.safetensors"));
+        let out = vit(&[
+            "predict",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--images",
+            images.to_str().unwrap(),
+            "--output",
+            logits.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "predict {kind}: {}", String::from_utf8_lossy(&out.stderr));
+        let got = vit_model::checkpoint::read_safetensors(&logits).unwrap();
+        let want = vit_model::checkpoint::read_safetensors(&images).unwrap();
+        let (got, want) =
+            (&got.iter().find(|(n, _)| n == "logits").unwrap().1, &want.iter().find(|(n, _)| n == "logits").unwrap().1);
+        assert_eq!(got.dims(), want.dims());
+        let (g, w) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
+        let scale = w.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let err = g.iter().zip(&w).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        assert!(err < 1e-4, "{kind}: relative error {err}");
+    }
+    // Converting with the wrong config names every mismatch, on one line, exit 1.
+    let input = fixtures().join("vit_tok.timm.safetensors");
+    let out = vit(&[
+        "convert",
+        "--from",
+        "timm",
+        input.to_str().unwrap(),
+        "--model",
+        "Ti/16",
+        "--out",
+        dir.join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: timm state dict") && err.contains("misshaped") && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+    let out = vit(&["convert", "--from", "keras", input.to_str().unwrap(), "--out", "x"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--from keras: expected timm"));
+    let out = vit(&["predict", "--checkpoint", input.to_str().unwrap(), "--images", "x", "--output", "y"]);
+    assert_eq!(out.status.code(), Some(1), "a timm file is not a vitrs checkpoint");
+    let _ = std::fs::remove_dir_all(&dir);
+}

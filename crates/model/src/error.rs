@@ -76,6 +76,101 @@ pub enum ModelError {
         msg: String,
     },
 
+    /// Two stores of named tensors (checkpoint versus model, say) differ: every missing,
+    /// unexpected, misshaped and wrongly typed name at once.
+    #[error("{what}: {diff}")]
+    ParamMismatch {
+        /// What was checked and against what, e.g.
+        /// `checkpoint runs/a/step-100.safetensors: parameters do not match the model`.
+        what: String,
+        /// The differences.
+        diff: crate::checkpoint::ParamDiff,
+    },
+
+    /// Opening, reading, writing or renaming a checkpoint file failed.
+    #[error("checkpoint {}: cannot {action}: {source}", path.display())]
+    CheckpointIo {
+        /// The checkpoint path.
+        path: std::path::PathBuf,
+        /// What was being done: `open`, `read`, `write`, `sync`, ...
+        action: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+
+    /// The checkpoint path exists but is not a regular file.
+    #[error("checkpoint {}: not a file: it is {found}", path.display())]
+    CheckpointNotAFile {
+        /// The checkpoint path.
+        path: std::path::PathBuf,
+        /// What is there instead, e.g. `a directory`.
+        found: &'static str,
+    },
+
+    /// The checkpoint file is shorter than its header says (an interrupted copy or write).
+    #[error("checkpoint {}: truncated: {detail}", path.display())]
+    CheckpointTruncated {
+        /// The checkpoint path.
+        path: std::path::PathBuf,
+        /// Sizes found and expected.
+        detail: String,
+    },
+
+    /// The checkpoint file is not a valid safetensors file (garbage header, bad tensor table).
+    #[error("checkpoint {}: corrupt: {detail}", path.display())]
+    CheckpointCorrupt {
+        /// The checkpoint path.
+        path: std::path::PathBuf,
+        /// What does not parse.
+        detail: String,
+    },
+
+    /// The checkpoint's format version is missing (not a vitrs checkpoint) or not one this
+    /// build reads.
+    #[error(
+        "checkpoint {}: {}",
+        path.display(),
+        match found {
+            None => format!(
+                "no format version ({} in the safetensors metadata): not a vitrs checkpoint",
+                crate::checkpoint::KEY_VERSION
+            ),
+            Some(v) => format!(
+                "format version {v:?}: expected {} (written by another vitrs version?)",
+                crate::checkpoint::FORMAT_VERSION
+            ),
+        }
+    )]
+    CheckpointVersion {
+        /// The checkpoint path.
+        path: std::path::PathBuf,
+        /// The version found, if any.
+        found: Option<String>,
+    },
+
+    /// A checkpoint metadata entry is missing or does not parse (the model config, the step,
+    /// the name lists).
+    #[error("checkpoint {}: metadata {key}: {msg}", path.display())]
+    CheckpointMetadata {
+        /// The checkpoint path.
+        path: std::path::PathBuf,
+        /// The `__metadata__` key, e.g. `vitrs.config`.
+        key: String,
+        /// What is wrong.
+        msg: String,
+    },
+
+    /// A tensor in a checkpoint is missing, not listed, or of a dtype vitrs does not hold.
+    #[error("checkpoint {}: tensor {name}: {msg}", path.display())]
+    CheckpointTensor {
+        /// The checkpoint path.
+        path: std::path::PathBuf,
+        /// The tensor key(s) in the file.
+        name: String,
+        /// What is wrong.
+        msg: String,
+    },
+
     /// An error from a tensor op.
     #[error(transparent)]
     Tensor(#[from] vit_tensor::Error),

@@ -31,13 +31,16 @@
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod import;
 pub mod layers;
 pub mod model;
 pub mod param_store;
 pub mod params;
 
+pub use checkpoint::{load_checkpoint, load_params_into, save_checkpoint, Checkpoint, ParamDiff};
 pub use config::{BlockKind, Gelu, ModelConfig, Pool, PosEmb, KEYS};
 pub use error::{ModelError, Result};
 pub use model::{ForwardSaved, VisionTransformer};

@@ -1,7 +1,9 @@
 //! One module per `vit` subcommand.
 
+pub mod convert;
 pub mod devices;
 pub mod params;
+pub mod predict;
 
 /// Errors of the `vit` tool: each wraps a crate's error, whose message already names the
 /// thing and what was expected.
@@ -13,4 +15,17 @@ pub enum CliError {
     Tensor(#[from] vit_tensor::Error),
     #[error("writing JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// A command-line argument that does not fit (the message names it and what was expected).
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// The model config of a preset (or `custom`) with `--set` overrides applied, validated.
+pub fn model_config(name: &str, sets: &[String]) -> Result<vit_model::ModelConfig, CliError> {
+    let mut cfg = vit_model::ModelConfig::preset(name)?;
+    for s in sets {
+        cfg.set(s)?;
+    }
+    cfg.validate()?;
+    Ok(cfg)
 }

@@ -1,7 +1,7 @@
 //! `vit params --model NAME [--set field=value]... [--json]`.
 
 use super::CliError;
-use vit_model::{ModelConfig, ParamBreakdown};
+use vit_model::ParamBreakdown;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,11 +17,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
-    let mut cfg = ModelConfig::preset(&args.model)?;
-    for s in &args.sets {
-        cfg.set(s)?;
-    }
-    cfg.validate()?;
+    let cfg = super::model_config(&args.model, &args.sets)?;
     let b = ParamBreakdown::of(&cfg)?;
     let c = b.counts;
     if args.json {
