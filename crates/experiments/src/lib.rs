@@ -1,0 +1,3 @@
+//! `vit-experiments`: the `vit` tool's building blocks, usable from other trainers too.
+
+pub mod fewshot;
