@@ -306,6 +306,26 @@ fn attention_matches_naive_and_finite_differences() {
     let sv = v(&s);
     let lse: Vec<f32> = sv.chunks(m).map(|r| r.iter().map(|&t| (t as f64).exp()).sum::<f64>().ln() as f32).collect();
     assert_close("attention lse", &v(&out.lse), &lse, 1e-5, 1e-6);
+    // And against plain f64 loops, independent of the GEMM path.
+    let (qv, kv, vv64) = (v(&q), v(&k), v(&vv));
+    let mut naive = vec![0.0f32; b * h * n * d];
+    for s in 0..b * h {
+        for i in 0..n {
+            let scores: Vec<f64> = (0..m)
+                .map(|j| {
+                    scale as f64
+                        * (0..d).map(|c| qv[(s * n + i) * d + c] as f64 * kv[(s * m + j) * d + c] as f64).sum::<f64>()
+                })
+                .collect();
+            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = scores.iter().map(|x| (x - mx).exp()).sum();
+            for c in 0..d {
+                naive[(s * n + i) * d + c] =
+                    (0..m).map(|j| (scores[j] - mx).exp() / z * vv64[(s * m + j) * d + c] as f64).sum::<f64>() as f32;
+            }
+        }
+    }
+    assert_close("attention o (f64 loops)", &v(&out.o), &naive, 1e-5, 1e-6);
     let r = randn(&[b, h, n, d], 41);
     let g = ops::attention_bwd(&q, &k, &vv, &out.o, &out.lse, &r, scale).unwrap();
     let o = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> { Ok(ops::attention_fwd(q, k, v, scale)?.o) };

