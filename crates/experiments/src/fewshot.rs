@@ -145,7 +145,7 @@ fn cholesky_solve(mut a: Vec<Vec<f64>>, mut b: Vec<Vec<f64>>) -> Result<Vec<Vec<
     let n = a.len();
     for j in 0..n {
         let diag = a[j][j] - (0..j).map(|k| a[j][k] * a[j][k]).sum::<f64>();
-        if !(diag > 0.0) {
+        if diag.is_nan() || diag <= 0.0 {
             return Err(FewShotError::Singular);
         }
         a[j][j] = diag.sqrt();
@@ -153,14 +153,23 @@ fn cholesky_solve(mut a: Vec<Vec<f64>>, mut b: Vec<Vec<f64>>) -> Result<Vec<Vec<
             a[i][j] = (a[i][j] - (0..j).map(|k| a[i][k] * a[j][k]).sum::<f64>()) / a[j][j];
         }
     }
-    let c = b.first().map_or(0, Vec::len);
-    for q in 0..c {
-        for i in 0..n {
-            b[i][q] = (b[i][q] - (0..i).map(|k| a[i][k] * b[k][q]).sum::<f64>()) / a[i][i];
+    // L Y = B, rows top to bottom.
+    for (i, li) in a.iter().enumerate() {
+        let (done, rest) = b.split_at_mut(i);
+        let bi = &mut rest[0];
+        for (bk, lik) in done.iter().zip(li) {
+            bi.iter_mut().zip(bk).for_each(|(x, y)| *x -= lik * y);
         }
-        for i in (0..n).rev() {
-            b[i][q] = (b[i][q] - (i + 1..n).map(|k| a[k][i] * b[k][q]).sum::<f64>()) / a[i][i];
+        bi.iter_mut().for_each(|x| *x /= li[i]);
+    }
+    // Lᵀ X = Y, rows bottom to top.
+    for i in (0..n).rev() {
+        let (head, done) = b.split_at_mut(i + 1);
+        let bi = &mut head[i];
+        for (k, bk) in done.iter().enumerate() {
+            bi.iter_mut().zip(bk).for_each(|(x, y)| *x -= a[i + 1 + k][i] * y);
         }
+        bi.iter_mut().for_each(|x| *x /= a[i][i]);
     }
     Ok(b)
 }

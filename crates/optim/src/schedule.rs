@@ -47,6 +47,11 @@ impl Schedule {
         Ok(Schedule { decay, warmup_steps, cooldown_steps, total_steps })
     }
 
+    /// A constant factor of 1 at every step: no warmup, no decay, no cooldown.
+    pub fn constant() -> Self {
+        Schedule { decay: Decay::Constant, warmup_steps: 0, cooldown_steps: 0, total_steps: u64::MAX }
+    }
+
     /// The multiplier of the base learning rate at step `s` (0 at s = 0 with warmup, 0 at the end with cooldown).
     pub fn factor(&self, s: u64) -> f64 {
         let (s, warmup, total) = (s as f64, self.warmup_steps as f64, self.total_steps as f64);
@@ -113,6 +118,8 @@ mod tests {
         assert!((l.factor(25) - 0.75).abs() < 1e-12);
         let k = Schedule::new(Decay::Constant, 0, 20, 100).unwrap();
         assert_eq!(k.factor(50), 1.0);
+        let one = Schedule::constant();
+        assert_eq!((one.factor(0), one.factor(1 << 40)), (1.0, 1.0));
         assert!((k.factor(90) - 0.5).abs() < 1e-12);
     }
 
