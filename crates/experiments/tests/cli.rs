@@ -31,6 +31,22 @@ fn params_json_reproduces_reference_counts() {
 }
 
 #[test]
+fn optimizer_state_bytes_match_scaling_vit_ratios() {
+    // Scaling ViT §3.4 on G/14: AdamW keeps 2x the f32 parameter bytes, factored Adam about 0.5x.
+    let ratio = |opt: &str| {
+        let j = json(&["params", "--model", "G/14", "--optimizer", opt, "--json"]);
+        j["optimizer_state_bytes"].as_u64().unwrap() as f64 / (4.0 * j["total"].as_u64().unwrap() as f64)
+    };
+    assert!((ratio("adamw") - 2.0).abs() < 1e-6, "adamw {}", ratio("adamw"));
+    let f = ratio("factored-adam");
+    assert!((0.5..0.51).contains(&f), "factored adam {f}");
+    assert!((ratio("sgd") - 0.5).abs() < 1e-6, "sgd {}", ratio("sgd"));
+    // 22B is counted from shapes: nothing of its size is allocated.
+    let j = json(&["params", "--model", "22B/14", "--optimizer", "factored-adam", "--json"]);
+    assert!(j["optimizer_state_bytes"].as_u64().unwrap() > 20_000_000_000);
+}
+
+#[test]
 fn bad_input_is_one_line_and_exit_code_1() {
     for (args, needle) in [
         (&["params", "--model", "B/17"][..], "unknown model \"B/17\""),

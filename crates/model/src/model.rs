@@ -3,7 +3,10 @@
 //! ViT-22B variant of the zoo is this one model with different settings.
 
 use crate::{
-    layers::{Block, BlockSaved, EmbedSaved, Embedding, Fill, Init, Linear, Norm, NormSaved, PoolSaved, Pooling},
+    layers::{
+        Block, BlockSaved, EmbedSaved, Embedding, Fill, Init, Initializer, Linear, Norm, NormSaved, ParamSink,
+        PoolSaved, Pooling, ShapeList,
+    },
     ModelConfig, ParamStore, Result,
 };
 use vit_tensor::{ops, DType, Device, Tensor};
@@ -70,21 +73,32 @@ impl VisionTransformer {
 
     /// Fresh parameters (big_vision's initialisers, seeded per name; head kernel zero).
     pub fn init_params(&self, seed: u64, dtype: DType, device: Device) -> Result<ParamStore> {
-        let init = Init { seed, dtype, device };
-        let mut p = ParamStore::new();
-        self.embed.init(&mut p, &init)?;
+        let mut sink = Initializer { init: Init { seed, dtype, device }, store: ParamStore::new() };
+        self.declare_params(&mut sink)?;
+        Ok(sink.store)
+    }
+
+    /// Every parameter's name and shape, in store order, without allocating a tensor.
+    pub fn param_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        let mut sink = ShapeList::default();
+        self.declare_params(&mut sink)?;
+        Ok(sink.0)
+    }
+
+    fn declare_params(&self, sink: &mut dyn ParamSink) -> Result<()> {
+        self.embed.init(sink)?;
         for b in &self.blocks {
-            b.init(&mut p, &init)?;
+            b.init(sink)?;
         }
-        self.norm.init(&mut p, &init)?;
-        self.pool.init(&mut p, &init)?;
+        self.norm.init(sink)?;
+        self.pool.init(sink)?;
         if let Some(pl) = &self.pre_logits {
-            pl.init_default(&mut p, &init)?;
+            pl.init_default(sink)?;
         }
         if let Some(h) = &self.head {
-            h.init(&mut p, &init, Fill::Zeros, Fill::Constant(self.head_bias_init))?;
+            h.init(sink, Fill::Zeros, Fill::Constant(self.head_bias_init))?;
         }
-        Ok(p)
+        Ok(())
     }
 
     /// `images [batch, C, H, W]` (values in [-1, 1]) → logits `[batch, classes]` (the features

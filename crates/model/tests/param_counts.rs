@@ -225,3 +225,21 @@ fn patch_embedding_uses_channels() {
     cfg.set("channels=1").unwrap();
     assert_eq!(ParamBreakdown::of(&cfg).unwrap().patch_embed, 16 * 16 * 768 + 768);
 }
+
+#[test]
+fn param_shapes_list_every_parameter_without_allocating_them() {
+    use vit_model::VisionTransformer;
+    use vit_tensor::{DType, Device};
+    for name in ModelConfig::preset_names() {
+        let cfg = ModelConfig::preset(name).unwrap();
+        let shapes = VisionTransformer::new(&cfg, DType::F32, Device::Cpu).unwrap().param_shapes().unwrap();
+        let total: u64 = shapes.iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum();
+        assert_eq!(total, ParamCounts::of(&cfg).unwrap().total, "{name}");
+    }
+    let mut cfg = ModelConfig::custom();
+    cfg.set("depth=2").unwrap();
+    let m = VisionTransformer::new(&cfg, DType::F32, Device::Cpu).unwrap();
+    let p = m.init_params(0, DType::F32, Device::Cpu).unwrap();
+    let listed: Vec<(String, Vec<usize>)> = p.iter().map(|(n, t)| (n.to_string(), t.dims().to_vec())).collect();
+    assert_eq!(m.param_shapes().unwrap(), listed);
+}

@@ -13,6 +13,8 @@ pub enum CliError {
     Model(#[from] vit_model::ModelError),
     #[error(transparent)]
     Tensor(#[from] vit_tensor::Error),
+    #[error(transparent)]
+    Optim(#[from] vit_optim::OptimError),
     #[error("writing JSON: {0}")]
     Json(#[from] serde_json::Error),
     /// A command-line argument that does not fit (the message names it and what was expected).

@@ -1,7 +1,9 @@
 //! `vit params --model NAME [--set field=value]... [--json]`.
 
 use super::CliError;
-use vit_model::ParamBreakdown;
+use vit_model::{ParamBreakdown, VisionTransformer};
+use vit_optim::{optimizer_state_bytes, AdamWConfig, Algorithm, FactoredAdamConfig, OptimizerConfig, SgdConfig};
+use vit_tensor::{DType, Device};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -11,20 +13,55 @@ pub struct Args {
     /// Override a config field, e.g. `--set pool=gap --set classes=10`.
     #[arg(long = "set", value_name = "FIELD=VALUE")]
     sets: Vec<String>,
-    /// One JSON object with integer fields `total`, `encoder` and `matmul`.
+    /// Also count this optimizer's state (bytes, with its default settings).
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerKind>,
+    /// One JSON object with integer fields `total`, `encoder` and `matmul` (and
+    /// `optimizer_state_bytes` with `--optimizer`).
     #[arg(long)]
     json: bool,
+}
+
+/// The optimizers whose state `vit params` can count.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum OptimizerKind {
+    /// fp32 first and second moments: 8 bytes per parameter.
+    Adamw,
+    /// big_vision's factored Adam: bf16 momentum, factored second moment (Scaling ViT §3.4).
+    FactoredAdam,
+    /// SGD with a bf16 momentum accumulator.
+    Sgd,
+}
+
+impl OptimizerKind {
+    fn config(self) -> OptimizerConfig {
+        let algorithm = match self {
+            OptimizerKind::Adamw => Algorithm::AdamW(AdamWConfig::default()),
+            OptimizerKind::FactoredAdam => Algorithm::FactoredAdam(FactoredAdamConfig::default()),
+            OptimizerKind::Sgd => Algorithm::Sgd(SgdConfig::default()),
+        };
+        OptimizerConfig::new(algorithm, 1e-3)
+    }
+}
+
+/// Bytes of optimizer state for `cfg`'s parameters, from their shapes alone (no allocation).
+fn state_bytes(cfg: &vit_model::ModelConfig, kind: OptimizerKind) -> Result<u64, CliError> {
+    let shapes = VisionTransformer::new(cfg, DType::F32, Device::Cpu)?.param_shapes()?;
+    Ok(optimizer_state_bytes(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())), &kind.config())?)
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
     let cfg = super::model_config(&args.model, &args.sets)?;
     let b = ParamBreakdown::of(&cfg)?;
     let c = b.counts;
+    let opt_bytes = args.optimizer.map(|k| state_bytes(&cfg, k)).transpose()?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({ "model": args.model, "total": c.total, "encoder": c.encoder, "matmul": c.matmul })
-        );
+        let mut j =
+            serde_json::json!({ "model": args.model, "total": c.total, "encoder": c.encoder, "matmul": c.matmul });
+        if let Some(b) = opt_bytes {
+            j["optimizer_state_bytes"] = b.into();
+        }
+        println!("{j}");
         return Ok(());
     }
     let m = |n: u64| format!("{:>16} ({:.3}M)", group(n), n as f64 / 1e6);
@@ -42,6 +79,10 @@ pub fn run(args: Args) -> Result<(), CliError> {
     println!("  encoder  {}  patch + position embedding + blocks + final norm (Scaling ViT Table 2)", m(c.encoder));
     println!("  matmul   {}  block matmul weights only (ViT-22B's 12·L·D²)", m(c.matmul));
     println!("  per block {}", group(b.block));
+    if let (Some(kind), Some(bytes)) = (args.optimizer, opt_bytes) {
+        let ratio = bytes as f64 / (4.0 * c.total as f64);
+        println!("  {kind:?} state: {} bytes ({ratio:.3}x the f32 parameter bytes)", group(bytes));
+    }
     Ok(())
 }
 

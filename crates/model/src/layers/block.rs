@@ -5,7 +5,7 @@
 
 use super::{
     heads::{HeadAttention, HeadSaved},
-    init::{Fill, Init},
+    init::{Fill, ParamSink},
     linear::Linear,
     mlp::{Mlp, MlpSaved},
     norm::{Norm, NormSaved},
@@ -139,32 +139,32 @@ impl Block {
     }
 
     /// Adds the block's parameters to `store`.
-    pub fn init(&self, store: &mut ParamStore, init: &Init) -> Result<()> {
+    pub fn init(&self, sink: &mut dyn ParamSink) -> Result<()> {
         let core = match self {
             Block::Sequential(b) => {
-                b.norm1.init(store, init)?;
-                b.qkv.init_default(store, init)?;
+                b.norm1.init(sink)?;
+                b.qkv.init_default(sink)?;
                 &b.core
             }
             Block::Parallel(b) => {
-                b.in_norm.init(store, init)?;
-                b.in_proj.init_default(store, init)?;
+                b.in_norm.init(sink)?;
+                b.in_proj.init_default(sink)?;
                 if let Some(mb) = &b.mlp_bias {
-                    init.add(store, mb, &[b.mlp_dim], Fill::Normal { std: 1e-6 })?;
+                    sink.add(mb, &[b.mlp_dim], Fill::Normal { std: 1e-6 })?;
                 }
                 &b.core
             }
         };
         for n in [&core.q_norm, &core.k_norm].into_iter().flatten() {
-            n.init(store, init)?;
+            n.init(sink)?;
         }
         match self {
             Block::Sequential(b) => {
-                b.proj.init_default(store, init)?;
-                b.norm2.init(store, init)?;
-                b.mlp.init(store, init)
+                b.proj.init_default(sink)?;
+                b.norm2.init(sink)?;
+                b.mlp.init(sink)
             }
-            Block::Parallel(b) => b.out_proj.init_default(store, init),
+            Block::Parallel(b) => b.out_proj.init_default(sink),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Patch embedding, position embedding (learned or sincos2d) and the class token (reference §2).
 
-use super::init::{Fill, Init};
+use super::init::{Fill, ParamSink};
 use crate::{ModelConfig, ModelError, ParamStore, Pool, PosEmb, Result};
 use vit_tensor::{ops, DType, Device, Tensor};
 
@@ -106,16 +106,16 @@ impl Embedding {
     }
 
     /// Adds the patch embedding, class token and learned position embedding to `store`.
-    pub fn init(&self, store: &mut ParamStore, init: &Init) -> Result<()> {
+    pub fn init(&self, sink: &mut dyn ParamSink) -> Result<()> {
         let (d, c, p) = (self.width, self.channels, self.patch);
         let fan_in = c * p * p;
-        init.add(store, "patch_embed.proj.weight", &[d, c, p, p], Fill::Normal { std: (fan_in as f32).powf(-0.5) })?;
-        init.add(store, "patch_embed.proj.bias", &[d], Fill::Zeros)?;
+        sink.add("patch_embed.proj.weight", &[d, c, p, p], Fill::Normal { std: (fan_in as f32).powf(-0.5) })?;
+        sink.add("patch_embed.proj.bias", &[d], Fill::Zeros)?;
         if self.cls {
-            init.add(store, "cls_token", &[1, 1, d], Fill::Zeros)?;
+            sink.add("cls_token", &[1, 1, d], Fill::Zeros)?;
         }
         if self.learned {
-            init.add(store, "pos_embed", &[1, self.seq_len(), d], Fill::Normal { std: (d as f32).powf(-0.5) })?;
+            sink.add("pos_embed", &[1, self.seq_len(), d], Fill::Normal { std: (d as f32).powf(-0.5) })?;
         }
         Ok(())
     }

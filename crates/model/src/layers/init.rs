@@ -1,5 +1,6 @@
 //! Parameter initialisation as in big_vision: every tensor draws from its own stream, seeded
 //! by the model seed and the parameter's name, so adding a layer never changes the others.
+//! Layers declare their parameters into a [`ParamSink`].
 
 use crate::{ParamStore, Result};
 use vit_tensor::{DType, Device, Tensor};
@@ -38,6 +39,40 @@ pub enum Fill {
     },
 }
 
+/// Where layers put their parameters: [`Initializer`] creates the tensors, [`ShapeList`] only
+/// records names and shapes (so the parameters of a 22B model can be listed without memory).
+pub trait ParamSink {
+    /// Declares parameter `name` of shape `dims`, initialised by `fill`.
+    fn add(&mut self, name: &str, dims: &[usize], fill: Fill) -> Result<()>;
+}
+
+/// Creates each parameter as [`Init`] says and collects them in a [`ParamStore`].
+#[derive(Debug)]
+pub struct Initializer {
+    /// Seed, dtype and device of the parameters.
+    pub init: Init,
+    /// The parameters created so far.
+    pub store: ParamStore,
+}
+
+/// Names and shapes of the parameters, in order; allocates no tensor.
+#[derive(Debug, Default)]
+pub struct ShapeList(pub Vec<(String, Vec<usize>)>);
+
+impl ParamSink for Initializer {
+    fn add(&mut self, name: &str, dims: &[usize], fill: Fill) -> Result<()> {
+        let t = self.init.tensor(name, dims, fill)?;
+        self.store.insert(name, t)
+    }
+}
+
+impl ParamSink for ShapeList {
+    fn add(&mut self, name: &str, dims: &[usize], _fill: Fill) -> Result<()> {
+        self.0.push((name.to_string(), dims.to_vec()));
+        Ok(())
+    }
+}
+
 impl Init {
     fn stream(&self, name: &str) -> u64 {
         // FNV-1a of the name, mixed with the model seed.
@@ -45,10 +80,10 @@ impl Init {
         h ^ self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
-    /// Creates `name` with `dims` filled by `fill` and adds it to `store`.
-    pub fn add(&self, store: &mut ParamStore, name: &str, dims: &[usize], fill: Fill) -> Result<()> {
+    /// The tensor `name` with `dims` filled by `fill`.
+    pub fn tensor(&self, name: &str, dims: &[usize], fill: Fill) -> Result<Tensor> {
         let seed = self.stream(name);
-        let t = match fill {
+        Ok(match fill {
             Fill::Zeros => Tensor::zeros(dims.to_vec(), self.dtype, self.device)?,
             Fill::Ones => Tensor::full(1.0, dims.to_vec(), self.dtype, self.device)?,
             Fill::Constant(c) => Tensor::full(c, dims.to_vec(), self.dtype, self.device)?,
@@ -57,7 +92,6 @@ impl Init {
                 let limit = (6.0 / (fan_in + fan_out) as f32).sqrt();
                 Tensor::rand_uniform(dims.to_vec(), -limit, limit, seed, self.dtype, self.device)?
             }
-        };
-        store.insert(name, t)
+        })
     }
 }

@@ -1,6 +1,6 @@
 //! Dense layer `y = x Wᵀ + b`, weights stored `[out, in]` (PyTorch/timm layout, so imports copy).
 
-use super::init::{Fill, Init};
+use super::init::{Fill, ParamSink};
 use crate::{ParamStore, Result};
 use vit_tensor::{ops, Tensor};
 
@@ -24,17 +24,17 @@ impl Linear {
     }
 
     /// Adds the parameters: `weight` filled by `fill`, the bias by `bias_fill`.
-    pub fn init(&self, store: &mut ParamStore, init: &Init, fill: Fill, bias_fill: Fill) -> Result<()> {
-        init.add(store, &self.weight, &[self.out_dim, self.in_dim], fill)?;
+    pub fn init(&self, sink: &mut dyn ParamSink, fill: Fill, bias_fill: Fill) -> Result<()> {
+        sink.add(&self.weight, &[self.out_dim, self.in_dim], fill)?;
         if let Some(b) = &self.bias {
-            init.add(store, b, &[self.out_dim], bias_fill)?;
+            sink.add(b, &[self.out_dim], bias_fill)?;
         }
         Ok(())
     }
 
     /// Xavier-uniform kernel and zero bias (big_vision's Dense defaults).
-    pub fn init_default(&self, store: &mut ParamStore, init: &Init) -> Result<()> {
-        self.init(store, init, Fill::Xavier { fan_in: self.in_dim, fan_out: self.out_dim }, Fill::Zeros)
+    pub fn init_default(&self, sink: &mut dyn ParamSink) -> Result<()> {
+        self.init(sink, Fill::Xavier { fan_in: self.in_dim, fan_out: self.out_dim }, Fill::Zeros)
     }
 
     /// `x [.., in] -> [.., out]`.

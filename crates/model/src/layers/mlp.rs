@@ -1,6 +1,6 @@
 //! The MLP block: Dense(M) → GELU → Dense(D) (reference §2).
 
-use super::{init::Fill, init::Init, linear::Linear};
+use super::{init::Fill, init::ParamSink, linear::Linear};
 use crate::{ParamStore, Result};
 use vit_tensor::{
     ops::{self, Gelu},
@@ -36,9 +36,9 @@ impl Mlp {
     }
 
     /// Xavier kernels, biases normal(1e-6) as big_vision's MlpBlock.
-    pub fn init(&self, store: &mut ParamStore, init: &Init) -> Result<()> {
+    pub fn init(&self, sink: &mut dyn ParamSink) -> Result<()> {
         for l in [&self.fc1, &self.fc2] {
-            l.init(store, init, Fill::Xavier { fan_in: l.in_dim, fan_out: l.out_dim }, Fill::Normal { std: 1e-6 })?;
+            l.init(sink, Fill::Xavier { fan_in: l.in_dim, fan_out: l.out_dim }, Fill::Normal { std: 1e-6 })?;
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ pub mod pool;
 pub use block::{Block, BlockSaved};
 pub use embed::{resample_posemb, sincos2d, EmbedSaved, Embedding};
 pub use heads::{merge_heads, split_heads, HeadAttention, HeadSaved};
-pub use init::{Fill, Init};
+pub use init::{Fill, Init, Initializer, ParamSink, ShapeList};
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpSaved};
 pub use norm::{Norm, NormSaved, LAYER_NORM_EPS};

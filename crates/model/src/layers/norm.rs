@@ -1,6 +1,6 @@
 //! LayerNorm (or RMSNorm) over the last dim with a scale and an optional bias (ViT-22B drops it).
 
-use super::init::{Fill, Init};
+use super::init::{Fill, ParamSink};
 use crate::{ParamStore, Result};
 use vit_tensor::{
     ops::{self, NormKind},
@@ -42,10 +42,10 @@ impl Norm {
     }
 
     /// Scale 1, bias 0.
-    pub fn init(&self, store: &mut ParamStore, init: &Init) -> Result<()> {
-        init.add(store, &self.weight, &[self.dim], Fill::Ones)?;
+    pub fn init(&self, sink: &mut dyn ParamSink) -> Result<()> {
+        sink.add(&self.weight, &[self.dim], Fill::Ones)?;
         if let Some(b) = &self.bias {
-            init.add(store, b, &[self.dim], Fill::Zeros)?;
+            sink.add(b, &[self.dim], Fill::Zeros)?;
         }
         Ok(())
     }

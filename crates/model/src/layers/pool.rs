@@ -3,7 +3,7 @@
 
 use super::{
     heads::{HeadAttention, HeadSaved},
-    init::{Fill, Init},
+    init::{Fill, ParamSink},
     linear::Linear,
     mlp::{Mlp, MlpSaved},
     norm::{Norm, NormSaved},
@@ -79,15 +79,15 @@ impl Pooling {
     }
 
     /// Adds the MAP head's parameters (the other poolings have none).
-    pub fn init(&self, store: &mut ParamStore, init: &Init) -> Result<()> {
+    pub fn init(&self, sink: &mut dyn ParamSink) -> Result<()> {
         if let Pooling::Map(m) = self {
             // big_vision: probe xavier_uniform over (1, 1, D): fan_in 1, fan_out D.
-            init.add(store, "attn_pool.latent", &[1, 1, m.width], Fill::Xavier { fan_in: 1, fan_out: m.width })?;
-            m.q.init_default(store, init)?;
-            m.kv.init_default(store, init)?;
-            m.proj.init_default(store, init)?;
-            m.norm.init(store, init)?;
-            m.mlp.init(store, init)?;
+            sink.add("attn_pool.latent", &[1, 1, m.width], Fill::Xavier { fan_in: 1, fan_out: m.width })?;
+            m.q.init_default(sink)?;
+            m.kv.init_default(sink)?;
+            m.proj.init_default(sink)?;
+            m.norm.init(sink)?;
+            m.mlp.init(sink)?;
         }
         Ok(())
     }
