@@ -1,3 +1,4 @@
 //! `vit-experiments`: the `vit` tool's building blocks, usable from other trainers too.
 
 pub mod fewshot;
+pub mod train;

@@ -15,6 +15,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a model from a recipe (default: a small ViT on the bundled Fashion-MNIST subset).
+    Train(commands::train::Args),
     /// Parameter counts of a model preset or config, without building it.
     Params(commands::params::Args),
     /// The compute devices vitrs can use here (CPU threads, CUDA devices, NVRTC).
@@ -28,6 +30,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(a) => commands::train::run(a),
         Command::Params(a) => commands::params::run(a),
         Command::Devices(a) => commands::devices::run(a),
         Command::Convert(a) => commands::convert::run(a),

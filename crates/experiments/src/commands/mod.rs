@@ -4,6 +4,7 @@ pub mod convert;
 pub mod devices;
 pub mod params;
 pub mod predict;
+pub mod train;
 
 /// Errors of the `vit` tool: each wraps a crate's error, whose message already names the
 /// thing and what was expected.
@@ -17,6 +18,8 @@ pub enum CliError {
     Optim(#[from] vit_optim::OptimError),
     #[error("writing JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Train(#[from] vit_experiments::train::TrainError),
     /// A command-line argument that does not fit (the message names it and what was expected).
     #[error("{0}")]
     Usage(String),

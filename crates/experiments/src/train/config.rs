@@ -1,0 +1,318 @@
+//! The training config (TOML): model, data, optimizer, schedule and loop settings, with
+//! `--set section.key=value` overrides. Unknown keys are errors that name the key.
+
+use crate::train::TrainError;
+use serde::{Deserialize, Serialize};
+use std::{collections::BTreeMap, path::Path};
+use vit_model::ModelConfig;
+
+/// A whole training run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// A preset (`preset = "S/16"`) and any `ModelConfig` field as an override.
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub optimizer: OptimizerSection,
+    pub schedule: ScheduleSection,
+    pub train: LoopSection,
+}
+
+/// `[model]`: `preset` plus field overrides (`width = 64`, `pool = "gap"`, ...).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelSection {
+    #[serde(default = "custom")]
+    pub preset: String,
+    #[serde(flatten)]
+    pub fields: BTreeMap<String, toml::Value>,
+}
+
+fn custom() -> String {
+    "custom".into()
+}
+
+/// `[data]`: where the images are and how they are augmented.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// `idx` (MNIST-style files), `cifar` (binary batches) or `folder` (one subfolder per class).
+    pub format: String,
+    /// The dataset's directory (relative paths are relative to the working directory).
+    pub path: String,
+    /// Training split: the IDX prefix (`train`), CIFAR file glob or folder name.
+    #[serde(default = "default_train")]
+    pub train: String,
+    /// Test split: the IDX prefix (`t10k`), CIFAR file or folder name.
+    #[serde(default = "default_test")]
+    pub test: String,
+    /// Use only the first N training examples.
+    #[serde(default)]
+    pub train_limit: Option<usize>,
+    /// Use only the first N test examples.
+    #[serde(default)]
+    pub test_limit: Option<usize>,
+    /// Training-time augmentation, applied in order.
+    #[serde(default)]
+    pub augment: Vec<toml::Value>,
+}
+
+fn default_train() -> String {
+    "train".into()
+}
+fn default_test() -> String {
+    "t10k".into()
+}
+
+/// `[optimizer]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSection {
+    /// `factored-adam`, `adamw` or `sgd`.
+    pub name: String,
+    /// Base learning rate.
+    pub lr: f64,
+    /// Decoupled weight decay in big_vision's absolute units (`0.03 · lr` for Scaling ViT's body).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (none if absent).
+    #[serde(default)]
+    pub clip_norm: Option<f64>,
+    /// Momentum of SGD / first moment of factored Adam.
+    #[serde(default)]
+    pub momentum: Option<f64>,
+    /// Train only parameters matching these regexes (everything else frozen): e.g. `["head\\..*"]`
+    /// for a linear probe.
+    #[serde(default)]
+    pub train_only: Vec<String>,
+}
+
+/// `[schedule]` (reference §3).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    /// `rsqrt`, `cosine`, `linear` or `constant`.
+    pub decay: String,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default)]
+    pub cooldown_steps: u64,
+    /// rsqrt's timescale in steps.
+    #[serde(default = "default_timescale")]
+    pub timescale: u64,
+}
+
+fn default_timescale() -> u64 {
+    10_000
+}
+
+/// `[train]`: the loop.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoopSection {
+    /// Images per optimizer step.
+    pub batch_size: usize,
+    /// Optimizer steps; or give `epochs` instead.
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Passes over the training set (converted to steps).
+    #[serde(default)]
+    pub epochs: Option<f64>,
+    /// Micro-batches per step (gradients accumulate; the batch must divide).
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Evaluate on the test split every N steps (and at the end); 0 = only at the end.
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Write a metrics line every N steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// Save a checkpoint every N steps (and at the end); 0 = only at the end.
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Seed of the initialisation and of the data order and augmentation.
+    #[serde(default)]
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `f32`, or `bf16` (bf16 activations and gradients, f32 master weights).
+    #[serde(default = "default_precision")]
+    pub precision: String,
+    /// Activation checkpointing per block (overrides the model's `remat`).
+    #[serde(default)]
+    pub remat: Option<bool>,
+    /// Label smoothing of the one-hot targets.
+    #[serde(default)]
+    pub label_smoothing: f32,
+    /// Start from this checkpoint's weights (fine-tuning); the position embedding is resampled
+    /// if the resolution differs, and a head of another size is re-initialised.
+    #[serde(default)]
+    pub init_from: Option<String>,
+    /// Distill from this teacher checkpoint: KL between the teacher's and the student's
+    /// softmax on the same augmented images, mixed with the label loss by `distill_weight`.
+    #[serde(default)]
+    pub teacher: Option<String>,
+    /// Weight of the distillation loss (1 = distillation only).
+    #[serde(default = "one_f32")]
+    pub distill_weight: f32,
+}
+
+fn one() -> usize {
+    1
+}
+fn one_f32() -> f32 {
+    1.0
+}
+fn default_log_every() -> u64 {
+    10
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_precision() -> String {
+    "f32".into()
+}
+
+/// The built-in default: a small ViT on the bundled Fashion-MNIST subset (configs/quickstart.toml).
+pub const QUICKSTART: &str = include_str!("../../../../configs/quickstart.toml");
+
+impl TrainConfig {
+    /// Parses TOML text, applies `key=value` overrides (dotted keys: `train.steps=30`,
+    /// `model.width=64`; values are TOML, bare words are strings), and validates.
+    pub fn from_toml(text: &str, sets: &[String]) -> Result<Self, TrainError> {
+        let mut value: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| TrainError::Config(one_line(&e.to_string())))?;
+        for s in sets {
+            apply_override(&mut value, s)?;
+        }
+        let cfg: TrainConfig = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Config(one_line(&e.to_string())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a config file.
+    pub fn from_file(path: &Path, sets: &[String]) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text, sets).map_err(|e| match e {
+            TrainError::Config(m) => TrainError::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// The model config: the preset with the `[model]` fields applied, validated.
+    pub fn model_config(&self) -> Result<ModelConfig, TrainError> {
+        let mut m = ModelConfig::preset(&self.model.preset)?;
+        for (k, v) in &self.model.fields {
+            let text = match v {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            m.set_value(k, &text)?;
+        }
+        if let Some(r) = self.train.remat {
+            m.remat = r;
+        }
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// The config with `[model]` expanded to every field: what a run directory keeps.
+    pub fn resolved(&self) -> Result<Self, TrainError> {
+        let m = self.model_config()?;
+        let table: toml::Table = toml::from_str(&m.to_toml()?).map_err(|e| TrainError::Config(e.to_string()))?;
+        let mut out = self.clone();
+        out.model = ModelSection { preset: "custom".into(), fields: table.into_iter().collect() };
+        Ok(out)
+    }
+
+    /// TOML text of this config.
+    pub fn to_toml(&self) -> Result<String, TrainError> {
+        toml::to_string_pretty(self).map_err(|e| TrainError::Config(e.to_string()))
+    }
+
+    fn validate(&self) -> Result<(), TrainError> {
+        let bad = |key: &str, value: String, expected: &str| {
+            Err(TrainError::Config(format!("{key} = {value}: expected {expected}")))
+        };
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return bad("train.batch_size", t.batch_size.to_string(), "a positive number of images");
+        }
+        if t.grad_accum == 0 || t.batch_size % t.grad_accum != 0 {
+            return bad("train.grad_accum", t.grad_accum.to_string(), "a positive divisor of train.batch_size");
+        }
+        match (t.steps, t.epochs) {
+            (Some(0), _) => return bad("train.steps", "0".into(), "at least 1"),
+            (None, None) => return bad("train.steps", "(missing)".into(), "train.steps or train.epochs"),
+            (Some(_), Some(_)) => {
+                return bad("train.epochs", "(with train.steps)".into(), "only one of train.steps and train.epochs")
+            }
+            (None, Some(e)) if !(e > 0.0 && e.is_finite()) => {
+                return bad("train.epochs", e.to_string(), "a positive number")
+            }
+            _ => {}
+        }
+        if !["f32", "bf16"].contains(&t.precision.as_str()) {
+            return bad("train.precision", format!("{:?}", t.precision), "\"f32\" or \"bf16\"");
+        }
+        if !(0.0..1.0).contains(&t.label_smoothing) {
+            return bad("train.label_smoothing", t.label_smoothing.to_string(), "a value in [0, 1)");
+        }
+        if !(0.0..=1.0).contains(&t.distill_weight) {
+            return bad("train.distill_weight", t.distill_weight.to_string(), "a value in [0, 1]");
+        }
+        t.device.parse::<vit_tensor::Device>()?;
+        let o = &self.optimizer;
+        if !["factored-adam", "adamw", "sgd"].contains(&o.name.as_str()) {
+            return bad("optimizer.name", format!("{:?}", o.name), "\"factored-adam\", \"adamw\" or \"sgd\"");
+        }
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return bad("optimizer.lr", o.lr.to_string(), "a positive learning rate");
+        }
+        if !["rsqrt", "cosine", "linear", "constant"].contains(&self.schedule.decay.as_str()) {
+            return bad(
+                "schedule.decay",
+                format!("{:?}", self.schedule.decay),
+                "\"rsqrt\", \"cosine\", \"linear\" or \"constant\"",
+            );
+        }
+        if !["idx", "cifar", "folder"].contains(&self.data.format.as_str()) {
+            return bad("data.format", format!("{:?}", self.data.format), "\"idx\", \"cifar\" or \"folder\"");
+        }
+        self.model_config()?;
+        Ok(())
+    }
+}
+
+/// Sets `section.key = value` in a TOML table (the value parsed as TOML, else taken as a string).
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), TrainError> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| TrainError::Config(format!("--set {assignment:?}: expected section.key=value")))?;
+    let (key, raw) = (key.trim(), raw.trim());
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().filter(|l| !l.is_empty() && !parts.is_empty()).ok_or_else(|| {
+        TrainError::Config(format!("--set {assignment:?}: expected a dotted key such as train.steps or model.width"))
+    })?;
+    let mut t = table;
+    for p in parts {
+        t = t
+            .entry(p)
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| TrainError::Config(format!("--set {assignment:?}: {p} is not a section")))?;
+    }
+    t.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

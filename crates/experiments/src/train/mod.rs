@@ -1,0 +1,395 @@
+//! `vit train`: one recipe end to end — data, model, optimizer, schedule, evaluation,
+//! checkpoints, resume (design §6). Deterministic: the same config and seed give the same
+//! losses, and a run resumed from a checkpoint continues exactly as a straight run would.
+
+pub mod config;
+pub mod data;
+pub mod plot;
+pub mod run_dir;
+
+use config::TrainConfig;
+use data::{batch_indices, Split};
+use run_dir::RunDir;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
+use vit_model::{checkpoint, layers::resample_posemb, Checkpoint, ModelConfig, ParamStore, VisionTransformer};
+use vit_optim::{
+    AdamWConfig, Algorithm, Decay, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups,
+    Schedule, SgdConfig,
+};
+use vit_tensor::{ops, DType, Device, Tensor};
+
+/// Why training stopped early or could not start. Messages are one line and name the thing.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("the loss became {loss} at step {step}; training stopped (the last good checkpoint is kept)")]
+    NonFiniteLoss { step: u64, loss: f32 },
+    #[error("interrupted at step {step}: checkpoint saved, continue with --resume {dir}")]
+    Interrupted { step: u64, dir: String },
+    #[error(transparent)]
+    Model(#[from] vit_model::ModelError),
+    #[error(transparent)]
+    Optim(#[from] vit_optim::OptimError),
+    #[error(transparent)]
+    Data(#[from] vit_data::DataError),
+    #[error(transparent)]
+    Tensor(#[from] vit_tensor::Error),
+}
+
+/// What `summary.json` holds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    /// The last step's training loss.
+    pub train_loss: f64,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    /// Training images per second (evaluation and checkpoint time excluded).
+    pub images_per_second: f64,
+    pub wall_seconds: f64,
+}
+
+/// Options of one invocation that are not part of the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the newest checkpoint in the run directory.
+    pub resume: bool,
+    /// Save a checkpoint and stop after this step, as if interrupted (tests, preemption drills).
+    pub stop_at: Option<u64>,
+    /// Show a progress bar (on a terminal) instead of a line per log step.
+    pub progress_bar: bool,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs the Ctrl-C handler once: the loop saves a checkpoint and stops at the next step.
+fn watch_ctrl_c() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+    });
+}
+
+/// Total optimizer steps of `cfg` for a training set of `n` images.
+pub fn total_steps(cfg: &TrainConfig, n: usize) -> u64 {
+    match (cfg.train.steps, cfg.train.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => ((e * n as f64) / cfg.train.batch_size as f64).ceil().max(1.0) as u64,
+        (None, None) => unreachable!("validated: steps or epochs"),
+    }
+}
+
+fn optimizer_config(cfg: &TrainConfig, total: u64, params: &ParamStore) -> Result<OptimizerConfig, TrainError> {
+    let s = &cfg.schedule;
+    let decay = match s.decay.as_str() {
+        "rsqrt" => Decay::Rsqrt { timescale: s.timescale },
+        "cosine" => Decay::Cosine,
+        "linear" => Decay::Linear,
+        _ => Decay::Constant,
+    };
+    let o = &cfg.optimizer;
+    let algorithm = match o.name.as_str() {
+        "factored-adam" => {
+            Algorithm::FactoredAdam(FactoredAdamConfig { momentum: o.momentum.or(Some(0.9)), ..Default::default() })
+        }
+        "adamw" => Algorithm::AdamW(AdamWConfig::default()),
+        _ => Algorithm::Sgd(SgdConfig { momentum: o.momentum.or(Some(0.9)), ..Default::default() }),
+    };
+    let mut oc = OptimizerConfig::new(algorithm, o.lr);
+    oc.weight_decay = o.weight_decay;
+    oc.grad_clip_norm = o.clip_norm;
+    oc.schedule = Schedule::new(decay, s.warmup_steps.min(total), s.cooldown_steps.min(total), total)?;
+    oc.groups = ParamGroups::scaling_vit();
+    if !o.train_only.is_empty() {
+        // Freeze, by exact name, every parameter that no `train_only` pattern matches in full.
+        let keep = regex::Regex::new(&format!("^(?:{})$", o.train_only.join("|")))
+            .map_err(|e| TrainError::Config(format!("optimizer.train_only: {}", e.to_string().replace('\n', " "))))?;
+        for name in params.names().filter(|n| !keep.is_match(n)) {
+            oc.groups = oc.groups.freeze(regex::escape(name));
+        }
+    }
+    Ok(oc)
+}
+
+/// Parameters to start from: fresh, or `init_from`'s weights adapted to this model (position
+/// embedding resampled to the new grid, a classifier of another size re-initialised).
+fn initial_params(cfg: &TrainConfig, model: &VisionTransformer, device: Device) -> Result<ParamStore, TrainError> {
+    let mut params = model.init_params(cfg.train.seed, DType::F32, device)?;
+    let Some(path) = &cfg.train.init_from else { return Ok(params) };
+    let src = checkpoint::load_checkpoint(path, device)?;
+    let (old_grid, new_grid) = (src.config.grid(), model.config.grid());
+    let cls = model.config.pool == vit_model::Pool::Tok;
+    let mut reinitialised = Vec::new();
+    for name in params.names().map(str::to_string).collect::<Vec<_>>() {
+        let Ok(t) = src.params.get(&name) else {
+            reinitialised.push(name);
+            continue;
+        };
+        let want = params.get(&name)?.dims().to_vec();
+        let t = if name == "pos_embed" && old_grid != new_grid {
+            resample_posemb(t, old_grid, new_grid, cls)?
+        } else {
+            t.clone()
+        };
+        if t.dims() == want.as_slice() {
+            params.set(&name, t)?;
+        } else {
+            reinitialised.push(name);
+        }
+    }
+    if !reinitialised.is_empty() {
+        println!("init_from {path}: kept fresh initialisation for {}", reinitialised.join(", "));
+    }
+    Ok(params)
+}
+
+/// Targets `[B, K]`: one-hot labels with label smoothing, mixed with a teacher's softmax.
+fn targets(
+    labels: &[i32],
+    classes: usize,
+    smoothing: f32,
+    teacher: Option<(&Tensor, f32)>,
+) -> Result<Tensor, TrainError> {
+    let mut t = vec![smoothing / classes as f32; labels.len() * classes];
+    for (i, &l) in labels.iter().enumerate() {
+        t[i * classes + l as usize] += 1.0 - smoothing;
+    }
+    let mut t = Tensor::from_f32(t, [labels.len(), classes], DType::F32, Device::Cpu)?;
+    if let Some((logits, w)) = teacher {
+        // KL(teacher ‖ student) has the gradient of cross-entropy against the teacher's
+        // probabilities; cross-entropy is linear in the targets, so the two losses mix there.
+        let p = ops::softmax_fwd(&logits.cast(DType::F32)?.to_device(Device::Cpu)?)?;
+        t = ops::add(&ops::scale(&t, 1.0 - w)?, &ops::scale(&p, w)?)?;
+    }
+    Ok(t)
+}
+
+/// `(accuracy, mean loss)` on a split, in batches of `batch`.
+pub fn evaluate(
+    model: &VisionTransformer,
+    params: &ParamStore,
+    split: &Split,
+    batch: usize,
+    device: Device,
+) -> Result<(f64, f64), TrainError> {
+    let classes = model.config.classes;
+    let (mut correct, mut loss) = (0usize, 0f64);
+    for start in (0..split.len()).step_by(batch.max(1)) {
+        let idx: Vec<usize> = (start..(start + batch).min(split.len())).collect();
+        let (x, labels) = split.gather(&idx)?;
+        let logits =
+            model.predict(params, &x.to_device(device)?.cast(model_dtype(model, params))?)?.cast(DType::F32)?;
+        let pred = ops::argmax(&logits, 1)?.to_vec::<u32>()?;
+        correct += pred.iter().zip(&labels).filter(|(p, l)| **p as i32 == **l).count();
+        let t = targets(&labels, classes, 0.0, None)?.to_device(device)?;
+        loss += ops::sum_all(&ops::softmax_cross_entropy_fwd(&logits, &t)?)?.to_scalar()? as f64;
+    }
+    let n = split.len().max(1) as f64;
+    Ok((correct as f64 / n, loss / n))
+}
+
+fn model_dtype(_model: &VisionTransformer, params: &ParamStore) -> DType {
+    params.iter().next().map_or(DType::F32, |(_, t)| t.dtype())
+}
+
+/// The compute copy of the parameters: themselves in f32, a bf16 cast otherwise.
+fn compute_params(params: &ParamStore, dtype: DType) -> Result<ParamStore, TrainError> {
+    if dtype == DType::F32 {
+        return Ok(params.clone());
+    }
+    let mut out = ParamStore::new();
+    for (n, t) in params.iter() {
+        out.insert(n, t.cast(dtype)?)?;
+    }
+    Ok(out)
+}
+
+/// Runs (or resumes) the recipe `cfg` in `run`; returns the summary also written to `summary.json`.
+pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summary, TrainError> {
+    let started = Instant::now();
+    watch_ctrl_c();
+    let device: Device = cfg.train.device.parse()?;
+    let dtype = if cfg.train.precision == "bf16" { DType::BF16 } else { DType::F32 };
+    let mcfg: ModelConfig = cfg.model_config()?;
+    let model = VisionTransformer::new(&mcfg, dtype, device)?;
+    let (train_split, test_split) = data::load(&cfg.data)?;
+    let want = [mcfg.channels, mcfg.image_size, mcfg.image_size];
+    if train_split.images.dims()[1..] != want {
+        return Err(TrainError::Config(format!(
+            "model expects images [{}, {}, {}] but {} holds {:?}",
+            want[0],
+            want[1],
+            want[2],
+            cfg.data.path,
+            &train_split.images.dims()[1..]
+        )));
+    }
+    if let Some((i, l)) = train_split.labels.iter().enumerate().find(|(_, &l)| l < 0 || l as usize >= mcfg.classes) {
+        return Err(TrainError::Config(format!(
+            "training label {l} at index {i} is outside the model's {} classes",
+            mcfg.classes
+        )));
+    }
+    let total = total_steps(cfg, train_split.len());
+
+    let (mut params, start) = if opts.resume {
+        let (step, path) = run.checkpoints()?.pop().ok_or_else(|| {
+            TrainError::Io(format!("--resume {}: no step-N.safetensors checkpoint there", run.path.display()))
+        })?;
+        let ckpt = checkpoint::load_checkpoint(&path, device)?;
+        ckpt.check_against(&model.init_params(0, DType::F32, Device::Cpu)?)?;
+        run.truncate_metrics(step)?;
+        (ckpt.params.clone(), Some((step, ckpt)))
+    } else {
+        run.write("config.toml", &cfg.resolved()?.to_toml()?)?;
+        let _ = std::fs::remove_file(run.file("metrics.jsonl"));
+        (initial_params(cfg, &model, device)?, None)
+    };
+    let mut opt = OptimizerChain::new(optimizer_config(cfg, total, &params)?, &params)?;
+    let first_step = match &start {
+        Some((step, ckpt)) => {
+            let state = ckpt
+                .optimizer
+                .as_ref()
+                .ok_or_else(|| TrainError::Io("checkpoint has no optimizer state to resume".into()))?;
+            opt.load_state(state)?;
+            *step
+        }
+        None => 0,
+    };
+    let teacher = match &cfg.train.teacher {
+        Some(path) => {
+            let t = checkpoint::load_checkpoint(path, device)?;
+            let tm = VisionTransformer::new(&t.config, DType::F32, device)?;
+            Some((tm, t.params))
+        }
+        None => None,
+    };
+
+    let save = |params: &ParamStore, opt: &OptimizerChain, step: u64| -> Result<(), TrainError> {
+        let mut ckpt = Checkpoint::new(mcfg.clone(), params.clone());
+        ckpt.optimizer = Some(opt.state()?);
+        ckpt.step = step;
+        ckpt.metadata.insert("seed".into(), cfg.train.seed.to_string());
+        checkpoint::save_checkpoint(run.file(&format!("step-{step}.safetensors")), &ckpt)?;
+        run.prune_checkpoints()
+    };
+
+    let bar = opts.progress_bar.then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .expect("valid template"),
+        );
+        b.set_position(first_step);
+        b
+    });
+    let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / cfg.train.grad_accum);
+    let (mut train_time, mut trained) = (0f64, 0u64);
+    let mut last_loss = f64::NAN;
+    let (mut test_acc, mut test_loss) = (f64::NAN, f64::NAN);
+    for step in first_step..total {
+        if INTERRUPTED.load(Ordering::SeqCst) || opts.stop_at == Some(step) {
+            save(&params, &opt, step)?;
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            return Err(TrainError::Interrupted { step, dir: run.path.display().to_string() });
+        }
+        let t0 = Instant::now();
+        let idx = batch_indices(train_split.len(), batch, cfg.train.seed, step);
+        let cp = compute_params(&params, dtype)?;
+        let mut grads = params.zeros_like(DType::F32)?;
+        let mut loss_sum = 0f64;
+        for chunk in idx.chunks(micro) {
+            let (x, labels) = train_split.gather(chunk)?;
+            let x = x.to_device(device)?.cast(dtype)?;
+            let t_logits = match &teacher {
+                Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
+                None => None,
+            };
+            let t = targets(
+                &labels,
+                mcfg.classes,
+                cfg.train.label_smoothing,
+                t_logits.as_ref().map(|l| (l, cfg.train.distill_weight)),
+            )?
+            .to_device(device)?;
+            let (logits, saved) = model.forward(&cp, &x)?;
+            let losses = ops::softmax_cross_entropy_fwd(&logits, &t)?;
+            loss_sum += ops::sum_all(&losses)?.to_scalar()? as f64;
+            let dloss = Tensor::full(1.0 / batch as f32, [chunk.len()], DType::F32, device)?;
+            let dlogits = ops::softmax_cross_entropy_bwd(&logits, &t, &dloss)?;
+            model.backward(&cp, &saved, &dlogits, &mut grads)?;
+        }
+        let loss = loss_sum / batch as f64;
+        if !loss.is_finite() {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            return Err(TrainError::NonFiniteLoss { step: step + 1, loss: loss as f32 });
+        }
+        let info = opt.step(&mut params, &grads)?;
+        train_time += t0.elapsed().as_secs_f64();
+        trained += batch as u64;
+        last_loss = loss;
+        let done = step + 1;
+        let is_last = done == total;
+        let mut line = serde_json::json!({
+            "step": done,
+            "epoch": done as f64 * batch as f64 / train_split.len() as f64,
+            "loss": loss,
+            "lr": info.lr,
+            "grad_norm": info.grad_norm,
+            "images_per_second": trained as f64 / train_time.max(1e-9),
+        });
+        let eval_now = is_last || (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0);
+        if eval_now {
+            (test_acc, test_loss) = evaluate(&model, &compute_params(&params, dtype)?, &test_split, batch, device)?;
+            line["test_accuracy"] = test_acc.into();
+            line["test_loss"] = test_loss.into();
+        }
+        if eval_now || done % cfg.train.log_every.max(1) == 0 {
+            run.log_metrics(&line)?;
+            let msg =
+                format!("loss {loss:.4}{}", if eval_now { format!(" test acc {test_acc:.4}") } else { String::new() });
+            match &bar {
+                Some(b) => b.set_message(msg),
+                None => println!(
+                    "step {done}/{total} {msg} lr {:.2e} {:.1} img/s",
+                    info.lr,
+                    trained as f64 / train_time.max(1e-9)
+                ),
+            }
+        }
+        if let Some(b) = &bar {
+            b.set_position(done);
+        }
+        if is_last || (cfg.train.checkpoint_every > 0 && done % cfg.train.checkpoint_every == 0) {
+            save(&params, &opt, done)?;
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    if first_step == total {
+        (test_acc, test_loss) = evaluate(&model, &compute_params(&params, dtype)?, &test_split, batch, device)?;
+    }
+    plot::plot_curves(&run.read_metrics()?, &run.file("curves.svg"))?;
+    let summary = Summary {
+        steps: total,
+        train_loss: last_loss,
+        test_accuracy: test_acc,
+        test_loss,
+        images_per_second: trained as f64 / train_time.max(1e-9),
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    run.write("summary.json", &serde_json::to_string_pretty(&summary).map_err(|e| TrainError::Io(e.to_string()))?)?;
+    Ok(summary)
+}

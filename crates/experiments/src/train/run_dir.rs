@@ -1,0 +1,105 @@
+//! The run directory (design §6): `config.toml` (resolved), `metrics.jsonl` (one JSON object
+//! per log step), `step-N.safetensors` checkpoints, `curves.svg`, `summary.json`.
+
+use crate::train::TrainError;
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+/// How many checkpoints a run keeps (older ones are deleted once a newer one is safely written).
+pub const KEEP_CHECKPOINTS: usize = 2;
+
+/// A run's directory.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates (or reopens, for `--resume`) the directory.
+    pub fn create(path: impl Into<PathBuf>) -> Result<Self, TrainError> {
+        let path = path.into();
+        fs::create_dir_all(&path).map_err(|e| TrainError::io(&path, "create", e))?;
+        Ok(RunDir { path })
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Writes `name` atomically (temporary file, then rename).
+    pub fn write(&self, name: &str, text: &str) -> Result<(), TrainError> {
+        let path = self.file(name);
+        let tmp = self.file(&format!(".{name}.tmp"));
+        fs::write(&tmp, text).map_err(|e| TrainError::io(&tmp, "write", e))?;
+        fs::rename(&tmp, &path).map_err(|e| TrainError::io(&path, "rename onto", e))
+    }
+
+    /// Appends one JSON object to `metrics.jsonl`.
+    pub fn log_metrics(&self, line: &serde_json::Value) -> Result<(), TrainError> {
+        let path = self.file("metrics.jsonl");
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| TrainError::io(&path, "open", e))?;
+        writeln!(f, "{line}").map_err(|e| TrainError::io(&path, "append to", e))
+    }
+
+    /// Every metrics line so far (for the plot and for resuming).
+    pub fn read_metrics(&self) -> Result<Vec<serde_json::Value>, TrainError> {
+        let path = self.file("metrics.jsonl");
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let text = fs::read_to_string(&path).map_err(|e| TrainError::io(&path, "read", e))?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).map_err(|e| TrainError::Config(format!("{}: {e}", path.display()))))
+            .collect()
+    }
+
+    /// Drops metrics lines past `step` (a resumed run rewrites what came after its checkpoint).
+    pub fn truncate_metrics(&self, step: u64) -> Result<(), TrainError> {
+        let kept: Vec<String> = self
+            .read_metrics()?
+            .into_iter()
+            .filter(|m| m["step"].as_u64().is_some_and(|s| s <= step))
+            .map(|m| m.to_string() + "\n")
+            .collect();
+        self.write("metrics.jsonl", &kept.concat())
+    }
+
+    /// `step-N.safetensors` files, sorted by step.
+    pub fn checkpoints(&self) -> Result<Vec<(u64, PathBuf)>, TrainError> {
+        let mut out = Vec::new();
+        let entries = fs::read_dir(&self.path).map_err(|e| TrainError::io(&self.path, "list", e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(step) =
+                name.strip_prefix("step-").and_then(|s| s.strip_suffix(".safetensors")).and_then(|s| s.parse().ok())
+            {
+                out.push((step, entry.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes all but the newest [`KEEP_CHECKPOINTS`] checkpoints.
+    pub fn prune_checkpoints(&self) -> Result<(), TrainError> {
+        let all = self.checkpoints()?;
+        for (_, path) in all.iter().take(all.len().saturating_sub(KEEP_CHECKPOINTS)) {
+            fs::remove_file(path).map_err(|e| TrainError::io(path, "remove", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl TrainError {
+    pub(crate) fn io(path: &Path, action: &str, e: std::io::Error) -> Self {
+        TrainError::Io(format!("cannot {action} {}: {e}", path.display()))
+    }
+}
