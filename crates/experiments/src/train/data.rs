@@ -16,8 +16,14 @@ pub struct Split {
 }
 
 impl Split {
+    /// Number of examples.
     pub fn len(&self) -> usize {
         self.labels.len()
+    }
+
+    /// True when the split has no examples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
     }
 
     /// Rows `idx` of the split: `([B, C, H, W], labels)`.
