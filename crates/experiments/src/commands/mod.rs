@@ -18,11 +18,18 @@ pub enum CliError {
     Optim(#[from] vit_optim::OptimError),
     #[error("writing JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// Boxed: training errors carry whole parameter diffs.
     #[error(transparent)]
-    Train(#[from] vit_experiments::train::TrainError),
+    Train(Box<vit_experiments::train::TrainError>),
     /// A command-line argument that does not fit (the message names it and what was expected).
     #[error("{0}")]
     Usage(String),
+}
+
+impl From<vit_experiments::train::TrainError> for CliError {
+    fn from(e: vit_experiments::train::TrainError) -> Self {
+        CliError::Train(Box::new(e))
+    }
 }
 
 /// The model config of a preset (or `custom`) with `--set` overrides applied, validated.
