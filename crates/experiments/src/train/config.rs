@@ -309,6 +309,12 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), Train
             .as_table_mut()
             .ok_or_else(|| TrainError::Config(format!("--set {assignment:?}: {p} is not a section")))?;
     }
+    // Steps and epochs are two ways to say one thing: setting one replaces the other.
+    match (key, last) {
+        ("train.steps", _) => t.remove("epochs"),
+        ("train.epochs", _) => t.remove("steps"),
+        _ => None,
+    };
     t.insert(last.to_string(), value);
     Ok(())
 }

@@ -93,6 +93,12 @@ fn optimizer_config(cfg: &TrainConfig, total: u64, params: &ParamStore) -> Resul
         "linear" => Decay::Linear,
         _ => Decay::Constant,
     };
+    if s.warmup_steps >= total || s.cooldown_steps > total - s.warmup_steps {
+        return Err(TrainError::Config(format!(
+            "schedule.warmup_steps = {} and schedule.cooldown_steps = {}: expected them to fit in the {total} training steps",
+            s.warmup_steps, s.cooldown_steps
+        )));
+    }
     let o = &cfg.optimizer;
     let algorithm = match o.name.as_str() {
         "factored-adam" => {
@@ -104,7 +110,7 @@ fn optimizer_config(cfg: &TrainConfig, total: u64, params: &ParamStore) -> Resul
     let mut oc = OptimizerConfig::new(algorithm, o.lr);
     oc.weight_decay = o.weight_decay;
     oc.grad_clip_norm = o.clip_norm;
-    oc.schedule = Schedule::new(decay, s.warmup_steps.min(total), s.cooldown_steps.min(total), total)?;
+    oc.schedule = Schedule::new(decay, s.warmup_steps, s.cooldown_steps, total)?;
     oc.groups = ParamGroups::scaling_vit();
     if !o.train_only.is_empty() {
         // Freeze, by exact name, every parameter that no `train_only` pattern matches in full.

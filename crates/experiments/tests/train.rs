@@ -1,0 +1,139 @@
+//! `vit train` end to end on the bundled data: it learns, a resumed run equals a straight one
+//! exactly, and bad input ends with one line and exit code 1 (issue 5).
+
+use std::{path::PathBuf, process::Command};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn vit(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vit")).current_dir(root()).args(args).output().expect("run vit")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vitrs-train-test-{}-{name}", std::process::id()))
+}
+
+/// A tiny, fast recipe on the bundled subset.
+const TINY: &[&str] = &[
+    "--set",
+    "model.width=32",
+    "--set",
+    "model.depth=2",
+    "--set",
+    "model.mlp_dim=64",
+    "--set",
+    "data.train_limit=1024",
+    "--set",
+    "data.test_limit=256",
+    "--set",
+    "train.batch_size=32",
+    "--set",
+    "train.steps=40",
+    "--set",
+    "schedule.warmup_steps=5",
+    "--set",
+    "optimizer.lr=1e-2",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "train.log_every=1",
+];
+
+fn losses(dir: &PathBuf) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn run_ok(args: &[&str]) {
+    let out = vit(args);
+    assert!(
+        out.status.success(),
+        "vit {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_tiny_run_lowers_the_loss_and_writes_its_run_directory() {
+    let dir = tmp("tiny");
+    let mut args = vec!["train", "--out", dir.to_str().unwrap()];
+    args.extend(TINY);
+    run_ok(&args);
+    let l = losses(&dir);
+    assert_eq!(l.len(), 40);
+    let (first, last) = (l[..5].iter().sum::<f64>() / 5.0, l[35..].iter().sum::<f64>() / 5.0);
+    assert!(last < 0.8 * first, "loss {first} -> {last}");
+    for f in ["config.toml", "metrics.jsonl", "curves.svg", "summary.json", "step-40.safetensors"] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    for k in ["steps", "train_loss", "test_accuracy", "images_per_second", "wall_seconds"] {
+        assert!(s[k].is_number(), "summary.json lacks {k}: {s}");
+    }
+    assert!(s["test_accuracy"].as_f64().unwrap() > 0.3, "{s}");
+    // The resolved config reproduces the run.
+    let again = tmp("again");
+    run_ok(&["train", "--config", dir.join("config.toml").to_str().unwrap(), "--out", again.to_str().unwrap()]);
+    assert_eq!(losses(&again), l);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&again);
+}
+
+#[test]
+fn resuming_at_step_15_of_40_ends_exactly_like_a_straight_run() {
+    let (straight, resumed) = (tmp("straight"), tmp("resumed"));
+    let mut args = vec!["train", "--out", straight.to_str().unwrap(), "--set", "optimizer.name=factored-adam"];
+    args.extend(TINY);
+    run_ok(&args);
+    let mut args =
+        vec!["train", "--out", resumed.to_str().unwrap(), "--set", "optimizer.name=factored-adam", "--stop-at", "15"];
+    args.extend(TINY);
+    let out = vit(&args);
+    assert_eq!(out.status.code(), Some(1), "stopping is reported as an interruption");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted at step 15"));
+    assert!(resumed.join("step-15.safetensors").exists());
+    run_ok(&["train", "--resume", resumed.to_str().unwrap()]);
+    let (a, b) = (losses(&straight), losses(&resumed));
+    assert_eq!(a.len(), 40);
+    assert_eq!(a, b, "the resumed run's losses differ from the straight run's");
+    let _ = std::fs::remove_dir_all(&straight);
+    let _ = std::fs::remove_dir_all(&resumed);
+}
+
+#[test]
+fn bad_input_ends_with_one_line_and_exit_code_1() {
+    let dir = tmp("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let broken = dir.join("broken.toml");
+    std::fs::write(&broken, "[model\npreset = 1").unwrap();
+    let corrupt = dir.join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    std::fs::write(corrupt.join("config.toml"), vit_experiments::train::config::QUICKSTART).unwrap();
+    std::fs::write(corrupt.join("step-3.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+    let out_dir = dir.join("out");
+    let o = out_dir.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["train", "--config", broken.to_str().unwrap(), "--out", o], "broken.toml"),
+        (vec!["train", "--config", "/nonexistent/x.toml", "--out", o], "/nonexistent/x.toml"),
+        (vec!["train", "--out", o, "--set", "model.preset=B/17"], "unknown model \"B/17\""),
+        (vec!["train", "--out", o, "--set", "train.batch_size=-4"], "batch_size"),
+        (vec!["train", "--out", o, "--set", "data.path=/nonexistent/data"], "/nonexistent/data"),
+        (vec!["train", "--out", o, "--set", "train.nonsense=1"], "nonsense"),
+        (vec!["train", "--resume", corrupt.to_str().unwrap()], "step-3.safetensors"),
+    ];
+    for (args, needle) in cases {
+        let out = vit(&args);
+        assert_eq!(out.status.code(), Some(1), "vit {args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "vit {args:?}: not one line: {err}");
+        assert!(err.starts_with("error: ") && err.contains(needle), "vit {args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
