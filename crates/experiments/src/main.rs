@@ -17,6 +17,10 @@ struct Cli {
 enum Command {
     /// Train a model from a recipe (default: a small ViT on the bundled Fashion-MNIST subset).
     Train(commands::train::Args),
+    /// Top-1 accuracy and loss of a checkpoint on a test split.
+    Eval(commands::eval::Args),
+    /// Few-shot linear evaluation of a checkpoint's frozen features (1, 5, 10, 25 shots).
+    Fewshot(commands::fewshot::Args),
     /// Parameter counts of a model preset or config, without building it.
     Params(commands::params::Args),
     /// The compute devices vitrs can use here (CPU threads, CUDA devices, NVRTC).
@@ -31,6 +35,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => commands::train::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Fewshot(a) => commands::fewshot::run(a),
         Command::Params(a) => commands::params::run(a),
         Command::Devices(a) => commands::devices::run(a),
         Command::Convert(a) => commands::convert::run(a),

@@ -78,6 +78,46 @@ fn a_tiny_run_lowers_the_loss_and_writes_its_run_directory() {
         assert!(s[k].is_number(), "summary.json lacks {k}: {s}");
     }
     assert!(s["test_accuracy"].as_f64().unwrap() > 0.3, "{s}");
+    // eval reproduces the final test accuracy; fewshot runs on the frozen features.
+    let ckpt = dir.join("step-40.safetensors");
+    let out = vit(&["eval", "--checkpoint", ckpt.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["accuracy"].as_f64(), s["test_accuracy"].as_f64());
+    let out = vit(&["fewshot", "--checkpoint", ckpt.to_str().unwrap(), "--shots", "1,5", "--seeds", "2", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let f: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in ["1shot", "5shot"] {
+        let m = f[k]["mean"].as_f64().unwrap();
+        assert!(m > 0.15 && m <= 1.0, "{k}: {f}");
+        assert_eq!(f[k]["per_seed"].as_array().unwrap().len(), 2);
+    }
+    // Linear probe from the checkpoint: only the head changes.
+    let probe = tmp("probe");
+    let mut args = vec!["train", "--out", probe.to_str().unwrap()];
+    args.extend(TINY);
+    args.extend(["--set", "optimizer.train_only=[\"head\\\\..*\"]"]);
+    let init = format!("train.init_from={:?}", ckpt.to_str().unwrap());
+    args.extend(["--set", init.as_str(), "--set", "train.steps=5", "--set", "schedule.warmup_steps=1"]);
+    run_ok(&args);
+    let before = vit_model::checkpoint::load_checkpoint(&ckpt, vit_tensor::Device::Cpu).unwrap();
+    let after =
+        vit_model::checkpoint::load_checkpoint(probe.join("step-5.safetensors"), vit_tensor::Device::Cpu).unwrap();
+    for (name, t) in before.params.iter() {
+        let same = t.to_f32_vec().unwrap() == after.params.get(name).unwrap().to_f32_vec().unwrap();
+        assert_eq!(same, !name.starts_with("head."), "{name}");
+    }
+    // Distillation from the checkpoint as teacher runs and learns.
+    let student = tmp("student");
+    let mut args = vec!["train", "--out", student.to_str().unwrap()];
+    args.extend(TINY);
+    let teacher = format!("train.teacher={:?}", ckpt.to_str().unwrap());
+    args.extend(["--set", teacher.as_str(), "--set", "train.distill_weight=0.5"]);
+    run_ok(&args);
+    let ls = losses(&student);
+    assert!(ls[35..].iter().sum::<f64>() < ls[..5].iter().sum::<f64>(), "distillation did not lower the loss: {ls:?}");
+    let _ = std::fs::remove_dir_all(&probe);
+    let _ = std::fs::remove_dir_all(&student);
     // The resolved config reproduces the run.
     let again = tmp("again");
     run_ok(&["train", "--config", dir.join("config.toml").to_str().unwrap(), "--out", again.to_str().unwrap()]);

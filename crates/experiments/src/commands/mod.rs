@@ -1,7 +1,10 @@
 //! One module per `vit` subcommand.
 
 pub mod convert;
+mod data_args;
 pub mod devices;
+pub mod eval;
+pub mod fewshot;
 pub mod params;
 pub mod predict;
 pub mod train;

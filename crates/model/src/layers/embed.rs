@@ -171,3 +171,49 @@ impl Embedding {
         (self.tokens as f64).sqrt().round() as usize
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(values: Vec<f32>, t: usize, d: usize) -> Tensor {
+        Tensor::from_f32(values, [1, t, d], DType::F32, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn resampling_keeps_identity_constants_and_the_class_token() {
+        let p = Tensor::randn([1, 1 + 9, 4], 0.0, 1.0, 1, DType::F32, Device::Cpu).unwrap();
+        assert_eq!(resample_posemb(&p, 3, 3, true).unwrap().to_f32_vec().unwrap(), p.to_f32_vec().unwrap());
+        let c = pos(vec![0.5; 4 * 2], 4, 2);
+        let r = resample_posemb(&c, 2, 5, false).unwrap();
+        assert_eq!(r.dims(), &[1, 25, 2]);
+        assert!(r.to_f32_vec().unwrap().iter().all(|&v| (v - 0.5).abs() < 1e-6));
+        let up = resample_posemb(&p, 3, 6, true).unwrap();
+        assert_eq!(up.to_f32_vec().unwrap()[..4], p.to_f32_vec().unwrap()[..4], "class token row kept");
+        assert!(resample_posemb(&p, 4, 6, true).unwrap_err().to_string().contains("[1, 17, D] for a 4x4 grid"));
+    }
+
+    #[test]
+    fn upsampling_a_ramp_interpolates_with_half_pixel_centres() {
+        // A 2x2 grid [[0, 1], [2, 3]] to 4x4: output centres map to source -0.25, 0.25, 0.75, 1.25 (clamped).
+        let r = resample_posemb(&pos(vec![0.0, 1.0, 2.0, 3.0], 4, 1), 2, 4, false).unwrap().to_f32_vec().unwrap();
+        let row0 = [0.0, 0.25, 0.75, 1.0];
+        for (x, want) in row0.iter().enumerate() {
+            assert!((r[x] - want).abs() < 1e-6, "row 0 col {x}: {} vs {want}", r[x]);
+            assert!((r[12 + x] - (want + 2.0)).abs() < 1e-6, "row 3 col {x}");
+        }
+        assert!((r[4 + 1] - (0.25 + 0.5)).abs() < 1e-6, "row 1 col 1");
+    }
+
+    #[test]
+    fn sincos2d_matches_big_vision_layout() {
+        let t = sincos2d(2, 8);
+        // Token (y=1, x=0): sin(0)=0, cos(0)=1 for the x half; sin(1·ω), cos(1·ω) for y with ω_0 = 1.
+        let tok = &t[2 * 8..3 * 8];
+        assert_eq!(tok[0], 0.0);
+        assert_eq!(tok[2], 1.0);
+        assert!((tok[4] - 1f32.sin()).abs() < 1e-6 && (tok[6] - 1f32.cos()).abs() < 1e-6);
+        // ω_1 = 1/10000 with D/4 = 2.
+        assert!((tok[5] - (1e-4f32).sin()).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,63 @@
+//! The `--data` options shared by `vit eval` and `vit fewshot`.
+
+use super::CliError;
+use std::path::{Path, PathBuf};
+use vit_experiments::train::config::{DataSection, TrainConfig};
+
+/// Where evaluation data comes from: explicit options, else the `[data]` of the `config.toml`
+/// beside the checkpoint (a run directory).
+#[derive(clap::Args)]
+pub struct DataArgs {
+    /// Dataset directory (default: the checkpoint's run config).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// `idx`, `cifar` or `folder`.
+    #[arg(long, default_value = "idx")]
+    pub format: String,
+    /// Training split (IDX prefix / file / folder).
+    #[arg(long)]
+    pub train_split: Option<String>,
+    /// Test split.
+    #[arg(long)]
+    pub test_split: Option<String>,
+    /// Use only the first N examples of each split.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl DataArgs {
+    /// The data section for `checkpoint`.
+    pub fn section(&self, checkpoint: &Path) -> Result<DataSection, CliError> {
+        let mut d = match &self.data {
+            Some(path) => DataSection {
+                format: self.format.clone(),
+                path: path.to_string_lossy().into_owned(),
+                train: "train".into(),
+                test: "t10k".into(),
+                train_limit: None,
+                test_limit: None,
+                augment: Vec::new(),
+            },
+            None => {
+                let cfg =
+                    checkpoint.parent().map(|d| d.join("config.toml")).filter(|p| p.exists()).ok_or_else(|| {
+                        CliError::Usage(format!(
+                            "{}: no --data given and no config.toml beside the checkpoint",
+                            checkpoint.display()
+                        ))
+                    })?;
+                TrainConfig::from_file(&cfg, &[])?.data
+            }
+        };
+        if let Some(s) = &self.train_split {
+            d.train = s.clone();
+        }
+        if let Some(s) = &self.test_split {
+            d.test = s.clone();
+        }
+        if self.limit.is_some() {
+            (d.train_limit, d.test_limit) = (self.limit, self.limit);
+        }
+        Ok(d)
+    }
+}
