@@ -41,7 +41,7 @@ const TINY: &[&str] = &[
     "train.log_every=1",
 ];
 
-fn losses(dir: &PathBuf) -> Vec<f64> {
+fn losses(dir: &std::path::Path) -> Vec<f64> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
