@@ -116,6 +116,15 @@ fn a_tiny_run_lowers_the_loss_and_writes_its_run_directory() {
     run_ok(&args);
     let ls = losses(&student);
     assert!(ls[35..].iter().sum::<f64>() < ls[..5].iter().sum::<f64>(), "distillation did not lower the loss: {ls:?}");
+    // The sigmoid loss trains too (JFT-style heads).
+    let sig = tmp("sigmoid");
+    let mut args = vec!["train", "--out", sig.to_str().unwrap()];
+    args.extend(TINY);
+    args.extend(["--set", "train.loss=sigmoid"]);
+    run_ok(&args);
+    let lsig = losses(&sig);
+    assert!(lsig[35..].iter().sum::<f64>() < 0.8 * lsig[..5].iter().sum::<f64>(), "sigmoid loss: {lsig:?}");
+    let _ = std::fs::remove_dir_all(&sig);
     let _ = std::fs::remove_dir_all(&probe);
     let _ = std::fs::remove_dir_all(&student);
     // The resolved config reproduces the run.

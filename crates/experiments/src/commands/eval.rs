@@ -17,6 +17,9 @@ pub struct Args {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The loss to report: `softmax` or `sigmoid` cross-entropy.
+    #[arg(long, default_value = "softmax", value_parser = ["softmax", "sigmoid"])]
+    loss: String,
     /// One JSON object.
     #[arg(long)]
     json: bool,
@@ -29,7 +32,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
     ckpt.check_against(&model.init_params(0, DType::F32, Device::Cpu)?)?;
     let section = args.data.section(&args.checkpoint)?;
     let (_, test) = data::load(&section)?;
-    let (accuracy, loss) = evaluate(&model, &ckpt.params, &test, args.batch_size.max(1), device)?;
+    let (accuracy, loss) =
+        evaluate(&model, &ckpt.params, &test, args.batch_size.max(1), device, args.loss == "sigmoid")?;
     if args.json {
         println!(
             "{}",

@@ -144,6 +144,10 @@ pub struct LoopSection {
     /// Label smoothing of the one-hot targets.
     #[serde(default)]
     pub label_smoothing: f32,
+    /// `softmax` cross-entropy, or `sigmoid` cross-entropy summed over classes (big_vision's
+    /// choice for JFT-style heads).
+    #[serde(default = "default_loss")]
+    pub loss: String,
     /// Start from this checkpoint's weights (fine-tuning); the position embedding is resampled
     /// if the resolution differs, and a head of another size is re-initialised.
     #[serde(default)]
@@ -168,6 +172,9 @@ fn default_log_every() -> u64 {
 }
 fn default_device() -> String {
     "cpu".into()
+}
+fn default_loss() -> String {
+    "softmax".into()
 }
 fn default_precision() -> String {
     "f32".into()
@@ -256,6 +263,16 @@ impl TrainConfig {
         }
         if !["f32", "bf16"].contains(&t.precision.as_str()) {
             return bad("train.precision", format!("{:?}", t.precision), "\"f32\" or \"bf16\"");
+        }
+        if !["softmax", "sigmoid"].contains(&t.loss.as_str()) {
+            return bad("train.loss", format!("{:?}", t.loss), "\"softmax\" or \"sigmoid\"");
+        }
+        if t.loss == "sigmoid" && t.teacher.is_some() {
+            return bad(
+                "train.teacher",
+                "(with train.loss = \"sigmoid\")".into(),
+                "distillation with the softmax loss",
+            );
         }
         if !(0.0..1.0).contains(&t.label_smoothing) {
             return bad("train.label_smoothing", t.label_smoothing.to_string(), "a value in [0, 1)");

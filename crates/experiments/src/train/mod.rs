@@ -176,13 +176,15 @@ fn targets(
     Ok(t)
 }
 
-/// `(accuracy, mean loss)` on a split, in batches of `batch`.
+/// `(accuracy, mean loss)` on a split, in batches of `batch`; the loss is sigmoid
+/// cross-entropy when `sigmoid`, else softmax cross-entropy.
 pub fn evaluate(
     model: &VisionTransformer,
     params: &ParamStore,
     split: &Split,
     batch: usize,
     device: Device,
+    sigmoid: bool,
 ) -> Result<(f64, f64), TrainError> {
     let classes = model.config.classes;
     let (mut correct, mut loss) = (0usize, 0f64);
@@ -194,7 +196,12 @@ pub fn evaluate(
         let pred = ops::argmax(&logits, 1)?.to_vec::<u32>()?;
         correct += pred.iter().zip(&labels).filter(|(p, l)| **p as i32 == **l).count();
         let t = targets(&labels, classes, 0.0, None)?.to_device(device)?;
-        loss += ops::sum_all(&ops::softmax_cross_entropy_fwd(&logits, &t)?)?.to_scalar()? as f64;
+        let losses = if sigmoid {
+            ops::sigmoid_cross_entropy_fwd(&logits, &t)?
+        } else {
+            ops::softmax_cross_entropy_fwd(&logits, &t)?
+        };
+        loss += ops::sum_all(&losses)?.to_scalar()? as f64;
     }
     let n = split.len().max(1) as f64;
     Ok((correct as f64 / n, loss / n))
@@ -328,10 +335,13 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
             )?
             .to_device(device)?;
             let (logits, saved) = model.forward(&cp, &x)?;
-            let losses = ops::softmax_cross_entropy_fwd(&logits, &t)?;
-            loss_sum += ops::sum_all(&losses)?.to_scalar()? as f64;
             let dloss = Tensor::full(1.0 / batch as f32, [chunk.len()], DType::F32, device)?;
-            let dlogits = ops::softmax_cross_entropy_bwd(&logits, &t, &dloss)?;
+            let (losses, dlogits) = if cfg.train.loss == "sigmoid" {
+                (ops::sigmoid_cross_entropy_fwd(&logits, &t)?, ops::sigmoid_cross_entropy_bwd(&logits, &t, &dloss)?)
+            } else {
+                (ops::softmax_cross_entropy_fwd(&logits, &t)?, ops::softmax_cross_entropy_bwd(&logits, &t, &dloss)?)
+            };
+            loss_sum += ops::sum_all(&losses)?.to_scalar()? as f64;
             model.backward(&cp, &saved, &dlogits, &mut grads)?;
         }
         let loss = loss_sum / batch as f64;
@@ -357,7 +367,14 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         });
         let eval_now = is_last || (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0);
         if eval_now {
-            (test_acc, test_loss) = evaluate(&model, &compute_params(&params, dtype)?, &test_split, batch, device)?;
+            (test_acc, test_loss) = evaluate(
+                &model,
+                &compute_params(&params, dtype)?,
+                &test_split,
+                batch,
+                device,
+                cfg.train.loss == "sigmoid",
+            )?;
             line["test_accuracy"] = test_acc.into();
             line["test_loss"] = test_loss.into();
         }
@@ -385,7 +402,14 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         b.finish();
     }
     if first_step == total {
-        (test_acc, test_loss) = evaluate(&model, &compute_params(&params, dtype)?, &test_split, batch, device)?;
+        (test_acc, test_loss) = evaluate(
+            &model,
+            &compute_params(&params, dtype)?,
+            &test_split,
+            batch,
+            device,
+            cfg.train.loss == "sigmoid",
+        )?;
     }
     plot::plot_curves(&run.read_metrics()?, &run.file("curves.svg"))?;
     let summary = Summary {
