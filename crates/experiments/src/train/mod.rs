@@ -304,6 +304,9 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         b
     });
     let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / cfg.train.grad_accum);
+    let evaluate_test = |params: &ParamStore| {
+        evaluate(&model, &compute_params(params, dtype)?, &test_split, batch, device, cfg.train.loss == "sigmoid")
+    };
     let (mut train_time, mut trained) = (0f64, 0u64);
     let mut last_loss = f64::NAN;
     let (mut test_acc, mut test_loss) = (f64::NAN, f64::NAN);
@@ -367,14 +370,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         });
         let eval_now = is_last || (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0);
         if eval_now {
-            (test_acc, test_loss) = evaluate(
-                &model,
-                &compute_params(&params, dtype)?,
-                &test_split,
-                batch,
-                device,
-                cfg.train.loss == "sigmoid",
-            )?;
+            (test_acc, test_loss) = evaluate_test(&params)?;
             line["test_accuracy"] = test_acc.into();
             line["test_loss"] = test_loss.into();
         }
@@ -402,14 +398,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         b.finish();
     }
     if first_step == total {
-        (test_acc, test_loss) = evaluate(
-            &model,
-            &compute_params(&params, dtype)?,
-            &test_split,
-            batch,
-            device,
-            cfg.train.loss == "sigmoid",
-        )?;
+        (test_acc, test_loss) = evaluate_test(&params)?;
     }
     plot::plot_curves(&run.read_metrics()?, &run.file("curves.svg"))?;
     let summary = Summary {
