@@ -71,10 +71,8 @@ pub struct IdxDataset {
     pub labels: Tensor,
 }
 
-/// Loads `{prefix}-images-idx3-ubyte[.gz]` and `{prefix}-labels-idx1-ubyte[.gz]` from `dir`
-/// (`prefix` is `train` or `t10k`), keeping the first `limit` examples if given.
-pub fn load_idx_dataset(dir: impl AsRef<Path>, prefix: &str, limit: Option<usize>) -> Result<IdxDataset, DataError> {
-    let dir = dir.as_ref();
+/// Reads and checks the image (`[count, rows, cols]`) and label (`[count]`) files of one split.
+pub(crate) fn read_idx_pair(dir: &Path, prefix: &str) -> Result<(IdxArray, IdxArray), DataError> {
     let find = |stem: String| -> Result<PathBuf, DataError> {
         let gz = dir.join(format!("{stem}.gz"));
         let raw = dir.join(&stem);
@@ -105,6 +103,14 @@ pub fn load_idx_dataset(dir: impl AsRef<Path>, prefix: &str, limit: Option<usize
             msg: format!("expected labels [{}] to match the images, found {:?}", images.dims[0], labels.dims),
         });
     }
+    Ok((images, labels))
+}
+
+/// Loads `{prefix}-images-idx3-ubyte[.gz]` and `{prefix}-labels-idx1-ubyte[.gz]` from `dir`
+/// (`prefix` is `train` or `t10k`), keeping the first `limit` examples if given.
+/// For augmentation and the batch loader use [`InMemoryDataset::from_idx`](crate::InMemoryDataset::from_idx).
+pub fn load_idx_dataset(dir: impl AsRef<Path>, prefix: &str, limit: Option<usize>) -> Result<IdxDataset, DataError> {
+    let (images, labels) = read_idx_pair(dir.as_ref(), prefix)?;
     let n = limit.map_or(images.dims[0], |l| l.min(images.dims[0]));
     let (rows, cols) = (images.dims[1], images.dims[2]);
     let pixels = images.data[..n * rows * cols].iter().map(|&p| p as f32 / 127.5 - 1.0).collect();
