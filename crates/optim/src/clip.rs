@@ -3,14 +3,20 @@
 use crate::OptimError;
 use vit_tensor::{ops, Tensor};
 
-/// `sqrt(Σ_i ‖g_i‖²)` over every gradient tensor, accumulated in f64 on the host.
-pub fn global_norm(grads: &[Tensor]) -> Result<f64, OptimError> {
+/// `Σ_i ‖g_i‖²` over every gradient tensor: every element squared and summed in f64 on the
+/// host (CUDA tensors are copied over; `OptimizerChain` sums CUDA gradients on their device
+/// with `vit_tensor::cuda::optim::sum_of_squares`, which agrees with this to ~1e-15).
+pub(crate) fn sum_of_squares(grads: &[Tensor]) -> Result<f64, OptimError> {
     let mut sq = 0.0f64;
     for g in grads {
-        let s = ops::sum_all(&ops::mul(g, g)?)?.to_scalar()?;
-        sq += s as f64;
+        sq += g.to_f32_vec()?.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
     }
-    Ok(sq.sqrt())
+    Ok(sq)
+}
+
+/// `sqrt(Σ_i ‖g_i‖²)` over every gradient tensor, accumulated in f64 on the host.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64, OptimError> {
+    Ok(sum_of_squares(grads)?.sqrt())
 }
 
 /// Scales every gradient by `min(1, max_norm / ‖g‖)`; returns the norm before clipping.

@@ -12,6 +12,10 @@
 //! - [`optimizer_state_bytes`]: state memory from parameter shapes alone.
 //! - [`Schedule`], [`adafactor_beta2`], [`clip_by_global_norm`]: the pieces.
 //!
+//! Parameters on a CUDA device are updated there: `OptimizerChain::step` runs the fused
+//! kernels of `vit_tensor::cuda::optim` (one launch for all of a device's parameters, same
+//! results as the host math bit for bit); host parameters keep the host math, the reference.
+//!
 //! ```
 //! use vit_model::ParamStore;
 //! use vit_optim::{Decay, Optimizer, OptimizerChain, OptimizerConfig, Schedule};

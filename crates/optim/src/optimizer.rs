@@ -34,15 +34,25 @@
 //! (JAX, multiplying a bf16 array by a Python float, would round `μ·m` to bf16 first; the
 //! stored momentum already carries that much error, so this changes nothing that matters.)
 //!
-//! The math runs on the host in f32 (means and norms accumulate in f64); parameters and
-//! state may live on any device and are copied to the host and back.
+//! Where the math runs: parameters on the host are updated by the host math above, in f32
+//! (means and norms accumulate in f64): the reference. Parameters on a CUDA device are updated
+//! there by fused kernels (`vit_tensor::cuda::optim`, `kernels/optim.cu`): all of a device's
+//! parameters in one launch per step (plus three small launches for factored Adam's statistics),
+//! with the gradients' sum of squares reduced on the device and read back once. The kernels do
+//! the same f32 operations in the same order as the host math, so a device step equals the host
+//! step bit for bit (factored means, summed in f64 in another order, can differ in the last
+//! bit, rarely). Gradients of device parameters are moved to the parameter's device if needed;
+//! state always lives on its parameter's device.
 
 use crate::{
-    adafactor_beta2, clip_by_global_norm, factored_dims, factored_update, global_norm, CompiledGroups, FactoredDims,
-    OptimError, ParamGroups, ParamSettings, Schedule,
+    adafactor_beta2, clip::sum_of_squares, factored_dims, factored_update, CompiledGroups, FactoredDims, OptimError,
+    ParamGroups, ParamSettings, Schedule,
 };
 use std::collections::HashMap;
 use vit_model::{ParamDiff, ParamStore};
+use vit_tensor::cuda::optim::{
+    self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepScalars,
+};
 use vit_tensor::{DType, Device, Tensor};
 
 /// Name of the step counter in [`Optimizer::state`]: a `u32` tensor `[lo, hi]` holding the
@@ -424,7 +434,7 @@ impl OptimizerChain {
     }
 
     /// Checks `params` and `grads` against the slots; returns the gradients of the trainable
-    /// slots (cast to f32), in slot order, with `None` for frozen ones.
+    /// slots (as given), in slot order, with `None` for frozen ones.
     fn check_inputs(&self, params: &ParamStore, grads: &ParamStore) -> Result<Vec<Option<Tensor>>, OptimError> {
         let err = |name: &str, msg: String| OptimError::Param { name: name.to_string(), msg };
         for name in params.names() {
@@ -470,7 +480,7 @@ impl OptimizerChain {
             if !g.dtype().is_float() {
                 return Err(err(&slot.name, format!("gradient of dtype {}: expected a float dtype", g.dtype())));
             }
-            out.push(Some(g.cast(DType::F32)?));
+            out.push(Some(g.clone()));
         }
         Ok(out)
     }
@@ -486,12 +496,11 @@ impl OptimizerChain {
         let mut new_state = Vec::new();
         let d = match &self.config.algorithm {
             Algorithm::FactoredAdam(c) => {
-                let beta2 = adafactor_beta2(t, c.decay_rate, c.beta2_cap) as f32;
-                let eps = c.eps as f32;
+                let k = factored_coefficients(c, t);
                 let u = match slot.second {
                     Second::Factored(fd) => {
                         let (mut vr, mut vc) = (read(slot.v[0])?, read(slot.v[1])?);
-                        let u = factored_update(&slot.dims, fd, g, &mut vr, &mut vc, beta2, eps);
+                        let u = factored_update(&slot.dims, fd, g, &mut vr, &mut vc, k.beta2, k.eps);
                         new_state.push(write(slot.v[0], vr)?);
                         new_state.push(write(slot.v[1], vc)?);
                         u
@@ -500,21 +509,21 @@ impl OptimizerChain {
                         let mut v = read(slot.v[0])?;
                         let mut u = Vec::with_capacity(g.len());
                         for (vi, &gi) in v.iter_mut().zip(g) {
-                            *vi = beta2 * *vi + (1.0 - beta2) * (gi * gi + eps);
+                            *vi = k.beta2 * *vi + k.one_minus_beta2 * (gi * gi + k.eps);
                             u.push(gi * (1.0 / vi.sqrt()));
                         }
                         new_state.push(write(slot.v[0], v)?);
                         u
                     }
                 };
-                match (c.momentum, slot.m) {
-                    (Some(mu), Some(mi)) => {
-                        let (cm, cu) = (mu as f32, (1.0 - mu) as f32);
+                match slot.m {
+                    Some(mi) => {
+                        let (cm, cu) = (k.mu, k.one_minus_mu);
                         let m: Vec<f32> = read(mi)?.iter().zip(&u).map(|(&m, &u)| cu * u + cm * m).collect();
                         new_state.push(write(mi, m.clone())?);
                         m
                     }
-                    _ => u,
+                    None => u,
                 }
             }
             Algorithm::AdamW(c) => {
@@ -524,38 +533,123 @@ impl OptimizerChain {
                         msg: "AdamW state without m or v".into(),
                     });
                 };
-                let k = (t + 1) as f64;
-                let (b1, c1) = (c.beta1 as f32, (1.0 - c.beta1) as f32);
-                let (b2, c2) = (c.beta2 as f32, (1.0 - c.beta2) as f32);
-                let (bc1, bc2) = ((1.0 - c.beta1.powf(k)) as f32, (1.0 - c.beta2.powf(k)) as f32);
-                let eps = c.eps as f32;
+                let k = adamw_coefficients(c, t);
                 let (mut m, mut v) = (read(mi)?, read(vi)?);
                 let mut d = Vec::with_capacity(g.len());
                 for ((mj, vj), &gj) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-                    *mj = c1 * gj + b1 * *mj;
-                    *vj = c2 * (gj * gj) + b2 * *vj;
-                    d.push((*mj / bc1) / ((*vj / bc2).sqrt() + eps));
+                    *mj = k.c1 * gj + k.b1 * *mj;
+                    *vj = k.c2 * (gj * gj) + k.b2 * *vj;
+                    d.push((*mj / k.bc1) / ((*vj / k.bc2).sqrt() + k.eps));
                 }
                 new_state.push(write(mi, m)?);
                 new_state.push(write(vi, v)?);
                 d
             }
-            Algorithm::Sgd(c) => match (c.momentum, slot.m) {
-                (Some(mu), Some(mi)) => {
-                    let mu = mu as f32;
+            Algorithm::Sgd(c) => match slot.m {
+                Some(mi) => {
+                    let mu = sgd_momentum(c);
                     let m: Vec<f32> = read(mi)?.iter().zip(g).map(|(&m, &g)| g + mu * m).collect();
                     new_state.push(write(mi, m.clone())?);
                     m
                 }
-                _ => g.to_vec(),
+                None => g.to_vec(),
             },
         };
         Ok((d, new_state))
     }
 }
 
+impl OptimizerChain {
+    /// The fused step of the trainable slots `list`, all on one CUDA device, with their gradients
+    /// `grads` (by slot, on that device): new parameters `(slot, tensor)` and new state.
+    fn device_step(
+        &self,
+        list: &[usize],
+        params: &ParamStore,
+        grads: &[Option<Tensor>],
+        t: u64,
+        scalars: StepScalars,
+    ) -> Result<(Vec<(usize, Tensor)>, StateUpdate), OptimError> {
+        let mut steps = Vec::with_capacity(list.len());
+        for &i in list {
+            let slot = &self.slots[i];
+            let second = match slot.second {
+                Second::None => SecondMoment::None,
+                Second::Full => SecondMoment::Full(self.state.at(slot.v[0])),
+                Second::Factored(fd) => SecondMoment::Factored {
+                    v_row: self.state.at(slot.v[0]),
+                    v_col: self.state.at(slot.v[1]),
+                    d0: fd.d0,
+                    d1: fd.d1,
+                },
+            };
+            let grad = grads[i].as_ref().ok_or_else(|| OptimError::Param {
+                name: slot.name.clone(),
+                msg: "no gradient on the parameter's device".into(),
+            })?;
+            steps.push(ParamStep {
+                param: params.get(&slot.name)?,
+                grad,
+                m: slot.m.map(|m| self.state.at(m)),
+                second,
+                lr: (self.config.lr * slot.settings.lr_mult) as f32,
+                wd: (self.config.weight_decay * slot.settings.wd_mult) as f32,
+            });
+        }
+        let updates = match &self.config.algorithm {
+            Algorithm::AdamW(c) => fused::adamw_step(&steps, adamw_coefficients(c, t), scalars)?,
+            Algorithm::Sgd(c) => fused::sgd_step(&steps, sgd_momentum(c), scalars)?,
+            Algorithm::FactoredAdam(c) => fused::factored_adam_step(&steps, factored_coefficients(c, t), scalars)?,
+        };
+        let mut new_params = Vec::with_capacity(list.len());
+        let mut new_state = Vec::new();
+        for (&i, u) in list.iter().zip(updates) {
+            let slot = &self.slots[i];
+            new_params.push((i, u.param));
+            if let (Some(mi), Some(m)) = (slot.m, u.m) {
+                new_state.push((mi, m));
+            }
+            new_state.extend(slot.v.iter().copied().zip(u.v));
+        }
+        Ok((new_params, new_state))
+    }
+}
+
+/// Factored Adam's f32 coefficients at step `t`, shared by the host math and the kernels:
+/// `β2(t)` rounded to f32, `1 − β2` in f32, eps, and the momentum `μ`, `1 − μ` (from f64).
+fn factored_coefficients(c: &FactoredAdamConfig, t: u64) -> FactoredAdamCoefficients {
+    let beta2 = adafactor_beta2(t, c.decay_rate, c.beta2_cap) as f32;
+    let mu = c.momentum.unwrap_or(0.0);
+    FactoredAdamCoefficients {
+        beta2,
+        one_minus_beta2: 1.0 - beta2,
+        eps: c.eps as f32,
+        mu: mu as f32,
+        one_minus_mu: (1.0 - mu) as f32,
+    }
+}
+
+/// AdamW's f32 coefficients at step `t` (bias corrections for `k = t + 1`), each from f64.
+fn adamw_coefficients(c: &AdamWConfig, t: u64) -> AdamWCoefficients {
+    let k = (t + 1) as f64;
+    AdamWCoefficients {
+        b1: c.beta1 as f32,
+        c1: (1.0 - c.beta1) as f32,
+        b2: c.beta2 as f32,
+        c2: (1.0 - c.beta2) as f32,
+        bc1: (1.0 - c.beta1.powf(k)) as f32,
+        bc2: (1.0 - c.beta2.powf(k)) as f32,
+        eps: c.eps as f32,
+    }
+}
+
+/// SGD's momentum `μ` (0 without; then there is no state and it is unused).
+fn sgd_momentum(c: &SgdConfig) -> f32 {
+    c.momentum.unwrap_or(0.0) as f32
+}
+
 /// The first gradient (in order) holding a non-finite value, or failing that the one with
-/// the largest norm (the f32 sum of squares overflowed).
+/// the largest norm (the sum of squares overflowed).
 fn culprit(slots: &[Slot], grads: &[Option<Tensor>]) -> String {
     let mut worst = (f64::NEG_INFINITY, String::new());
     for (slot, g) in slots.iter().zip(grads) {
@@ -577,22 +671,44 @@ fn count_tensor(count: u64) -> Result<Tensor, OptimError> {
 
 impl Optimizer for OptimizerChain {
     fn step(&mut self, params: &mut ParamStore, grads: &ParamStore) -> Result<StepInfo, OptimError> {
-        let mut gs = self.check_inputs(params, grads)?;
+        let gs = self.check_inputs(params, grads)?;
         let t = self.count;
 
-        // Global-norm clipping over the trainable gradients only.
-        let mut trainable: Vec<Tensor> = gs.iter().flatten().cloned().collect();
-        let grad_norm = match self.config.grad_clip_norm {
-            Some(c) => clip_by_global_norm(&mut trainable, c)?,
-            None => global_norm(&trainable)?,
-        };
+        // Trainable slots on the host, and those on each CUDA device (updated there by the fused
+        // kernels, with their gradients moved to that device if they are elsewhere).
+        let mut host = Vec::new();
+        let mut devices: Vec<(usize, Vec<usize>)> = Vec::new();
+        let mut on_device: Vec<Option<Tensor>> = vec![None; self.slots.len()];
+        for (i, (slot, g)) in self.slots.iter().zip(&gs).enumerate() {
+            let Some(g) = g else { continue };
+            match slot.device {
+                Device::Cpu => host.push(i),
+                Device::Cuda(ordinal) => {
+                    on_device[i] = Some(g.to_device(slot.device)?);
+                    match devices.iter_mut().find(|(o, _)| *o == ordinal) {
+                        Some((_, list)) => list.push(i),
+                        None => devices.push((ordinal, vec![i])),
+                    }
+                }
+            }
+        }
+
+        // Global norm over the trainable gradients only: the host's in f64 on the host, each
+        // device's in one reduction there (also f64).
+        let host_grads: Vec<Tensor> = host.iter().filter_map(|&i| gs[i].clone()).collect();
+        let mut sq = sum_of_squares(&host_grads)?;
+        for (_, list) in &devices {
+            let g: Vec<&Tensor> = list.iter().filter_map(|&i| on_device[i].as_ref()).collect();
+            sq += fused::sum_of_squares(&g)?;
+        }
+        let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
             return Err(OptimError::NonFinite { name: culprit(&self.slots, &gs), norm: grad_norm, step: t });
         }
-        let clipped = self.config.grad_clip_norm.is_some_and(|c| grad_norm > c);
-        for (g, clipped) in gs.iter_mut().flatten().zip(trainable) {
-            *g = clipped;
-        }
+        let clip = match self.config.grad_clip_norm {
+            Some(c) if grad_norm > c => Some((c / grad_norm) as f32),
+            _ => None,
+        };
 
         let schedule = self.config.schedule.factor(t);
         let s = schedule as f32;
@@ -601,9 +717,13 @@ impl Optimizer for OptimizerChain {
         // Compute everything first, so an error leaves params and state untouched.
         let mut new_params = Vec::new();
         let mut new_state = Vec::new();
-        for (slot, g) in self.slots.iter().zip(&gs) {
-            let Some(g) = g else { continue };
-            let g = g.to_f32_vec()?;
+        for &i in &host {
+            let slot = &self.slots[i];
+            let Some(g) = &gs[i] else { continue };
+            let mut g = g.to_f32_vec()?;
+            if let Some(c) = clip {
+                g.iter_mut().for_each(|x| *x *= c);
+            }
             let (d, st) = self.direction(slot, &g, t)?;
             let a = (lr * slot.settings.lr_mult) as f32;
             let b = (wd * slot.settings.wd_mult) as f32;
@@ -611,17 +731,23 @@ impl Optimizer for OptimizerChain {
             for (th, &dj) in theta.iter_mut().zip(&d) {
                 *th -= s * (a * dj + b * *th);
             }
-            new_params.push((&slot.name, Tensor::from_f32(theta, slot.dims.clone(), slot.dtype, slot.device)?));
+            new_params.push((i, Tensor::from_f32(theta, slot.dims.clone(), slot.dtype, slot.device)?));
             new_state.extend(st);
         }
-        for (name, p) in new_params {
-            params.set(name, p)?;
+        let scalars = StepScalars { schedule: s, clip_scale: clip.unwrap_or(1.0) };
+        for (_, list) in &devices {
+            let (p, st) = self.device_step(list, params, &on_device, t, scalars)?;
+            new_params.extend(p);
+            new_state.extend(st);
+        }
+        for (i, p) in new_params {
+            params.set(&self.slots[i].name, p)?;
         }
         for (i, st) in new_state {
             self.state.set_at(i, st)?;
         }
         self.count += 1;
-        Ok(StepInfo { step: t, grad_norm, clipped, schedule, lr: lr * schedule })
+        Ok(StepInfo { step: t, grad_norm, clipped: clip.is_some(), schedule, lr: lr * schedule })
     }
 
     fn count(&self) -> u64 {

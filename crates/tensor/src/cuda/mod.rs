@@ -6,6 +6,7 @@ pub(crate) mod blas;
 pub(crate) mod layout;
 pub mod nvrtc;
 pub(crate) mod ops;
+pub mod optim;
 mod storage;
 
 pub(crate) use storage::CudaStorage;
