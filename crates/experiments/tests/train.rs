@@ -186,3 +186,17 @@ fn bad_input_ends_with_one_line_and_exit_code_1() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn every_shipped_config_parses_and_validates() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(root().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let cfg = vit_experiments::train::config::TrainConfig::from_file(&path, &[]);
+            assert!(cfg.is_ok(), "{}: {}", path.display(), cfg.unwrap_err());
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "expected the four recipes in configs/, found {n}");
+}

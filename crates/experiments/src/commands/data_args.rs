@@ -11,7 +11,7 @@ pub struct DataArgs {
     /// Dataset directory (default: the checkpoint's run config).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// `idx`, `cifar` or `folder`.
+    /// `idx`, `cifar10`, `cifar100` or `folder`.
     #[arg(long, default_value = "idx")]
     pub format: String,
     /// Training split (IDX prefix / file / folder).
@@ -37,6 +37,7 @@ impl DataArgs {
                 train_limit: None,
                 test_limit: None,
                 augment: Vec::new(),
+                eval_augment: Vec::new(),
             },
             None => {
                 let cfg =

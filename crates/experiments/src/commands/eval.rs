@@ -31,9 +31,10 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let model = VisionTransformer::new(&ckpt.config, DType::F32, device)?;
     ckpt.check_against(&model.init_params(0, DType::F32, Device::Cpu)?)?;
     let section = args.data.section(&args.checkpoint)?;
-    let (_, test) = data::load(&section)?;
-    let (accuracy, loss) =
-        evaluate(&model, &ckpt.params, &test, args.batch_size.max(1), device, args.loss == "sigmoid")?;
+    let data = data::load(&section)?;
+    let loader = data.eval_loader(&data.test, args.batch_size.max(1))?;
+    let (accuracy, loss) = evaluate(&model, &ckpt.params, &loader, device, args.loss == "sigmoid")?;
+    let test = &data.test;
     if args.json {
         println!(
             "{}",

@@ -3,9 +3,10 @@
 
 use super::{data_args::DataArgs, CliError};
 use std::path::PathBuf;
+use vit_data::Loader;
 use vit_experiments::{
     fewshot::{fewshot_accuracy, Features},
-    train::data::{self, Split},
+    train::data,
 };
 use vit_model::{checkpoint, ParamStore, VisionTransformer};
 use vit_tensor::{DType, Device};
@@ -30,24 +31,23 @@ pub struct Args {
     json: bool,
 }
 
-/// Pre-logit features `[N, F]` of a split, flattened row-major.
+/// Pre-logit features `[N, F]` (flattened row-major), the feature width, and the labels of one
+/// ordered pass of `loader`.
 fn features(
     model: &VisionTransformer,
     p: &ParamStore,
-    split: &Split,
-    batch: usize,
+    loader: &Loader,
     device: Device,
-) -> Result<(Vec<f32>, usize), CliError> {
-    let mut out = Vec::new();
-    let mut dim = 0;
-    for start in (0..split.len()).step_by(batch) {
-        let idx: Vec<usize> = (start..(start + batch).min(split.len())).collect();
-        let (x, _) = split.gather(&idx)?;
-        let (f, _) = model.features_and_logits(p, &x.to_device(device)?)?;
+) -> Result<(Vec<f32>, usize, Vec<i32>), CliError> {
+    let (mut out, mut labels, mut dim) = (Vec::new(), Vec::new(), 0);
+    for b in loader.iter() {
+        let b = b.map_err(vit_experiments::train::TrainError::from)?;
+        let (f, _) = model.features_and_logits(p, &b.images.to_device(device)?)?;
         dim = f.dims()[1];
         out.extend(f.to_f32_vec()?);
+        labels.extend(b.labels.to_vec::<i32>()?);
     }
-    Ok((out, dim))
+    Ok((out, dim, labels))
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
@@ -55,13 +55,13 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let ckpt = checkpoint::load_checkpoint(&args.checkpoint, device)?;
     let model = VisionTransformer::new(&ckpt.config, DType::F32, device)?;
     ckpt.check_against(&model.init_params(0, DType::F32, Device::Cpu)?)?;
-    let (train, test) = data::load(&args.data.section(&args.checkpoint)?)?;
+    let data = data::load(&args.data.section(&args.checkpoint)?)?;
     let batch = args.batch_size.max(1);
-    let (xtr, dim) = features(&model, &ckpt.params, &train, batch, device)?;
-    let (xte, _) = features(&model, &ckpt.params, &test, batch, device)?;
-    let classes = ckpt.config.classes.max(1 + *train.labels.iter().max().unwrap_or(&0) as usize);
-    let tr = Features { x: &xtr, labels: &train.labels, dim };
-    let te = Features { x: &xte, labels: &test.labels, dim };
+    let (xtr, dim, ytr) = features(&model, &ckpt.params, &data.eval_loader(&data.train, batch)?, device)?;
+    let (xte, _, yte) = features(&model, &ckpt.params, &data.eval_loader(&data.test, batch)?, device)?;
+    let classes = data.train.num_classes().max(data.test.num_classes());
+    let tr = Features { x: &xtr, labels: &ytr, dim };
+    let te = Features { x: &xte, labels: &yte, dim };
     let mut results = serde_json::Map::new();
     for &shots in &args.shots {
         let accs: Vec<f64> = (0..args.seeds)

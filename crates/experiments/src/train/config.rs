@@ -35,7 +35,8 @@ fn custom() -> String {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// `idx` (MNIST-style files), `cifar` (binary batches) or `folder` (one subfolder per class).
+    /// `idx` (MNIST-style files), `cifar10` / `cifar100` (binary batches) or `folder` (one
+    /// subfolder per class).
     pub format: String,
     /// The dataset's directory (relative paths are relative to the working directory).
     pub path: String,
@@ -51,9 +52,13 @@ pub struct DataSection {
     /// Use only the first N test examples.
     #[serde(default)]
     pub test_limit: Option<usize>,
-    /// Training-time augmentation, applied in order.
+    /// Training-time preprocessing, applied in order to each decoded image (`vit_data::Transform`
+    /// tables: `{ op = "random_crop", size = 28, padding = 2 }`, `{ op = "flip_lr" }`, ...).
     #[serde(default)]
-    pub augment: Vec<toml::Value>,
+    pub augment: Vec<vit_data::Transform>,
+    /// Evaluation preprocessing (deterministic ops: `resize_small`, `central_crop`, ...).
+    #[serde(default)]
+    pub eval_augment: Vec<vit_data::Transform>,
 }
 
 fn default_train() -> String {
@@ -295,8 +300,12 @@ impl TrainConfig {
                 "\"rsqrt\", \"cosine\", \"linear\" or \"constant\"",
             );
         }
-        if !["idx", "cifar", "folder"].contains(&self.data.format.as_str()) {
-            return bad("data.format", format!("{:?}", self.data.format), "\"idx\", \"cifar\" or \"folder\"");
+        if !["idx", "cifar10", "cifar100", "folder"].contains(&self.data.format.as_str()) {
+            return bad(
+                "data.format",
+                format!("{:?}", self.data.format),
+                "\"idx\", \"cifar10\", \"cifar100\" or \"folder\"",
+            );
         }
         self.model_config()?;
         Ok(())

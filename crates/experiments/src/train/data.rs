@@ -1,63 +1,109 @@
-//! The trainer's view of the data: the train and test splits in memory as `[N, C, H, W]` f32
-//! tensors in [-1, 1], and the training batch of any step, deterministic in (seed, step) so a
-//! resumed run sees exactly the batches a straight run would.
+//! The trainer's data: the datasets a `[data]` section names and the loaders over them
+//! (`vit_data::Loader`: worker threads, prefetch, deterministic in (seed, step) so a resumed run
+//! sees exactly the batches of a straight one).
 
 use crate::train::{config::DataSection, TrainError};
-use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
-use vit_tensor::{ops, Device, Tensor};
+use std::{path::Path, sync::Arc};
+use vit_data::{
+    load_cifar10, load_cifar100, DataError, Dataset, Example, ImageFolder, InMemoryDataset, Loader, LoaderConfig,
+    Pipeline, Split, Transform,
+};
 
-/// One split in memory.
-#[derive(Debug, Clone)]
-pub struct Split {
-    /// `[N, C, H, W]` f32 in [-1, 1].
-    pub images: Tensor,
-    /// Class labels, `N` of them.
-    pub labels: Vec<i32>,
+/// The first `len` examples of a dataset (`data.train_limit`, `data.test_limit`).
+struct Limited {
+    inner: Arc<dyn Dataset>,
+    len: usize,
 }
 
-impl Split {
-    /// Number of examples.
-    pub fn len(&self) -> usize {
-        self.labels.len()
+impl Dataset for Limited {
+    fn len(&self) -> usize {
+        self.len
     }
-
-    /// True when the split has no examples.
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+    fn num_classes(&self) -> usize {
+        self.inner.num_classes()
     }
-
-    /// Rows `idx` of the split: `([B, C, H, W], labels)`.
-    pub fn gather(&self, idx: &[usize]) -> Result<(Tensor, Vec<i32>), TrainError> {
-        let d = self.images.dims().to_vec();
-        let flat = self.images.reshape([d[0], d[1] * d[2] * d[3]])?;
-        let rows = Tensor::from_vec(idx.iter().map(|&i| i as i32).collect::<Vec<_>>(), [idx.len()], Device::Cpu)?;
-        let x = ops::gather_rows(&flat, &rows)?.reshape([idx.len(), d[1], d[2], d[3]])?;
-        Ok((x, idx.iter().map(|&i| self.labels[i]).collect()))
+    fn get(&self, index: usize) -> Result<Example, DataError> {
+        if index >= self.len {
+            return Err(DataError::Index { index, len: self.len });
+        }
+        self.inner.get(index)
     }
 }
 
-/// Loads the train and test splits the config names.
-pub fn load(cfg: &DataSection) -> Result<(Split, Split), TrainError> {
-    match cfg.format.as_str() {
-        "idx" => {
-            let split = |prefix: &str, limit| -> Result<Split, TrainError> {
-                let d = vit_data::load_idx_dataset(&cfg.path, prefix, limit)?;
-                Ok(Split { labels: d.labels.to_vec::<i32>()?, images: d.images })
+/// `value_range(-1, 1)`: ViT's input range (reference §2), the default preprocessing.
+fn default_pipeline() -> Vec<Transform> {
+    vec![Transform::ValueRange { min: -1.0, max: 1.0, in_min: 0.0, in_max: 255.0 }]
+}
+
+/// The train and test datasets with their preprocessing.
+pub struct Data {
+    pub train: Arc<dyn Dataset>,
+    pub test: Arc<dyn Dataset>,
+    train_pp: Pipeline,
+    eval_pp: Pipeline,
+}
+
+/// Loads the datasets `cfg` names: `idx` (MNIST-style files, splits are prefixes), `cifar10` /
+/// `cifar100` (binary batches, splits `train` / `test`), `folder` (one subfolder per class under
+/// `path/<split>`).
+pub fn load(cfg: &DataSection) -> Result<Data, TrainError> {
+    let limit = |d: Arc<dyn Dataset>, n: Option<usize>| -> Arc<dyn Dataset> {
+        match n {
+            Some(n) if n < d.len() => Arc::new(Limited { inner: d, len: n }),
+            _ => d,
+        }
+    };
+    let cifar_split = |s: &str| match s {
+        "train" => Ok(Split::Train),
+        "test" => Ok(Split::Test),
+        other => Err(TrainError::Config(format!("data split {other:?}: expected \"train\" or \"test\" for CIFAR"))),
+    };
+    let (train, test): (Arc<dyn Dataset>, Arc<dyn Dataset>) = match cfg.format.as_str() {
+        "idx" => (
+            Arc::new(InMemoryDataset::from_idx(&cfg.path, &cfg.train, cfg.train_limit)?),
+            Arc::new(InMemoryDataset::from_idx(&cfg.path, &cfg.test, cfg.test_limit)?),
+        ),
+        "cifar10" | "cifar100" => {
+            let read = |s: &str| -> Result<Arc<dyn Dataset>, TrainError> {
+                let split = cifar_split(s)?;
+                Ok(Arc::new(if cfg.format == "cifar10" {
+                    load_cifar10(&cfg.path, split)?
+                } else {
+                    load_cifar100(&cfg.path, split)?
+                }))
             };
-            Ok((split(&cfg.train, cfg.train_limit)?, split(&cfg.test, cfg.test_limit)?))
+            (limit(read(&cfg.train)?, cfg.train_limit), limit(read(&cfg.test)?, cfg.test_limit))
+        }
+        "folder" => {
+            let open = |s: &str| -> Result<Arc<dyn Dataset>, TrainError> {
+                Ok(Arc::new(ImageFolder::open(Path::new(&cfg.path).join(s))?))
+            };
+            (limit(open(&cfg.train)?, cfg.train_limit), limit(open(&cfg.test)?, cfg.test_limit))
         }
         other => {
-            Err(TrainError::Config(format!("data.format = {other:?}: only \"idx\" is wired into vit train so far")))
+            return Err(TrainError::Config(format!(
+                "data.format = {other:?}: expected idx, cifar10, cifar100 or folder"
+            )))
         }
-    }
+    };
+    let pp = |ops: &[Transform]| {
+        let p = Pipeline::new(if ops.is_empty() { default_pipeline() } else { ops.to_vec() });
+        p.validate().map(|_| p)
+    };
+    Ok(Data { train, test, train_pp: pp(&cfg.augment)?, eval_pp: pp(&cfg.eval_augment)? })
 }
 
-/// Indices of the training batch of `step`: epoch `e` visits a permutation seeded by
-/// `(seed, e)`; batches never straddle epochs (the last partial batch of an epoch is dropped).
-pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize> {
-    let per_epoch = (n / batch).max(1) as u64;
-    let (epoch, k) = (step / per_epoch, (step % per_epoch) as usize);
-    let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-    order[k * batch..((k + 1) * batch).min(n)].to_vec()
+impl Data {
+    /// The endless, shuffled, augmented training stream (epoch `e` is a permutation drawn from
+    /// `(seed, e)`; the last partial batch of each epoch is dropped).
+    pub fn train_loader(&self, batch: usize, seed: u64) -> Result<Loader, TrainError> {
+        let cfg = LoaderConfig { shuffle: true, seed, repeat: true, drop_last: true, ..LoaderConfig::new(batch) };
+        Ok(Loader::new(self.train.clone(), self.train_pp.clone(), cfg)?)
+    }
+
+    /// One ordered pass over `dataset` with the evaluation preprocessing.
+    pub fn eval_loader(&self, dataset: &Arc<dyn Dataset>, batch: usize) -> Result<Loader, TrainError> {
+        let cfg = LoaderConfig { shuffle: false, repeat: false, drop_last: false, ..LoaderConfig::new(batch) };
+        Ok(Loader::new(dataset.clone(), self.eval_pp.clone(), cfg)?)
+    }
 }

@@ -8,12 +8,12 @@ pub mod plot;
 pub mod run_dir;
 
 use config::TrainConfig;
-use data::{batch_indices, Split};
 use run_dir::RunDir;
 use std::{
     sync::atomic::{AtomicBool, Ordering},
     time::Instant,
 };
+use vit_data::Loader;
 use vit_model::{checkpoint, layers::resample_posemb, Checkpoint, ModelConfig, ParamStore, VisionTransformer};
 use vit_optim::{
     AdamWConfig, Algorithm, Decay, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups,
@@ -176,23 +176,22 @@ fn targets(
     Ok(t)
 }
 
-/// `(accuracy, mean loss)` on a split, in batches of `batch`; the loss is sigmoid
-/// cross-entropy when `sigmoid`, else softmax cross-entropy.
+/// `(accuracy, mean loss)` over one pass of `loader`; the loss is sigmoid cross-entropy when
+/// `sigmoid`, else softmax cross-entropy.
 pub fn evaluate(
     model: &VisionTransformer,
     params: &ParamStore,
-    split: &Split,
-    batch: usize,
+    loader: &Loader,
     device: Device,
     sigmoid: bool,
 ) -> Result<(f64, f64), TrainError> {
     let classes = model.config.classes;
-    let (mut correct, mut loss) = (0usize, 0f64);
-    for start in (0..split.len()).step_by(batch.max(1)) {
-        let idx: Vec<usize> = (start..(start + batch).min(split.len())).collect();
-        let (x, labels) = split.gather(&idx)?;
-        let logits =
-            model.predict(params, &x.to_device(device)?.cast(model_dtype(model, params))?)?.cast(DType::F32)?;
+    let (mut correct, mut loss, mut n) = (0usize, 0f64, 0usize);
+    for b in loader.iter() {
+        let b = b?;
+        let labels = b.labels.to_vec::<i32>()?;
+        let x = b.images.to_device(device)?.cast(model_dtype(model, params))?;
+        let logits = model.predict(params, &x)?.cast(DType::F32)?;
         let pred = ops::argmax(&logits, 1)?.to_vec::<u32>()?;
         correct += pred.iter().zip(&labels).filter(|(p, l)| **p as i32 == **l).count();
         let t = targets(&labels, classes, 0.0, None)?.to_device(device)?;
@@ -202,9 +201,9 @@ pub fn evaluate(
             ops::softmax_cross_entropy_fwd(&logits, &t)?
         };
         loss += ops::sum_all(&losses)?.to_scalar()? as f64;
+        n += labels.len();
     }
-    let n = split.len().max(1) as f64;
-    Ok((correct as f64 / n, loss / n))
+    Ok((correct as f64 / n.max(1) as f64, loss / n.max(1) as f64))
 }
 
 fn model_dtype(_model: &VisionTransformer, params: &ParamStore) -> DType {
@@ -231,25 +230,28 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
     let dtype = if cfg.train.precision == "bf16" { DType::BF16 } else { DType::F32 };
     let mcfg: ModelConfig = cfg.model_config()?;
     let model = VisionTransformer::new(&mcfg, dtype, device)?;
-    let (train_split, test_split) = data::load(&cfg.data)?;
+    let data = data::load(&cfg.data)?;
+    let probe = data.eval_loader(&data.train, 1)?.batch(0)?;
     let want = [mcfg.channels, mcfg.image_size, mcfg.image_size];
-    if train_split.images.dims()[1..] != want {
+    if probe.images.dims()[1..] != want {
         return Err(TrainError::Config(format!(
-            "model expects images [{}, {}, {}] but {} holds {:?}",
+            "the model expects images [{}, {}, {}] but {} gives {:?} after preprocessing (set data.augment or the model's image_size/channels)",
             want[0],
             want[1],
             want[2],
             cfg.data.path,
-            &train_split.images.dims()[1..]
+            &probe.images.dims()[1..]
         )));
     }
-    if let Some((i, l)) = train_split.labels.iter().enumerate().find(|(_, &l)| l < 0 || l as usize >= mcfg.classes) {
+    if data.train.num_classes() > mcfg.classes {
         return Err(TrainError::Config(format!(
-            "training label {l} at index {i} is outside the model's {} classes",
+            "{} has {} classes but model.classes = {}",
+            cfg.data.path,
+            data.train.num_classes(),
             mcfg.classes
         )));
     }
-    let total = total_steps(cfg, train_split.len());
+    let total = total_steps(cfg, data.train.len());
 
     let (mut params, start) = if opts.resume {
         let (step, path) = run.checkpoints()?.pop().ok_or_else(|| {
@@ -304,8 +306,10 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         b
     });
     let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / cfg.train.grad_accum);
+    let test_loader = data.eval_loader(&data.test, batch)?;
+    let mut stream = data.train_loader(batch, cfg.train.seed)?.iter_from(first_step);
     let evaluate_test = |params: &ParamStore| {
-        evaluate(&model, &compute_params(params, dtype)?, &test_split, batch, device, cfg.train.loss == "sigmoid")
+        evaluate(&model, &compute_params(params, dtype)?, &test_loader, device, cfg.train.loss == "sigmoid")
     };
     let (mut train_time, mut trained) = (0f64, 0u64);
     let mut last_loss = f64::NAN;
@@ -319,26 +323,26 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
             return Err(TrainError::Interrupted { step, dir: run.path.display().to_string() });
         }
         let t0 = Instant::now();
-        let idx = batch_indices(train_split.len(), batch, cfg.train.seed, step);
+        let b = stream.next().ok_or_else(|| TrainError::Io(format!("the training stream ended at step {step}")))??;
+        let all_labels = b.labels.to_vec::<i32>()?;
         let cp = compute_params(&params, dtype)?;
         let mut grads = params.zeros_like(DType::F32)?;
         let mut loss_sum = 0f64;
-        for chunk in idx.chunks(micro) {
-            let (x, labels) = train_split.gather(chunk)?;
-            let x = x.to_device(device)?.cast(dtype)?;
+        for (j, labels) in all_labels.chunks(micro).enumerate() {
+            let x = b.images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
             let t_logits = match &teacher {
                 Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
                 None => None,
             };
             let t = targets(
-                &labels,
+                labels,
                 mcfg.classes,
                 cfg.train.label_smoothing,
                 t_logits.as_ref().map(|l| (l, cfg.train.distill_weight)),
             )?
             .to_device(device)?;
             let (logits, saved) = model.forward(&cp, &x)?;
-            let dloss = Tensor::full(1.0 / batch as f32, [chunk.len()], DType::F32, device)?;
+            let dloss = Tensor::full(1.0 / batch as f32, [labels.len()], DType::F32, device)?;
             let (losses, dlogits) = if cfg.train.loss == "sigmoid" {
                 (ops::sigmoid_cross_entropy_fwd(&logits, &t)?, ops::sigmoid_cross_entropy_bwd(&logits, &t, &dloss)?)
             } else {
@@ -362,7 +366,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         let is_last = done == total;
         let mut line = serde_json::json!({
             "step": done,
-            "epoch": done as f64 * batch as f64 / train_split.len() as f64,
+            "epoch": done as f64 * batch as f64 / data.train.len() as f64,
             "loss": loss,
             "lr": info.lr,
             "grad_norm": info.grad_norm,
