@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 bin=.gpu-bin
 # The test and bench binaries that exercise the GPU (the rest run in CI); stripped, they fit
 # the device tool's 64 MiB carry limit.
-gpu_tests="cuda_ops cuda_layout cuda_model checkpoint nvrtc_compile"
-gpu_benches="gemm_cuda"
+gpu_tests="cuda_ops cuda_layout cuda_model cuda_optim checkpoint nvrtc_compile"
+gpu_benches="gemm_cuda optim_cuda"
 if [ "${1:-}" = "--build" ]; then
   rm -rf "$bin" && mkdir -p "$bin"
   export CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=true
