@@ -56,7 +56,9 @@ template <class T> __device__ __forceinline__ void store(T* p, long long i, floa
 
 #define FULL_MASK 0xffffffffu
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Sums over a warp in T (float for the op kernels, double for the optimizer's statistics).
+template <class T>
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
     return v;
@@ -90,14 +92,15 @@ __device__ __forceinline__ long long warp_min_i64(long long v) {
 // Block reductions: each warp reduces, lane 0 of each warp posts to shared memory, then every
 // warp reduces the posted partials, so all threads get the result without a broadcast step.
 // The leading __syncthreads protects the shared slots from the previous call's readers.
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float part[32];
+template <class T>
+__device__ __forceinline__ T block_sum(T v) {
+    __shared__ T part[32];
     const int lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
     v = warp_sum(v);
     __syncthreads();
     if (lane == 0) part[threadIdx.x >> 5] = v;
     __syncthreads();
-    return warp_sum(lane < warps ? part[lane] : 0.f);
+    return warp_sum(lane < warps ? part[lane] : T(0));
 }
 
 __device__ __forceinline__ float block_max(float v) {

@@ -233,23 +233,6 @@ __device__ __forceinline__ void store_group(void* p, long long i, int dt, int cn
     }
 }
 
-__device__ __forceinline__ double warp_sum_f64(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
-
-// Block sum in f64 (blockDim.x a multiple of 32); every thread gets the result.
-__device__ __forceinline__ double block_sum_f64(double v) {
-    __shared__ double part[32];
-    const int lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
-    v = warp_sum_f64(v);
-    __syncthreads();
-    if (lane == 0) part[threadIdx.x >> 5] = v;
-    __syncthreads();
-    return warp_sum_f64(lane < warps ? part[lane] : 0.0);
-}
-
 // ---------------------------------------------------------------- the step kernels
 
 #define KIND_ADAMW 0
@@ -442,7 +425,7 @@ __device__ void stats_tile(const FactoredDesc& d, long long lb, float clip, floa
                 }
             }
             if (d.R == 1) {
-                rs = warp_sum_f64(rs);
+                rs = warp_sum(rs);
                 if (lane == 0) d.part_b[tc * nb + (h == 0 ? row0 : row1)] = rs;
             }
         }
@@ -539,7 +522,7 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
     const long long n1 = (d.flags & F_D0_IS_A) ? d.B : d.A;
     double sum = 0.0;
     for (long long k = threadIdx.x; k < n1; k += blockDim.x) sum += (double)d.vr_out[slice_entry(d, pq, r, k)];
-    const float rm = (float)(block_sum_f64(sum) / (double)n1);
+    const float rm = (float)(block_sum(sum) / (double)n1);
     for (long long k = threadIdx.x; k < n1; k += blockDim.x) {
         const long long e = slice_entry(d, pq, r, k);
         d.rf[e] = DIV(1.f, SQRT(DIV(d.vr_out[e], rm)));
@@ -564,7 +547,7 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc += (double)x[j] * (double)x[j];  // exact squares; x[j] = 0 beyond cnt
     }
-    acc = block_sum_f64(acc);
+    acc = block_sum(acc);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
@@ -572,6 +555,6 @@ extern "C" __global__ void __launch_bounds__(1024)
     sum_squares_finalize(const double* partial, long long blocks, double* out) {
     double acc = 0.0;
     for (long long i = threadIdx.x; i < blocks; i += blockDim.x) acc += partial[i];
-    acc = block_sum_f64(acc);
+    acc = block_sum(acc);
     if (threadIdx.x == 0) out[0] = acc;
 }
