@@ -176,6 +176,8 @@ fn bad_input_ends_with_one_line_and_exit_code_1() {
         (vec!["train", "--out", o, "--set", "data.path=/nonexistent/data"], "/nonexistent/data"),
         (vec!["train", "--out", o, "--set", "train.nonsense=1"], "nonsense"),
         (vec!["train", "--resume", corrupt.to_str().unwrap()], "step-3.safetensors"),
+        // Fashion-MNIST has 10 classes: a 5-class model is refused before training.
+        (vec!["train", "--out", o, "--set", "model.classes=5"], "model.classes = 5"),
     ];
     for (args, needle) in cases {
         let out = vit(&args);

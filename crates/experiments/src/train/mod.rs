@@ -162,11 +162,14 @@ fn targets(
     smoothing: f32,
     teacher: Option<(&Tensor, f32)>,
 ) -> Result<Tensor, TrainError> {
-    let mut t = vec![smoothing / classes as f32; labels.len() * classes];
-    for (i, &l) in labels.iter().enumerate() {
-        t[i * classes + l as usize] += 1.0 - smoothing;
-    }
-    let mut t = Tensor::from_f32(t, [labels.len(), classes], DType::F32, Device::Cpu)?;
+    // one_hot names any label outside 0..classes (a test split with more classes than the model).
+    let onehot = ops::one_hot(&Tensor::from_vec(labels.to_vec(), [labels.len()], Device::Cpu)?, classes, DType::F32)?;
+    let mut t = if smoothing > 0.0 {
+        let uniform = Tensor::full(smoothing / classes as f32, onehot.shape().clone(), DType::F32, Device::Cpu)?;
+        ops::add(&ops::scale(&onehot, 1.0 - smoothing)?, &uniform)?
+    } else {
+        onehot
+    };
     if let Some((logits, w)) = teacher {
         // KL(teacher ‖ student) has the gradient of cross-entropy against the teacher's
         // probabilities; cross-entropy is linear in the targets, so the two losses mix there.
@@ -190,7 +193,7 @@ pub fn evaluate(
     for b in loader.iter() {
         let b = b?;
         let labels = b.labels.to_vec::<i32>()?;
-        let x = b.images.to_device(device)?.cast(model_dtype(model, params))?;
+        let x = b.images.to_device(device)?.cast(param_dtype(params))?;
         let logits = model.predict(params, &x)?.cast(DType::F32)?;
         let pred = ops::argmax(&logits, 1)?.to_vec::<u32>()?;
         correct += pred.iter().zip(&labels).filter(|(p, l)| **p as i32 == **l).count();
@@ -206,7 +209,7 @@ pub fn evaluate(
     Ok((correct as f64 / n.max(1) as f64, loss / n.max(1) as f64))
 }
 
-fn model_dtype(_model: &VisionTransformer, params: &ParamStore) -> DType {
+fn param_dtype(params: &ParamStore) -> DType {
     params.iter().next().map_or(DType::F32, |(_, t)| t.dtype())
 }
 
