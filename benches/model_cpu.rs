@@ -39,24 +39,30 @@ fn run(name: &str, cfg: &ModelConfig, batch: usize, samples: usize) {
     );
 }
 
+fn custom(fields: &[&str]) -> ModelConfig {
+    let mut c = ModelConfig::custom();
+    for s in ["image_size=28", "patch=4", "channels=1", "heads=4", "classes=10", "pool=gap"].iter().chain(fields) {
+        c.set(s).unwrap();
+    }
+    c
+}
+
 fn main() {
     let quick = common::quick();
     println!("model_cpu: {} threads, f32", rayon::current_num_threads());
-    let mut small = ModelConfig::custom();
-    for s in [
-        "image_size=28",
-        "patch=4",
-        "channels=1",
-        "width=128",
-        "depth=6",
-        "mlp_dim=512",
-        "heads=4",
-        "classes=10",
-        "pool=gap",
-    ] {
-        small.set(s).unwrap();
-    }
-    run("small (28px/4, D128, L6, GAP)", &small, if quick { 4 } else { 64 }, if quick { 1 } else { 5 });
+    let small = custom(&["width=128", "depth=6", "mlp_dim=512"]);
+    // configs/fashion-mnist-vit.toml's model at its batch size.
+    let fmnist = custom(&["width=64", "depth=6", "mlp_dim=128"]);
+    let (batch, samples) = if quick { (4, 1) } else { (64, 5) };
+    let (fm_batch, fm_samples) = if quick { (4, 1) } else { (128, 7) };
+    // First with the allocator's defaults, then keeping freed memory (what `vit` does): the
+    // ratio of the two lines is the cost of page faults on recycled activation buffers.
+    println!(" glibc default heap:");
+    run("small (28px/4, D128, L6, GAP)", &small, batch, samples);
+    run("fmnist (28px/4, D64, L6, M128)", &fmnist, fm_batch, fm_samples);
+    println!(" retain_freed_memory: {}", vit_tensor::cpu::retain_freed_memory());
+    run("small (28px/4, D128, L6, GAP)", &small, batch, samples);
+    run("fmnist (28px/4, D64, L6, M128)", &fmnist, fm_batch, fm_samples);
     let b16 = ModelConfig::preset("B/16").unwrap();
     run("B/16 (224px, MAP)", &b16, if quick { 1 } else { 8 }, if quick { 1 } else { 3 });
 }

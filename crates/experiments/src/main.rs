@@ -32,6 +32,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Reuse activation buffers across steps instead of faulting fresh pages in (docs/perf.md).
+    vit_tensor::cpu::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => commands::train::run(a),

@@ -51,6 +51,30 @@ impl CpuStorage {
         })
     }
 
+    /// `len` zero elements of `dtype`, to be overwritten in place through [`Self::bytes_mut`]
+    /// (layout ops copy bytes straight into the typed vector).
+    pub(crate) fn zeroed(dtype: DType, len: usize) -> Self {
+        use crate::cpu::zeroed;
+        match dtype {
+            DType::F32 => CpuStorage::F32(zeroed(len)),
+            DType::BF16 => CpuStorage::BF16(zeroed(len)),
+            DType::F16 => CpuStorage::F16(zeroed(len)),
+            DType::I32 => CpuStorage::I32(zeroed(len)),
+            DType::U32 => CpuStorage::U32(zeroed(len)),
+        }
+    }
+
+    /// All elements as raw bytes, writable.
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::I32(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::U32(v) => bytemuck::cast_slice_mut(v),
+        }
+    }
+
     /// Bytes of elements `[offset, offset + len)`, for copies to a device.
     pub(crate) fn bytes(&self, offset: usize, len: usize) -> &[u8] {
         match self {

@@ -269,11 +269,6 @@ impl Tensor {
         }
     }
 
-    /// A CPU tensor of `dtype` from raw element bytes.
-    pub(crate) fn cpu_from_bytes(bytes: &[u8], shape: Shape, dtype: DType) -> Tensor {
-        Self::from_cpu(CpuStorage::from_bytes(bytes, dtype), shape)
-    }
-
     /// The device buffer and byte offset of a CUDA tensor.
     pub(crate) fn cuda_storage(&self, op: &'static str) -> Result<(&cuda::CudaStorage, usize)> {
         match self.storage.as_ref() {

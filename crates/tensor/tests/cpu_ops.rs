@@ -524,3 +524,77 @@ fn layout_ops_match_naive_and_finite_differences() {
     assert!(ops::permute(&x, &[0, 1, 1, 3]).is_err());
     assert!(ops::concat(&[&a, &randn(&[3, 5], 63)], 1).unwrap_err().to_string().contains("[2, 3] with [3, 5]"));
 }
+
+/// Inputs above the CPU backend's parallel threshold take the blocked, multi-threaded paths:
+/// they must match naive loops exactly (copies) or to f32 rounding (sums), and give the same
+/// bits on 1 and 3 threads (a resumed run must not depend on the machine's core count).
+#[test]
+fn large_inputs_take_the_parallel_paths_and_match_naive() {
+    // [batch, tokens, 3, heads, head_dim] -> [3, batch, heads, tokens, head_dim]: 301,056 elements.
+    let dims = [32usize, 49, 3, 4, 16];
+    let perm = [2usize, 0, 3, 1, 4];
+    let x = randn(&dims, 70);
+    let xv = v(&x);
+    let y = ops::permute(&x, &perm).unwrap();
+    let yv = v(&y);
+    let od: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+    let mut want = vec![0.0f32; xv.len()];
+    for (i, w) in want.iter_mut().enumerate() {
+        let (mut rest, mut o) = (i, [0usize; 5]);
+        for d in (0..5).rev() {
+            o[d] = rest % od[d];
+            rest /= od[d];
+        }
+        let mut src = [0usize; 5];
+        for d in 0..5 {
+            src[perm[d]] = o[d];
+        }
+        *w = xv[(((src[0] * dims[1] + src[1]) * dims[2] + src[2]) * dims[3] + src[3]) * dims[4] + src[4]];
+    }
+    assert_eq!(yv, want, "large permute");
+    let h = x.cast(DType::BF16).unwrap();
+    assert_eq!(v(&ops::permute(&h, &perm).unwrap()), v(&y.cast(DType::BF16).unwrap()), "large bf16 permute");
+
+    // slice + concat along tokens (block copies), elementwise ops, bias add.
+    let parts = [ops::slice(&x, 1, 0, 1).unwrap(), ops::slice(&x, 1, 1, 48).unwrap()];
+    assert_eq!(v(&parts[1])[..16], xv[3 * 4 * 16..3 * 4 * 16 + 16]);
+    assert_eq!(v(&ops::concat(&[&parts[0], &parts[1]], 1).unwrap()), xv, "large concat");
+    let (rows, n) = (32 * 49, 192);
+    let a = randn(&[rows, n], 71);
+    let b = randn(&[rows, n], 72);
+    let (av, bv) = (v(&a), v(&b));
+    let add: Vec<f32> = av.iter().zip(&bv).map(|(x, y)| x + y).collect();
+    assert_eq!(v(&ops::add(&a, &b).unwrap()), add, "large add");
+    assert_eq!(v(&ops::scale(&a, 0.75).unwrap()), av.iter().map(|x| x * 0.75).collect::<Vec<_>>());
+    let bias = randn(&[n], 73);
+    let biasv = v(&bias);
+    let want: Vec<f32> = av.iter().enumerate().map(|(i, x)| x + biasv[i % n]).collect();
+    assert_eq!(v(&ops::bias_add(&a, &bias).unwrap()), want, "large bias_add");
+    let sums: Vec<f32> = (0..n).map(|j| (0..rows).map(|i| av[i * n + j] as f64).sum::<f64>() as f32).collect();
+    assert_close("large bias_add_bwd", &v(&ops::bias_add_bwd(&a).unwrap()), &sums, 1e-4, 1e-4);
+
+    // LayerNorm's dweight/dbias: blocked row sums against f64.
+    let w = Tensor::randn([n], 1.0, 0.3, 74, DType::F32, CPU).unwrap();
+    let out = ops::layer_norm_fwd(&a, Some(&w), Some(&bias), 1e-6, NormKind::LayerNorm).unwrap();
+    let g = ops::layer_norm_bwd(&a, Some(&w), &out.mean, &out.rstd, &b, NormKind::LayerNorm, true).unwrap();
+    let (mean, rstd) = (v(&out.mean), v(&out.rstd));
+    let dw: Vec<f32> = (0..n)
+        .map(|j| {
+            (0..rows).map(|i| bv[i * n + j] as f64 * (av[i * n + j] - mean[i]) as f64 * rstd[i] as f64).sum::<f64>()
+                as f32
+        })
+        .collect();
+    let db: Vec<f32> = (0..n).map(|j| (0..rows).map(|i| bv[i * n + j] as f64).sum::<f64>() as f32).collect();
+    assert_close("large layer_norm dweight", &v(g.dweight.as_ref().unwrap()), &dw, 1e-4, 1e-4);
+    assert_close("large layer_norm dbias", &v(g.dbias.as_ref().unwrap()), &db, 1e-4, 1e-4);
+
+    // The same bits on 1 and 3 threads.
+    let on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let g = ops::layer_norm_bwd(&a, Some(&w), &out.mean, &out.rstd, &b, NormKind::LayerNorm, true).unwrap();
+            [v(&g.dx), v(g.dweight.as_ref().unwrap()), v(g.dbias.as_ref().unwrap()), v(&ops::bias_add_bwd(&a).unwrap())]
+        })
+    };
+    assert_eq!(on(1), on(3), "blocked sums depend on the thread count");
+}

@@ -1,8 +1,59 @@
-//! The `--data` options shared by `vit eval` and `vit fewshot`.
+//! The options shared by `vit eval` and `vit fewshot`: the checkpoint, where the data comes
+//! from, batch size, device and output format.
 
 use super::CliError;
 use std::path::{Path, PathBuf};
-use vit_experiments::train::config::{DataSection, TrainConfig};
+use vit_experiments::train::{
+    config::{DataSection, TrainConfig},
+    data::{self, Data},
+};
+use vit_model::{checkpoint, checkpoint::Checkpoint, VisionTransformer};
+use vit_tensor::{DType, Device};
+
+/// A checkpoint to evaluate and how.
+#[derive(clap::Args)]
+pub struct CheckpointArgs {
+    /// A checkpoint written by `vit train` (`step-N.safetensors`) or `vit convert`.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What [`CheckpointArgs::load`] opens.
+pub struct Loaded {
+    pub device: Device,
+    pub checkpoint: Checkpoint,
+    pub model: VisionTransformer,
+    pub data: Data,
+}
+
+impl CheckpointArgs {
+    /// The device, the checkpoint (checked against its model's parameter names and shapes), the
+    /// model and the data.
+    pub fn load(&self) -> Result<Loaded, CliError> {
+        let device: Device = self.device.parse()?;
+        let ckpt = checkpoint::load_checkpoint(&self.checkpoint, device)?;
+        let model = VisionTransformer::new(&ckpt.config, DType::F32, device)?;
+        ckpt.check_against(&model.init_params(0, DType::F32, Device::Cpu)?)?;
+        let data = data::load(&self.data.section(&self.checkpoint)?)?;
+        Ok(Loaded { device, checkpoint: ckpt, model, data })
+    }
+
+    /// The batch size, at least 1.
+    pub fn batch(&self) -> usize {
+        self.batch_size.max(1)
+    }
+}
 
 /// Where evaluation data comes from: explicit options, else the `[data]` of the `config.toml`
 /// beside the checkpoint (a run directory).

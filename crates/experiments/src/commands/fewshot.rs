@@ -1,34 +1,25 @@
 //! `vit fewshot --checkpoint C [--data DIR ...] --shots 1,5,10,25 [--seeds 3] [--json]`:
 //! few-shot linear evaluation on the frozen pre-logit features (reference §6).
 
-use super::{data_args::DataArgs, CliError};
-use std::path::PathBuf;
-use vit_data::Loader;
-use vit_experiments::{
-    fewshot::{fewshot_accuracy, Features},
-    train::data,
+use super::{
+    data_args::{CheckpointArgs, Loaded},
+    CliError,
 };
-use vit_model::{checkpoint, ParamStore, VisionTransformer};
-use vit_tensor::{DType, Device};
+use vit_data::Loader;
+use vit_experiments::fewshot::{fewshot_accuracy, Features};
+use vit_model::{ParamStore, VisionTransformer};
+use vit_tensor::Device;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long)]
-    checkpoint: PathBuf,
     #[command(flatten)]
-    data: DataArgs,
+    common: CheckpointArgs,
     /// Training images per class, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,5,10,25")]
     shots: Vec<usize>,
     /// Seeds per shot count (big_vision uses 3).
     #[arg(long, default_value_t = 3)]
     seeds: u64,
-    #[arg(long, default_value_t = 256)]
-    batch_size: usize,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long)]
-    json: bool,
 }
 
 /// Pre-logit features `[N, F]` (flattened row-major), the feature width, and the labels of one
@@ -51,12 +42,9 @@ fn features(
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
-    let device: Device = args.device.parse()?;
-    let ckpt = checkpoint::load_checkpoint(&args.checkpoint, device)?;
-    let model = VisionTransformer::new(&ckpt.config, DType::F32, device)?;
-    ckpt.check_against(&model.init_params(0, DType::F32, Device::Cpu)?)?;
-    let data = data::load(&args.data.section(&args.checkpoint)?)?;
-    let batch = args.batch_size.max(1);
+    let c = &args.common;
+    let Loaded { device, checkpoint: ckpt, model, data } = c.load()?;
+    let batch = c.batch();
     let (xtr, dim, ytr) = features(&model, &ckpt.params, &data.eval_loader(&data.train, batch)?, device)?;
     let (xte, _, yte) = features(&model, &ckpt.params, &data.eval_loader(&data.test, batch)?, device)?;
     let classes = data.train.num_classes().max(data.test.num_classes());
@@ -69,7 +57,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
             .collect::<Result<_, _>>()
             .map_err(|e| CliError::Usage(e.to_string()))?;
         let mean = accs.iter().sum::<f64>() / accs.len().max(1) as f64;
-        if !args.json {
+        if !c.json {
             println!(
                 "{shots:>3}-shot: {mean:.4} (seeds: {})",
                 accs.iter().map(|a| format!("{a:.4}")).collect::<Vec<_>>().join(", ")
@@ -77,7 +65,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         }
         results.insert(format!("{shots}shot"), serde_json::json!({ "mean": mean, "per_seed": accs }));
     }
-    if args.json {
+    if c.json {
         println!("{}", serde_json::Value::Object(results));
     }
     Ok(())

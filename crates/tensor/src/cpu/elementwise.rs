@@ -10,29 +10,58 @@ pub(crate) fn binary(a: &[f32], b: &[f32], op: BinaryOp) -> Vec<f32> {
         BinaryOp::Sub => |x: f32, y: f32| x - y,
         BinaryOp::Mul => |x: f32, y: f32| x * y,
     };
+    if a.len() >= PAR_MIN_ELEMS {
+        return a.par_iter().zip(b).with_min_len(PAR_MIN_ELEMS / 4).map(|(&x, &y)| f(x, y)).collect();
+    }
     a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
 }
 
 pub(crate) fn scale(x: &[f32], s: f32) -> Vec<f32> {
+    if x.len() >= PAR_MIN_ELEMS {
+        return x.par_iter().with_min_len(PAR_MIN_ELEMS / 4).map(|&v| v * s).collect();
+    }
     x.iter().map(|&v| v * s).collect()
 }
 
 pub(crate) fn bias_add(x: &[f32], bias: &[f32]) -> Vec<f32> {
     let n = bias.len();
-    let mut y = x.to_vec();
-    if n > 0 {
-        y.chunks_mut(n).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+    if n == 0 || x.len() < PAR_MIN_ELEMS {
+        let mut y = x.to_vec();
+        if n > 0 {
+            y.chunks_mut(n).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+        }
+        return y;
     }
+    let mut y = Vec::with_capacity(x.len());
+    y.par_extend(x.par_iter().copied());
+    y.par_chunks_mut(n)
+        .with_min_len((PAR_MIN_ELEMS / n).max(1))
+        .for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
     y
 }
 
 /// Sums of the columns of `x [rows, n]` -> `[n]`.
+///
+/// Deterministic at any thread count: fixed blocks of rows are summed in parallel, then the
+/// block sums are added in block order (a run resumed from a checkpoint must match bit for bit).
 pub(crate) fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
-    let mut s = vec![0.0f32; n];
-    if n > 0 {
-        x.chunks(n).for_each(|row| s.iter_mut().zip(row).for_each(|(a, v)| *a += v));
+    if n == 0 {
+        return Vec::new();
     }
-    s
+    let block_rows = (PAR_MIN_ELEMS / n).max(1);
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(block_rows * n)
+        .map(|block| {
+            let mut s = vec![0.0f32; n];
+            block.chunks(n).for_each(|row| s.iter_mut().zip(row).for_each(|(a, v)| *a += v));
+            s
+        })
+        .collect();
+    let mut sums = vec![0.0f32; n];
+    for p in &partials {
+        sums.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    }
+    sums
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;

@@ -1,8 +1,11 @@
 //! Byte-level layout copies, the same for every dtype (elements are `es` bytes).
 
-/// Permutes a row-major tensor of `dims` so output dim `i` is input dim `perm[i]`. Trailing
+use super::PAR_MIN_ELEMS;
+use rayon::prelude::*;
+
+/// Permutes a row-major tensor of `dims` into `dst` so output dim `i` is input dim `perm[i]`. Trailing
 /// axes that stay in place (e.g. `head_dim` when splitting heads) are copied as contiguous runs.
-pub(crate) fn permute_bytes(src: &[u8], es: usize, dims: &[usize], perm: &[usize]) -> Vec<u8> {
+pub(crate) fn permute_bytes(src: &[u8], es: usize, dims: &[usize], perm: &[usize], dst: &mut [u8]) {
     let r = dims.len();
     // The longest suffix of axes that stay in place moves as one contiguous run.
     let kept = (0..r).rev().take_while(|&i| perm[i] == i).count();
@@ -15,21 +18,33 @@ pub(crate) fn permute_bytes(src: &[u8], es: usize, dims: &[usize], perm: &[usize
     let out_dims: Vec<usize> = perm[..outer_rank].iter().map(|&p| dims[p]).collect();
     let strides: Vec<usize> = perm[..outer_rank].iter().map(|&p| in_strides[p] * es).collect();
     let runs: usize = out_dims.iter().product();
-    let mut dst = vec![0u8; runs * run];
-    let mut idx = vec![0usize; outer_rank];
-    for chunk in dst.chunks_exact_mut(run.max(1)).take(runs) {
-        let i: usize = idx.iter().zip(&strides).map(|(a, s)| a * s).sum();
-        chunk.copy_from_slice(&src[i..i + run]);
-        // Advance the output multi-index, last axis fastest.
-        for d in (0..outer_rank).rev() {
-            idx[d] += 1;
-            if idx[d] < out_dims[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
+    debug_assert_eq!(dst.len(), runs * run);
+    if run == 0 || runs == 0 {
+        return;
     }
-    dst
+    // Blocks of whole runs (about 128 KiB), each starting from its own output multi-index, are
+    // copied in parallel.
+    let runs_per_block = ((PAR_MIN_ELEMS * 4) / run).max(1);
+    dst.par_chunks_mut(run * runs_per_block).enumerate().for_each(|(b, block)| {
+        let mut idx = vec![0usize; outer_rank];
+        let mut rest = b * runs_per_block;
+        for d in (0..outer_rank).rev() {
+            idx[d] = rest % out_dims[d];
+            rest /= out_dims[d];
+        }
+        for chunk in block.chunks_exact_mut(run) {
+            let i: usize = idx.iter().zip(&strides).map(|(a, s)| a * s).sum();
+            chunk.copy_from_slice(&src[i..i + run]);
+            // Advance the output multi-index, last axis fastest.
+            for d in (0..outer_rank).rev() {
+                idx[d] += 1;
+                if idx[d] < out_dims[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+    });
 }
 
 /// For each of `outer` blocks, copies rows `src_off..src_off + len` of a `[src_n, inner_bytes]`
@@ -46,9 +61,13 @@ pub(crate) fn copy_block(
     len: usize,
     inner_bytes: usize,
 ) {
-    for o in 0..outer {
-        let s = (o * src_n + src_off) * inner_bytes;
-        let d = (o * dst_n + dst_off) * inner_bytes;
-        dst[d..d + len * inner_bytes].copy_from_slice(&src[s..s + len * inner_bytes]);
+    let (block, bytes) = (dst_n * inner_bytes, len * inner_bytes);
+    if block == 0 || bytes == 0 {
+        return;
     }
+    let min_blocks = (PAR_MIN_ELEMS * 4 / bytes).max(1);
+    dst[..outer * block].par_chunks_mut(block).with_min_len(min_blocks).enumerate().for_each(|(o, d)| {
+        let s = (o * src_n + src_off) * inner_bytes;
+        d[dst_off * inner_bytes..][..bytes].copy_from_slice(&src[s..s + bytes]);
+    });
 }

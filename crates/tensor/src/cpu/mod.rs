@@ -2,6 +2,7 @@
 //! with rayon, matmul through the `gemm` crate. bf16/f16 inputs are widened to f32 by the ops
 //! layer, so everything here is f32 (design §2).
 
+mod allocator;
 mod attention;
 mod elementwise;
 mod index;
@@ -12,6 +13,7 @@ mod patch;
 mod reduce;
 mod softmax;
 
+pub use allocator::retain_freed_memory;
 pub(crate) use attention::*;
 pub(crate) use elementwise::*;
 pub(crate) use index::*;
@@ -23,5 +25,19 @@ pub(crate) use patch::*;
 pub(crate) use reduce::*;
 pub(crate) use softmax::*;
 
+use rayon::prelude::*;
+
 /// Rows below this many elements in total are not worth a rayon fan-out.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
+
+/// `len` zeros, written in parallel when large: with freed memory kept in the heap
+/// ([`retain_freed_memory`]) a zeroed buffer is a memset of recycled pages rather than fresh
+/// zero pages from the kernel, and a serial memset of every output would idle the other cores.
+pub(crate) fn zeroed<T: Default + Copy + Send + Sync>(len: usize) -> Vec<T> {
+    if len * std::mem::size_of::<T>() < PAR_MIN_ELEMS * 4 {
+        return vec![T::default(); len];
+    }
+    let mut v = Vec::with_capacity(len);
+    v.par_extend(rayon::iter::repeat_n(T::default(), len));
+    v
+}

@@ -1,5 +1,6 @@
 //! LayerNorm and RMSNorm over the last dim.
 
+use super::PAR_MIN_ELEMS;
 use crate::ops::NormKind;
 use rayon::prelude::*;
 
@@ -74,12 +75,28 @@ pub(crate) fn layer_norm_bwd(
             dxr[j] = rs * (g - g_mean - xhat * gx_mean);
         }
     });
-    for i in 0..x.len() / d {
-        for j in 0..d {
-            let xhat = (x[i * d + j] - mean[i]) * rstd[i];
-            dw[j] += dy[i * d + j] * xhat;
-            db[j] += dy[i * d + j];
-        }
+    // dweight and dbias: fixed blocks of rows in parallel, block sums added in order, so the
+    // result does not depend on the thread count (bit-exact resume).
+    let block_rows = (PAR_MIN_ELEMS / d).max(1);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = x
+        .par_chunks(block_rows * d)
+        .zip(dy.par_chunks(block_rows * d))
+        .enumerate()
+        .map(|(b, (xb, dyb))| {
+            let (mut pw, mut pb) = (vec![0.0f32; d], vec![0.0f32; d]);
+            for (r, (xr, dyr)) in xb.chunks(d).zip(dyb.chunks(d)).enumerate() {
+                let i = b * block_rows + r;
+                for j in 0..d {
+                    pw[j] += dyr[j] * (xr[j] - mean[i]) * rstd[i];
+                    pb[j] += dyr[j];
+                }
+            }
+            (pw, pb)
+        })
+        .collect();
+    for (pw, pb) in &partials {
+        dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
+        db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
     }
     (dx, dw, db)
 }

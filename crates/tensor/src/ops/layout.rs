@@ -2,7 +2,7 @@
 //! a new dim. Each one's backward is another layout op (noted per function).
 
 use super::{same_device, same_float_dtype};
-use crate::{cpu, cuda, Device, Error, Result, Shape, Tensor};
+use crate::{cpu, cuda, storage::CpuStorage, Device, Error, Result, Shape, Tensor};
 
 /// `x` with its axes reordered: output dim `i` is input dim `perm[i]` (at most 6 dims).
 /// Backward: `permute(dy, inverse_permutation(perm))`.
@@ -19,8 +19,9 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let out: Vec<usize> = perm.iter().map(|&p| x.dims()[p]).collect();
     match x.device() {
         Device::Cpu => {
-            let bytes = cpu::permute_bytes(x.cpu_bytes("permute")?, x.dtype().size_in_bytes(), x.dims(), perm);
-            Ok(Tensor::cpu_from_bytes(&bytes, out.into(), x.dtype()))
+            let mut dst = CpuStorage::zeroed(x.dtype(), x.numel());
+            cpu::permute_bytes(x.cpu_bytes("permute")?, x.dtype().size_in_bytes(), x.dims(), perm, dst.bytes_mut());
+            Ok(Tensor::from_cpu(dst, out.into()))
         }
         Device::Cuda(_) => cuda::layout::permute(x, perm, out),
     }
@@ -110,16 +111,17 @@ fn copy_blocks(parts: &[(&Tensor, usize)], dim: usize, out: Vec<usize>, mode: Bl
     match x.device() {
         Device::Cpu => {
             let es = x.dtype().size_in_bytes();
-            let mut dst = vec![0u8; out_shape.numel() * es];
+            let mut storage = CpuStorage::zeroed(x.dtype(), out_shape.numel());
+            let dst = storage.bytes_mut();
             for &(t, offset) in parts {
                 let src = t.cpu_bytes("copy_blocks")?;
                 let (src_n, src_off, dst_off, len) = match mode {
                     Blocks::Take { start, len } => (t.dims()[dim], start, 0, len),
                     Blocks::Place => (t.dims()[dim], 0, offset, t.dims()[dim]),
                 };
-                cpu::copy_block(src, &mut dst, outer, src_n, src_off, out_n, dst_off, len, inner * es);
+                cpu::copy_block(src, dst, outer, src_n, src_off, out_n, dst_off, len, inner * es);
             }
-            Ok(Tensor::cpu_from_bytes(&dst, out_shape, x.dtype()))
+            Ok(Tensor::from_cpu(storage, out_shape))
         }
         Device::Cuda(_) => cuda::layout::copy_blocks(parts, dim, out_shape, mode),
     }
