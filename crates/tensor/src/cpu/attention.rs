@@ -3,7 +3,7 @@
 //! rayon across slabs); softmax and the score gradient are row loops. Exact f32 math, no N×N
 //! matrix kept between forward and backward (backward recomputes it from `lse`).
 
-use super::matmul::gemm_f32;
+use super::{matmul::gemm_f32, zeroed};
 use rayon::prelude::*;
 
 /// Returns `(o [bh, n, d], lse [bh, n])` for `q [bh, n, d]`, `k, v [bh, m, d]`.
@@ -18,7 +18,7 @@ pub(crate) fn attention_fwd(
     d: usize,
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
-    let mut o = vec![0.0f32; bh * n * d];
+    let mut o = zeroed(bh * n * d);
     let mut lse = vec![0.0f32; bh * n];
     if n * d == 0 {
         return (o, lse);
@@ -58,9 +58,9 @@ pub(crate) fn attention_bwd(
     d: usize,
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut dq = vec![0.0f32; bh * n * d];
-    let mut dk = vec![0.0f32; bh * m * d];
-    let mut dv = vec![0.0f32; bh * m * d];
+    let mut dq = zeroed(bh * n * d);
+    let mut dk = zeroed(bh * m * d);
+    let mut dv = zeroed(bh * m * d);
     if n * d == 0 || m == 0 {
         return (dq, dk, dv);
     }

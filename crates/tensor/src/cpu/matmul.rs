@@ -1,5 +1,6 @@
 //! f32 matmul on the `gemm` crate (strided, so transposes cost nothing), with rayon.
 
+use super::zeroed;
 use crate::ops::MatmulDims;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -61,7 +62,7 @@ pub fn gemm_f32(
 /// thread inside gemm, many small ones one thread each across the batch.
 pub(crate) fn matmul(a: &[f32], b: &[f32], d: MatmulDims) -> Vec<f32> {
     let MatmulDims { batch, m, n, k, trans_a, trans_b } = d;
-    let mut c = vec![0.0f32; batch * m * n];
+    let mut c = zeroed(batch * m * n);
     let threads = rayon::current_num_threads();
     let b_stride = if batch == 1 { 0 } else { k * n };
     if batch == 1 || m * n * k >= 1 << 21 {

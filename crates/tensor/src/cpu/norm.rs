@@ -1,6 +1,6 @@
 //! LayerNorm and RMSNorm over the last dim.
 
-use super::PAR_MIN_ELEMS;
+use super::{zeroed, PAR_MIN_ELEMS};
 use crate::ops::NormKind;
 use rayon::prelude::*;
 
@@ -14,7 +14,7 @@ pub(crate) fn layer_norm_fwd(
     kind: NormKind,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = x.len() / d.max(1);
-    let mut y = vec![0.0f32; x.len()];
+    let mut y = zeroed(x.len());
     let mut mean = vec![0.0f32; rows];
     let mut rstd = vec![0.0f32; rows];
     if d == 0 {
@@ -49,7 +49,7 @@ pub(crate) fn layer_norm_bwd(
     dy: &[f32],
     kind: NormKind,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut dx = vec![0.0f32; x.len()];
+    let mut dx = zeroed(x.len());
     let mut dw = vec![0.0f32; d];
     let mut db = vec![0.0f32; d];
     if d == 0 {

@@ -1,5 +1,7 @@
 //! Image <-> patch layout changes.
 
+use super::zeroed;
+
 /// `[batch, channels, height, width]` images cut into `p × p` patches.
 struct Grid {
     c: usize,
@@ -35,13 +37,13 @@ impl Grid {
 }
 
 pub(crate) fn patchify(img: &[f32], b: usize, c: usize, h: usize, w: usize, p: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; img.len()];
+    let mut out = zeroed(img.len());
     Grid { c, h, w, p }.for_each(b, |i, o| out[o] = img[i]);
     out
 }
 
 pub(crate) fn unpatchify(patches: &[f32], b: usize, c: usize, h: usize, w: usize, p: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; patches.len()];
+    let mut out = zeroed(patches.len());
     Grid { c, h, w, p }.for_each(b, |i, o| out[i] = patches[o]);
     out
 }

@@ -1,5 +1,6 @@
 //! Reductions on `[outer, n, inner]` views, their backward, and top-k.
 
+use super::zeroed;
 use crate::ops::ReduceOp;
 
 /// The first index of the maximum of line `(o, i)`.
@@ -14,7 +15,7 @@ fn line_argmax(x: &[f32], o: usize, n: usize, inner: usize, i: usize) -> usize {
 }
 
 pub(crate) fn reduce(x: &[f32], outer: usize, n: usize, inner: usize, op: ReduceOp) -> Vec<f32> {
-    let mut out = vec![0.0f32; outer * inner];
+    let mut out = zeroed(outer * inner);
     for o in 0..outer {
         for i in 0..inner {
             let line = (0..n).map(|j| x[(o * n + j) * inner + i]);
@@ -33,7 +34,7 @@ pub(crate) fn argmax(x: &[f32], outer: usize, n: usize, inner: usize) -> Vec<u32
 }
 
 pub(crate) fn broadcast_along(dy: &[f32], outer: usize, n: usize, inner: usize, scale: f32) -> Vec<f32> {
-    let mut dx = vec![0.0f32; outer * n * inner];
+    let mut dx = zeroed(outer * n * inner);
     for o in 0..outer {
         for j in 0..n {
             for i in 0..inner {
@@ -45,7 +46,7 @@ pub(crate) fn broadcast_along(dy: &[f32], outer: usize, n: usize, inner: usize, 
 }
 
 pub(crate) fn max_bwd(x: &[f32], dy: &[f32], outer: usize, n: usize, inner: usize) -> Vec<f32> {
-    let mut dx = vec![0.0f32; x.len()];
+    let mut dx = zeroed(x.len());
     for o in 0..outer {
         for i in 0..inner {
             let j = line_argmax(x, o, n, inner, i);

@@ -1,5 +1,6 @@
 //! Softmax and the cross-entropy losses, row by row.
 
+use super::zeroed;
 use rayon::prelude::*;
 
 /// Numerically stable softmax of one row into `out`.
@@ -20,7 +21,7 @@ pub(crate) fn logsumexp(x: &[f32]) -> f32 {
 }
 
 pub(crate) fn softmax_fwd(x: &[f32], n: usize) -> Vec<f32> {
-    let mut y = vec![0.0f32; x.len()];
+    let mut y = zeroed(x.len());
     if n > 0 {
         y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yr, xr)| softmax_row(xr, yr));
     }
@@ -28,7 +29,7 @@ pub(crate) fn softmax_fwd(x: &[f32], n: usize) -> Vec<f32> {
 }
 
 pub(crate) fn softmax_bwd(y: &[f32], dy: &[f32], n: usize) -> Vec<f32> {
-    let mut dx = vec![0.0f32; y.len()];
+    let mut dx = zeroed(y.len());
     if n > 0 {
         dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(dxr, (yr, dyr))| {
             let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
@@ -51,7 +52,7 @@ pub(crate) fn softmax_xent_fwd(z: &[f32], t: &[f32], k: usize) -> Vec<f32> {
 }
 
 pub(crate) fn softmax_xent_bwd(z: &[f32], t: &[f32], dloss: &[f32], k: usize) -> Vec<f32> {
-    let mut dz = vec![0.0f32; z.len()];
+    let mut dz = zeroed(z.len());
     dz.par_chunks_mut(k).enumerate().for_each(|(i, dr)| {
         let (zr, tr) = (&z[i * k..(i + 1) * k], &t[i * k..(i + 1) * k]);
         softmax_row(zr, dr);
