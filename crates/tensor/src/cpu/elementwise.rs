@@ -1,6 +1,6 @@
 //! Elementwise ops and GELU.
 
-use super::PAR_MIN_ELEMS;
+use super::{blocked_column_sums, PAR_MIN_ELEMS};
 use crate::ops::{Activation, BinaryOp, Gelu};
 use rayon::prelude::*;
 
@@ -25,43 +25,25 @@ pub(crate) fn scale(x: &[f32], s: f32) -> Vec<f32> {
 
 pub(crate) fn bias_add(x: &[f32], bias: &[f32]) -> Vec<f32> {
     let n = bias.len();
-    if n == 0 || x.len() < PAR_MIN_ELEMS {
-        let mut y = x.to_vec();
-        if n > 0 {
-            y.chunks_mut(n).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
-        }
-        return y;
-    }
     let mut y = Vec::with_capacity(x.len());
-    y.par_extend(x.par_iter().copied());
-    y.par_chunks_mut(n)
-        .with_min_len((PAR_MIN_ELEMS / n).max(1))
-        .for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+    if x.len() >= PAR_MIN_ELEMS {
+        y.par_extend(x.par_iter().copied());
+    } else {
+        y.extend_from_slice(x);
+    }
+    if n > 0 {
+        y.par_chunks_mut(n)
+            .with_min_len((PAR_MIN_ELEMS / n).max(1))
+            .for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+    }
     y
 }
 
-/// Sums of the columns of `x [rows, n]` -> `[n]`.
-///
-/// Deterministic at any thread count: fixed blocks of rows are summed in parallel, then the
-/// block sums are added in block order (a run resumed from a checkpoint must match bit for bit).
+/// Sums of the columns of `x [rows, n]` -> `[n]`, the same bits on any thread count.
 pub(crate) fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
-    if n == 0 {
-        return Vec::new();
-    }
-    let block_rows = (PAR_MIN_ELEMS / n).max(1);
-    let partials: Vec<Vec<f32>> = x
-        .par_chunks(block_rows * n)
-        .map(|block| {
-            let mut s = vec![0.0f32; n];
-            block.chunks(n).for_each(|row| s.iter_mut().zip(row).for_each(|(a, v)| *a += v));
-            s
-        })
-        .collect();
-    let mut sums = vec![0.0f32; n];
-    for p in &partials {
-        sums.iter_mut().zip(p).for_each(|(a, v)| *a += v);
-    }
-    sums
+    blocked_column_sums(x.len() / n.max(1), n, |i, acc| {
+        acc.iter_mut().zip(&x[i * n..(i + 1) * n]).for_each(|(a, v)| *a += v)
+    })
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;

@@ -41,3 +41,28 @@ pub(crate) fn zeroed<T: Default + Copy + Send + Sync>(len: usize) -> Vec<T> {
     v.par_extend(rayon::iter::repeat_n(T::default(), len));
     v
 }
+
+/// Column sums of a `[rows, n]` matrix whose rows are added into an accumulator by
+/// `add_row(row, acc)` (so a product such as `dy · x̂` need not be materialised).
+///
+/// Deterministic at any thread count: fixed blocks of rows are summed in parallel, then the
+/// block sums are added in block order (a run resumed from a checkpoint must match bit for bit).
+pub(crate) fn blocked_column_sums(rows: usize, n: usize, add_row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut sums = vec![0.0f32; n];
+    if n == 0 {
+        return sums;
+    }
+    let block_rows = (PAR_MIN_ELEMS / n).max(1);
+    let partials: Vec<Vec<f32>> = (0..rows.div_ceil(block_rows))
+        .into_par_iter()
+        .map(|b| {
+            let mut acc = vec![0.0f32; n];
+            (b * block_rows..((b + 1) * block_rows).min(rows)).for_each(|i| add_row(i, &mut acc));
+            acc
+        })
+        .collect();
+    for p in &partials {
+        sums.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    }
+    sums
+}

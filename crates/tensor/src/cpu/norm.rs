@@ -1,6 +1,6 @@
 //! LayerNorm and RMSNorm over the last dim.
 
-use super::{zeroed, PAR_MIN_ELEMS};
+use super::{blocked_column_sums, column_sums, zeroed};
 use crate::ops::NormKind;
 use rayon::prelude::*;
 
@@ -50,10 +50,8 @@ pub(crate) fn layer_norm_bwd(
     kind: NormKind,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut dx = zeroed(x.len());
-    let mut dw = vec![0.0f32; d];
-    let mut db = vec![0.0f32; d];
     if d == 0 {
-        return (dx, dw, db);
+        return (dx, Vec::new(), Vec::new());
     }
     dx.par_chunks_mut(d).enumerate().for_each(|(i, dxr)| {
         let (xr, dyr) = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
@@ -75,28 +73,13 @@ pub(crate) fn layer_norm_bwd(
             dxr[j] = rs * (g - g_mean - xhat * gx_mean);
         }
     });
-    // dweight and dbias: fixed blocks of rows in parallel, block sums added in order, so the
-    // result does not depend on the thread count (bit-exact resume).
-    let block_rows = (PAR_MIN_ELEMS / d).max(1);
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = x
-        .par_chunks(block_rows * d)
-        .zip(dy.par_chunks(block_rows * d))
-        .enumerate()
-        .map(|(b, (xb, dyb))| {
-            let (mut pw, mut pb) = (vec![0.0f32; d], vec![0.0f32; d]);
-            for (r, (xr, dyr)) in xb.chunks(d).zip(dyb.chunks(d)).enumerate() {
-                let i = b * block_rows + r;
-                for j in 0..d {
-                    pw[j] += dyr[j] * (xr[j] - mean[i]) * rstd[i];
-                    pb[j] += dyr[j];
-                }
-            }
-            (pw, pb)
-        })
-        .collect();
-    for (pw, pb) in &partials {
-        dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
-        db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
-    }
+    // dweight and dbias as blocked column sums: the same bits on any thread count.
+    let dw = blocked_column_sums(x.len() / d, d, |i, acc| {
+        let (xr, dyr) = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
+        for j in 0..d {
+            acc[j] += dyr[j] * (xr[j] - mean[i]) * rstd[i];
+        }
+    });
+    let db = column_sums(dy, d);
     (dx, dw, db)
 }
