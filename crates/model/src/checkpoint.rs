@@ -39,10 +39,10 @@ use std::{
     cell::RefCell,
     collections::{BTreeMap, HashMap, HashSet},
     ffi::OsString,
-    fmt, fs,
+    fs,
     path::{Path, PathBuf},
 };
-use vit_tensor::{DType, Device, Tensor};
+use vit_tensor::{DType, Device, ParamDiff, Tensor};
 
 /// The checkpoint format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -90,15 +90,17 @@ impl Checkpoint {
     /// the same names, and for each the same shape and dtype. Every difference is in the
     /// one [`ModelError::ParamMismatch`].
     pub fn check_against(&self, expected: &ParamStore) -> Result<()> {
-        ParamDiff::between(expected, &self.params).into_result("checkpoint parameters do not match the model".into())
+        diff_result(ParamDiff::between(expected, &self.params), "checkpoint parameters do not match the model".into())
     }
 
     /// Checks the optimizer state against `expected` (a fresh optimizer's state) as
     /// [`Checkpoint::check_against`] does; an error if the checkpoint has none.
     pub fn check_optimizer_against(&self, expected: &ParamStore) -> Result<()> {
         match &self.optimizer {
-            Some(found) => ParamDiff::between(expected, found)
-                .into_result("checkpoint optimizer state does not match the optimizer".into()),
+            Some(found) => diff_result(
+                ParamDiff::between(expected, found),
+                "checkpoint optimizer state does not match the optimizer".into(),
+            ),
             None => Err(ModelError::Param {
                 name: "optimizer state".into(),
                 msg: "the checkpoint has none (saved without an optimizer)".into(),
@@ -107,80 +109,12 @@ impl Checkpoint {
     }
 }
 
-/// How one named-tensor store differs from the one expected: what
-/// [`ModelError::ParamMismatch`] reports. Lists follow the expected store's order
-/// (`unexpected` follows the found store's).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ParamDiff {
-    /// Expected names that are absent.
-    pub missing: Vec<String>,
-    /// Names present that are not expected.
-    pub unexpected: Vec<String>,
-    /// `(name, expected shape, found shape)`.
-    pub misshaped: Vec<(String, Vec<usize>, Vec<usize>)>,
-    /// `(name, expected dtype, found dtype)`.
-    pub wrong_dtype: Vec<(String, DType, DType)>,
-}
-
-impl ParamDiff {
-    /// Compares `found` with `expected` by name, shape and dtype.
-    pub fn between(expected: &ParamStore, found: &ParamStore) -> Self {
-        let mut diff = ParamDiff::default();
-        for (name, want) in expected.iter() {
-            let Ok(got) = found.get(name) else {
-                diff.missing.push(name.to_string());
-                continue;
-            };
-            if want.dims() != got.dims() {
-                diff.misshaped.push((name.to_string(), want.dims().to_vec(), got.dims().to_vec()));
-            }
-            if want.dtype() != got.dtype() {
-                diff.wrong_dtype.push((name.to_string(), want.dtype(), got.dtype()));
-            }
-        }
-        diff.unexpected = found.names().filter(|n| !expected.contains(n)).map(str::to_string).collect();
-        diff
-    }
-
-    /// True when the stores match.
-    pub fn is_empty(&self) -> bool {
-        self.missing.is_empty()
-            && self.unexpected.is_empty()
-            && self.misshaped.is_empty()
-            && self.wrong_dtype.is_empty()
-    }
-
-    /// `Ok` when empty, else [`ModelError::ParamMismatch`] about `what`.
-    fn into_result(self, what: String) -> Result<()> {
-        if self.is_empty() {
-            Ok(())
-        } else {
-            Err(ModelError::ParamMismatch { what, diff: self })
-        }
-    }
-}
-
-impl fmt::Display for ParamDiff {
-    /// One line, e.g. `missing 1 [head.bias]; misshaped 1 [head.weight: expected [10, 192], found [1000, 192]]`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        if !self.missing.is_empty() {
-            parts.push(format!("missing {} [{}]", self.missing.len(), self.missing.join(", ")));
-        }
-        if !self.unexpected.is_empty() {
-            parts.push(format!("unexpected {} [{}]", self.unexpected.len(), self.unexpected.join(", ")));
-        }
-        if !self.misshaped.is_empty() {
-            let items: Vec<_> =
-                self.misshaped.iter().map(|(n, e, g)| format!("{n}: expected {e:?}, found {g:?}")).collect();
-            parts.push(format!("misshaped {} [{}]", items.len(), items.join(", ")));
-        }
-        if !self.wrong_dtype.is_empty() {
-            let items: Vec<_> =
-                self.wrong_dtype.iter().map(|(n, e, g)| format!("{n}: expected {e}, found {g}")).collect();
-            parts.push(format!("wrong dtype {} [{}]", items.len(), items.join(", ")));
-        }
-        f.write_str(&parts.join("; "))
+/// `Ok` when `diff` is empty, else [`ModelError::ParamMismatch`] about `what`.
+fn diff_result(diff: ParamDiff, what: String) -> Result<()> {
+    if diff.is_empty() {
+        Ok(())
+    } else {
+        Err(ModelError::ParamMismatch { what, diff })
     }
 }
 
@@ -410,7 +344,8 @@ pub fn load_checkpoint(path: impl AsRef<Path>, device: Device) -> Result<Checkpo
                 |msg: String| ModelError::CheckpointTensor { path: path.to_path_buf(), name: key.clone(), msg };
             let info =
                 table.info(&key).ok_or_else(|| tensor_err("listed in the metadata but not in the file".into()))?;
-            let tensor = to_tensor(info, data, device).map_err(tensor_err)?;
+            // On the host first: the store's flat buffers then move to `device` in one copy each.
+            let tensor = to_tensor(info, data, Device::Cpu).map_err(tensor_err)?;
             store.insert(name, tensor).map_err(|_| ModelError::CheckpointMetadata {
                 path: path.to_path_buf(),
                 key: if prefix.is_empty() { KEY_PARAMS } else { KEY_OPTIMIZER }.into(),
@@ -418,7 +353,7 @@ pub fn load_checkpoint(path: impl AsRef<Path>, device: Device) -> Result<Checkpo
             })?;
             listed.insert(key);
         }
-        Ok(store)
+        Ok(store.to_device(device)?)
     };
     let params = read_store(get(KEY_PARAMS)?, "")?;
     let optimizer = meta.get(KEY_OPTIMIZER).map(|names| read_store(names, OPT_PREFIX)).transpose()?;
@@ -445,8 +380,10 @@ pub fn load_params_into(path: impl AsRef<Path>, params: &mut ParamStore) -> Resu
     let path = path.as_ref();
     let device = if params.is_empty() { Device::Cpu } else { params.at(0).device() };
     let mut ckpt = load_checkpoint(path, device)?;
-    ParamDiff::between(params, &ckpt.params)
-        .into_result(format!("checkpoint {}: parameters do not match the model", path.display()))?;
+    diff_result(
+        ParamDiff::between(params, &ckpt.params),
+        format!("checkpoint {}: parameters do not match the model", path.display()),
+    )?;
     let names: Vec<String> = params.names().map(str::to_string).collect();
     for name in &names {
         let target = params.get(name)?.device();

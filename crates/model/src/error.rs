@@ -84,7 +84,7 @@ pub enum ModelError {
         /// `checkpoint runs/a/step-100.safetensors: parameters do not match the model`.
         what: String,
         /// The differences.
-        diff: crate::checkpoint::ParamDiff,
+        diff: vit_tensor::ParamDiff,
     },
 
     /// Opening, reading, writing or renaming a checkpoint file failed.

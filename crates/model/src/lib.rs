@@ -37,12 +37,11 @@ pub mod error;
 pub mod import;
 pub mod layers;
 pub mod model;
-pub mod param_store;
 pub mod params;
 
-pub use checkpoint::{load_checkpoint, load_params_into, save_checkpoint, Checkpoint, ParamDiff};
+pub use checkpoint::{load_checkpoint, load_params_into, save_checkpoint, Checkpoint};
 pub use config::{BlockKind, Gelu, ModelConfig, Pool, PosEmb, KEYS};
 pub use error::{ModelError, Result};
 pub use model::{ForwardSaved, VisionTransformer};
-pub use param_store::ParamStore;
 pub use params::{ParamBreakdown, ParamCounts};
+pub use vit_tensor::{ParamDiff, ParamStore};

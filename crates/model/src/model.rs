@@ -71,11 +71,12 @@ impl VisionTransformer {
         })
     }
 
-    /// Fresh parameters (big_vision's initialisers, seeded per name; head kernel zero).
+    /// Fresh parameters (big_vision's initialisers, seeded per name; head kernel zero), in one
+    /// flat buffer: built on the host, then moved to `device` in one transfer.
     pub fn init_params(&self, seed: u64, dtype: DType, device: Device) -> Result<ParamStore> {
-        let mut sink = Initializer { init: Init { seed, dtype, device }, store: ParamStore::new() };
+        let mut sink = Initializer { init: Init { seed, dtype, device: Device::Cpu }, store: ParamStore::new() };
         self.declare_params(&mut sink)?;
-        Ok(sink.store)
+        Ok(sink.store.to_device(device)?)
     }
 
     /// Every parameter's name and shape, in store order, without allocating a tensor.

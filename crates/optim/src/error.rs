@@ -1,7 +1,7 @@
 //! Errors of `vit-optim`. Every message is one line naming the setting, parameter or state
 //! tensor at fault, the value found and what was expected.
 
-use vit_model::ParamDiff;
+use vit_tensor::ParamDiff;
 
 /// A bad optimizer or schedule setting, a parameter or gradient that does not fit the
 /// optimizer, optimizer state that does not fit it, or a tensor error underneath.
@@ -59,9 +59,6 @@ pub enum OptimError {
         /// What is wrong.
         msg: String,
     },
-
-    #[error(transparent)]
-    Model(#[from] vit_model::ModelError),
 
     #[error(transparent)]
     Tensor(#[from] vit_tensor::Error),

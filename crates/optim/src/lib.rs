@@ -1,5 +1,5 @@
 //! `vit-optim`: the optimizers and learning-rate schedules of the Scaling-ViT recipe
-//! (reference.md §3) over the named parameters of a [`vit_model::ParamStore`].
+//! (reference.md §3) over the named parameters of a [`vit_tensor::ParamStore`].
 //!
 //! - [`Optimizer`]: the interface a trainer drives: `step(params, grads)`, `state()` /
 //!   `load_state()` as named tensors for checkpoints (bit-for-bit resume), `state_bytes()`.
@@ -17,7 +17,7 @@
 //! results as the host math bit for bit); host parameters keep the host math, the reference.
 //!
 //! ```
-//! use vit_model::ParamStore;
+//! use vit_tensor::ParamStore;
 //! use vit_optim::{Decay, Optimizer, OptimizerChain, OptimizerConfig, Schedule};
 //! use vit_tensor::{DType, Device, Tensor};
 //!

@@ -49,11 +49,10 @@ use crate::{
     ParamGroups, ParamSettings, Schedule,
 };
 use std::collections::HashMap;
-use vit_model::{ParamDiff, ParamStore};
 use vit_tensor::cuda::optim::{
     self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepScalars,
 };
-use vit_tensor::{DType, Device, Tensor};
+use vit_tensor::{DType, Device, ParamDiff, ParamStore, Tensor};
 
 /// Name of the step counter in [`Optimizer::state`]: a `u32` tensor `[lo, hi]` holding the
 /// 64-bit count of steps taken.
@@ -289,8 +288,11 @@ pub(crate) enum Second {
 /// One state tensor of a parameter: (name prefix, shape, dtype).
 pub(crate) type StateTensor = (&'static str, Vec<usize>, DType);
 
-/// New values of state tensors: (position in the state store, tensor).
+/// New values of state tensors computed on the device: (position in the state store, tensor).
 type StateUpdate = Vec<(usize, Tensor)>;
+
+/// New values of state tensors computed on the host: (position in the state store, values).
+type HostStateUpdate = Vec<(usize, Vec<f32>)>;
 
 /// The state tensors of one parameter, in store order.
 pub(crate) fn state_layout(algorithm: &Algorithm, dims: &[usize], frozen: bool) -> (Second, Vec<StateTensor>) {
@@ -341,7 +343,7 @@ struct Slot {
 /// The optimizer: the chain of the module docs over one [`Algorithm`].
 ///
 /// ```
-/// use vit_model::ParamStore;
+/// use vit_tensor::ParamStore;
 /// use vit_optim::{Algorithm, Optimizer, OptimizerChain, OptimizerConfig, SgdConfig};
 /// use vit_tensor::{DType, Device, Tensor};
 ///
@@ -487,12 +489,9 @@ impl OptimizerChain {
 
     /// The update direction `d` of one trainable slot and its new state tensors
     /// (`(position, values)`, in the state's dtypes).
-    fn direction(&self, slot: &Slot, g: &[f32], t: u64) -> Result<(Vec<f32>, StateUpdate), OptimError> {
+    fn direction(&self, slot: &Slot, g: &[f32], t: u64) -> Result<(Vec<f32>, HostStateUpdate), OptimError> {
         let read = |i: usize| self.state.at(i).to_f32_vec();
-        let write = |i: usize, data: Vec<f32>| -> Result<(usize, Tensor), OptimError> {
-            let old = self.state.at(i);
-            Ok((i, Tensor::from_f32(data, old.shape().clone(), old.dtype(), old.device())?))
-        };
+        let write = |i: usize, data: Vec<f32>| -> Result<(usize, Vec<f32>), OptimError> { Ok((i, data)) };
         let mut new_state = Vec::new();
         let d = match &self.config.algorithm {
             Algorithm::FactoredAdam(c) => {
@@ -714,7 +713,10 @@ impl Optimizer for OptimizerChain {
         let s = schedule as f32;
         let (lr, wd) = (self.config.lr, self.config.weight_decay);
 
-        // Compute everything first, so an error leaves params and state untouched.
+        // Compute everything first, so an error leaves params and state untouched; then write
+        // the new values into the flat buffers in place.
+        let mut host_params = Vec::new();
+        let mut host_state = Vec::new();
         let mut new_params = Vec::new();
         let mut new_state = Vec::new();
         for &i in &host {
@@ -731,14 +733,21 @@ impl Optimizer for OptimizerChain {
             for (th, &dj) in theta.iter_mut().zip(&d) {
                 *th -= s * (a * dj + b * *th);
             }
-            new_params.push((i, Tensor::from_f32(theta, slot.dims.clone(), slot.dtype, slot.device)?));
-            new_state.extend(st);
+            host_params.push((i, theta));
+            host_state.extend(st);
         }
         let scalars = StepScalars { schedule: s, clip_scale: clip.unwrap_or(1.0) };
         for (_, list) in &devices {
             let (p, st) = self.device_step(list, params, &on_device, t, scalars)?;
             new_params.extend(p);
             new_state.extend(st);
+        }
+        for (i, theta) in host_params {
+            let at = params.position(&self.slots[i].name).expect("checked by check_inputs");
+            params.write_f32_at(at, &theta)?;
+        }
+        for (i, values) in host_state {
+            self.state.write_f32_at(i, &values)?;
         }
         for (i, p) in new_params {
             params.set(&self.slots[i].name, p)?;
@@ -771,11 +780,10 @@ impl Optimizer for OptimizerChain {
         }
         let words = state.get(STATE_COUNT)?.to_vec::<u32>()?;
         let count = words[0] as u64 | (words[1] as u64) << 32;
-        let mut new = ParamStore::new();
-        for (name, t) in self.state.iter() {
-            new.insert(name, state.get(name)?.to_device(t.device())?)?;
+        let names: Vec<String> = self.state.names().map(str::to_string).collect();
+        for name in names {
+            self.state.set(&name, state.get(&name)?.clone())?;
         }
-        self.state = new;
         self.count = count;
         Ok(())
     }

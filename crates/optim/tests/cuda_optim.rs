@@ -9,11 +9,11 @@
 //! parameters) one ulp, and print how many values matched exactly.
 
 use half::{bf16, f16};
-use vit_model::ParamStore;
 use vit_optim::{
     AdamWConfig, Algorithm, Decay, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups,
     Schedule, SgdConfig,
 };
+use vit_tensor::ParamStore;
 use vit_tensor::{cuda, DType, Device, Tensor};
 
 const GPU: Device = Device::Cuda(0);

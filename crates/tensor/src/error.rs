@@ -26,6 +26,11 @@ pub enum Error {
     #[error("cuda: {0}")]
     Cuda(String),
 
+    /// A named parameter (or state tensor) of a [`crate::ParamStore`]: missing, added twice, or
+    /// replaced by a tensor of another shape or dtype.
+    #[error("parameter {name}: {msg}")]
+    Param { name: String, msg: String },
+
     /// NVRTC could not compile a kernel file; the log holds the compiler's messages.
     #[error("nvrtc: compiling {file} for {arch} failed:\n{log}")]
     Compile { file: String, arch: String, log: String },

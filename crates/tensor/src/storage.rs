@@ -51,6 +51,43 @@ impl CpuStorage {
         })
     }
 
+    /// The elements as `T`, writable, if `T` is this storage's element type.
+    pub(crate) fn as_mut_slice<T: Element>(&mut self) -> Option<&mut [T]> {
+        if T::DTYPE != self.dtype() {
+            return None;
+        }
+        Some(match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::I32(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::U32(v) => bytemuck::cast_slice_mut(v),
+        })
+    }
+
+    /// Number of elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::BF16(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+            CpuStorage::I32(v) => v.len(),
+            CpuStorage::U32(v) => v.len(),
+        }
+    }
+
+    /// Appends elements given as the raw bytes of this storage's element type (taken from
+    /// another storage of the same dtype, so aligned).
+    pub(crate) fn extend_from_bytes(&mut self, bytes: &[u8]) {
+        match self {
+            CpuStorage::F32(v) => v.extend_from_slice(bytemuck::cast_slice(bytes)),
+            CpuStorage::BF16(v) => v.extend_from_slice(bytemuck::cast_slice(bytes)),
+            CpuStorage::F16(v) => v.extend_from_slice(bytemuck::cast_slice(bytes)),
+            CpuStorage::I32(v) => v.extend_from_slice(bytemuck::cast_slice(bytes)),
+            CpuStorage::U32(v) => v.extend_from_slice(bytemuck::cast_slice(bytes)),
+        }
+    }
+
     /// `len` zero elements of `dtype`, to be overwritten in place through [`Self::bytes_mut`]
     /// (layout ops copy bytes straight into the typed vector).
     pub(crate) fn zeroed(dtype: DType, len: usize) -> Self {

@@ -238,6 +238,98 @@ impl Tensor {
         }
     }
 
+    /// This tensor's storage, for writing in place. Tensors are values: when another tensor
+    /// shares the storage (a clone or a view), this tensor's elements are first copied into a
+    /// storage of its own, so no other tensor ever sees a write.
+    fn storage_mut(&mut self) -> Result<&mut Storage> {
+        if Arc::get_mut(&mut self.storage).is_none() {
+            let bytes = self.numel() * self.dtype.size_in_bytes();
+            let own = match self.storage.as_ref() {
+                Storage::Cpu(s) => Storage::Cpu(CpuStorage::from_bytes(s.bytes(self.offset, self.numel()), self.dtype)),
+                Storage::Cuda(s) => {
+                    let mut own = cuda::CudaStorage::zeros(s.backend.ordinal, bytes)?;
+                    own.write_at(0, s, self.offset * self.dtype.size_in_bytes(), bytes)?;
+                    Storage::Cuda(own)
+                }
+            };
+            self.storage = Arc::new(own);
+            self.offset = 0;
+        }
+        Ok(Arc::get_mut(&mut self.storage).expect("storage is unique after the copy"))
+    }
+
+    /// The elements of a CPU tensor of element type `T` (this tensor's dtype), writable in place.
+    /// If another tensor shares the storage, the elements are copied first (see
+    /// [`Tensor::write_at`]): writing never changes another tensor.
+    pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DType { op: "as_mut_slice", expected: T::DTYPE.to_string(), got: self.dtype });
+        }
+        if self.device != Device::Cpu {
+            return Err(Error::Device { op: "as_mut_slice", expected: Device::Cpu, got: self.device });
+        }
+        let (offset, n) = (self.offset, self.numel());
+        match self.storage_mut()? {
+            Storage::Cpu(s) => Ok(&mut s.as_mut_slice::<T>().expect("dtype checked")[offset..offset + n]),
+            Storage::Cuda(_) => unreachable!("device checked"),
+        }
+    }
+
+    /// Overwrites elements `[start, start + src.numel())` of this tensor (row-major order) with
+    /// `src`'s, in place, on any device; `src` must have this tensor's dtype and is moved to its
+    /// device if needed. Copy-on-write: if another tensor (a clone or a view) shares this one's
+    /// storage, this tensor gets a storage of its own first, and the other keeps its values.
+    pub fn write_at(&mut self, start: usize, src: &Tensor) -> Result<()> {
+        if src.dtype != self.dtype {
+            return Err(Error::DType { op: "write_at", expected: self.dtype.to_string(), got: src.dtype });
+        }
+        if start + src.numel() > self.numel() {
+            return Err(Error::shape(
+                "write_at",
+                format!(
+                    "elements {start}..{} out of range for a tensor of {} elements ({})",
+                    start + src.numel(),
+                    self.numel(),
+                    self.shape
+                ),
+            ));
+        }
+        let src = src.to_device(self.device)?;
+        let size = self.dtype.size_in_bytes();
+        let at = (self.offset + start) * size;
+        let len = src.numel() * size;
+        match (self.storage_mut()?, src.storage.as_ref()) {
+            (Storage::Cpu(dst), Storage::Cpu(s)) => {
+                dst.bytes_mut()[at..at + len].copy_from_slice(s.bytes(src.offset, src.numel()));
+            }
+            (Storage::Cuda(dst), Storage::Cuda(s)) => dst.write_at(at, s, src.offset * size, len)?,
+            _ => unreachable!("src was moved to this tensor's device"),
+        }
+        Ok(())
+    }
+
+    /// Appends `extra`'s elements to this 1-D host tensor of the same dtype, growing its vector
+    /// in place when no other tensor shares it (amortised O(len(extra))), else by a copy.
+    pub(crate) fn extend_host(&mut self, extra: &Tensor) -> Result<()> {
+        if extra.dtype != self.dtype {
+            return Err(Error::DType { op: "extend", expected: self.dtype.to_string(), got: extra.dtype });
+        }
+        let n = self.numel();
+        let whole = matches!(self.storage.as_ref(), Storage::Cpu(s) if self.offset == 0 && s.len() == n);
+        if !whole || Arc::get_mut(&mut self.storage).is_none() {
+            let own = CpuStorage::from_bytes(self.cpu_bytes("extend")?, self.dtype);
+            self.storage = Arc::new(Storage::Cpu(own));
+            self.offset = 0;
+        }
+        let bytes = extra.cpu_bytes("extend")?;
+        match Arc::get_mut(&mut self.storage) {
+            Some(Storage::Cpu(s)) => s.extend_from_bytes(bytes),
+            _ => unreachable!("unique host storage after the copy"),
+        }
+        self.shape = Shape::new(vec![n + extra.numel()]);
+        Ok(())
+    }
+
     /// The elements of a CPU float tensor as f32, borrowed when already f32.
     pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<Cow<'_, [f32]>> {
         let range = self.offset..self.offset + self.numel();

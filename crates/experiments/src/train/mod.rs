@@ -213,16 +213,10 @@ fn param_dtype(params: &ParamStore) -> DType {
     params.iter().next().map_or(DType::F32, |(_, t)| t.dtype())
 }
 
-/// The compute copy of the parameters: themselves in f32, a bf16 cast otherwise.
+/// The compute copy of the parameters: themselves in f32 (sharing the buffers), a bf16 cast
+/// otherwise (one cast per flat buffer).
 fn compute_params(params: &ParamStore, dtype: DType) -> Result<ParamStore, TrainError> {
-    if dtype == DType::F32 {
-        return Ok(params.clone());
-    }
-    let mut out = ParamStore::new();
-    for (n, t) in params.iter() {
-        out.insert(n, t.cast(dtype)?)?;
-    }
-    Ok(out)
+    Ok(params.cast(dtype)?)
 }
 
 /// Runs (or resumes) the recipe `cfg` in `run`; returns the summary also written to `summary.json`.
@@ -361,6 +355,9 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
             }
             return Err(TrainError::NonFiniteLoss { step: step + 1, loss: loss as f32 });
         }
+        // The f32 compute copy shares the parameters' buffers: drop it so the step updates
+        // them in place instead of copying them first.
+        drop(cp);
         let info = opt.step(&mut params, &grads)?;
         train_time += t0.elapsed().as_secs_f64();
         trained += batch as u64;

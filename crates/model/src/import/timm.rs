@@ -9,7 +9,7 @@
 //!   `fc_norm=False`; vitrs's GAP follows big_vision (final norm, then mean), so a state dict
 //!   with `fc_norm.*` is refused with that explanation.
 
-use crate::{checkpoint::ParamDiff, ModelError, ParamStore, Result, VisionTransformer};
+use crate::{ModelError, ParamDiff, ParamStore, Result, VisionTransformer};
 use std::collections::BTreeMap;
 use vit_tensor::{ops, DType, Device, Tensor};
 

@@ -62,7 +62,7 @@ pub struct ShapeList(pub Vec<(String, Vec<usize>)>);
 impl ParamSink for Initializer {
     fn add(&mut self, name: &str, dims: &[usize], fill: Fill) -> Result<()> {
         let t = self.init.tensor(name, dims, fill)?;
-        self.store.insert(name, t)
+        Ok(self.store.insert(name, t)?)
     }
 }
 

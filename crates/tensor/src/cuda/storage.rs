@@ -37,4 +37,14 @@ impl CudaStorage {
         }
         self.backend.stream.clone_dtoh(&self.buf.slice(offset..offset + len)).map_err(cuda_err)
     }
+
+    /// Copies `src` (bytes on the same device) into bytes `[offset, offset + src.len())`.
+    pub(crate) fn write_at(&mut self, offset: usize, src: &CudaStorage, src_offset: usize, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let from = src.buf.slice(src_offset..src_offset + len);
+        let mut to = self.buf.slice_mut(offset..offset + len);
+        self.backend.stream.memcpy_dtod(&from, &mut to).map_err(cuda_err)
+    }
 }

@@ -1,0 +1,545 @@
+//! Named tensors in a fixed order, stored llm.c style in one flat buffer per dtype and device:
+//! a model's parameters, their gradients, an optimizer's state.
+//!
+//! Names are stable and dotted and equal the checkpoint keys (`blocks.3.attn.qkv.weight`,
+//! design §3); the order is the order of insertion. Each entry is a view into its buffer at a
+//! fixed element offset, so
+//! - two stores built the same way line up index by index *and* element by element:
+//!   [`ParamStore::zeros_like`] (gradients, optimizer state) has the same buffers, offsets and
+//!   shapes in another dtype, and the optimizer walks the buffers with a small per-tensor table;
+//! - the gradient all-reduce of data parallelism reduces contiguous buckets of a buffer, and
+//!   ZeRO shards a buffer by slices;
+//! - writes ([`ParamStore::set`], [`ParamStore::accumulate`], [`ParamStore::buffer_mut`]) go
+//!   into the buffer in place. Tensors are values: a tensor handed out earlier by
+//!   [`ParamStore::get`] (or a clone of the store) keeps the values it had, because a buffer
+//!   still shared with such a tensor is copied before the first write (copy-on-write), once.
+
+use crate::{ops, DType, Device, Error, Result, Shape, Tensor};
+use std::{collections::HashMap, fmt, sync::OnceLock};
+
+/// One named tensor: where its elements are in which buffer.
+#[derive(Debug, Clone)]
+struct Entry {
+    name: String,
+    /// Index into [`ParamStore::buffers`].
+    buffer: usize,
+    /// First element in the buffer.
+    offset: usize,
+    shape: Shape,
+    /// The view handed out by `get`, made on first use and dropped before every write.
+    view: OnceLock<Tensor>,
+}
+
+/// Where a named tensor lives in a [`ParamStore`]: buffer index, first element, element count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// Index of the flat buffer ([`ParamStore::buffer`]).
+    pub buffer: usize,
+    /// First element of the tensor in that buffer.
+    pub offset: usize,
+    /// Number of elements.
+    pub numel: usize,
+}
+
+/// An ordered map from name to tensor, backed by one flat 1-D buffer per (dtype, device) in
+/// order of first use.
+///
+/// ```
+/// use vit_tensor::{DType, Device, ParamStore, Tensor};
+/// let mut p = ParamStore::new();
+/// p.insert("head.weight", Tensor::full(1.0, [2, 3], DType::F32, Device::Cpu)?)?;
+/// p.insert("head.bias", Tensor::full(2.0, [3], DType::F32, Device::Cpu)?)?;
+/// assert_eq!(p.buffer(0).dims(), &[9]);                   // both in one f32 buffer
+/// assert_eq!(p.placement("head.bias")?.offset, 6);
+/// let mut g = p.zeros_like(DType::F32)?;                    // same layout
+/// g.accumulate("head.bias", &Tensor::full(0.5, [3], DType::F32, Device::Cpu)?)?;
+/// assert_eq!(g.buffer(0).to_f32_vec()?[6..], [0.5, 0.5, 0.5]);
+/// # Ok::<(), vit_tensor::Error>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ParamStore {
+    entries: Vec<Entry>,
+    index: HashMap<String, usize>,
+    /// Flat 1-D buffers; `buffers[b]` holds exactly the elements of the entries placed in it.
+    buffers: Vec<Tensor>,
+}
+
+fn param_err(name: &str, msg: impl Into<String>) -> Error {
+    Error::Param { name: name.to_string(), msg: msg.into() }
+}
+
+impl ParamStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends `tensor` under `name` to the buffer of its dtype and device (a new buffer for a
+    /// new pair); a name can be added once. Appending copies the elements into the buffer.
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) -> Result<()> {
+        let name = name.into();
+        if self.index.contains_key(&name) {
+            return Err(param_err(&name, "added twice"));
+        }
+        let (dtype, device) = (tensor.dtype(), tensor.device());
+        let flat = tensor.reshape([tensor.numel()])?;
+        let b = match self.buffers.iter().position(|t| t.dtype() == dtype && t.device() == device) {
+            Some(b) => {
+                self.drop_views(b);
+                let old = &self.buffers[b];
+                let grown = match device {
+                    // Host buffers grow in place (amortised), device buffers by one copy.
+                    Device::Cpu => append_host(old, &flat)?,
+                    Device::Cuda(_) => ops::concat(&[old, &flat], 0)?,
+                };
+                self.buffers[b] = grown;
+                b
+            }
+            None => {
+                // A buffer of its own, so later writes never touch the caller's tensor.
+                let mut own = Tensor::zeros([flat.numel()], dtype, device)?;
+                own.write_at(0, &flat)?;
+                self.buffers.push(own);
+                self.buffers.len() - 1
+            }
+        };
+        let offset = self.buffers[b].numel() - flat.numel();
+        self.index.insert(name.clone(), self.entries.len());
+        self.entries.push(Entry { name, buffer: b, offset, shape: tensor.shape().clone(), view: OnceLock::new() });
+        Ok(())
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.index.get(name).map(|&i| &self.entries[i]).ok_or_else(|| param_err(name, "not in the store"))
+    }
+
+    fn view_of<'a>(&'a self, e: &'a Entry) -> &'a Tensor {
+        e.view.get_or_init(|| {
+            self.buffers[e.buffer]
+                .narrow(e.offset, e.shape.numel())
+                .and_then(|t| t.reshape(e.shape.clone()))
+                .expect("entries lie inside their buffer")
+        })
+    }
+
+    /// Drops the views into buffer `b`, so that it is not shared through them before a write.
+    fn drop_views(&mut self, b: usize) {
+        for e in self.entries.iter_mut().filter(|e| e.buffer == b) {
+            e.view.take();
+        }
+    }
+
+    /// The tensor named `name` (a view into its buffer), or an error naming it.
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        Ok(self.view_of(self.entry(name)?))
+    }
+
+    /// True if `name` is in the store.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The position of `name` in the store's order.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// Where `name`'s elements are.
+    pub fn placement(&self, name: &str) -> Result<Placement> {
+        let e = self.entry(name)?;
+        Ok(Placement { buffer: e.buffer, offset: e.offset, numel: e.shape.numel() })
+    }
+
+    /// The placement of the tensor at position `i` (same order as [`ParamStore::iter`]).
+    pub fn placement_at(&self, i: usize) -> Placement {
+        let e = &self.entries[i];
+        Placement { buffer: e.buffer, offset: e.offset, numel: e.shape.numel() }
+    }
+
+    /// Overwrites the tensor named `name` with `tensor`'s values, which must have its shape and
+    /// dtype (moved to the store's device if needed).
+    pub fn set(&mut self, name: &str, tensor: Tensor) -> Result<()> {
+        let i = *self.index.get(name).ok_or_else(|| param_err(name, "not in the store"))?;
+        self.set_at(i, tensor)
+    }
+
+    /// Overwrites the tensor at position `i` (as [`ParamStore::set`]).
+    pub fn set_at(&mut self, i: usize, tensor: Tensor) -> Result<()> {
+        let (b, offset) = {
+            let e = &self.entries[i];
+            let dtype = self.buffers[e.buffer].dtype();
+            if e.shape.dims() != tensor.dims() || dtype != tensor.dtype() {
+                return Err(param_err(
+                    &e.name,
+                    format!("expected {:?} {}, got {:?} {}", dtype, e.shape, tensor.dtype(), tensor.shape()),
+                ));
+            }
+            (e.buffer, e.offset)
+        };
+        self.drop_views(b);
+        self.buffers[b].write_at(offset, &tensor)
+    }
+
+    /// Overwrites the tensor at position `i` with f32 `values` (rounded to nearest even for a
+    /// bf16/f16 buffer), in place: the optimizer's update of host parameters and state.
+    pub fn write_f32_at(&mut self, i: usize, values: &[f32]) -> Result<()> {
+        let (b, offset, n) = {
+            let e = &self.entries[i];
+            (e.buffer, e.offset, e.shape.numel())
+        };
+        if values.len() != n {
+            let e = &self.entries[i];
+            return Err(param_err(&e.name, format!("{} values given for shape {}", values.len(), e.shape)));
+        }
+        self.drop_views(b);
+        let buf = &mut self.buffers[b];
+        if buf.device() != Device::Cpu {
+            let t = Tensor::from_f32(values.to_vec(), [n], buf.dtype(), buf.device())?;
+            return buf.write_at(offset, &t);
+        }
+        match buf.dtype() {
+            DType::F32 => buf.as_mut_slice::<f32>()?[offset..offset + n].copy_from_slice(values),
+            DType::BF16 => buf.as_mut_slice::<half::bf16>()?[offset..offset + n]
+                .iter_mut()
+                .zip(values)
+                .for_each(|(d, &v)| *d = half::bf16::from_f32(v)),
+            DType::F16 => buf.as_mut_slice::<half::f16>()?[offset..offset + n]
+                .iter_mut()
+                .zip(values)
+                .for_each(|(d, &v)| *d = half::f16::from_f32(v)),
+            other => {
+                return Err(Error::DType { op: "write_f32_at", expected: "a float dtype".into(), got: other });
+            }
+        }
+        Ok(())
+    }
+
+    /// `store[name] += grad`: how layers accumulate parameter gradients (design §3), so
+    /// micro-batches and shared weights add up. Written into the buffer in place.
+    pub fn accumulate(&mut self, name: &str, grad: &Tensor) -> Result<()> {
+        let e = self.entry(name)?;
+        if e.shape.dims() != grad.dims() {
+            return Err(param_err(name, format!("gradient of shape {}: expected {}", grad.shape(), e.shape)));
+        }
+        let (b, offset, n) = (e.buffer, e.offset, e.shape.numel());
+        let old = self.view_of(e).clone();
+        let dtype = old.dtype();
+        let grad = grad.cast(dtype).map_err(|err| param_err(name, err.to_string()))?;
+        if old.device() == Device::Cpu && dtype == DType::F32 {
+            // In place, without a temporary: the common case of the trainer's f32 gradients.
+            let grad = grad.to_f32_vec()?;
+            drop(old);
+            self.drop_views(b);
+            let dst = &mut self.buffers[b].as_mut_slice::<f32>()?[offset..offset + n];
+            dst.iter_mut().zip(&grad).for_each(|(d, g)| *d += g);
+            return Ok(());
+        }
+        let sum = ops::add(&old, &grad.to_device(old.device())?).map_err(|err| param_err(name, err.to_string()))?;
+        drop(old);
+        self.drop_views(b);
+        self.buffers[b].write_at(offset, &sum)
+    }
+
+    /// A store with the same names, shapes, buffers and offsets, all zeros, in `dtype`
+    /// (gradients, optimizer state).
+    pub fn zeros_like(&self, dtype: DType) -> Result<Self> {
+        let buffers =
+            self.buffers.iter().map(|b| Tensor::zeros([b.numel()], dtype, b.device())).collect::<Result<Vec<_>>>()?;
+        Ok(self.with_buffers(buffers))
+    }
+
+    /// The same layout over other buffers (each of the old one's length).
+    fn with_buffers(&self, buffers: Vec<Tensor>) -> Self {
+        let entries = self.entries.iter().map(|e| Entry { view: OnceLock::new(), ..e.clone() }).collect();
+        ParamStore { entries, index: self.index.clone(), buffers }
+    }
+
+    /// A copy with every buffer on `device` (one transfer per buffer).
+    pub fn to_device(&self, device: Device) -> Result<Self> {
+        let buffers = self.buffers.iter().map(|b| b.to_device(device)).collect::<Result<Vec<_>>>()?;
+        let mut out = self.with_buffers(buffers);
+        out.merge_same_kind_buffers()?;
+        Ok(out)
+    }
+
+    /// A copy with every float buffer cast to `dtype` (one cast per buffer): e.g. the bf16
+    /// compute copy of f32 master weights.
+    pub fn cast(&self, dtype: DType) -> Result<Self> {
+        let buffers = self
+            .buffers
+            .iter()
+            .map(|b| if b.dtype().is_float() { b.cast(dtype) } else { Ok(b.clone()) })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = self.with_buffers(buffers);
+        out.merge_same_kind_buffers()?;
+        Ok(out)
+    }
+
+    /// Keeps the invariant "one buffer per (dtype, device)" after a cast or move made two
+    /// buffers alike: entries move to the first buffer of their kind, in order.
+    fn merge_same_kind_buffers(&mut self) -> Result<()> {
+        let kinds: Vec<(DType, Device)> = self.buffers.iter().map(|b| (b.dtype(), b.device())).collect();
+        let first = |k: (DType, Device)| kinds.iter().position(|&x| x == k).expect("present");
+        if (0..kinds.len()).all(|b| first(kinds[b]) == b) {
+            return Ok(());
+        }
+        let old = std::mem::take(self);
+        for (name, t) in old.iter() {
+            self.insert(name, t.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The flat buffers, in order of first use.
+    pub fn buffers(&self) -> &[Tensor] {
+        &self.buffers
+    }
+
+    /// Flat buffer `b` (1-D).
+    pub fn buffer(&self, b: usize) -> &Tensor {
+        &self.buffers[b]
+    }
+
+    /// Flat buffer `b`, to be written in place (e.g. through [`Tensor::as_mut_slice`] or a
+    /// kernel); its length, dtype and device must not change. Views handed out earlier keep
+    /// their values (see the module docs).
+    pub fn buffer_mut(&mut self, b: usize) -> &mut Tensor {
+        self.drop_views(b);
+        &mut self.buffers[b]
+    }
+
+    /// Replaces flat buffer `b` by `t`, which must have its length, dtype and device.
+    pub fn replace_buffer(&mut self, b: usize, t: Tensor) -> Result<()> {
+        let old = &self.buffers[b];
+        if t.dims() != old.dims() || t.dtype() != old.dtype() || t.device() != old.device() {
+            return Err(Error::shape(
+                "replace_buffer",
+                format!(
+                    "buffer {b} is {} {} on {}, got {} {} on {}",
+                    old.dtype(),
+                    old.shape(),
+                    old.device(),
+                    t.dtype(),
+                    t.shape(),
+                    t.device()
+                ),
+            ));
+        }
+        self.drop_views(b);
+        self.buffers[b] = t;
+        Ok(())
+    }
+
+    /// `(name, tensor)` pairs in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.entries.iter().map(|e| (e.name.as_str(), self.view_of(e)))
+    }
+
+    /// Names in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.name.as_str())
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Total number of elements over all tensors.
+    pub fn numel(&self) -> usize {
+        self.buffers.iter().map(Tensor::numel).sum()
+    }
+
+    /// The tensor at position `i` (same order as [`ParamStore::iter`]).
+    pub fn at(&self, i: usize) -> &Tensor {
+        self.view_of(&self.entries[i])
+    }
+}
+
+/// `old` followed by `extra` (both 1-D host tensors of one dtype), reusing `old`'s vector
+/// when nothing else shares it.
+fn append_host(old: &Tensor, extra: &Tensor) -> Result<Tensor> {
+    let mut grown = old.clone();
+    grown.extend_host(extra)?;
+    Ok(grown)
+}
+
+/// How two stores differ in names, shapes and dtypes (what a checkpoint or an optimizer state
+/// must match).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParamDiff {
+    /// Expected names that are absent.
+    pub missing: Vec<String>,
+    /// Names present that are not expected.
+    pub unexpected: Vec<String>,
+    /// `(name, expected shape, found shape)`.
+    pub misshaped: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// `(name, expected dtype, found dtype)`.
+    pub wrong_dtype: Vec<(String, DType, DType)>,
+}
+
+impl ParamDiff {
+    /// Compares `found` with `expected` by name, shape and dtype.
+    pub fn between(expected: &ParamStore, found: &ParamStore) -> Self {
+        let mut diff = ParamDiff::default();
+        for (name, want) in expected.iter() {
+            let Ok(got) = found.get(name) else {
+                diff.missing.push(name.to_string());
+                continue;
+            };
+            if want.dims() != got.dims() {
+                diff.misshaped.push((name.to_string(), want.dims().to_vec(), got.dims().to_vec()));
+            }
+            if want.dtype() != got.dtype() {
+                diff.wrong_dtype.push((name.to_string(), want.dtype(), got.dtype()));
+            }
+        }
+        diff.unexpected = found.names().filter(|n| !expected.contains(n)).map(str::to_string).collect();
+        diff
+    }
+
+    /// True when the stores match.
+    pub fn is_empty(&self) -> bool {
+        self.missing.is_empty()
+            && self.unexpected.is_empty()
+            && self.misshaped.is_empty()
+            && self.wrong_dtype.is_empty()
+    }
+}
+
+impl fmt::Display for ParamDiff {
+    /// One line, e.g. `missing 1 [head.bias]; misshaped 1 [head.weight: expected [10, 192], found [1000, 192]]`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if !self.missing.is_empty() {
+            parts.push(format!("missing {} [{}]", self.missing.len(), self.missing.join(", ")));
+        }
+        if !self.unexpected.is_empty() {
+            parts.push(format!("unexpected {} [{}]", self.unexpected.len(), self.unexpected.join(", ")));
+        }
+        if !self.misshaped.is_empty() {
+            let items: Vec<_> =
+                self.misshaped.iter().map(|(n, e, g)| format!("{n}: expected {e:?}, found {g:?}")).collect();
+            parts.push(format!("misshaped {} [{}]", items.len(), items.join(", ")));
+        }
+        if !self.wrong_dtype.is_empty() {
+            let items: Vec<_> =
+                self.wrong_dtype.iter().map(|(n, e, g)| format!("{n}: expected {e}, found {g}")).collect();
+            parts.push(format!("wrong dtype {} [{}]", items.len(), items.join(", ")));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn randn(dims: &[usize], seed: u64) -> Tensor {
+        Tensor::randn(dims.to_vec(), 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn insert_get_accumulate_and_errors() {
+        let mut s = ParamStore::new();
+        let w = randn(&[2, 3], 1);
+        s.insert("blocks.0.attn.qkv.weight", w.clone()).unwrap();
+        s.insert("norm.bias", Tensor::zeros([3], DType::F32, Device::Cpu).unwrap()).unwrap();
+        assert_eq!(s.names().collect::<Vec<_>>(), ["blocks.0.attn.qkv.weight", "norm.bias"]);
+        assert_eq!(s.numel(), 9);
+        let e = s.insert("norm.bias", w.clone()).unwrap_err().to_string();
+        assert_eq!(e, "parameter norm.bias: added twice");
+        let mut g = s.zeros_like(DType::F32).unwrap();
+        g.accumulate("blocks.0.attn.qkv.weight", &w).unwrap();
+        g.accumulate("blocks.0.attn.qkv.weight", &w).unwrap();
+        let twice: Vec<f32> = w.to_f32_vec().unwrap().iter().map(|x| 2.0 * x).collect();
+        assert_eq!(g.get("blocks.0.attn.qkv.weight").unwrap().to_f32_vec().unwrap(), twice);
+        let e = g.get("head.weight").unwrap_err().to_string();
+        assert_eq!(e, "parameter head.weight: not in the store");
+        let e = s.set("norm.bias", w.clone()).unwrap_err().to_string();
+        assert!(e.contains("expected F32 [3], got F32 [2, 3]"), "{e}");
+        let e = g.accumulate("norm.bias", &w).unwrap_err().to_string();
+        assert_eq!(e, "parameter norm.bias: gradient of shape [2, 3]: expected [3]");
+    }
+
+    #[test]
+    fn one_flat_buffer_per_dtype_with_stable_offsets() {
+        let mut s = ParamStore::new();
+        let a = randn(&[4, 5], 2);
+        let b = randn(&[7], 3).cast(DType::BF16).unwrap();
+        let c = randn(&[3, 2], 4);
+        s.insert("a", a.clone()).unwrap();
+        s.insert("b", b.clone()).unwrap();
+        s.insert("c", c.clone()).unwrap();
+        assert_eq!(s.buffers().len(), 2);
+        assert_eq!((s.buffer(0).dtype(), s.buffer(0).dims()), (DType::F32, &[26][..]));
+        assert_eq!((s.buffer(1).dtype(), s.buffer(1).dims()), (DType::BF16, &[7][..]));
+        assert_eq!(s.placement("c").unwrap(), Placement { buffer: 0, offset: 20, numel: 6 });
+        assert_eq!(s.placement("b").unwrap(), Placement { buffer: 1, offset: 0, numel: 7 });
+        let flat = s.buffer(0).to_f32_vec().unwrap();
+        assert_eq!(flat[..20], a.to_f32_vec().unwrap()[..]);
+        assert_eq!(flat[20..], c.to_f32_vec().unwrap()[..]);
+        assert_eq!(s.get("b").unwrap().to_vec::<half::bf16>().unwrap(), b.to_vec::<half::bf16>().unwrap());
+        // zeros_like keeps buffers and offsets, in the new dtype.
+        let z = s.zeros_like(DType::F32).unwrap();
+        assert_eq!(z.buffers().len(), 2);
+        assert_eq!(z.placement("c").unwrap(), s.placement("c").unwrap());
+        assert_eq!(z.get("b").unwrap().dtype(), DType::F32);
+        // A cast that makes both buffers f32 merges them (one buffer per dtype).
+        let f = s.cast(DType::F32).unwrap();
+        assert_eq!(f.buffers().len(), 1);
+        assert_eq!(f.get("b").unwrap().to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+        assert_eq!(f.get("c").unwrap().to_f32_vec().unwrap(), c.to_f32_vec().unwrap());
+    }
+
+    #[test]
+    fn writes_never_change_tensors_handed_out_before() {
+        let mut s = ParamStore::new();
+        let w = randn(&[3, 4], 5);
+        s.insert("w", w.clone()).unwrap();
+        s.insert("b", randn(&[4], 6)).unwrap();
+        let before = s.get("w").unwrap().clone();
+        let snapshot = s.clone();
+        let delta = randn(&[3, 4], 7);
+        s.accumulate("w", &delta).unwrap();
+        let want: Vec<f32> =
+            w.to_f32_vec().unwrap().iter().zip(delta.to_f32_vec().unwrap()).map(|(a, b)| a + b).collect();
+        assert_eq!(s.get("w").unwrap().to_f32_vec().unwrap(), want);
+        assert_eq!(before.to_f32_vec().unwrap(), w.to_f32_vec().unwrap());
+        assert_eq!(snapshot.get("w").unwrap().to_f32_vec().unwrap(), w.to_f32_vec().unwrap());
+        // In place: set writes into the buffer, and the inserted tensor is never aliased.
+        s.set("b", Tensor::full(3.0, [4], DType::F32, Device::Cpu).unwrap()).unwrap();
+        assert_eq!(s.buffer(0).to_f32_vec().unwrap()[12..], [3.0; 4]);
+        s.buffer_mut(0).as_mut_slice::<f32>().unwrap()[0] = 42.0;
+        assert_eq!(s.get("w").unwrap().to_f32_vec().unwrap()[0], 42.0);
+        assert_eq!(w.to_f32_vec().unwrap()[0], before.to_f32_vec().unwrap()[0]);
+        // bf16 gradients accumulate through f32 and round once.
+        let mut g = s.zeros_like(DType::BF16).unwrap();
+        g.accumulate("b", &Tensor::full(0.1, [4], DType::F32, Device::Cpu).unwrap()).unwrap();
+        assert_eq!(g.get("b").unwrap().to_f32_vec().unwrap(), [half::bf16::from_f32(0.1).to_f32(); 4]);
+    }
+
+    #[test]
+    fn diff_names_every_difference() {
+        let mut a = ParamStore::new();
+        a.insert("x", randn(&[2], 1)).unwrap();
+        a.insert("y", randn(&[2, 2], 2)).unwrap();
+        a.insert("z", randn(&[1], 3)).unwrap();
+        let mut b = ParamStore::new();
+        b.insert("y", randn(&[4], 4)).unwrap();
+        b.insert("z", randn(&[1], 5).cast(DType::BF16).unwrap()).unwrap();
+        b.insert("extra", randn(&[1], 6)).unwrap();
+        let d = ParamDiff::between(&a, &b);
+        assert_eq!(
+            d.to_string(),
+            "missing 1 [x]; unexpected 1 [extra]; misshaped 1 [y: expected [2, 2], found [4]]; \
+             wrong dtype 1 [z: expected f32, found bf16]"
+        );
+        assert!(ParamDiff::between(&a, &a.clone()).is_empty());
+    }
+}
