@@ -68,8 +68,11 @@ impl Pooling {
             Pool::Gap => Pooling::Gap,
             Pool::Map => Pooling::Map(Box::new(MapHead {
                 width: d,
-                q: Linear::new("attn_pool.q", d, d, cfg.qkv_bias),
-                kv: Linear::new("attn_pool.kv", d, 2 * d, cfg.qkv_bias),
+                // Always biased, whatever `qkv_bias` (an encoder-block switch) says: big_vision's
+                // MAPHead uses a biased MultiHeadDotProductAttention and timm's
+                // AttentionPoolLatent has `q.bias`/`kv.bias` even in `qkv_bias=False` models.
+                q: Linear::new("attn_pool.q", d, d, true),
+                kv: Linear::new("attn_pool.kv", d, 2 * d, true),
                 core: HeadAttention { heads: cfg.heads, head_dim: cfg.head_dim(), q_norm: None, k_norm: None },
                 proj: Linear::new("attn_pool.proj", d, d, true),
                 norm: Norm::new("attn_pool.norm", d, cfg.norm_bias),
@@ -136,5 +139,34 @@ impl Pooling {
                 msg: "saved activations are of another pooling".into(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::init::ShapeList;
+
+    fn map_shapes(qkv_bias: bool) -> Vec<(String, Vec<usize>)> {
+        let mut cfg = ModelConfig::custom();
+        for s in ["width=32", "heads=4", "mlp_dim=64", "pool=map", "norm_bias=false"] {
+            cfg.set(s).unwrap();
+        }
+        cfg.qkv_bias = qkv_bias;
+        let mut list = ShapeList(Vec::new());
+        Pooling::new(&cfg).init(&mut list).unwrap();
+        list.0
+    }
+
+    #[test]
+    fn map_head_attention_keeps_its_biases_without_qkv_bias() {
+        let shapes = map_shapes(false);
+        for (name, dims) in [("attn_pool.q.bias", [32]), ("attn_pool.kv.bias", [64]), ("attn_pool.proj.bias", [32])] {
+            let found = shapes.iter().find(|(n, _)| n == name);
+            assert_eq!(found.map(|(_, d)| d.as_slice()), Some(&dims[..]), "{name} in {shapes:?}");
+        }
+        // norm_bias still applies to the head's LayerNorm.
+        assert!(!shapes.iter().any(|(n, _)| n == "attn_pool.norm.bias"), "{shapes:?}");
+        assert_eq!(shapes, map_shapes(true), "qkv_bias is an encoder-block setting only");
     }
 }
