@@ -38,24 +38,32 @@ pub struct MapHead {
 /// What pooling's backward needs.
 #[derive(Debug, Clone)]
 pub enum PoolSaved {
-    /// Class-token pooling of tokens with these dims.
+    /// Class-token pooling of tokens with these dims, `[B, T, D]`.
     Tok(Vec<usize>),
-    /// Average pooling of tokens with these dims.
+    /// Average pooling of tokens with these dims, `[B, T, D]`.
     Gap(Vec<usize>),
     /// The MAP head's activations.
     Map(Box<MapSaved>),
 }
 
+/// Activations of the MAP head, for tokens `[B, T, D]` (one probe query per image; M = mlp_dim).
 #[derive(Debug, Clone)]
-/// Activations of the MAP head.
 pub struct MapSaved {
+    /// The encoded tokens, input of the `kv` projection, `[B, T, D]`.
     x: Tensor,
+    /// The probe broadcast over the batch, input of the `q` projection, `[B, 1, D]`.
     probe: Tensor,
+    /// The attention core's activations: 1 query, T keys.
     heads: HeadSaved,
+    /// Attention output with the heads merged, input of `proj`, `[B, 1, D]`.
     merged: Tensor,
+    /// Output of `proj` (also the residual into the MLP's output), `[B, 1, D]`.
     a: Tensor,
+    /// `LN(a)`, input of the MLP, `[B, 1, D]`.
     n: Tensor,
+    /// The LayerNorm's statistics, `[B, 1]`.
     ns: NormSaved,
+    /// The MLP's activations, `[B, 1, M]`.
     mlp: MlpSaved,
 }
 
