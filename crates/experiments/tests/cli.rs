@@ -88,7 +88,7 @@ fn fixture_sets(kind: &str) -> Vec<String> {
 fn convert_then_predict_reproduces_timm_logits() {
     let dir = std::env::temp_dir().join(format!("vitrs-cli-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for kind in ["vit_map", "parallel_qknorm"] {
+    for kind in ["vit_map", "parallel_qknorm", "parallel_qknorm_map"] {
         let ckpt = dir.join(format!("{kind}.safetensors"));
         let input = fixtures().join(format!("{kind}.timm.safetensors"));
         let mut args = vec!["convert", "--from", "timm", input.to_str().unwrap(), "--out", ckpt.to_str().unwrap()];

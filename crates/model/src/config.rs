@@ -153,8 +153,9 @@ pub struct ModelConfig {
     /// scale (and bias, with `norm_bias`) of size `width / heads` for q and one for k,
     /// shared across heads as in flax.
     pub qk_norm: bool,
-    /// Bias on the q, k and v projections of every attention layer (blocks and MAP head).
-    /// Output projections and MLPs always have biases.
+    /// Bias on the q, k and v projections of the encoder blocks' attention. Output
+    /// projections, MLPs and the MAP head's attention (big_vision `MAPHead`, timm
+    /// `AttentionPoolLatent`) always have biases.
     pub qkv_bias: bool,
     /// Bias (centring offset) on every LayerNorm; without it a LayerNorm has a scale only.
     pub norm_bias: bool,

@@ -1,7 +1,7 @@
 //! `vit-model`: the Vision Transformer model zoo of vitrs.
 //!
-//! This crate describes and (later) builds Vision Transformers at every scale, from Ti/16
-//! to ViT-22B, on top of `vit-tensor`. What is here now:
+//! This crate describes and builds Vision Transformers at every scale, from Ti/16 to
+//! ViT-22B, on top of `vit-tensor`:
 //!
 //! - [`ModelConfig`]: the shape and layout of a model (width, depth, pooling, position
 //!   embedding, sequential or parallel block, biases, QK-norm, ...), read from and written
@@ -10,13 +10,19 @@
 //! - [`ParamCounts`] / [`ParamBreakdown`]: exact parameter counts from a config, without
 //!   allocating anything, in three conventions (all parameters, Scaling-ViT "encoder
 //!   only", ViT-22B block matmul weights).
+//! - [`layers`]: patch and position embedding, sequential and parallel (ViT-22B) blocks with
+//!   optional QK-norm, class-token / GAP / MAP pooling, each with a forward that fills a
+//!   `*Saved` struct and a hand-written backward that accumulates parameter gradients
+//!   (llm.c style).
+//! - [`VisionTransformer`]: the model assembled from a [`ModelConfig`] (ViT, Scaling ViT and
+//!   ViT-22B variants), with per-block activation checkpointing (`remat`) and parameters
+//!   held in a [`ParamStore`] under stable dotted names (timm's).
+//! - [`checkpoint`]: parameters, optimizer state, step and config in one safetensors file;
+//!   [`import::timm`]: timm state dicts to vitrs parameters (`vit convert --from timm`).
 //! - [`ModelError`]: one error type; messages name the field, the value and what was
 //!   expected. Nothing here panics on user input.
 //!
-//! Still to come: layers with forward and hand-written backward (llm.c style: `forward`
-//! fills a `Saved`, `backward` accumulates parameter gradients), the ViT / V-MoE / ViT-22B
-//! models assembled from a [`ModelConfig`], per-block activation checkpointing, and
-//! checkpoint import/export with stable dotted parameter names.
+//! Planned: V-MoE (sparse mixture-of-experts MLPs with token routing).
 //!
 //! ```
 //! use vit_model::{ModelConfig, ParamCounts};

@@ -15,15 +15,16 @@
 //! | parallel block | in-proj D·(3D+M) (+3D `qkv_bias`) + M, out-proj (D+M)·D + D, 1 LayerNorm |
 //! | QK-norm (per block) | 2·dh, or 4·dh with `norm_bias` (q and k, shared across heads) |
 //! | final LayerNorm | as LayerNorm |
-//! | MAP head | probe D + attention 3D² (+3D `qkv_bias`) + D²+D + LayerNorm + MLP 2DM+M+D |
+//! | MAP head | probe D + attention 4D² + 4D (q, k, v and out biases always) + LayerNorm + MLP 2DM+M+D |
 //! | pre-logits | D·P + P |
 //! | classifier | D·K + K, or P·K + K after pre-logits; 0 with K = 0 |
 //!
 //! A sequential block with all biases has 4D² + 2DM + 9D + M parameters. In the parallel
 //! block the attention and MLP output projections are one fused (D+M)→D matmul with one
 //! D-bias, so it has one D-bias fewer than two separate projections would; the MLP's
-//! hidden bias M is kept in the fused in-projection. `qkv_bias`, `norm_bias` apply to the
-//! MAP head too; `qk_norm` applies to the encoder blocks only.
+//! hidden bias M is kept in the fused in-projection. `norm_bias` applies to the MAP head too;
+//! `qkv_bias` and `qk_norm` apply to the encoder blocks only: the MAP head's attention always
+//! has its q, k, v biases (big_vision's `MAPHead`, timm's `AttentionPoolLatent`).
 
 use serde::Serialize;
 
@@ -140,6 +141,7 @@ fn count(cfg: &ModelConfig) -> Option<ParamBreakdown> {
     let qkv_bias = when(cfg.qkv_bias, c(3) * d);
     let mlp = c(2) * d * m + m + d; // Dense(D→M) and Dense(M→D), with biases
     let attn = c(4) * d * d + qkv_bias + d; // q, k, v, out kernels; out bias always
+    let map_attn = c(4) * d * d + c(4) * d; // the MAP head's attention: every bias, always
 
     let patch_embed = p * p * c(cfg.channels) * d + d;
     let pos_embed = match cfg.posemb {
@@ -158,7 +160,7 @@ fn count(cfg: &ModelConfig) -> Option<ParamBreakdown> {
     };
     let blocks = c(cfg.depth) * block;
     let final_norm = norm(d);
-    let map_head = when(cfg.pool == Pool::Map, d + attn + norm(d) + mlp);
+    let map_head = when(cfg.pool == Pool::Map, d + map_attn + norm(d) + mlp);
     let (pre_logits, feature) = match cfg.prelogits {
         Some(width) => (d * c(width) + c(width), c(width)),
         None => (zero, d),

@@ -57,7 +57,10 @@ fn check_model(cfg: &ModelConfig, what: &str) {
             q.set(name, x.clone()).unwrap();
             Ok(model.forward(&q, &images).unwrap().0)
         };
-        check_gradient(&format!("{what}: {name}"), f, t, &r, g.get(name).unwrap(), 1e-2, 3e-3, 6).unwrap();
+        // Step 5e-3: at 1e-2 the O(h²) truncation error of central differences reaches the
+        // tolerance on some parameters of these random models (a LayerNorm scale of the
+        // parallel block: 0.0042 at h = 1e-2, 0.0011 at 5e-3, 0.0001 at 2.5e-3).
+        check_gradient(&format!("{what}: {name}"), f, t, &r, g.get(name).unwrap(), 5e-3, 3e-3, 6).unwrap();
     }
 }
 

@@ -148,6 +148,18 @@ fn vit22b_block_has_no_qkv_or_norm_biases() {
 }
 
 #[test]
+fn vit22b_map_head_keeps_its_attention_biases() {
+    // qkv_bias = false and norm_bias = false are block settings; the MAP head's attention
+    // has q, k, v and out biases (big_vision MAPHead, timm AttentionPoolLatent), its
+    // LayerNorm follows norm_bias.
+    let (d, m) = (6144u64, 24576u64);
+    let b = ParamBreakdown::of(&preset("22B/14")).unwrap();
+    assert_eq!(b.map_head, d + (4 * d * d + 4 * d) + d + (2 * d * m + m + d));
+    assert_eq!(b.map_head, 453_052_416);
+    assert_eq!(b.counts.total, 22_209_448_936);
+}
+
+#[test]
 fn matmul_excludes_biases_and_norms() {
     let c = counts(&preset("B/16"));
     assert_eq!(c.matmul, 12 * (4 * 768 * 768 + 2 * 768 * 3072));
@@ -162,7 +174,7 @@ fn bias_and_norm_switches() {
     cfg.set("qkv_bias=false").unwrap();
     let b = ParamBreakdown::of(&cfg).unwrap();
     assert_eq!(base.block - b.block, 3 * d);
-    assert_eq!(base.map_head - b.map_head, 3 * d, "the MAP head's attention follows qkv_bias");
+    assert_eq!(b.map_head, base.map_head, "the MAP head's attention keeps its q, k, v biases");
 
     let mut cfg = preset("B/16");
     cfg.set("norm_bias=false").unwrap();

@@ -6,7 +6,9 @@ use std::{collections::HashMap, path::PathBuf};
 use vit_model::{checkpoint::read_safetensors, import::timm::params_from_timm, ModelConfig, VisionTransformer};
 use vit_tensor::{DType, Device, Tensor};
 
-const KINDS: [&str; 4] = ["vit_tok", "vit_gap", "vit_map", "parallel_qknorm"];
+/// `parallel_qknorm_map`: parallel blocks, QK-norm and `qkv_bias = false`, with a MAP head
+/// whose attention keeps its q/kv biases (timm `AttentionPoolLatent`).
+const KINDS: [&str; 5] = ["vit_tok", "vit_gap", "vit_map", "parallel_qknorm", "parallel_qknorm_map"];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -56,6 +58,27 @@ fn logits_and_gradients_match_timm() {
         }
         assert!(checked >= 7, "{kind}: only {checked} gradients in the fixture");
     }
+}
+
+#[test]
+fn map_head_biases_of_a_model_without_qkv_bias_are_imported_and_checked() {
+    let kind = "parallel_qknorm_map";
+    let cfg = config(kind);
+    assert!(!cfg.qkv_bias);
+    let io = read_safetensors(fixture(&format!("{kind}.io.safetensors"))).unwrap();
+    for b in ["attn_pool.q.bias", "attn_pool.kv.bias", "attn_pool.proj.bias"] {
+        assert!(io.iter().any(|(n, _)| n == &format!("grad.{b}")), "{kind}: the fixture lacks the gradient of {b}");
+    }
+    let model = VisionTransformer::new(&cfg, DType::F32, Device::Cpu).unwrap();
+    let timm = read_safetensors(fixture(&format!("{kind}.timm.safetensors"))).unwrap();
+    let params = params_from_timm(&model, timm.clone(), Device::Cpu).unwrap();
+    let q_bias = &timm.iter().find(|(n, _)| n == "attn_pool.q.bias").unwrap().1;
+    assert_eq!(params.get("attn_pool.q.bias").unwrap().to_f32_vec().unwrap(), q_bias.to_f32_vec().unwrap());
+    // The head's biases are required, not optional.
+    let mut without = timm;
+    without.retain(|(n, _)| n != "attn_pool.kv.bias");
+    let e = params_from_timm(&model, without, Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("missing 1 [attn_pool.kv.bias]"), "{e}");
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! timm (PyTorch) Vision Transformer state dicts → vitrs parameters.
 //!
-//! vitrs keeps timm's names and `[out, in]` layouts, so most tensors copy by name. The
+//! vitrs keeps timm's names and `[out, in]` layouts, so most tensors copy by name: the MAP
+//! head's `attn_pool.*` among them, its `q.bias` and `kv.bias` included (timm's
+//! `AttentionPoolLatent` has them even in `qkv_bias=False` models, and so does vitrs). The
 //! differences:
 //! - timm's `ParallelScalingBlock` has separate `attn_out_proj` and `mlp_out_proj` by default;
 //!   vitrs fuses them into one `(D + M) → D` projection: the weights concatenate along the

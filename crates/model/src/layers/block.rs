@@ -47,16 +47,24 @@ pub struct SequentialBlock {
     width: usize,
 }
 
+/// Activations of a sequential block with input `x [B, T, D]` (T tokens, M = mlp_dim).
 #[derive(Debug, Clone)]
-/// Activations of a sequential block.
 pub struct SequentialSaved {
+    /// `norm1(x)`, input of the qkv projection, `[B, T, D]`.
     n1: Tensor,
+    /// `norm1`'s statistics, `[B, T]`.
     s1: NormSaved,
+    /// The attention core's activations (T queries, T keys).
     heads: HeadSaved,
+    /// Attention output with the heads merged, input of `attn.proj`, `[B, T, D]`.
     merged: Tensor,
+    /// `x + attention`, the residual stream between the two halves, `[B, T, D]`.
     x1: Tensor,
+    /// `norm2(x1)`, input of the MLP, `[B, T, D]`.
     n2: Tensor,
+    /// `norm2`'s statistics, `[B, T]`.
     s2: NormSaved,
+    /// The MLP's activations, `[B, T, M]`.
     mlp: MlpSaved,
 }
 
@@ -74,13 +82,20 @@ pub struct ParallelBlock {
     mlp_dim: usize,
 }
 
+/// Activations of a parallel block with input `x [B, T, D]` (T tokens, M = mlp_dim). The
+/// fused in-projection's output `[B, T, M+3D]` is not kept: its MLP part is `u`, its q, k, v
+/// parts are in `heads`.
 #[derive(Debug, Clone)]
-/// Activations of a parallel block.
 pub struct ParallelSaved {
+    /// `in_norm(x)`, input of the fused in-projection, `[B, T, D]`.
     h: Tensor,
+    /// `in_norm`'s statistics, `[B, T]`.
     s: NormSaved,
+    /// The MLP's pre-activation (with `mlp_bias`, if any), `[B, T, M]`.
     u: Tensor,
+    /// The attention core's activations (T queries, T keys).
     heads: HeadSaved,
+    /// `[attention output, GELU(u)]`, input of the fused out-projection, `[B, T, D+M]`.
     cat: Tensor,
 }
 

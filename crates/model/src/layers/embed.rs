@@ -18,10 +18,13 @@ pub struct Embedding {
     sincos: Option<Tensor>,
 }
 
-/// What [`Embedding::backward`] needs.
+/// What [`Embedding::backward`] needs, for images `[B, C, H, W]` cut into N patches of p×p.
 #[derive(Debug, Clone)]
 pub struct EmbedSaved {
+    /// The flattened patches, input of the patch projection, `[B, N, C·p·p]` (features
+    /// ordered `(c, py, px)`).
     patches: Tensor,
+    /// The batch size B.
     batch: usize,
 }
 

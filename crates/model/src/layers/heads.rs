@@ -32,17 +32,27 @@ pub struct HeadAttention {
     pub k_norm: Option<Norm>,
 }
 
-/// Activations [`HeadAttention::backward`] needs.
+/// Activations [`HeadAttention::backward`] needs, for `q [B, Tq, D]` and `k, v [B, Tk, D]`
+/// with H heads of width dh = D / H.
 #[derive(Debug, Clone)]
 pub struct HeadSaved {
+    /// Queries split into heads, before QK-norm, `[B, H, Tq, dh]`.
     q_raw: Tensor,
+    /// Keys split into heads, before QK-norm, `[B, H, Tk, dh]`.
     k_raw: Tensor,
+    /// Queries as attention saw them (after QK-norm, if any), `[B, H, Tq, dh]`.
     q: Tensor,
+    /// Keys as attention saw them (after QK-norm, if any), `[B, H, Tk, dh]`.
     k: Tensor,
+    /// Values split into heads, `[B, H, Tk, dh]`.
     v: Tensor,
+    /// QK-norm statistics of the queries, `[B, H, Tq]`; `None` without QK-norm.
     qn: Option<NormSaved>,
+    /// QK-norm statistics of the keys, `[B, H, Tk]`; `None` without QK-norm.
     kn: Option<NormSaved>,
+    /// Attention output per head, `[B, H, Tq, dh]`.
     o: Tensor,
+    /// Log-sum-exp of each query's scaled scores, f32 `[B, H, Tq]`.
     lse: Tensor,
 }
 

@@ -18,10 +18,13 @@ pub struct Mlp {
     pub gelu: Gelu,
 }
 
-/// Activations of [`Mlp::forward`].
+/// Activations of [`Mlp::forward`] for an input `[.., D]` (`[B, T, D]` in a block, `[B, 1, D]`
+/// in the MAP head), with hidden width M.
 #[derive(Debug, Clone)]
 pub struct MlpSaved {
+    /// `fc1`'s output, before the GELU, `[.., M]`.
     h_pre: Tensor,
+    /// `GELU(h_pre)`, input of `fc2`, `[.., M]`.
     h: Tensor,
 }
 

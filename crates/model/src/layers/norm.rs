@@ -23,10 +23,13 @@ pub struct Norm {
     pub kind: NormKind,
 }
 
-/// What a norm's backward needs from its forward (besides its input).
+/// What a norm's backward needs from its forward (besides its input `[.., dim]`).
 #[derive(Debug, Clone)]
 pub struct NormSaved {
+    /// Row means, f32, the input's shape without the last dim (`[B, T]` for tokens
+    /// `[B, T, D]`); zeros for RMSNorm.
     mean: Tensor,
+    /// Reciprocal standard deviations `1/sqrt(var + eps)`, f32, shaped like `mean`.
     rstd: Tensor,
 }
 

@@ -38,24 +38,32 @@ pub struct MapHead {
 /// What pooling's backward needs.
 #[derive(Debug, Clone)]
 pub enum PoolSaved {
-    /// Class-token pooling of tokens with these dims.
+    /// Class-token pooling of tokens with these dims, `[B, T, D]`.
     Tok(Vec<usize>),
-    /// Average pooling of tokens with these dims.
+    /// Average pooling of tokens with these dims, `[B, T, D]`.
     Gap(Vec<usize>),
     /// The MAP head's activations.
     Map(Box<MapSaved>),
 }
 
+/// Activations of the MAP head, for tokens `[B, T, D]` (one probe query per image; M = mlp_dim).
 #[derive(Debug, Clone)]
-/// Activations of the MAP head.
 pub struct MapSaved {
+    /// The encoded tokens, input of the `kv` projection, `[B, T, D]`.
     x: Tensor,
+    /// The probe broadcast over the batch, input of the `q` projection, `[B, 1, D]`.
     probe: Tensor,
+    /// The attention core's activations: 1 query, T keys.
     heads: HeadSaved,
+    /// Attention output with the heads merged, input of `proj`, `[B, 1, D]`.
     merged: Tensor,
+    /// Output of `proj` (also the residual into the MLP's output), `[B, 1, D]`.
     a: Tensor,
+    /// `LN(a)`, input of the MLP, `[B, 1, D]`.
     n: Tensor,
+    /// The LayerNorm's statistics, `[B, 1]`.
     ns: NormSaved,
+    /// The MLP's activations, `[B, 1, M]`.
     mlp: MlpSaved,
 }
 
@@ -68,8 +76,11 @@ impl Pooling {
             Pool::Gap => Pooling::Gap,
             Pool::Map => Pooling::Map(Box::new(MapHead {
                 width: d,
-                q: Linear::new("attn_pool.q", d, d, cfg.qkv_bias),
-                kv: Linear::new("attn_pool.kv", d, 2 * d, cfg.qkv_bias),
+                // Always biased, whatever `qkv_bias` (an encoder-block switch) says: big_vision's
+                // MAPHead uses a biased MultiHeadDotProductAttention and timm's
+                // AttentionPoolLatent has `q.bias`/`kv.bias` even in `qkv_bias=False` models.
+                q: Linear::new("attn_pool.q", d, d, true),
+                kv: Linear::new("attn_pool.kv", d, 2 * d, true),
                 core: HeadAttention { heads: cfg.heads, head_dim: cfg.head_dim(), q_norm: None, k_norm: None },
                 proj: Linear::new("attn_pool.proj", d, d, true),
                 norm: Norm::new("attn_pool.norm", d, cfg.norm_bias),
@@ -136,5 +147,34 @@ impl Pooling {
                 msg: "saved activations are of another pooling".into(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::init::ShapeList;
+
+    fn map_shapes(qkv_bias: bool) -> Vec<(String, Vec<usize>)> {
+        let mut cfg = ModelConfig::custom();
+        for s in ["width=32", "heads=4", "mlp_dim=64", "pool=map", "norm_bias=false"] {
+            cfg.set(s).unwrap();
+        }
+        cfg.qkv_bias = qkv_bias;
+        let mut list = ShapeList(Vec::new());
+        Pooling::new(&cfg).init(&mut list).unwrap();
+        list.0
+    }
+
+    #[test]
+    fn map_head_attention_keeps_its_biases_without_qkv_bias() {
+        let shapes = map_shapes(false);
+        for (name, dims) in [("attn_pool.q.bias", [32]), ("attn_pool.kv.bias", [64]), ("attn_pool.proj.bias", [32])] {
+            let found = shapes.iter().find(|(n, _)| n == name);
+            assert_eq!(found.map(|(_, d)| d.as_slice()), Some(&dims[..]), "{name} in {shapes:?}");
+        }
+        // norm_bias still applies to the head's LayerNorm.
+        assert!(!shapes.iter().any(|(n, _)| n == "attn_pool.norm.bias"), "{shapes:?}");
+        assert_eq!(shapes, map_shapes(true), "qkv_bias is an encoder-block setting only");
     }
 }
