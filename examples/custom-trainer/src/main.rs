@@ -18,8 +18,16 @@ const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/fashion-m
 fn model_config() -> Result<ModelConfig, Box<dyn Error>> {
     let mut cfg = ModelConfig::custom();
     for kv in [
-        "image_size=28", "patch=7", "channels=1", "width=64", "depth=4", "mlp_dim=128", "heads=4",
-        "classes=10", "pool=gap", "posemb=learn",
+        "image_size=28",
+        "patch=7",
+        "channels=1",
+        "width=64",
+        "depth=4",
+        "mlp_dim=128",
+        "heads=4",
+        "classes=10",
+        "pool=gap",
+        "posemb=learn",
     ] {
         cfg.set(kv)?;
     }
@@ -66,7 +74,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut params = model.init_params(0, DType::F32, Device::Cpu)?;
     let mut config = OptimizerConfig::new(Algorithm::AdamW(AdamWConfig::default()), 2e-3);
     config.grad_clip_norm = Some(1.0);
-    config.schedule = Schedule::new(Decay::Cosine, 50.min(steps / 2), 0, steps)?;
+    config.schedule = Schedule::new(Decay::Cosine, 50.min(steps / 5), 0, steps)?;
     let mut optimizer = OptimizerChain::new(config, &params)?;
     println!("{} parameters in {} flat buffer(s)", params.numel(), params.buffers().len());
 
