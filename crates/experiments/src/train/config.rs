@@ -438,21 +438,22 @@ mod tests {
     #[test]
     fn every_spelling_of_the_choices_parses_to_its_variant_and_writes_back_the_same() {
         use vit_tensor::Device;
-        let cases: Vec<(&str, Box<dyn Fn(&TrainConfig) -> bool>)> = vec![
-            ("schedule.decay=rsqrt", Box::new(|c| c.schedule.decay == DecayKind::Rsqrt)),
-            ("schedule.decay=cosine", Box::new(|c| c.schedule.decay == DecayKind::Cosine)),
-            ("schedule.decay=linear", Box::new(|c| c.schedule.decay == DecayKind::Linear)),
-            ("schedule.decay=constant", Box::new(|c| c.schedule.decay == DecayKind::Constant)),
-            ("optimizer.name=factored-adam", Box::new(|c| c.optimizer.name == OptimizerName::FactoredAdam)),
-            ("optimizer.name=adamw", Box::new(|c| c.optimizer.name == OptimizerName::AdamW)),
-            ("optimizer.name=sgd", Box::new(|c| c.optimizer.name == OptimizerName::Sgd)),
-            ("train.precision=f32", Box::new(|c| c.train.precision.dtype() == DType::F32)),
-            ("train.precision=bf16", Box::new(|c| c.train.precision.dtype() == DType::BF16)),
-            ("train.loss=softmax", Box::new(|c| c.train.loss == LossKind::Softmax)),
-            ("train.loss=sigmoid", Box::new(|c| c.train.loss == LossKind::Sigmoid)),
-            ("train.device=cpu", Box::new(|c| c.train.device.0 == Device::Cpu)),
-            ("train.device=cuda", Box::new(|c| c.train.device.0 == Device::Cuda(0))),
-            ("train.device=cuda:3", Box::new(|c| c.train.device.0 == Device::Cuda(3))),
+        type Is = fn(&TrainConfig) -> bool;
+        let cases: [(&str, Is); 14] = [
+            ("schedule.decay=rsqrt", |c| c.schedule.decay == DecayKind::Rsqrt),
+            ("schedule.decay=cosine", |c| c.schedule.decay == DecayKind::Cosine),
+            ("schedule.decay=linear", |c| c.schedule.decay == DecayKind::Linear),
+            ("schedule.decay=constant", |c| c.schedule.decay == DecayKind::Constant),
+            ("optimizer.name=factored-adam", |c| c.optimizer.name == OptimizerName::FactoredAdam),
+            ("optimizer.name=adamw", |c| c.optimizer.name == OptimizerName::AdamW),
+            ("optimizer.name=sgd", |c| c.optimizer.name == OptimizerName::Sgd),
+            ("train.precision=f32", |c| c.train.precision.dtype() == DType::F32),
+            ("train.precision=bf16", |c| c.train.precision.dtype() == DType::BF16),
+            ("train.loss=softmax", |c| c.train.loss == LossKind::Softmax),
+            ("train.loss=sigmoid", |c| c.train.loss == LossKind::Sigmoid),
+            ("train.device=cpu", |c| c.train.device.0 == Device::Cpu),
+            ("train.device=cuda", |c| c.train.device.0 == Device::Cuda(0)),
+            ("train.device=cuda:3", |c| c.train.device.0 == Device::Cuda(3)),
         ];
         for (set, is) in cases {
             let cfg = quickstart(&[set]).unwrap_or_else(|e| panic!("{set}: {e}"));
