@@ -44,8 +44,9 @@ fn accuracy(m: &Mlp, x: &Tensor, labels: &[i32]) -> Result<f32> {
 
 #[test]
 fn mlp_on_fashion_mnist_lowers_its_loss() -> Result<()> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/fashion-mnist");
-    let train = load_idx_dataset(dir, "train", Some(2048)).expect("Fashion-MNIST in ../shared/data");
+    // The repository's subset: the first 10,000 training and 2,000 test images.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/data/fashion-mnist-small");
+    let train = load_idx_dataset(dir, "train", Some(2048)).expect("Fashion-MNIST subset in data/");
     let test = load_idx_dataset(dir, "t10k", Some(1000)).expect("Fashion-MNIST test split");
     let flat = |t: &Tensor| t.reshape([t.dims()[0], 784]);
     let (xtr, xte) = (flat(&train.images)?, flat(&test.images)?);

@@ -14,7 +14,6 @@
 use criterion::{Criterion, Throughput};
 use image::{codecs::jpeg::JpegEncoder, Rgb, RgbImage};
 use std::{
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -25,9 +24,9 @@ const SIDE: u32 = 256;
 const BATCH: usize = 32;
 
 /// Smooth colour fields plus noise, so the files are photo-like in size (not flat colour).
-fn write_images() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vitrs-data-{}-jpeg-bench", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+fn write_images() -> tempfile::TempDir {
+    let tmp = tempfile::Builder::new().prefix("vitrs-data-jpeg-bench-").tempdir().unwrap();
+    let dir = tmp.path();
     let mut rng = Rng::new(2024);
     for i in 0..IMAGES {
         let class = dir.join(if i % 2 == 0 { "even" } else { "odd" });
@@ -42,7 +41,7 @@ fn write_images() -> PathBuf {
         JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(&img).unwrap();
         std::fs::write(class.join(format!("{i:04}.jpg")), bytes).unwrap();
     }
-    dir
+    tmp
 }
 
 fn pipeline() -> Pipeline {
@@ -160,8 +159,8 @@ fn median(t: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let dir = write_images();
-    let ds = Arc::new(ImageFolder::open(&dir).unwrap());
+    let tmp = write_images();
+    let ds = Arc::new(ImageFolder::open(tmp.path()).unwrap());
     assert_eq!(ds.len(), IMAGES);
 
     let mut c = Criterion::default().configure_from_args().sample_size(10);
@@ -179,5 +178,5 @@ fn main() {
         summary(&ds);
         latency_summary(&ds);
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp); // removes the images
 }

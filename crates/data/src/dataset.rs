@@ -1,7 +1,7 @@
 //! The [`Dataset`] trait, the [`Image`] and [`Example`] it hands out, and [`InMemoryDataset`]
 //! (the whole split decoded in memory: IDX and CIFAR).
 
-use crate::{idx::read_idx_pair, DataError};
+use crate::{bundled::bundled_idx_pair, idx::read_idx_pair, DataError, IdxArray};
 use std::path::Path;
 
 /// A decoded image in row-major HWC order: the value of channel `c` of pixel (row `y`,
@@ -171,6 +171,19 @@ impl InMemoryDataset {
     /// Fashion-MNIST unless `limit` is tiny).
     pub fn from_idx(dir: impl AsRef<Path>, prefix: &str, limit: Option<usize>) -> Result<Self, DataError> {
         let (images, labels) = read_idx_pair(dir.as_ref(), prefix)?;
+        Self::from_idx_arrays(images, labels, limit)
+    }
+
+    /// Split `prefix` (`train` or `t10k`) of a dataset embedded in the binary (see
+    /// [`bundled`](crate::bundled): `name` is `fashion-mnist-small`), as [`from_idx`](Self::from_idx)
+    /// reads it from files.
+    pub fn from_bundled(name: &str, prefix: &str, limit: Option<usize>) -> Result<Self, DataError> {
+        let (images, labels) = bundled_idx_pair(name, prefix)?;
+        Self::from_idx_arrays(images, labels, limit)
+    }
+
+    /// The first `limit` examples (all if `None`) of checked IDX image and label arrays.
+    fn from_idx_arrays(images: IdxArray, labels: IdxArray, limit: Option<usize>) -> Result<Self, DataError> {
         let n = limit.map_or(images.dims[0], |l| l.min(images.dims[0]));
         let (rows, cols) = (images.dims[1], images.dims[2]);
         let labels: Vec<u32> = labels.data[..n].iter().map(|&l| u32::from(l)).collect();
@@ -245,7 +258,7 @@ mod tests {
 
     #[test]
     fn idx_as_a_dataset_matches_the_tensor_loader() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/fashion-mnist");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist-small");
         let ds = InMemoryDataset::from_idx(&dir, "train", Some(64)).unwrap();
         assert_eq!((ds.len(), ds.num_classes(), ds.image_dims()), (64, 10, [28, 28, 1]));
         let labels: Vec<u32> = (0..10).map(|i| ds.get(i).unwrap().label).collect();

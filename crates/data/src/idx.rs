@@ -21,13 +21,24 @@ pub struct IdxArray {
 /// Reads an IDX file of unsigned bytes (type 0x08), gzipped if the name ends in `.gz`.
 pub fn read_idx(path: impl AsRef<Path>) -> Result<IdxArray, DataError> {
     let path = path.as_ref();
+    let file = File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    decode_idx(path, std::io::BufReader::new(file))
+}
+
+/// Decodes an IDX file held in memory (e.g. embedded with `include_bytes!`), gzipped if `name`
+/// ends in `.gz`; `name` only labels errors.
+pub fn read_idx_bytes(name: impl AsRef<Path>, bytes: &[u8]) -> Result<IdxArray, DataError> {
+    decode_idx(name.as_ref(), bytes)
+}
+
+/// Reads all of `reader` (gunzipped if `path` ends in `.gz`) and parses it as IDX.
+fn decode_idx(path: &Path, mut reader: impl Read) -> Result<IdxArray, DataError> {
     let io = |source| DataError::Io { path: path.to_path_buf(), source };
-    let file = File::open(path).map_err(io)?;
     let mut bytes = Vec::new();
     if path.extension().is_some_and(|e| e == "gz") {
-        GzDecoder::new(file).read_to_end(&mut bytes).map_err(io)?;
+        GzDecoder::new(reader).read_to_end(&mut bytes).map_err(io)?;
     } else {
-        std::io::BufReader::new(file).read_to_end(&mut bytes).map_err(io)?;
+        reader.read_to_end(&mut bytes).map_err(io)?;
     }
     parse_idx(path, bytes)
 }
@@ -91,6 +102,17 @@ pub(crate) fn read_idx_pair(dir: &Path, prefix: &str) -> Result<(IdxArray, IdxAr
     let lpath = find(format!("{prefix}-labels-idx1-ubyte"))?;
     let images = read_idx(&ipath)?;
     let labels = read_idx(&lpath)?;
+    check_idx_pair(ipath, images, lpath, labels)
+}
+
+/// Checks that `images` (read from `ipath`) are `[count, rows, cols]` and `labels` (from
+/// `lpath`) are `[count]`, and returns them.
+pub(crate) fn check_idx_pair(
+    ipath: PathBuf,
+    images: IdxArray,
+    lpath: PathBuf,
+    labels: IdxArray,
+) -> Result<(IdxArray, IdxArray), DataError> {
     if images.dims.len() != 3 {
         return Err(DataError::Format {
             path: ipath,
@@ -125,24 +147,38 @@ pub fn load_idx_dataset(dir: impl AsRef<Path>, prefix: &str, limit: Option<usize
 mod tests {
     use super::*;
 
-    fn shared() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+    /// The repository's Fashion-MNIST subset (`data/fashion-mnist-small`, IDX gz).
+    fn bundled_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist-small")
+    }
+
+    /// The bytes after the 8-byte header of a gzipped IDX label file, gunzipped here by hand.
+    fn raw_labels(path: &Path) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        GzDecoder::new(File::open(path).unwrap()).read_to_end(&mut bytes).unwrap();
+        assert_eq!(&bytes[..4], &[0, 0, 8, 1], "{}: label magic", path.display());
+        bytes.split_off(8)
     }
 
     #[test]
-    fn reads_the_real_fashion_mnist_and_mnist_files() {
-        // First labels from shared/data/README.md.
-        for (set, train, test) in [
-            ("fashion-mnist", [9, 0, 0, 3, 0, 2, 7, 2, 5, 5], [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]),
-            ("mnist", [5, 0, 4, 1, 9, 2, 1, 3, 1, 4], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]),
-        ] {
-            let tr = load_idx_dataset(shared().join(set), "train", Some(10)).unwrap();
-            assert_eq!(tr.images.dims(), &[10, 1, 28, 28]);
-            assert_eq!(tr.labels.to_vec::<i32>().unwrap(), train);
-            let te = load_idx_dataset(shared().join(set), "t10k", None).unwrap();
-            assert_eq!(te.images.dims(), &[10_000, 1, 28, 28]);
-            assert_eq!(te.labels.to_vec::<i32>().unwrap()[..10], test);
-            let px = tr.images.to_f32_vec().unwrap();
+    fn reads_the_real_fashion_mnist_files() {
+        // The first labels of upstream Fashion-MNIST (the subset keeps the first images of
+        // each split), checked against the files' own bytes too.
+        let dir = bundled_dir();
+        for (split, n, first) in
+            [("train", 10_000, [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]), ("t10k", 2_000, [9, 2, 1, 1, 6, 1, 4, 6, 5, 7])]
+        {
+            let raw = raw_labels(&dir.join(format!("{split}-labels-idx1-ubyte.gz")));
+            assert_eq!(raw.len(), n);
+            assert_eq!(raw[..10], first.map(|l| l as u8));
+            let some = load_idx_dataset(&dir, split, Some(10)).unwrap();
+            assert_eq!(some.images.dims(), &[10, 1, 28, 28]);
+            assert_eq!(some.labels.to_vec::<i32>().unwrap(), first);
+            let all = load_idx_dataset(&dir, split, None).unwrap();
+            assert_eq!(all.images.dims(), &[n, 1, 28, 28]);
+            let labels = all.labels.to_vec::<i32>().unwrap();
+            assert!(labels.iter().zip(&raw).all(|(&l, &r)| l == r as i32), "{split}: labels differ from the file");
+            let px = some.images.to_f32_vec().unwrap();
             assert!(px.iter().all(|p| (-1.0..=1.0).contains(p)) && px.iter().any(|&p| p > 0.5));
         }
     }
@@ -160,7 +196,7 @@ mod tests {
         assert_eq!(ok, IdxArray { dims: vec![2], data: vec![7, 9] });
         let e = read_idx("/nonexistent/file.gz").unwrap_err().to_string();
         assert!(e.contains("/nonexistent/file.gz"), "{e}");
-        let e = load_idx_dataset(shared().join("mnist"), "valid", None).unwrap_err().to_string();
+        let e = load_idx_dataset(bundled_dir(), "valid", None).unwrap_err().to_string();
         assert!(e.contains("valid-images-idx3-ubyte"), "{e}");
     }
 }

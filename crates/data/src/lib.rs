@@ -6,6 +6,8 @@
 //!   CIFAR-10/100 binary batches ([`load_cifar10`], [`load_cifar100`]), decoded once;
 //!   [`ImageFolder`] for JPEG/PNG files in class subfolders, decoded on `get`.
 //!   ([`load_idx_dataset`] still gives a whole IDX split as `[N, 1, 28, 28]` tensors.)
+//! - [`bundled`]: the Fashion-MNIST subset of the repository's `data/` embedded in the binary
+//!   ([`InMemoryDataset::from_bundled`]; configs say `data.path = "bundled:fashion-mnist-small"`).
 //! - Augmentation: [`Transform`]s (inception crop, random crop with padding, flip, resize,
 //!   value range, normalisation, grey → RGB) composed into a [`Pipeline`] that serde reads
 //!   from a TOML list, random ops drawing from a seeded [`Rng`].
@@ -17,6 +19,7 @@
 //! Malformed or truncated input is a [`DataError`] naming the file and what was expected.
 
 pub mod augment;
+pub mod bundled;
 pub mod cifar;
 mod dataset;
 mod error;
@@ -27,9 +30,10 @@ pub mod loader;
 mod testutil;
 
 pub use augment::{Pipeline, Rng, Size, Transform};
+pub use bundled::{bundled_name, BUNDLED_NAMES, BUNDLED_PREFIX};
 pub use cifar::{load_cifar, load_cifar10, load_cifar100, CifarKind, Split};
 pub use dataset::{Dataset, Example, Image, InMemoryDataset};
 pub use error::DataError;
 pub use folder::{decode_image, ImageFolder};
-pub use idx::{load_idx_dataset, read_idx, IdxArray, IdxDataset};
+pub use idx::{load_idx_dataset, read_idx, read_idx_bytes, IdxArray, IdxDataset};
 pub use loader::{Batch, Batches, Loader, LoaderConfig};

@@ -1,29 +1,21 @@
-//! Helpers for the unit tests: a temporary directory removed on drop.
+//! Helpers for the unit tests: a temporary directory (from `tempfile`) removed on drop.
 
 use std::path::{Path, PathBuf};
 
-/// `temp_dir()/vitrs-data-{pid}-{name}`, emptied on creation and removed on drop.
-pub struct TempDir(PathBuf);
+/// A fresh, empty directory `vitrs-data-{name}-XXXXXX` in the system's temp folder, removed
+/// (with its contents) on drop.
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("vitrs-data-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
+        TempDir(tempfile::Builder::new().prefix(&format!("vitrs-data-{name}-")).tempdir().unwrap())
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     pub fn join(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path().join(rel)
     }
 }

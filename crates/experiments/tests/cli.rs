@@ -86,8 +86,8 @@ fn fixture_sets(kind: &str) -> Vec<String> {
 
 #[test]
 fn convert_then_predict_reproduces_timm_logits() {
-    let dir = std::env::temp_dir().join(format!("vitrs-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new().prefix("vitrs-cli-test-").tempdir().unwrap();
+    let dir = tmp.path();
     for kind in ["vit_map", "parallel_qknorm", "parallel_qknorm_map"] {
         let ckpt = dir.join(format!("{kind}.safetensors"));
         let input = fixtures().join(format!("{kind}.timm.safetensors"));
@@ -140,5 +140,39 @@ fn convert_then_predict_reproduces_timm_logits() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--from keras: expected timm"));
     let out = vit(&["predict", "--checkpoint", input.to_str().unwrap(), "--images", "x", "--output", "y"]);
     assert_eq!(out.status.code(), Some(1), "a timm file is not a vitrs checkpoint");
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn train_without_arguments_works_in_an_empty_folder() {
+    // The quickstart recipe reads the Fashion-MNIST subset embedded in the binary, so it needs
+    // nothing from the repository: as after `cargo install`, run from an empty folder.
+    let tmp = tempfile::Builder::new().prefix("vitrs-cli-empty-").tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vit"))
+        .current_dir(tmp.path())
+        .args(["train", "--set", "train.steps=3", "--set", "schedule.warmup_steps=1"])
+        .output()
+        .expect("run vit");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "vit train in an empty folder: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("done: 3 steps") && stdout.contains("test accuracy"), "{stdout}");
+    let run = tmp.path().join("runs/quickstart");
+    for f in ["config.toml", "metrics.jsonl", "summary.json", "step-3.safetensors"] {
+        assert!(run.join(f).is_file(), "{f} missing from {}", run.display());
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"].as_u64(), Some(3));
+    let acc = summary["test_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{summary}");
+    // The resolved config keeps the bundled path, so eval from the run directory works too.
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("path = \"bundled:fashion-mnist-small\""), "{config}");
+    let out = Command::new(env!("CARGO_BIN_EXE_vit"))
+        .current_dir(tmp.path())
+        .args(["eval", "--checkpoint", "runs/quickstart/step-3.safetensors", "--json"])
+        .output()
+        .expect("run vit");
+    assert!(out.status.success(), "vit eval in the same folder: {}", String::from_utf8_lossy(&out.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["examples"].as_u64(), Some(2_000), "the bundled test split: {e}");
 }

@@ -14,33 +14,26 @@ use vit_model::{
 };
 use vit_tensor::{DType, Device, Tensor};
 
-/// A fresh directory under the system temp dir, removed when dropped (also on panic).
-struct TempDir(PathBuf);
+/// A fresh directory under the system temp dir (`tempfile`), removed when dropped (also on panic).
+struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("vitrs-ckpt-test-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
+        TempDir(tempfile::Builder::new().prefix(&format!("vitrs-ckpt-test-{name}-")).tempdir().unwrap())
     }
 
     fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
+        self.0.path().join(file)
     }
 
     /// File names in the directory, sorted.
     fn listing(&self) -> Vec<String> {
-        let mut names: Vec<String> =
-            fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = fs::read_dir(self.0.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         names
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -318,8 +311,8 @@ fn load_params_into_copies_in_the_models_order() {
 #[test]
 fn not_a_file_or_missing() {
     let dir = TempDir::new("notafile");
-    let e = err_of(load_checkpoint(&dir.0, Device::Cpu));
-    assert_eq!(e, format!("checkpoint {}: not a file: it is a directory", dir.0.display()));
+    let e = err_of(load_checkpoint(dir.0.path(), Device::Cpu));
+    assert_eq!(e, format!("checkpoint {}: not a file: it is a directory", dir.0.path().display()));
     let missing = dir.path("nope.safetensors");
     let e = err_of(load_checkpoint(&missing, Device::Cpu));
     assert!(e.starts_with(&format!("checkpoint {}: cannot open: ", missing.display())), "{e}");

@@ -1,6 +1,7 @@
 //! `ModelConfig`: presets, overrides, validation and TOML.
 
-use vit_model::{BlockKind, Gelu, ModelConfig, ModelError, Pool, PosEmb, KEYS};
+use vit_model::{BlockKind, Gelu, ModelConfig, ModelError, ParamCounts, Pool, PosEmb, VisionTransformer, KEYS};
+use vit_tensor::{DType, Device, Tensor};
 
 #[test]
 fn preset_names_are_case_insensitive_with_optional_vit_prefix() {
@@ -166,9 +167,38 @@ fn validate_names_field_value_and_expectation() {
 
 #[test]
 fn classes_zero_means_no_classifier() {
-    let mut cfg = ModelConfig::custom();
-    cfg.set("classes=0").unwrap();
-    cfg.validate().unwrap();
+    // D = 32, M = 64, patch 4 on 16×16×3 (N = 16 tokens), one sequential block, GAP:
+    //   patch embedding p²·C·D + D = 16·3·32 + 32  = 1,568
+    //   position embedding N·D    = 16·32          =   512
+    //   block 4D² + 2DM + 9D + M  = 4,096 + 4,096 + 288 + 64 = 8,544
+    //   final LayerNorm 2D                         =    64
+    // = 10,688 without a classifier; 10 classes add D·10 + 10 = 330.
+    for (classes, want) in [(0usize, 10_688usize), (10, 11_018)] {
+        let mut cfg = ModelConfig::custom();
+        for s in ["image_size=16", "patch=4", "width=32", "depth=1", "mlp_dim=64", "heads=2", "pool=gap"] {
+            cfg.set(s).unwrap();
+        }
+        cfg.set(&format!("classes={classes}")).unwrap();
+        cfg.validate().unwrap();
+        let model = VisionTransformer::new(&cfg, DType::F32, Device::Cpu).unwrap();
+        let params = model.init_params(0, DType::F32, Device::Cpu).unwrap();
+        let heads: Vec<(String, Vec<usize>)> = params
+            .iter()
+            .filter(|(n, _)| n.starts_with("head"))
+            .map(|(n, t)| (n.to_string(), t.dims().to_vec()))
+            .collect();
+        if classes == 0 {
+            assert!(heads.is_empty(), "classes = 0 still has {heads:?}");
+        } else {
+            assert_eq!(heads, [("head.weight".to_string(), vec![10, 32]), ("head.bias".to_string(), vec![10])]);
+        }
+        let n: usize = params.iter().map(|(_, t)| t.numel()).sum();
+        assert_eq!(n, want, "classes = {classes}");
+        assert_eq!(ParamCounts::of(&cfg).unwrap().total, want as u64, "classes = {classes}");
+        // The forward pass ends at the pooled features: [batch, D].
+        let x = Tensor::randn([2, 3, 16, 16], 0.0, 1.0, 1, DType::F32, Device::Cpu).unwrap();
+        assert_eq!(model.predict(&params, &x).unwrap().dims(), &[2, if classes == 0 { 32 } else { 10 }]);
+    }
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Every optimizer through the `Optimizer` interface: convergence on least squares, bit-for-bit
-//! resume through a real checkpoint file, state memory against the shape-only count, and the
+//! resume through a real checkpoint file, state memory against hand-counted bytes, and the
 //! default weight-decay rules over the parameters of real ViT models.
 
 use vit_model::{load_checkpoint, save_checkpoint, Checkpoint, ModelConfig, ParamStore, VisionTransformer};
@@ -142,8 +142,8 @@ fn higher_rank_kernels_factor_over_their_two_largest_axes() {
 #[test]
 fn resuming_from_a_checkpoint_is_bit_for_bit() {
     let problem = LeastSquares::new();
-    let dir = std::env::temp_dir().join(format!("vit-optim-resume-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new().prefix("vit-optim-resume-").tempdir().unwrap();
+    let dir = tmp.path();
     for (what, mut cfg) in configs(8) {
         cfg.weight_decay = 1e-3; // exercise the decay term too
                                  // Never stopping: 8 steps.
@@ -180,7 +180,6 @@ fn resuming_from_a_checkpoint_is_bit_for_bit() {
         assert_eq!(bits(&q), bits(&p), "{what}: parameters differ after resuming");
         assert_eq!(bits(&second.state().unwrap()), bits(&opt.state().unwrap()), "{what}: state differs");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Small models covering every parameter kind of the naming contract.
@@ -240,27 +239,63 @@ fn default_weight_decay_rules_over_real_models() {
 }
 
 #[test]
-fn state_bytes_match_the_shape_only_count() {
-    for cfg in small_models() {
-        let model = VisionTransformer::new(&cfg, DType::F32, Device::Cpu).unwrap();
-        let p = model.init_params(0, DType::F32, Device::Cpu).unwrap();
-        let algorithms = [
-            Algorithm::FactoredAdam(FactoredAdamConfig::default()),
+fn state_bytes_are_the_hand_counted_numbers() {
+    // A small model's worth of parameters; `patch_embed` is frozen (no state at all).
+    //   patch_embed.proj.weight [32, 1, 4, 4]  512 (frozen)
+    //   pos_embed               [1, 49, 32]   1568
+    //   blocks.0.mlp.fc1.weight [64, 32]      2048
+    //   blocks.0.mlp.fc1.bias   [64]            64
+    //   head.weight             [10, 32]       320
+    //   head.bias               [10]            10
+    // n = 1568 + 2048 + 64 + 320 + 10 = 4010 trained values; every optimizer adds an 8-byte
+    // step counter.
+    //
+    // Factoring (optax's rule): a tensor of rank >= 2 whose second-largest dim is at least
+    // `min_dim_size_to_factor` keeps v_row (without the largest dim) and v_col (without the
+    // second largest) instead of a full v. With the default minimum 32:
+    //   pos_embed [1, 49, 32]: v_row [1, 32] + v_col [1, 49] = 81 values
+    //   fc1.weight [64, 32]:   v_row [32]    + v_col [64]    = 96 values
+    //   head.weight [10, 32]:  10 < 32, full v = 320 values
+    //   vectors: full v = 64 + 10
+    // and with minimum 8 head.weight factors too: v_row [10] + v_col [32] = 42 values.
+    let cases = [
+        // AdamW: f32 m and f32 v for every trained value: 8 B · 4010 + 8.
+        ("adamw", Algorithm::AdamW(AdamWConfig::default()), 8 * 4010 + 8),
+        // SGD: one bf16 accumulator per value: 2 B · 4010 + 8.
+        ("sgd", Algorithm::Sgd(SgdConfig::default()), 2 * 4010 + 8),
+        // SGD without momentum: the step counter only.
+        ("sgd, no momentum", Algorithm::Sgd(SgdConfig { momentum: None, ..Default::default() }), 8),
+        // Factored Adam: bf16 m (2 B · 4010) + f32 v: 4 B · (81 + 96 + 320 + 64 + 10) = 4 · 571.
+        ("factored adam", Algorithm::FactoredAdam(FactoredAdamConfig::default()), 2 * 4010 + 4 * 571 + 8),
+        // Factored Adam, min 8, no momentum: 4 B · (81 + 96 + 42 + 64 + 10) = 4 · 293.
+        (
+            "factored adam, min 8, no momentum",
             Algorithm::FactoredAdam(FactoredAdamConfig {
                 min_dim_size_to_factor: 8,
                 momentum: None,
                 ..Default::default()
             }),
-            Algorithm::AdamW(AdamWConfig::default()),
-            Algorithm::Sgd(SgdConfig::default()),
-        ];
-        for algorithm in algorithms {
-            let mut oc = OptimizerConfig::new(algorithm, 1e-3);
-            oc.groups = oc.groups.freeze(r"patch_embed\..*");
-            let opt = OptimizerChain::new(oc.clone(), &p).unwrap();
-            let shapes = p.iter().map(|(n, t)| (n, t.dims()));
-            assert_eq!(optimizer_state_bytes(shapes, &oc).unwrap(), opt.state_bytes(), "{algorithm:?}");
-        }
+            4 * 293 + 8,
+        ),
+    ];
+    let mut p = ParamStore::new();
+    for (name, dims) in [
+        ("patch_embed.proj.weight", &[32, 1, 4, 4][..]),
+        ("pos_embed", &[1, 49, 32][..]),
+        ("blocks.0.mlp.fc1.weight", &[64, 32][..]),
+        ("blocks.0.mlp.fc1.bias", &[64][..]),
+        ("head.weight", &[10, 32][..]),
+        ("head.bias", &[10][..]),
+    ] {
+        p.insert(name, Tensor::zeros(dims.to_vec(), DType::F32, Device::Cpu).unwrap()).unwrap();
+    }
+    for (what, algorithm, want) in cases {
+        let mut oc = OptimizerConfig::new(algorithm, 1e-3);
+        oc.groups = oc.groups.freeze(r"patch_embed\..*");
+        let opt = OptimizerChain::new(oc.clone(), &p).unwrap();
+        assert_eq!(opt.state_bytes(), want, "{what}: allocated state");
+        let shapes = p.iter().map(|(n, t)| (n, t.dims()));
+        assert_eq!(optimizer_state_bytes(shapes, &oc).unwrap(), want, "{what}: counted from shapes");
     }
 }
 

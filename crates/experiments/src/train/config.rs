@@ -1,10 +1,14 @@
 //! The training config (TOML): model, data, optimizer, schedule and loop settings, with
-//! `--set section.key=value` overrides. Unknown keys are errors that name the key.
+//! `--set section.key=value` overrides. Unknown keys are errors that name the key; the
+//! choices (`schedule.decay`, `optimizer.name`, `train.precision`, `train.loss`,
+//! `train.device`) are enums, so a misspelt value is a parse error that names the key, the
+//! value and the choices.
 
 use crate::train::TrainError;
 use serde::{Deserialize, Serialize};
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, fmt, path::Path};
 use vit_model::ModelConfig;
+use vit_tensor::{DType, Device};
 
 /// A whole training run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -38,7 +42,10 @@ pub struct DataSection {
     /// `idx` (MNIST-style files), `cifar10` / `cifar100` (binary batches) or `folder` (one
     /// subfolder per class).
     pub format: String,
-    /// The dataset's directory (relative paths are relative to the working directory).
+    /// The dataset's directory (relative paths are relative to the working directory), or
+    /// `bundled:fashion-mnist-small`: the Fashion-MNIST subset of the repository's `data/`
+    /// embedded in the binary (IDX, splits `train` and `t10k`; see `vit_data::bundled`), which
+    /// works from any folder.
     pub path: String,
     /// Training split: the IDX prefix (`train`), CIFAR file glob or folder name.
     #[serde(default = "default_train")]
@@ -73,7 +80,7 @@ fn default_test() -> String {
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSection {
     /// `factored-adam`, `adamw` or `sgd`.
-    pub name: String,
+    pub name: OptimizerName,
     /// Base learning rate.
     pub lr: f64,
     /// Decoupled weight decay in big_vision's absolute units (`0.03 · lr` for Scaling ViT's body).
@@ -96,7 +103,7 @@ pub struct OptimizerSection {
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSection {
     /// `rsqrt`, `cosine`, `linear` or `constant`.
-    pub decay: String,
+    pub decay: DecayKind,
     #[serde(default)]
     pub warmup_steps: u64,
     #[serde(default)]
@@ -138,11 +145,11 @@ pub struct LoopSection {
     #[serde(default)]
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: TrainDevice,
     /// `f32`, or `bf16` (bf16 activations and gradients, f32 master weights).
-    #[serde(default = "default_precision")]
-    pub precision: String,
+    #[serde(default)]
+    pub precision: Precision,
     /// Activation checkpointing per block (overrides the model's `remat`).
     #[serde(default)]
     pub remat: Option<bool>,
@@ -151,8 +158,8 @@ pub struct LoopSection {
     pub label_smoothing: f32,
     /// `softmax` cross-entropy, or `sigmoid` cross-entropy summed over classes (big_vision's
     /// choice for JFT-style heads).
-    #[serde(default = "default_loss")]
-    pub loss: String,
+    #[serde(default)]
+    pub loss: LossKind,
     /// Start from this checkpoint's weights (fine-tuning); the position embedding is resampled
     /// if the resolution differs, and a head of another size is re-initialised.
     #[serde(default)]
@@ -175,14 +182,102 @@ fn one_f32() -> f32 {
 fn default_log_every() -> u64 {
     10
 }
-fn default_device() -> String {
-    "cpu".into()
+
+/// `schedule.decay`: the learning-rate decay after warmup (`vit_optim::Decay`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum DecayKind {
+    /// `rsqrt`: `1/sqrt(1 + step/timescale)` (Scaling ViT), with `schedule.timescale`.
+    #[serde(rename = "rsqrt")]
+    Rsqrt,
+    /// `cosine`: half a cosine to 0.
+    #[serde(rename = "cosine")]
+    Cosine,
+    /// `linear`: a straight line to 0.
+    #[serde(rename = "linear")]
+    Linear,
+    /// `constant`: the base rate throughout.
+    #[serde(rename = "constant")]
+    Constant,
 }
-fn default_loss() -> String {
-    "softmax".into()
+
+/// `optimizer.name`: the update rule.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum OptimizerName {
+    /// `factored-adam`: big_vision's `scale_by_adafactor` with bf16 momentum.
+    #[serde(rename = "factored-adam")]
+    FactoredAdam,
+    /// `adamw`: Adam with decoupled weight decay.
+    #[serde(rename = "adamw")]
+    AdamW,
+    /// `sgd`: SGD with momentum (`optimizer.momentum`, default 0.9).
+    #[serde(rename = "sgd")]
+    Sgd,
 }
-fn default_precision() -> String {
-    "f32".into()
+
+/// `train.precision`: the dtype of activations and gradients.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Precision {
+    /// `f32` throughout.
+    #[default]
+    #[serde(rename = "f32")]
+    F32,
+    /// `bf16` activations and gradients, f32 master weights.
+    #[serde(rename = "bf16")]
+    Bf16,
+}
+
+impl Precision {
+    /// The compute dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// `train.loss`: the classification loss.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum LossKind {
+    /// `softmax` cross-entropy.
+    #[default]
+    #[serde(rename = "softmax")]
+    Softmax,
+    /// `sigmoid` cross-entropy summed over classes.
+    #[serde(rename = "sigmoid")]
+    Sigmoid,
+}
+
+/// `train.device`: `cpu`, `cuda` (device 0) or `cuda:N`, checked when the config is read and
+/// written back as `cpu` or `cuda:N`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String", into = "String")]
+pub struct TrainDevice(pub Device);
+
+impl Default for TrainDevice {
+    /// `cpu`.
+    fn default() -> Self {
+        TrainDevice(Device::Cpu)
+    }
+}
+
+impl TryFrom<String> for TrainDevice {
+    type Error = vit_tensor::Error;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse().map(TrainDevice)
+    }
+}
+
+impl From<TrainDevice> for String {
+    fn from(d: TrainDevice) -> String {
+        d.0.to_string()
+    }
+}
+
+impl fmt::Display for TrainDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 /// The built-in default: a small ViT on the bundled Fashion-MNIST subset (configs/quickstart.toml).
@@ -266,13 +361,7 @@ impl TrainConfig {
             }
             _ => {}
         }
-        if !["f32", "bf16"].contains(&t.precision.as_str()) {
-            return bad("train.precision", format!("{:?}", t.precision), "\"f32\" or \"bf16\"");
-        }
-        if !["softmax", "sigmoid"].contains(&t.loss.as_str()) {
-            return bad("train.loss", format!("{:?}", t.loss), "\"softmax\" or \"sigmoid\"");
-        }
-        if t.loss == "sigmoid" && t.teacher.is_some() {
+        if t.loss == LossKind::Sigmoid && t.teacher.is_some() {
             return bad(
                 "train.teacher",
                 "(with train.loss = \"sigmoid\")".into(),
@@ -285,20 +374,9 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&t.distill_weight) {
             return bad("train.distill_weight", t.distill_weight.to_string(), "a value in [0, 1]");
         }
-        t.device.parse::<vit_tensor::Device>()?;
         let o = &self.optimizer;
-        if !["factored-adam", "adamw", "sgd"].contains(&o.name.as_str()) {
-            return bad("optimizer.name", format!("{:?}", o.name), "\"factored-adam\", \"adamw\" or \"sgd\"");
-        }
         if !(o.lr > 0.0 && o.lr.is_finite()) {
             return bad("optimizer.lr", o.lr.to_string(), "a positive learning rate");
-        }
-        if !["rsqrt", "cosine", "linear", "constant"].contains(&self.schedule.decay.as_str()) {
-            return bad(
-                "schedule.decay",
-                format!("{:?}", self.schedule.decay),
-                "\"rsqrt\", \"cosine\", \"linear\" or \"constant\"",
-            );
         }
         if !["idx", "cifar10", "cifar100", "folder"].contains(&self.data.format.as_str()) {
             return bad(
@@ -347,4 +425,80 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), Train
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quickstart(sets: &[&str]) -> Result<TrainConfig, TrainError> {
+        TrainConfig::from_toml(QUICKSTART, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn every_spelling_of_the_choices_parses_to_its_variant_and_writes_back_the_same() {
+        use vit_tensor::Device;
+        type Is = fn(&TrainConfig) -> bool;
+        let cases: [(&str, Is); 14] = [
+            ("schedule.decay=rsqrt", |c| c.schedule.decay == DecayKind::Rsqrt),
+            ("schedule.decay=cosine", |c| c.schedule.decay == DecayKind::Cosine),
+            ("schedule.decay=linear", |c| c.schedule.decay == DecayKind::Linear),
+            ("schedule.decay=constant", |c| c.schedule.decay == DecayKind::Constant),
+            ("optimizer.name=factored-adam", |c| c.optimizer.name == OptimizerName::FactoredAdam),
+            ("optimizer.name=adamw", |c| c.optimizer.name == OptimizerName::AdamW),
+            ("optimizer.name=sgd", |c| c.optimizer.name == OptimizerName::Sgd),
+            ("train.precision=f32", |c| c.train.precision.dtype() == DType::F32),
+            ("train.precision=bf16", |c| c.train.precision.dtype() == DType::BF16),
+            ("train.loss=softmax", |c| c.train.loss == LossKind::Softmax),
+            ("train.loss=sigmoid", |c| c.train.loss == LossKind::Sigmoid),
+            ("train.device=cpu", |c| c.train.device.0 == Device::Cpu),
+            ("train.device=cuda", |c| c.train.device.0 == Device::Cuda(0)),
+            ("train.device=cuda:3", |c| c.train.device.0 == Device::Cuda(3)),
+        ];
+        for (set, is) in cases {
+            let cfg = quickstart(&[set]).unwrap_or_else(|e| panic!("{set}: {e}"));
+            assert!(is(&cfg), "{set}: parsed as {:?}", cfg);
+            // The written config (a run directory's config.toml) uses the same spelling.
+            let text = cfg.to_toml().unwrap();
+            let (key, value) = set.split_once('=').unwrap();
+            let value = if value == "cuda" { "cuda:0" } else { value };
+            let line = format!("{} = \"{value}\"", key.split_once('.').unwrap().1);
+            assert!(text.lines().any(|l| l == line), "{set}: no line {line:?} in\n{text}");
+            assert_eq!(TrainConfig::from_toml(&text, &[]).unwrap(), cfg, "{set}: round trip");
+        }
+        // The defaults when a recipe leaves them out.
+        let bare = QUICKSTART.lines().filter(|l| !l.starts_with("device")).collect::<Vec<_>>().join("\n");
+        let cfg = TrainConfig::from_toml(&bare, &[]).unwrap();
+        assert_eq!(
+            (cfg.train.device.0, cfg.train.precision, cfg.train.loss),
+            (Device::Cpu, Precision::F32, LossKind::Softmax)
+        );
+    }
+
+    #[test]
+    fn a_misspelt_choice_names_the_key_the_value_and_the_choices() {
+        for (set, key, bad, choices) in [
+            ("schedule.decay=cosin", "schedule.decay", "cosin", &["rsqrt", "cosine", "linear", "constant"][..]),
+            ("optimizer.name=adam", "optimizer.name", "adam", &["factored-adam", "adamw", "sgd"][..]),
+            ("train.precision=fp16", "train.precision", "fp16", &["f32", "bf16"][..]),
+            ("train.loss=softmx", "train.loss", "softmx", &["softmax", "sigmoid"][..]),
+            ("train.device=gpu", "train.device", "gpu", &["cpu", "cuda", "cuda:N"][..]),
+            ("train.device=cuda:x", "train.device", "cuda:x", &["cpu", "cuda", "cuda:N"][..]),
+        ] {
+            let e = quickstart(&[set]).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{set}: the key is not named: {e}");
+            assert!(e.contains(bad), "{set}: the value is not named: {e}");
+            for c in choices {
+                assert!(
+                    e.contains(&format!("`{c}`")) || e.contains(&format!(" {c},")) || e.contains(&format!(" {c} ")),
+                    "{set}: choice {c} missing: {e}"
+                );
+            }
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        // In a file too, not only through --set.
+        let text = QUICKSTART.replace("decay = \"cosine\"", "decay = \"cosinus\"");
+        let e = TrainConfig::from_toml(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("`schedule.decay`") && e.contains("cosinus") && e.contains("`rsqrt`"), "{e}");
+    }
 }

@@ -43,9 +43,10 @@ pub struct Data {
     eval_pp: Pipeline,
 }
 
-/// Loads the datasets `cfg` names: `idx` (MNIST-style files, splits are prefixes), `cifar10` /
-/// `cifar100` (binary batches, splits `train` / `test`), `folder` (one subfolder per class under
-/// `path/<split>`).
+/// Loads the datasets `cfg` names: `idx` (MNIST-style files, splits are prefixes; a path
+/// `bundled:<name>` reads a dataset embedded in the binary, see `vit_data::bundled`), `cifar10`
+/// / `cifar100` (binary batches, splits `train` / `test`), `folder` (one subfolder per class
+/// under `path/<split>`).
 pub fn load(cfg: &DataSection) -> Result<Data, TrainError> {
     let limit = |d: Arc<dyn Dataset>, n: Option<usize>| -> Arc<dyn Dataset> {
         match n {
@@ -58,12 +59,23 @@ pub fn load(cfg: &DataSection) -> Result<Data, TrainError> {
         "test" => Ok(Split::Test),
         other => Err(TrainError::Config(format!("data split {other:?}: expected \"train\" or \"test\" for CIFAR"))),
     };
-    let (train, test): (Arc<dyn Dataset>, Arc<dyn Dataset>) = match cfg.format.as_str() {
-        "idx" => (
+    let bundled = vit_data::bundled_name(&cfg.path);
+    let (train, test): (Arc<dyn Dataset>, Arc<dyn Dataset>) = match (cfg.format.as_str(), bundled) {
+        ("idx", Some(name)) => (
+            Arc::new(InMemoryDataset::from_bundled(name, &cfg.train, cfg.train_limit)?),
+            Arc::new(InMemoryDataset::from_bundled(name, &cfg.test, cfg.test_limit)?),
+        ),
+        (other, Some(_)) => {
+            return Err(TrainError::Config(format!(
+                "data.format = {other:?} with data.path = {:?}: the bundled datasets are IDX, expected data.format = \"idx\"",
+                cfg.path
+            )))
+        }
+        ("idx", None) => (
             Arc::new(InMemoryDataset::from_idx(&cfg.path, &cfg.train, cfg.train_limit)?),
             Arc::new(InMemoryDataset::from_idx(&cfg.path, &cfg.test, cfg.test_limit)?),
         ),
-        "cifar10" | "cifar100" => {
+        ("cifar10" | "cifar100", None) => {
             let read = |s: &str| -> Result<Arc<dyn Dataset>, TrainError> {
                 let split = cifar_split(s)?;
                 Ok(Arc::new(if cfg.format == "cifar10" {
@@ -74,13 +86,13 @@ pub fn load(cfg: &DataSection) -> Result<Data, TrainError> {
             };
             (limit(read(&cfg.train)?, cfg.train_limit), limit(read(&cfg.test)?, cfg.test_limit))
         }
-        "folder" => {
+        ("folder", None) => {
             let open = |s: &str| -> Result<Arc<dyn Dataset>, TrainError> {
                 Ok(Arc::new(ImageFolder::open(Path::new(&cfg.path).join(s))?))
             };
             (limit(open(&cfg.train)?, cfg.train_limit), limit(open(&cfg.test)?, cfg.test_limit))
         }
-        other => {
+        (other, None) => {
             return Err(TrainError::Config(format!(
                 "data.format = {other:?}: expected idx, cifar10, cifar100 or folder"
             )))

@@ -7,7 +7,7 @@ pub mod data;
 pub mod plot;
 pub mod run_dir;
 
-use config::TrainConfig;
+use config::{DecayKind, LossKind, OptimizerName, TrainConfig};
 use run_dir::RunDir;
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -87,11 +87,11 @@ pub fn total_steps(cfg: &TrainConfig, n: usize) -> u64 {
 
 fn optimizer_config(cfg: &TrainConfig, total: u64, params: &ParamStore) -> Result<OptimizerConfig, TrainError> {
     let s = &cfg.schedule;
-    let decay = match s.decay.as_str() {
-        "rsqrt" => Decay::Rsqrt { timescale: s.timescale },
-        "cosine" => Decay::Cosine,
-        "linear" => Decay::Linear,
-        _ => Decay::Constant,
+    let decay = match s.decay {
+        DecayKind::Rsqrt => Decay::Rsqrt { timescale: s.timescale },
+        DecayKind::Cosine => Decay::Cosine,
+        DecayKind::Linear => Decay::Linear,
+        DecayKind::Constant => Decay::Constant,
     };
     if s.warmup_steps >= total || s.cooldown_steps > total - s.warmup_steps {
         return Err(TrainError::Config(format!(
@@ -100,12 +100,12 @@ fn optimizer_config(cfg: &TrainConfig, total: u64, params: &ParamStore) -> Resul
         )));
     }
     let o = &cfg.optimizer;
-    let algorithm = match o.name.as_str() {
-        "factored-adam" => {
+    let algorithm = match o.name {
+        OptimizerName::FactoredAdam => {
             Algorithm::FactoredAdam(FactoredAdamConfig { momentum: o.momentum.or(Some(0.9)), ..Default::default() })
         }
-        "adamw" => Algorithm::AdamW(AdamWConfig::default()),
-        _ => Algorithm::Sgd(SgdConfig { momentum: o.momentum.or(Some(0.9)), ..Default::default() }),
+        OptimizerName::AdamW => Algorithm::AdamW(AdamWConfig::default()),
+        OptimizerName::Sgd => Algorithm::Sgd(SgdConfig { momentum: o.momentum.or(Some(0.9)), ..Default::default() }),
     };
     let mut oc = OptimizerConfig::new(algorithm, o.lr);
     oc.weight_decay = o.weight_decay;
@@ -223,8 +223,8 @@ fn compute_params(params: &ParamStore, dtype: DType) -> Result<ParamStore, Train
 pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summary, TrainError> {
     let started = Instant::now();
     watch_ctrl_c();
-    let device: Device = cfg.train.device.parse()?;
-    let dtype = if cfg.train.precision == "bf16" { DType::BF16 } else { DType::F32 };
+    let device: Device = cfg.train.device.0;
+    let dtype = cfg.train.precision.dtype();
     let mcfg: ModelConfig = cfg.model_config()?;
     let model = VisionTransformer::new(&mcfg, dtype, device)?;
     let data = data::load(&cfg.data)?;
@@ -306,7 +306,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
     let test_loader = data.eval_loader(&data.test, batch)?;
     let mut stream = data.train_loader(batch, cfg.train.seed)?.iter_from(first_step);
     let evaluate_test = |params: &ParamStore| {
-        evaluate(&model, &compute_params(params, dtype)?, &test_loader, device, cfg.train.loss == "sigmoid")
+        evaluate(&model, &compute_params(params, dtype)?, &test_loader, device, cfg.train.loss == LossKind::Sigmoid)
     };
     let (mut train_time, mut trained) = (0f64, 0u64);
     let mut last_loss = f64::NAN;
@@ -340,7 +340,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
             .to_device(device)?;
             let (logits, saved) = model.forward(&cp, &x)?;
             let dloss = Tensor::full(1.0 / batch as f32, [labels.len()], DType::F32, device)?;
-            let (losses, dlogits) = if cfg.train.loss == "sigmoid" {
+            let (losses, dlogits) = if cfg.train.loss == LossKind::Sigmoid {
                 (ops::sigmoid_cross_entropy_fwd(&logits, &t)?, ops::sigmoid_cross_entropy_bwd(&logits, &t, &dloss)?)
             } else {
                 (ops::softmax_cross_entropy_fwd(&logits, &t)?, ops::softmax_cross_entropy_bwd(&logits, &t, &dloss)?)
