@@ -1,7 +1,8 @@
 //! A Vision Transformer trainer written against the vitrs crates directly — no `vit-experiments`:
 //! the model and its hand-written backward (`vit-model`), the optimizer chain (`vit-optim`), the
 //! dataset, augmentation and loader (`vit-data`). Trains a small ViT on the Fashion-MNIST subset
-//! bundled in the repository (`data/fashion-mnist-small`) and prints the test accuracy.
+//! that vit-data embeds (10,000 train and 2,000 test images; or the IDX files in `data dir`) and
+//! prints the test accuracy.
 //!
 //! `cargo run --release -p custom-trainer -- [steps] [data dir]` (default: 300 steps).
 
@@ -12,7 +13,6 @@ use vit_optim::{AdamWConfig, Algorithm, Decay, Optimizer, OptimizerChain, Optimi
 use vit_tensor::{ops, DType, Device, ParamStore, Tensor};
 
 const BATCH: usize = 128;
-const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/fashion-mnist-small");
 
 /// A ViT for 28×28 grey images: patch 7 (16 tokens), width 64, depth 4, GAP, 10 classes.
 fn model_config() -> Result<ModelConfig, Box<dyn Error>> {
@@ -56,11 +56,15 @@ fn accuracy(model: &VisionTransformer, params: &ParamStore, loader: &Loader) -> 
 fn main() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().collect();
     let steps: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(300);
-    let dir = args.get(2).map_or(BUNDLED, String::as_str);
+    let split = |prefix: &str| -> Result<Arc<dyn Dataset>, Box<dyn Error>> {
+        Ok(Arc::new(match args.get(2) {
+            Some(dir) => InMemoryDataset::from_idx(dir, prefix, None)?,
+            None => InMemoryDataset::from_bundled("fashion-mnist-small", prefix, None)?,
+        }))
+    };
 
-    // Data: IDX files → in-memory datasets; pixels to [-1, 1]; random crops and flips for training.
-    let train: Arc<dyn Dataset> = Arc::new(InMemoryDataset::from_idx(dir, "train", None)?);
-    let test: Arc<dyn Dataset> = Arc::new(InMemoryDataset::from_idx(dir, "t10k", None)?);
+    // Data: IDX images → in-memory datasets; pixels to [-1, 1]; random crops and flips for training.
+    let (train, test) = (split("train")?, split("t10k")?);
     let to_unit = Transform::ValueRange { min: -1.0, max: 1.0, in_min: 0.0, in_max: 255.0 };
     let crop = Transform::RandomCrop { size: Size::Square(28), padding: 2 }; // pads black: before to_unit
     let augment = Pipeline::new(vec![crop, Transform::FlipLr { p: 0.5 }, to_unit.clone()]);
