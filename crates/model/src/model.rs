@@ -31,16 +31,21 @@ pub struct VisionTransformer {
 /// Everything [`VisionTransformer::backward`] needs from a forward pass.
 #[derive(Debug, Clone)]
 pub struct ForwardSaved {
+    /// What the patch embedding saved (the flattened patches `[B, N, C·p·p]`).
     embed: EmbedSaved,
-    /// Input of each block (kept with or without activation checkpointing).
+    /// Input of each block, `[B, N, D]` (kept with or without activation checkpointing).
     block_inputs: Vec<Tensor>,
     /// Saved activations of each block; `None` under activation checkpointing (recomputed).
     block_saved: Vec<Option<BlockSaved>>,
+    /// Output of the last block, `[B, N, D]` (the final norm's input).
     encoded: Tensor,
     norm: NormSaved,
     pool: PoolSaved,
+    /// Pooled tokens, `[B, D]`.
     pooled: Tensor,
+    /// Pre-logits before tanh, `[B, F]` (with pre-logits only).
     pre_act: Option<Tensor>,
+    /// The classifier's input, `[B, F]` (`F = D` without pre-logits).
     features: Tensor,
 }
 

@@ -1,5 +1,7 @@
-//! Multi-head attention, non-causal: the reference implementation (the flash kernels of the
-//! kernels issue are tested against it).
+//! Multi-head attention, non-causal, `softmax(scale·QKᵀ)·V` per (batch, head), with the
+//! log-sum-exp of each query saved so backward recomputes the scores instead of keeping the
+//! `[tokens, tokens]` matrix. On the CPU: GEMMs per (batch, head) slab (`cpu/attention.rs`); on
+//! CUDA: the row-wise kernels of `kernels/attention.cu` (no tensor-core kernel yet).
 
 use super::{same_device, same_float_dtype, same_shape};
 use crate::{cpu, cuda, DType, Device, Error, Result, Tensor};
