@@ -10,7 +10,7 @@
 
 use super::{backend_of, cuda_err, output, view, wrap, CudaBackend};
 use crate::{
-    ops::{Activation, BinaryOp, Gelu, NormKind, ReduceOp},
+    op_kinds::{Activation, BinaryOp, Gelu, NormKind, ReduceOp},
     DType, Error, Result, Shape, Tensor,
 };
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};

@@ -1,23 +1,8 @@
 //! Elementwise ops: add, mul, scale, bias add, GELU.
 
 use super::{min_rank, same_device, same_float_dtype, same_shape};
+use crate::op_kinds::{Activation, BinaryOp, Gelu};
 use crate::{cpu, cuda, Device, Error, Result, Tensor};
-
-/// A binary elementwise op on tensors of equal shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BinaryOp {
-    Add,
-    Sub,
-    Mul,
-}
-
-/// GELU variant: big_vision uses the tanh approximation, timm the exact erf (reference §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Gelu {
-    #[default]
-    Tanh,
-    Erf,
-}
 
 fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, name: &'static str) -> Result<Tensor> {
     let device = same_device(name, &[a, b])?;
@@ -91,13 +76,6 @@ pub fn bias_add_bwd(dy: &Tensor) -> Result<Tensor> {
         Device::Cpu => Ok(Tensor::cpu_like(cpu::column_sums(&dy.cpu_f32("bias_add_bwd")?, n), [n], dy.dtype())),
         Device::Cuda(_) => cuda::ops::bias_add_bwd(dy),
     }
-}
-
-/// An elementwise nonlinearity: GELU (either form) or tanh (pre-logits, reference §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Gelu(Gelu),
-    Tanh,
 }
 
 fn activation_fwd(x: &Tensor, kind: Activation, op: &'static str) -> Result<Tensor> {

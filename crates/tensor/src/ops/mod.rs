@@ -12,6 +12,7 @@ mod patch;
 mod reduce;
 mod softmax;
 
+pub use crate::op_kinds::{Activation, BinaryOp, Gelu, MatmulDims, NormKind, ReduceOp};
 pub use attention::*;
 pub use elementwise::*;
 pub use index::*;

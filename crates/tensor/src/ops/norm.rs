@@ -1,15 +1,8 @@
 //! LayerNorm, centred or RMS, with or without scale and bias (ViT-22B drops the bias).
 
 use super::{min_rank, same_device, same_float_dtype, same_shape};
+use crate::op_kinds::NormKind;
 use crate::{cpu, cuda, Device, Error, Result, Tensor};
-
-/// Which normalisation: LayerNorm subtracts the mean; RMSNorm only rescales.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum NormKind {
-    #[default]
-    LayerNorm,
-    Rms,
-}
 
 /// What [`layer_norm_fwd`] returns: the output and the per-row statistics backward needs.
 #[derive(Debug, Clone)]

@@ -1,25 +1,8 @@
 //! Reductions along one axis (sum, mean, max, argmax) with their backward, and top-k.
 
 use super::{min_rank, same_device, same_float_dtype};
+use crate::op_kinds::ReduceOp;
 use crate::{cpu, cuda, DType, Device, Error, Result, Tensor};
-
-/// A reduction along one axis (and, in `vit-collective`, across ranks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReduceOp {
-    Sum,
-    Mean,
-    Max,
-}
-
-impl std::fmt::Display for ReduceOp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ReduceOp::Sum => "sum",
-            ReduceOp::Mean => "mean",
-            ReduceOp::Max => "max",
-        })
-    }
-}
 
 fn check_dim(op: &'static str, x: &Tensor, dim: usize) -> Result<Vec<usize>> {
     same_float_dtype(op, &[x])?;
