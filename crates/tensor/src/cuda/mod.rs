@@ -2,11 +2,19 @@
 //! and device storage. Everything goes through cudarc's dynamic loading, so the crate builds
 //! and runs without CUDA installed; [`available`] asks before anything touches the driver.
 
+mod launch;
+
+pub(crate) mod attention;
 pub(crate) mod blas;
+pub(crate) mod elementwise;
+pub(crate) mod index;
 pub(crate) mod layout;
+pub(crate) mod norm;
 pub mod nvrtc;
-pub(crate) mod ops;
 pub mod optim;
+pub(crate) mod patch;
+pub(crate) mod reduce;
+pub(crate) mod softmax;
 mod storage;
 
 pub(crate) use storage::CudaStorage;

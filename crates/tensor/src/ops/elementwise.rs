@@ -13,7 +13,7 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, name: &'static str) -> Result<Te
             let (x, y) = (a.cpu_f32(name)?, b.cpu_f32(name)?);
             Ok(Tensor::cpu_like(cpu::binary(&x, &y, op), a.shape().clone(), dtype))
         }
-        Device::Cuda(_) => cuda::ops::binary(a, b, op),
+        Device::Cuda(_) => cuda::elementwise::binary(a, b, op),
     }
 }
 
@@ -42,7 +42,7 @@ pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
     same_float_dtype("scale", &[x])?;
     match x.device() {
         Device::Cpu => Ok(Tensor::cpu_like(cpu::scale(&x.cpu_f32("scale")?, s), x.shape().clone(), x.dtype())),
-        Device::Cuda(_) => cuda::ops::scale(x, s),
+        Device::Cuda(_) => cuda::elementwise::scale(x, s),
     }
 }
 
@@ -63,7 +63,7 @@ pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
             x.shape().clone(),
             dtype,
         )),
-        Device::Cuda(_) => cuda::ops::bias_add(x, bias),
+        Device::Cuda(_) => cuda::elementwise::bias_add(x, bias),
     }
 }
 
@@ -74,7 +74,7 @@ pub fn bias_add_bwd(dy: &Tensor) -> Result<Tensor> {
     let n = dy.shape().last();
     match dy.device() {
         Device::Cpu => Ok(Tensor::cpu_like(cpu::column_sums(&dy.cpu_f32("bias_add_bwd")?, n), [n], dy.dtype())),
-        Device::Cuda(_) => cuda::ops::bias_add_bwd(dy),
+        Device::Cuda(_) => cuda::elementwise::bias_add_bwd(dy),
     }
 }
 
@@ -82,7 +82,7 @@ fn activation_fwd(x: &Tensor, kind: Activation, op: &'static str) -> Result<Tens
     same_float_dtype(op, &[x])?;
     match x.device() {
         Device::Cpu => Ok(Tensor::cpu_like(cpu::activation_fwd(&x.cpu_f32(op)?, kind), x.shape().clone(), x.dtype())),
-        Device::Cuda(_) => cuda::ops::activation_fwd(x, kind),
+        Device::Cuda(_) => cuda::elementwise::activation_fwd(x, kind),
     }
 }
 
@@ -94,7 +94,7 @@ fn activation_bwd(x: &Tensor, dy: &Tensor, kind: Activation, op: &'static str) -
         Device::Cpu => {
             Ok(Tensor::cpu_like(cpu::activation_bwd(&x.cpu_f32(op)?, &dy.cpu_f32(op)?, kind), x.shape().clone(), dtype))
         }
-        Device::Cuda(_) => cuda::ops::activation_bwd(x, dy, kind),
+        Device::Cuda(_) => cuda::elementwise::activation_bwd(x, dy, kind),
     }
 }
 

@@ -76,7 +76,7 @@ pub fn layer_norm_fwd(
             })
         }
         Device::Cuda(_) => {
-            let (y, mean, rstd) = cuda::ops::layer_norm_fwd(x, weight, bias, eps, kind)?;
+            let (y, mean, rstd) = cuda::norm::layer_norm_fwd(x, weight, bias, eps, kind)?;
             Ok(LayerNormOut { y, mean, rstd })
         }
     }
@@ -127,7 +127,7 @@ pub fn layer_norm_bwd(
             })
         }
         Device::Cuda(_) => {
-            let (dx, dweight, dbias) = cuda::ops::layer_norm_bwd(x, weight, mean, rstd, dy, kind, with_bias)?;
+            let (dx, dweight, dbias) = cuda::norm::layer_norm_bwd(x, weight, mean, rstd, dy, kind, with_bias)?;
             Ok(LayerNormGrads { dx, dweight, dbias })
         }
     }
