@@ -44,15 +44,13 @@
 //! bit, rarely). Gradients of device parameters are moved to the parameter's device if needed;
 //! state always lives on its parameter's device.
 
+use crate::cuda::{self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepScalars};
 use crate::{
     adafactor_beta2, clip::sum_of_squares, factored_dims, factored_update, CompiledGroups, FactoredDims, OptimError,
     ParamGroups, ParamSettings, Schedule,
 };
 use std::collections::HashMap;
 use vit_model::{ParamDiff, ParamStore};
-use vit_tensor::cuda::optim::{
-    self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepScalars,
-};
 use vit_tensor::{DType, Device, Tensor};
 
 /// Name of the step counter in [`Optimizer::state`]: a `u32` tensor `[lo, hi]` holding the

@@ -12,7 +12,6 @@ pub mod kernel;
 pub(crate) mod layout;
 pub(crate) mod norm;
 pub mod nvrtc;
-pub mod optim;
 pub(crate) mod patch;
 pub(crate) mod reduce;
 pub(crate) mod softmax;

@@ -25,7 +25,6 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("index.cu", include_str!("../../../../kernels/index.cu")),
     ("patch.cu", include_str!("../../../../kernels/patch.cu")),
     ("layout.cu", include_str!("../../../../kernels/layout.cu")),
-    ("optim.cu", include_str!("../../../../kernels/optim.cu")),
 ];
 
 /// The architectures CI compiles every kernel for.
