@@ -94,6 +94,9 @@ fn a_custom_kernel_runs_with_typed_arguments() {
 fn bad_launches_are_errors_naming_the_kernel() {
     let dev = Device::Cuda(0);
     let k = SRC.load("affine", dev).unwrap();
+    // Without the driver's parameter report the argument checks cannot run (and the launches
+    // below would not be refused): this test needs a CUDA 12.4+ driver.
+    assert_eq!(k.param_sizes(), Some(&[8, 8, 12, 8, 8, 8][..]), "driver older than CUDA 12.4?");
     let x = Tensor::zeros([4], DType::BF16, dev).unwrap();
     let host = Tensor::zeros([4], DType::F32, Device::Cpu).unwrap();
     let kernel_err = |r: vit_tensor::Result<()>| match r {

@@ -231,9 +231,12 @@ impl Kind {
     }
 }
 
+/// Checks that `t` is on `device`, the CUDA device of the call's first tensor (a host first
+/// tensor is reported as expected on `cuda:0`).
 fn same_device(op: &'static str, t: &Tensor, device: Device) -> Result<()> {
-    if t.device() != device || !matches!(device, Device::Cuda(_)) {
-        return Err(Error::Device { op, expected: device, got: t.device() });
+    let expected = if matches!(device, Device::Cuda(_)) { device } else { Device::Cuda(0) };
+    if t.device() != expected {
+        return Err(Error::Device { op, expected, got: t.device() });
     }
     Ok(())
 }
@@ -551,7 +554,11 @@ mod tests {
     #[test]
     fn host_tensors_are_refused_without_touching_cuda() {
         let t = Tensor::zeros([4], DType::F32, Device::Cpu).unwrap();
-        assert!(matches!(sum_of_squares(&[&t]), Err(Error::Device { op: "sum_of_squares", .. })));
+        let e = sum_of_squares(&[&t]).unwrap_err();
+        assert!(
+            matches!(e, Error::Device { op: "sum_of_squares", expected: Device::Cuda(0), got: Device::Cpu }),
+            "{e}"
+        );
         let p = ParamStep { param: &t, grad: &t, m: Some(&t), second: SecondMoment::Full(&t), lr: 0.1, wd: 0.0 };
         let c = AdamWCoefficients { b1: 0.9, c1: 0.1, b2: 0.999, c2: 0.001, bc1: 0.1, bc2: 0.001, eps: 1e-8 };
         let s = StepScalars { schedule: 1.0, clip_scale: 1.0 };

@@ -249,6 +249,12 @@ impl Kernel {
         &self.label
     }
 
+    /// The byte sizes of the kernel's parameters as the driver reports them (CUDA 12.4 or
+    /// later; `None` before), which [`Kernel::launch`] checks its arguments against.
+    pub fn param_sizes(&self) -> Option<&[usize]> {
+        self.params.as_deref()
+    }
+
     /// Queues the kernel on its device's stream with `args` (in the order of the kernel's
     /// parameters). Returns when the launch is queued, not when it has run; reading a result
     /// back (`Tensor::to_vec`, [`DeviceBuffer::to_vec`]) waits for it.
