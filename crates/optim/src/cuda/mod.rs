@@ -23,7 +23,6 @@
 //! second moments — and dtype; each output is a view into it), so a step costs a handful of
 //! allocations whatever the number of parameters; a flat buffer is freed when the last of its
 //! views is dropped.
-
 //!
 //! The descriptor tables are `#[repr(C)]` `bytemuck::Pod` structs mirroring the kernel's
 //! (`tables`), and the scalars of a launch ([`StepScalars`] and the coefficient structs) are

@@ -250,7 +250,8 @@ impl Kernel {
     }
 
     /// The byte sizes of the kernel's parameters as the driver reports them (CUDA 12.4 or
-    /// later; `None` before), which [`Kernel::launch`] checks its arguments against.
+    /// later; `None` before, and for a kernel without parameters), which [`Kernel::launch`]
+    /// checks its arguments against.
     pub fn param_sizes(&self) -> Option<&[usize]> {
         self.params.as_deref()
     }
@@ -358,7 +359,7 @@ impl Kernel {
 }
 
 /// The byte sizes of `func`'s parameters, or `None` when the driver cannot say (before CUDA
-/// 12.4, or an unexpected error).
+/// 12.4, an unexpected error, or no parameters).
 fn param_sizes(func: &CudaFunction) -> Option<Vec<usize>> {
     let mut version = 0;
     // SAFETY: an out-parameter.
@@ -371,8 +372,10 @@ fn param_sizes(func: &CudaFunction) -> Option<Vec<usize>> {
         // SAFETY: a live function handle and out-parameters.
         match unsafe { sys::cuFuncGetParamInfo(func.cu_function(), sizes.len(), &mut offset, &mut size) } {
             sys::CUresult::CUDA_SUCCESS => sizes.push(size),
-            // Past the last parameter.
-            sys::CUresult::CUDA_ERROR_INVALID_VALUE => return Some(sizes),
+            // Past the last parameter. No parameter at all reads as "unknown": a kernel without
+            // parameters needs no check, and a driver that fails the first query (a function
+            // not loaded yet, say) must not make every launch an error.
+            sys::CUresult::CUDA_ERROR_INVALID_VALUE => return (!sizes.is_empty()).then_some(sizes),
             _ => return None,
         }
         if sizes.len() > 4096 {
