@@ -3,8 +3,8 @@
 // of squares for clipping (reference §3; the CPU reference is crates/optim/src/optimizer.rs).
 //
 // Multi-tensor launches. Every kernel gets a table of per-tensor descriptors (raw device
-// pointers, sizes, dtypes, per-tensor scalars; the structs below are mirrored byte for byte by
-// crates/tensor/src/cuda/optim.rs) and `starts[count + 1]`, the prefix sum of the blocks each
+// pointers, sizes, dtypes, per-tensor scalars; the structs below are mirrored field for field by
+// the #[repr(C)] structs of crates/optim/src/cuda/tables.rs, sizes asserted on both sides) and `starts[count + 1]`, the prefix sum of the blocks each
 // tensor gets; block b works on tensor t with starts[t] <= b < starts[t + 1] (binary search).
 // One launch thus covers every parameter of a model, small biases included, with no per-tensor
 // launch overhead. dtypes are per-tensor runtime codes (0 f32, 1 bf16, 2 f16), so one launch
@@ -14,15 +14,17 @@
 // Step kernels (one per optimizer; block 256 threads, STEP_ELEMS = 4096 elements per block, each
 // thread handles 4 consecutive elements per iteration with one 16-byte (f32) or 8-byte (bf16,
 // f16) load per stream when the tensor's pointers allow it (flag VEC), else scalar loads):
-//   adamw_step(descs, starts, count, schedule, clip, b1, c1, b2, c2, bc1, bc2, eps)
+// The scalars shared by every tensor come by value in structs (StepScalars s, and the
+// optimizer's coefficients c; mirrored in crates/optim/src/cuda/mod.rs):
+//   adamw_step(descs, starts, count, s, AdamWCoefficients c)
 //       m = c1·g + b1·m;  v = c2·(g·g) + b2·v;  d = (m / bc1) / (sqrt(v / bc2) + eps)
-//   sgd_step(descs, starts, count, schedule, clip, mu)
+//   sgd_step(descs, starts, count, s, SgdCoefficients c)
 //       d = m = g + mu·m  (with momentum; flag HAS_M), else d = g
-//   factored_adam_step(descs, starts, count, schedule, clip, beta2, c2, eps, cm, cu)
-//       unfactored: v = beta2·v + c2·(g·g + eps);  u = g · (1 / sqrt(v))
+//   factored_adam_step(descs, starts, count, s, FactoredAdamCoefficients c)
+//       unfactored: v = beta2·v + one_minus_beta2·(g·g + eps);  u = g · (1 / sqrt(v))
 //       factored:   u = (g · rf) · cf   (rf, cf from factored_rowmean / factored_finalize)
-//       d = m = cu·u + cm·m  (with momentum), else d = u
-//   then, in all three:  θ = θ − schedule · (lr·d + wd·θ)   with g = clip · g_stored,
+//       d = m = one_minus_mu·u + mu·m  (with momentum), else d = u
+//   then, in all three:  θ = θ − schedule · (lr·d + wd·θ)   with g = clip_scale · g_stored,
 //   lr = base lr · lr_mult and wd = weight decay · wd_mult per tensor (descriptor).
 //   m is read in its dtype, d uses the unrounded f32 m, and m is stored rounded to its dtype
 //   (round to nearest even); θ is stored in the parameter's dtype, v in f32.
@@ -94,7 +96,7 @@
 #define DIV(a, b) __fdiv_rn(a, b)
 #define SQRT(a) __fsqrt_rn(a)
 
-// One tensor of a step launch (136 bytes; mirrored in crates/tensor/src/cuda/optim.rs).
+// One tensor of a step launch (136 bytes; mirrored in crates/optim/src/cuda/tables.rs).
 struct StepDesc {
     const void* p;    // parameter
     const void* g;    // gradient
@@ -110,9 +112,9 @@ struct StepDesc {
     float lr, wd;     // lr·lr_mult, wd·wd_mult
     int p_dt, g_dt, m_dt, flags;
 };
-static_assert(sizeof(StepDesc) == 136, "StepDesc is mirrored in crates/tensor/src/cuda/optim.rs");
+static_assert(sizeof(StepDesc) == 136, "StepDesc is mirrored in crates/optim/src/cuda/tables.rs");
 
-// One factored tensor of the statistics launches (152 bytes; mirrored in optim.rs).
+// One factored tensor of the statistics launches (152 bytes; mirrored in tables.rs).
 struct FactoredDesc {
     const void* g;
     const float* vr_in;  // v_row before the step
@@ -129,15 +131,41 @@ struct FactoredDesc {
     long long vr_blocks;         // ceil(|v_row| / 256): factored_finalize's v_row blocks, then v_col's
     int g_dt, flags;
 };
-static_assert(sizeof(FactoredDesc) == 152, "FactoredDesc is mirrored in crates/tensor/src/cuda/optim.rs");
+static_assert(sizeof(FactoredDesc) == 152, "FactoredDesc is mirrored in crates/optim/src/cuda/tables.rs");
 
-// One tensor of the sum of squares (24 bytes).
+// One tensor of the sum of squares (24 bytes; mirrored in tables.rs).
 struct SqDesc {
     const void* x;
     long long n;
     int dt, flags;
 };
-static_assert(sizeof(SqDesc) == 24, "SqDesc is mirrored in crates/tensor/src/cuda/optim.rs");
+static_assert(sizeof(SqDesc) == 24, "SqDesc is mirrored in crates/optim/src/cuda/tables.rs");
+
+// Scalars of a step launch, shared by every tensor (mirrored in crates/optim/src/cuda/mod.rs).
+struct StepScalars {
+    float schedule;    // the schedule's factor at this step
+    float clip_scale;  // every gradient is multiplied by this first
+};
+static_assert(sizeof(StepScalars) == 8, "StepScalars is mirrored in crates/optim/src/cuda/mod.rs");
+
+// AdamW: m = c1·g + b1·m, v = c2·(g·g) + b2·v, d = (m / bc1) / (sqrt(v / bc2) + eps).
+struct AdamWCoefficients {
+    float b1, c1, b2, c2, bc1, bc2, eps;
+};
+static_assert(sizeof(AdamWCoefficients) == 28, "AdamWCoefficients is mirrored in crates/optim/src/cuda/mod.rs");
+
+// SGD: d = m = g + mu·m.
+struct SgdCoefficients {
+    float mu;
+};
+static_assert(sizeof(SgdCoefficients) == 4, "SgdCoefficients is mirrored in crates/optim/src/cuda/mod.rs");
+
+// Factored Adam (see the header).
+struct FactoredAdamCoefficients {
+    float beta2, one_minus_beta2, eps, mu, one_minus_mu;
+};
+static_assert(sizeof(FactoredAdamCoefficients) == 20,
+              "FactoredAdamCoefficients is mirrored in crates/optim/src/cuda/mod.rs");
 
 // ---------------------------------------------------------------- helpers
 
@@ -239,12 +267,6 @@ __device__ __forceinline__ void store_group(void* p, long long i, int dt, int cn
 #define KIND_SGD 1
 #define KIND_FACTORED 2
 
-// Scalars of one step launch (the meaning of c[] depends on the kind, see the header).
-struct Coefs {
-    float schedule, clip;
-    float c[7];
-};
-
 // Row and column factor indices of element i of a factored tensor: rf in v_row's layout, cf in
 // v_col's (S_a index (p·Q + q)·C + col, S_b index row·R + col % R with row = i / C). 32-bit
 // arithmetic (the host refuses factored tensors of 2^32 elements or more): it keeps the
@@ -266,8 +288,10 @@ __device__ __forceinline__ void factor_index(const StepDesc& d, long long i, lon
     }
 }
 
-template <int KIND>
-__device__ __forceinline__ void step_group(const StepDesc& d, long long i0, const Coefs& k) {
+// KIND's coefficients: AdamWCoefficients, SgdCoefficients or FactoredAdamCoefficients.
+template <int KIND, class Coefficients>
+__device__ __forceinline__ void step_group(const StepDesc& d, long long i0, const StepScalars& s,
+                                           const Coefficients& c) {
     const int cnt = (int)min(4ll, d.n - i0);
     const bool vec = (d.flags & F_VEC) && cnt == 4;
     const bool has_m = (d.flags & F_HAS_M) != 0;
@@ -306,47 +330,44 @@ __device__ __forceinline__ void step_group(const StepDesc& d, long long i0, cons
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        const float gj = MUL(g[j], k.clip);
+        const float gj = MUL(g[j], s.clip_scale);
         float dir;
-        if (KIND == KIND_ADAMW) {
-            // c = [b1, c1, b2, c2, bc1, bc2, eps]
-            const float mm = ADD(MUL(k.c[1], gj), MUL(k.c[0], m[j]));
-            const float vv = ADD(MUL(k.c[3], MUL(gj, gj)), MUL(k.c[2], v[j]));
-            dir = DIV(DIV(mm, k.c[4]), ADD(SQRT(DIV(vv, k.c[5])), k.c[6]));
+        if constexpr (KIND == KIND_ADAMW) {
+            const float mm = ADD(MUL(c.c1, gj), MUL(c.b1, m[j]));
+            const float vv = ADD(MUL(c.c2, MUL(gj, gj)), MUL(c.b2, v[j]));
+            dir = DIV(DIV(mm, c.bc1), ADD(SQRT(DIV(vv, c.bc2)), c.eps));
             m[j] = mm;
             v[j] = vv;
-        } else if (KIND == KIND_SGD) {
-            // c = [mu]
+        } else if constexpr (KIND == KIND_SGD) {
             dir = gj;
             if (has_m) {
-                m[j] = ADD(gj, MUL(k.c[0], m[j]));
+                m[j] = ADD(gj, MUL(c.mu, m[j]));
                 dir = m[j];
             }
         } else {
-            // c = [beta2, 1 - beta2, eps, mu, 1 - mu]
             float u;
             if (factored) {
                 u = MUL(MUL(gj, rf[j]), cf[j]);
             } else {
-                v[j] = ADD(MUL(k.c[0], v[j]), MUL(k.c[1], ADD(MUL(gj, gj), k.c[2])));
+                v[j] = ADD(MUL(c.beta2, v[j]), MUL(c.one_minus_beta2, ADD(MUL(gj, gj), c.eps)));
                 u = MUL(gj, DIV(1.f, SQRT(v[j])));
             }
             dir = u;
             if (has_m) {
-                m[j] = ADD(MUL(k.c[4], u), MUL(k.c[3], m[j]));
+                m[j] = ADD(MUL(c.one_minus_mu, u), MUL(c.mu, m[j]));
                 dir = m[j];
             }
         }
-        th[j] = SUB(th[j], MUL(k.schedule, ADD(MUL(d.lr, dir), MUL(d.wd, th[j]))));
+        th[j] = SUB(th[j], MUL(s.schedule, ADD(MUL(d.lr, dir), MUL(d.wd, th[j]))));
     }
     store_group(d.p_out, i0, d.p_dt, cnt, vec, th);
     if (has_m) store_group(d.m_out, i0, d.m_dt, cnt, vec, m);
     if (has_v) store_group(d.v_out, i0, DT_F32, cnt, vec, v);
 }
 
-template <int KIND>
+template <int KIND, class Coefficients>
 __device__ void step_impl(const StepDesc* __restrict__ descs, const long long* __restrict__ starts, int count,
-                          const Coefs& k) {
+                          const StepScalars& s, const Coefficients& c) {
     const int t = find_tensor(starts, count, blockIdx.x);
     const StepDesc& d = descs[t];
     const long long base = ((long long)blockIdx.x - starts[t]) * STEP_ELEMS;
@@ -354,29 +375,26 @@ __device__ void step_impl(const StepDesc* __restrict__ descs, const long long* _
     for (int it = 0; it < STEP_ELEMS / (4 * OPT_THREADS); ++it) {
         const long long i0 = base + (long long)(it * OPT_THREADS + threadIdx.x) * 4;
         if (i0 >= d.n) break;
-        step_group<KIND>(d, i0, k);
+        step_group<KIND>(d, i0, s, c);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(OPT_THREADS)
-    adamw_step(const StepDesc* __restrict__ descs, const long long* __restrict__ starts, int count, float schedule,
-               float clip, float b1, float c1, float b2, float c2, float bc1, float bc2, float eps) {
-    const Coefs k = {schedule, clip, {b1, c1, b2, c2, bc1, bc2, eps}};
-    step_impl<KIND_ADAMW>(descs, starts, count, k);
+    adamw_step(const StepDesc* __restrict__ descs, const long long* __restrict__ starts, int count, StepScalars s,
+               AdamWCoefficients c) {
+    step_impl<KIND_ADAMW>(descs, starts, count, s, c);
 }
 
 extern "C" __global__ void __launch_bounds__(OPT_THREADS)
-    sgd_step(const StepDesc* __restrict__ descs, const long long* __restrict__ starts, int count, float schedule,
-             float clip, float mu) {
-    const Coefs k = {schedule, clip, {mu, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}};
-    step_impl<KIND_SGD>(descs, starts, count, k);
+    sgd_step(const StepDesc* __restrict__ descs, const long long* __restrict__ starts, int count, StepScalars s,
+             SgdCoefficients c) {
+    step_impl<KIND_SGD>(descs, starts, count, s, c);
 }
 
 extern "C" __global__ void __launch_bounds__(OPT_THREADS)
     factored_adam_step(const StepDesc* __restrict__ descs, const long long* __restrict__ starts, int count,
-                       float schedule, float clip, float beta2, float c2, float eps, float cm, float cu) {
-    const Coefs k = {schedule, clip, {beta2, c2, eps, cm, cu, 0.f, 0.f}};
-    step_impl<KIND_FACTORED>(descs, starts, count, k);
+                       StepScalars s, FactoredAdamCoefficients c) {
+    step_impl<KIND_FACTORED>(descs, starts, count, s, c);
 }
 
 // ---------------------------------------------------------------- factored statistics

@@ -2,7 +2,7 @@
 //! tensors), in GB/s and as a ratio to a device-to-device copy measured in the same run
 //! (reference §7 target: the step at ≥ 80% of copy bandwidth).
 //!
-//! For each optimizer it times (1) the fused kernels alone through `vit_tensor::cuda::optim`
+//! For each optimizer it times (1) the fused kernels alone through `vit_optim::cuda`
 //! (every step reads the tensors the previous one wrote, as in training) and (2) the whole
 //! `OptimizerChain::step` (gradient norm on the device with one host read, the kernels,
 //! bookkeeping). Bytes per step count every tensor read and written by the kernels: parameter
@@ -16,14 +16,14 @@
 
 use std::time::Instant;
 use vit_model::{ModelConfig, ParamStore, VisionTransformer};
+use vit_optim::cuda::{
+    self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepScalars,
+};
 use vit_optim::{
     AdamWConfig, Algorithm, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, SgdConfig, STATE_M,
     STATE_V, STATE_V_COL, STATE_V_ROW,
 };
-use vit_tensor::cuda::{
-    self,
-    optim::{self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepScalars},
-};
+use vit_tensor::cuda;
 use vit_tensor::{DType, Device, Tensor};
 
 const GPU: Device = Device::Cuda(0);

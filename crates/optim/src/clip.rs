@@ -5,7 +5,7 @@ use vit_tensor::{ops, Tensor};
 
 /// `Σ_i ‖g_i‖²` over every gradient tensor: every element squared and summed in f64 on the
 /// host (CUDA tensors are copied over; `OptimizerChain` sums CUDA gradients on their device
-/// with `vit_tensor::cuda::optim::sum_of_squares`, which agrees with this to ~1e-15).
+/// with `crate::cuda::sum_of_squares`, which agrees with this to ~1e-15).
 pub(crate) fn sum_of_squares(grads: &[Tensor]) -> Result<f64, OptimError> {
     let mut sq = 0.0f64;
     for g in grads {

@@ -13,7 +13,7 @@
 //! - [`Schedule`], [`adafactor_beta2`], [`clip_by_global_norm`]: the pieces.
 //!
 //! Parameters on a CUDA device are updated there: `OptimizerChain::step` runs the fused
-//! kernels of `vit_tensor::cuda::optim` (one launch for all of a device's parameters, same
+//! kernels of [`cuda`] (`kernels/optim.cu`, one launch for all of a device's parameters, same
 //! results as the host math bit for bit); host parameters keep the host math, the reference.
 //!
 //! ```
@@ -37,6 +37,7 @@
 //! ```
 
 mod clip;
+pub mod cuda;
 mod error;
 mod factored;
 mod groups;

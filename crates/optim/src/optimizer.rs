@@ -36,7 +36,7 @@
 //!
 //! Where the math runs: parameters on the host are updated by the host math above, in f32
 //! (means and norms accumulate in f64): the reference. Parameters on a CUDA device are updated
-//! there by fused kernels (`vit_tensor::cuda::optim`, `kernels/optim.cu`): all of a device's
+//! there by fused kernels (`crate::cuda`, `kernels/optim.cu`): all of a device's
 //! parameters in one launch per step (plus three small launches for factored Adam's statistics),
 //! with the gradients' sum of squares reduced on the device and read back once. The kernels do
 //! the same f32 operations in the same order as the host math, so a device step equals the host
@@ -44,14 +44,12 @@
 //! bit, rarely). Gradients of device parameters are moved to the parameter's device if needed;
 //! state always lives on its parameter's device.
 
+use crate::cuda::{self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepScalars};
 use crate::{
     adafactor_beta2, clip::sum_of_squares, factored_dims, factored_update, CompiledGroups, FactoredDims, OptimError,
     ParamGroups, ParamSettings, Schedule,
 };
 use std::collections::HashMap;
-use vit_tensor::cuda::optim::{
-    self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepScalars,
-};
 use vit_tensor::{DType, Device, ParamDiff, ParamStore, Tensor};
 
 /// Name of the step counter in [`Optimizer::state`]: a `u32` tensor `[lo, hi]` holding the

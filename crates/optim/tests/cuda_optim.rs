@@ -9,12 +9,12 @@
 //! parameters) one ulp, and print how many values matched exactly.
 
 use half::{bf16, f16};
+use vit_optim::cuda;
 use vit_optim::{
     AdamWConfig, Algorithm, Decay, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups,
     Schedule, SgdConfig,
 };
-use vit_tensor::ParamStore;
-use vit_tensor::{cuda, DType, Device, Tensor};
+use vit_tensor::{DType, Device, ParamStore, Tensor};
 
 const GPU: Device = Device::Cuda(0);
 
@@ -284,15 +284,15 @@ fn sum_of_squares_and_copy_on_the_device() {
             .collect();
     let want: f64 = ts.iter().flat_map(|t| t.to_f32_vec().unwrap()).map(|x| x as f64 * x as f64).sum();
     let refs: Vec<&Tensor> = ts.iter().collect();
-    let got = cuda::optim::sum_of_squares(&refs).unwrap();
+    let got = cuda::sum_of_squares(&refs).unwrap();
     assert!((got - want).abs() <= 1e-13 * want, "{got} vs {want}");
-    assert_eq!(cuda::optim::sum_of_squares(&[]).unwrap(), 0.0);
+    assert_eq!(cuda::sum_of_squares(&[]).unwrap(), 0.0);
     // A view at an odd offset takes the scalar path.
     let view = ts[0].narrow(1, 4095).unwrap();
     let want: f64 = view.to_f32_vec().unwrap().iter().map(|&x| x as f64 * x as f64).sum();
-    let got = cuda::optim::sum_of_squares(&[&view]).unwrap();
+    let got = cuda::sum_of_squares(&[&view]).unwrap();
     assert!((got - want).abs() <= 1e-13 * want, "{got} vs {want}");
-    let c = cuda::optim::copy(&ts[1]).unwrap();
+    let c = cuda::copy(&ts[1]).unwrap();
     assert_eq!(c.to_vec::<bf16>().unwrap(), ts[1].to_vec::<bf16>().unwrap());
     assert_eq!(c.dims(), ts[1].dims());
 }

@@ -34,6 +34,11 @@ pub enum Error {
     /// NVRTC could not compile a kernel file; the log holds the compiler's messages.
     #[error("nvrtc: compiling {file} for {arch} failed:\n{log}")]
     Compile { file: String, arch: String, log: String },
+
+    /// A custom kernel (`cuda::kernel`) could not be loaded or launched, e.g. `kernel
+    /// optim.cu:adamw_step: argument 3 is 4 bytes, the kernel's parameter is 8 bytes`.
+    #[error("kernel {kernel}: {msg}")]
+    Kernel { kernel: String, msg: String },
 }
 
 /// Result alias for `vit-tensor`.

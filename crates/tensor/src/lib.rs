@@ -15,6 +15,7 @@ pub mod cuda;
 mod dtype;
 mod element;
 mod error;
+mod op_kinds;
 pub mod ops;
 mod param_store;
 mod shape;

@@ -197,7 +197,7 @@ impl Tensor {
             Device::Cpu => {
                 Ok(Self::from_cpu(CpuStorage::from_f32(self.cpu_f32("cast")?.into_owned(), dtype), self.shape.clone()))
             }
-            Device::Cuda(_) => cuda::ops::cast(self, dtype),
+            Device::Cuda(_) => cuda::elementwise::cast(self, dtype),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Elementwise ops and GELU.
 
 use super::{blocked_column_sums, PAR_MIN_ELEMS};
-use crate::ops::{Activation, BinaryOp, Gelu};
+use crate::op_kinds::{Activation, BinaryOp, Gelu};
 use rayon::prelude::*;
 
 pub(crate) fn binary(a: &[f32], b: &[f32], op: BinaryOp) -> Vec<f32> {

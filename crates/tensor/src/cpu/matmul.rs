@@ -1,7 +1,7 @@
 //! f32 matmul on the `gemm` crate (strided, so transposes cost nothing), with rayon.
 
 use super::zeroed;
-use crate::ops::MatmulDims;
+use crate::op_kinds::MatmulDims;
 use gemm::Parallelism;
 use rayon::prelude::*;
 

@@ -1,7 +1,7 @@
 //! LayerNorm and RMSNorm over the last dim.
 
 use super::{blocked_column_sums, column_sums, zeroed};
-use crate::ops::NormKind;
+use crate::op_kinds::NormKind;
 use rayon::prelude::*;
 
 /// Returns `(y, mean, rstd)` for rows of width `d`.

@@ -1,7 +1,7 @@
 //! Reductions on `[outer, n, inner]` views, their backward, and top-k.
 
 use super::zeroed;
-use crate::ops::ReduceOp;
+use crate::op_kinds::ReduceOp;
 
 /// The first index of the maximum of line `(o, i)`.
 fn line_argmax(x: &[f32], o: usize, n: usize, inner: usize, i: usize) -> usize {

@@ -5,7 +5,7 @@
 //! operands: cuBLAS's "A" is our `b`, its "B" our `a`, and its (m, n) our (n, m).
 
 use super::{backend_of, cuda_err, output, view, wrap};
-use crate::{ops::MatmulDims, DType, Error, Result, Shape, Tensor};
+use crate::{op_kinds::MatmulDims, DType, Error, Result, Shape, Tensor};
 use cudarc::{
     cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig},
     cublaslt::{CudaBlasLT, Matmul, MatmulConfig},

@@ -2,11 +2,19 @@
 //! and device storage. Everything goes through cudarc's dynamic loading, so the crate builds
 //! and runs without CUDA installed; [`available`] asks before anything touches the driver.
 
+mod launch;
+
+pub(crate) mod attention;
 pub(crate) mod blas;
+pub(crate) mod elementwise;
+pub(crate) mod index;
+pub mod kernel;
 pub(crate) mod layout;
+pub(crate) mod norm;
 pub mod nvrtc;
-pub(crate) mod ops;
-pub mod optim;
+pub(crate) mod patch;
+pub(crate) mod reduce;
+pub(crate) mod softmax;
 mod storage;
 
 pub(crate) use storage::CudaStorage;
@@ -49,7 +57,8 @@ pub(crate) struct CudaBackend {
     pub(crate) stream: Arc<CudaStream>,
     /// `sm_90a` on Hopper, `sm_XY` otherwise (design §4).
     pub(crate) arch: String,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Loaded modules by (address, length) of their static source text.
+    modules: Mutex<HashMap<(usize, usize), Arc<CudaModule>>>,
     blas: OnceLock<blas::Handles>,
 }
 
@@ -87,22 +96,28 @@ pub(crate) fn backend(ordinal: usize) -> Result<Arc<CudaBackend>> {
 impl CudaBackend {
     /// The kernel `name` from `kernels/<file>`, compiled for this device on first use.
     pub(crate) fn function(&self, file: &'static str, name: &str) -> Result<CudaFunction> {
-        let module = {
-            let mut modules = self.modules.lock().expect("module map poisoned");
-            match modules.get(file) {
-                Some(m) => m.clone(),
-                None => {
-                    let src = nvrtc::kernel_source(file)
-                        .ok_or_else(|| Error::Cuda(format!("no kernel file {file} in kernels/")))?;
-                    let image = nvrtc::compile_cached(file, &src, &self.arch)?;
-                    let m =
-                        self.stream.context().load_module(cudarc::nvrtc::Ptx::from_binary(image)).map_err(cuda_err)?;
-                    modules.insert(file, m.clone());
-                    m
-                }
-            }
-        };
+        let raw = nvrtc::KERNEL_FILES
+            .iter()
+            .find(|(n, _)| *n == file)
+            .ok_or_else(|| Error::Cuda(format!("no kernel file {file} in kernels/")))?
+            .1;
+        let module = self.module(file, raw)?;
         module.load_function(name).map_err(|e| Error::Cuda(format!("kernel {name} not found in {file}: {e:?}")))
+    }
+
+    /// The module of the CUDA source `code` (named `file` in messages and cache keys; its
+    /// `#include`s of our headers expanded), compiled for this device on first use. Loaded
+    /// modules are keyed by the address of the static source, so a lookup costs no hashing.
+    pub(crate) fn module(&self, file: &'static str, code: &'static str) -> Result<Arc<CudaModule>> {
+        let key = (code.as_ptr() as usize, code.len());
+        let mut modules = self.modules.lock().expect("module map poisoned");
+        if let Some(m) = modules.get(&key) {
+            return Ok(m.clone());
+        }
+        let image = nvrtc::compile_cached(file, &nvrtc::expand_includes(code), &self.arch)?;
+        let m = self.stream.context().load_module(cudarc::nvrtc::Ptx::from_binary(image)).map_err(cuda_err)?;
+        modules.insert(key, m.clone());
+        Ok(m)
     }
 
     /// An uninitialised-free (zeroed) device buffer of `bytes` bytes.

@@ -25,7 +25,6 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("index.cu", include_str!("../../../../kernels/index.cu")),
     ("patch.cu", include_str!("../../../../kernels/patch.cu")),
     ("layout.cu", include_str!("../../../../kernels/layout.cu")),
-    ("optim.cu", include_str!("../../../../kernels/optim.cu")),
 ];
 
 /// The architectures CI compiles every kernel for.
@@ -34,8 +33,15 @@ pub const CI_ARCHS: &[&str] = &["sm_90a", "sm_80"];
 /// The source of `kernels/<file>` with our own `#include "*.cuh"` lines expanded.
 pub fn kernel_source(file: &str) -> Option<String> {
     let raw = KERNEL_FILES.iter().find(|(n, _)| *n == file)?.1;
-    let mut out = String::with_capacity(raw.len());
-    for line in raw.lines() {
+    Some(expand_includes(raw))
+}
+
+/// `src` with every `#include "x"` of a file in [`KERNEL_FILES`] (e.g. `common.cuh`) replaced
+/// by that file's text, recursively; other lines are kept as they are (an unknown include is
+/// left for NVRTC to report). Crates above vit-tensor use this for their own kernel sources.
+pub fn expand_includes(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    for line in src.lines() {
         let included =
             line.trim().strip_prefix("#include \"").and_then(|rest| rest.strip_suffix('"')).and_then(kernel_source);
         match included {
@@ -44,7 +50,40 @@ pub fn kernel_source(file: &str) -> Option<String> {
         }
         out.push('\n');
     }
-    Some(out)
+    out
+}
+
+/// The CI check of one kernel source (design §4): `src` (with its includes expanded by
+/// [`expand_includes`]) compiled for `arch` with ptxas's `-v` report. Errors when NVRTC is
+/// missing, when the source does not compile ([`Error::Compile`] naming `name` and carrying the
+/// log), or when the log holds no ptxas report; register spills are in [`Compiled::spills`].
+pub fn compile_check(name: &str, src: &str, arch: &str) -> Result<Compiled> {
+    let c = compile(name, &expand_includes(src), arch)?;
+    if c.cubin.is_empty() || !c.log.contains("ptxas info") {
+        return Err(Error::Compile {
+            file: name.to_string(),
+            arch: arch.to_string(),
+            log: format!("expected a CUBIN and ptxas's -v report, got {} bytes and the log:\n{}", c.cubin.len(), c.log),
+        });
+    }
+    Ok(c)
+}
+
+/// Every problem [`compile_check`] finds in `src` for each of [`CI_ARCHS`]: compile errors and
+/// register spills, one line each (`name (arch): ...`); empty when the source is clean.
+pub fn ci_failures(name: &str, src: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for arch in CI_ARCHS {
+        match compile_check(name, src, arch) {
+            Err(e) => failures.push(format!("{name} ({arch}): {e}")),
+            Ok(c) => {
+                for (kernel, bytes) in c.spills() {
+                    failures.push(format!("{name} ({arch}): {kernel} spills {bytes} bytes"));
+                }
+            }
+        }
+    }
+    failures
 }
 
 /// What NVRTC produced for one file: the CUBIN and the compiler's log (ptxas `-v` report).

@@ -55,7 +55,7 @@ pub fn attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<A
             })
         }
         Device::Cuda(_) => {
-            let (o, lse) = cuda::ops::attention_fwd(q, k, v, scale)?;
+            let (o, lse) = cuda::attention::attention_fwd(q, k, v, scale)?;
             Ok(AttentionOut { o, lse })
         }
     }
@@ -106,7 +106,7 @@ pub fn attention_bwd(
             })
         }
         Device::Cuda(_) => {
-            let (dq, dk, dv) = cuda::ops::attention_bwd(q, k, v, o, lse, d_o, scale)?;
+            let (dq, dk, dv) = cuda::attention::attention_bwd(q, k, v, o, lse, d_o, scale)?;
             Ok(AttentionGrads { dq, dk, dv })
         }
     }

@@ -1,23 +1,8 @@
 //! Elementwise ops: add, mul, scale, bias add, GELU.
 
 use super::{min_rank, same_device, same_float_dtype, same_shape};
+use crate::op_kinds::{Activation, BinaryOp, Gelu};
 use crate::{cpu, cuda, Device, Error, Result, Tensor};
-
-/// A binary elementwise op on tensors of equal shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BinaryOp {
-    Add,
-    Sub,
-    Mul,
-}
-
-/// GELU variant: big_vision uses the tanh approximation, timm the exact erf (reference §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Gelu {
-    #[default]
-    Tanh,
-    Erf,
-}
 
 fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, name: &'static str) -> Result<Tensor> {
     let device = same_device(name, &[a, b])?;
@@ -28,7 +13,7 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, name: &'static str) -> Result<Te
             let (x, y) = (a.cpu_f32(name)?, b.cpu_f32(name)?);
             Ok(Tensor::cpu_like(cpu::binary(&x, &y, op), a.shape().clone(), dtype))
         }
-        Device::Cuda(_) => cuda::ops::binary(a, b, op),
+        Device::Cuda(_) => cuda::elementwise::binary(a, b, op),
     }
 }
 
@@ -57,7 +42,7 @@ pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
     same_float_dtype("scale", &[x])?;
     match x.device() {
         Device::Cpu => Ok(Tensor::cpu_like(cpu::scale(&x.cpu_f32("scale")?, s), x.shape().clone(), x.dtype())),
-        Device::Cuda(_) => cuda::ops::scale(x, s),
+        Device::Cuda(_) => cuda::elementwise::scale(x, s),
     }
 }
 
@@ -78,7 +63,7 @@ pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
             x.shape().clone(),
             dtype,
         )),
-        Device::Cuda(_) => cuda::ops::bias_add(x, bias),
+        Device::Cuda(_) => cuda::elementwise::bias_add(x, bias),
     }
 }
 
@@ -89,22 +74,15 @@ pub fn bias_add_bwd(dy: &Tensor) -> Result<Tensor> {
     let n = dy.shape().last();
     match dy.device() {
         Device::Cpu => Ok(Tensor::cpu_like(cpu::column_sums(&dy.cpu_f32("bias_add_bwd")?, n), [n], dy.dtype())),
-        Device::Cuda(_) => cuda::ops::bias_add_bwd(dy),
+        Device::Cuda(_) => cuda::elementwise::bias_add_bwd(dy),
     }
-}
-
-/// An elementwise nonlinearity: GELU (either form) or tanh (pre-logits, reference §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Gelu(Gelu),
-    Tanh,
 }
 
 fn activation_fwd(x: &Tensor, kind: Activation, op: &'static str) -> Result<Tensor> {
     same_float_dtype(op, &[x])?;
     match x.device() {
         Device::Cpu => Ok(Tensor::cpu_like(cpu::activation_fwd(&x.cpu_f32(op)?, kind), x.shape().clone(), x.dtype())),
-        Device::Cuda(_) => cuda::ops::activation_fwd(x, kind),
+        Device::Cuda(_) => cuda::elementwise::activation_fwd(x, kind),
     }
 }
 
@@ -116,7 +94,7 @@ fn activation_bwd(x: &Tensor, dy: &Tensor, kind: Activation, op: &'static str) -
         Device::Cpu => {
             Ok(Tensor::cpu_like(cpu::activation_bwd(&x.cpu_f32(op)?, &dy.cpu_f32(op)?, kind), x.shape().clone(), dtype))
         }
-        Device::Cuda(_) => cuda::ops::activation_bwd(x, dy, kind),
+        Device::Cuda(_) => cuda::elementwise::activation_bwd(x, dy, kind),
     }
 }
 

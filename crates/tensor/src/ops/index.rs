@@ -31,7 +31,7 @@ pub fn gather_rows(src: &Tensor, idx: &Tensor) -> Result<Tensor> {
         Device::Cpu => {
             Ok(Tensor::cpu_like(cpu::gather_rows(&src.cpu_f32(OP)?, idx.cpu_slice(OP)?, d), [m, d], src.dtype()))
         }
-        Device::Cuda(_) => cuda::ops::gather_rows(src, idx),
+        Device::Cuda(_) => cuda::index::gather_rows(src, idx),
     }
 }
 
@@ -55,6 +55,6 @@ pub fn scatter_add_rows(src: &Tensor, idx: &Tensor, n: usize) -> Result<Tensor> 
             [n, d],
             src.dtype(),
         )),
-        Device::Cuda(_) => cuda::ops::scatter_add_rows(src, idx, n),
+        Device::Cuda(_) => cuda::index::scatter_add_rows(src, idx, n),
     }
 }

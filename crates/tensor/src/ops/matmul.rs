@@ -1,18 +1,8 @@
 //! Matrix multiplication, plain and batched, with either operand transposed.
 
 use super::{same_device, same_float_dtype};
+use crate::op_kinds::MatmulDims;
 use crate::{cpu, cuda, Device, Error, Result, Tensor};
-
-/// The problem a `matmul_t` call describes: `batch` products of `[m, k] x [k, n]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MatmulDims {
-    pub batch: usize,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub trans_a: bool,
-    pub trans_b: bool,
-}
 
 /// `a [.., m, k] x b [k, n] -> [.., m, n]`; see [`matmul_t`].
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {

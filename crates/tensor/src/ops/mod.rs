@@ -1,5 +1,5 @@
 //! Ops as plain functions: each checks shapes, dtypes and devices, then runs the CPU
-//! reference (`crate::cpu`) or the CUDA kernels (`crate::cuda::ops`). Float tensors of any
+//! reference (`crate::cpu`) or the CUDA launchers (`crate::cuda::<family>`). Float tensors of any
 //! float dtype are accepted; every accumulation is f32 (design §2).
 
 mod attention;
@@ -12,6 +12,7 @@ mod patch;
 mod reduce;
 mod softmax;
 
+pub use crate::op_kinds::{Activation, BinaryOp, Gelu, MatmulDims, NormKind, ReduceOp};
 pub use attention::*;
 pub use elementwise::*;
 pub use index::*;

@@ -1,15 +1,8 @@
 //! LayerNorm, centred or RMS, with or without scale and bias (ViT-22B drops the bias).
 
 use super::{min_rank, same_device, same_float_dtype, same_shape};
+use crate::op_kinds::NormKind;
 use crate::{cpu, cuda, Device, Error, Result, Tensor};
-
-/// Which normalisation: LayerNorm subtracts the mean; RMSNorm only rescales.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum NormKind {
-    #[default]
-    LayerNorm,
-    Rms,
-}
 
 /// What [`layer_norm_fwd`] returns: the output and the per-row statistics backward needs.
 #[derive(Debug, Clone)]
@@ -83,7 +76,7 @@ pub fn layer_norm_fwd(
             })
         }
         Device::Cuda(_) => {
-            let (y, mean, rstd) = cuda::ops::layer_norm_fwd(x, weight, bias, eps, kind)?;
+            let (y, mean, rstd) = cuda::norm::layer_norm_fwd(x, weight, bias, eps, kind)?;
             Ok(LayerNormOut { y, mean, rstd })
         }
     }
@@ -134,7 +127,7 @@ pub fn layer_norm_bwd(
             })
         }
         Device::Cuda(_) => {
-            let (dx, dweight, dbias) = cuda::ops::layer_norm_bwd(x, weight, mean, rstd, dy, kind, with_bias)?;
+            let (dx, dweight, dbias) = cuda::norm::layer_norm_bwd(x, weight, mean, rstd, dy, kind, with_bias)?;
             Ok(LayerNormGrads { dx, dweight, dbias })
         }
     }

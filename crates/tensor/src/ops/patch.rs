@@ -24,7 +24,7 @@ pub fn patchify(images: &Tensor, p: usize) -> Result<Tensor> {
         Device::Cpu => {
             Ok(Tensor::cpu_like(cpu::patchify(&images.cpu_f32("patchify")?, b, c, h, w, p), out, images.dtype()))
         }
-        Device::Cuda(_) => cuda::ops::patchify(images, p),
+        Device::Cuda(_) => cuda::patch::patchify(images, p),
     }
 }
 
@@ -51,6 +51,6 @@ pub fn unpatchify(patches: &Tensor, channels: usize, height: usize, width: usize
             [b, channels, height, width],
             patches.dtype(),
         )),
-        Device::Cuda(_) => cuda::ops::unpatchify(patches, channels, height, width, p),
+        Device::Cuda(_) => cuda::patch::unpatchify(patches, channels, height, width, p),
     }
 }

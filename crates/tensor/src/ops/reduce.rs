@@ -1,25 +1,8 @@
 //! Reductions along one axis (sum, mean, max, argmax) with their backward, and top-k.
 
 use super::{min_rank, same_device, same_float_dtype};
+use crate::op_kinds::ReduceOp;
 use crate::{cpu, cuda, DType, Device, Error, Result, Tensor};
-
-/// A reduction along one axis (and, in `vit-collective`, across ranks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReduceOp {
-    Sum,
-    Mean,
-    Max,
-}
-
-impl std::fmt::Display for ReduceOp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ReduceOp::Sum => "sum",
-            ReduceOp::Mean => "mean",
-            ReduceOp::Max => "max",
-        })
-    }
-}
 
 fn check_dim(op: &'static str, x: &Tensor, dim: usize) -> Result<Vec<usize>> {
     same_float_dtype(op, &[x])?;
@@ -38,7 +21,7 @@ fn reduce(x: &Tensor, dim: usize, op: ReduceOp, name: &'static str) -> Result<Te
             let (outer, n, inner) = x.shape().split_at_dim(dim);
             Ok(Tensor::cpu_like(cpu::reduce(&x.cpu_f32(name)?, outer, n, inner, op), out, x.dtype()))
         }
-        Device::Cuda(_) => cuda::ops::reduce(x, dim, op),
+        Device::Cuda(_) => cuda::reduce::reduce(x, dim, op),
     }
 }
 
@@ -66,7 +49,7 @@ pub fn argmax(x: &Tensor, dim: usize) -> Result<Tensor> {
             let idx = cpu::argmax(&x.cpu_f32("argmax")?, outer, n, inner);
             Tensor::from_vec(idx, out, Device::Cpu)
         }
-        Device::Cuda(_) => cuda::ops::argmax(x, dim),
+        Device::Cuda(_) => cuda::reduce::argmax(x, dim),
     }
 }
 
@@ -92,7 +75,7 @@ fn broadcast_bwd(dy: &Tensor, x_shape: &[usize], dim: usize, mean: bool, op: &'s
             let (outer, n, inner) = shape.split_at_dim(dim);
             Ok(Tensor::cpu_like(cpu::broadcast_along(&dy.cpu_f32(op)?, outer, n, inner, scale), shape, dy.dtype()))
         }
-        Device::Cuda(_) => cuda::ops::broadcast_along(dy, dim, n, scale)?.reshape(x_shape.to_vec()),
+        Device::Cuda(_) => cuda::reduce::broadcast_along(dy, dim, n, scale)?.reshape(x_shape.to_vec()),
     }
 }
 
@@ -123,7 +106,7 @@ pub fn max_bwd(x: &Tensor, dy: &Tensor, dim: usize) -> Result<Tensor> {
                 x.dtype(),
             ))
         }
-        Device::Cuda(_) => cuda::ops::max_bwd(x, dy, dim),
+        Device::Cuda(_) => cuda::reduce::max_bwd(x, dy, dim),
     }
 }
 
@@ -146,7 +129,7 @@ pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
             let (v, i) = cpu::topk(&x.cpu_f32("topk")?, n, k);
             Ok((Tensor::cpu_like(v, out.clone(), x.dtype()), Tensor::from_vec(i, out, Device::Cpu)?))
         }
-        Device::Cuda(_) => cuda::ops::topk(x, k),
+        Device::Cuda(_) => cuda::reduce::topk(x, k),
     }
 }
 

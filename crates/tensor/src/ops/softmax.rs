@@ -14,7 +14,7 @@ pub fn softmax_fwd(x: &Tensor) -> Result<Tensor> {
             x.shape().clone(),
             x.dtype(),
         )),
-        Device::Cuda(_) => cuda::ops::softmax_fwd(x),
+        Device::Cuda(_) => cuda::softmax::softmax_fwd(x),
     }
 }
 
@@ -30,7 +30,7 @@ pub fn softmax_bwd(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
             y.shape().clone(),
             dtype,
         )),
-        Device::Cuda(_) => cuda::ops::softmax_bwd(y, dy),
+        Device::Cuda(_) => cuda::softmax::softmax_bwd(y, dy),
     }
 }
 
@@ -63,7 +63,7 @@ pub fn softmax_cross_entropy_fwd(logits: &Tensor, targets: &Tensor) -> Result<Te
             [logits.dims()[0]],
             DType::F32,
         )),
-        Device::Cuda(_) => cuda::ops::softmax_cross_entropy_fwd(logits, targets),
+        Device::Cuda(_) => cuda::softmax::softmax_cross_entropy_fwd(logits, targets),
     }
 }
 
@@ -78,7 +78,7 @@ pub fn softmax_cross_entropy_bwd(logits: &Tensor, targets: &Tensor, dloss: &Tens
             logits.shape().clone(),
             logits.dtype(),
         )),
-        Device::Cuda(_) => cuda::ops::softmax_cross_entropy_bwd(logits, targets, dloss),
+        Device::Cuda(_) => cuda::softmax::softmax_cross_entropy_bwd(logits, targets, dloss),
     }
 }
 
@@ -92,7 +92,7 @@ pub fn sigmoid_cross_entropy_fwd(logits: &Tensor, targets: &Tensor) -> Result<Te
             [logits.dims()[0]],
             DType::F32,
         )),
-        Device::Cuda(_) => cuda::ops::sigmoid_cross_entropy_fwd(logits, targets),
+        Device::Cuda(_) => cuda::softmax::sigmoid_cross_entropy_fwd(logits, targets),
     }
 }
 
@@ -107,7 +107,7 @@ pub fn sigmoid_cross_entropy_bwd(logits: &Tensor, targets: &Tensor, dloss: &Tens
             logits.shape().clone(),
             logits.dtype(),
         )),
-        Device::Cuda(_) => cuda::ops::sigmoid_cross_entropy_bwd(logits, targets, dloss),
+        Device::Cuda(_) => cuda::softmax::sigmoid_cross_entropy_bwd(logits, targets, dloss),
     }
 }
 
