@@ -43,8 +43,16 @@
 //! step bit for bit (factored means, summed in f64 in another order, can differ in the last
 //! bit, rarely). Gradients of device parameters are moved to the parameter's device if needed;
 //! state always lives on its parameter's device.
+//!
+//! Layout: parameters and state are [`ParamStore`]s, i.e. flat buffers (one per dtype and
+//! device) of which each tensor is a view. The update is written into those buffers in place —
+//! on the host per tensor, on a device by one launch whose per-tensor table points into them —
+//! and a buffer still shared with a tensor handed out earlier (a clone of the store, a view
+//! from `get`) is copied first, so such a tensor keeps its values.
 
-use crate::cuda::{self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepScalars};
+use crate::cuda::{
+    self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepKind, StepScalars,
+};
 use crate::{
     adafactor_beta2, clip::sum_of_squares, factored_dims, factored_update, CompiledGroups, FactoredDims, OptimError,
     ParamGroups, ParamSettings, Schedule,
@@ -285,9 +293,6 @@ pub(crate) enum Second {
 
 /// One state tensor of a parameter: (name prefix, shape, dtype).
 pub(crate) type StateTensor = (&'static str, Vec<usize>, DType);
-
-/// New values of state tensors computed on the device: (position in the state store, tensor).
-type StateUpdate = Vec<(usize, Tensor)>;
 
 /// New values of state tensors computed on the host: (position in the state store, values).
 type HostStateUpdate = Vec<(usize, Vec<f32>)>;
@@ -557,25 +562,39 @@ impl OptimizerChain {
 }
 
 impl OptimizerChain {
-    /// The fused step of the trainable slots `list`, all on one CUDA device, with their gradients
-    /// `grads` (by slot, on that device): new parameters `(slot, tensor)` and new state.
+    /// The fused step of the trainable slots `list`, all on CUDA device `ordinal`, with their
+    /// gradients `grads` (by slot, on that device), written in place: one launch over the flat
+    /// buffers of the parameters and the state (after factored Adam's statistics launches).
     fn device_step(
-        &self,
+        &mut self,
+        ordinal: usize,
         list: &[usize],
-        params: &ParamStore,
+        params: &mut ParamStore,
         grads: &[Option<Tensor>],
         t: u64,
         scalars: StepScalars,
-    ) -> Result<(Vec<(usize, Tensor)>, StateUpdate), OptimError> {
+    ) -> Result<(), OptimError> {
+        // The kernel writes through the buffers' device pointers: first give every buffer on
+        // this device a storage of its own (copy-on-write of one still shared with tensors
+        // handed out before, which keep their values).
+        let device = Device::Cuda(ordinal);
+        for store in [&mut *params, &mut self.state] {
+            for b in 0..store.buffers().len() {
+                if store.buffer(b).device() == device {
+                    store.buffer_mut(b).make_unique()?;
+                }
+            }
+        }
+        let (params, state) = (&*params, &self.state);
         let mut steps = Vec::with_capacity(list.len());
         for &i in list {
             let slot = &self.slots[i];
             let second = match slot.second {
                 Second::None => SecondMoment::None,
-                Second::Full => SecondMoment::Full(self.state.at(slot.v[0])),
+                Second::Full => SecondMoment::Full(state.at(slot.v[0])),
                 Second::Factored(fd) => SecondMoment::Factored {
-                    v_row: self.state.at(slot.v[0]),
-                    v_col: self.state.at(slot.v[1]),
+                    v_row: state.at(slot.v[0]),
+                    v_col: state.at(slot.v[1]),
                     d0: fd.d0,
                     d1: fd.d1,
                 },
@@ -587,28 +606,22 @@ impl OptimizerChain {
             steps.push(ParamStep {
                 param: params.get(&slot.name)?,
                 grad,
-                m: slot.m.map(|m| self.state.at(m)),
+                m: slot.m.map(|m| state.at(m)),
                 second,
                 lr: (self.config.lr * slot.settings.lr_mult) as f32,
                 wd: (self.config.weight_decay * slot.settings.wd_mult) as f32,
             });
         }
-        let updates = match &self.config.algorithm {
-            Algorithm::AdamW(c) => fused::adamw_step(&steps, adamw_coefficients(c, t), scalars)?,
-            Algorithm::Sgd(c) => fused::sgd_step(&steps, sgd_momentum(c), scalars)?,
-            Algorithm::FactoredAdam(c) => fused::factored_adam_step(&steps, factored_coefficients(c, t), scalars)?,
+        let kind = match &self.config.algorithm {
+            Algorithm::AdamW(c) => StepKind::AdamW(adamw_coefficients(c, t)),
+            Algorithm::Sgd(c) => StepKind::Sgd(sgd_momentum(c)),
+            Algorithm::FactoredAdam(c) => StepKind::FactoredAdam(factored_coefficients(c, t)),
         };
-        let mut new_params = Vec::with_capacity(list.len());
-        let mut new_state = Vec::new();
-        for (&i, u) in list.iter().zip(updates) {
-            let slot = &self.slots[i];
-            new_params.push((i, u.param));
-            if let (Some(mi), Some(m)) = (slot.m, u.m) {
-                new_state.push((mi, m));
-            }
-            new_state.extend(slot.v.iter().copied().zip(u.v));
-        }
-        Ok((new_params, new_state))
+        // SAFETY: the buffers behind these views were made unique above, so the only other
+        // tensors sharing them are the stores' own views (which must see the new values); the
+        // entries of a store never overlap.
+        unsafe { fused::step_in_place(&steps, kind, scalars)? };
+        Ok(())
     }
 }
 
@@ -715,8 +728,6 @@ impl Optimizer for OptimizerChain {
         // the new values into the flat buffers in place.
         let mut host_params = Vec::new();
         let mut host_state = Vec::new();
-        let mut new_params = Vec::new();
-        let mut new_state = Vec::new();
         for &i in &host {
             let slot = &self.slots[i];
             let Some(g) = &gs[i] else { continue };
@@ -735,10 +746,10 @@ impl Optimizer for OptimizerChain {
             host_state.extend(st);
         }
         let scalars = StepScalars { schedule: s, clip_scale: clip.unwrap_or(1.0) };
-        for (_, list) in &devices {
-            let (p, st) = self.device_step(list, params, &on_device, t, scalars)?;
-            new_params.extend(p);
-            new_state.extend(st);
+        // Host values are written after every device step has launched, so an error in one
+        // (a launch failure) leaves the host parameters untouched.
+        for (ordinal, list) in &devices {
+            self.device_step(*ordinal, list, params, &on_device, t, scalars)?;
         }
         for (i, theta) in host_params {
             let at = params.position(&self.slots[i].name).expect("checked by check_inputs");
@@ -746,12 +757,6 @@ impl Optimizer for OptimizerChain {
         }
         for (i, values) in host_state {
             self.state.write_f32_at(i, &values)?;
-        }
-        for (i, p) in new_params {
-            params.set(&self.slots[i].name, p)?;
-        }
-        for (i, st) in new_state {
-            self.state.set_at(i, st)?;
         }
         self.count += 1;
         Ok(StepInfo { step: t, grad_norm, clipped: clip.is_some(), schedule, lr: lr * schedule })

@@ -296,3 +296,36 @@ fn sum_of_squares_and_copy_on_the_device() {
     assert_eq!(c.to_vec::<bf16>().unwrap(), ts[1].to_vec::<bf16>().unwrap());
     assert_eq!(c.dims(), ts[1].dims());
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_device_step_writes_the_flat_buffers_in_place_and_spares_earlier_views() {
+    // One f32 parameter buffer on the device; the step updates it in place (same device
+    // buffer, one launch), while a view and a clone of the store taken before keep their values.
+    let shapes = shapes();
+    let host = random_store(&shapes, 1.0, 11, DType::F32);
+    let mut params = to_device(&host, GPU);
+    assert_eq!(params.buffers().len(), 1);
+    let grads = to_device(&random_store(&shapes, 0.1, 12, DType::F32), GPU);
+    let mut opt = OptimizerChain::new(config(factored(Some(0.9), DType::BF16), Some(1.0)), &params).unwrap();
+    let name = shapes[0].0;
+    let before_view = params.get(name).unwrap().clone();
+    let before_store = params.clone();
+    opt.step(&mut params, &grads).unwrap();
+    assert_eq!(before_view.to_f32_vec().unwrap(), host.get(name).unwrap().to_f32_vec().unwrap());
+    assert_eq!(before_store.buffer(0).to_f32_vec().unwrap(), host.buffer(0).to_f32_vec().unwrap());
+    assert_ne!(params.get(name).unwrap().to_f32_vec().unwrap(), host.get(name).unwrap().to_f32_vec().unwrap());
+    // Unshared now: the next step writes through the same device pointer.
+    let ptr = vit_tensor::cuda::kernel::device_ptr(params.buffer(0)).unwrap();
+    opt.step(&mut params, &grads).unwrap();
+    assert_eq!(vit_tensor::cuda::kernel::device_ptr(params.buffer(0)).unwrap(), ptr);
+    // And it equals the host reference.
+    let mut host_params = host.clone();
+    let mut host_opt = OptimizerChain::new(config(factored(Some(0.9), DType::BF16), Some(1.0)), &host).unwrap();
+    let host_grads = to_device(&grads, Device::Cpu);
+    host_opt.step(&mut host_params, &host_grads).unwrap();
+    host_opt.step(&mut host_params, &host_grads).unwrap();
+    let (got, want) = (params.buffer(0).to_f32_vec().unwrap(), host_params.buffer(0).to_f32_vec().unwrap());
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs() / b.abs().max(1e-3)).fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "device and host steps differ by {worst} (relative)");
+}

@@ -258,6 +258,14 @@ impl Tensor {
         Ok(Arc::get_mut(&mut self.storage).expect("storage is unique after the copy"))
     }
 
+    /// Gives this tensor a storage of its own if another tensor (a clone or a view) shares it,
+    /// by copying its elements (copy-on-write, on any device). After it, a kernel may write
+    /// through [`crate::cuda::kernel::device_ptr`] of this tensor, or of views made from it
+    /// afterwards, without changing any tensor made before.
+    pub fn make_unique(&mut self) -> Result<()> {
+        self.storage_mut().map(|_| ())
+    }
+
     /// The elements of a CPU tensor of element type `T` (this tensor's dtype), writable in place.
     /// If another tensor shares the storage, the elements are copied first (see
     /// [`Tensor::write_at`]): writing never changes another tensor.

@@ -132,13 +132,13 @@ pub static OPTIM_SOURCE: KernelSource = KernelSource::new("optim.cu", include_st
 /// One AdamW step over `params` (each needs `m` and a [`SecondMoment::Full`]); see
 /// [`AdamWCoefficients`] for the direction. One launch of `adamw_step`.
 pub fn adamw_step(params: &[ParamStep<'_>], c: AdamWCoefficients, s: StepScalars) -> Result<Vec<ParamUpdate>> {
-    fused_step(Kind::AdamW, params, s, Arg::pod(&c), None)
+    fused_step(Kind::AdamW, params, s, Arg::pod(&c), None, Outputs::New)
 }
 
 /// One SGD step over `params` (no second moment): `d = m = g + mu·m` for parameters with a
 /// momentum, `d = g` for the others. One launch of `sgd_step`.
 pub fn sgd_step(params: &[ParamStep<'_>], mu: f32, s: StepScalars) -> Result<Vec<ParamUpdate>> {
-    fused_step(Kind::Sgd, params, s, Arg::pod(&SgdCoefficients { mu }), None)
+    fused_step(Kind::Sgd, params, s, Arg::pod(&SgdCoefficients { mu }), None, Outputs::New)
 }
 
 /// One factored-Adam step over `params` (each with a full or factored second moment, and a
@@ -150,7 +150,47 @@ pub fn factored_adam_step(
     c: FactoredAdamCoefficients,
     s: StepScalars,
 ) -> Result<Vec<ParamUpdate>> {
-    fused_step(Kind::Factored, params, s, Arg::pod(&c), Some(c))
+    fused_step(Kind::Factored, params, s, Arg::pod(&c), Some(c), Outputs::New)
+}
+
+/// Which optimizer an in-place step runs, with its coefficients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StepKind {
+    AdamW(AdamWCoefficients),
+    /// SGD's momentum `mu`.
+    Sgd(f32),
+    FactoredAdam(FactoredAdamCoefficients),
+}
+
+/// The step of [`adamw_step`], [`sgd_step`] or [`factored_adam_step`] written in place: every
+/// parameter, momentum and second moment of `params` is overwritten by its new value, so when
+/// the tensors are views into flat buffers (a `ParamStore`'s), the step is one launch over those
+/// buffers (after factored Adam's three statistics launches) with no new allocation but the
+/// small descriptor tables. The kernels allow it: each element is read, then written, by the
+/// same thread.
+///
+/// # Safety
+/// The parameters, momenta and second moments are written although they are borrowed shared:
+/// the caller guarantees that no tensor which must keep its values shares their storage — e.g.
+/// views of `ParamStore` buffers made unique with `Tensor::make_unique`, whose only other views
+/// belong to the store itself. No two entries may overlap.
+pub unsafe fn step_in_place(params: &[ParamStep<'_>], kind: StepKind, s: StepScalars) -> Result<()> {
+    let done = match kind {
+        StepKind::AdamW(c) => fused_step(Kind::AdamW, params, s, Arg::pod(&c), None, Outputs::InPlace),
+        StepKind::Sgd(mu) => {
+            fused_step(Kind::Sgd, params, s, Arg::pod(&SgdCoefficients { mu }), None, Outputs::InPlace)
+        }
+        StepKind::FactoredAdam(c) => fused_step(Kind::Factored, params, s, Arg::pod(&c), Some(c), Outputs::InPlace),
+    }?;
+    debug_assert!(done.is_empty(), "an in-place step returns no new tensors");
+    Ok(())
+}
+
+/// Where a fused step writes: new flat tensors (returned), or over its inputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outputs {
+    New,
+    InPlace,
 }
 
 /// `Σ x²` over every element of every tensor (float dtypes, one CUDA device), squares and sums
@@ -362,6 +402,7 @@ fn fused_step(
     s: StepScalars,
     coefficients: Arg<'_>,
     factored: Option<FactoredAdamCoefficients>,
+    outputs: Outputs,
 ) -> Result<Vec<ParamUpdate>> {
     let op = kind.op();
     let Some(first) = params.first() else { return Ok(Vec::new()) };
@@ -371,7 +412,7 @@ fn fused_step(
     // Output slots: 0 parameters, 1 momentum, 2 second moments (f32).
     let mut arenas = Arenas::default();
     let mut slots = Vec::with_capacity(params.len());
-    for p in params {
+    for p in params.iter().filter(|_| outputs == Outputs::New) {
         let ps = arenas.push(0, p.param.dtype(), p.param.numel());
         let ms = p.m.map(|m| arenas.push(1, m.dtype(), m.numel()));
         let vs: Vec<Slot> = match p.second {
@@ -392,6 +433,28 @@ fn fused_step(
         .collect::<Result<_>>()?;
     let bases: Vec<u64> = flats.iter().map(kernel::device_ptr).collect::<Result<_>>()?;
     let out_ptr = |(a, at): Slot| bases[a] + at * arenas.groups[a].1.size_in_bytes() as u64;
+    // Per parameter: where its new parameter, momentum and second moments (v, or v_row and
+    // v_col) go: the flat outputs, or the inputs themselves.
+    let mut outs: Vec<(u64, u64, [u64; 2])> = Vec::with_capacity(params.len());
+    for (i, p) in params.iter().enumerate() {
+        outs.push(match outputs {
+            Outputs::New => {
+                let (ps, ms, vs) = &slots[i];
+                let v: Vec<u64> = vs.iter().map(|&v| out_ptr(v)).collect();
+                (out_ptr(*ps), ms.map_or(0, out_ptr), [v.first().copied().unwrap_or(0), v.get(1).copied().unwrap_or(0)])
+            }
+            Outputs::InPlace => {
+                let v = match p.second {
+                    SecondMoment::None => [0, 0],
+                    SecondMoment::Full(v) => [kernel::device_ptr(v)?, 0],
+                    SecondMoment::Factored { v_row, v_col, .. } => {
+                        [kernel::device_ptr(v_row)?, kernel::device_ptr(v_col)?]
+                    }
+                };
+                (kernel::device_ptr(p.param)?, p.m.map(kernel::device_ptr).transpose()?.unwrap_or(0), v)
+            }
+        });
+    }
 
     // Input pointers: valid for the whole call, since the caller's borrows keep the tensors
     // (and their storage) alive; a later drop frees them in stream order, after the kernels.
@@ -424,15 +487,15 @@ fn fused_step(
         let p = &params[i];
         let SecondMoment::Factored { v_row, v_col, .. } = p.second else { unreachable!("factored slot") };
         let g = ptr(p.grad)?;
-        let vs = &slots[i].2;
+        let v_out = outs[i].2;
         rf_cf[i] = (factor_base + rf * 4, factor_base + cf * 4);
         let gsize = p.grad.dtype().size_in_bytes() as u64;
         let ptrs = [
             g,
             ptr(v_row)?,
             ptr(v_col)?,
-            out_ptr(vs[0]),
-            out_ptr(vs[1]),
+            v_out[0],
+            v_out[1],
             rf_cf[i].0,
             rf_cf[i].1,
             part_base + pa * 8,
@@ -445,7 +508,6 @@ fn fused_step(
     // The step table.
     let mut descs = Vec::with_capacity(params.len());
     for (i, p) in params.iter().enumerate() {
-        let (ps, ms, vs) = &slots[i];
         let (pp, gp) = (ptr(p.param)?, ptr(p.grad)?);
         let mp = p.m.map(ptr).transpose()?.unwrap_or(0);
         let (vp, geom) = match p.second {
@@ -453,8 +515,8 @@ fn fused_step(
             SecondMoment::Factored { d0, d1, .. } => (0, Some(tables::Geometry::new(p.param.dims(), d0, d1))),
             SecondMoment::None => (0, None),
         };
-        let (p_out, m_out) = (out_ptr(*ps), ms.map_or(0, out_ptr));
-        let v_out = if vp != 0 { out_ptr(vs[0]) } else { 0 };
+        let (p_out, m_out) = (outs[i].0, outs[i].1);
+        let v_out = if vp != 0 { outs[i].2[0] } else { 0 };
         let (psz, gsz) = (p.param.dtype().size_in_bytes() as u64, p.grad.dtype().size_in_bytes() as u64);
         let msz = p.m.map_or(4, |m| m.dtype().size_in_bytes() as u64);
         let vec = tables::aligned(&[(pp, psz), (gp, gsz), (mp, msz), (vp, 4), (p_out, psz), (m_out, msz), (v_out, 4)]);
@@ -529,6 +591,9 @@ fn fused_step(
         unsafe { kernel.launch(Launch::linear(t.blocks[0], tables::THREADS), &args)? };
     }
 
+    if outputs == Outputs::InPlace {
+        return Ok(Vec::new());
+    }
     // Cut the outputs out of the flat buffers.
     let cut = |(a, at): Slot, like: &Tensor| -> Result<Tensor> {
         flats[a].narrow(at as usize, like.numel())?.reshape(like.shape().clone())
