@@ -16,6 +16,7 @@ mod dtype;
 mod element;
 mod error;
 pub mod ops;
+pub mod rng;
 mod shape;
 mod storage;
 mod tensor;

@@ -62,14 +62,25 @@ impl RunDir {
     }
 
     /// Drops metrics lines past `step` (a resumed run rewrites what came after its checkpoint).
+    /// The lines kept are copied byte for byte: parsing them into JSON values and printing them
+    /// again could change a float's last digits, and a resumed run's metrics must equal a
+    /// straight run's.
     pub fn truncate_metrics(&self, step: u64) -> Result<(), TrainError> {
-        let kept: Vec<String> = self
-            .read_metrics()?
-            .into_iter()
-            .filter(|m| m["step"].as_u64().is_some_and(|s| s <= step))
-            .map(|m| m.to_string() + "\n")
-            .collect();
-        self.write("metrics.jsonl", &kept.concat())
+        let path = self.file("metrics.jsonl");
+        if !path.exists() {
+            return self.write("metrics.jsonl", "");
+        }
+        let text = fs::read_to_string(&path).map_err(|e| TrainError::io(&path, "read", e))?;
+        let mut kept = String::with_capacity(text.len());
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let value: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+            if value["step"].as_u64().is_some_and(|s| s <= step) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        self.write("metrics.jsonl", &kept)
     }
 
     /// `step-N.safetensors` files, sorted by step.
