@@ -315,7 +315,8 @@ fn write_safetensors_file(
     let mut offset = 0;
     for (name, view) in &views {
         let len = view.data_len();
-        let info = TensorInfo { dtype: view.dtype(), shape: view.shape().to_vec(), data_offsets: (offset, offset + len) };
+        let info =
+            TensorInfo { dtype: view.dtype(), shape: view.shape().to_vec(), data_offsets: (offset, offset + len) };
         offset += len;
         if header.len() > 1 {
             header.push(',');

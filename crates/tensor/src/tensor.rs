@@ -117,9 +117,9 @@ impl Tensor {
             return Err(Error::value("rand_uniform", format!("expected finite low < high, got [{low}, {high})")));
         }
         let mut data = vec![0.0f32; shape.numel()];
-        data.par_chunks_mut(RNG_CHUNK).enumerate().for_each(|(i, chunk)| {
-            crate::rng::fill_uniform(seed, (i * RNG_CHUNK) as u64, low, high, chunk)
-        });
+        data.par_chunks_mut(RNG_CHUNK)
+            .enumerate()
+            .for_each(|(i, chunk)| crate::rng::fill_uniform(seed, (i * RNG_CHUNK) as u64, low, high, chunk));
         Self::from_f32(data, shape, dtype, device)
     }
 

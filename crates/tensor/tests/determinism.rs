@@ -49,7 +49,17 @@ const GEMM_SHAPES: [(usize, usize, usize); 9] = [
 
 /// `gemm_f32` with each operand and the output starting `offset` floats into its buffer.
 #[allow(clippy::too_many_arguments)]
-fn gemm_at(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool, threads: usize, offset: usize) -> Vec<u32> {
+fn gemm_at(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    threads: usize,
+    offset: usize,
+) -> Vec<u32> {
     let shifted = |x: &[f32]| {
         let mut buf = vec![f32::NAN; x.len() + offset];
         buf[offset..].copy_from_slice(x);

@@ -6,7 +6,8 @@
 use vit_tensor::{rng::Philox, DType, Device, Tensor};
 
 /// The first stream words of seed 42: `philox4x32_10([0, 0, 0, 0], [42, 0])`, then counter 1.
-const WORDS_42: [u32; 8] = [0x9ceaf053, 0x77f5493b, 0x12bf50ad, 0x5742b3d7, 0xfcdb2127, 0x53ba6cfd, 0x838f5a6e, 0x744e06fb];
+const WORDS_42: [u32; 8] =
+    [0x9ceaf053, 0x77f5493b, 0x12bf50ad, 0x5742b3d7, 0xfcdb2127, 0x53ba6cfd, 0x838f5a6e, 0x744e06fb];
 
 #[test]
 fn the_stream_of_seed_42_is_pinned() {

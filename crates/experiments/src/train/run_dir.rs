@@ -114,3 +114,32 @@ impl TrainError {
         TrainError::Io(format!("cannot {action} {}: {e}", path.display()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Floats that serde_json's default (not correctly rounded) parser reads one ulp off: a
+    /// resumed run that re-printed its kept metrics changed them (issue 10: "loss and
+    /// grad_norm differ in their last bits at steps before the interruption").
+    const LINES: &str = "{\"loss\":2.2804832458496094,\"step\":10}\n\
+                         {\"loss\":2.2619235515594482,\"step\":12}\n\
+                         {\"grad_norm\":1.3742240143218305,\"loss\":2.2460854053497314,\"step\":13}\n\
+                         {\"loss\":2.1,\"step\":14}\n";
+
+    #[test]
+    fn truncating_metrics_keeps_the_kept_lines_byte_for_byte() {
+        let dir = std::env::temp_dir().join(format!("vitrs-run-dir-test-{}", std::process::id()));
+        let run = RunDir::create(&dir).unwrap();
+        run.write("metrics.jsonl", LINES).unwrap();
+        run.truncate_metrics(13).unwrap();
+        let kept = fs::read_to_string(run.file("metrics.jsonl")).unwrap();
+        let want: String = LINES.lines().take(3).map(|l| format!("{l}\n")).collect();
+        assert_eq!(kept, want);
+        // No metrics yet: an empty file.
+        fs::remove_file(run.file("metrics.jsonl")).unwrap();
+        run.truncate_metrics(13).unwrap();
+        assert_eq!(fs::read_to_string(run.file("metrics.jsonl")).unwrap(), "");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
