@@ -114,15 +114,13 @@ pub fn fill_normal(seed: u64, start: u64, mean: f64, std: f64, out: &mut [f32]) 
 /// that rounds up to `high` becomes the largest f32 below `high`.
 pub fn fill_uniform(seed: u64, start: u64, low: f32, high: f32, out: &mut [f32]) {
     let below_high = next_down(high);
-    let mut i = u128::from(start);
-    let mut words = block(seed, i / 4);
-    for o in out.iter_mut() {
+    let mut words = block(seed, u128::from(start) / 4);
+    for (i, o) in (u128::from(start)..).zip(out.iter_mut()) {
         if i % 4 == 0 {
             words = block(seed, i / 4);
         }
         let v = low + (high - low) * uniform_f32(words[(i % 4) as usize]);
         *o = if v < high { v } else { below_high };
-        i += 1;
     }
 }
 

@@ -42,7 +42,8 @@ fn bounded_integers_and_shuffles_are_pinned() {
     let below: Vec<u64> = (0..8).map(|_| r.below(1000)).collect();
     assert_eq!(below, [468, 340, 327, 454, 658, 773, 670, 379]);
     // Lemire: the high half of (lo | hi << 32) · n.
-    assert_eq!(below[0], ((u128::from(WORDS_42[0]) | u128::from(WORDS_42[1]) << 32) * 1000 >> 64) as u64);
+    let word = u128::from(WORDS_42[0]) | (u128::from(WORDS_42[1]) << 32);
+    assert_eq!(below[0], ((word * 1000) >> 64) as u64);
     let mut v: Vec<u32> = (0..10).collect();
     Philox::new(42).shuffle(&mut v);
     assert_eq!(v, [0, 9, 1, 7, 5, 6, 8, 2, 3, 4]);
