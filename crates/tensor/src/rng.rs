@@ -87,25 +87,24 @@ pub fn box_muller(a: u32, b: u32) -> (f64, f64) {
 }
 
 /// Fills `out` with normals `start .. start + out.len()` of the stream of `seed`, each
-/// `mean + std · z` (f64, rounded once to f32). `start` must be even (a Box–Muller pair is
-/// never split between calls); [`crate::Tensor::randn`] calls it on blocks of its elements.
+/// `mean + std · z` (f64, rounded once to f32): any `start`, so [`crate::Tensor::randn`] can
+/// fill blocks of its elements in parallel and get the values of one sequential fill.
 pub fn fill_normal(seed: u64, start: u64, mean: f64, std: f64, out: &mut [f32]) {
-    assert!(start % 2 == 0, "fill_normal: start {start} must be even");
-    let mut c = u128::from(start / 4);
-    let mut words = block(seed, c);
-    let mut w = (start % 4) as usize;
-    for pair in out.chunks_mut(2) {
-        if w == 4 {
-            c += 1;
-            words = block(seed, c);
-            w = 0;
-        }
-        let (z0, z1) = box_muller(words[w], words[w + 1]);
-        w += 2;
-        pair[0] = (mean + std * z0) as f32;
-        if let Some(second) = pair.get_mut(1) {
-            *second = (mean + std * z1) as f32;
-        }
+    let mut pair: Option<(u128, (f64, f64))> = None;
+    for (i, o) in (u128::from(start)..).zip(out.iter_mut()) {
+        let k = i / 2;
+        let (z0, z1) = match pair {
+            Some((p, z)) if p == k => z,
+            _ => {
+                // Pair k is words 2k, 2k + 1: block k / 2, words 0-1 or 2-3.
+                let words = block(seed, k / 2);
+                let w = (k % 2) as usize * 2;
+                let z = box_muller(words[w], words[w + 1]);
+                pair = Some((k, z));
+                z
+            }
+        };
+        *o = (mean + std * if i % 2 == 0 { z0 } else { z1 }) as f32;
     }
 }
 
@@ -238,7 +237,7 @@ mod tests {
                 assert_eq!(whole[2 * k + 1], (0.5 + 2.0 * z1) as f32);
             }
         }
-        for start in [2usize, 4, 6, 10] {
+        for start in [1usize, 2, 3, 4, 5, 6, 10] {
             let mut part = vec![0.0f32; n - start];
             fill_normal(3, start as u64, 0.5, 2.0, &mut part);
             assert_eq!(part, whole[start..]);

@@ -9,8 +9,8 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use std::{borrow::Cow, sync::Arc};
 
-/// Elements per parallel piece of [`Tensor::randn`] / [`Tensor::rand_uniform`]: even, so no
-/// Box–Muller pair is split (the values do not depend on it).
+/// Elements per parallel piece of [`Tensor::randn`] / [`Tensor::rand_uniform`] (the values do
+/// not depend on it).
 const RNG_CHUNK: usize = 1 << 14;
 
 /// A contiguous row-major tensor. Clones share storage; [`Tensor::reshape`] and
