@@ -1,10 +1,11 @@
 //! Few-shot linear evaluation on frozen features (reference §6, big_vision `fewshot`):
 //! for each shot count and seed, take the first `shots` training images of every class after a
-//! seeded permutation, standardise the features with their statistics (std + 1e-5), append a
+//! seeded permutation (a Fisher–Yates shuffle of `0..count` on the Philox stream of the seed,
+//! [`vit_tensor::rng::Philox::shuffle`]: the same images in every version), standardise the features with their statistics (std + 1e-5), append a
 //! constant 100 column (a bias that is almost unregularised), regress targets `2·onehot − 1`
 //! with the closed-form ridge solution, and report the test accuracy of the argmax.
 
-use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use vit_tensor::rng::Philox;
 
 /// big_vision's ridge strength `2^10`.
 pub const L2_REG: f64 = 1024.0;
@@ -60,7 +61,7 @@ pub fn fewshot_accuracy(
     }
     // First `shots` examples of each class in a seeded permutation.
     let mut order: Vec<usize> = (0..n_train).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(seed));
+    Philox::new(seed).shuffle(&mut order);
     let mut per_class = vec![Vec::new(); classes];
     for i in order {
         let c = train.labels[i] as usize;
@@ -177,24 +178,38 @@ fn cholesky_solve(mut a: Vec<Vec<f64>>, mut b: Vec<Vec<f64>>) -> Result<Vec<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand_distr::{Distribution, Normal};
+    use vit_tensor::rng::fill_normal;
+
+    /// `n` standard normals of the Philox stream of `seed`.
+    fn normals(seed: u64, n: usize) -> Vec<f32> {
+        let mut z = vec![0.0f32; n];
+        fill_normal(seed, 0, 0.0, 1.0, &mut z);
+        z
+    }
 
     /// `classes` Gaussian clusters in `dim` dims (centres from seed 99), `per_class` points each
     /// drawn from `seed`.
     fn clusters(classes: usize, dim: usize, per_class: usize, seed: u64) -> (Vec<f32>, Vec<i32>) {
-        let noise = Normal::new(0.0f32, 1.0).unwrap();
-        let mut centre_rng = StdRng::seed_from_u64(99);
-        let centres: Vec<Vec<f32>> =
-            (0..classes).map(|_| (0..dim).map(|_| 3.0 * noise.sample(&mut centre_rng)).collect()).collect();
-        let mut rng = StdRng::seed_from_u64(seed);
+        let centres: Vec<f32> = normals(99, classes * dim).iter().map(|z| 3.0 * z).collect();
+        let noise = normals(seed, classes * per_class * dim);
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for i in 0..classes * per_class {
             let c = i % classes;
-            x.extend(centres[c].iter().map(|m| m + noise.sample(&mut rng)));
+            x.extend(centres[c * dim..(c + 1) * dim].iter().zip(&noise[i * dim..(i + 1) * dim]).map(|(m, z)| m + z));
             y.push(c as i32);
         }
         (x, y)
     }
+
+    /// The few-shot sample is a function of the seed alone: pinned first picks of the
+    /// permutation that chooses the shots.
+    #[test]
+    fn the_shot_permutation_is_pinned() {
+        let mut order: Vec<usize> = (0..10).collect();
+        Philox::new(0).shuffle(&mut order);
+        assert_eq!(order, PINNED_ORDER);
+    }
+    const PINNED_ORDER: [usize; 10] = [6, 7, 3, 4, 9, 1, 0, 2, 5, 8];
 
     #[test]
     fn separable_clusters_are_learned_from_few_shots() {
@@ -212,10 +227,11 @@ mod tests {
 
     #[test]
     fn both_ridge_forms_agree_with_the_normal_equations() {
-        let mut rng = StdRng::seed_from_u64(5);
-        let normal = Normal::new(0.0, 1.0).unwrap();
+        let mut seed = 5;
         let mut m = |r: usize, c: usize| {
-            (0..r).map(|_| (0..c).map(|_| normal.sample(&mut rng)).collect()).collect::<Vec<Vec<f64>>>()
+            seed += 1;
+            let z = normals(seed, r * c);
+            z.chunks(c).map(|row| row.iter().map(|&v| f64::from(v)).collect()).collect::<Vec<Vec<f64>>>()
         };
         for (n, d) in [(4, 7), (9, 3)] {
             let (x, t) = (m(n, d), m(n, 2));

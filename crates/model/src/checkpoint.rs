@@ -21,8 +21,15 @@
 //! | `vitrs.optimizer` | the optimizer state names (without `opt.`) in store order, one per line; absent when the checkpoint has no optimizer state |
 //! | `meta.<key>` | each entry of [`Checkpoint::metadata`] |
 //!
-//! safetensors sorts tensors by dtype and name inside the file, so the name lists carry the
-//! order: a loaded store lines up index by index with the saved one. Tensors keep their dtype
+//! Tensors are stored sorted by dtype (descending alignment) and name, as the safetensors crate
+//! orders them, so the name lists carry the order: a loaded store lines up index by index with
+//! the saved one.
+//!
+//! The file's bytes are a function of the checkpoint alone: the header is written here (the
+//! safetensors crate keeps `__metadata__` in a `HashMap`, so its writer orders the entries
+//! differently in every process) as compact JSON with `__metadata__` first, its keys in
+//! byte order, then the tensors in file order, padded with spaces to a multiple of 8 bytes.
+//! Reading goes through the safetensors crate. Tensors keep their dtype
 //! (f32, bf16, f16, i32, u32, little-endian) and come back bit for bit.
 //!
 //! Writes go to `<path>.tmp-<pid>`, are synced, and are renamed over `path`, so a crash
@@ -37,9 +44,10 @@ use safetensors::{
 use std::{
     borrow::Cow,
     cell::RefCell,
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     ffi::OsString,
     fs,
+    io::Write,
     path::{Path, PathBuf},
 };
 use vit_tensor::{DType, Device, ParamDiff, Tensor};
@@ -144,7 +152,7 @@ pub fn save_checkpoint(path: impl AsRef<Path>, ckpt: &Checkpoint) -> Result<()> 
         }
     }
 
-    let mut meta = HashMap::new();
+    let mut meta = BTreeMap::new();
     meta.insert(KEY_VERSION.to_string(), FORMAT_VERSION.to_string());
     meta.insert(KEY_CONFIG.to_string(), ckpt.config.to_toml()?);
     meta.insert(KEY_STEP.to_string(), ckpt.step.to_string());
@@ -182,7 +190,7 @@ pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)]) ->
         .iter()
         .map(|&(name, tensor)| (name.to_string(), HostView { name, tensor, failure: &failure }))
         .collect();
-    write_atomic(path, views, HashMap::new(), &failure)
+    write_atomic(path, views, BTreeMap::new(), &failure)
 }
 
 /// Serialises `views` with `meta` into `<path>.tmp-<pid>`, syncs it and renames it over `path`;
@@ -190,7 +198,7 @@ pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)]) ->
 fn write_atomic(
     path: &Path,
     views: Vec<(String, HostView<'_>)>,
-    meta: HashMap<String, String>,
+    meta: BTreeMap<String, String>,
     failure: &RefCell<Option<(String, vit_tensor::Error)>>,
 ) -> Result<()> {
     let tmp = tmp_path(path);
@@ -200,10 +208,7 @@ fn write_atomic(
         source,
     };
     let result = (|| {
-        safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| match e {
-            SafeTensorError::IoError(e) => io("write", e),
-            other => io("write", std::io::Error::other(other.to_string())),
-        })?;
+        write_safetensors_file(&tmp, views, &meta).map_err(|e| io("write", e))?;
         if let Some((name, e)) = failure.borrow_mut().take() {
             return Err(ModelError::Param {
                 name,
@@ -223,6 +228,52 @@ fn write_atomic(
         let _ = fs::File::open(dir).and_then(|d| d.sync_all());
     }
     Ok(())
+}
+
+/// Writes a safetensors file whose bytes depend only on `views` and `meta`: tensors sorted by
+/// descending dtype and then name (as `safetensors::serialize` sorts them), a compact JSON
+/// header with `__metadata__` first (omitted when empty, keys in byte order), then the tensors
+/// in file order, padded with spaces to a multiple of 8 bytes.
+fn write_safetensors_file(
+    path: &Path,
+    mut views: Vec<(String, HostView<'_>)>,
+    meta: &BTreeMap<String, String>,
+) -> std::io::Result<()> {
+    views.sort_by(|(a, x), (b, y)| y.dtype().cmp(&x.dtype()).then(a.cmp(b)));
+    let json = |e: serde_json::Error| std::io::Error::other(format!("header JSON: {e}"));
+    let mut header = String::from("{");
+    if !meta.is_empty() {
+        header.push_str("\"__metadata__\":");
+        header.push_str(&serde_json::to_string(meta).map_err(json)?);
+    }
+    let mut offset = 0;
+    for (name, view) in &views {
+        let len = view.data_len();
+        let info =
+            TensorInfo { dtype: view.dtype(), shape: view.shape().to_vec(), data_offsets: (offset, offset + len) };
+        offset += len;
+        if header.len() > 1 {
+            header.push(',');
+        }
+        header.push_str(&serde_json::to_string(name).map_err(json)?);
+        header.push(':');
+        header.push_str(&serde_json::to_string(&info).map_err(json)?);
+    }
+    header.push('}');
+    let padded = header.len().next_multiple_of(8);
+    if padded as u64 > MAX_HEADER {
+        return Err(std::io::Error::other(format!(
+            "header of {padded} bytes exceeds the safetensors limit of {MAX_HEADER} bytes"
+        )));
+    }
+    let mut out = std::io::BufWriter::new(fs::File::create(path)?);
+    out.write_all(&(padded as u64).to_le_bytes())?;
+    out.write_all(header.as_bytes())?;
+    out.write_all(&vec![b' '; padded - header.len()])?;
+    for (_, view) in &views {
+        out.write_all(&view.data())?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.flush()
 }
 
 /// `<path>.tmp-<pid>`: where [`save_checkpoint`] writes before renaming.

@@ -18,6 +18,7 @@ mod error;
 mod op_kinds;
 pub mod ops;
 mod param_store;
+pub mod rng;
 mod shape;
 mod storage;
 mod tensor;

@@ -6,9 +6,12 @@ use crate::{
     DType, Device, Element, Error, Result, Shape,
 };
 use half::{bf16, f16};
-use rand::{rngs::StdRng, Rng, SeedableRng};
-use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 use std::{borrow::Cow, sync::Arc};
+
+/// Elements per parallel piece of [`Tensor::randn`] / [`Tensor::rand_uniform`] (the values do
+/// not depend on it).
+const RNG_CHUNK: usize = 1 << 14;
 
 /// A contiguous row-major tensor. Clones share storage; [`Tensor::reshape`] and
 /// [`Tensor::narrow`] (a leading-dimension slice) are views, everything else copies.
@@ -74,8 +77,9 @@ impl Tensor {
         Self::from_f32(vec![value; shape.numel()], shape, dtype, device)
     }
 
-    /// Normal(mean, std) samples from a seeded generator; the same seed gives the same values
-    /// on every device and dtype (before rounding).
+    /// Normal(mean, std) samples: element `i` is normal `i` of the Philox4x32-10 stream of
+    /// `seed` ([`crate::rng`], Box–Muller), so the same seed gives the same values on every
+    /// device, dtype (before rounding), thread count and version.
     pub fn randn(
         shape: impl Into<Shape>,
         mean: f32,
@@ -91,13 +95,15 @@ impl Tensor {
                 format!("expected a finite mean and a finite std >= 0, got mean {mean}, std {std}"),
             ));
         }
-        let normal = Normal::new(mean, std).map_err(|e| Error::value("randn", format!("std {std}: {e}")))?;
-        let mut rng = StdRng::seed_from_u64(seed);
-        let data = (0..shape.numel()).map(|_| normal.sample(&mut rng)).collect();
+        let mut data = vec![0.0f32; shape.numel()];
+        data.par_chunks_mut(RNG_CHUNK).enumerate().for_each(|(i, chunk)| {
+            crate::rng::fill_normal(seed, (i * RNG_CHUNK) as u64, f64::from(mean), f64::from(std), chunk)
+        });
         Self::from_f32(data, shape, dtype, device)
     }
 
-    /// Uniform samples in `[low, high)` from a seeded generator.
+    /// Uniform samples in `[low, high)`: element `i` is `low + (high − low) · u` for the
+    /// uniform `u` of word `i` of the Philox4x32-10 stream of `seed` ([`crate::rng`]).
     pub fn rand_uniform(
         shape: impl Into<Shape>,
         low: f32,
@@ -110,8 +116,10 @@ impl Tensor {
         if !low.is_finite() || !high.is_finite() || low >= high {
             return Err(Error::value("rand_uniform", format!("expected finite low < high, got [{low}, {high})")));
         }
-        let mut rng = StdRng::seed_from_u64(seed);
-        let data = (0..shape.numel()).map(|_| rng.random_range(low..high)).collect();
+        let mut data = vec![0.0f32; shape.numel()];
+        data.par_chunks_mut(RNG_CHUNK)
+            .enumerate()
+            .for_each(|(i, chunk)| crate::rng::fill_uniform(seed, (i * RNG_CHUNK) as u64, low, high, chunk));
         Self::from_f32(data, shape, dtype, device)
     }
 

@@ -62,14 +62,25 @@ impl RunDir {
     }
 
     /// Drops metrics lines past `step` (a resumed run rewrites what came after its checkpoint).
+    /// The lines kept are copied byte for byte: parsing them into JSON values and printing them
+    /// again could change a float's last digits, and a resumed run's metrics must equal a
+    /// straight run's.
     pub fn truncate_metrics(&self, step: u64) -> Result<(), TrainError> {
-        let kept: Vec<String> = self
-            .read_metrics()?
-            .into_iter()
-            .filter(|m| m["step"].as_u64().is_some_and(|s| s <= step))
-            .map(|m| m.to_string() + "\n")
-            .collect();
-        self.write("metrics.jsonl", &kept.concat())
+        let path = self.file("metrics.jsonl");
+        if !path.exists() {
+            return self.write("metrics.jsonl", "");
+        }
+        let text = fs::read_to_string(&path).map_err(|e| TrainError::io(&path, "read", e))?;
+        let mut kept = String::with_capacity(text.len());
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let value: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+            if value["step"].as_u64().is_some_and(|s| s <= step) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        self.write("metrics.jsonl", &kept)
     }
 
     /// `step-N.safetensors` files, sorted by step.
@@ -101,5 +112,34 @@ impl RunDir {
 impl TrainError {
     pub(crate) fn io(path: &Path, action: &str, e: std::io::Error) -> Self {
         TrainError::Io(format!("cannot {action} {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Floats that serde_json's default (not correctly rounded) parser reads one ulp off: a
+    /// resumed run that re-printed its kept metrics changed them (issue 10: "loss and
+    /// grad_norm differ in their last bits at steps before the interruption").
+    const LINES: &str = "{\"loss\":2.2804832458496094,\"step\":10}\n\
+                         {\"loss\":2.2619235515594482,\"step\":12}\n\
+                         {\"grad_norm\":1.3742240143218305,\"loss\":2.2460854053497314,\"step\":13}\n\
+                         {\"loss\":2.1,\"step\":14}\n";
+
+    #[test]
+    fn truncating_metrics_keeps_the_kept_lines_byte_for_byte() {
+        let dir = std::env::temp_dir().join(format!("vitrs-run-dir-test-{}", std::process::id()));
+        let run = RunDir::create(&dir).unwrap();
+        run.write("metrics.jsonl", LINES).unwrap();
+        run.truncate_metrics(13).unwrap();
+        let kept = fs::read_to_string(run.file("metrics.jsonl")).unwrap();
+        let want: String = LINES.lines().take(3).map(|l| format!("{l}\n")).collect();
+        assert_eq!(kept, want);
+        // No metrics yet: an empty file.
+        fs::remove_file(run.file("metrics.jsonl")).unwrap();
+        run.truncate_metrics(13).unwrap();
+        assert_eq!(fs::read_to_string(run.file("metrics.jsonl")).unwrap(), "");
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -1,0 +1,158 @@
+//! Determinism you can diff (issue 10): the same config trained twice in separate processes,
+//! on 1 and on 3 rayon threads, the second with a different heap layout and another thread
+//! allocating and computing beside it, writes the same `metrics.jsonl` (timing aside) and
+//! byte-identical checkpoints; and a run stopped and resumed equals a straight one in every
+//! metrics line and in its final checkpoint.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vitrs-determinism-test-{}-{name}", std::process::id()))
+}
+
+/// A short run on the bundled data: a small model, 30 steps, metrics every step, an evaluation
+/// and a checkpoint at step 20 and at the end.
+const RECIPE: &[&str] = &[
+    "--set",
+    "model.width=32",
+    "--set",
+    "model.depth=2",
+    "--set",
+    "model.mlp_dim=64",
+    "--set",
+    "data.train_limit=2048",
+    "--set",
+    "data.test_limit=256",
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "train.steps=30",
+    "--set",
+    "schedule.warmup_steps=5",
+    "--set",
+    "train.eval_every=20",
+    "--set",
+    "train.checkpoint_every=20",
+    "--set",
+    "train.log_every=1",
+];
+
+/// Runs `vit train --out dir` with the recipe, `extra` arguments and environment `env`;
+/// returns the exit code.
+fn train(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Option<i32> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vit"));
+    cmd.current_dir(root()).args(["train", "--out", dir.to_str().unwrap()]).args(RECIPE).args(extra);
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().expect("run vit");
+    if !out.status.success() && out.status.code() != Some(1) {
+        panic!("vit train {extra:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    out.status.code()
+}
+
+/// `metrics.jsonl` with the `images_per_second` field cut out of each line as text (parsing
+/// and printing the numbers could itself change their last digits).
+fn metrics_without_timing(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|line| {
+            let key = "\"images_per_second\":";
+            let start = line.find(key).unwrap_or_else(|| panic!("no {key} in {line}"));
+            let rest = &line[start + key.len()..];
+            let end = rest.find([',', '}']).unwrap();
+            let tail = rest[end..].strip_prefix(',').unwrap_or(&rest[end..]);
+            format!("{}{}", &line[..start], tail)
+        })
+        .collect()
+}
+
+fn assert_same_metrics(a: &Path, b: &Path, what: &str) {
+    let (ma, mb) = (metrics_without_timing(a), metrics_without_timing(b));
+    assert_eq!(ma.len(), mb.len(), "{what}: metrics line counts");
+    for (la, lb) in ma.iter().zip(&mb) {
+        assert_eq!(la, lb, "{what}: metrics differ");
+    }
+}
+
+fn assert_same_bytes(a: &Path, b: &Path, what: &str) {
+    let (ba, bb) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert!(ba.len() > 1000, "{}: {} bytes", a.display(), ba.len());
+    let first = ba.iter().zip(&bb).position(|(x, y)| x != y);
+    assert!(
+        ba == bb,
+        "{what}: {} and {} differ (sizes {} / {}, first at byte {first:?})",
+        a.display(),
+        b.display(),
+        ba.len(),
+        bb.len()
+    );
+}
+
+#[test]
+fn two_processes_on_1_and_3_threads_write_identical_metrics_and_checkpoints() {
+    let (a, b) = (tmp("one-thread"), tmp("three-threads"));
+    assert_eq!(train(&a, &[], &[("RAYON_NUM_THREADS", "1")]), Some(0));
+    // The second run: 3 threads, every heap allocation from one arena with freed memory filled
+    // (glibc tunables: other addresses and alignments than the first run's, and a read of
+    // uninitialised memory would show), next to a thread that allocates, fills and frees
+    // buffers of odd sizes for as long as it runs.
+    let stop = AtomicBool::new(false);
+    let code = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let v: Vec<u8> = vec![n as u8; 1 + (n * 7919) % (3 << 20)];
+                n = n.wrapping_add(std::hint::black_box(v)[0] as usize + 1);
+            }
+        });
+        let code = train(
+            &b,
+            &[],
+            &[
+                ("RAYON_NUM_THREADS", "3"),
+                ("GLIBC_TUNABLES", "glibc.malloc.arena_max=1:glibc.malloc.perturb=165:glibc.malloc.top_pad=12345"),
+            ],
+        );
+        stop.store(true, Ordering::Relaxed);
+        code
+    });
+    assert_eq!(code, Some(0));
+    assert_same_metrics(&a, &b, "1 vs 3 threads");
+    assert_eq!(metrics_without_timing(&a).len(), 30);
+    for step in [20, 30] {
+        let name = format!("step-{step}.safetensors");
+        assert_same_bytes(&a.join(&name), &b.join(&name), "1 vs 3 threads");
+    }
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&b);
+}
+
+#[test]
+fn a_run_stopped_and_resumed_equals_a_straight_run_bit_for_bit() {
+    let (straight, resumed) = (tmp("straight"), tmp("resumed"));
+    assert_eq!(train(&straight, &[], &[]), Some(0));
+    assert_eq!(train(&resumed, &["--stop-at", "13"], &[]), Some(1), "stopping is reported as an interruption");
+    assert!(resumed.join("step-13.safetensors").exists());
+    let out = Command::new(env!("CARGO_BIN_EXE_vit"))
+        .current_dir(root())
+        .args(["train", "--resume", resumed.to_str().unwrap()])
+        .output()
+        .expect("run vit");
+    assert!(out.status.success(), "resume: {}", String::from_utf8_lossy(&out.stderr));
+    assert_same_metrics(&straight, &resumed, "straight vs resumed at 13");
+    assert_same_bytes(
+        &straight.join("step-30.safetensors"),
+        &resumed.join("step-30.safetensors"),
+        "straight vs resumed",
+    );
+    let _ = std::fs::remove_dir_all(&straight);
+    let _ = std::fs::remove_dir_all(&resumed);
+}
