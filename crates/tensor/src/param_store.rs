@@ -42,18 +42,19 @@ pub struct Placement {
 }
 
 /// An ordered map from name to tensor, backed by one flat 1-D buffer per (dtype, device) in
-/// order of first use.
+/// order of first use. Each tensor starts on a 64-byte boundary of its buffer (zeros pad the
+/// gaps), like a separate allocation.
 ///
 /// ```
 /// use vit_tensor::{DType, Device, ParamStore, Tensor};
 /// let mut p = ParamStore::new();
 /// p.insert("head.weight", Tensor::full(1.0, [2, 3], DType::F32, Device::Cpu)?)?;
 /// p.insert("head.bias", Tensor::full(2.0, [3], DType::F32, Device::Cpu)?)?;
-/// assert_eq!(p.buffer(0).dims(), &[9]);                   // both in one f32 buffer
-/// assert_eq!(p.placement("head.bias")?.offset, 6);
+/// assert_eq!(p.buffer(0).dims(), &[19]);                  // both in one f32 buffer,
+/// assert_eq!(p.placement("head.bias")?.offset, 16);         // each on a 64-byte boundary
 /// let mut g = p.zeros_like(DType::F32)?;                    // same layout
 /// g.accumulate("head.bias", &Tensor::full(0.5, [3], DType::F32, Device::Cpu)?)?;
-/// assert_eq!(g.buffer(0).to_f32_vec()?[6..], [0.5, 0.5, 0.5]);
+/// assert_eq!(g.buffer(0).to_f32_vec()?[16..], [0.5, 0.5, 0.5]);
 /// # Ok::<(), vit_tensor::Error>(())
 /// ```
 #[derive(Debug, Clone, Default)]
@@ -63,6 +64,9 @@ pub struct ParamStore {
     /// Flat 1-D buffers; `buffers[b]` holds exactly the elements of the entries placed in it.
     buffers: Vec<Tensor>,
 }
+
+/// Alignment of every tensor's first element within its buffer, in bytes.
+const ALIGN_BYTES: usize = 64;
 
 fn param_err(name: &str, msg: impl Into<String>) -> Error {
     Error::Param { name: name.to_string(), msg: msg.into() }
@@ -86,13 +90,25 @@ impl ParamStore {
         let b = match self.buffers.iter().position(|t| t.dtype() == dtype && t.device() == device) {
             Some(b) => {
                 self.drop_views(b);
-                let old = &self.buffers[b];
-                let grown = match device {
+                // Each tensor starts on a 64-byte boundary of its buffer (zero padding between
+                // tensors), as a separate allocation would: GEMMs read weights in place.
+                let len = self.buffers[b].numel();
+                let pad = len.next_multiple_of((ALIGN_BYTES / dtype.size_in_bytes()).max(1)) - len;
+                let mut parts = vec![Tensor::zeros([pad], dtype, device)?, flat.clone()];
+                parts.retain(|t| t.numel() > 0);
+                match device {
                     // Host buffers grow in place (amortised), device buffers by one copy.
-                    Device::Cpu => append_host(old, &flat)?,
-                    Device::Cuda(_) => ops::concat(&[old, &flat], 0)?,
-                };
-                self.buffers[b] = grown;
+                    Device::Cpu => {
+                        for part in &parts {
+                            self.buffers[b].extend_host(part)?;
+                        }
+                    }
+                    Device::Cuda(_) => {
+                        let mut all = vec![&self.buffers[b]];
+                        all.extend(parts.iter());
+                        self.buffers[b] = ops::concat(&all, 0)?;
+                    }
+                }
                 b
             }
             None => {
@@ -225,13 +241,18 @@ impl ParamStore {
         let old = self.view_of(e).clone();
         let dtype = old.dtype();
         let grad = grad.cast(dtype).map_err(|err| param_err(name, err.to_string()))?;
-        if old.device() == Device::Cpu && dtype == DType::F32 {
+        if old.device() == Device::Cpu && dtype == DType::F32 && grad.device() == Device::Cpu {
             // In place, without a temporary: the common case of the trainer's f32 gradients.
-            let grad = grad.to_f32_vec()?;
             drop(old);
             self.drop_views(b);
+            let src = grad.cpu_f32("accumulate")?;
             let dst = &mut self.buffers[b].as_mut_slice::<f32>()?[offset..offset + n];
-            dst.iter_mut().zip(&grad).for_each(|(d, g)| *d += g);
+            if n >= crate::cpu::PAR_MIN_ELEMS {
+                use rayon::prelude::*;
+                dst.par_iter_mut().zip(&src[..]).with_min_len(crate::cpu::PAR_MIN_ELEMS / 4).for_each(|(d, g)| *d += g);
+            } else {
+                dst.iter_mut().zip(&src[..]).for_each(|(d, g)| *d += g);
+            }
             return Ok(());
         }
         let sum = ops::add(&old, &grad.to_device(old.device())?).map_err(|err| param_err(name, err.to_string()))?;
@@ -350,23 +371,16 @@ impl ParamStore {
         self.entries.is_empty()
     }
 
-    /// Total number of elements over all tensors.
+    /// Total number of elements over all tensors (the buffers also hold the padding that
+    /// aligns each tensor to 64 bytes).
     pub fn numel(&self) -> usize {
-        self.buffers.iter().map(Tensor::numel).sum()
+        self.entries.iter().map(|e| e.shape.numel()).sum()
     }
 
     /// The tensor at position `i` (same order as [`ParamStore::iter`]).
     pub fn at(&self, i: usize) -> &Tensor {
         self.view_of(&self.entries[i])
     }
-}
-
-/// `old` followed by `extra` (both 1-D host tensors of one dtype), reusing `old`'s vector
-/// when nothing else shares it.
-fn append_host(old: &Tensor, extra: &Tensor) -> Result<Tensor> {
-    let mut grown = old.clone();
-    grown.extend_host(extra)?;
-    Ok(grown)
 }
 
 /// How two stores differ in names, shapes and dtypes (what a checkpoint or an optimizer state
@@ -477,13 +491,16 @@ mod tests {
         s.insert("b", b.clone()).unwrap();
         s.insert("c", c.clone()).unwrap();
         assert_eq!(s.buffers().len(), 2);
-        assert_eq!((s.buffer(0).dtype(), s.buffer(0).dims()), (DType::F32, &[26][..]));
+        // a at 0, then c at the next 64-byte boundary (16 f32): 20 → 32, zeros between.
+        assert_eq!((s.buffer(0).dtype(), s.buffer(0).dims()), (DType::F32, &[38][..]));
         assert_eq!((s.buffer(1).dtype(), s.buffer(1).dims()), (DType::BF16, &[7][..]));
-        assert_eq!(s.placement("c").unwrap(), Placement { buffer: 0, offset: 20, numel: 6 });
+        assert_eq!(s.placement("c").unwrap(), Placement { buffer: 0, offset: 32, numel: 6 });
         assert_eq!(s.placement("b").unwrap(), Placement { buffer: 1, offset: 0, numel: 7 });
+        assert_eq!(s.numel(), 33);
         let flat = s.buffer(0).to_f32_vec().unwrap();
         assert_eq!(flat[..20], a.to_f32_vec().unwrap()[..]);
-        assert_eq!(flat[20..], c.to_f32_vec().unwrap()[..]);
+        assert_eq!(flat[20..32], [0.0; 12]);
+        assert_eq!(flat[32..], c.to_f32_vec().unwrap()[..]);
         assert_eq!(s.get("b").unwrap().to_vec::<half::bf16>().unwrap(), b.to_vec::<half::bf16>().unwrap());
         // zeros_like keeps buffers and offsets, in the new dtype.
         let z = s.zeros_like(DType::F32).unwrap();
@@ -514,7 +531,7 @@ mod tests {
         assert_eq!(snapshot.get("w").unwrap().to_f32_vec().unwrap(), w.to_f32_vec().unwrap());
         // In place: set writes into the buffer, and the inserted tensor is never aliased.
         s.set("b", Tensor::full(3.0, [4], DType::F32, Device::Cpu).unwrap()).unwrap();
-        assert_eq!(s.buffer(0).to_f32_vec().unwrap()[12..], [3.0; 4]);
+        assert_eq!(s.buffer(0).to_f32_vec().unwrap()[16..], [3.0; 4]);
         s.buffer_mut(0).as_mut_slice::<f32>().unwrap()[0] = 42.0;
         assert_eq!(s.get("w").unwrap().to_f32_vec().unwrap()[0], 42.0);
         assert_eq!(w.to_f32_vec().unwrap()[0], before.to_f32_vec().unwrap()[0]);
