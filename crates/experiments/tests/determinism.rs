@@ -14,8 +14,13 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vitrs-determinism-test-{}-{name}", std::process::id()))
+/// A fresh run directory inside `root` (removed with it).
+fn tmp(root: &tempfile::TempDir, name: &str) -> PathBuf {
+    root.path().join(name)
+}
+
+fn tmp_root() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("vitrs-determinism-test-").tempdir().unwrap()
 }
 
 /// A short run on the bundled data: a small model, 30 steps, metrics every step, an evaluation
@@ -98,7 +103,8 @@ fn assert_same_bytes(a: &Path, b: &Path, what: &str) {
 
 #[test]
 fn two_processes_on_1_and_3_threads_write_identical_metrics_and_checkpoints() {
-    let (a, b) = (tmp("one-thread"), tmp("three-threads"));
+    let runs = tmp_root();
+    let (a, b) = (tmp(&runs, "one-thread"), tmp(&runs, "three-threads"));
     assert_eq!(train(&a, &[], &[("RAYON_NUM_THREADS", "1")]), Some(0));
     // The second run: 3 threads, every heap allocation from one arena with freed memory filled
     // (glibc tunables: other addresses and alignments than the first run's, and a read of
@@ -131,13 +137,12 @@ fn two_processes_on_1_and_3_threads_write_identical_metrics_and_checkpoints() {
         let name = format!("step-{step}.safetensors");
         assert_same_bytes(&a.join(&name), &b.join(&name), "1 vs 3 threads");
     }
-    let _ = std::fs::remove_dir_all(&a);
-    let _ = std::fs::remove_dir_all(&b);
 }
 
 #[test]
 fn a_run_stopped_and_resumed_equals_a_straight_run_bit_for_bit() {
-    let (straight, resumed) = (tmp("straight"), tmp("resumed"));
+    let runs = tmp_root();
+    let (straight, resumed) = (tmp(&runs, "straight"), tmp(&runs, "resumed"));
     assert_eq!(train(&straight, &[], &[]), Some(0));
     assert_eq!(train(&resumed, &["--stop-at", "13"], &[]), Some(1), "stopping is reported as an interruption");
     assert!(resumed.join("step-13.safetensors").exists());
@@ -153,6 +158,4 @@ fn a_run_stopped_and_resumed_equals_a_straight_run_bit_for_bit() {
         &resumed.join("step-30.safetensors"),
         "straight vs resumed",
     );
-    let _ = std::fs::remove_dir_all(&straight);
-    let _ = std::fs::remove_dir_all(&resumed);
 }

@@ -129,8 +129,8 @@ mod tests {
 
     #[test]
     fn truncating_metrics_keeps_the_kept_lines_byte_for_byte() {
-        let dir = std::env::temp_dir().join(format!("vitrs-run-dir-test-{}", std::process::id()));
-        let run = RunDir::create(&dir).unwrap();
+        let tmp = tempfile::Builder::new().prefix("vitrs-run-dir-test-").tempdir().unwrap();
+        let run = RunDir::create(tmp.path().join("run")).unwrap();
         run.write("metrics.jsonl", LINES).unwrap();
         run.truncate_metrics(13).unwrap();
         let kept = fs::read_to_string(run.file("metrics.jsonl")).unwrap();
@@ -140,6 +140,5 @@ mod tests {
         fs::remove_file(run.file("metrics.jsonl")).unwrap();
         run.truncate_metrics(13).unwrap();
         assert_eq!(fs::read_to_string(run.file("metrics.jsonl")).unwrap(), "");
-        let _ = fs::remove_dir_all(&dir);
     }
 }
