@@ -15,7 +15,9 @@ vitrs_find_lib() {  # first file named $1 in the candidate folders, else from th
   for d in $dirs; do [ -e "$d/$1" ] && { echo "$d/$1"; return; }; done
   ldconfig -p 2>/dev/null | awk -v n="$1" '$1 == n {print $NF; exit}'
 }
-for pair in libcuda.so:libcuda.so.1 libnvrtc.so:libnvrtc.so.13 libnvrtc-builtins.so.13:libnvrtc-builtins.so.13 \
+# NVRTC dlopens its builtins by their full versioned name, which the wheels ship as
+# libnvrtc-builtins.so.13.0 (not .so.13): link the file found under both names.
+for pair in libcuda.so:libcuda.so.1 libnvrtc.so:libnvrtc.so.13 libnvrtc-builtins.so.13:libnvrtc-builtins.so.13.0 \
             libcublas.so:libcublas.so.13 libcublasLt.so:libcublasLt.so.13 libnccl.so:libnccl.so.2; do
   name=${pair%%:*}; want=${pair##*:}
   src=$(vitrs_find_lib "$want")

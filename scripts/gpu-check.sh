@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 bin=.gpu-bin
 # The test and bench binaries that exercise the GPU (the rest run in CI); stripped, they fit
 # the device tool's 64 MiB carry limit.
-gpu_tests="cuda_ops cuda_layout cuda_model cuda_optim checkpoint nvrtc_compile"
+gpu_tests="cuda_ops cuda_layout cuda_model cuda_optim cuda_kernel checkpoint nvrtc_compile nvrtc_optim"
 gpu_benches="gemm_cuda optim_cuda"
 if [ "${1:-}" = "--build" ]; then
+  set -e  # a failed build must stop here, with cargo's errors on the terminal
   rm -rf "$bin" && mkdir -p "$bin"
   export CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=true
   export CARGO_PROFILE_BENCH_DEBUG=false CARGO_PROFILE_BENCH_STRIP=true
@@ -22,17 +23,30 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and sys.argv[1] in m["target"]["kind"]:
         print(m["target"]["name"], m["executable"])' "$1"
   }
-  cargo test --release --workspace --no-run --message-format=json 2>/dev/null | artifacts test | while read -r name exe; do
+  # cargo's JSON goes to a file (its errors stay on stderr), so a failed build is not hidden
+  # behind a pipe.
+  json=$(mktemp)
+  cargo test --release --workspace --no-run --message-format=json >"$json"
+  artifacts test <"$json" | while read -r name exe; do
     case " $gpu_tests " in *" $name "*) cp "$exe" "$bin/test-$name" ;; esac
   done
-  cargo bench --workspace --no-run --message-format=json 2>/dev/null | artifacts bench | while read -r name exe; do
+  cargo bench --workspace --no-run --message-format=json >"$json"
+  artifacts bench <"$json" | while read -r name exe; do
     case " $gpu_benches " in *" $name "*) cp "$exe" "$bin/bench-$name" ;; esac
   done
+  rm -f "$json"
   cargo build --release -p vit-experiments && cp target/release/vit "$bin/vit"
+  missing=""
+  for t in $gpu_tests; do [ -x "$bin/test-$t" ] || missing="$missing test-$t"; done
+  for b in $gpu_benches; do [ -x "$bin/bench-$b" ] || missing="$missing bench-$b"; done
+  [ -z "$missing" ] || { echo "gpu-check --build: not built:$missing" >&2; exit 1; }
   ls -la "$bin"; du -sh "$bin"; exit 0
 fi
 log=${OUT:+$OUT/gpu-check.log}; log=${log:-/dev/null}
-. scripts/cuda-env.sh | tee -a "$log"
+# Sourced in this shell (not in a pipeline, whose subshell would lose LD_LIBRARY_PATH).
+envlog=$(mktemp)
+. scripts/cuda-env.sh >"$envlog" 2>&1
+tee -a "$log" <"$envlog"; rm -f "$envlog"
 "$bin/vit" devices | tee -a "$log"
 export VITRS_KERNEL_CACHE=${VITRS_KERNEL_CACHE:-/tmp/vitrs-kernels}
 status=0
@@ -44,4 +58,23 @@ for b in "$bin"/bench-*; do
   echo "== $b --bench" | tee -a "$log"
   "$b" --bench 2>&1 | tee -a "$log" | grep -vE "^(Benchmarking|Warning)" || status=1
 done
+# The first real run: the bundled quickstart for 20 steps on the GPU and on the CPU (f32 both),
+# losses compared step by step.
+echo "== vit train: 20 steps on cuda:0 against the CPU" | tee -a "$log"
+runs=$(mktemp -d)
+quick="--set train.steps=20 --set schedule.warmup_steps=5 --set train.log_every=1"
+"$bin/vit" train $quick --device cpu --out "$runs/cpu" >"$runs/cpu.txt" 2>&1 || { cat "$runs/cpu.txt"; status=1; }
+"$bin/vit" train $quick --device cuda:0 --out "$runs/cuda" >"$runs/cuda.txt" 2>&1 || status=1
+tail -n 3 "$runs/cuda.txt" | tee -a "$log"
+python3 - "$runs" <<'PY' 2>&1 | tee -a "$log" || status=1
+import json, sys
+def losses(d):
+    with open(f"{sys.argv[1]}/{d}/metrics.jsonl") as f:
+        return [json.loads(l)["loss"] for l in f]
+cpu, gpu = losses("cpu"), losses("cuda")
+assert len(cpu) == len(gpu) == 20, (len(cpu), len(gpu))
+worst = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
+print(f"losses cpu {cpu[0]:.5f} -> {cpu[-1]:.5f}, cuda {gpu[0]:.5f} -> {gpu[-1]:.5f}; max relative difference {worst:.2e}")
+sys.exit(0 if worst < 1e-2 else 1)
+PY
 exit $status

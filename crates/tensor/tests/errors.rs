@@ -73,3 +73,14 @@ fn a_missing_cuda_device_is_an_error_not_a_panic() {
     let m = msg(Tensor::zeros([2], DType::F32, Device::Cuda(3)).unwrap_err());
     assert!(m.contains("cuda:3"), "{m}");
 }
+
+#[test]
+fn nvrtc_version_is_an_error_not_a_panic_without_the_library() {
+    // With NVRTC on the library path (scripts/test.sh) a version, else the one-line error; never a
+    // panic from cudarc's loader. cargo test without scripts/test.sh takes the second branch.
+    match (vit_tensor::cuda::nvrtc_available(), vit_tensor::cuda::nvrtc::version()) {
+        (true, Ok((major, _))) => assert!(major >= 11, "NVRTC {major}"),
+        (false, Err(e)) => assert!(e.to_string().contains("NVRTC library (libnvrtc.so) was not found"), "{e}"),
+        (available, got) => panic!("nvrtc_available() = {available} but version() = {got:?}"),
+    }
+}

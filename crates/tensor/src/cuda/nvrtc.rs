@@ -116,8 +116,19 @@ impl Compiled {
     }
 }
 
-/// NVRTC's version as `(major, minor)`.
+/// The error for a missing NVRTC library (cudarc would panic on first use: ask first).
+fn nvrtc_missing() -> Error {
+    Error::Cuda(
+        "the NVRTC library (libnvrtc.so) was not found; put its folder on LD_LIBRARY_PATH (scripts/test.sh installs it)"
+            .into(),
+    )
+}
+
+/// NVRTC's version as `(major, minor)`; an error, never a panic, when the library is missing.
 pub fn version() -> Result<(i32, i32)> {
+    if !super::nvrtc_available() {
+        return Err(nvrtc_missing());
+    }
     let (mut major, mut minor) = (0, 0);
     // SAFETY: plain out-parameters.
     unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
@@ -129,9 +140,7 @@ pub fn version() -> Result<(i32, i32)> {
 /// Compiles `src` (named `file` in messages) to CUBIN for `arch` (`sm_90a`, `sm_80`, ...).
 pub fn compile(file: &str, src: &str, arch: &str) -> Result<Compiled> {
     if !super::nvrtc_available() {
-        return Err(Error::Cuda(
-            "the NVRTC library (libnvrtc.so) was not found; put its folder on LD_LIBRARY_PATH (scripts/test.sh installs it)".into(),
-        ));
+        return Err(nvrtc_missing());
     }
     let csrc = CString::new(src).map_err(|_| Error::Cuda(format!("{file} contains a NUL byte")))?;
     let cname = CString::new(file).map_err(|_| Error::Cuda(format!("bad kernel file name {file:?}")))?;
