@@ -1,5 +1,7 @@
 //! `vit`: the command-line tool of vitrs. Every failure ends with a one-line error naming the
-//! thing and what was expected, and exit code 1 (design §6).
+//! thing and what was expected, and exit code 1 (design §6). `vit train` stopped by SIGINT,
+//! SIGTERM or SIGHUP (or `--stop-at`) saves a checkpoint and exits with 3
+//! ([`vit_experiments::train::EXIT_INTERRUPTED`]); a second signal exits at once with 130.
 
 mod commands;
 
@@ -48,7 +50,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            if e.interrupted() {
+                ExitCode::from(vit_experiments::train::EXIT_INTERRUPTED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -29,6 +29,13 @@ pub enum CliError {
     Usage(String),
 }
 
+impl CliError {
+    /// True when training stopped on a signal or `--stop-at` after saving a checkpoint.
+    pub fn interrupted(&self) -> bool {
+        matches!(self, CliError::Train(e) if matches!(**e, vit_experiments::train::TrainError::Interrupted { .. }))
+    }
+}
+
 impl From<vit_experiments::train::TrainError> for CliError {
     fn from(e: vit_experiments::train::TrainError) -> Self {
         CliError::Train(Box::new(e))

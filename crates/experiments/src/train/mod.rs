@@ -30,8 +30,10 @@ pub enum TrainError {
     Io(String),
     #[error("the loss became {loss} at step {step}; training stopped (the last good checkpoint is kept)")]
     NonFiniteLoss { step: u64, loss: f32 },
-    #[error("interrupted at step {step}: checkpoint saved, continue with --resume {dir}")]
-    Interrupted { step: u64, dir: String },
+    /// Stopped by SIGINT/SIGTERM or `--stop-at` after saving a checkpoint; `vit` exits with
+    /// [`EXIT_INTERRUPTED`].
+    #[error("{reason} at step {step}: checkpoint saved, continue with --resume {dir}")]
+    Interrupted { step: u64, dir: String, reason: StopReason },
     #[error(transparent)]
     Model(#[from] vit_model::ModelError),
     #[error(transparent)]
@@ -42,9 +44,39 @@ pub enum TrainError {
     Tensor(#[from] vit_tensor::Error),
 }
 
+/// The exit code of `vit train` when a signal (SIGINT, SIGTERM, SIGHUP) or `--stop-at` stopped
+/// it after saving a checkpoint: the run can continue with `--resume`. (1 is any error, 0 a
+/// finished run; a second signal exits at once with 128 + 2 = 130.)
+pub const EXIT_INTERRUPTED: u8 = 3;
+
+/// Why a run stopped, as `summary.json`'s `stop_reason` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Every step ran.
+    Completed,
+    /// SIGINT (Ctrl-C), SIGTERM (Slurm, Kubernetes, cloud preemption) or SIGHUP.
+    Signal,
+    /// `--stop-at`.
+    StopAt,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Completed => "completed",
+            StopReason::Signal => "interrupted by a signal",
+            StopReason::StopAt => "stopped by --stop-at",
+        })
+    }
+}
+
 /// What `summary.json` holds.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
+    /// Why the run ended here.
+    pub stop_reason: StopReason,
+    /// Steps completed (the total when completed).
     pub steps: u64,
     /// The last step's training loss.
     pub train_loss: f64,
@@ -68,11 +100,17 @@ pub struct RunOptions {
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Installs the Ctrl-C handler once: the loop saves a checkpoint and stops at the next step.
-fn watch_ctrl_c() {
+/// Installs the handler of SIGINT, SIGTERM and SIGHUP once (ctrlc's `termination` feature):
+/// the first signal lets the current step finish, then the loop saves a checkpoint and stops;
+/// a second one exits at once (130), for a user who does not want to wait.
+fn watch_signals() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+        let _ = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
     });
 }
 
@@ -222,7 +260,7 @@ fn compute_params(params: &ParamStore, dtype: DType) -> Result<ParamStore, Train
 /// Runs (or resumes) the recipe `cfg` in `run`; returns the summary also written to `summary.json`.
 pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summary, TrainError> {
     let started = Instant::now();
-    watch_ctrl_c();
+    watch_signals();
     let device: Device = cfg.train.device.0;
     let dtype = cfg.train.precision.dtype();
     let mcfg: ModelConfig = cfg.model_config()?;
@@ -312,12 +350,27 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
     let mut last_loss = f64::NAN;
     let (mut test_acc, mut test_loss) = (f64::NAN, f64::NAN);
     for step in first_step..total {
-        if INTERRUPTED.load(Ordering::SeqCst) || opts.stop_at == Some(step) {
+        let stop = if INTERRUPTED.load(Ordering::SeqCst) {
+            Some(StopReason::Signal)
+        } else {
+            (opts.stop_at == Some(step)).then_some(StopReason::StopAt)
+        };
+        if let Some(reason) = stop {
             save(&params, &opt, step)?;
             if let Some(b) = &bar {
                 b.abandon();
             }
-            return Err(TrainError::Interrupted { step, dir: run.path.display().to_string() });
+            let summary = Summary {
+                stop_reason: reason,
+                steps: step,
+                train_loss: last_loss,
+                test_accuracy: test_acc,
+                test_loss,
+                images_per_second: trained as f64 / train_time.max(1e-9),
+                wall_seconds: started.elapsed().as_secs_f64(),
+            };
+            write_summary(run, &summary)?;
+            return Err(TrainError::Interrupted { step, dir: run.path.display().to_string(), reason });
         }
         let t0 = Instant::now();
         let b = stream.next().ok_or_else(|| TrainError::Io(format!("the training stream ended at step {step}")))??;
@@ -406,6 +459,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
     }
     plot::plot_curves(&run.read_metrics()?, &run.file("curves.svg"))?;
     let summary = Summary {
+        stop_reason: StopReason::Completed,
         steps: total,
         train_loss: last_loss,
         test_accuracy: test_acc,
@@ -413,6 +467,10 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         images_per_second: trained as f64 / train_time.max(1e-9),
         wall_seconds: started.elapsed().as_secs_f64(),
     };
-    run.write("summary.json", &serde_json::to_string_pretty(&summary).map_err(|e| TrainError::Io(e.to_string()))?)?;
+    write_summary(run, &summary)?;
     Ok(summary)
+}
+
+fn write_summary(run: &RunDir, summary: &Summary) -> Result<(), TrainError> {
+    run.write("summary.json", &serde_json::to_string_pretty(summary).map_err(|e| TrainError::Io(e.to_string()))?)
 }
