@@ -60,11 +60,7 @@ fn random_store(shapes: &[(&str, Vec<usize>)], std: f32, seed: u64, dtype: DType
 }
 
 fn to_device(s: &ParamStore, device: Device) -> ParamStore {
-    let mut out = ParamStore::new();
-    for (n, t) in s.iter() {
-        out.insert(n, t.to_device(device).unwrap()).unwrap();
-    }
-    out
+    s.to_device(device).unwrap()
 }
 
 #[derive(Default)]

@@ -166,12 +166,6 @@ impl ParamStore {
         Ok(Placement { buffer: e.buffer, offset: e.offset, numel: e.shape.numel() })
     }
 
-    /// The placement of the tensor at position `i` (same order as [`ParamStore::iter`]).
-    pub fn placement_at(&self, i: usize) -> Placement {
-        let e = &self.entries[i];
-        Placement { buffer: e.buffer, offset: e.offset, numel: e.shape.numel() }
-    }
-
     /// Overwrites the tensor named `name` with `tensor`'s values, which must have its shape and
     /// dtype (moved to the store's device if needed).
     pub fn set(&mut self, name: &str, tensor: Tensor) -> Result<()> {
@@ -327,28 +321,6 @@ impl ParamStore {
     pub fn buffer_mut(&mut self, b: usize) -> &mut Tensor {
         self.drop_views(b);
         &mut self.buffers[b]
-    }
-
-    /// Replaces flat buffer `b` by `t`, which must have its length, dtype and device.
-    pub fn replace_buffer(&mut self, b: usize, t: Tensor) -> Result<()> {
-        let old = &self.buffers[b];
-        if t.dims() != old.dims() || t.dtype() != old.dtype() || t.device() != old.device() {
-            return Err(Error::shape(
-                "replace_buffer",
-                format!(
-                    "buffer {b} is {} {} on {}, got {} {} on {}",
-                    old.dtype(),
-                    old.shape(),
-                    old.device(),
-                    t.dtype(),
-                    t.shape(),
-                    t.device()
-                ),
-            ));
-        }
-        self.drop_views(b);
-        self.buffers[b] = t;
-        Ok(())
     }
 
     /// `(name, tensor)` pairs in order.

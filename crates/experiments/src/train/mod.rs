@@ -360,16 +360,8 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
             if let Some(b) = &bar {
                 b.abandon();
             }
-            let summary = Summary {
-                stop_reason: reason,
-                steps: step,
-                train_loss: last_loss,
-                test_accuracy: test_acc,
-                test_loss,
-                images_per_second: trained as f64 / train_time.max(1e-9),
-                wall_seconds: started.elapsed().as_secs_f64(),
-            };
-            write_summary(run, &summary)?;
+            let rate = trained as f64 / train_time.max(1e-9);
+            write_summary(run, reason, step, last_loss, (test_acc, test_loss), rate, started)?;
             return Err(TrainError::Interrupted { step, dir: run.path.display().to_string(), reason });
         }
         let t0 = Instant::now();
@@ -458,19 +450,30 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         (test_acc, test_loss) = evaluate_test(&params)?;
     }
     plot::plot_curves(&run.read_metrics()?, &run.file("curves.svg"))?;
-    let summary = Summary {
-        stop_reason: StopReason::Completed,
-        steps: total,
-        train_loss: last_loss,
-        test_accuracy: test_acc,
-        test_loss,
-        images_per_second: trained as f64 / train_time.max(1e-9),
-        wall_seconds: started.elapsed().as_secs_f64(),
-    };
-    write_summary(run, &summary)?;
-    Ok(summary)
+    let rate = trained as f64 / train_time.max(1e-9);
+    write_summary(run, StopReason::Completed, total, last_loss, (test_acc, test_loss), rate, started)
 }
 
-fn write_summary(run: &RunDir, summary: &Summary) -> Result<(), TrainError> {
-    run.write("summary.json", &serde_json::to_string_pretty(summary).map_err(|e| TrainError::Io(e.to_string()))?)
+/// Writes and returns the summary of a run that stopped after `steps` steps for `reason`;
+/// `test` is the last evaluation's (accuracy, loss), `rate` the training images per second.
+fn write_summary(
+    run: &RunDir,
+    reason: StopReason,
+    steps: u64,
+    train_loss: f64,
+    test: (f64, f64),
+    rate: f64,
+    started: Instant,
+) -> Result<Summary, TrainError> {
+    let summary = Summary {
+        stop_reason: reason,
+        steps,
+        train_loss,
+        test_accuracy: test.0,
+        test_loss: test.1,
+        images_per_second: rate,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    run.write("summary.json", &serde_json::to_string_pretty(&summary).map_err(|e| TrainError::Io(e.to_string()))?)?;
+    Ok(summary)
 }
