@@ -8,8 +8,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=.gpu-bin
 # The test and bench binaries that exercise the GPU (the rest run in CI); stripped, they fit
-# the device tool's 64 MiB carry limit.
-gpu_tests="cuda_ops cuda_layout cuda_model cuda_optim cuda_kernel checkpoint nvrtc_compile nvrtc_optim"
+# the device tool's 64 MiB carry limit. Only their ignored tests ("needs a CUDA device") run
+# here: the others are CI's, and the compile checks in them need CI's pinned NVRTC wheel (the
+# CUDA 13.0 toolkit's libnvrtc on the GPU host gives no ptxas report for sm_90a).
+gpu_tests="cuda_ops cuda_layout cuda_model cuda_optim cuda_kernel checkpoint"
 gpu_benches="gemm_cuda optim_cuda"
 if [ "${1:-}" = "--build" ]; then
   set -e  # a failed build must stop here, with cargo's errors on the terminal
@@ -51,8 +53,8 @@ tee -a "$log" <"$envlog"; rm -f "$envlog"
 export VITRS_KERNEL_CACHE=${VITRS_KERNEL_CACHE:-/tmp/vitrs-kernels}
 status=0
 for t in "$bin"/test-*; do
-  echo "== $t --include-ignored" | tee -a "$log"
-  "$t" --include-ignored --test-threads=1 2>&1 | tee -a "$log" | grep -E "^test |test result|panicked" || status=1
+  echo "== $t --ignored" | tee -a "$log"
+  "$t" --ignored --test-threads=1 2>&1 | tee -a "$log" | grep -E "^test |test result|panicked" || status=1
 done
 for b in "$bin"/bench-*; do
   echo "== $b --bench" | tee -a "$log"

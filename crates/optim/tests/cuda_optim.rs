@@ -303,7 +303,10 @@ fn the_device_step_writes_the_flat_buffers_in_place_and_spares_earlier_views() {
     let mut params = to_device(&host, GPU);
     assert_eq!(params.buffers().len(), 1);
     let grads = to_device(&random_store(&shapes, 0.1, 12, DType::F32), GPU);
-    let mut opt = OptimizerChain::new(config(factored(Some(0.9), DType::BF16), Some(1.0)), &params).unwrap();
+    // No warmup: the first step must change the parameters (warmup's first factor is 0).
+    let mut cfg = config(factored(Some(0.9), DType::BF16), Some(1.0));
+    cfg.schedule = Schedule::new(Decay::Cosine, 0, 0, 20).unwrap();
+    let mut opt = OptimizerChain::new(cfg.clone(), &params).unwrap();
     let name = shapes[0].0;
     let before_view = params.get(name).unwrap().clone();
     let before_store = params.clone();
@@ -317,7 +320,7 @@ fn the_device_step_writes_the_flat_buffers_in_place_and_spares_earlier_views() {
     assert_eq!(vit_tensor::cuda::kernel::device_ptr(params.buffer(0)).unwrap(), ptr);
     // And it equals the host reference.
     let mut host_params = host.clone();
-    let mut host_opt = OptimizerChain::new(config(factored(Some(0.9), DType::BF16), Some(1.0)), &host).unwrap();
+    let mut host_opt = OptimizerChain::new(cfg, &host).unwrap();
     let host_grads = to_device(&grads, Device::Cpu);
     host_opt.step(&mut host_params, &host_grads).unwrap();
     host_opt.step(&mut host_params, &host_grads).unwrap();

@@ -1,7 +1,8 @@
-//! `vit devices [--json]`: what this machine offers vitrs.
+//! `vit devices [--json]`: what this machine offers vitrs, and which fast CUDA kernels passed
+//! their first-use check on each device.
 
 use super::CliError;
-use vit_tensor::cuda;
+use vit_tensor::cuda::{self, self_check::KernelStatus};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -14,9 +15,25 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cuda_devices = cuda::device_count();
     let nvrtc = cuda::nvrtc_available().then(cuda::nvrtc::version).transpose()?;
+    // The fast kernels' first-use checks (issue 14 item 7), run now on every device.
+    let mut checks: Vec<(usize, &'static str, KernelStatus)> = Vec::new();
+    if nvrtc.is_some() {
+        for ordinal in 0..cuda_devices {
+            checks.extend(cuda::self_check::check_all(ordinal)?.into_iter().map(|(k, s)| (ordinal, k, s)));
+        }
+    }
     if args.json {
         let nvrtc = nvrtc.map(|(a, b)| format!("{a}.{b}"));
-        println!("{}", serde_json::json!({ "cpu_threads": threads, "cuda_devices": cuda_devices, "nvrtc": nvrtc }));
+        let fast: Vec<_> = checks
+            .iter()
+            .map(|(d, k, s)| {
+                serde_json::json!({ "device": format!("cuda:{d}"), "kernel": k, "passed": matches!(s, KernelStatus::Passed { .. }), "status": s.to_string() })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "cpu_threads": threads, "cuda_devices": cuda_devices, "nvrtc": nvrtc, "fast_kernels": fast })
+        );
         return Ok(());
     }
     println!("cpu       {threads} threads");
@@ -27,6 +44,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
     match nvrtc {
         Some((a, b)) => println!("nvrtc     {a}.{b}"),
         None => println!("nvrtc     not found (kernels cannot be compiled; see scripts/cuda-env.sh)"),
+    }
+    for (ordinal, kernel, status) in &checks {
+        println!("cuda:{ordinal}    {kernel:<24} {status}");
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub(crate) mod norm;
 pub mod nvrtc;
 pub(crate) mod patch;
 pub(crate) mod reduce;
+pub mod self_check;
 pub(crate) mod softmax;
 mod storage;
 
@@ -60,6 +61,8 @@ pub(crate) struct CudaBackend {
     /// Loaded modules by (address, length) of their static source text.
     modules: Mutex<HashMap<(usize, usize), Arc<CudaModule>>>,
     blas: OnceLock<blas::Handles>,
+    /// Results of the fast kernels' first-use checks on this device.
+    self_checks: self_check::SelfChecks,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -88,6 +91,7 @@ pub(crate) fn backend(ordinal: usize) -> Result<Arc<CudaBackend>> {
         arch,
         modules: Mutex::new(HashMap::new()),
         blas: OnceLock::new(),
+        self_checks: Default::default(),
     });
     map.insert(ordinal, b.clone());
     Ok(b)
