@@ -54,7 +54,8 @@ export VITRS_KERNEL_CACHE=${VITRS_KERNEL_CACHE:-/tmp/vitrs-kernels}
 status=0
 for t in "$bin"/test-*; do
   echo "== $t --ignored" | tee -a "$log"
-  "$t" --ignored --test-threads=1 2>&1 | tee -a "$log" | grep -E "^test |test result|panicked" || status=1
+  # Outputs the kernels should overwrite completely start as NaN in the tests (cuda::output).
+  VITRS_CUDA_POISON=1 "$t" --ignored --test-threads=1 2>&1 | tee -a "$log" | grep -E "^test |test result|panicked" || status=1
 done
 for b in "$bin"/bench-*; do
   echo "== $b --bench" | tee -a "$log"

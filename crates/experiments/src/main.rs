@@ -27,6 +27,8 @@ enum Command {
     Params(commands::params::Args),
     /// The compute devices vitrs can use here (CPU threads, CUDA devices, NVRTC).
     Devices(commands::devices::Args),
+    /// Speed and memory of training steps on synthetic data (`vit bench train --model B/16`).
+    Bench(commands::bench::Args),
     /// Convert another framework's weights (timm) into a vitrs checkpoint.
     Convert(commands::convert::Args),
     /// Logits of a checkpoint on images stored in a safetensors file.
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::Fewshot(a) => commands::fewshot::run(a),
         Command::Params(a) => commands::params::run(a),
         Command::Devices(a) => commands::devices::run(a),
+        Command::Bench(a) => commands::bench::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::Predict(a) => commands::predict::run(a),
     };

@@ -176,3 +176,51 @@ fn train_without_arguments_works_in_an_empty_folder() {
     let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(e["examples"].as_u64(), Some(2_000), "the bundled test split: {e}");
 }
+
+#[test]
+fn bench_train_reports_rate_and_model_flops_on_the_cpu() {
+    let tiny = [
+        "--model",
+        "custom",
+        "--set",
+        "width=32",
+        "--set",
+        "depth=1",
+        "--set",
+        "mlp_dim=64",
+        "--set",
+        "heads=2",
+        "--set",
+        "image_size=16",
+        "--set",
+        "patch=8",
+        "--set",
+        "classes=5",
+        "--batch",
+        "4",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--precision",
+        "f32",
+        "--json",
+    ];
+    let r = json(&[&["bench", "train"][..], &tiny[..]].concat());
+    assert_eq!(r["timed_steps"], 3);
+    let (rate, ms) = (r["images_per_second"].as_f64().unwrap(), r["step_ms"].as_f64().unwrap());
+    assert!(rate > 0.0 && (rate - 4.0 / (ms / 1e3)).abs() < 1e-6 * rate, "{r}");
+    // 4 tokens of width 32: 3 × the forward FLOPs per image, times images/s.
+    let fwd = 2.0 * 4.0 * 192.0 * 32.0
+        + (2.0 * 4.0 * 32.0 * (4.0 * 32.0 + 128.0) + 4.0 * 16.0 * 32.0)
+        + (2.0 * 32.0 * 32.0 * 2.0 + 2.0 * 4.0 * 32.0 * 64.0 + 4.0 * 4.0 * 32.0 + 2.0 * 32.0 * 64.0 * 2.0)
+        + 2.0 * 32.0 * 5.0;
+    let tflops = r["model_tflops"].as_f64().unwrap();
+    assert!((tflops - 3.0 * fwd * rate / 1e12).abs() < 1e-9 * tflops.max(1e-12), "{r}");
+    assert!(r["mfu"].is_null() && r["peak_memory_bytes"].is_null() && r["error"].is_null(), "{r}");
+    let bad = vit(&["bench", "train", "--batch", "0", "--device", "cpu"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--batch 0: expected at least one image"));
+}

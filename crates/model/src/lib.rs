@@ -40,6 +40,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+mod flops;
 pub mod import;
 pub mod layers;
 pub mod model;

@@ -1,5 +1,6 @@
 //! One module per `vit` subcommand.
 
+pub mod bench;
 pub mod convert;
 mod data_args;
 pub mod devices;

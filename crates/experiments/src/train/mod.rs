@@ -217,6 +217,31 @@ fn targets(
     Ok(t)
 }
 
+/// Forward and backward of one micro-batch: `x` `[micro, C, H, W]` in the compute dtype and
+/// targets `t` `[micro, classes]` f32 on the model's device. Adds the gradients of the batch's
+/// mean loss (each example weighted `1 / batch`, `batch` the whole optimizer batch) into
+/// `grads`, and returns the sum of the micro-batch's per-example losses.
+pub fn micro_batch_grads(
+    model: &VisionTransformer,
+    params: &ParamStore,
+    x: &Tensor,
+    t: &Tensor,
+    loss: LossKind,
+    batch: usize,
+    grads: &mut ParamStore,
+) -> Result<f64, TrainError> {
+    let (logits, saved) = model.forward(params, x)?;
+    let dloss = Tensor::full(1.0 / batch as f32, [x.dims()[0]], DType::F32, x.device())?;
+    let (losses, dlogits) = if loss == LossKind::Sigmoid {
+        (ops::sigmoid_cross_entropy_fwd(&logits, t)?, ops::sigmoid_cross_entropy_bwd(&logits, t, &dloss)?)
+    } else {
+        (ops::softmax_cross_entropy_fwd(&logits, t)?, ops::softmax_cross_entropy_bwd(&logits, t, &dloss)?)
+    };
+    let sum = ops::sum_all(&losses)?.to_scalar()? as f64;
+    model.backward(params, &saved, &dlogits, grads)?;
+    Ok(sum)
+}
+
 /// `(accuracy, mean loss)` over one pass of `loader`; the loss is sigmoid cross-entropy when
 /// `sigmoid`, else softmax cross-entropy.
 pub fn evaluate(
@@ -383,15 +408,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
                 t_logits.as_ref().map(|l| (l, cfg.train.distill_weight)),
             )?
             .to_device(device)?;
-            let (logits, saved) = model.forward(&cp, &x)?;
-            let dloss = Tensor::full(1.0 / batch as f32, [labels.len()], DType::F32, device)?;
-            let (losses, dlogits) = if cfg.train.loss == LossKind::Sigmoid {
-                (ops::sigmoid_cross_entropy_fwd(&logits, &t)?, ops::sigmoid_cross_entropy_bwd(&logits, &t, &dloss)?)
-            } else {
-                (ops::softmax_cross_entropy_fwd(&logits, &t)?, ops::softmax_cross_entropy_bwd(&logits, &t, &dloss)?)
-            };
-            loss_sum += ops::sum_all(&losses)?.to_scalar()? as f64;
-            model.backward(&cp, &saved, &dlogits, &mut grads)?;
+            loss_sum += micro_batch_grads(&model, &cp, &x, &t, cfg.train.loss, batch, &mut grads)?;
         }
         let loss = loss_sum / batch as f64;
         if !loss.is_finite() {

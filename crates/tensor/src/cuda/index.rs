@@ -2,7 +2,7 @@
 
 use super::elementwise::cast;
 use super::launch::{cfg_1d, i64_of, launch, name};
-use super::{backend_of, output, view, wrap};
+use super::{backend_of, output, output_zeroed, view, wrap};
 use crate::{DType, Result, Shape, Tensor};
 use cudarc::driver::PushKernelArg;
 
@@ -27,7 +27,7 @@ pub(crate) fn scatter_add_rows(src: &Tensor, idx: &Tensor, n: usize) -> Result<T
     let (m, d) = (src.dims()[0], src.dims()[1]);
     let shape = Shape::new([n, d]);
     // f32 accumulator [n, d]; for f32 sources it is the output itself.
-    let mut acc = output(&backend, &shape, DType::F32)?;
+    let mut acc = output_zeroed(&backend, &shape, DType::F32)?;
     if m * d > 0 {
         let func = backend.function("index.cu", &name(OP, src.dtype()))?;
         let (sv, iv) = (view(src, OP)?, view(idx, OP)?);

@@ -498,8 +498,8 @@ pub unsafe fn empty(shape: impl Into<Shape>, dtype: DType, device: Device) -> Re
     let backend = backend_for("empty", device)?;
     let shape = shape.into();
     let bytes = shape.numel() * dtype.size_in_bytes();
-    // SAFETY: the caller's contract.
-    let buf = unsafe { backend.stream.alloc::<u8>(bytes.max(1)) }.map_err(cuda_err)?;
+    // The caller's contract makes the uninitialised bytes safe (poisoned under VITRS_CUDA_POISON).
+    let buf = backend.alloc_uninit(bytes)?;
     Ok(wrap(&backend, buf, shape, dtype))
 }
 

@@ -1,6 +1,6 @@
 //! CUDA launches of `kernels/layout.cu`: permute and block copies, by element width.
 
-use super::{backend_of, cuda_err, output, view, wrap};
+use super::{backend_of, cuda_err, output, output_zeroed, view, wrap};
 use crate::{ops::Blocks, Result, Shape, Tensor};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -58,8 +58,14 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize], out: Vec<usize>) -> Result<Ten
 pub(crate) fn copy_blocks(parts: &[(&Tensor, usize)], dim: usize, out: Shape, mode: Blocks) -> Result<Tensor> {
     let x = parts[0].0;
     let backend = backend_of(x, "copy_blocks")?;
-    let mut y = output(&backend, &out, x.dtype())?;
     let (outer, out_n, inner) = out.split_at_dim(dim);
+    // Placed parts that leave rows uncovered (slice's backward) need a zeroed output.
+    let covered = match mode {
+        Blocks::Take { len, .. } => len,
+        Blocks::Place => parts.iter().map(|(t, _)| t.dims()[dim]).sum(),
+    };
+    let mut y =
+        if covered == out_n { output(&backend, &out, x.dtype())? } else { output_zeroed(&backend, &out, x.dtype())? };
     let f = backend.function("layout.cu", &format!("copy_block_{}", width(x)))?;
     for &(t, offset) in parts {
         let (src_n, src_off, dst_off, len) = match mode {

@@ -85,9 +85,19 @@ pub(crate) fn backend(ordinal: usize) -> Result<Arc<CudaBackend>> {
     let ctx = CudaContext::new(ordinal).map_err(cuda_err)?;
     let (major, minor) = ctx.compute_capability().map_err(cuda_err)?;
     let arch = if major == 9 && minor == 0 { "sm_90a".to_string() } else { format!("sm_{major}{minor}") };
+    // Stream discipline (issue 14 item 2): every op, copy and free of this device is ordered on
+    // one stream, so cudarc's per-allocation read/write events (two cuEventCreate per buffer)
+    // buy nothing; turn them off before the first allocation. Code that adds a stream (a copy
+    // stream, NCCL) orders it against this one with explicit events.
+    // SAFETY: no CudaSlice of this context exists yet; all work is on `stream` below.
+    unsafe { ctx.disable_event_tracking() };
+    keep_freed_memory(&ctx)?;
+    // A non-blocking stream of our own rather than the legacy default stream: it does not
+    // serialise with other libraries' work and it can be captured into a CUDA graph.
+    let stream = ctx.new_stream().map_err(cuda_err)?;
     let b = Arc::new(CudaBackend {
         ordinal,
-        stream: ctx.default_stream(),
+        stream,
         arch,
         modules: Mutex::new(HashMap::new()),
         blas: OnceLock::new(),
@@ -124,9 +134,24 @@ impl CudaBackend {
         Ok(m)
     }
 
-    /// An uninitialised-free (zeroed) device buffer of `bytes` bytes.
+    /// A zeroed device buffer of `bytes` bytes (for accumulators and `Tensor::zeros`).
     pub(crate) fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>> {
         self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(cuda_err)
+    }
+
+    /// A device buffer of `bytes` bytes with unspecified contents, from the stream-ordered pool
+    /// and without a memset: for outputs that the kernel writing them covers completely.
+    pub(crate) fn alloc_uninit(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: u8 has no invalid bit patterns; callers write every byte they later read.
+        let mut buf = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(cuda_err)?;
+        if poison_outputs() {
+            use cudarc::driver::DevicePtrMut;
+            let (ptr, _sync) = buf.device_ptr_mut(&self.stream);
+            // SAFETY: ptr addresses the buffer's bytes.max(1) bytes on this stream.
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes.max(1), self.stream.cu_stream()) }
+                .map_err(cuda_err)?;
+        }
+        Ok(buf)
     }
 
     pub(crate) fn blas(&self) -> Result<&blas::Handles> {
@@ -140,6 +165,93 @@ impl CudaBackend {
     pub(crate) fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda_err)
     }
+}
+
+/// Makes the device's stream-ordered memory pool keep freed memory for reuse instead of
+/// returning it to the driver at every synchronisation (its default release threshold is 0), so
+/// a training step's activations are served from the pool after the first step, without
+/// cudaMalloc/cudaFree calls. Without async allocation support (old drivers) cudarc allocates
+/// synchronously and there is no pool to configure.
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    use cudarc::driver::sys;
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on this context's device; the attribute takes a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().map_err(cuda_err)?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(cuda_err)
+    }
+}
+
+/// Device memory held by vitrs on one device, in bytes, from its stream-ordered pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes in live allocations now.
+    pub used: u64,
+    /// The most bytes in live allocations since the device was first used or since
+    /// [`reset_peak_memory`].
+    pub used_peak: u64,
+    /// Bytes the pool holds from the driver now (live allocations and freed memory kept).
+    pub reserved: u64,
+}
+
+fn default_pool(ordinal: usize) -> Result<cudarc::driver::sys::CUmemoryPool> {
+    let b = backend(ordinal)?;
+    let ctx = b.stream.context();
+    if !ctx.has_async_alloc() {
+        return Err(Error::Cuda(format!(
+            "cuda:{ordinal} has no stream-ordered memory pool (driver without cuMemAllocAsync): no memory statistics"
+        )));
+    }
+    let mut pool: cudarc::driver::sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a plain driver query on this device.
+    unsafe { cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result().map_err(cuda_err)?;
+    Ok(pool)
+}
+
+/// The memory statistics of device `ordinal` (see [`MemoryStats`]).
+pub fn memory_stats(ordinal: usize) -> Result<MemoryStats> {
+    use cudarc::driver::sys::{cuMemPoolGetAttribute, CUmemPool_attribute as A};
+    let pool = default_pool(ordinal)?;
+    let get = |attr: A| -> Result<u64> {
+        let mut v = 0u64;
+        // SAFETY: these attributes are u64 (cuuint64_t).
+        unsafe { cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) }.result().map_err(cuda_err)?;
+        Ok(v)
+    };
+    Ok(MemoryStats {
+        used: get(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+        used_peak: get(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+        reserved: get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+    })
+}
+
+/// Starts a new peak for [`MemoryStats::used_peak`] at the current use.
+pub fn reset_peak_memory(ordinal: usize) -> Result<()> {
+    use cudarc::driver::sys::{cuMemPoolSetAttribute, CUmemPool_attribute as A};
+    let pool = default_pool(ordinal)?;
+    let mut zero = 0u64;
+    // SAFETY: the high-water mark is reset by setting it to 0 (a u64).
+    unsafe { cuMemPoolSetAttribute(pool, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut zero as *mut u64).cast()) }
+        .result()
+        .map_err(cuda_err)
+}
+
+/// True when `VITRS_CUDA_POISON` is set (to anything but `0`): uninitialised outputs are filled
+/// with 0xFF bytes (NaN in f32, bf16 and f16) so that an element a kernel forgets to write shows
+/// up in tests. `scripts/gpu-check.sh` sets it for the GPU tests.
+fn poison_outputs() -> bool {
+    static POISON: OnceLock<bool> = OnceLock::new();
+    *POISON.get_or_init(|| std::env::var("VITRS_CUDA_POISON").is_ok_and(|v| v != "0"))
 }
 
 /// Blocks until every op queued on device `ordinal` has finished (for benchmarks).
@@ -158,8 +270,14 @@ pub(crate) fn view<'a>(t: &'a Tensor, op: &'static str) -> Result<CudaView<'a, u
     Ok(s.buf.slice(offset..offset + t.numel() * t.dtype().size_in_bytes()))
 }
 
-/// A fresh zeroed output buffer for a tensor of `shape` and `dtype` on `backend`.
+/// A fresh output buffer for a tensor of `shape` and `dtype` on `backend`, **not zeroed**: for
+/// kernels that write every element (see [`CudaBackend::alloc_uninit`]).
 pub(crate) fn output(backend: &Arc<CudaBackend>, shape: &Shape, dtype: DType) -> Result<CudaSlice<u8>> {
+    backend.alloc_uninit(shape.numel() * dtype.size_in_bytes())
+}
+
+/// A fresh zeroed output buffer, for kernels that write only some elements or accumulate.
+pub(crate) fn output_zeroed(backend: &Arc<CudaBackend>, shape: &Shape, dtype: DType) -> Result<CudaSlice<u8>> {
     backend.alloc(shape.numel() * dtype.size_in_bytes())
 }
 

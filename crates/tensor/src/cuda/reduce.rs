@@ -2,7 +2,7 @@
 //! chunked column reductions), argmax and its backward, broadcast, top-k.
 
 use super::launch::{cfg_1d, cfg_rows, i64_of, launch, name, MAX_BLOCKS, THREADS_1D};
-use super::{backend_of, output, view, wrap, CudaBackend};
+use super::{backend_of, output, output_zeroed, view, wrap, CudaBackend};
 use crate::{op_kinds::ReduceOp, DType, Result, Shape, Tensor};
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
@@ -173,7 +173,8 @@ pub(crate) fn max_bwd(x: &Tensor, dy: &Tensor, dim: usize) -> Result<Tensor> {
     const OP: &str = "max_bwd";
     let backend = backend_of(x, OP)?;
     let (outer, n, inner) = x.shape().split_at_dim(dim);
-    let mut dx = output(&backend, x.shape(), x.dtype())?;
+    // Only each line's maximum gets a gradient: the rest must be zero.
+    let mut dx = output_zeroed(&backend, x.shape(), x.dtype())?;
     let lines = outer * inner;
     if lines > 0 && n > 0 {
         let mut idx = backend.alloc(lines * 4)?;

@@ -1,0 +1,265 @@
+//! `vit bench`: speed and memory of whole training steps on synthetic data (issue 14 item 9).
+//!
+//! - `vit bench train --model B/16 --batch 256`: images per second, milliseconds per step
+//!   (median over the timed steps), model TFLOP/s and MFU, and the device's peak memory.
+//! - `vit bench memory --model e/14 --batch 8`: the peak device memory of one step, and
+//!   whether it ran at all (an out-of-memory error is reported, not raised).
+//!
+//! Synthetic data: standard-normal images and uniform labels drawn once with the seed, so the
+//! numbers measure the model, backward and optimizer, not the loader. `--json` prints one object.
+
+use super::{model_config, CliError};
+use std::time::Instant;
+use vit_experiments::train::{config::LossKind, micro_batch_grads};
+use vit_model::{ModelConfig, VisionTransformer};
+use vit_optim::{AdamWConfig, Algorithm, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups};
+use vit_tensor::{cuda, ops, DType, Device, Tensor};
+
+/// Dense bf16/f16 tensor-core peak of the H100 and H200 SXM (reference §1), the MFU
+/// denominator on CUDA unless `--peak-tflops` says otherwise.
+const HOPPER_BF16_PEAK_TFLOPS: f64 = 989.4;
+/// Their f32 peak without TF32 (f32 compute here runs cuBLAS sgemm, no TF32).
+const HOPPER_F32_PEAK_TFLOPS: f64 = 66.9;
+
+#[derive(clap::Subcommand)]
+pub enum Which {
+    /// Images per second, step time, MFU and peak memory of training steps.
+    Train(StepArgs),
+    /// Peak device memory of one training step (does it fit?).
+    Memory(StepArgs),
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    which: Which,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct StepArgs {
+    /// Model preset (`B/16`, `L/16`, `e/14`, ...) or `custom`.
+    #[arg(long, default_value = "B/16")]
+    model: String,
+    /// Model overrides, `--set remat=true --set image_size=384`.
+    #[arg(long = "set")]
+    sets: Vec<String>,
+    /// Images per step.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// `cpu`, `cuda` or `cuda:N`; default `cuda:0` where a GPU is found, else `cpu`.
+    #[arg(long)]
+    device: Option<Device>,
+    /// Compute dtype of activations and gradients: `bf16`, `f16` or `f32` (parameters and
+    /// optimizer state stay f32).
+    #[arg(long, default_value = "bf16", value_parser = parse_precision)]
+    precision: DType,
+    /// Timed steps (`train`; `memory` runs one).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first (kernel compilation, memory pool warm-up).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Peak TFLOP/s of the device for MFU; default the H100/H200's on CUDA, none on the CPU.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Seed of the synthetic data and the initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one `vit bench train` or `memory` run measured.
+#[derive(serde::Serialize)]
+struct Report {
+    what: &'static str,
+    model: String,
+    params: usize,
+    batch: usize,
+    device: String,
+    precision: String,
+    timed_steps: usize,
+    /// Median wall-clock milliseconds per step (forward, backward, optimizer), synchronised.
+    step_ms: Option<f64>,
+    images_per_second: Option<f64>,
+    /// Model TFLOP/s: 3 × forward FLOPs per image × images/s (`ModelConfig::train_flops_per_image`).
+    model_tflops: Option<f64>,
+    mfu: Option<f64>,
+    peak_tflops: Option<f64>,
+    /// The most device bytes in live allocations during the steps (CUDA only).
+    peak_memory_bytes: Option<u64>,
+    /// Why the run stopped early (e.g. out of memory), when it did.
+    error: Option<String>,
+}
+
+pub fn run(args: Args) -> Result<(), CliError> {
+    let (what, a) = match args.which {
+        Which::Train(a) => ("train", a),
+        Which::Memory(a) => ("memory", StepArgs { steps: 1, warmup: 0, ..a }),
+    };
+    if a.batch == 0 {
+        return Err(CliError::Usage("--batch 0: expected at least one image per step".into()));
+    }
+    if a.steps == 0 {
+        return Err(CliError::Usage("--steps 0: expected at least one timed step".into()));
+    }
+    let device = a.device.unwrap_or(if cuda::available() { Device::Cuda(0) } else { Device::Cpu });
+    let cfg = model_config(&a.model, &a.sets)?;
+    let model = VisionTransformer::new(&cfg, a.precision, device)?;
+    let params = model.init_params(a.seed, DType::F32, device)?;
+    let peak = a.peak_tflops.or(match (device, a.precision) {
+        (Device::Cuda(_), DType::F32) => Some(HOPPER_F32_PEAK_TFLOPS),
+        (Device::Cuda(_), _) => Some(HOPPER_BF16_PEAK_TFLOPS),
+        (Device::Cpu, _) => None,
+    });
+    let mut report = Report {
+        what,
+        model: a.model.clone(),
+        params: params.iter().map(|(_, t)| t.numel()).sum(),
+        batch: a.batch,
+        device: device.to_string(),
+        precision: format!("{:?}", a.precision).to_lowercase(),
+        timed_steps: 0,
+        step_ms: None,
+        images_per_second: None,
+        model_tflops: None,
+        mfu: None,
+        peak_tflops: peak,
+        peak_memory_bytes: None,
+        error: None,
+    };
+    let times = match time_steps(&cfg, &model, params, &a, device) {
+        Ok(t) => t,
+        Err(e) => {
+            report.error = Some(e.to_string());
+            Vec::new()
+        }
+    };
+    if let Device::Cuda(ordinal) = device {
+        report.peak_memory_bytes = cuda::memory_stats(ordinal).ok().map(|m| m.used_peak);
+    }
+    if !times.is_empty() {
+        let step = median(&times);
+        let rate = a.batch as f64 / step;
+        let tflops = cfg.train_flops_per_image() * rate / 1e12;
+        report.timed_steps = times.len();
+        report.step_ms = Some(step * 1e3);
+        report.images_per_second = Some(rate);
+        report.model_tflops = Some(tflops);
+        report.mfu = peak.map(|p| tflops / p);
+    }
+    print_report(&report, a.json)?;
+    match (&report.error, what) {
+        // `memory` answers "does it fit?": running out is an answer, not a failure.
+        (Some(_), "memory") | (None, _) => Ok(()),
+        (Some(e), _) => Err(CliError::Usage(format!("vit bench {what}: {e}"))),
+    }
+}
+
+/// Seconds of each timed step (after `warmup` untimed ones).
+fn time_steps(
+    cfg: &ModelConfig,
+    model: &VisionTransformer,
+    mut params: vit_tensor::ParamStore,
+    a: &StepArgs,
+    device: Device,
+) -> Result<Vec<f64>, CliError> {
+    let mut opt_cfg = OptimizerConfig::new(Algorithm::AdamW(AdamWConfig::default()), 1e-3);
+    opt_cfg.weight_decay = 1e-4;
+    opt_cfg.grad_clip_norm = Some(1.0);
+    opt_cfg.groups = ParamGroups::scaling_vit();
+    let mut opt = OptimizerChain::new(opt_cfg, &params)?;
+    let images = Tensor::randn(
+        [a.batch, cfg.channels, cfg.image_size, cfg.image_size],
+        0.0,
+        1.0,
+        a.seed ^ 0x5EED,
+        a.precision,
+        device,
+    )?;
+    let classes = cfg.classes.max(1);
+    let labels: Vec<i32> =
+        (0..a.batch).map(|i| ((i as u64 * 2_654_435_761 + a.seed) % classes as u64) as i32).collect();
+    let targets =
+        ops::one_hot(&Tensor::from_vec(labels, [a.batch], Device::Cpu)?, classes, DType::F32)?.to_device(device)?;
+    let sync = || -> Result<(), CliError> {
+        if let Device::Cuda(o) = device {
+            cuda::synchronize(o)?;
+        }
+        Ok(())
+    };
+    let mut times = Vec::with_capacity(a.steps);
+    for step in 0..a.warmup + a.steps {
+        if step == a.warmup {
+            if let Device::Cuda(o) = device {
+                cuda::reset_peak_memory(o).ok();
+            }
+        }
+        sync()?;
+        let t0 = Instant::now();
+        let cp = params.cast(a.precision)?;
+        let mut grads = params.zeros_like(DType::F32)?;
+        let loss = micro_batch_grads(model, &cp, &images, &targets, LossKind::Softmax, a.batch, &mut grads)?;
+        drop(cp);
+        opt.step(&mut params, &grads)?;
+        sync()?;
+        if !loss.is_finite() {
+            return Err(CliError::Usage(format!("the loss became {loss} at step {step}")));
+        }
+        if step >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times)
+}
+
+fn parse_precision(s: &str) -> Result<DType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        "f32" => Ok(DType::F32),
+        _ => Err(format!("{s:?}: expected bf16, f16 or f32")),
+    }
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn print_report(r: &Report, json: bool) -> Result<(), CliError> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    println!(
+        "{} {} ({:.1}M parameters), batch {}, {} {}",
+        r.what,
+        r.model,
+        r.params as f64 / 1e6,
+        r.batch,
+        r.device,
+        r.precision
+    );
+    if let (Some(ms), Some(rate), Some(tf)) = (r.step_ms, r.images_per_second, r.model_tflops) {
+        print!("  {ms:.1} ms/step (median of {}), {rate:.1} images/s, {tf:.1} model TFLOP/s", r.timed_steps);
+        match (r.mfu, r.peak_tflops) {
+            (Some(m), Some(p)) => println!(", MFU {:.1}% of {p} TFLOP/s", 100.0 * m),
+            _ => println!(),
+        }
+    }
+    if let Some(b) = r.peak_memory_bytes {
+        println!("  peak device memory {:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    }
+    if let Some(e) = &r.error {
+        println!("  stopped: {e}");
+    }
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! Model FLOPs of a ViT: the multiply-adds of its matrix products (×2) and of attention's two
+//! `N × N` products, per image. Elementwise work (norms, GELU, softmax) is left out, as in the
+//! usual MFU convention (PaLM appendix B; reference §7), so MFU = model FLOPs/s over the peak.
+
+use crate::config::{ModelConfig, Pool};
+
+impl ModelConfig {
+    /// Tokens the encoder sees: the patches, plus the class token with `pool = "tok"`.
+    pub fn tokens(&self) -> usize {
+        let side = self.image_size / self.patch.max(1);
+        side * side + usize::from(self.pool == Pool::Tok)
+    }
+
+    /// Forward FLOPs for one image: patch embedding, every block (q, k, v and output
+    /// projections, the two MLP matmuls, `softmax(qkᵀ)·v` as `4·N²·D`), the MAP head's
+    /// attention and MLP, the pre-logits layer and the classifier. The same for the
+    /// sequential and the parallel block (the same matmuls, fused differently).
+    pub fn forward_flops_per_image(&self) -> f64 {
+        let (d, m, n) = (self.width as f64, self.mlp_dim as f64, self.tokens() as f64);
+        let patches = (self.image_size / self.patch.max(1)).pow(2) as f64;
+        let patch_in = (self.channels * self.patch * self.patch) as f64;
+        let embed = 2.0 * patches * patch_in * d;
+        let block = 2.0 * n * d * (4.0 * d + 2.0 * m) + 4.0 * n * n * d;
+        let head_in = match self.pool {
+            // One probe query: q and output projections on 1 token, k and v on N, attention
+            // 1 × N, then the MLP on 1 token.
+            Pool::Map => 2.0 * d * d * 2.0 + 2.0 * n * d * 2.0 * d + 4.0 * n * d + 2.0 * d * m * 2.0,
+            Pool::Tok | Pool::Gap => 0.0,
+        };
+        let feature = self.prelogits.unwrap_or(self.width) as f64;
+        let prelogits = self.prelogits.map_or(0.0, |p| 2.0 * d * p as f64);
+        let classifier = 2.0 * feature * self.classes as f64;
+        embed + self.depth as f64 * block + head_in + prelogits + classifier
+    }
+
+    /// Model FLOPs of one training step per image: forward and backward, counted as 3× the
+    /// forward (the backward's two products per forward product). Recomputation under `remat`
+    /// is not model work and is not counted.
+    pub fn train_flops_per_image(&self) -> f64 {
+        3.0 * self.forward_flops_per_image()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{ModelConfig, Pool};
+
+    #[test]
+    fn vit_b16_with_a_class_token_is_17_6_gmacs() {
+        // ViT-B/16 at 224 with a class token: 17.56 GMACs forward (timm and the ViT paper's
+        // tables quote 17.6), i.e. 35.13 GFLOPs.
+        let mut cfg = ModelConfig::preset("B/16").unwrap();
+        cfg.pool = Pool::Tok;
+        assert_eq!(cfg.tokens(), 197);
+        let f = cfg.forward_flops_per_image();
+        assert!((f / 2.0 / 1e9 - 17.56).abs() < 0.01, "{} GMACs", f / 2e9);
+        assert_eq!(cfg.train_flops_per_image(), 3.0 * f);
+    }
+
+    #[test]
+    fn flops_grow_with_depth_and_the_map_head_adds_its_attention() {
+        let b = ModelConfig::preset("B/16").unwrap();
+        let mut deeper = b.clone();
+        deeper.depth += 1;
+        let per_block = 2.0 * 196.0 * 768.0 * (4.0 * 768.0 + 2.0 * 3072.0) + 4.0 * 196.0 * 196.0 * 768.0;
+        assert!((deeper.forward_flops_per_image() - b.forward_flops_per_image() - per_block).abs() < 1.0);
+        let mut gap = b.clone();
+        gap.pool = Pool::Gap;
+        let map_head =
+            2.0 * 768.0 * 768.0 * 2.0 + 2.0 * 196.0 * 768.0 * 1536.0 + 4.0 * 196.0 * 768.0 + 2.0 * 768.0 * 3072.0 * 2.0;
+        assert!((b.forward_flops_per_image() - gap.forward_flops_per_image() - map_head).abs() < 1.0);
+    }
+}
