@@ -58,7 +58,7 @@ use crate::{
     ParamGroups, ParamSettings, Schedule,
 };
 use std::collections::HashMap;
-use vit_tensor::{DType, Device, ParamDiff, ParamStore, Tensor};
+use vit_tensor::{DType, Device, ParamDiff, ParamStore, Shape, Tensor};
 
 /// Name of the step counter in [`Optimizer::state`]: a `u32` tensor `[lo, hi]` holding the
 /// 64-bit count of steps taken.
@@ -379,7 +379,7 @@ impl OptimizerChain {
         let groups: CompiledGroups = config.groups.compile()?;
         let mut slots = Vec::with_capacity(params.len());
         let mut index = HashMap::new();
-        let mut state = ParamStore::new();
+        let mut specs = Vec::new();
         for (name, t) in params.iter() {
             if !t.dtype().is_float() {
                 return Err(OptimError::Param {
@@ -400,8 +400,8 @@ impl OptimizerChain {
                 v: Vec::new(),
             };
             for (prefix, shape, dtype) in layout {
-                let at = state.len();
-                state.insert(format!("{prefix}{name}"), Tensor::zeros(shape, dtype, t.device())?)?;
+                let at = specs.len();
+                specs.push((format!("{prefix}{name}"), Shape::new(shape), dtype, t.device()));
                 if prefix == STATE_M {
                     slot.m = Some(at);
                 } else {
@@ -411,6 +411,9 @@ impl OptimizerChain {
             index.insert(slot.name.clone(), slots.len());
             slots.push(slot);
         }
+        // One zeroed allocation per state buffer (inserting one by one would copy a device
+        // buffer per tensor).
+        let state = ParamStore::zeros(specs)?;
         Ok(OptimizerChain { config, slots, index, state, count: 0 })
     }
 

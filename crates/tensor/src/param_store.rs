@@ -78,6 +78,40 @@ impl ParamStore {
         Self::default()
     }
 
+    /// A store of zeros with the given `(name, shape, dtype, device)` entries in order: the
+    /// same layout as inserting zero tensors one by one, but each buffer is allocated (zeroed)
+    /// once, so building an optimizer's state on a GPU costs no copies.
+    pub fn zeros<N: Into<String>>(specs: impl IntoIterator<Item = (N, Shape, DType, Device)>) -> Result<Self> {
+        let mut store = ParamStore::new();
+        let mut lens: Vec<((DType, Device), usize)> = Vec::new();
+        for (name, shape, dtype, device) in specs {
+            let name = name.into();
+            if store.index.contains_key(&name) {
+                return Err(param_err(&name, "added twice"));
+            }
+            let b = match lens.iter().position(|(key, _)| *key == (dtype, device)) {
+                Some(b) => b,
+                None => {
+                    lens.push(((dtype, device), 0));
+                    lens.len() - 1
+                }
+            };
+            let len = &mut lens[b].1;
+            if *len > 0 {
+                *len = len.next_multiple_of((ALIGN_BYTES / dtype.size_in_bytes()).max(1));
+            }
+            let offset = *len;
+            *len += shape.numel();
+            store.index.insert(name.clone(), store.entries.len());
+            store.entries.push(Entry { name, buffer: b, offset, shape, view: OnceLock::new() });
+        }
+        store.buffers = lens
+            .iter()
+            .map(|&((dtype, device), len)| Tensor::zeros([len], dtype, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(store)
+    }
+
     /// Appends `tensor` under `name` to the buffer of its dtype and device (a new buffer for a
     /// new pair); a name can be added once. Appending copies the elements into the buffer.
     pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) -> Result<()> {
@@ -424,6 +458,34 @@ impl fmt::Display for ParamDiff {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn zeros_lays_out_like_inserting_zeros_one_by_one() {
+        let specs = [
+            ("a", Shape::new([3, 5]), DType::F32, Device::Cpu),
+            ("b", Shape::new([7]), DType::BF16, Device::Cpu),
+            ("c", Shape::new([2, 9]), DType::F32, Device::Cpu),
+            ("d", Shape::new([0]), DType::F32, Device::Cpu),
+            ("e", Shape::new([33]), DType::BF16, Device::Cpu),
+        ];
+        let fast = ParamStore::zeros(specs.iter().cloned()).unwrap();
+        let mut slow = ParamStore::new();
+        for (n, s, d, _) in &specs {
+            slow.insert(*n, Tensor::zeros(s.clone(), *d, Device::Cpu).unwrap()).unwrap();
+        }
+        assert_eq!(fast.buffers().len(), slow.buffers().len());
+        for (f, s) in fast.buffers().iter().zip(slow.buffers()) {
+            assert_eq!((f.dtype(), f.dims()), (s.dtype(), s.dims()));
+            assert!(f.to_f32_vec().unwrap().iter().all(|&x| x == 0.0));
+        }
+        for (n, _, _, _) in &specs {
+            assert_eq!(fast.placement(n).unwrap(), slow.placement(n).unwrap(), "{n}");
+            assert_eq!(fast.get(n).unwrap().dims(), slow.get(n).unwrap().dims());
+        }
+        let x = ("x", Shape::new([1]), DType::F32, Device::Cpu);
+        let twice = ParamStore::zeros([x.clone(), x]);
+        assert!(twice.unwrap_err().to_string().contains("added twice"));
+    }
+
     use super::*;
 
     fn randn(dims: &[usize], seed: u64) -> Tensor {

@@ -12,7 +12,7 @@ use super::{model_config, CliError};
 use std::time::Instant;
 use vit_experiments::train::{config::LossKind, micro_batch_grads};
 use vit_model::{ModelConfig, VisionTransformer};
-use vit_optim::{AdamWConfig, Algorithm, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups};
+use vit_optim::{AdamWConfig, Algorithm, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups};
 use vit_tensor::{cuda, ops, DType, Device, Tensor};
 
 /// Dense bf16/f16 tensor-core peak of the H100 and H200 SXM (reference §1), the MFU
@@ -62,6 +62,10 @@ pub struct StepArgs {
     /// Peak TFLOP/s of the device for MFU; default the H100/H200's on CUDA, none on the CPU.
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// `adamw` (f32 moments, as the PyTorch baseline) or `factored-adam` (Scaling ViT: bf16
+    /// momentum, factored second moment; what fits the largest models).
+    #[arg(long, default_value = "adamw", value_parser = ["adamw", "factored-adam"])]
+    optimizer: String,
     /// Seed of the synthetic data and the initialisation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -79,6 +83,7 @@ struct Report {
     batch: usize,
     device: String,
     precision: String,
+    optimizer: String,
     timed_steps: usize,
     /// Median wall-clock milliseconds per step (forward, backward, optimizer), synchronised.
     step_ms: Option<f64>,
@@ -120,6 +125,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         batch: a.batch,
         device: device.to_string(),
         precision: format!("{:?}", a.precision).to_lowercase(),
+        optimizer: a.optimizer.clone(),
         timed_steps: 0,
         step_ms: None,
         images_per_second: None,
@@ -165,7 +171,11 @@ fn time_steps(
     a: &StepArgs,
     device: Device,
 ) -> Result<Vec<f64>, CliError> {
-    let mut opt_cfg = OptimizerConfig::new(Algorithm::AdamW(AdamWConfig::default()), 1e-3);
+    let algorithm = match a.optimizer.as_str() {
+        "factored-adam" => Algorithm::FactoredAdam(FactoredAdamConfig::default()),
+        _ => Algorithm::AdamW(AdamWConfig::default()),
+    };
+    let mut opt_cfg = OptimizerConfig::new(algorithm, 1e-3);
     opt_cfg.weight_decay = 1e-4;
     opt_cfg.grad_clip_norm = Some(1.0);
     opt_cfg.groups = ParamGroups::scaling_vit();
@@ -240,13 +250,14 @@ fn print_report(r: &Report, json: bool) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "{} {} ({:.1}M parameters), batch {}, {} {}",
+        "{} {} ({:.1}M parameters), batch {}, {} {}, {}",
         r.what,
         r.model,
         r.params as f64 / 1e6,
         r.batch,
         r.device,
-        r.precision
+        r.precision,
+        r.optimizer
     );
     if let (Some(ms), Some(rate), Some(tf)) = (r.step_ms, r.images_per_second, r.model_tflops) {
         print!("  {ms:.1} ms/step (median of {}), {rate:.1} images/s, {tf:.1} model TFLOP/s", r.timed_steps);
