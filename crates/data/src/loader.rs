@@ -64,6 +64,32 @@ pub struct LoaderConfig {
     /// `workers` are allowed so that no worker idles).
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// What an example that cannot be read, decoded or augmented does (default `fail`).
+    #[serde(default)]
+    pub on_bad_example: OnBadExample,
+}
+
+/// What the loader does with an example that fails to read, decode, carry a valid label or
+/// go through the pipeline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadExample {
+    /// The batch is an error naming the example (and its file).
+    #[default]
+    Fail,
+    /// The example is replaced by the next good one in dataset order (wrapping around), so the
+    /// batches stay the same on every run and resume; the batch lists what it skipped
+    /// ([`Batch::bad`]).
+    Skip,
+}
+
+/// An example the loader skipped in [`OnBadExample::Skip`] mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadExample {
+    /// Its dataset index.
+    pub index: usize,
+    /// Why: the error, which names the file where there is one.
+    pub reason: String,
 }
 
 impl LoaderConfig {
@@ -79,6 +105,7 @@ impl LoaderConfig {
             drop_last: false,
             workers: default_workers(),
             prefetch: default_prefetch(),
+            on_bad_example: OnBadExample::Fail,
         }
     }
 }
@@ -94,8 +121,11 @@ pub struct Batch {
     pub step: u64,
     /// The epoch the batch belongs to.
     pub epoch: u64,
-    /// The dataset index of each example, in batch order.
+    /// The dataset index of each example, in batch order (a replacement's index where a bad
+    /// example was skipped).
     pub indices: Vec<usize>,
+    /// The bad examples skipped while making this batch ([`OnBadExample::Skip`]), in order.
+    pub bad: Vec<BadExample>,
 }
 
 /// A batch before its tensors are made: what workers send.
@@ -107,6 +137,7 @@ struct RawBatch {
     chw: [usize; 3],
     images: Vec<f32>,
     labels: Vec<i32>,
+    bad: Vec<BadExample>,
 }
 
 impl RawBatch {
@@ -119,6 +150,7 @@ impl RawBatch {
             step: self.step,
             epoch: self.epoch,
             indices: self.indices,
+            bad: self.bad,
         })
     }
 }
@@ -178,30 +210,71 @@ impl Inner {
         let mut images = Vec::new();
         let mut labels = Vec::with_capacity(indices.len());
         let mut chw = [0; 3];
-        for (j, &index) in indices.iter().enumerate() {
-            let wrap = |e| DataError::Example { index, source: Box::new(e) };
-            let ex = self.dataset.get(index).map_err(wrap)?;
-            if ex.label as usize >= self.dataset.num_classes() {
-                let msg = format!("label {} is not below num_classes = {}", ex.label, self.dataset.num_classes());
-                return Err(wrap(DataError::Config(msg)));
-            }
-            let mut rng = Rng::for_example(self.config.seed, epoch, index as u64);
-            let img = self.pipeline.apply(&ex.image, &mut rng).map_err(wrap)?;
+        let mut bad = Vec::new();
+        let mut indices = indices;
+        for j in 0..indices.len() {
+            let (index, ex, img) = self.good_example(indices[j], epoch, &mut bad)?;
+            indices[j] = index;
             let dims = [img.channels, img.height, img.width];
             if j == 0 {
                 chw = dims;
                 images = Vec::with_capacity(indices.len() * img.data.len());
             } else if dims != chw {
-                return Err(wrap(DataError::Config(format!(
-                    "the pipeline made a {}×{}×{} (C×H×W) image but the batch's first was {}×{}×{}: \
+                return Err(DataError::Example {
+                    index,
+                    source: Box::new(DataError::Config(format!(
+                        "the pipeline made a {}×{}×{} (C×H×W) image but the batch's first was {}×{}×{}: \
                      end the pipeline with a resize or crop to one size",
-                    dims[0], dims[1], dims[2], chw[0], chw[1], chw[2]
-                ))));
+                        dims[0], dims[1], dims[2], chw[0], chw[1], chw[2]
+                    ))),
+                });
             }
             img.extend_chw(&mut images);
             labels.push(ex.label as i32);
         }
-        Ok(RawBatch { step, epoch, indices, chw, images, labels })
+        Ok(RawBatch { step, epoch, indices, chw, images, labels, bad })
+    }
+
+    /// Example `index` read, label-checked and augmented, as `(index, example, image)`. In
+    /// [`OnBadExample::Skip`] mode a bad one is recorded in `bad` and replaced by the next good
+    /// example in dataset order (its own augmentation seed), so the choice depends on the data
+    /// alone; an error when every example is bad.
+    fn good_example(
+        &self,
+        index: usize,
+        epoch: u64,
+        bad: &mut Vec<BadExample>,
+    ) -> Result<(usize, crate::Example, crate::Image<f32>), DataError> {
+        let n = self.dataset.len();
+        for k in 0..n {
+            let at = (index + k) % n;
+            match self.example(at, epoch) {
+                Ok((ex, img)) => return Ok((at, ex, img)),
+                Err(e) if self.config.on_bad_example == OnBadExample::Skip => {
+                    let reason = match e {
+                        DataError::Example { source, .. } => source.to_string(),
+                        other => other.to_string(),
+                    };
+                    bad.push(BadExample { index: at, reason });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(DataError::Config(format!("every one of the {n} examples is bad (on_bad_example = skip)")))
+    }
+
+    /// Example `index` read, label-checked and through the pipeline; errors name the index.
+    fn example(&self, index: usize, epoch: u64) -> Result<(crate::Example, crate::Image<f32>), DataError> {
+        let wrap = |e| DataError::Example { index, source: Box::new(e) };
+        crate::faults::maybe_panic_at_example(index);
+        let ex = self.dataset.get(index).map_err(wrap)?;
+        if ex.label as usize >= self.dataset.num_classes() {
+            let msg = format!("label {} is not below num_classes = {}", ex.label, self.dataset.num_classes());
+            return Err(wrap(DataError::Config(msg)));
+        }
+        let mut rng = Rng::for_example(self.config.seed, epoch, index as u64);
+        let img = self.pipeline.apply(&ex.image, &mut rng).map_err(wrap)?;
+        Ok((ex, img))
     }
 }
 
@@ -686,6 +759,49 @@ mod tests {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.1.get(index)
         }
+    }
+
+    /// Examples 3, 4 and 11 of 12 cannot be read (11 is the last: its replacement wraps to 0).
+    struct Unreadable;
+
+    impl Dataset for Unreadable {
+        fn len(&self) -> usize {
+            12
+        }
+        fn num_classes(&self) -> usize {
+            2
+        }
+        fn get(&self, index: usize) -> Result<Example, DataError> {
+            if [3, 4, 11].contains(&index) {
+                return Err(DataError::Format { path: format!("img{index}.jpg").into(), msg: "corrupt".into() });
+            }
+            Ok(Example { image: Image::new(2, 2, 1, vec![index as u8; 4])?, label: (index % 2) as u32 })
+        }
+    }
+
+    #[test]
+    fn skip_mode_replaces_bad_examples_by_the_next_good_one_and_lists_them() {
+        let pp = Pipeline::default();
+        let skip = |workers| LoaderConfig { shuffle: false, on_bad_example: OnBadExample::Skip, ..cfg(4, 0, workers) };
+        for workers in [0, 2] {
+            let l = Loader::new(Arc::new(Unreadable), pp.clone(), skip(workers)).unwrap();
+            let got: Vec<Batch> = l.iter().map(|b| b.unwrap()).collect();
+            assert_eq!(got.len(), 3);
+            assert_eq!(got[0].indices, [0, 1, 2, 5]);
+            assert_eq!(got[1].indices, [5, 5, 6, 7], "4 and 3's replacements are both 5");
+            assert_eq!(got[2].indices, [8, 9, 10, 0]);
+            let first: Vec<usize> = got[0].bad.iter().map(|b| b.index).collect();
+            assert_eq!(first, [3, 4]);
+            assert_eq!(got[0].bad[0].reason, "img3.jpg: corrupt");
+            assert_eq!(got[1].bad.iter().map(|b| b.index).collect::<Vec<_>>(), [4]);
+            assert_eq!(got[2].bad.iter().map(|b| b.index).collect::<Vec<_>>(), [11]);
+            // The images are the replacements' own.
+            assert_eq!(got[0].images.to_f32_vec().unwrap()[12..], [5.0; 4]);
+        }
+        // Fail mode: the batch holding example 3 is the error, naming the file.
+        let l = Loader::new(Arc::new(Unreadable), pp, LoaderConfig { shuffle: false, ..cfg(4, 0, 0) }).unwrap();
+        let e = l.iter().next().unwrap().unwrap_err().to_string();
+        assert_eq!(e, "example 3: img3.jpg: corrupt");
     }
 
     #[test]

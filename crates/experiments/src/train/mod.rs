@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod data;
+mod panics;
 pub mod plot;
 pub mod run_dir;
 
@@ -42,6 +43,13 @@ pub enum TrainError {
     Data(#[from] vit_data::DataError),
     #[error(transparent)]
     Tensor(#[from] vit_tensor::Error),
+    /// A panic inside the run (a bug), caught and reported with where it happened.
+    #[error("internal error (please report it): {0}")]
+    Panic(String),
+    /// An error after at least one completed step, and what became of that step's state
+    /// (saved, not finite, or not saved because the update was in flight).
+    #[error("{source}; {kept}")]
+    Stopped { source: Box<TrainError>, kept: String },
 }
 
 /// The exit code of `vit train` when a signal (SIGINT, SIGTERM, SIGHUP) or `--stop-at` stopped
@@ -59,6 +67,9 @@ pub enum StopReason {
     Signal,
     /// `--stop-at`.
     StopAt,
+    /// An error after at least one completed step (the error is on stderr; the state of the
+    /// last completed step is saved when it is finite).
+    Error,
 }
 
 impl std::fmt::Display for StopReason {
@@ -67,6 +78,7 @@ impl std::fmt::Display for StopReason {
             StopReason::Completed => "completed",
             StopReason::Signal => "interrupted by a signal",
             StopReason::StopAt => "stopped by --stop-at",
+            StopReason::Error => "stopped by an error",
         })
     }
 }
@@ -374,6 +386,10 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
     let (mut train_time, mut trained) = (0f64, 0u64);
     let mut last_loss = f64::NAN;
     let (mut test_acc, mut test_loss) = (f64::NAN, f64::NAN);
+    // What an error must know to keep the work done (issue 16 item 2): the steps whose state is
+    // in `params`/`opt`, the newest checkpoint written, and whether an update was in flight.
+    let (mut completed, mut last_saved, mut torn) = (first_step, start.as_ref().map(|(s, _)| *s), false);
+    let _quiet = panics::QuietPanics::install();
     for step in first_step..total {
         let stop = if INTERRUPTED.load(Ordering::SeqCst) {
             Some(StopReason::Signal)
@@ -389,76 +405,99 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
             write_summary(run, reason, step, last_loss, (test_acc, test_loss), rate, started)?;
             return Err(TrainError::Interrupted { step, dir: run.path.display().to_string(), reason });
         }
-        let t0 = Instant::now();
-        let b = stream.next().ok_or_else(|| TrainError::Io(format!("the training stream ended at step {step}")))??;
-        let all_labels = b.labels.to_vec::<i32>()?;
-        let cp = compute_params(&params, dtype)?;
-        let mut grads = params.zeros_like(DType::F32)?;
-        let mut loss_sum = 0f64;
-        for (j, labels) in all_labels.chunks(micro).enumerate() {
-            let x = b.images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
-            let t_logits = match &teacher {
-                Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
-                None => None,
-            };
-            let t = targets(
-                labels,
-                mcfg.classes,
-                cfg.train.label_smoothing,
-                t_logits.as_ref().map(|l| (l, cfg.train.distill_weight)),
-            )?
-            .to_device(device)?;
-            loss_sum += micro_batch_grads(&model, &cp, &x, &t, cfg.train.loss, batch, &mut grads)?;
-        }
-        let loss = loss_sum / batch as f64;
-        if !loss.is_finite() {
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), TrainError> {
+            let t0 = Instant::now();
+            let b =
+                stream.next().ok_or_else(|| TrainError::Io(format!("the training stream ended at step {step}")))??;
+            let all_labels = b.labels.to_vec::<i32>()?;
+            let cp = compute_params(&params, dtype)?;
+            let mut grads = params.zeros_like(DType::F32)?;
+            let mut loss_sum = 0f64;
+            for (j, labels) in all_labels.chunks(micro).enumerate() {
+                let x = b.images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
+                let t_logits = match &teacher {
+                    Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
+                    None => None,
+                };
+                let t = targets(
+                    labels,
+                    mcfg.classes,
+                    cfg.train.label_smoothing,
+                    t_logits.as_ref().map(|l| (l, cfg.train.distill_weight)),
+                )?
+                .to_device(device)?;
+                loss_sum += micro_batch_grads(&model, &cp, &x, &t, cfg.train.loss, batch, &mut grads)?;
+            }
+            let loss = loss_sum / batch as f64;
+            if !loss.is_finite() {
+                return Err(TrainError::NonFiniteLoss { step: step + 1, loss: loss as f32 });
+            }
+            // The f32 compute copy shares the parameters' buffers: drop it so the step updates
+            // them in place instead of copying them first.
+            drop(cp);
+            // A failure inside the update may leave parameters half written: no save then.
+            torn = true;
+            let info = opt.step(&mut params, &grads)?;
+            torn = false;
+            completed = step + 1;
+            train_time += t0.elapsed().as_secs_f64();
+            trained += batch as u64;
+            last_loss = loss;
+            let done = step + 1;
+            let is_last = done == total;
+            let mut line = serde_json::json!({
+                "step": done,
+                "epoch": done as f64 * batch as f64 / data.train.len() as f64,
+                "loss": loss,
+                "lr": info.lr,
+                "grad_norm": info.grad_norm,
+                "images_per_second": trained as f64 / train_time.max(1e-9),
+            });
+            let eval_now = is_last || (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0);
+            if eval_now {
+                (test_acc, test_loss) = evaluate_test(&params)?;
+                line["test_accuracy"] = test_acc.into();
+                line["test_loss"] = test_loss.into();
+            }
+            if eval_now || done % cfg.train.log_every.max(1) == 0 {
+                run.log_metrics(&line)?;
+                let msg = format!(
+                    "loss {loss:.4}{}",
+                    if eval_now { format!(" test acc {test_acc:.4}") } else { String::new() }
+                );
+                match &bar {
+                    Some(b) => b.set_message(msg),
+                    None => println!(
+                        "step {done}/{total} {msg} lr {:.2e} {:.1} img/s",
+                        info.lr,
+                        trained as f64 / train_time.max(1e-9)
+                    ),
+                }
+            }
             if let Some(b) = &bar {
-                b.abandon();
+                b.set_position(done);
             }
-            return Err(TrainError::NonFiniteLoss { step: step + 1, loss: loss as f32 });
-        }
-        // The f32 compute copy shares the parameters' buffers: drop it so the step updates
-        // them in place instead of copying them first.
-        drop(cp);
-        let info = opt.step(&mut params, &grads)?;
-        train_time += t0.elapsed().as_secs_f64();
-        trained += batch as u64;
-        last_loss = loss;
-        let done = step + 1;
-        let is_last = done == total;
-        let mut line = serde_json::json!({
-            "step": done,
-            "epoch": done as f64 * batch as f64 / data.train.len() as f64,
-            "loss": loss,
-            "lr": info.lr,
-            "grad_norm": info.grad_norm,
-            "images_per_second": trained as f64 / train_time.max(1e-9),
-        });
-        let eval_now = is_last || (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0);
-        if eval_now {
-            (test_acc, test_loss) = evaluate_test(&params)?;
-            line["test_accuracy"] = test_acc.into();
-            line["test_loss"] = test_loss.into();
-        }
-        if eval_now || done % cfg.train.log_every.max(1) == 0 {
-            run.log_metrics(&line)?;
-            let msg =
-                format!("loss {loss:.4}{}", if eval_now { format!(" test acc {test_acc:.4}") } else { String::new() });
-            match &bar {
-                Some(b) => b.set_message(msg),
-                None => println!(
-                    "step {done}/{total} {msg} lr {:.2e} {:.1} img/s",
-                    info.lr,
-                    trained as f64 / train_time.max(1e-9)
-                ),
+            if is_last || (cfg.train.checkpoint_every > 0 && done % cfg.train.checkpoint_every == 0) {
+                save(&params, &opt, done)?;
+                last_saved = Some(done);
             }
-        }
+            Ok(())
+        }));
+        let error = match attempt {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(payload) => TrainError::Panic(panics::message(payload.as_ref())),
+        };
         if let Some(b) = &bar {
-            b.set_position(done);
+            b.abandon();
         }
-        if is_last || (cfg.train.checkpoint_every > 0 && done % cfg.train.checkpoint_every == 0) {
-            save(&params, &opt, done)?;
-        }
+        let rate = trained as f64 / train_time.max(1e-9);
+        let keep = KeepState { completed, first_step, saved: last_saved, torn };
+        return Err(keep_state_after_error(error, keep, &params, run, |step| {
+            save(&params, &opt, step)?;
+            write_summary(run, StopReason::Error, step, last_loss, (test_acc, test_loss), rate, started)?;
+            Ok(())
+        }));
     }
     if let Some(b) = &bar {
         b.finish();
@@ -469,6 +508,58 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
     plot::plot_curves(&run.read_metrics()?, &run.file("curves.svg"))?;
     let rate = trained as f64 / train_time.max(1e-9);
     write_summary(run, StopReason::Completed, total, last_loss, (test_acc, test_loss), rate, started)
+}
+
+/// Where the training loop stood when an error stopped it.
+struct KeepState {
+    /// Steps whose state is in the parameters and the optimizer.
+    completed: u64,
+    /// The step this invocation started from (0, or the resumed checkpoint's).
+    first_step: u64,
+    /// The newest checkpoint's step, if any.
+    saved: Option<u64>,
+    /// An optimizer update was in flight: the parameters may be half written.
+    torn: bool,
+}
+
+/// The error that ends a run, after keeping the state of the last completed step (issue 16
+/// item 2): saved with `save` (a checkpoint and `summary.json`) unless no step completed in this
+/// invocation, the update was in flight, the parameters are not finite, or that step's
+/// checkpoint exists already; the message says which.
+fn keep_state_after_error(
+    error: TrainError,
+    k: KeepState,
+    params: &ParamStore,
+    run: &RunDir,
+    save: impl FnOnce(u64) -> Result<(), TrainError>,
+) -> TrainError {
+    if k.completed == k.first_step && !k.torn {
+        return error;
+    }
+    let newest = match k.saved {
+        Some(s) => format!("the newest checkpoint is step {s}"),
+        None => "no checkpoint was written".into(),
+    };
+    let kept = if k.torn {
+        format!("the update after step {} was in flight, so nothing was saved; {newest}", k.completed)
+    } else if !params_finite(params) {
+        format!("the parameters after step {} are not finite, so they were not saved; {newest}", k.completed)
+    } else if k.saved == Some(k.completed) {
+        format!("step {} was already saved: continue with --resume {}", k.completed, run.path.display())
+    } else {
+        match save(k.completed) {
+            Ok(()) => {
+                format!("the state after step {} is saved: continue with --resume {}", k.completed, run.path.display())
+            }
+            Err(e) => format!("saving the state after step {} failed too ({e}); {newest}", k.completed),
+        }
+    };
+    TrainError::Stopped { source: Box::new(error), kept }
+}
+
+/// True when every parameter is finite (read to the host, as a checkpoint would be).
+fn params_finite(params: &ParamStore) -> bool {
+    params.buffers().iter().all(|b| b.to_f32_vec().is_ok_and(|v| v.iter().all(|x| x.is_finite())))
 }
 
 /// Writes and returns the summary of a run that stopped after `steps` steps for `reason`;

@@ -1,0 +1,35 @@
+//! Injected faults for the fault tests (issue 16 item 5) and for drills: the environment
+//! variable `VITRS_INJECT_FAULT` holds comma-separated `kind=value` pairs, e.g.
+//! `VITRS_INJECT_FAULT=panic_at_example=7`. Unset (the normal case), nothing happens; the
+//! variable is read once per process.
+//!
+//! Kinds: `panic_at_example=N` (a loader worker panics while reading example N), and
+//! `panic_at_step=N` (the training loop panics in step N; read by `vit train`).
+
+use std::sync::OnceLock;
+
+fn parsed() -> &'static [(String, u64)] {
+    static FAULTS: OnceLock<Vec<(String, u64)>> = OnceLock::new();
+    FAULTS.get_or_init(|| {
+        std::env::var("VITRS_INJECT_FAULT")
+            .map(|v| {
+                v.split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .filter_map(|(k, n)| n.trim().parse().ok().map(|n| (k.trim().to_string(), n)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// The value of injected fault `kind`, if `VITRS_INJECT_FAULT` names it.
+pub fn injected(kind: &str) -> Option<u64> {
+    parsed().iter().find(|(k, _)| k == kind).map(|&(_, n)| n)
+}
+
+/// Panics when `VITRS_INJECT_FAULT` asks for a panic at example `index`.
+pub(crate) fn maybe_panic_at_example(index: usize) {
+    if injected("panic_at_example") == Some(index as u64) {
+        panic!("injected fault: panic_at_example={index}");
+    }
+}
