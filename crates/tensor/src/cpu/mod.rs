@@ -5,6 +5,7 @@
 mod allocator;
 mod attention;
 mod elementwise;
+mod flash_attention;
 mod index;
 mod layout;
 mod matmul;
@@ -16,6 +17,7 @@ mod softmax;
 pub use allocator::retain_freed_memory;
 pub(crate) use attention::*;
 pub(crate) use elementwise::*;
+pub(crate) use flash_attention::*;
 pub(crate) use index::*;
 pub(crate) use layout::*;
 pub use matmul::gemm_f32;
