@@ -7,9 +7,9 @@
 //! kernel rounds P and dS to its 16-bit operand type, which this mirror does not model).
 
 /// Queries per block of the forward and dq kernels.
-pub(crate) const FLASH_BLOCK_Q: usize = 64;
+const FLASH_BLOCK_Q: usize = 64;
 /// Keys per block of the forward and dk/dv kernels.
-pub(crate) const FLASH_BLOCK_K: usize = 64;
+const FLASH_BLOCK_K: usize = 64;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2: f32 = std::f32::consts::LN_2;
@@ -39,7 +39,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Forward: returns `(o [bh, n, d], lse [bh, n])` (natural-log lse, like the reference) for
 /// `q [bh, n, d]`, `k, v [bh, m, d]`, `m ≥ 1`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn flash_attention_fwd(
+fn flash_attention_fwd(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -96,7 +96,7 @@ pub(crate) fn flash_attention_fwd(
 /// with the kernels' three passes: delta, dq (per query block, key blocks in order), dk/dv (per
 /// key block, query blocks in order). Deterministic by construction.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn flash_attention_bwd(
+fn flash_attention_bwd(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -187,8 +187,12 @@ mod tests {
         let cases = [(2, 1, 1, 64), (3, 197, 197, 64), (2, 257, 257, 88), (1, 130, 65, 104), (2, 70, 200, 128)];
         for (seed, &(bh, n, m, d)) in cases.iter().enumerate() {
             let s = 100 * seed as u64;
-            let (q, k, v, d_o) =
-                (randn(bh * n * d, s + 1), randn(bh * m * d, s + 2), randn(bh * m * d, s + 3), randn(bh * n * d, s + 4));
+            let (q, k, v, d_o) = (
+                randn(bh * n * d, s + 1),
+                randn(bh * m * d, s + 2),
+                randn(bh * m * d, s + 3),
+                randn(bh * n * d, s + 4),
+            );
             let scale = (d as f32).powf(-0.5) * 2.0; // sharper than usual: exercises the rescaling
             let (o_ref, lse_ref) = cpu::attention_fwd(&q, &k, &v, bh, n, m, d, scale);
             let (o, lse) = flash_attention_fwd(&q, &k, &v, bh, n, m, d, scale);

@@ -5,6 +5,8 @@
 mod allocator;
 mod attention;
 mod elementwise;
+/// The flash kernels' algorithm in Rust, checked against the reference attention (tests only).
+#[cfg(test)]
 mod flash_attention;
 mod index;
 mod layout;
@@ -17,7 +19,6 @@ mod softmax;
 pub use allocator::retain_freed_memory;
 pub(crate) use attention::*;
 pub(crate) use elementwise::*;
-pub(crate) use flash_attention::*;
 pub(crate) use index::*;
 pub(crate) use layout::*;
 pub use matmul::gemm_f32;
