@@ -385,7 +385,7 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
             s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
             dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
         }
-#pragma unroll
+#pragma unroll 2  // fully unrolled, ptxas hoists every fragment load and spills at DP = 128
         for (int kk = 0; kk < KS; ++kk) {
             unsigned qa[4], da[4];
             frag_a<LD>(qa, sQ, warp * 16, kk * 16, lane);

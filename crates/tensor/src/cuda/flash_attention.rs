@@ -403,3 +403,89 @@ fn bwd_contiguous(
     let dkv = wrap(&backend, dkv, kv_shape, dt);
     Ok((wrap(&backend, dq, q.shape().clone(), dt), dkv.narrow(0, b)?, dkv.narrow(b, b)?))
 }
+
+/// The layout of self-attention on a packed projection `[B, N, channels]` with q, k, v at
+/// channels `offset`, `offset + width`, `offset + 2·width`; o and dO `[B, N, width]`; dq, dk, dv
+/// into a packed `[B, N, 3·width]` buffer.
+fn packed_layout(n: usize, channels: usize, offset: usize, width: usize, heads: usize) -> FlashLayout {
+    let dh = width / heads;
+    let (src, out, grad) = ([n * channels, dh, channels], [n * width, dh, width], [n * 3 * width, dh, 3 * width]);
+    FlashLayout::new(heads, n, n, dh)
+        .with(Slot::Q, offset, src)
+        .with(Slot::K, offset + width, src)
+        .with(Slot::V, offset + 2 * width, src)
+        .with(Slot::O, 0, out)
+        .with(Slot::DO, 0, out)
+        .with(Slot::DQ, 0, grad)
+        .with(Slot::DK, width, grad)
+        .with(Slot::DV, 2 * width, grad)
+}
+
+/// The flash forward on a packed projection `qkv [B, N, channels]` (see `ops::attention_fwd_packed`),
+/// when eligible and self-checked: `(o [B, N, width], lse [B, heads, N])`; `None` sends the caller
+/// to the reference path.
+pub(crate) fn try_fwd_packed(
+    qkv: &Tensor,
+    offset: usize,
+    width: usize,
+    heads: usize,
+    scale: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    const OP: &str = "attention_fwd_packed";
+    let (b, n, c) = (qkv.dims()[0], qkv.dims()[1], qkv.dims()[2]);
+    let layout = packed_layout(n, c, offset, width, heads);
+    if !eligible(qkv.dtype(), b * heads, n, n, width / heads, &layout) || !offsets_aligned(&[qkv]) {
+        return Ok(None);
+    }
+    let backend = backend_of(qkv, OP)?;
+    if !kernels_ok(&backend, false, qkv.dtype()) {
+        return Ok(None);
+    }
+    let (o_shape, lse_shape) = (Shape::new(vec![b, n, width]), Shape::new(vec![b, heads, n]));
+    let mut o = output(&backend, &o_shape, qkv.dtype())?;
+    let mut lse = output(&backend, &lse_shape, DType::F32)?;
+    let x = view(qkv, OP)?;
+    launch_fwd(&backend, qkv.dtype(), b * heads, &x, &x, &x, &mut o, &mut lse, &layout, scale)?;
+    Ok(Some((wrap(&backend, o, o_shape, qkv.dtype()), wrap(&backend, lse, lse_shape, DType::F32))))
+}
+
+/// The flash backward of [`try_fwd_packed`]: `dqkv [B, N, 3·width]` written in place by the
+/// kernels, when eligible and self-checked; `None` sends the caller to the reference path.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn try_bwd_packed(
+    qkv: &Tensor,
+    offset: usize,
+    width: usize,
+    heads: usize,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    const OP: &str = "attention_bwd_packed";
+    let (b, n, c) = (qkv.dims()[0], qkv.dims()[1], qkv.dims()[2]);
+    let layout = packed_layout(n, c, offset, width, heads);
+    if !eligible(qkv.dtype(), b * heads, n, n, width / heads, &layout) || !offsets_aligned(&[qkv, o, d_o]) {
+        return Ok(None);
+    }
+    let backend = backend_of(qkv, OP)?;
+    if !kernels_ok(&backend, true, qkv.dtype()) {
+        return Ok(None);
+    }
+    let shape = Shape::new(vec![b, n, 3 * width]);
+    let mut dqkv = output(&backend, &shape, qkv.dtype())?;
+    let mut delta = backend.alloc(b * heads * n * 4)?;
+    let (x, ov, dov, lv) = (view(qkv, OP)?, view(o, OP)?, view(d_o, OP)?, view(lse, OP)?);
+    launch_bwd(
+        &backend,
+        qkv.dtype(),
+        b * heads,
+        [&x, &x, &x, &ov, &dov, &lv],
+        &mut delta,
+        &mut dqkv,
+        None,
+        &layout,
+        scale,
+    )?;
+    Ok(Some(wrap(&backend, dqkv, shape, qkv.dtype())))
+}
