@@ -421,6 +421,19 @@ fn packed_layout(n: usize, channels: usize, offset: usize, width: usize, heads: 
         .with(Slot::DV, 2 * width, grad)
 }
 
+/// Whether the flash kernels take self-attention on the packed projection `qkv [B, N, channels]`
+/// (q, k, v at channels `offset`, `offset + width`, `offset + 2·width`, `heads` heads) by shape,
+/// dtype and alignment; whether they passed their self-check on the device is separate.
+pub fn supports_packed(qkv: &Tensor, offset: usize, width: usize, heads: usize) -> bool {
+    let d = qkv.dims();
+    if d.len() != 3 || heads == 0 || width % heads != 0 || offset + 3 * width > d[2] {
+        return false;
+    }
+    let layout = packed_layout(d[1], d[2], offset, width, heads);
+    eligible(qkv.dtype(), d[0] * heads, d[1], d[1], width / heads, &layout)
+        && (!matches!(qkv.device(), Device::Cuda(_)) || offsets_aligned(&[qkv]))
+}
+
 /// The flash forward on a packed projection `qkv [B, N, channels]` (see `ops::attention_fwd_packed`),
 /// when eligible and self-checked: `(o [B, N, width], lse [B, heads, N])`; `None` sends the caller
 /// to the reference path.
@@ -488,4 +501,44 @@ pub(crate) fn try_bwd_packed(
         scale,
     )?;
     Ok(Some(wrap(&backend, dqkv, shape, qkv.dtype())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packed(dims: [usize; 3], dtype: DType) -> Tensor {
+        Tensor::zeros(dims, dtype, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn packed_support_follows_dtype_head_dim_and_alignment() {
+        let bf = packed([2, 197, 3 * 192], DType::BF16);
+        assert!(supports_packed(&bf, 0, 192, 3));
+        assert!(supports_packed(&packed([2, 197, 256 + 3 * 264], DType::F16), 256, 264, 3)); // d 88, MLP prefix
+        assert!(!supports_packed(&packed([2, 197, 3 * 192], DType::F32), 0, 192, 3), "f32");
+        assert!(!supports_packed(&packed([2, 197, 4 + 3 * 192], DType::BF16), 4, 192, 3), "unaligned offset");
+        assert!(!supports_packed(&packed([2, 197, 3 * 768], DType::BF16), 0, 768, 3), "head dim 256");
+        assert!(!supports_packed(&packed([2, 197, 3 * 108], DType::BF16), 0, 108, 3), "head dim 36");
+        assert!(!supports_packed(&bf, 0, 192, 5), "width not a multiple of heads");
+        assert!(!supports_packed(&bf, 8, 192, 3), "channels out of range");
+    }
+
+    #[test]
+    fn padded_head_dims_are_the_kernel_variants() {
+        let dims: Vec<_> = [8, 64, 80, 88, 104, 112, 128].iter().map(|&d| padded_head_dim(d)).collect();
+        assert_eq!(dims, [Some(64), Some(64), Some(80), Some(96), Some(112), Some(112), Some(128)]);
+        assert_eq!(padded_head_dim(136), None);
+        assert_eq!(padded_head_dim(60), None);
+    }
+
+    #[test]
+    fn the_layout_matches_the_kernel_struct() {
+        // 4 sizes and 8 slots of 4 strides, all i64: the kernel reads it as `struct FlashLayout`.
+        assert_eq!(std::mem::size_of::<FlashLayout>(), (4 + 8 * 4) * 8);
+        let l = packed_layout(197, 2304, 0, 768, 12);
+        assert_eq!(l.s[Slot::K as usize], [768, 197 * 2304, 64, 2304]);
+        assert_eq!(l.s[Slot::DV as usize], [1536, 197 * 2304, 64, 2304]);
+        assert_eq!(l.s[Slot::O as usize], [0, 197 * 768, 64, 768]);
+    }
 }
