@@ -43,26 +43,7 @@ pub struct HeadSaved {
 #[derive(Debug, Clone)]
 enum Saved {
     /// From [`HeadAttention::forward`] (and the packed path with QK-norm): heads as copies.
-    Split {
-        /// Queries split into heads, before QK-norm, `[B, H, Tq, dh]`.
-        q_raw: Tensor,
-        /// Keys split into heads, before QK-norm, `[B, H, Tk, dh]`.
-        k_raw: Tensor,
-        /// Queries as attention saw them (after QK-norm, if any), `[B, H, Tq, dh]`.
-        q: Tensor,
-        /// Keys as attention saw them (after QK-norm, if any), `[B, H, Tk, dh]`.
-        k: Tensor,
-        /// Values split into heads, `[B, H, Tk, dh]`.
-        v: Tensor,
-        /// QK-norm statistics of the queries, `[B, H, Tq]`; `None` without QK-norm.
-        qn: Option<NormSaved>,
-        /// QK-norm statistics of the keys, `[B, H, Tk]`; `None` without QK-norm.
-        kn: Option<NormSaved>,
-        /// Attention output per head, `[B, H, Tq, dh]`.
-        o: Tensor,
-        /// Log-sum-exp of each query's scaled scores, f32 `[B, H, Tq]`.
-        lse: Tensor,
-    },
+    Split(Box<SplitSaved>),
     /// From [`HeadAttention::forward_packed`] without QK-norm: no copies of the heads.
     Packed {
         /// The packed projection `[B, T, 3D]` (q, k, v blocks).
@@ -72,6 +53,28 @@ enum Saved {
         /// Log-sum-exp of each query's scaled scores, f32 `[B, H, T]`.
         lse: Tensor,
     },
+}
+
+#[derive(Debug, Clone)]
+struct SplitSaved {
+    /// Queries split into heads, before QK-norm, `[B, H, Tq, dh]`.
+    q_raw: Tensor,
+    /// Keys split into heads, before QK-norm, `[B, H, Tk, dh]`.
+    k_raw: Tensor,
+    /// Queries as attention saw them (after QK-norm, if any), `[B, H, Tq, dh]`.
+    q: Tensor,
+    /// Keys as attention saw them (after QK-norm, if any), `[B, H, Tk, dh]`.
+    k: Tensor,
+    /// Values split into heads, `[B, H, Tk, dh]`.
+    v: Tensor,
+    /// QK-norm statistics of the queries, `[B, H, Tq]`; `None` without QK-norm.
+    qn: Option<NormSaved>,
+    /// QK-norm statistics of the keys, `[B, H, Tk]`; `None` without QK-norm.
+    kn: Option<NormSaved>,
+    /// Attention output per head, `[B, H, Tq, dh]`.
+    o: Tensor,
+    /// Log-sum-exp of each query's scaled scores, f32 `[B, H, Tq]`.
+    lse: Tensor,
 }
 
 /// q, k, v slices `[.., D]` of a projection `[.., channels]` with blocks of `d` channels from `offset`.
@@ -89,7 +92,12 @@ impl HeadAttention {
         let (k, kn) = norm_opt(&self.k_norm, p, &k_raw)?;
         let out = ops::attention_fwd(&q, &k, &v, self.scale())?;
         let merged = merge_heads(&out.o)?;
-        Ok((merged, HeadSaved { inner: Saved::Split { q_raw, k_raw, q, k, v, qn, kn, o: out.o, lse: out.lse } }))
+        Ok((
+            merged,
+            HeadSaved {
+                inner: Saved::Split(Box::new(SplitSaved { q_raw, k_raw, q, k, v, qn, kn, o: out.o, lse: out.lse })),
+            },
+        ))
     }
 
     /// Self-attention on a packed projection `z [batch, tokens, channels]` whose q, k, v are the
@@ -123,7 +131,7 @@ impl HeadAttention {
                 let d = self.heads * self.head_dim;
                 Ok(ops::attention_bwd_packed(qkv, 0, d, self.heads, o, lse, dy, self.scale())?)
             }
-            Saved::Split { .. } => {
+            Saved::Split(_) => {
                 let (dq, dk, dv) = self.backward(p, s, dy, g)?;
                 Ok(ops::concat(&[&dq, &dk, &dv], 2)?)
             }
@@ -144,7 +152,7 @@ impl HeadAttention {
         g: &mut ParamStore,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (q_raw, k_raw, q, k, v, qn, kn, o, lse) = match &s.inner {
-            Saved::Split { q_raw, k_raw, q, k, v, qn, kn, o, lse } => (q_raw, k_raw, q, k, v, qn, kn, o, lse),
+            Saved::Split(s) => (&s.q_raw, &s.k_raw, &s.q, &s.k, &s.v, &s.qn, &s.kn, &s.o, &s.lse),
             Saved::Packed { .. } => {
                 // Saved by forward_packed: its gradient, sliced.
                 let dqkv = self.backward_packed(p, s, dy, g)?;

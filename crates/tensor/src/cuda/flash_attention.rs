@@ -503,6 +503,48 @@ pub(crate) fn try_bwd_packed(
     Ok(Some(wrap(&backend, dqkv, shape, qkv.dtype())))
 }
 
+/// The reference CUDA attention forward (`kernels/attention.cu`, one warp per query row), for
+/// benches and checks that compare it with the flash kernels: `(o, lse)` of contiguous
+/// `q [B, H, N, d]`, `k, v [B, H, M, d]` (d ≤ 256), whatever the self-checks decided.
+pub fn reference_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<(Tensor, Tensor)> {
+    check_reference("reference_fwd", &[q, k, v])?;
+    attention::attention_fwd(q, k, v, scale)
+}
+
+/// The reference CUDA attention backward (`kernels/attention.cu`): `(dq, dk, dv)`.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_bwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    check_reference("reference_bwd", &[q, k, v, o, d_o])?;
+    if lse.dims() != &q.dims()[..3] || lse.dtype() != DType::F32 {
+        return Err(Error::shape("reference_bwd", format!("expected f32 lse [B, H, N], got {}", lse.shape())));
+    }
+    attention::attention_bwd(q, k, v, o, lse, d_o, scale)
+}
+
+/// Rank-4 tensors of one float dtype with q's `[B, H, ·, d]`, as the reference kernels index them.
+fn check_reference(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+    let q = ts[0].dims();
+    let ok = ts.iter().all(|t| {
+        let d = t.dims();
+        d.len() == 4 && q.len() == 4 && d[0] == q[0] && d[1] == q[1] && d[3] == q[3] && t.dtype() == ts[0].dtype()
+    });
+    if !ok || !ts[0].dtype().is_float() {
+        return Err(Error::shape(
+            op,
+            format!("expected [batch, heads, tokens, head_dim] float tensors, got q {}", ts[0].shape()),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
