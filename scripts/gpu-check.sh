@@ -49,8 +49,9 @@ log=${OUT:+$OUT/gpu-check.log}; log=${log:-/dev/null}
 envlog=$(mktemp)
 . scripts/cuda-env.sh >"$envlog" 2>&1
 tee -a "$log" <"$envlog"; rm -f "$envlog"
-"$bin/vit" devices | tee -a "$log"
+# One kernel cache for every binary below (vit devices compiles and self-checks the fast kernels).
 export VITRS_KERNEL_CACHE=${VITRS_KERNEL_CACHE:-/tmp/vitrs-kernels}
+"$bin/vit" devices | tee -a "$log"
 status=0
 for t in "$bin"/test-*; do
   echo "== $t --ignored" | tee -a "$log"

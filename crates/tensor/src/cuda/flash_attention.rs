@@ -113,6 +113,8 @@ fn smem_dkdv(dp: usize) -> usize {
 fn function(backend: &CudaBackend, op: &str, dtype: DType, dp: usize, smem: usize) -> Result<CudaFunction> {
     let f = backend.function("flash_attention.cu", &format!("{}_d{dp}", name(op, dtype)))?;
     if smem > DEFAULT_SMEM {
+        // cuFuncSetAttribute acts on the calling thread's current context.
+        backend.stream.context().bind_to_thread().map_err(super::cuda_err)?;
         f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(|e| Error::Cuda(format!("flash attention needs {smem} bytes of shared memory: {e:?}")))?;
     }
