@@ -334,6 +334,56 @@ fn attention_matches_naive_and_finite_differences() {
     check_gradient("attention dv", |t| o(&q, &k, t), &vv, &r, &g.dv, 1e-2, 2e-3, 84).unwrap();
 }
 
+/// The packed op reads q, k, v at channel offsets of one projection (here behind a 5-channel
+/// prefix, like the parallel block's `[mlp, q, k, v]`) and merges heads: compared element by
+/// element, through index math, with `attention_fwd` on separately built heads, and its packed
+/// gradient with finite differences.
+#[test]
+fn packed_attention_matches_split_heads_and_finite_differences() {
+    let (b, n, h, dh, pre) = (2, 5, 3, 4, 5);
+    let w = h * dh;
+    let x = randn(&[b, n, pre + 3 * w], 42);
+    let xv = v(&x);
+    let at = |bi: usize, t: usize, ch: usize| xv[(bi * n + t) * (pre + 3 * w) + pre + ch];
+    // [b, h, n, dh] heads of block i, gathered with explicit indices.
+    let heads = |i: usize| {
+        let mut out = vec![0.0f32; b * h * n * dh];
+        for bi in 0..b {
+            for hh in 0..h {
+                for t in 0..n {
+                    for c in 0..dh {
+                        out[((bi * h + hh) * n + t) * dh + c] = at(bi, t, i * w + hh * dh + c);
+                    }
+                }
+            }
+        }
+        Tensor::from_f32(out, vec![b, h, n, dh], DType::F32, CPU).unwrap()
+    };
+    let scale = 0.4;
+    let want = ops::attention_fwd(&heads(0), &heads(1), &heads(2), scale).unwrap();
+    let got = ops::attention_fwd_packed(&x, pre, w, h, scale).unwrap();
+    assert_eq!(got.o.dims(), &[b, n, w]);
+    let (go, wo) = (v(&got.o), v(&want.o));
+    for bi in 0..b {
+        for t in 0..n {
+            for hh in 0..h {
+                for c in 0..dh {
+                    let (g, e) = (go[(bi * n + t) * w + hh * dh + c], wo[((bi * h + hh) * n + t) * dh + c]);
+                    assert!((g - e).abs() <= 1e-6, "o[{bi}, {t}, head {hh}, {c}]: {g} vs {e}");
+                }
+            }
+        }
+    }
+    assert_close("packed lse", &v(&got.lse), &v(&want.lse), 1e-6, 1e-7);
+    let r = randn(&[b, n, w], 43);
+    let g = ops::attention_bwd_packed(&x, pre, w, h, &got.o, &got.lse, &r, scale).unwrap();
+    assert_eq!(g.dims(), &[b, n, 3 * w]);
+    // The gradient with respect to the whole input, zero on the prefix.
+    let gx = ops::concat(&[&Tensor::zeros(vec![b, n, pre], DType::F32, CPU).unwrap(), &g], 2).unwrap();
+    let f = |t: &Tensor| -> Result<Tensor> { Ok(ops::attention_fwd_packed(t, pre, w, h, scale)?.o) };
+    check_gradient("packed attention dqkv", f, &x, &r, &gx, 1e-2, 2e-3, 120).unwrap();
+}
+
 #[test]
 fn reductions_match_naive_and_finite_differences() {
     let x = randn(&[3, 4, 5], 42);

@@ -24,6 +24,10 @@ fn shape_mismatches_name_op_and_shapes() {
     assert!(m.contains("weight of shape [3]"), "{m}");
     let m = msg(ops::attention_fwd(&t(&[1, 2, 3, 4]), &t(&[1, 2, 3, 5]), &t(&[1, 2, 3, 5]), 1.0).unwrap_err());
     assert!(m.starts_with("attention_fwd:"), "{m}");
+    let m = msg(ops::attention_fwd_packed(&t(&[2, 5, 30]), 4, 10, 2, 1.0).unwrap_err());
+    assert!(m.starts_with("attention_fwd_packed:") && m.contains("[2, 5, 30]") && m.contains("offset 4"), "{m}");
+    let m = msg(ops::attention_fwd_packed(&t(&[2, 5, 30]), 0, 10, 3, 1.0).unwrap_err());
+    assert!(m.contains("heads 3"), "{m}");
     let m = msg(ops::patchify(&t(&[1, 3, 10, 10]), 4).unwrap_err());
     assert!(m.contains("patch size 4") && m.contains("10"), "{m}");
     let m = msg(t(&[2, 3]).reshape([4, 2]).unwrap_err());

@@ -44,7 +44,6 @@ pub struct SequentialBlock {
     proj: Linear,
     norm2: Norm,
     mlp: Mlp,
-    width: usize,
 }
 
 /// Activations of a sequential block with input `x [B, T, D]` (T tokens, M = mlp_dim).
@@ -112,12 +111,6 @@ pub(crate) fn gelu_of(cfg: &ModelConfig) -> Gelu {
     }
 }
 
-/// q, k, v slices of a `[.., 3D]` projection starting at `offset`.
-fn split_qkv(z: &Tensor, offset: usize, d: usize) -> Result<[Tensor; 3]> {
-    let last = z.rank() - 1;
-    Ok([ops::slice(z, last, offset, d)?, ops::slice(z, last, offset + d, d)?, ops::slice(z, last, offset + 2 * d, d)?])
-}
-
 impl Block {
     /// Block `index` of a model with config `cfg`.
     pub fn new(index: usize, cfg: &ModelConfig) -> Self {
@@ -138,7 +131,6 @@ impl Block {
                 proj: Linear::new(&format!("{prefix}.attn.proj"), d, d, true),
                 norm2: Norm::new(&format!("{prefix}.norm2"), d, cfg.norm_bias),
                 mlp: Mlp::new(&format!("{prefix}.mlp"), d, m, gelu_of(cfg)),
-                width: d,
             }),
             BlockKind::Parallel => Block::Parallel(ParallelBlock {
                 in_norm: Norm::new(&format!("{prefix}.in_norm"), d, cfg.norm_bias),
@@ -189,8 +181,7 @@ impl Block {
             Block::Sequential(b) => {
                 let (n1, s1) = b.norm1.forward(p, x)?;
                 let qkv = b.qkv.forward(p, &n1)?;
-                let [q, k, v] = split_qkv(&qkv, 0, b.width)?;
-                let (merged, heads) = b.core.forward(p, &q, &k, &v)?;
+                let (merged, heads) = b.core.forward_packed(p, &qkv, 0)?;
                 let x1 = ops::add(x, &b.proj.forward(p, &merged)?)?;
                 let (n2, s2) = b.norm2.forward(p, &x1)?;
                 let (m, mlp) = b.mlp.forward(p, &n2)?;
@@ -205,8 +196,7 @@ impl Block {
                 if let Some(mb) = &b.mlp_bias {
                     u = ops::bias_add(&u, p.get(mb)?)?;
                 }
-                let [q, k, v] = split_qkv(&z, b.mlp_dim, b.width)?;
-                let (a, heads) = b.core.forward(p, &q, &k, &v)?;
+                let (a, heads) = b.core.forward_packed(p, &z, b.mlp_dim)?;
                 let cat = ops::concat(&[&a, &ops::gelu_fwd(&u, b.gelu)?], 2)?;
                 let y = ops::add(x, &b.out_proj.forward(p, &cat)?)?;
                 Ok((y, BlockSaved::Parallel(Box::new(ParallelSaved { h, s, u, heads, cat }))))
@@ -228,8 +218,7 @@ impl Block {
                 let dn2 = b.mlp.backward(p, &s.n2, &s.mlp, dy, g)?;
                 let dx1 = ops::add(dy, &b.norm2.backward(p, &s.x1, &s.s2, &dn2, g)?)?;
                 let dmerged = b.proj.backward(p, &s.merged, &dx1, g)?;
-                let (dq, dk, dv) = b.core.backward(p, &s.heads, &dmerged, g)?;
-                let dqkv = ops::concat(&[&dq, &dk, &dv], 2)?;
+                let dqkv = b.core.backward_packed(p, &s.heads, &dmerged, g)?;
                 let dn1 = b.qkv.backward(p, &s.n1, &dqkv, g)?;
                 Ok(ops::add(&dx1, &b.norm1.backward(p, x, &s.s1, &dn1, g)?)?)
             }
@@ -240,8 +229,8 @@ impl Block {
                 if let Some(mb) = &b.mlp_bias {
                     g.accumulate(mb, &ops::bias_add_bwd(&du)?)?;
                 }
-                let (dq, dk, dv) = b.core.backward(p, &s.heads, &da, g)?;
-                let dz = ops::concat(&[&du, &dq, &dk, &dv], 2)?;
+                let dqkv = b.core.backward_packed(p, &s.heads, &da, g)?;
+                let dz = ops::concat(&[&du, &dqkv], 2)?;
                 let dh = b.in_proj.backward(p, &s.h, &dz, g)?;
                 Ok(ops::add(dy, &b.in_norm.backward(p, x, &s.s, &dh, g)?)?)
             }

@@ -5,6 +5,9 @@
 mod allocator;
 mod attention;
 mod elementwise;
+/// The flash kernels' algorithm in Rust, checked against the reference attention (tests only).
+#[cfg(test)]
+mod flash_attention;
 mod index;
 mod layout;
 mod matmul;

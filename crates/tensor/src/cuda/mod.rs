@@ -7,6 +7,7 @@ mod launch;
 pub(crate) mod attention;
 pub(crate) mod blas;
 pub(crate) mod elementwise;
+pub mod flash_attention;
 pub(crate) mod index;
 pub mod kernel;
 pub(crate) mod layout;

@@ -25,6 +25,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("index.cu", include_str!("../../../../kernels/index.cu")),
     ("patch.cu", include_str!("../../../../kernels/patch.cu")),
     ("layout.cu", include_str!("../../../../kernels/layout.cu")),
+    ("flash_attention.cu", include_str!("../../../../kernels/flash_attention.cu")),
 ];
 
 /// The architectures CI compiles every kernel for.

@@ -1,7 +1,9 @@
 //! Multi-head attention, non-causal, `softmax(scale·QKᵀ)·V` per (batch, head), with the
 //! log-sum-exp of each query saved so backward recomputes the scores instead of keeping the
 //! `[tokens, tokens]` matrix. On the CPU: GEMMs per (batch, head) slab (`cpu/attention.rs`); on
-//! CUDA: the row-wise kernels of `kernels/attention.cu` (no tensor-core kernel yet).
+//! CUDA: the tensor-core flash kernels of `kernels/flash_attention.cu` for bf16/f16 with head dims
+//! that are multiples of 8 up to 128, once their self-check passed on the device, else the
+//! row-wise reference kernels of `kernels/attention.cu`.
 
 use super::{same_device, same_float_dtype, same_shape};
 use crate::{cpu, cuda, DType, Device, Error, Result, Tensor};
@@ -55,7 +57,10 @@ pub fn attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<A
             })
         }
         Device::Cuda(_) => {
-            let (o, lse) = cuda::attention::attention_fwd(q, k, v, scale)?;
+            let (o, lse) = match cuda::flash_attention::try_fwd(q, k, v, scale)? {
+                Some(flash) => flash,
+                None => cuda::attention::attention_fwd(q, k, v, scale)?,
+            };
             Ok(AttentionOut { o, lse })
         }
     }
@@ -106,7 +111,10 @@ pub fn attention_bwd(
             })
         }
         Device::Cuda(_) => {
-            let (dq, dk, dv) = cuda::attention::attention_bwd(q, k, v, o, lse, d_o, scale)?;
+            let (dq, dk, dv) = match cuda::flash_attention::try_bwd(q, k, v, o, lse, d_o, scale)? {
+                Some(flash) => flash,
+                None => cuda::attention::attention_bwd(q, k, v, o, lse, d_o, scale)?,
+            };
             Ok(AttentionGrads { dq, dk, dv })
         }
     }

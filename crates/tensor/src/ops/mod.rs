@@ -3,6 +3,7 @@
 //! float dtype are accepted; every accumulation is f32 (design §2).
 
 mod attention;
+mod attention_packed;
 mod elementwise;
 mod index;
 mod layout;
@@ -14,6 +15,7 @@ mod softmax;
 
 pub use crate::op_kinds::{Activation, BinaryOp, Gelu, MatmulDims, NormKind, ReduceOp};
 pub use attention::*;
+pub use attention_packed::*;
 pub use elementwise::*;
 pub use index::*;
 pub use layout::*;
