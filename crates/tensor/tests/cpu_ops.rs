@@ -637,3 +637,14 @@ fn large_inputs_take_the_parallel_paths_and_match_naive() {
     };
     assert_eq!(on(1), on(3), "blocked sums depend on the thread count");
 }
+
+#[test]
+fn fused_softmax_cross_entropy_is_the_two_ops_and_checks_dloss() {
+    let (z, t) = (randn(&[5, 11], 40), ops::softmax_fwd(&randn(&[5, 11], 41)).unwrap());
+    let dloss = randn(&[5], 42);
+    let (loss, dz) = ops::softmax_cross_entropy_fwd_bwd(&z, &t, &dloss).unwrap();
+    assert_eq!(v(&loss), v(&ops::softmax_cross_entropy_fwd(&z, &t).unwrap()));
+    assert_eq!(v(&dz), v(&ops::softmax_cross_entropy_bwd(&z, &t, &dloss).unwrap()));
+    let msg = ops::softmax_cross_entropy_fwd_bwd(&z, &t, &randn(&[4], 43)).unwrap_err().to_string();
+    assert!(msg.contains("softmax_cross_entropy_fwd_bwd") && msg.contains("dloss"), "{msg}");
+}

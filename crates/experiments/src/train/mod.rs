@@ -388,7 +388,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
             let (losses, dlogits) = if cfg.train.loss == LossKind::Sigmoid {
                 (ops::sigmoid_cross_entropy_fwd(&logits, &t)?, ops::sigmoid_cross_entropy_bwd(&logits, &t, &dloss)?)
             } else {
-                (ops::softmax_cross_entropy_fwd(&logits, &t)?, ops::softmax_cross_entropy_bwd(&logits, &t, &dloss)?)
+                ops::softmax_cross_entropy_fwd_bwd(&logits, &t, &dloss)?
             };
             loss_sum += ops::sum_all(&losses)?.to_scalar()? as f64;
             model.backward(&cp, &saved, &dlogits, &mut grads)?;

@@ -1,11 +1,13 @@
-//! The fused LayerNorm kernels (issue 14 item 5) against the CPU reference: the fast path's
-//! branches (one row per warp or per block, 16-byte vector or scalar loads, misaligned views),
-//! the residual add folded in (`add_layer_norm_fwd` / `_bwd` against the CPU composition),
-//! bf16/f16/f32, widths that are and are not multiples of 8, odd row counts, and deterministic
-//! parameter gradients. Each test first asserts that the fast path passed its self-check, so
-//! these cannot pass on the reference path alone.
+//! The fused and vectorised bandwidth kernels of issue 14 item 5 against the CPU reference.
+//! LayerNorm: the fast path's branches (one row per warp or per block, 16-byte vector or scalar
+//! loads, misaligned views), the residual add folded in (`add_layer_norm_fwd` / `_bwd` against
+//! the CPU composition) and deterministic parameter gradients. Softmax cross-entropy: forward
+//! and backward in one kernel. Elementwise and layout kernels: the 32-bit vector paths. All in
+//! bf16/f16/f32, at widths that are and are not multiples of 8 and odd row counts. Each test of
+//! a self-checked kernel first asserts that it passed its check, so these cannot pass on the
+//! reference path alone.
 //!
-//! These need a GPU and NVRTC: `cargo test -p vit-tensor --test cuda_norm -- --include-ignored`.
+//! These need a GPU and NVRTC: `cargo test -p vit-tensor --test cuda_fused -- --include-ignored`.
 
 use vit_tensor::{
     cuda::self_check::{self, KernelStatus},
@@ -21,14 +23,19 @@ const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 /// 2048), and a width whose fused backward exceeds its shared memory (7000: reference path).
 const SHAPES: &[(usize, usize)] = &[(197, 768), (5, 100), (3, 37), (33, 1024), (7, 1030), (9, 2048), (3, 7000)];
 
-fn require_fast_norm() {
+/// Asserts that the fast kernel `name` passed its self-check on cuda:0 (running every check).
+fn require_passed(name: &str) {
     assert!(vit_tensor::cuda::available(), "these tests need a CUDA device and its driver");
     let report = self_check::check_all(0).unwrap();
-    let status = report.iter().find(|(k, _)| *k == "layer_norm_fused").map(|(_, s)| s.clone());
+    let status = report.iter().find(|(k, _)| *k == name).map(|(_, s)| s.clone());
     assert!(
         matches!(status, Some(KernelStatus::Passed { .. })),
-        "the fused LayerNorm must pass its self-check on this device, got {status:?}"
+        "the fast kernel {name} must pass its self-check on this device, got {status:?}"
     );
+}
+
+fn require_fast_norm() {
+    require_passed("layer_norm_fused");
 }
 
 fn randn(shape: &[usize], mean: f32, std: f32, seed: u64, dtype: DType) -> Tensor {
@@ -190,5 +197,39 @@ fn fused_layer_norm_backward_is_deterministic() {
     {
         let (p, q) = (p.unwrap().to_f32_vec().unwrap(), q.unwrap().to_f32_vec().unwrap());
         assert!(p.iter().zip(&q).all(|(u, v)| u.to_bits() == v.to_bits()), "{what} differs between two runs");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn fused_softmax_cross_entropy_matches_the_cpu() {
+    require_passed("softmax_cross_entropy_fused");
+    // Classes: vector loads (1000, 1024: one row per warp; 2048: per block), scalar (37, 1001),
+    // odd batch sizes.
+    for dt in FLOATS {
+        for (i, &(b, k)) in
+            [(33usize, 1000usize), (5, 37), (7, 1001), (3, 1024), (9, 2048), (1, 21843)].iter().enumerate()
+        {
+            let seed = 500 + 10 * i as u64;
+            let z = randn(&[b, k], 0.0, 2.0, seed, dt);
+            // Label-smoothed one-hot targets (0.1 as big_vision) and soft targets with exact zeros.
+            let labels: Vec<usize> = (0..b).map(|r| (r * 7919 + i) % k).collect();
+            let eps = 0.1f32;
+            let mut smooth = vec![eps / k as f32; b * k];
+            for (r, &c) in labels.iter().enumerate() {
+                smooth[r * k + c] += 1.0 - eps;
+            }
+            let soft: Vec<f32> = randn(&[b, k], 0.0, 1.0, seed + 1, DType::F32).to_f32_vec().unwrap();
+            let soft = soft.into_iter().map(|v| v.max(0.0)).collect();
+            let dloss = randn(&[b], 0.0, 1.0, seed + 2, DType::F32);
+            for (name, t) in [("smoothed", smooth), ("soft", soft)] {
+                let t = Tensor::from_f32(t, [b, k], dt, Device::Cpu).unwrap();
+                let what = format!("softmax_cross_entropy_fwd_bwd [{b}, {k}] {name}");
+                let (lc, dc) = ops::softmax_cross_entropy_fwd_bwd(&z, &t, &dloss).unwrap();
+                let (lg, dg) = ops::softmax_cross_entropy_fwd_bwd(&gpu(&z), &gpu(&t), &gpu(&dloss)).unwrap();
+                check(&format!("{what}: loss"), &lg, &lc, dt);
+                check(&format!("{what}: dlogits"), &dg, &dc, dt);
+            }
+        }
     }
 }
