@@ -121,22 +121,6 @@ __device__ void sigmoid_xent_bwd_impl(const T* z, const float* t, const float* d
     }
 }
 
-// V f32 targets from t + i: one access for V = 1, 16-byte accesses otherwise (V a multiple of 4).
-template <int V>
-__device__ __forceinline__ void load_targets(const float* t, long long i, float (&out)[V]) {
-    if constexpr (V == 1) {
-        out[0] = t[i];
-    } else {
-#pragma unroll
-        for (int q = 0; q < V; q += 4) {
-            float part[4];
-            load_v<float, 4>(t, i + q, part);
-#pragma unroll
-            for (int k = 0; k < 4; ++k) out[q + k] = part[k];
-        }
-    }
-}
-
 __device__ __forceinline__ float xent_sum(float v, int per_warp) { return per_warp ? warp_sum(v) : block_sum(v); }
 __device__ __forceinline__ float xent_max(float v, int per_warp) { return per_warp ? warp_max(v) : block_max(v); }
 
@@ -162,7 +146,7 @@ __device__ void softmax_xent_fused_impl(const T* z, const float* t, const float*
         for (int c = lane; c < chunks; c += size) {
             float a[V], tv[V];
             load_v<T, V>(z + off, (long long)c * V, a);
-            load_targets<V>(t + off, (long long)c * V, tv);
+            load_v<float, V>(t + off, (long long)c * V, tv);
 #pragma unroll
             for (int k = 0; k < V; ++k) {
                 se += expf(a[k] - mx);
@@ -175,7 +159,7 @@ __device__ void softmax_xent_fused_impl(const T* z, const float* t, const float*
         for (int c = lane; c < chunks; c += size) {
             float a[V], tv[V], o[V];
             load_v<T, V>(z + off, (long long)c * V, a);
-            load_targets<V>(t + off, (long long)c * V, tv);
+            load_v<float, V>(t + off, (long long)c * V, tv);
 #pragma unroll
             for (int k = 0; k < V; ++k) {
                 o[k] = g * (expf(a[k] - mx) / sum * tsum - tv[k]);

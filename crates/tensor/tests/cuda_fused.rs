@@ -11,7 +11,7 @@
 
 use vit_tensor::{
     cuda::self_check::{self, KernelStatus},
-    ops::{self, NormKind},
+    ops::{self, Gelu, NormKind},
     DType, Device, Tensor,
 };
 
@@ -230,6 +230,108 @@ fn fused_softmax_cross_entropy_matches_the_cpu() {
                 check(&format!("{what}: loss"), &lg, &lc, dt);
                 check(&format!("{what}: dlogits"), &dg, &dc, dt);
             }
+        }
+    }
+}
+
+/// Bit-exact comparison (the elementwise ops compute each element with the same f32 expression
+/// on both sides; layout ops copy bits).
+fn check_exact(what: &str, cuda: &Tensor, cpu: &Tensor) {
+    assert_eq!(cuda.device(), GPU, "{what}: result not on the GPU");
+    assert_eq!(cuda.dims(), cpu.dims(), "{what}: shapes differ");
+    assert_eq!(cuda.dtype(), cpu.dtype(), "{what}: dtypes differ");
+    let (g, c) = (cuda.to_f32_vec().unwrap(), cpu.to_f32_vec().unwrap());
+    for (i, (x, y)) in g.iter().zip(&c).enumerate() {
+        assert!(x.to_bits() == y.to_bits(), "{what}: element {i} of {}: cuda {x}, cpu {y}", g.len());
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn vector_elementwise_kernels_match_the_cpu() {
+    require_passed("elementwise_layout_v32");
+    for dt in FLOATS {
+        // Aligned with whole vectors (197·768), a tail (3·1001), and views 3 elements into
+        // their buffer (misaligned: the scalar loop).
+        let aligned = |seed| randn(&[197, 768], 0.0, 1.0, seed, dt);
+        let tail = |seed| randn(&[3, 1001], 0.0, 1.0, seed, dt);
+        let view =
+            |seed| randn(&[3 * 1001 + 3], 0.0, 1.0, seed, dt).narrow(3, 3 * 1001).unwrap().reshape([3, 1001]).unwrap();
+        for (name, a, b) in
+            [("aligned", aligned(1), aligned(2)), ("tail", tail(3), tail(4)), ("view", view(5), view(6))]
+        {
+            let (ag, bg) = (gpu(&a), gpu(&b));
+            let what =
+                format!("[{}] {name} {dt}", a.dims().iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
+            check_exact(&format!("add {what}"), &ops::add(&ag, &bg).unwrap(), &ops::add(&a, &b).unwrap());
+            check_exact(&format!("sub {what}"), &ops::sub(&ag, &bg).unwrap(), &ops::sub(&a, &b).unwrap());
+            check_exact(&format!("mul {what}"), &ops::mul(&ag, &bg).unwrap(), &ops::mul(&a, &b).unwrap());
+            check_exact(&format!("scale {what}"), &ops::scale(&ag, 0.3).unwrap(), &ops::scale(&a, 0.3).unwrap());
+            let d = *a.dims().last().unwrap();
+            let bias = randn(&[d], 0.0, 1.0, 7, dt);
+            check_exact(
+                &format!("bias_add {what}"),
+                &ops::bias_add(&ag, &gpu(&bias)).unwrap(),
+                &ops::bias_add(&a, &bias).unwrap(),
+            );
+            for kind in [Gelu::Tanh, Gelu::Erf] {
+                check(
+                    &format!("gelu_fwd {kind:?} {what}"),
+                    &ops::gelu_fwd(&ag, kind).unwrap(),
+                    &ops::gelu_fwd(&a, kind).unwrap(),
+                    dt,
+                );
+                check(
+                    &format!("gelu_bwd {kind:?} {what}"),
+                    &ops::gelu_bwd(&ag, &bg, kind).unwrap(),
+                    &ops::gelu_bwd(&a, &b, kind).unwrap(),
+                    dt,
+                );
+            }
+            for to in FLOATS.into_iter().filter(|&t| t != dt) {
+                check_exact(&format!("cast to {to} {what}"), &ag.cast(to).unwrap(), &a.cast(to).unwrap());
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn vector_layout_kernels_match_the_cpu() {
+    require_passed("elementwise_layout_v32");
+    for dt in FLOATS {
+        // Head splits of [B, T, H, dh]: dh 64 (16-byte units) and 13 (elements).
+        for dh in [64usize, 13] {
+            let x = randn(&[3, 197, 4, dh], 0.0, 1.0, 20, dt);
+            let xg = gpu(&x);
+            let what = format!("[3, 197, 4, {dh}] {dt}");
+            for perm in [[0, 2, 1, 3], [2, 0, 1, 3], [0, 1, 3, 2]] {
+                check_exact(
+                    &format!("permute {perm:?} {what}"),
+                    &ops::permute(&xg, &perm).unwrap(),
+                    &ops::permute(&x, &perm).unwrap(),
+                );
+            }
+            // q, k, v style slices of the last dim and their concat; token slices (inner 4·dh).
+            let (cs, gs): (Vec<_>, Vec<_>) = [(0, dh / 2), (dh / 2, dh - dh / 2)]
+                .iter()
+                .map(|&(s, l)| (ops::slice(&x, 3, s, l).unwrap(), ops::slice(&xg, 3, s, l).unwrap()))
+                .unzip();
+            for (c, g) in cs.iter().zip(&gs) {
+                check_exact(&format!("slice last dim {what}"), g, c);
+            }
+            check_exact(
+                &format!("concat last dim {what}"),
+                &ops::concat(&[&gs[0], &gs[1]], 3).unwrap(),
+                &ops::concat(&[&cs[0], &cs[1]], 3).unwrap(),
+            );
+            let (c, g) = (ops::slice(&x, 1, 1, 196).unwrap(), ops::slice(&xg, 1, 1, 196).unwrap());
+            check_exact(&format!("slice tokens {what}"), &g, &c);
+            check_exact(
+                &format!("pad tokens {what}"),
+                &ops::pad_along(&g, x.dims(), 1, 1).unwrap(),
+                &ops::pad_along(&c, x.dims(), 1, 1).unwrap(),
+            );
         }
     }
 }

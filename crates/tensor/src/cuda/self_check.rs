@@ -91,7 +91,7 @@ impl CudaBackend {
 /// Each fast kernel's first-use check, run on its device's backend; returns whether it passed.
 /// A module with a fast kernel adds its entry here, so `vit devices` can check them all.
 type CheckEntry = fn(&std::sync::Arc<CudaBackend>) -> bool;
-const ALL_CHECKS: &[CheckEntry] = &[super::norm::fast_ok, super::softmax::fused_xent_ok];
+const ALL_CHECKS: &[CheckEntry] = &[super::norm::fast_ok, super::softmax::fused_xent_ok, super::v32::v32_ok];
 
 /// Runs the check of every fast kernel on device `ordinal` (those not yet run) and returns the
 /// results, by kernel name.
