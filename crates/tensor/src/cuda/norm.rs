@@ -98,7 +98,9 @@ fn fwd_on(
     const OP: &str = "ln_fwd_fast";
     let (d, rows) = (x.shape().last(), x.shape().rows());
     let stat_shape = Shape::new(without_last(x));
-    let mut h = output(backend, x.shape(), x.dtype())?;
+    // h only with a residual (else a never-written placeholder).
+    let h_shape = if residual.is_some() { x.shape().clone() } else { Shape::new([1]) };
+    let mut h = output(backend, &h_shape, x.dtype())?;
     let mut y = output(backend, x.shape(), x.dtype())?;
     let mut mean = output(backend, &stat_shape, DType::F32)?;
     let mut rstd = output(backend, &stat_shape, DType::F32)?;
