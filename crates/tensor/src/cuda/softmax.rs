@@ -154,25 +154,29 @@ pub(crate) fn fused_xent_ok(backend: &Arc<CudaBackend>) -> bool {
     backend.fast_kernel_ok(FUSED_XENT, 1e-5, || check_fused_xent(backend))
 }
 
-/// The fused kernel against the separate ones on f32 problems taking its branches (vector and
-/// scalar loads, one row per warp and per block; soft targets with zeros): the largest relative
-/// error of loss and dlogits.
+/// The fused kernel against the separate ones on problems taking its branches (vector and
+/// scalar loads, one row per warp and per block; soft targets with zeros), in f32, bf16 and f16:
+/// the largest relative error of loss and dlogits, scaled as the LayerNorm check's
+/// (`1e-5 / dtype tolerance`, so one threshold judges every dtype).
 fn check_fused_xent(backend: &Arc<CudaBackend>) -> Result<f64> {
     let dev = Device::Cuda(backend.ordinal);
     let mut worst = 0.0f64;
-    for (i, &(b, k)) in [(13, 1000), (5, 37), (3, 2050)].iter().enumerate() {
-        let seed = 7000 + 10 * i as u64;
-        let z = Tensor::randn([b, k], 0.0, 2.0, seed, DType::F32, dev)?;
-        // Targets in [-0.5, 1) clamped at 0: soft, with many exact zeros.
-        let t = Tensor::rand_uniform([b, k], -0.5, 1.0, seed + 1, DType::F32, Device::Cpu)?;
-        let t = t.to_f32_vec()?.into_iter().map(|v| v.max(0.0)).collect();
-        let t = Tensor::from_f32(t, [b, k], DType::F32, dev)?;
-        let g = Tensor::randn([b], 0.0, 1.0, seed + 2, DType::F32, dev)?;
-        let (lf, df) = fused_xent(backend, &z, &t, &g)?;
-        let (lr, dr) = (softmax_cross_entropy_fwd(&z, &t)?, softmax_cross_entropy_bwd(&z, &t, &g)?);
-        for (a, r) in [(&lf, &lr), (&df, &dr)] {
-            let e = self_check::relative_error(&a.to_f32_vec()?, &r.to_f32_vec()?);
-            worst = if e.is_nan() { f64::NAN } else { worst.max(e) };
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let scale = 1e-5 / super::norm::dtype_tolerance(dt);
+        for (i, &(b, k)) in [(13, 1000), (5, 37), (3, 2050)].iter().enumerate() {
+            let seed = 7000 + 10 * i as u64;
+            let z = Tensor::randn([b, k], 0.0, 2.0, seed, dt, dev)?;
+            // Targets in [-0.5, 1) clamped at 0: soft, with many exact zeros.
+            let t = Tensor::rand_uniform([b, k], -0.5, 1.0, seed + 1, DType::F32, Device::Cpu)?;
+            let t = t.to_f32_vec()?.into_iter().map(|v| v.max(0.0)).collect();
+            let t = Tensor::from_f32(t, [b, k], dt, dev)?;
+            let g = Tensor::randn([b], 0.0, 1.0, seed + 2, DType::F32, dev)?;
+            let (lf, df) = fused_xent(backend, &z, &t, &g)?;
+            let (lr, dr) = (softmax_cross_entropy_fwd(&z, &t)?, softmax_cross_entropy_bwd(&z, &t, &g)?);
+            for (a, r) in [(&lf, &lr), (&df, &dr)] {
+                let e = self_check::relative_error(&a.to_f32_vec()?, &r.to_f32_vec()?) * scale;
+                worst = if e.is_nan() || worst.is_nan() { f64::NAN } else { worst.max(e) };
+            }
         }
     }
     Ok(worst)
