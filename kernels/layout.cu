@@ -74,10 +74,16 @@ template <class T>
 __device__ void copy_block_v32(const T* src, T* dst, long long outer, long long src_n, long long src_off,
                                long long dst_n, long long dst_off, long long len, long long inner) {
     constexpr long long V = 16 / sizeof(T);
-    if (inner % V == 0 && aligned16(src) && aligned16(dst))
-        copy_block_u32(reinterpret_cast<const vec16*>(src), reinterpret_cast<vec16*>(dst), (unsigned)outer,
-                       (unsigned)src_n, (unsigned)src_off, (unsigned)dst_n, (unsigned)dst_off, (unsigned)len,
-                       (unsigned)(inner / V));
+    const bool aligned = aligned16(src) && aligned16(dst);
+    const auto* s16 = reinterpret_cast<const vec16*>(src);
+    auto* d16 = reinterpret_cast<vec16*>(dst);
+    if (aligned && inner % V == 0)  // rows of whole vectors
+        copy_block_u32(s16, d16, (unsigned)outer, (unsigned)src_n, (unsigned)src_off, (unsigned)dst_n,
+                       (unsigned)dst_off, (unsigned)len, (unsigned)(inner / V));
+    else if (aligned && inner == 1 && src_n % V == 0 && src_off % V == 0 && dst_n % V == 0 && dst_off % V == 0 &&
+             len % V == 0)  // a slice of the last dim at vector offsets (q, k, v of a qkv projection)
+        copy_block_u32(s16, d16, (unsigned)outer, (unsigned)(src_n / V), (unsigned)(src_off / V), (unsigned)(dst_n / V),
+                       (unsigned)(dst_off / V), (unsigned)(len / V), 1u);
     else
         copy_block_u32(src, dst, (unsigned)outer, (unsigned)src_n, (unsigned)src_off, (unsigned)dst_n,
                        (unsigned)dst_off, (unsigned)len, (unsigned)inner);

@@ -415,3 +415,20 @@ fn check_fast(backend: &Arc<CudaBackend>) -> Result<f64> {
     }
     Ok(worst)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{bwd_smem, layout};
+
+    #[test]
+    fn rows_go_per_warp_up_to_1024_and_the_fused_backward_fits_48_kib_up_to_6144() {
+        assert_eq!(layout(768), (true, 4, 128));
+        assert_eq!(layout(1024), (true, 4, 128));
+        assert_eq!(layout(1025), (false, 1, 256));
+        assert_eq!(bwd_smem(768, true), Some(4 * 2 * 768 * 4));
+        assert_eq!(bwd_smem(1024, true), Some(32 * 1024));
+        assert_eq!(bwd_smem(6144, true), Some(48 * 1024));
+        assert_eq!(bwd_smem(6145, true), None);
+        assert_eq!(bwd_smem(100_000, false), Some(0));
+    }
+}

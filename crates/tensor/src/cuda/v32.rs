@@ -76,7 +76,9 @@ fn probe(dev: Device) -> Result<Vec<Vec<f32>>> {
             ops::permute(&x, &[2, 1, 0])?,
             ops::slice(&x, 2, 8, 16)?,
             ops::slice(&x, 2, 3, 5)?,
+            ops::slice(&x, 1, 1, 2)?,
             ops::concat(&[&x, &y], 1)?,
+            ops::concat(&[&x, &y], 2)?,
         ] {
             out.push(t.to_f32_vec()?);
         }
