@@ -14,10 +14,17 @@
 //       loss = Σ_j max(z,0) − z·t + log1p(exp(−|z|))
 //   sigmoid_cross_entropy_bwd_<dt>(z, t, dloss, dz, total, n)   (elementwise, 1-D grid-stride)
 //       dz = dloss[row]·(1/(1+exp(−z)) − t)
+//   softmax_cross_entropy_fused_<dt>(z, t, dloss, loss, dz, rows, n, per_warp)
+//       both of the above in one kernel (fast path, self-checked before use): one row per warp
+//       (per_warp, n <= 1024) or per block; passes over the row: max; Σ exp(z − max) and Σ t;
+//       then dz and the loss terms together. 16-byte vector loads and stores of z, t and dz
+//       when n is a multiple of the vector width and every pointer is 16-byte aligned
+//       (checked in the kernel), scalar otherwise. Row offsets 64-bit, within a row 32-bit.
 // Launch: row kernels use blocks of a multiple of 32 threads (≤ 1024), no dynamic shared
 // memory; the elementwise kernel blocks of 256.
 // Precision: loads to f32, all sums, max and exp in f32, one rounding on store.
 #include "common.cuh"
+#include "vec.cuh"
 
 // Maximum and Σ exp(v − max) of a row, returned to every thread of the block.
 template <class T>
@@ -114,6 +121,57 @@ __device__ void sigmoid_xent_bwd_impl(const T* z, const float* t, const float* d
     }
 }
 
+__device__ __forceinline__ float xent_sum(float v, int per_warp) { return per_warp ? warp_sum(v) : block_sum(v); }
+__device__ __forceinline__ float xent_max(float v, int per_warp) { return per_warp ? warp_max(v) : block_max(v); }
+
+template <class T, int V>
+__device__ void softmax_xent_fused_impl(const T* z, const float* t, const float* dloss, float* loss, T* dz,
+                                        long long rows, int n, int per_warp) {
+    const int lane = per_warp ? (threadIdx.x & 31) : threadIdx.x;
+    const int size = per_warp ? 32 : blockDim.x;
+    const long long first = per_warp ? (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5) : blockIdx.x;
+    const long long stride = per_warp ? (long long)gridDim.x * (blockDim.x >> 5) : gridDim.x;
+    const int chunks = n / V;
+    for (long long row = first; row < rows; row += stride) {
+        const long long off = row * n;
+        float m = NEG_INF;
+        for (int c = lane; c < chunks; c += size) {
+            float a[V];
+            load_v<T, V>(z + off, (long long)c * V, a);
+#pragma unroll
+            for (int k = 0; k < V; ++k) m = fmaxf(m, a[k]);
+        }
+        const float mx = xent_max(m, per_warp);
+        float se = 0.f, ts = 0.f;
+        for (int c = lane; c < chunks; c += size) {
+            float a[V], tv[V];
+            load_v<T, V>(z + off, (long long)c * V, a);
+            load_v<float, V>(t + off, (long long)c * V, tv);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                se += expf(a[k] - mx);
+                ts += tv[k];
+            }
+        }
+        const float sum = xent_sum(se, per_warp), tsum = xent_sum(ts, per_warp);
+        const float lse = mx + logf(sum), g = dloss[row];
+        float l = 0.f;
+        for (int c = lane; c < chunks; c += size) {
+            float a[V], tv[V], o[V];
+            load_v<T, V>(z + off, (long long)c * V, a);
+            load_v<float, V>(t + off, (long long)c * V, tv);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                o[k] = g * (expf(a[k] - mx) / sum * tsum - tv[k]);
+                if (tv[k] != 0.f) l += tv[k] * (a[k] - lse);
+            }
+            store_v<T, V>(dz + off, (long long)c * V, o);
+        }
+        const float total = xent_sum(l, per_warp);
+        if (lane == 0) loss[row] = -total;
+    }
+}
+
 #define SOFTMAX(name, T)                                                                                              \
     extern "C" __global__ void softmax_fwd_##name(const T* x, T* y, long long rows, long long n) {                   \
         softmax_fwd_impl(x, y, rows, n);                                                                              \
@@ -136,6 +194,14 @@ __device__ void sigmoid_xent_bwd_impl(const T* z, const float* t, const float* d
     extern "C" __global__ void sigmoid_cross_entropy_bwd_##name(const T* z, const float* t, const float* dloss, T* dz,  \
                                                                 long long total, long long n) {                       \
         sigmoid_xent_bwd_impl(z, t, dloss, dz, total, n);                                                             \
+    }                                                                                                                 \
+    extern "C" __global__ void softmax_cross_entropy_fused_##name(const T* z, const float* t, const float* dloss,     \
+                                                                  float* loss, T* dz, long long rows, int n,          \
+                                                                  int per_warp) {                                     \
+        if (n % VecN<T>::n == 0 && aligned16(z) && aligned16(t) && aligned16(dz))                                     \
+            softmax_xent_fused_impl<T, VecN<T>::n>(z, t, dloss, loss, dz, rows, n, per_warp);                         \
+        else                                                                                                          \
+            softmax_xent_fused_impl<T, 1>(z, t, dloss, loss, dz, rows, n, per_warp);                                  \
     }
 SOFTMAX(f32, float)
 SOFTMAX(bf16, bf16)

@@ -11,8 +11,8 @@ bin=.gpu-bin
 # the device tool's 64 MiB carry limit. Only their ignored tests ("needs a CUDA device") run
 # here: the others are CI's, and the compile checks in them need CI's pinned NVRTC wheel (the
 # CUDA 13.0 toolkit's libnvrtc on the GPU host gives no ptxas report for sm_90a).
-gpu_tests="cuda_ops cuda_layout cuda_model cuda_optim cuda_kernel checkpoint cuda_flash_attention"
-gpu_benches="gemm_cuda optim_cuda attention_cuda"
+gpu_tests="cuda_ops cuda_layout cuda_model cuda_optim cuda_kernel checkpoint cuda_flash_attention cuda_fused"
+gpu_benches="gemm_cuda optim_cuda attention_cuda norm_cuda"
 if [ "${1:-}" = "--build" ]; then
   set -e  # a failed build must stop here, with cargo's errors on the terminal
   rm -rf "$bin" && mkdir -p "$bin"

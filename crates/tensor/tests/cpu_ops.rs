@@ -235,6 +235,45 @@ fn layer_norm_matches_naive_and_finite_differences() {
 }
 
 #[test]
+fn add_layer_norm_matches_its_composition_and_finite_differences() {
+    let d = 20;
+    let x = Tensor::randn([2, 3, d], 0.5, 2.0, 33, DType::F32, CPU).unwrap();
+    let r = Tensor::randn([2, 3, d], -0.5, 1.0, 34, DType::F32, CPU).unwrap();
+    let w = Tensor::randn([d], 1.0, 0.3, 35, DType::F32, CPU).unwrap();
+    let b = randn(&[d], 36);
+    let (dy, dres) = (randn(&[2, 3, d], 37), randn(&[2, 3, d], 38));
+    for kind in [NormKind::LayerNorm, NormKind::Rms] {
+        for bt in [Some(&b), None] {
+            let out = ops::add_layer_norm_fwd(&x, &r, Some(&w), bt, 1e-6, kind).unwrap();
+            let h = ops::add(&x, &r).unwrap();
+            let ln = ops::layer_norm_fwd(&h, Some(&w), bt, 1e-6, kind).unwrap();
+            assert_eq!(v(&out.h), v(&h), "add_layer_norm h {kind:?}");
+            assert_eq!(v(&out.y), v(&ln.y), "add_layer_norm y {kind:?}");
+            assert_eq!(v(&out.rstd), v(&ln.rstd), "add_layer_norm rstd {kind:?}");
+            let g = ops::add_layer_norm_bwd(&out.h, Some(&w), &out.mean, &out.rstd, &dy, &dres, kind, bt.is_some())
+                .unwrap();
+            // The loss Σ y·dy + Σ h·dres as one projection of [h, y] on [dres, dy]; x and r
+            // enter only through h, so both have the gradient dh.
+            let proj = ops::concat(&[&dres, &dy], 2).unwrap();
+            let both = |x: &Tensor, r: &Tensor| -> Result<Tensor> {
+                let o = ops::add_layer_norm_fwd(x, r, Some(&w), bt, 1e-6, kind)?;
+                ops::concat(&[&o.h, &o.y], 2)
+            };
+            check_gradient(&format!("add_layer_norm dx {kind:?}"), |t| both(t, &r), &x, &proj, &g.dx, 1e-2, 2e-3, 60)
+                .unwrap();
+            check_gradient(&format!("add_layer_norm dr {kind:?}"), |t| both(&x, t), &r, &proj, &g.dx, 1e-2, 2e-3, 60)
+                .unwrap();
+            let f = |t: &Tensor| Ok(ops::add_layer_norm_fwd(&x, &r, Some(t), bt, 1e-6, kind)?.y);
+            check_gradient("add_layer_norm dweight", f, &w, &dy, g.dweight.as_ref().unwrap(), 1e-2, 2e-3, 20).unwrap();
+            assert_eq!(g.dbias.is_some(), bt.is_some());
+        }
+    }
+    let bad = ops::add_layer_norm_fwd(&x, &randn(&[2, 3, d + 1], 39), Some(&w), None, 1e-6, NormKind::LayerNorm);
+    let msg = bad.unwrap_err().to_string();
+    assert!(msg.contains("add_layer_norm_fwd") && msg.contains(&format!("{}", d + 1)), "{msg}");
+}
+
+#[test]
 fn softmax_and_losses_match_naive_and_finite_differences() {
     let z = Tensor::randn([5, 11], 0.0, 3.0, 33, DType::F32, CPU).unwrap();
     let zv = v(&z);
@@ -647,4 +686,15 @@ fn large_inputs_take_the_parallel_paths_and_match_naive() {
         })
     };
     assert_eq!(on(1), on(3), "blocked sums depend on the thread count");
+}
+
+#[test]
+fn fused_softmax_cross_entropy_is_the_two_ops_and_checks_dloss() {
+    let (z, t) = (randn(&[5, 11], 40), ops::softmax_fwd(&randn(&[5, 11], 41)).unwrap());
+    let dloss = randn(&[5], 42);
+    let (loss, dz) = ops::softmax_cross_entropy_fwd_bwd(&z, &t, &dloss).unwrap();
+    assert_eq!(v(&loss), v(&ops::softmax_cross_entropy_fwd(&z, &t).unwrap()));
+    assert_eq!(v(&dz), v(&ops::softmax_cross_entropy_bwd(&z, &t, &dloss).unwrap()));
+    let msg = ops::softmax_cross_entropy_fwd_bwd(&z, &t, &randn(&[4], 43)).unwrap_err().to_string();
+    assert!(msg.contains("softmax_cross_entropy_fwd_bwd") && msg.contains("dloss"), "{msg}");
 }

@@ -247,7 +247,7 @@ pub fn micro_batch_grads(
     let (losses, dlogits) = if loss == LossKind::Sigmoid {
         (ops::sigmoid_cross_entropy_fwd(&logits, t)?, ops::sigmoid_cross_entropy_bwd(&logits, t, &dloss)?)
     } else {
-        (ops::softmax_cross_entropy_fwd(&logits, t)?, ops::softmax_cross_entropy_bwd(&logits, t, &dloss)?)
+        ops::softmax_cross_entropy_fwd_bwd(&logits, t, &dloss)?
     };
     let sum = ops::sum_all(&losses)?.to_scalar()? as f64;
     model.backward(params, &saved, &dlogits, grads)?;

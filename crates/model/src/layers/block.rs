@@ -182,8 +182,8 @@ impl Block {
                 let (n1, s1) = b.norm1.forward(p, x)?;
                 let qkv = b.qkv.forward(p, &n1)?;
                 let (merged, heads) = b.core.forward_packed(p, &qkv, 0)?;
-                let x1 = ops::add(x, &b.proj.forward(p, &merged)?)?;
-                let (n2, s2) = b.norm2.forward(p, &x1)?;
+                // x1 = x + attention, and norm2(x1), in one op.
+                let (x1, n2, s2) = b.norm2.forward_add(p, x, &b.proj.forward(p, &merged)?)?;
                 let (m, mlp) = b.mlp.forward(p, &n2)?;
                 let y = ops::add(&x1, &m)?;
                 let saved = SequentialSaved { n1, s1, heads, merged, x1, n2, s2, mlp };
@@ -216,11 +216,12 @@ impl Block {
         match (self, saved) {
             (Block::Sequential(b), BlockSaved::Sequential(s)) => {
                 let dn2 = b.mlp.backward(p, &s.n2, &s.mlp, dy, g)?;
-                let dx1 = ops::add(dy, &b.norm2.backward(p, &s.x1, &s.s2, &dn2, g)?)?;
+                // The residual stream's dy plus norm2's backward, in one op (likewise norm1's).
+                let dx1 = b.norm2.backward_add(p, &s.x1, &s.s2, &dn2, dy, g)?;
                 let dmerged = b.proj.backward(p, &s.merged, &dx1, g)?;
                 let dqkv = b.core.backward_packed(p, &s.heads, &dmerged, g)?;
                 let dn1 = b.qkv.backward(p, &s.n1, &dqkv, g)?;
-                Ok(ops::add(&dx1, &b.norm1.backward(p, x, &s.s1, &dn1, g)?)?)
+                b.norm1.backward_add(p, x, &s.s1, &dn1, &dx1, g)
             }
             (Block::Parallel(b), BlockSaved::Parallel(s)) => {
                 let dcat = b.out_proj.backward(p, &s.cat, dy, g)?;
@@ -232,7 +233,7 @@ impl Block {
                 let dqkv = b.core.backward_packed(p, &s.heads, &da, g)?;
                 let dz = ops::concat(&[&du, &dqkv], 2)?;
                 let dh = b.in_proj.backward(p, &s.h, &dz, g)?;
-                Ok(ops::add(dy, &b.in_norm.backward(p, x, &s.s, &dh, g)?)?)
+                b.in_norm.backward_add(p, x, &s.s, &dh, dy, g)
             }
             _ => Err(crate::ModelError::Param {
                 name: "blocks".into(),

@@ -60,6 +60,15 @@ impl Norm {
         Ok((out.y, NormSaved { mean: out.mean, rstd: out.rstd }))
     }
 
+    /// The residual add before the norm folded into it: `h = x + r` and `norm(h)` for
+    /// `x, r [.., dim]` (one kernel on CUDA; on the CPU exactly `add` then the norm). Returns
+    /// `(h, norm(h), saved)`; `h` is the input [`Norm::backward_add`] takes.
+    pub fn forward_add(&self, p: &ParamStore, x: &Tensor, r: &Tensor) -> Result<(Tensor, Tensor, NormSaved)> {
+        let b = self.bias.as_ref().map(|b| p.get(b)).transpose()?;
+        let out = ops::add_layer_norm_fwd(x, r, Some(p.get(&self.weight)?), b, LAYER_NORM_EPS, self.kind)?;
+        Ok((out.h, out.y, NormSaved { mean: out.mean, rstd: out.rstd }))
+    }
+
     /// Accumulates scale and bias gradients; returns `dx`.
     pub fn backward(
         &self,
@@ -71,6 +80,27 @@ impl Norm {
     ) -> Result<Tensor> {
         let w = p.get(&self.weight)?;
         let grads = ops::layer_norm_bwd(x, Some(w), &s.mean, &s.rstd, dy, self.kind, self.bias.is_some())?;
+        self.accumulate(grads, g)
+    }
+
+    /// Backward of a norm whose input `x` also feeds a residual stream that brings back the
+    /// gradient `dres` (`x`'s shape): accumulates scale and bias gradients and returns the total
+    /// `dx = dnorm + dres` (one kernel on CUDA; on the CPU exactly the backward then `add`).
+    pub fn backward_add(
+        &self,
+        p: &ParamStore,
+        x: &Tensor,
+        s: &NormSaved,
+        dy: &Tensor,
+        dres: &Tensor,
+        g: &mut ParamStore,
+    ) -> Result<Tensor> {
+        let w = p.get(&self.weight)?;
+        let grads = ops::add_layer_norm_bwd(x, Some(w), &s.mean, &s.rstd, dy, dres, self.kind, self.bias.is_some())?;
+        self.accumulate(grads, g)
+    }
+
+    fn accumulate(&self, grads: ops::LayerNormGrads, g: &mut ParamStore) -> Result<Tensor> {
         if let Some(dw) = &grads.dweight {
             g.accumulate(&self.weight, dw)?;
         }

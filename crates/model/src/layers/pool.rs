@@ -135,7 +135,7 @@ impl Pooling {
                 let (b, d) = (dy.dims()[0], m.width);
                 let dy = dy.reshape([b, 1, d])?;
                 let dn = m.mlp.backward(p, &s.n, &s.mlp, &dy, g)?;
-                let da = ops::add(&dy, &m.norm.backward(p, &s.a, &s.ns, &dn, g)?)?;
+                let da = m.norm.backward_add(p, &s.a, &s.ns, &dn, &dy, g)?;
                 let dmerged = m.proj.backward(p, &s.merged, &da, g)?;
                 let (dq, dk, dv) = m.core.backward(p, &s.heads, &dmerged, g)?;
                 let dprobe = m.q.backward(p, &s.probe, &dq, g)?;

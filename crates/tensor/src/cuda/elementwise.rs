@@ -3,6 +3,7 @@
 
 use super::launch::{cfg_1d, i64_of, launch, name};
 use super::reduce::{reduce_code, reduce_lines_into};
+use super::v32::kernel_name;
 use super::{backend_of, output, view, wrap};
 use crate::{
     op_kinds::{Activation, BinaryOp, Gelu, ReduceOp},
@@ -26,8 +27,10 @@ pub(crate) fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     let mut out = output(&backend, x.shape(), dtype)?;
     let n = x.numel();
     if n > 0 {
-        let func = backend
-            .function("elementwise.cu", &format!("cast_{}_{}", x.dtype().kernel_suffix(), dtype.kernel_suffix()))?;
+        let func = backend.function(
+            "elementwise.cu",
+            &format!("{}_{}_{}", kernel_name(&backend, "cast", n), x.dtype().kernel_suffix(), dtype.kernel_suffix()),
+        )?;
         let xv = view(x, "cast")?;
         let n_ = i64_of(n);
         launch!(backend, func, cfg_1d(n), &xv, &mut out, &n_);
@@ -46,7 +49,7 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
             BinaryOp::Sub => "sub",
             BinaryOp::Mul => "mul",
         };
-        let func = backend.function("elementwise.cu", &name(op_name, a.dtype()))?;
+        let func = backend.function("elementwise.cu", &name(&kernel_name(&backend, op_name, n), a.dtype()))?;
         let (av, bv) = (view(a, op_name)?, view(b, op_name)?);
         let n_ = i64_of(n);
         launch!(backend, func, cfg_1d(n), &av, &bv, &mut out, &n_);
@@ -60,7 +63,7 @@ pub(crate) fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
     let mut out = output(&backend, x.shape(), x.dtype())?;
     let n = x.numel();
     if n > 0 {
-        let func = backend.function("elementwise.cu", &name("scale", x.dtype()))?;
+        let func = backend.function("elementwise.cu", &name(&kernel_name(&backend, "scale", n), x.dtype()))?;
         let xv = view(x, "scale")?;
         let n_ = i64_of(n);
         launch!(backend, func, cfg_1d(n), &xv, &mut out, &s, &n_);
@@ -74,7 +77,7 @@ pub(crate) fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let mut out = output(&backend, x.shape(), x.dtype())?;
     let (n, width) = (x.numel(), bias.numel());
     if n > 0 && width > 0 {
-        let func = backend.function("elementwise.cu", &name("bias_add", x.dtype()))?;
+        let func = backend.function("elementwise.cu", &name(&kernel_name(&backend, "bias_add", n), x.dtype()))?;
         let (xv, bv) = (view(x, "bias_add")?, view(bias, "bias_add")?);
         let (n_, width_) = (i64_of(n), i64_of(width));
         launch!(backend, func, cfg_1d(n), &xv, &bv, &mut out, &n_, &width_);
@@ -112,7 +115,7 @@ pub(crate) fn activation_fwd(x: &Tensor, kind: Activation) -> Result<Tensor> {
     let mut out = output(&backend, x.shape(), x.dtype())?;
     let n = x.numel();
     if n > 0 {
-        let func = backend.function("elementwise.cu", &name("act_fwd", x.dtype()))?;
+        let func = backend.function("elementwise.cu", &name(&kernel_name(&backend, "act_fwd", n), x.dtype()))?;
         let xv = view(x, OP)?;
         let (n_, code) = (i64_of(n), activation_code(kind));
         launch!(backend, func, cfg_1d(n), &xv, &mut out, &n_, &code);
@@ -127,7 +130,7 @@ pub(crate) fn activation_bwd(x: &Tensor, dy: &Tensor, kind: Activation) -> Resul
     let mut out = output(&backend, x.shape(), x.dtype())?;
     let n = x.numel();
     if n > 0 {
-        let func = backend.function("elementwise.cu", &name("act_bwd", x.dtype()))?;
+        let func = backend.function("elementwise.cu", &name(&kernel_name(&backend, "act_bwd", n), x.dtype()))?;
         let (xv, dyv) = (view(x, OP)?, view(dy, OP)?);
         let (n_, code) = (i64_of(n), activation_code(kind));
         launch!(backend, func, cfg_1d(n), &xv, &dyv, &mut out, &n_, &code);

@@ -1,5 +1,6 @@
 //! CUDA launches of `kernels/layout.cu`: permute and block copies, by element width.
 
+use super::v32::kernel_name;
 use super::{backend_of, cuda_err, output, output_zeroed, view, wrap};
 use crate::{ops::Blocks, Result, Shape, Tensor};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -45,7 +46,8 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize], out: Vec<usize>) -> Result<Ten
     }
     let n = shape.numel() as i64;
     if n > 0 {
-        let f = backend.function("layout.cu", &format!("permute_{}", width(x)))?;
+        let f =
+            backend.function("layout.cu", &format!("{}_{}", kernel_name(&backend, "permute", n as usize), width(x)))?;
         let xv = view(x, "permute")?;
         let mut b = backend.stream.launch_builder(&f);
         b.arg(&xv).arg(&mut y).arg(&args).arg(&n);
@@ -66,7 +68,9 @@ pub(crate) fn copy_blocks(parts: &[(&Tensor, usize)], dim: usize, out: Shape, mo
     };
     let mut y =
         if covered == out_n { output(&backend, &out, x.dtype())? } else { output_zeroed(&backend, &out, x.dtype())? };
-    let f = backend.function("layout.cu", &format!("copy_block_{}", width(x)))?;
+    // Every index stays below the largest tensor involved.
+    let largest = parts.iter().map(|(t, _)| t.numel()).fold(out.numel(), usize::max);
+    let f = backend.function("layout.cu", &format!("{}_{}", kernel_name(&backend, "copy_block", largest), width(x)))?;
     for &(t, offset) in parts {
         let (src_n, src_off, dst_off, len) = match mode {
             Blocks::Take { start, len } => (t.dims()[dim], start, 0, len),

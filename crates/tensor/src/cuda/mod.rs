@@ -18,6 +18,7 @@ pub(crate) mod reduce;
 pub mod self_check;
 pub(crate) mod softmax;
 mod storage;
+pub(crate) mod v32;
 
 pub(crate) use storage::CudaStorage;
 

@@ -17,6 +17,7 @@ use std::{
 /// Every kernel source file, by name, embedded at build time.
 pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("common.cuh", include_str!("../../../../kernels/common.cuh")),
+    ("vec.cuh", include_str!("../../../../kernels/vec.cuh")),
     ("elementwise.cu", include_str!("../../../../kernels/elementwise.cu")),
     ("norm.cu", include_str!("../../../../kernels/norm.cu")),
     ("softmax.cu", include_str!("../../../../kernels/softmax.cu")),

@@ -96,6 +96,9 @@ const ALL_CHECKS: &[CheckEntry] = &[
     super::flash_attention::check_fwd_f16,
     super::flash_attention::check_bwd_bf16,
     super::flash_attention::check_bwd_f16,
+    super::norm::fast_ok,
+    super::softmax::fused_xent_ok,
+    super::v32::v32_ok,
 ];
 
 /// Runs the check of every fast kernel on device `ordinal` (those not yet run) and returns the

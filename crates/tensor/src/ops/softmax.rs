@@ -82,6 +82,22 @@ pub fn softmax_cross_entropy_bwd(logits: &Tensor, targets: &Tensor, dloss: &Tens
     }
 }
 
+/// [`softmax_cross_entropy_fwd`] and [`softmax_cross_entropy_bwd`] at once, for a training step
+/// that knows `dloss [batch]` f32 before the forward (e.g. `1/batch` for a mean): returns
+/// `(loss [batch] f32, dlogits)`. One kernel on CUDA (reading the logits once for both); on the
+/// CPU exactly the two ops.
+pub fn softmax_cross_entropy_fwd_bwd(logits: &Tensor, targets: &Tensor, dloss: &Tensor) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "softmax_cross_entropy_fwd_bwd";
+    let device = check_loss(OP, logits, targets)?;
+    check_dloss(OP, logits, dloss)?;
+    match device {
+        Device::Cpu => {
+            Ok((softmax_cross_entropy_fwd(logits, targets)?, softmax_cross_entropy_bwd(logits, targets, dloss)?))
+        }
+        Device::Cuda(_) => cuda::softmax::softmax_cross_entropy_fwd_bwd(logits, targets, dloss),
+    }
+}
+
 /// Per-example sigmoid cross-entropy summed over classes:
 /// `loss_i = Σ_j max(z,0) - z t + log(1 + exp(-|z|))`; loss `[batch]` f32.
 pub fn sigmoid_cross_entropy_fwd(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
