@@ -10,6 +10,8 @@ pub(crate) mod elementwise;
 pub(crate) mod index;
 pub mod kernel;
 pub(crate) mod layout;
+pub(crate) mod linear;
+pub(crate) mod lt;
 pub(crate) mod norm;
 pub mod nvrtc;
 pub(crate) mod patch;
@@ -18,6 +20,7 @@ pub mod self_check;
 pub(crate) mod softmax;
 mod storage;
 
+pub use blas::{cached_gemm_plans, matmul_into};
 pub(crate) use storage::CudaStorage;
 
 use crate::{DType, Device, Error, Result, Shape, Tensor};

@@ -42,12 +42,10 @@ pub(crate) struct SelfChecks {
     status: std::sync::Mutex<BTreeMap<&'static str, KernelStatus>>,
 }
 
-#[allow(dead_code)] // the fast kernels' modules call fast_kernel_ok
 fn fast_kernels_off() -> bool {
     std::env::var("VITRS_FAST_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("off") || v == "0")
 }
 
-#[allow(dead_code)] // the fast kernels' modules call fast_kernel_ok
 impl CudaBackend {
     /// Whether the fast kernel `kernel` may be used on this device. On the first call, runs
     /// `check`, which computes a small problem with the fast kernel and with the reference path
@@ -93,7 +91,14 @@ impl CudaBackend {
 /// Each fast kernel's first-use check, run on its device's backend; returns whether it passed.
 /// A module with a fast kernel adds its entry here, so `vit devices` can check them all.
 type CheckEntry = fn(&std::sync::Arc<CudaBackend>) -> bool;
-const ALL_CHECKS: &[CheckEntry] = &[];
+const ALL_CHECKS: &[CheckEntry] = &[
+    super::linear::check_bias,
+    super::linear::check_residual,
+    super::linear::check_gelu_aux_bias,
+    super::linear::check_dgelu_bgrad,
+    super::linear::check_wgrad_accumulate,
+    super::linear::check_bgradb,
+];
 
 /// Runs the check of every fast kernel on device `ordinal` (those not yet run) and returns the
 /// results, by kernel name.
