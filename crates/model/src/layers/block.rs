@@ -191,10 +191,9 @@ impl Block {
                 let qkv = b.qkv.forward(p, &n1)?;
                 let [q, k, v] = split_qkv(&qkv, 0, b.width)?;
                 let (merged, heads) = b.core.forward(p, &q, &k, &v)?;
-                let x1 = ops::add(x, &b.proj.forward(p, &merged)?)?;
+                let x1 = b.proj.forward_with(p, &merged, None, Some(x))?.y; // x + proj(merged), fused
                 let (n2, s2) = b.norm2.forward(p, &x1)?;
-                let (m, mlp) = b.mlp.forward(p, &n2)?;
-                let y = ops::add(&x1, &m)?;
+                let (y, mlp) = b.mlp.forward_with(p, &n2, Some(&x1))?; // x1 + mlp(n2), fused
                 let saved = SequentialSaved { n1, s1, heads, merged, x1, n2, s2, mlp };
                 Ok((y, BlockSaved::Sequential(Box::new(saved))))
             }
@@ -208,7 +207,7 @@ impl Block {
                 let [q, k, v] = split_qkv(&z, b.mlp_dim, b.width)?;
                 let (a, heads) = b.core.forward(p, &q, &k, &v)?;
                 let cat = ops::concat(&[&a, &ops::gelu_fwd(&u, b.gelu)?], 2)?;
-                let y = ops::add(x, &b.out_proj.forward(p, &cat)?)?;
+                let y = b.out_proj.forward_with(p, &cat, None, Some(x))?.y; // x + out_proj(cat), fused
                 Ok((y, BlockSaved::Parallel(Box::new(ParallelSaved { h, s, u, heads, cat }))))
             }
         }

@@ -97,7 +97,8 @@ pub fn linear_dgrad_gelu(dy: &Tensor, w: &Tensor, pre: &Tensor, gelu: Gelu) -> R
 }
 
 /// Weight (and bias) gradients of a linear layer `y = x Wᵀ + b`, accumulated into the store
-/// `g`: `g[weight] += dyᵀ x` (`[out, in]`) and, with `bias`, `g[bias] += Σ dy` (`[out]`), for
+/// `g`: `g[weight] += dyᵀ x` (`[out, in]`, or a gradient of that many elements such as a patch
+/// embedding's `[out, C, p, p]`) and, with `bias`, `g[bias] += Σ dy` (`[out]`), for
 /// `x [.., in]` and `dy [.., out]`. On CUDA with bf16/f16 `x`, `dy` and an f32 (or same-dtype)
 /// gradient store, the GEMM accumulates straight into the store's buffer (`beta = 1`) and the
 /// bias gradient comes from its epilogue (BGRADB).
@@ -116,11 +117,15 @@ pub fn linear_wgrad(g: &mut ParamStore, weight: &str, bias: Option<&str>, x: &Te
     }
     let rows = x.numel().checked_div(k).unwrap_or(0);
     let gw = g.get(weight)?;
-    if gw.dims() != [n, k] {
-        return Err(Error::shape(OP, format!("expected gradient {weight} of shape [{n}, {k}], got {}", gw.shape())));
+    if gw.numel() != n * k {
+        return Err(Error::shape(
+            OP,
+            format!("expected gradient {weight} of shape [{n}, {k}] (or that many elements), got {}", gw.shape()),
+        ));
     }
+    let stored = gw.shape().clone();
     if device != Device::Cpu && gw.device() == device {
-        let dw = g.view_for_write(weight)?;
+        let dw = g.view_for_write(weight)?.reshape([n, k])?;
         let done = cuda::linear::wgrad(&dw, x, dy, bias.is_some())?;
         drop(dw); // before the store's next write, which would copy the buffer while shared
         if let Some(db) = done {
@@ -135,7 +140,7 @@ pub fn linear_wgrad(g: &mut ParamStore, weight: &str, bias: Option<&str>, x: &Te
         }
     }
     let (x2, dy2) = (x.reshape([rows, k])?, dy.reshape([rows, n])?);
-    g.accumulate(weight, &ops::matmul_t(&dy2, &x2, true, false)?)?;
+    g.accumulate(weight, &ops::matmul_t(&dy2, &x2, true, false)?.reshape(stored)?)?;
     if let Some(b) = bias {
         g.accumulate(b, &ops::bias_add_bwd(dy)?)?;
     }
