@@ -15,7 +15,6 @@
 
 mod common;
 
-use std::time::Instant;
 use vit_tensor::{
     cuda,
     ops::{self, Gelu},
@@ -93,26 +92,21 @@ fn operand_sets(source: &Tensor, a: (usize, usize), b: (usize, usize)) -> Vec<(T
     (0..sets).map(|i| (view(source, i * stride, a.0, a.1), view(source, i * stride + na, b.0, b.1))).collect()
 }
 
-/// Median seconds per call of `call(i)` (i rotates the operand sets), `flops` per call.
+/// Median seconds per call of `call(i)` (i rotates the operand sets), `flops` per call: each
+/// sample enqueues a batch of calls (about 30 ms) and waits for the stream; one warm-up batch
+/// (which plans) first.
 fn time(flops: f64, quick: bool, mut call: impl FnMut(usize)) -> f64 {
-    for i in 0..2 {
-        call(i); // plans on the first call
-    }
-    cuda::synchronize(0).unwrap();
     let estimate = flops / 500e12;
     let (samples, iters) = if quick { (1, 1) } else { (5, ((0.03 / estimate).ceil() as usize).clamp(3, 500)) };
-    let mut t: Vec<f64> = (0..samples)
-        .map(|_| {
-            let start = Instant::now();
-            for i in 0..iters {
-                call(i);
-            }
-            cuda::synchronize(0).unwrap();
-            start.elapsed().as_secs_f64() / iters as f64
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
+    let mut i = 0;
+    let batch = common::median_time(samples, 1, || {
+        for _ in 0..iters {
+            call(i);
+            i += 1;
+        }
+        cuda::synchronize(0).unwrap();
+    });
+    batch.as_secs_f64() / iters as f64
 }
 
 fn print_row(name: &str, m: usize, n: usize, k: usize, secs: f64) {
@@ -136,7 +130,7 @@ fn main() {
     // 64 Mi random bf16 values, tiled 11 times on the device (random data for realistic power
     // draw, without generating 1.4 GB on the host).
     let base = Tensor::randn([1usize << 26], 0.0, 1.0, 7, DType::BF16, dev).unwrap();
-    let source = ops::concat(&vec![&base; SOURCE_ELEMS >> 26], 0).unwrap();
+    let source = ops::concat(&[&base; SOURCE_ELEMS >> 26], 0).unwrap();
     drop(base);
     println!(
         "gemm_cuda: bf16 in, f32 accumulation; cuBLASLt through cuda::matmul_into (cached plan, preallocated \

@@ -42,7 +42,7 @@ fn half(dtype: DType) -> bool {
 /// `x [.., in]` with `w [out, in]`: (rows, in, out).
 fn dims_of(x: &Tensor, w: &Tensor) -> (usize, usize, usize) {
     let k = w.dims()[1];
-    (if k == 0 { 0 } else { x.numel() / k }, k, w.dims()[0])
+    (x.numel().checked_div(k).unwrap_or(0), k, w.dims()[0])
 }
 
 /// The forward GEMM with its epilogue, unchecked: `pre = x wᵀ + bias (+ residual)`, and with
@@ -126,7 +126,7 @@ pub(crate) fn forward(
 fn dgrad_gelu_fused(dy: &Tensor, w: &Tensor, pre: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
     let backend = backend_of(dy, "linear_dgrad_gelu")?;
     let (k, n) = (w.dims()[0], w.dims()[1]);
-    let rows = if n == 0 { 0 } else { pre.numel() / n };
+    let rows = pre.numel().checked_div(n).unwrap_or(0);
     let dtype = dy.dtype();
     if rows == 0 || k == 0 || n == 0 || n % 8 != 0 {
         return Ok(None);
@@ -167,7 +167,7 @@ pub(crate) fn dgrad_gelu(dy: &Tensor, w: &Tensor, pre: &Tensor, gelu: Gelu) -> R
 fn wgrad_fused(dw: &Tensor, x: &Tensor, dy: &Tensor, bias_grad: bool) -> Result<Option<Option<Tensor>>> {
     let backend = backend_of(x, "linear_wgrad")?;
     let (out, k) = (dw.dims()[0], dw.dims()[1]);
-    let rows = if k == 0 { 0 } else { x.numel() / k };
+    let rows = x.numel().checked_div(k).unwrap_or(0);
     if rows == 0 || k == 0 || out == 0 {
         return Ok(None);
     }
