@@ -185,6 +185,8 @@ impl Plan {
                 set_desc(desc, DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &p.aux_ld)?;
             }
             if p.epilogue.uses_bias() {
+                // The bias (or bias gradient) has D's dtype, said explicitly (cudaDataType, int32).
+                set_desc(desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &(data_type(p.cd)? as i32))?;
                 // The heuristic sees the epilogue's pointers set (to a placeholder aligned like
                 // ours); each call sets the real ones.
                 let placeholder: u64 = 256;
