@@ -63,6 +63,13 @@ pub(crate) fn problem(
 ) -> Result<Problem> {
     let (lda, ldb) = leading_dims(d);
     let stride_b_ours = if d.batch == 1 { 0 } else { d.k * d.n };
+    // With a batch, every product's matrices start at a stride from the first: their addresses
+    // are only as aligned as the byte strides.
+    let mut addresses = vec![ptrs.a, ptrs.b, ptrs.c, ptrs.d];
+    if d.batch > 1 {
+        let (sa, sc) = (ab.size_in_bytes() as u64, cd.size_in_bytes() as u64);
+        addresses.extend([stride_b_ours as u64 * sa, (d.m * d.k) as u64 * sa, (d.m * d.n) as u64 * sc]);
+    }
     Ok(Problem {
         trans_a: d.trans_b,
         trans_b: d.trans_a,
@@ -80,7 +87,7 @@ pub(crate) fn problem(
         cd,
         epilogue,
         aux_ld: aux_ld as i64,
-        align: lt::alignment(&[ptrs.a, ptrs.b, ptrs.c, ptrs.d]),
+        align: lt::alignment(&addresses),
     })
 }
 
