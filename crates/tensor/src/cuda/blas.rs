@@ -215,3 +215,57 @@ pub unsafe fn matmul_into(
 pub fn cached_gemm_plans(ordinal: usize) -> Result<usize> {
     Ok(super::backend(ordinal)?.blas()?.lt.cached_plans())
 }
+
+/// The row-major to column-major mapping of plain (batched, transposed) matmuls through the host
+/// model of cuBLASLt (`lt::emulate`) against naive row-major loops.
+#[cfg(test)]
+mod tests {
+    use super::{pointers, problem};
+    use crate::cuda::lt::{emulate, Epilogue};
+    use crate::{op_kinds::MatmulDims, DType};
+    use std::collections::HashMap;
+
+    #[test]
+    fn problem_and_pointers_compute_the_row_major_product_for_every_transpose_and_batch() {
+        let (m, n, k) = (5, 7, 4);
+        for batch in [1, 3] {
+            for trans_a in [false, true] {
+                for trans_b in [false, true] {
+                    let a = crate::Tensor::randn([batch * m * k], 0.0, 1.0, 1, DType::F32, crate::Device::Cpu)
+                        .unwrap()
+                        .to_f32_vec()
+                        .unwrap();
+                    let b = crate::Tensor::randn([batch * k * n], 0.0, 1.0, 2, DType::F32, crate::Device::Cpu)
+                        .unwrap()
+                        .to_f32_vec()
+                        .unwrap();
+                    // Row-major storage: a [batch, m, k] or [batch, k, m]; b likewise.
+                    let op_a = |q: usize, i: usize, l: usize| {
+                        a[q * m * k + if trans_a { l * m + i } else { i * k + l }] as f64
+                    };
+                    let op_b = |q: usize, l: usize, j: usize| {
+                        b[q * k * n + if trans_b { j * k + l } else { l * n + j }] as f64
+                    };
+                    let d = MatmulDims { batch, m, n, k, trans_a, trans_b };
+                    let ptrs = pointers(0x100, 0x200, 0x300, 0x300, 0, 0);
+                    let p = problem(&d, DType::BF16, DType::BF16, Epilogue::None, 0, &ptrs).unwrap();
+                    let mut bufs =
+                        HashMap::from([(0x100, a.clone()), (0x200, b.clone()), (0x300, vec![0.0; batch * m * n])]);
+                    emulate(&p, &ptrs, 1.0, 0.0, &mut bufs, |x| x, |_| 1.0);
+                    for q in 0..batch {
+                        for i in 0..m {
+                            for j in 0..n {
+                                let want: f64 = (0..k).map(|l| op_a(q, i, l) * op_b(q, l, j)).sum();
+                                let got = bufs[&0x300][q * m * n + i * n + j] as f64;
+                                assert!(
+                                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                    "batch {batch} trans ({trans_a}, {trans_b}) [{q}, {i}, {j}]: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -45,6 +45,52 @@ fn dims_of(x: &Tensor, w: &Tensor) -> (usize, usize, usize) {
     (x.numel().checked_div(k).unwrap_or(0), k, w.dims()[0])
 }
 
+/// The cuBLASLt call of a linear forward `y [rows, n] = x [rows, k] wᵀ (w [n, k]) (+ bias [n])
+/// (+ residual)` with `epilogue`, from the addresses of x, w, bias, aux, residual (0: none) and
+/// y: (problem, pointers, beta).
+fn forward_call(
+    rows: usize,
+    k: usize,
+    n: usize,
+    dtype: DType,
+    epilogue: Epilogue,
+    [x, w, bias, aux, residual, y]: [u64; 6],
+) -> Result<(lt::Problem, lt::Pointers, f32)> {
+    let c = if residual != 0 { residual } else { y };
+    let ptrs = pointers(x, w, c, y, bias, aux);
+    let d = MatmulDims { batch: 1, m: rows, n, k, trans_a: false, trans_b: true };
+    Ok((problem(&d, dtype, dtype, epilogue, n, &ptrs)?, ptrs, if residual != 0 { 1.0 } else { 0.0 }))
+}
+
+/// The cuBLASLt call of `dpre [rows, n] = (dy [rows, k] · w [k, n]) · gelu'(pre)` with
+/// `dbias [n] = Σ_rows dpre` (DGELU_BGRAD), from the addresses of dy, w, pre, dpre and dbias.
+fn dgrad_call(
+    rows: usize,
+    k: usize,
+    n: usize,
+    dtype: DType,
+    [dy, w, pre, dpre, dbias]: [u64; 5],
+) -> Result<(lt::Problem, lt::Pointers)> {
+    let ptrs = pointers(dy, w, dpre, dpre, dbias, pre);
+    let d = MatmulDims { batch: 1, m: rows, n, k, trans_a: false, trans_b: false };
+    Ok((problem(&d, dtype, dtype, Epilogue::DGeluBGrad, n, &ptrs)?, ptrs))
+}
+
+/// The cuBLASLt call of `dw [out, k] += dy [rows, out]ᵀ x [rows, k]` (beta = 1, C = D = dw) with,
+/// for BGRADB, `dbias [out] = Σ_rows dy`, from the addresses of dy, x, dw and dbias.
+fn wgrad_call(
+    out: usize,
+    k: usize,
+    rows: usize,
+    (ab, cd): (DType, DType),
+    epilogue: Epilogue,
+    [dy, x, dw, dbias]: [u64; 4],
+) -> Result<(lt::Problem, lt::Pointers)> {
+    let ptrs = pointers(dy, x, dw, dw, dbias, 0);
+    let d = MatmulDims { batch: 1, m: out, n: k, k: rows, trans_a: true, trans_b: false };
+    Ok((problem(&d, ab, cd, epilogue, 0, &ptrs)?, ptrs))
+}
+
 /// The forward GEMM with its epilogue, unchecked: `pre = x wᵀ + bias (+ residual)`, and with
 /// `gelu_tanh` (needs a bias) `y = gelu_tanh(pre)` with `pre` returned as aux. `None` when
 /// cuBLASLt has no algorithm for it or the pointers are not aligned for the epilogue.
@@ -76,15 +122,11 @@ fn forward_fused(
     if lt::alignment(&[pb, paux]) < EPILOGUE_ALIGN {
         return Ok(None);
     }
-    let c = if residual.is_some() { pr } else { py };
-    let ptrs = pointers(px, pw, c, py, pb, paux);
-    let d = MatmulDims { batch: 1, m: rows, n, k, trans_a: false, trans_b: true };
-    let p = problem(&d, dtype, dtype, epilogue, n, &ptrs)?;
+    let (p, ptrs, beta) = forward_call(rows, k, n, dtype, epilogue, [px, pw, pb, paux, pr, py])?;
     let handles = backend.blas()?;
     if !handles.lt().supports(&p) {
         return Ok(None);
     }
-    let beta = if residual.is_some() { 1.0 } else { 0.0 };
     // SAFETY: x [rows, k], w [n, k], bias [n], residual and y, aux [rows, n] of the checked
     // shapes; y and aux are fresh and written completely.
     unsafe { handles.lt().matmul(&p, &ptrs, 1.0, beta) }?;
@@ -138,9 +180,7 @@ fn dgrad_gelu_fused(dy: &Tensor, w: &Tensor, pre: &Tensor) -> Result<Option<(Ten
     if lt::alignment(&[pdb, ppre]) < EPILOGUE_ALIGN {
         return Ok(None);
     }
-    let ptrs = pointers(pdy, pw, pd, pd, pdb, ppre);
-    let d = MatmulDims { batch: 1, m: rows, n, k, trans_a: false, trans_b: false };
-    let p = problem(&d, dtype, dtype, Epilogue::DGeluBGrad, n, &ptrs)?;
+    let (p, ptrs) = dgrad_call(rows, k, n, dtype, [pdy, pw, ppre, pd, pdb])?;
     let handles = backend.blas()?;
     if !handles.lt().supports(&p) {
         return Ok(None);
@@ -175,9 +215,7 @@ fn wgrad_fused(dw: &Tensor, x: &Tensor, dy: &Tensor, bias_grad: bool) -> Result<
     let (px, pdy, pdw) = (kernel::device_ptr(x)?, kernel::device_ptr(dy)?, kernel::device_ptr(dw)?);
     let pdb = db.as_ref().map_or(Ok(0), kernel::device_ptr)?;
     let epilogue = if bias_grad { Epilogue::BGradB } else { Epilogue::None };
-    let ptrs = pointers(pdy, px, pdw, pdw, pdb, 0);
-    let d = MatmulDims { batch: 1, m: out, n: k, k: rows, trans_a: true, trans_b: false };
-    let p = problem(&d, x.dtype(), dw.dtype(), epilogue, 0, &ptrs)?;
+    let (p, ptrs) = wgrad_call(out, k, rows, (x.dtype(), dw.dtype()), epilogue, [pdy, px, pdw, pdb])?;
     let handles = backend.blas()?;
     if !handles.lt().supports(&p) {
         return Ok(None);
@@ -307,4 +345,126 @@ fn run_check(b: &Arc<CudaBackend>, name: &'static str) -> Result<f64> {
         err = if e.is_nan() || err.is_nan() { f64::NAN } else { err.max(e) };
     }
     Ok(err)
+}
+
+/// The row-major mapping of the fused calls, run through the host model of cuBLASLt
+/// (`lt::emulate`) against naive row-major loops: which operand is cuBLAS's A, the leading
+/// dimensions, which way each bias runs and what it sums over, beta and C. Buffers are named by
+/// fake addresses.
+#[cfg(test)]
+mod tests {
+    use super::{dgrad_call, forward_call, wgrad_call};
+    use crate::cuda::lt::{emulate, Epilogue};
+    use crate::DType;
+    use std::collections::HashMap;
+
+    const X: u64 = 1 << 8;
+    const W: u64 = 2 << 8;
+    const R: u64 = 3 << 8;
+    const Y: u64 = 4 << 8;
+    const BIAS: u64 = 5 << 8;
+    const AUX: u64 = 6 << 8;
+
+    fn gelu(x: f64) -> f64 {
+        0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+    }
+
+    fn gelu_grad(x: f64) -> f64 {
+        (gelu(x + 1e-5) - gelu(x - 1e-5)) / 2e-5
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        crate::Tensor::randn([n], 0.0, 1.0, seed, DType::F32, crate::Device::Cpu).unwrap().to_f32_vec().unwrap()
+    }
+
+    fn close(what: &str, got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!((g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "{what}: element {i}: got {g}, want {w}");
+        }
+    }
+
+    /// `x [rows, k] · w [n, k]ᵀ`, row-major, in f64.
+    fn xwt(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut y = vec![0.0; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                y[r * n + j] = (0..k).map(|l| x[r * k + l] as f64 * w[j * k + l] as f64).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn forward_call_adds_the_bias_per_output_feature_and_the_residual_through_c() {
+        let (rows, k, n) = (6, 5, 8);
+        let (x, w, b, r) = (values(rows * k, 1), values(n * k, 2), values(n, 3), values(rows * n, 4));
+        let pre: Vec<f64> = xwt(&x, &w, rows, k, n).iter().enumerate().map(|(i, v)| v + b[i % n] as f64).collect();
+        // BIAS with a residual (beta = 1, C = residual).
+        let mut bufs = HashMap::from([
+            (X, x.clone()),
+            (W, w.clone()),
+            (BIAS, b.clone()),
+            (R, r.clone()),
+            (Y, vec![0.0; rows * n]),
+        ]);
+        let (p, ptrs, beta) = forward_call(rows, k, n, DType::BF16, Epilogue::Bias, [X, W, BIAS, 0, R, Y]).unwrap();
+        assert_eq!(beta, 1.0);
+        emulate(&p, &ptrs, 1.0, beta, &mut bufs, gelu, gelu_grad);
+        let want: Vec<f64> = pre.iter().zip(&r).map(|(p, &r)| p + r as f64).collect();
+        close("bias + residual", &bufs[&Y], &want);
+        // GELU_AUX_BIAS: y = gelu(pre), aux = pre.
+        let mut bufs = HashMap::from([(X, x), (W, w), (BIAS, b), (AUX, vec![0.0; rows * n]), (Y, vec![0.0; rows * n])]);
+        let (p, ptrs, beta) =
+            forward_call(rows, k, n, DType::BF16, Epilogue::GeluAuxBias, [X, W, BIAS, AUX, 0, Y]).unwrap();
+        assert_eq!(beta, 0.0);
+        emulate(&p, &ptrs, 1.0, beta, &mut bufs, gelu, gelu_grad);
+        close("gelu(pre)", &bufs[&Y], &pre.iter().map(|&v| gelu(v)).collect::<Vec<_>>());
+        close("aux = pre", &bufs[&AUX], &pre);
+    }
+
+    #[test]
+    fn dgrad_call_applies_gelu_grad_of_pre_and_sums_the_bias_gradient_over_rows() {
+        let (rows, k, n) = (7, 3, 8); // dy [rows, k], w [k, n], pre [rows, n]
+        let (dy, w, pre) = (values(rows * k, 5), values(k * n, 6), values(rows * n, 7));
+        let mut bufs = HashMap::from([
+            (X, dy.clone()),
+            (W, w.clone()),
+            (AUX, pre.clone()),
+            (Y, vec![0.0; rows * n]),
+            (BIAS, vec![0.0; n]),
+        ]);
+        let (p, ptrs) = dgrad_call(rows, k, n, DType::BF16, [X, W, AUX, Y, BIAS]).unwrap();
+        emulate(&p, &ptrs, 1.0, 0.0, &mut bufs, gelu, gelu_grad);
+        let mut want = vec![0.0f64; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                let dh: f64 = (0..k).map(|l| dy[r * k + l] as f64 * w[l * n + j] as f64).sum();
+                want[r * n + j] = dh * gelu_grad(pre[r * n + j] as f64);
+            }
+        }
+        let want_db: Vec<f64> = (0..n).map(|j| (0..rows).map(|r| want[r * n + j]).sum()).collect();
+        close("dpre", &bufs[&Y], &want);
+        close("dbias", &bufs[&BIAS], &want_db);
+    }
+
+    #[test]
+    fn wgrad_call_accumulates_dy_transposed_x_and_sums_dy_for_the_bias() {
+        let (rows, k, out) = (9, 5, 4); // dy [rows, out], x [rows, k], dw [out, k]
+        let (dy, x, dw0) = (values(rows * out, 8), values(rows * k, 9), values(out * k, 10));
+        let mut bufs = HashMap::from([(R, dy.clone()), (X, x.clone()), (Y, dw0.clone()), (BIAS, vec![0.0; out])]);
+        let (p, ptrs) = wgrad_call(out, k, rows, (DType::BF16, DType::F32), Epilogue::BGradB, [R, X, Y, BIAS]).unwrap();
+        assert_eq!((p.ab, p.cd), (DType::BF16, DType::F32));
+        emulate(&p, &ptrs, 1.0, 1.0, &mut bufs, gelu, gelu_grad);
+        let mut want = vec![0.0f64; out * k];
+        for o in 0..out {
+            for i in 0..k {
+                want[o * k + i] = dw0[o * k + i] as f64
+                    + (0..rows).map(|r| dy[r * out + o] as f64 * x[r * k + i] as f64).sum::<f64>();
+            }
+        }
+        let want_db: Vec<f64> = (0..out).map(|o| (0..rows).map(|r| dy[r * out + o] as f64).sum()).collect();
+        close("dw", &bufs[&Y], &want);
+        close("dbias", &bufs[&BIAS], &want_db);
+    }
 }

@@ -330,6 +330,68 @@ impl Lt {
     }
 }
 
+/// A host model of one `cublasLtMatmul` call as cuBLASLt documents it (column-major, batch,
+/// transposes, leading dimensions, beta, and our epilogues), over host buffers named by their
+/// "addresses": what the CPU tests of the row-major mapping (`blas::problem`, `blas::pointers`)
+/// and of the fused linear calls run, since no GPU checks them in CI.
+#[cfg(test)]
+pub(crate) fn emulate(
+    p: &Problem,
+    ptrs: &Pointers,
+    alpha: f32,
+    beta: f32,
+    buffers: &mut HashMap<u64, Vec<f32>>,
+    gelu: impl Fn(f64) -> f64,
+    gelu_grad: impl Fn(f64) -> f64,
+) {
+    let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+    let (lda, ldb, ldc, aux_ld) = (p.lda as usize, p.ldb as usize, p.ldc as usize, p.aux_ld as usize);
+    let get = |b: &HashMap<u64, Vec<f32>>, ptr: u64, i: usize| b[&ptr][i] as f64;
+    let mut d = buffers.get(&ptrs.d).cloned().unwrap_or_default();
+    let mut bias_out = vec![0.0f64; if p.epilogue == Epilogue::BGradB { n } else { m }];
+    let mut aux_out = if p.epilogue == Epilogue::GeluAuxBias { buffers[&ptrs.aux].clone() } else { Vec::new() };
+    for q in 0..p.batch as usize {
+        let (oa, ob, oc) = (q * p.stride_a as usize, q * p.stride_b as usize, q * p.stride_c as usize);
+        let op_a = |i: usize, l: usize| get(buffers, ptrs.a, oa + if p.trans_a { l + i * lda } else { i + l * lda });
+        let op_b = |l: usize, j: usize| get(buffers, ptrs.b, ob + if p.trans_b { j + l * ldb } else { l + j * ldb });
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = alpha as f64 * (0..k).map(|l| op_a(i, l) * op_b(l, j)).sum::<f64>();
+                if beta != 0.0 {
+                    acc += beta as f64 * get(buffers, ptrs.c, oc + i + j * ldc);
+                }
+                let v = match p.epilogue {
+                    Epilogue::None | Epilogue::BGradB => acc,
+                    Epilogue::Bias => acc + get(buffers, ptrs.bias, i),
+                    Epilogue::GeluAuxBias => {
+                        let t = acc + get(buffers, ptrs.bias, i);
+                        aux_out[i + j * aux_ld] = t as f32;
+                        gelu(t)
+                    }
+                    Epilogue::DGeluBGrad => {
+                        let v = acc * gelu_grad(get(buffers, ptrs.aux, i + j * aux_ld));
+                        bias_out[i] += v;
+                        v
+                    }
+                };
+                d[oc + i + j * ldc] = v as f32;
+            }
+        }
+        if p.epilogue == Epilogue::BGradB {
+            for (j, b) in bias_out.iter_mut().enumerate() {
+                *b += (0..k).map(|l| op_b(l, j)).sum::<f64>();
+            }
+        }
+    }
+    buffers.insert(ptrs.d, d);
+    if p.epilogue == Epilogue::GeluAuxBias {
+        buffers.insert(ptrs.aux, aux_out);
+    }
+    if matches!(p.epilogue, Epilogue::DGeluBGrad | Epilogue::BGradB) {
+        buffers.insert(ptrs.bias, bias_out.into_iter().map(|v| v as f32).collect());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::alignment;
