@@ -56,8 +56,21 @@ impl Mlp {
     /// (`residual + MLP(x)`, the block's second residual add).
     pub fn forward_with(&self, p: &ParamStore, x: &Tensor, residual: Option<&Tensor>) -> Result<(Tensor, MlpSaved)> {
         let out = self.fc1.forward_with(p, x, Some(self.gelu), None)?;
-        let h_pre = out.pre.expect("linear returns the pre-activation when given an activation");
         let h = out.y;
+        // ops::linear returns the pre-activation whenever it applied an activation.
+        let h_pre = match out.pre {
+            Some(pre) => pre,
+            None => {
+                ops::linear(
+                    x,
+                    p.get(&self.fc1.weight)?,
+                    self.fc1.bias.as_ref().map(|b| p.get(b)).transpose()?,
+                    None,
+                    None,
+                )?
+                .y
+            }
+        };
         let y = self.fc2.forward_with(p, &h, None, residual)?.y;
         Ok((y, MlpSaved { h_pre, h }))
     }
