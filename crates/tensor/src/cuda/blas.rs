@@ -85,6 +85,7 @@ pub(crate) fn problem(
         stride_c: (d.m * d.n) as i64,
         ab,
         cd,
+        bias: cd,
         epilogue,
         aux_ld: aux_ld as i64,
         align: lt::alignment(&addresses),

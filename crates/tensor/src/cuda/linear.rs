@@ -78,18 +78,20 @@ fn dgrad_call(
 }
 
 /// The cuBLASLt call of `dw [out, k] += dy [rows, out]ᵀ x [rows, k]` (beta = 1, C = D = dw) with,
-/// for BGRADB, `dbias [out] = Σ_rows dy`, from the addresses of dy, x, dw and dbias.
+/// for BGRADB, `dbias [out] = Σ_rows dy` of dtype `bias`, from the addresses of dy, x, dw and
+/// dbias; inputs of dtype `ab`, dw of `cd`.
 fn wgrad_call(
     out: usize,
     k: usize,
     rows: usize,
-    (ab, cd): (DType, DType),
+    (ab, cd, bias): (DType, DType, DType),
     epilogue: Epilogue,
     [dy, x, dw, dbias]: [u64; 4],
 ) -> Result<(lt::Problem, lt::Pointers)> {
     let ptrs = pointers(dy, x, dw, dw, dbias, 0);
     let d = MatmulDims { batch: 1, m: out, n: k, k: rows, trans_a: true, trans_b: false };
-    Ok((problem(&d, ab, cd, epilogue, 0, &ptrs)?, ptrs))
+    let p = lt::Problem { bias, ..problem(&d, ab, cd, epilogue, 0, &ptrs)? };
+    Ok((p, ptrs))
 }
 
 /// The forward GEMM with its epilogue, unchecked: `pre = x wᵀ + bias (+ residual)`, and with
@@ -212,15 +214,25 @@ fn wgrad_fused(dw: &Tensor, x: &Tensor, dy: &Tensor, bias_grad: bool) -> Result<
     if rows == 0 || k == 0 || out == 0 {
         return Ok(None);
     }
-    let db = if bias_grad { Some(gemm_output(&backend, &Shape::new([out]), dw.dtype())?) } else { None };
-    let (px, pdy, pdw) = (kernel::device_ptr(x)?, kernel::device_ptr(dy)?, kernel::device_ptr(dw)?);
-    let pdb = db.as_ref().map_or(Ok(0), kernel::device_ptr)?;
-    let epilogue = if bias_grad { Epilogue::BGradB } else { Epilogue::None };
-    let (p, ptrs) = wgrad_call(out, k, rows, (x.dtype(), dw.dtype()), epilogue, [pdy, px, pdw, pdb])?;
     let handles = backend.blas()?;
-    if !handles.lt().supports(&p) {
-        return Ok(None);
+    let (px, pdy, pdw) = (kernel::device_ptr(x)?, kernel::device_ptr(dy)?, kernel::device_ptr(dw)?);
+    let (ab, cd) = (x.dtype(), dw.dtype());
+    // The bias gradient in the gradient's dtype if cuBLASLt has an algorithm for that, else in
+    // the inputs' (the caller's accumulate casts it).
+    let mut call = None;
+    for bias in if bias_grad { vec![cd, ab] } else { vec![cd] } {
+        let db = if bias_grad { Some(gemm_output(&backend, &Shape::new([out]), bias)?) } else { None };
+        let pdb = db.as_ref().map_or(Ok(0), kernel::device_ptr)?;
+        let epilogue = if bias_grad { Epilogue::BGradB } else { Epilogue::None };
+        let (p, ptrs) = wgrad_call(out, k, rows, (ab, cd, bias), epilogue, [pdy, px, pdw, pdb])?;
+        if handles.lt().supports(&p) {
+            call = Some((p, ptrs, db));
+            break;
+        }
     }
+    let Some((p, ptrs, db)) = call else {
+        return Ok(None);
+    };
     // SAFETY: dy [rows, out], x [rows, k], dw [out, k] of the checked shapes, dw written in
     // place (C = D, same layout) and owned alone (the caller's guarantee); db fresh.
     unsafe { handles.lt().matmul(&p, &ptrs, 1.0, 1.0) }?;
@@ -228,7 +240,7 @@ fn wgrad_fused(dw: &Tensor, x: &Tensor, dy: &Tensor, bias_grad: bool) -> Result<
 }
 
 /// The fused weight-gradient path of `ops::linear_wgrad`: `dw += dyᵀ x` in place, and the
-/// bias gradient `Σ_rows dy` (in dw's dtype) when `bias_grad` and BGRADB passed its check
+/// bias gradient `Σ_rows dy` (in dw's dtype, else the inputs') when `bias_grad` and BGRADB passed its check
 /// (else `None`: the caller reduces it). Returns `None` when nothing was done.
 pub(crate) fn wgrad(dw: &Tensor, x: &Tensor, dy: &Tensor, bias_grad: bool) -> Result<Option<Option<Tensor>>> {
     if !half(x.dtype()) || !(dw.dtype() == DType::F32 || dw.dtype() == x.dtype()) || dw.device() != x.device() {
@@ -456,8 +468,9 @@ mod tests {
         let (rows, k, out) = (9, 5, 4); // dy [rows, out], x [rows, k], dw [out, k]
         let (dy, x, dw0) = (values(rows * out, 8), values(rows * k, 9), values(out * k, 10));
         let mut bufs = HashMap::from([(R, dy.clone()), (X, x.clone()), (Y, dw0.clone()), (BIAS, vec![0.0; out])]);
-        let (p, ptrs) = wgrad_call(out, k, rows, (DType::BF16, DType::F32), Epilogue::BGradB, [R, X, Y, BIAS]).unwrap();
-        assert_eq!((p.ab, p.cd), (DType::BF16, DType::F32));
+        let dtypes = (DType::BF16, DType::F32, DType::F32);
+        let (p, ptrs) = wgrad_call(out, k, rows, dtypes, Epilogue::BGradB, [R, X, Y, BIAS]).unwrap();
+        assert_eq!((p.ab, p.cd, p.bias), dtypes);
         emulate(&p, &ptrs, 1.0, 1.0, &mut bufs, gelu, gelu_grad);
         let mut want = vec![0.0f64; out * k];
         for o in 0..out {

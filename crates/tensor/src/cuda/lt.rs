@@ -28,13 +28,13 @@ pub(crate) const WORKSPACE_BYTES: usize = 32 << 20;
 pub(crate) enum Epilogue {
     /// `D = alpha·AB + beta·C`.
     None,
-    /// `D = alpha·AB + beta·C + bias[m]` (bias of D's dtype).
+    /// `D = alpha·AB + beta·C + bias[m]`.
     Bias,
     /// `aux = alpha·AB + beta·C + bias[m]`, `D = gelu_tanh(aux)`; aux has D's dtype and layout.
     GeluAuxBias,
-    /// `D = (alpha·AB + beta·C) · gelu_tanh'(aux)`, `bias = Σ_n D[:, n]` (D's dtype).
+    /// `D = (alpha·AB + beta·C) · gelu_tanh'(aux)`, `bias = Σ_n D[:, n]`.
     DGeluBGrad,
-    /// `D = alpha·AB + beta·C`, `bias = Σ_k op(B)[k, :]`, length n (D's dtype).
+    /// `D = alpha·AB + beta·C`, `bias = Σ_k op(B)[k, :]`, length n.
     BGradB,
 }
 
@@ -81,6 +81,8 @@ pub(crate) struct Problem {
     pub ab: DType,
     /// dtype of C and D (A's dtype or f32).
     pub cd: DType,
+    /// dtype of the bias (or bias gradient) vector of the epilogue: D's by default.
+    pub bias: DType,
     pub epilogue: Epilogue,
     /// Leading dimension of the aux matrix (0 without one).
     pub aux_ld: i64,
@@ -185,8 +187,8 @@ impl Plan {
                 set_desc(desc, DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &p.aux_ld)?;
             }
             if p.epilogue.uses_bias() {
-                // The bias (or bias gradient) has D's dtype, said explicitly (cudaDataType, int32).
-                set_desc(desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &(data_type(p.cd)? as i32))?;
+                // The bias (or bias gradient) dtype, said explicitly (cudaDataType, int32).
+                set_desc(desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &(data_type(p.bias)? as i32))?;
                 // The heuristic sees the epilogue's pointers set (to a placeholder aligned like
                 // ours); each call sets the real ones.
                 let placeholder: u64 = 256;
