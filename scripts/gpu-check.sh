@@ -11,8 +11,9 @@ bin=.gpu-bin
 # the device tool's 64 MiB carry limit. Only their ignored tests ("needs a CUDA device") run
 # here: the others are CI's, and the compile checks in them need CI's pinned NVRTC wheel (the
 # CUDA 13.0 toolkit's libnvrtc on the GPU host gives no ptxas report for sm_90a).
-gpu_tests="cuda_ops cuda_layout cuda_model cuda_optim cuda_kernel checkpoint cuda_flash_attention cuda_fused"
+gpu_tests="cuda_ops cuda_layout cuda_linear cuda_model cuda_optim cuda_kernel checkpoint cuda_flash_attention cuda_fused"
 gpu_benches="gemm_cuda optim_cuda attention_cuda norm_cuda"
+references="gemm_torch sdpa"
 if [ "${1:-}" = "--build" ]; then
   set -e  # a failed build must stop here, with cargo's errors on the terminal
   rm -rf "$bin" && mkdir -p "$bin"
@@ -62,9 +63,12 @@ for b in "$bin"/bench-*; do
   echo "== $b --bench" | tee -a "$log"
   "$b" --bench 2>&1 | tee -a "$log" | grep -vE "^(Benchmarking|Warning)" || status=1
 done
-# PyTorch's SDPA at the attention bench's shapes (skipped with a note where torch is missing).
-echo "== benches/reference/sdpa.py" | tee -a "$log"
-python3 benches/reference/sdpa.py 2>&1 | tee -a "$log" || status=1
+# The PyTorch references (benches/reference/NAME.py; each prints its bench's table, or a note
+# and exit 0 where torch is missing).
+for r in $references; do
+  echo "== benches/reference/$r.py" | tee -a "$log"
+  python3 "benches/reference/$r.py" 2>&1 | tee -a "$log" || status=1
+done
 # The first real run: the bundled quickstart for 20 steps on the GPU and on the CPU (f32 both),
 # losses compared step by step.
 echo "== vit train: 20 steps on cuda:0 against the CPU" | tee -a "$log"

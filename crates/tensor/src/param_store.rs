@@ -289,6 +289,19 @@ impl ParamStore {
         self.buffers[b].write_at(offset, &sum)
     }
 
+    /// The tensor `name` as a view into its buffer after the buffer has been given a storage of
+    /// its own (copy-on-write) and every view handed out earlier was dropped: an op may write the
+    /// view's elements in place through a raw device pointer (`ops::linear_wgrad`'s `beta = 1`
+    /// GEMM), which changes the store. Drop the view before the next write to the store, or that
+    /// write copies the buffer.
+    pub(crate) fn view_for_write(&mut self, name: &str) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        let (b, offset, shape) = (e.buffer, e.offset, e.shape.clone());
+        self.drop_views(b);
+        self.buffers[b].make_unique()?;
+        self.buffers[b].narrow(offset, shape.numel())?.reshape(shape)
+    }
+
     /// A store with the same names, shapes, buffers and offsets, all zeros, in `dtype`
     /// (gradients, optimizer state).
     pub fn zeros_like(&self, dtype: DType) -> Result<Self> {

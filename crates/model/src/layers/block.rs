@@ -182,10 +182,9 @@ impl Block {
                 let (n1, s1) = b.norm1.forward(p, x)?;
                 let qkv = b.qkv.forward(p, &n1)?;
                 let (merged, heads) = b.core.forward_packed(p, &qkv, 0)?;
-                // x1 = x + attention, and norm2(x1), in one op.
-                let (x1, n2, s2) = b.norm2.forward_add(p, x, &b.proj.forward(p, &merged)?)?;
-                let (m, mlp) = b.mlp.forward(p, &n2)?;
-                let y = ops::add(&x1, &m)?;
+                let x1 = b.proj.forward_with(p, &merged, None, Some(x))?.y; // x + proj(merged), fused
+                let (n2, s2) = b.norm2.forward(p, &x1)?;
+                let (y, mlp) = b.mlp.forward_with(p, &n2, Some(&x1))?; // x1 + mlp(n2), fused
                 let saved = SequentialSaved { n1, s1, heads, merged, x1, n2, s2, mlp };
                 Ok((y, BlockSaved::Sequential(Box::new(saved))))
             }
@@ -198,7 +197,7 @@ impl Block {
                 }
                 let (a, heads) = b.core.forward_packed(p, &z, b.mlp_dim)?;
                 let cat = ops::concat(&[&a, &ops::gelu_fwd(&u, b.gelu)?], 2)?;
-                let y = ops::add(x, &b.out_proj.forward(p, &cat)?)?;
+                let y = b.out_proj.forward_with(p, &cat, None, Some(x))?.y; // x + out_proj(cat), fused
                 Ok((y, BlockSaved::Parallel(Box::new(ParallelSaved { h, s, u, heads, cat }))))
             }
         }

@@ -135,7 +135,7 @@ impl Embedding {
         }
         let patches = ops::patchify(images, self.patch)?;
         let w = p.get("patch_embed.proj.weight")?.reshape([d, self.channels * self.patch * self.patch])?;
-        let mut x = ops::bias_add(&ops::matmul_t(&patches, &w, false, true)?, p.get("patch_embed.proj.bias")?)?;
+        let mut x = ops::linear(&patches, &w, Some(p.get("patch_embed.proj.bias")?), None, None)?.y;
         if let Some(s) = &self.sincos {
             x = ops::bias_add(&x.reshape([b, self.tokens * d])?, s)?.reshape([b, self.tokens, d])?;
         }
@@ -163,9 +163,9 @@ impl Embedding {
             dx.clone()
         };
         let w = p.get("patch_embed.proj.weight")?;
-        let (dpatches, dw) = ops::matmul_bwd(&s.patches, &w.reshape([d, w.numel() / d])?, &dtok, false, true)?;
-        g.accumulate("patch_embed.proj.weight", &dw.reshape(w.shape().clone())?)?;
-        g.accumulate("patch_embed.proj.bias", &ops::bias_add_bwd(&dtok)?)?;
+        let dpatches = ops::matmul_t(&dtok, &w.reshape([d, w.numel() / d])?, false, false)?;
+        let bias = Some("patch_embed.proj.bias");
+        ops::linear_wgrad(g, "patch_embed.proj.weight", bias, &s.patches, &dtok)?;
         let side = self.patch * self.grid();
         Ok(ops::unpatchify(&dpatches, self.channels, side, side, self.patch)?)
     }

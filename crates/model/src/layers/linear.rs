@@ -2,7 +2,10 @@
 
 use super::init::{Fill, ParamSink};
 use crate::{ParamStore, Result};
-use vit_tensor::{ops, Tensor};
+use vit_tensor::{
+    ops::{self, Gelu},
+    Tensor,
+};
 
 /// A dense layer's parameter names and sizes.
 #[derive(Debug, Clone)]
@@ -39,20 +42,38 @@ impl Linear {
 
     /// `x [.., in] -> [.., out]`.
     pub fn forward(&self, p: &ParamStore, x: &Tensor) -> Result<Tensor> {
-        let y = ops::matmul_t(x, p.get(&self.weight)?, false, true)?;
-        Ok(match &self.bias {
-            Some(b) => ops::bias_add(&y, p.get(b)?)?,
-            None => y,
-        })
+        Ok(self.forward_with(p, x, None, None)?.y)
+    }
+
+    /// `act(x Wᵀ + b)` or `x Wᵀ + b + residual` (`residual [.., out]`; not with `act`), the bias,
+    /// GELU and residual fused into the GEMM's epilogue where the device can ([`ops::linear`]);
+    /// `pre` holds `x Wᵀ + b` when `act` is given.
+    pub fn forward_with(
+        &self,
+        p: &ParamStore,
+        x: &Tensor,
+        act: Option<Gelu>,
+        residual: Option<&Tensor>,
+    ) -> Result<ops::LinearOutput> {
+        let bias = self.bias.as_ref().map(|b| p.get(b)).transpose()?;
+        Ok(ops::linear(x, p.get(&self.weight)?, bias, act, residual)?)
     }
 
     /// Accumulates the weight and bias gradients into `g`; returns `dx`.
     pub fn backward(&self, p: &ParamStore, x: &Tensor, dy: &Tensor, g: &mut ParamStore) -> Result<Tensor> {
-        let (dx, dw) = ops::matmul_bwd(x, p.get(&self.weight)?, dy, false, true)?;
-        g.accumulate(&self.weight, &dw)?;
-        if let Some(b) = &self.bias {
-            g.accumulate(b, &ops::bias_add_bwd(dy)?)?;
-        }
-        Ok(dx)
+        self.accumulate_grads(x, dy, g, true)?;
+        self.backward_data(p, dy)
+    }
+
+    /// `dx = dy W` (`dy [.., out] -> [.., in]`), the data gradient alone.
+    pub fn backward_data(&self, p: &ParamStore, dy: &Tensor) -> Result<Tensor> {
+        Ok(ops::matmul_t(dy, p.get(&self.weight)?, false, false)?)
+    }
+
+    /// `g[weight] += dyᵀ x` and, with `with_bias` (and a bias), `g[bias] += Σ dy`: accumulated
+    /// in place into `g`'s buffer on CUDA ([`ops::linear_wgrad`]).
+    pub fn accumulate_grads(&self, x: &Tensor, dy: &Tensor, g: &mut ParamStore, with_bias: bool) -> Result<()> {
+        let bias = if with_bias { self.bias.as_deref() } else { None };
+        Ok(ops::linear_wgrad(g, &self.weight, bias, x, dy)?)
     }
 }

@@ -46,15 +46,38 @@ impl Mlp {
         Ok(())
     }
 
-    /// `x [.., D] -> [.., D]`.
+    /// `x [.., D] -> [.., D]`. On CUDA in bf16/f16, fc1's bias and a tanh GELU run in its
+    /// GEMM's epilogue (cuBLASLt GELU_AUX_BIAS), which also keeps the pre-activation.
     pub fn forward(&self, p: &ParamStore, x: &Tensor) -> Result<(Tensor, MlpSaved)> {
-        let h_pre = self.fc1.forward(p, x)?;
-        let h = ops::gelu_fwd(&h_pre, self.gelu)?;
-        let y = self.fc2.forward(p, &h)?;
+        self.forward_with(p, x, None)
+    }
+
+    /// [`Mlp::forward`] with `residual [.., D]` added to the output in fc2's epilogue
+    /// (`residual + MLP(x)`, the block's second residual add).
+    pub fn forward_with(&self, p: &ParamStore, x: &Tensor, residual: Option<&Tensor>) -> Result<(Tensor, MlpSaved)> {
+        let out = self.fc1.forward_with(p, x, Some(self.gelu), None)?;
+        let h = out.y;
+        // ops::linear returns the pre-activation whenever it applied an activation.
+        let h_pre = match out.pre {
+            Some(pre) => pre,
+            None => {
+                ops::linear(
+                    x,
+                    p.get(&self.fc1.weight)?,
+                    self.fc1.bias.as_ref().map(|b| p.get(b)).transpose()?,
+                    None,
+                    None,
+                )?
+                .y
+            }
+        };
+        let y = self.fc2.forward_with(p, &h, None, residual)?.y;
         Ok((y, MlpSaved { h_pre, h }))
     }
 
-    /// Accumulates parameter gradients; returns `dx`.
+    /// Accumulates parameter gradients; returns `dx`. fc2's dgrad, the GELU's backward and
+    /// fc1's bias gradient are one GEMM on CUDA (DGELU_BGRAD, tanh GELU); the weight gradients
+    /// accumulate in place into `g` with fc2's bias gradient alongside (BGRADB).
     pub fn backward(
         &self,
         p: &ParamStore,
@@ -63,8 +86,12 @@ impl Mlp {
         dy: &Tensor,
         g: &mut ParamStore,
     ) -> Result<Tensor> {
-        let dh = self.fc2.backward(p, &s.h, dy, g)?;
-        let dh_pre = ops::gelu_bwd(&s.h_pre, &dh, self.gelu)?;
-        self.fc1.backward(p, x, &dh_pre, g)
+        self.fc2.accumulate_grads(&s.h, dy, g, true)?;
+        let (dh_pre, db1) = ops::linear_dgrad_gelu(dy, p.get(&self.fc2.weight)?, &s.h_pre, self.gelu)?;
+        if let Some(b) = &self.fc1.bias {
+            g.accumulate(b, &db1)?;
+        }
+        self.fc1.accumulate_grads(x, &dh_pre, g, false)?;
+        self.fc1.backward_data(p, &dh_pre)
     }
 }

@@ -117,8 +117,8 @@ impl Pooling {
                 let (merged, heads) = m.core.forward(p, &q, &k, &v)?;
                 let a = m.proj.forward(p, &merged)?;
                 let (n, ns) = m.norm.forward(p, &a)?;
-                let (h, mlp) = m.mlp.forward(p, &n)?;
-                let y = ops::add(&a, &h)?.reshape([b, d])?;
+                let (y, mlp) = m.mlp.forward_with(p, &n, Some(&a))?; // a + mlp(n), fused
+                let y = y.reshape([b, d])?;
                 Ok((y, PoolSaved::Map(Box::new(MapSaved { x: x.clone(), probe, heads, merged, a, n, ns, mlp }))))
             }
         }

@@ -11,6 +11,8 @@ pub mod flash_attention;
 pub(crate) mod index;
 pub mod kernel;
 pub(crate) mod layout;
+pub(crate) mod linear;
+pub(crate) mod lt;
 pub(crate) mod norm;
 pub mod nvrtc;
 pub(crate) mod patch;
@@ -20,6 +22,7 @@ pub(crate) mod softmax;
 mod storage;
 pub(crate) mod v32;
 
+pub use blas::{cached_gemm_plans, matmul_into};
 pub(crate) use storage::CudaStorage;
 
 use crate::{DType, Device, Error, Result, Shape, Tensor};

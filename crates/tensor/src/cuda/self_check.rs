@@ -99,6 +99,12 @@ const ALL_CHECKS: &[CheckEntry] = &[
     super::norm::fast_ok,
     super::softmax::fused_xent_ok,
     super::v32::v32_ok,
+    super::linear::check_bias,
+    super::linear::check_residual,
+    super::linear::check_gelu_aux_bias,
+    super::linear::check_dgelu_bgrad,
+    super::linear::check_wgrad_accumulate,
+    super::linear::check_bgradb,
 ];
 
 /// Runs the check of every fast kernel on device `ordinal` (those not yet run) and returns the
