@@ -15,7 +15,8 @@
 //       (n_per_chunk consecutive j) into part[c, l] (f32). Splitting n over chunks keeps the
 //       GPU busy when there are few lines (bias gradients: outer 1, n = rows).
 //   reduce_finalize_<dt>(part, y, lines, chunks, n, op)
-//       thread per line folds the chunks in order (deterministic), divides by n for mean and
+//       32×32-thread blocks per 32 lines: 32 threads per line fold strided chunks in order,
+//       then one folds their 32 partials in order (deterministic), divides by n for mean and
 //       stores in T. Also used for column sums of f32 partials by other files' ops
 //       (layer_norm_bwd's dweight/dbias).
 //   argmax_lines_<dt>(x, idx, outer, n, inner)   thread per line, sequential scan.
@@ -29,7 +30,8 @@
 //       k rounds of a block max over the keys below the previous round's key. Large k
 //       (k·(n + 64·blockDim) > n²): each element's rank is the number of larger keys, and the
 //       element is written at its rank if that is below k.
-// Launch: blocks of a multiple of 32 threads (≤ 1024); no dynamic shared memory.
+// Launch: blocks of a multiple of 32 threads (≤ 1024; reduce_finalize: 32×32); no dynamic
+// shared memory.
 // Precision: sums and comparisons in f32; values are stored in T once. Indices are u32.
 #include "common.cuh"
 
@@ -64,13 +66,31 @@ __device__ void reduce_lines_impl(const T* x, float* part, long long outer, long
     }
 }
 
+// Blocks of FIN_LINES × FIN_SLICES threads, one block per FIN_LINES consecutive lines (grid-
+// stride). Thread (tx, ty) folds chunks ty, ty + FIN_SLICES, ... of line tx in order, then thread
+// (tx, 0) folds the FIN_SLICES partials in order: a fixed order, so results repeat bit for bit,
+// with FIN_SLICES times the parallelism of one thread per line (whose serial loads over ~1000
+// chunks made a 768-column finalize take ~0.4 ms).
+#define FIN_LINES 32
+#define FIN_SLICES 32
 template <class T>
 __device__ void reduce_finalize_impl(const float* part, T* y, long long lines, long long chunks, long long n, int op) {
-    for (long long l = global_thread(); l < lines; l += grid_threads()) {
+    __shared__ float partial[FIN_SLICES][FIN_LINES + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (long long base = (long long)blockIdx.x * FIN_LINES; base < lines; base += (long long)gridDim.x * FIN_LINES) {
+        const long long l = base + tx;
         float acc = fold_init(op);
-        for (long long c = 0; c < chunks; ++c) acc = fold(acc, part[c * lines + l], op);
-        if (op == 1) acc = acc / (float)n;
-        store(y, l, acc);
+        if (l < lines)
+            for (long long c = ty; c < chunks; c += FIN_SLICES) acc = fold(acc, part[c * lines + l], op);
+        partial[ty][tx] = acc;
+        __syncthreads();
+        if (ty == 0 && l < lines) {
+            float r = fold_init(op);
+            for (int q = 0; q < FIN_SLICES; ++q) r = fold(r, partial[q][tx], op);
+            if (op == 1) r = r / (float)n;
+            store(y, l, r);
+        }
+        __syncthreads();
     }
 }
 

@@ -82,7 +82,13 @@ pub(super) fn finalize_columns(
     }
     let func = backend.function("reduce.cu", &name("reduce_finalize", dtype))?;
     let (lines_, chunks, n) = (i64_of(lines), i64_of(chunks), i64_of(n));
-    launch!(backend, func, cfg_1d(lines), part, out, &lines_, &chunks, &n, &op);
+    // 32 lines per block of 32 × 32 threads (kernels/reduce.cu's FIN_LINES × FIN_SLICES).
+    let cfg = LaunchConfig {
+        grid_dim: (lines.div_ceil(32).min(MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (32, 32, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(backend, func, cfg, part, out, &lines_, &chunks, &n, &op);
     Ok(())
 }
 

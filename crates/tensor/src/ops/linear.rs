@@ -74,9 +74,23 @@ pub fn linear(
 /// Data gradient of a linear layer followed by a GELU's backward: with `dy [.., out]` the
 /// gradient of `y = pre2 Wᵀ` (`w [out, hidden]`), and `pre [.., hidden]` the input of the GELU
 /// that produced `pre2`, returns `(dpre, dbias)`: `dpre = (dy W) · gelu'(pre)` `[.., hidden]`
-/// and its row sums `dbias [hidden]` (the gradient of the bias that produced `pre`). The MLP's
-/// fc2 dgrad fused with fc1's bias gradient (cuBLASLt DGELU_BGRAD, tanh GELU, bf16/f16).
+/// and its row sums `dbias [hidden]` (the gradient of the bias that produced `pre`): the MLP's
+/// fc2 dgrad with fc1's bias gradient. A plain GEMM, the GELU backward kernel and a column sum
+/// on every device: cuBLASLt's DGELU_BGRAD epilogue ([`linear_dgrad_gelu_fused`]) measured 1.8×
+/// slower than this composition at the B/16, L/16 and G/14 MLP shapes on an H200
+/// (docs/perf.md, 2026-11-26).
 pub fn linear_dgrad_gelu(dy: &Tensor, w: &Tensor, pre: &Tensor, gelu: Gelu) -> Result<(Tensor, Tensor)> {
+    dgrad_gelu(dy, w, pre, gelu, false)
+}
+
+/// [`linear_dgrad_gelu`] through cuBLASLt's DGELU_BGRAD epilogue where it applies (CUDA,
+/// bf16/f16, tanh GELU, hidden a multiple of 8, and its self-check passed), else the
+/// composition. Kept for `benches/gemm_cuda.rs`, which times it against the composition.
+pub fn linear_dgrad_gelu_fused(dy: &Tensor, w: &Tensor, pre: &Tensor, gelu: Gelu) -> Result<(Tensor, Tensor)> {
+    dgrad_gelu(dy, w, pre, gelu, true)
+}
+
+fn dgrad_gelu(dy: &Tensor, w: &Tensor, pre: &Tensor, gelu: Gelu, fused: bool) -> Result<(Tensor, Tensor)> {
     const OP: &str = "linear_dgrad_gelu";
     let device = same_device(OP, &[dy, w, pre])?;
     same_float_dtype(OP, &[dy, w, pre])?;
@@ -85,7 +99,7 @@ pub fn linear_dgrad_gelu(dy: &Tensor, w: &Tensor, pre: &Tensor, gelu: Gelu) -> R
     }
     let (_, out_dims) = ops::matmul_dims(dy, w, false, false)?;
     exact_shape(OP, pre, &out_dims, "pre")?;
-    if device != Device::Cpu {
+    if fused && device != Device::Cpu {
         if let Some(r) = cuda::linear::dgrad_gelu(dy, w, pre, gelu)? {
             return Ok(r);
         }

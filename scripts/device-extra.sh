@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Device call companion of gpu-check.sh: bf16 training against the CPU, and the whole-step
+# benches (vit bench train) for docs/perf.md. Run after gpu-check.sh in the same call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. scripts/cuda-env.sh >/dev/null 2>&1
+export VITRS_KERNEL_CACHE=${VITRS_KERNEL_CACHE:-/tmp/vitrs-kernels}
+bin=.gpu-bin
+runs=$(mktemp -d)
+quick="--set train.steps=20 --set schedule.warmup_steps=5 --set train.log_every=1"
+"$bin/vit" train $quick --device cpu --out "$runs/cpu" >/dev/null 2>&1
+"$bin/vit" train $quick --set train.precision=bf16 --device cuda:0 --out "$runs/bf16" >"$runs/bf16.txt" 2>&1 || cat "$runs/bf16.txt"
+python3 - "$runs" <<'PY'
+import json, sys
+def losses(d):
+    with open(f"{sys.argv[1]}/{d}/metrics.jsonl") as f:
+        return [json.loads(l)["loss"] for l in f]
+cpu, gpu = losses("cpu"), losses("bf16")
+worst = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
+print(f"bf16 on cuda vs f32 on cpu: {cpu[-1]:.5f} vs {gpu[-1]:.5f} after 20 steps; max relative difference {worst:.2e} (bf16: < 5e-2 expected)")
+PY
+for m in "B/16 --set pool=tok" "L/16 --set pool=tok"; do
+  timeout 120 "$bin/vit" bench train --model $m --batch 256 --steps 10 --warmup 3 --json | tee -a "${OUT:-/tmp}/bench-train.jsonl"
+done
