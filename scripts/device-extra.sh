@@ -22,3 +22,6 @@ PY
 for m in "B/16 --set pool=tok" "L/16 --set pool=tok"; do
   timeout 120 "$bin/vit" bench train --model $m --batch 256 --steps 10 --warmup 3 --json | tee -a "${OUT:-/tmp}/bench-train.jsonl"
 done
+# ViT-e/14 (3.9B parameters) at batch 8 with remat and factored Adam: the peak device memory of
+# one step (issue 14's target: it fits one 80 GB GPU).
+timeout 240 "$bin/vit" bench memory --model e/14 --batch 8 --optimizer factored-adam --set remat=true --json | tee -a "${OUT:-/tmp}/bench-train.jsonl"
