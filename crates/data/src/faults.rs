@@ -1,10 +1,10 @@
 //! Injected faults for the fault tests (issue 16 item 5) and for drills: the environment
 //! variable `VITRS_INJECT_FAULT` holds comma-separated `kind=value` pairs, e.g.
-//! `VITRS_INJECT_FAULT=panic_at_example=7`. Unset (the normal case), nothing happens; the
+//! `VITRS_INJECT_FAULT=loader_panic_at_step=7`. Unset (the normal case), nothing happens; the
 //! variable is read once per process.
 //!
-//! Kinds: `panic_at_example=N` (a loader worker panics while reading example N), and
-//! `panic_at_step=N` (the training loop panics in step N; read by `vit train`).
+//! Kinds: `loader_panic_at_step=N` (a loader worker panics while making batch N), and
+//! `train_panic_at_step=N` (the training loop panics in step N; read by `vit train`).
 
 use std::sync::OnceLock;
 
@@ -27,9 +27,9 @@ pub fn injected(kind: &str) -> Option<u64> {
     parsed().iter().find(|(k, _)| k == kind).map(|&(_, n)| n)
 }
 
-/// Panics when `VITRS_INJECT_FAULT` asks for a panic at example `index`.
-pub(crate) fn maybe_panic_at_example(index: usize) {
-    if injected("panic_at_example") == Some(index as u64) {
-        panic!("injected fault: panic_at_example={index}");
+/// Panics when `VITRS_INJECT_FAULT` asks for a loader panic while making batch `step`.
+pub(crate) fn maybe_panic_at_step(step: u64) {
+    if injected("loader_panic_at_step") == Some(step) {
+        panic!("injected fault: loader_panic_at_step={step}");
     }
 }

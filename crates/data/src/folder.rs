@@ -75,6 +75,36 @@ impl ImageFolder {
         &self.classes
     }
 
+    /// The examples whose file cannot be opened or does not start like a JPEG (`ff d8 ff`) or a
+    /// PNG (`89 50 4e 47 0d 0a 1a 0a`), found by reading the first 8 bytes of every file (in
+    /// parallel, `threads` at a time): the cheap scan that reports obviously wrong files before
+    /// training starts. Truncated or corrupt files with a good header are found when decoded.
+    pub fn check_headers(&self, threads: usize) -> Vec<crate::BadExample> {
+        let threads = threads.clamp(1, 64);
+        let chunk = self.files.len().div_ceil(threads).max(1);
+        let mut bad: Vec<crate::BadExample> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .files
+                .chunks(chunk)
+                .enumerate()
+                .map(|(c, files)| {
+                    s.spawn(move || {
+                        files
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(i, (path, _))| {
+                                header_problem(path).map(|reason| crate::BadExample { index: c * chunk + i, reason })
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        });
+        bad.sort_by_key(|b| b.index);
+        bad
+    }
+
     /// The file of example `index`, or `None` when out of range.
     pub fn path(&self, index: usize) -> Option<&Path> {
         self.files.get(index).map(|(p, _)| p.as_path())
@@ -96,6 +126,39 @@ impl Dataset for ImageFolder {
         let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.clone(), source })?;
         Ok(Example { image: decode_image(path, &bytes)?, label: *label })
     }
+}
+
+/// Why the file at `path` is obviously not a readable JPEG or PNG, from its first 8 bytes.
+fn header_problem(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut head = [0u8; 8];
+    let read = std::fs::File::open(path).and_then(|f| {
+        let mut n = 0;
+        let mut f = f.take(8);
+        loop {
+            match f.read(&mut head[n..]) {
+                Ok(0) => return Ok(n),
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let n = match read {
+        Ok(n) => n,
+        Err(e) => return Some(format!("{}: {e}", path.display())),
+    };
+    let jpeg = n >= 3 && head[..3] == [0xff, 0xd8, 0xff];
+    let png = n == 8 && head == [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
+    if jpeg || png {
+        return None;
+    }
+    let shown: Vec<String> = head[..n].iter().take(4).map(|b| format!("{b:02x}")).collect();
+    Some(format!(
+        "{}: expected a JPEG (ff d8 ff) or PNG (89 50 4e 47) image, file starts with [{}]",
+        path.display(),
+        shown.join(" ")
+    ))
 }
 
 /// Decodes the bytes of a JPEG or PNG file (format sniffed from the content, not the name)
@@ -141,6 +204,33 @@ mod tests {
     use super::*;
     use crate::testutil::TempDir;
     use image::{GrayImage, Luma, Rgb, RgbImage};
+
+    #[test]
+    fn the_header_scan_names_files_that_are_not_images() {
+        let tmp = TempDir::new("folder-headers");
+        std::fs::create_dir(tmp.join("a")).unwrap();
+        RgbImage::from_pixel(4, 4, Rgb([1, 2, 3])).save(tmp.join("a/0.png")).unwrap();
+        RgbImage::from_pixel(4, 4, Rgb([1, 2, 3])).save(tmp.join("a/1.jpg")).unwrap();
+        std::fs::write(tmp.join("a/2.jpg"), [0x12u8, 0x34, 0x56, 0x78, 9, 9, 9, 9, 9]).unwrap();
+        std::fs::write(tmp.join("a/3.png"), [0x89u8, 0x50]).unwrap();
+        // A good header with a truncated body passes the scan (decoding finds it).
+        let good = std::fs::read(tmp.join("a/1.jpg")).unwrap();
+        std::fs::write(tmp.join("a/4.jpg"), &good[..good.len() / 2]).unwrap();
+        let ds = ImageFolder::open(tmp.path()).unwrap();
+        for threads in [1, 3, 16] {
+            let bad = ds.check_headers(threads);
+            assert_eq!(bad.iter().map(|b| b.index).collect::<Vec<_>>(), [2, 3], "{bad:?}");
+            assert!(
+                bad[0].reason.ends_with(
+                    "2.jpg: expected a JPEG (ff d8 ff) or PNG (89 50 4e 47) image, file starts with [12 34 56 78]"
+                ),
+                "{}",
+                bad[0].reason
+            );
+            assert!(bad[1].reason.contains("3.png") && bad[1].reason.ends_with("starts with [89 50]"));
+        }
+        assert!(ds.get(4).unwrap_err().to_string().contains("truncated"));
+    }
 
     #[test]
     fn reads_classes_and_decodes_jpeg_and_png() {

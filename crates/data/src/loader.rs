@@ -201,6 +201,7 @@ impl Inner {
     /// Reads, augments and collates batch `step`.
     fn raw_batch(&self, step: u64) -> Result<RawBatch, DataError> {
         self.check_step(step)?;
+        crate::faults::maybe_panic_at_step(step);
         let (bs, n) = (self.config.batch_size, self.dataset.len());
         let epoch = self.config.epoch + step / self.steps_per_epoch;
         let lo = (step % self.steps_per_epoch) as usize * bs;
@@ -266,7 +267,6 @@ impl Inner {
     /// Example `index` read, label-checked and through the pipeline; errors name the index.
     fn example(&self, index: usize, epoch: u64) -> Result<(crate::Example, crate::Image<f32>), DataError> {
         let wrap = |e| DataError::Example { index, source: Box::new(e) };
-        crate::faults::maybe_panic_at_example(index);
         let ex = self.dataset.get(index).map_err(wrap)?;
         if ex.label as usize >= self.dataset.num_classes() {
             let msg = format!("label {} is not below num_classes = {}", ex.label, self.dataset.num_classes());

@@ -29,6 +29,8 @@ enum Command {
     Devices(commands::devices::Args),
     /// Speed and memory of training steps on synthetic data (`vit bench train --model B/16`).
     Bench(commands::bench::Args),
+    /// Check a dataset: `vit data check --config X [--split train|test]` lists every bad file.
+    Data(commands::data::Args),
     /// Convert another framework's weights (timm) into a vitrs checkpoint.
     Convert(commands::convert::Args),
     /// Logits of a checkpoint on images stored in a safetensors file.
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Devices(a) => commands::devices::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::Data(a) => commands::data::run(a),
         Command::Predict(a) => commands::predict::run(a),
     };
     match result {

@@ -89,6 +89,8 @@ impl DataArgs {
                 test_limit: None,
                 augment: Vec::new(),
                 eval_augment: Vec::new(),
+                on_bad_example: Default::default(),
+                max_bad_fraction: 0.001,
             },
             None => {
                 let cfg =

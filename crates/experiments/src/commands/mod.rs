@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod convert;
+pub mod data;
 mod data_args;
 pub mod devices;
 pub mod eval;

@@ -66,6 +66,20 @@ pub struct DataSection {
     /// Evaluation preprocessing (deterministic ops: `resize_small`, `central_crop`, ...).
     #[serde(default)]
     pub eval_augment: Vec<vit_data::Transform>,
+    /// A training example that cannot be read, decoded or augmented: `fail` (default; the run
+    /// stops with an error naming the file, after saving the last completed step) or `skip`
+    /// (replaced by the next good example, listed in the run's `bad_examples.txt`). The test
+    /// split must be clean in both modes (`vit data check --split test`).
+    #[serde(default)]
+    pub on_bad_example: vit_data::OnBadExample,
+    /// With `skip`: the largest fraction of the training set that may be bad before the run
+    /// stops (default 0.001).
+    #[serde(default = "default_max_bad_fraction")]
+    pub max_bad_fraction: f64,
+}
+
+fn default_max_bad_fraction() -> f64 {
+    0.001
 }
 
 fn default_train() -> String {
@@ -343,6 +357,10 @@ impl TrainConfig {
         let bad = |key: &str, value: String, expected: &str| {
             Err(TrainError::Config(format!("{key} = {value}: expected {expected}")))
         };
+        let f = self.data.max_bad_fraction;
+        if !(0.0..=1.0).contains(&f) {
+            return bad("data.max_bad_fraction", f.to_string(), "a fraction in [0, 1]");
+        }
         let t = &self.train;
         if t.batch_size == 0 {
             return bad("train.batch_size", t.batch_size.to_string(), "a positive number of images");

@@ -5,8 +5,8 @@
 use crate::train::{config::DataSection, TrainError};
 use std::{path::Path, sync::Arc};
 use vit_data::{
-    load_cifar10, load_cifar100, DataError, Dataset, Example, ImageFolder, InMemoryDataset, Loader, LoaderConfig,
-    Pipeline, Split, Transform,
+    load_cifar10, load_cifar100, BadExample, DataError, Dataset, Example, ImageFolder, InMemoryDataset, Loader,
+    LoaderConfig, OnBadExample, Pipeline, Split, Transform,
 };
 
 /// The first `len` examples of a dataset (`data.train_limit`, `data.test_limit`).
@@ -31,6 +31,13 @@ impl Dataset for Limited {
 }
 
 /// `value_range(-1, 1)`: ViT's input range (reference §2), the default preprocessing.
+/// The evaluation preprocessing of `cfg` (`data.eval_augment`, or the default), validated.
+pub fn eval_pipeline(cfg: &DataSection) -> Result<Pipeline, TrainError> {
+    let p = Pipeline::new(if cfg.eval_augment.is_empty() { default_pipeline() } else { cfg.eval_augment.clone() });
+    p.validate()?;
+    Ok(p)
+}
+
 fn default_pipeline() -> Vec<Transform> {
     vec![Transform::ValueRange { min: -1.0, max: 1.0, in_min: 0.0, in_max: 255.0 }]
 }
@@ -41,13 +48,38 @@ pub struct Data {
     pub test: Arc<dyn Dataset>,
     train_pp: Pipeline,
     eval_pp: Pipeline,
+    on_bad_example: OnBadExample,
+    /// Training files the header scan found not to be images (`skip` mode; in `fail` mode they
+    /// are an error before the first step).
+    pub bad_at_start: Vec<BadExample>,
 }
 
-/// Loads the datasets `cfg` names: `idx` (MNIST-style files, splits are prefixes; a path
-/// `bundled:<name>` reads a dataset embedded in the binary, see `vit_data::bundled`), `cifar10`
-/// / `cifar100` (binary batches, splits `train` / `test`), `folder` (one subfolder per class
-/// under `path/<split>`).
-pub fn load(cfg: &DataSection) -> Result<Data, TrainError> {
+/// The examples of an image-folder split (`dataset` if it is one, within `limit`) whose files
+/// are obviously not images, by the cheap header scan of `ImageFolder::check_headers`.
+fn scan_headers(folder: &ImageFolder, limit: Option<usize>) -> Vec<BadExample> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut bad = folder.check_headers(threads);
+    bad.retain(|b| limit.is_none_or(|n| b.index < n));
+    bad
+}
+
+/// The error for files the header scan rejected: the count and the first few, one line.
+fn bad_files_error(split: &str, bad: &[BadExample]) -> TrainError {
+    let shown: Vec<&str> = bad.iter().take(3).map(|b| b.reason.as_str()).collect();
+    TrainError::Data(vit_data::DataError::Config(format!(
+        "{} file(s) of the {split} split are not readable JPEG/PNG images (found before training): {}{}          (list them all with `vit data check`; data.on_bad_example = \"skip\" trains without them)",
+        bad.len(),
+        shown.join("; "),
+        if bad.len() > 3 { "; ..." } else { "" }
+    )))
+}
+
+/// The two splits `cfg` names, and for image folders the files of each that the header scan
+/// rejected (`(train, test, train_bad, test_bad)`), whatever `data.on_bad_example` says.
+#[allow(clippy::type_complexity)]
+pub fn open_splits(
+    cfg: &DataSection,
+) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>, Vec<BadExample>, Vec<BadExample>), TrainError> {
     let limit = |d: Arc<dyn Dataset>, n: Option<usize>| -> Arc<dyn Dataset> {
         match n {
             Some(n) if n < d.len() => Arc::new(Limited { inner: d, len: n }),
@@ -60,6 +92,7 @@ pub fn load(cfg: &DataSection) -> Result<Data, TrainError> {
         other => Err(TrainError::Config(format!("data split {other:?}: expected \"train\" or \"test\" for CIFAR"))),
     };
     let bundled = vit_data::bundled_name(&cfg.path);
+    let (mut train_bad, mut test_bad) = (Vec::new(), Vec::new());
     let (train, test): (Arc<dyn Dataset>, Arc<dyn Dataset>) = match (cfg.format.as_str(), bundled) {
         ("idx", Some(name)) => (
             Arc::new(InMemoryDataset::from_bundled(name, &cfg.train, cfg.train_limit)?),
@@ -87,10 +120,12 @@ pub fn load(cfg: &DataSection) -> Result<Data, TrainError> {
             (limit(read(&cfg.train)?, cfg.train_limit), limit(read(&cfg.test)?, cfg.test_limit))
         }
         ("folder", None) => {
-            let open = |s: &str| -> Result<Arc<dyn Dataset>, TrainError> {
-                Ok(Arc::new(ImageFolder::open(Path::new(&cfg.path).join(s))?))
-            };
-            (limit(open(&cfg.train)?, cfg.train_limit), limit(open(&cfg.test)?, cfg.test_limit))
+            let train = ImageFolder::open(Path::new(&cfg.path).join(&cfg.train))?;
+            let test = ImageFolder::open(Path::new(&cfg.path).join(&cfg.test))?;
+            // Obviously wrong files are found before the first step (issue 16 item 4).
+            test_bad = scan_headers(&test, cfg.test_limit);
+            train_bad = scan_headers(&train, cfg.train_limit);
+            (limit(Arc::new(train), cfg.train_limit), limit(Arc::new(test), cfg.test_limit))
         }
         (other, None) => {
             return Err(TrainError::Config(format!(
@@ -98,18 +133,49 @@ pub fn load(cfg: &DataSection) -> Result<Data, TrainError> {
             )))
         }
     };
+    Ok((train, test, train_bad, test_bad))
+}
+
+/// Loads the datasets `cfg` names: `idx` (MNIST-style files, splits are prefixes; a path
+/// `bundled:<name>` reads a dataset embedded in the binary, see `vit_data::bundled`), `cifar10`
+/// / `cifar100` (binary batches, splits `train` / `test`), `folder` (one subfolder per class
+/// under `path/<split>`).
+pub fn load(cfg: &DataSection) -> Result<Data, TrainError> {
+    let (train, test, bad_at_start, test_bad) = open_splits(cfg)?;
+    // The test split must be clean in either mode; the training split's bad files are an error
+    // before the first step unless they are to be skipped.
+    if !test_bad.is_empty() {
+        return Err(bad_files_error(&cfg.test, &test_bad));
+    }
+    if !bad_at_start.is_empty() && cfg.on_bad_example == OnBadExample::Fail {
+        return Err(bad_files_error(&cfg.train, &bad_at_start));
+    }
     let pp = |ops: &[Transform]| {
         let p = Pipeline::new(if ops.is_empty() { default_pipeline() } else { ops.to_vec() });
         p.validate().map(|_| p)
     };
-    Ok(Data { train, test, train_pp: pp(&cfg.augment)?, eval_pp: pp(&cfg.eval_augment)? })
+    Ok(Data {
+        train,
+        test,
+        train_pp: pp(&cfg.augment)?,
+        eval_pp: pp(&cfg.eval_augment)?,
+        on_bad_example: cfg.on_bad_example,
+        bad_at_start,
+    })
 }
 
 impl Data {
     /// The endless, shuffled, augmented training stream (epoch `e` is a permutation drawn from
     /// `(seed, e)`; the last partial batch of each epoch is dropped).
     pub fn train_loader(&self, batch: usize, seed: u64) -> Result<Loader, TrainError> {
-        let cfg = LoaderConfig { shuffle: true, seed, repeat: true, drop_last: true, ..LoaderConfig::new(batch) };
+        let cfg = LoaderConfig {
+            shuffle: true,
+            seed,
+            repeat: true,
+            drop_last: true,
+            on_bad_example: self.on_bad_example,
+            ..LoaderConfig::new(batch)
+        };
         Ok(Loader::new(self.train.clone(), self.train_pp.clone(), cfg)?)
     }
 

@@ -2,8 +2,10 @@
 //! checkpoints, resume (design §6). Deterministic: the same config and seed give the same
 //! losses, and a run resumed from a checkpoint continues exactly as a straight run would.
 
+pub mod bad_examples;
 pub mod config;
 pub mod data;
+pub mod data_check;
 mod panics;
 pub mod plot;
 pub mod run_dir;
@@ -338,6 +340,17 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         let _ = std::fs::remove_file(run.file("metrics.jsonl"));
         (initial_params(cfg, &model, device)?, None)
     };
+    let skip_bad = cfg.data.on_bad_example == vit_data::OnBadExample::Skip;
+    let mut bad_log =
+        bad_examples::BadLog::open(run, data.train.len(), cfg.data.max_bad_fraction, start.as_ref().map(|(s, _)| *s))?;
+    if !data.bad_at_start.is_empty() {
+        eprintln!(
+            "warning: {} training file(s) are not readable images; they are skipped and listed in {}",
+            data.bad_at_start.len(),
+            run.file("bad_examples.txt").display()
+        );
+        bad_log.record(0, &data.bad_at_start)?;
+    }
     let mut opt = OptimizerChain::new(optimizer_config(cfg, total, &params)?, &params)?;
     let first_step = match &start {
         Some((step, ckpt)) => {
@@ -409,6 +422,10 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
             let t0 = Instant::now();
             let b =
                 stream.next().ok_or_else(|| TrainError::Io(format!("the training stream ended at step {step}")))??;
+            bad_log.record(step + 1, &b.bad)?;
+            if vit_data::faults::injected("train_panic_at_step") == Some(step) {
+                panic!("injected fault: train_panic_at_step={step}");
+            }
             let all_labels = b.labels.to_vec::<i32>()?;
             let cp = compute_params(&params, dtype)?;
             let mut grads = params.zeros_like(DType::F32)?;
@@ -453,6 +470,9 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
                 "grad_norm": info.grad_norm,
                 "images_per_second": trained as f64 / train_time.max(1e-9),
             });
+            if skip_bad {
+                line["bad_examples"] = bad_log.count().into();
+            }
             let eval_now = is_last || (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0);
             if eval_now {
                 (test_acc, test_loss) = evaluate_test(&params)?;
