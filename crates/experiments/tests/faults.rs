@@ -119,16 +119,33 @@ fn assert_resumed_equals_straight(straight: &Path, resumed: &Path, steps: u64, w
     assert_same_bytes(&straight.join(&last), &resumed.join(&last), what);
 }
 
+/// A fixture of `steps` steps (fail mode) in a fresh folder, and its straight run there.
+fn with_straight_run(steps: u64) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = fixture(tmp.path(), steps, "");
+    let straight = tmp.path().join("straight");
+    let o = train(&config, &straight, &[]);
+    assert!(o.status.success(), "the straight run: {}", stderr(&o));
+    (tmp, config, straight)
+}
+
+/// `vit train` of the recipe into `out`, in the background, its output captured.
+fn spawn_train(config: &Path, out: &Path) -> std::process::Child {
+    vit()
+        .args(["train", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn train_file(root: &Path, class: &str, i: u32) -> PathBuf {
     root.join("data/train").join(class).join(format!("{i:02}.png"))
 }
 
 #[test]
 fn a_truncated_image_mid_run_saves_the_last_step_and_the_fixed_run_resumes_exactly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = fixture(tmp.path(), 12, "");
-    let straight = tmp.path().join("straight");
-    assert!(train(&config, &straight, &[]).status.success());
+    let (tmp, config, straight) = with_straight_run(12);
     // Truncate one training PNG (its header stays good, so only decoding finds it). Try files
     // until one is first met after step 1 (the order is fixed by the seed, so this is too).
     for i in 0..8 {
@@ -196,12 +213,7 @@ fn skip_mode_lists_bad_files_once_counts_them_and_resumes_exactly() {
 /// Runs the recipe in the background, waits until `metrics.jsonl` has `lines` lines, applies
 /// `fault`, and returns the finished process's output.
 fn fault_mid_run(config: &Path, out: &Path, lines: usize, fault: impl FnOnce()) -> Output {
-    let child = vit()
-        .args(["train", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_train(config, out);
     let t = Instant::now();
     let metrics = out.join("metrics.jsonl");
     while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < lines {
@@ -214,11 +226,8 @@ fn fault_mid_run(config: &Path, out: &Path, lines: usize, fault: impl FnOnce()) 
 
 #[test]
 fn a_file_deleted_or_made_unreadable_mid_run_saves_the_state_and_resumes_exactly() {
-    let tmp = tempfile::tempdir().unwrap();
     let steps = 400;
-    let config = fixture(tmp.path(), steps, "");
-    let straight = tmp.path().join("straight");
-    assert!(train(&config, &straight, &[]).status.success());
+    let (tmp, config, straight) = with_straight_run(steps);
     let file = train_file(tmp.path(), "a", 7);
     let good = std::fs::read(&file).unwrap();
     // Deleted after the scan (ENOENT), then a directory where the file was (EISDIR: unreadable,
@@ -245,10 +254,7 @@ fn a_file_deleted_or_made_unreadable_mid_run_saves_the_state_and_resumes_exactly
 
 #[test]
 fn panics_in_a_loader_worker_or_the_training_loop_save_the_state_and_resume_exactly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = fixture(tmp.path(), 12, "");
-    let straight = tmp.path().join("straight");
-    assert!(train(&config, &straight, &[]).status.success());
+    let (tmp, config, straight) = with_straight_run(12);
     for (fault, expect) in [
         ("loader_panic_at_step=5", "data loader worker: panicked while making step 5"),
         ("train_panic_at_step=5", "internal error (please report it): injected fault: train_panic_at_step=5"),
@@ -265,18 +271,10 @@ fn panics_in_a_loader_worker_or_the_training_loop_save_the_state_and_resume_exac
 
 #[test]
 fn a_full_disk_during_a_checkpoint_write_is_one_error_and_the_run_resumes_exactly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = fixture(tmp.path(), 12, "");
-    let straight = tmp.path().join("straight");
-    assert!(train(&config, &straight, &[]).status.success());
+    let (tmp, config, straight) = with_straight_run(12);
     let out = tmp.path().join("full");
     std::fs::create_dir_all(&out).unwrap();
-    let child = vit()
-        .args(["train", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_train(&config, &out);
     // The checkpoint of step 8 is written to `step-8.safetensors.tmp-<pid>` first: make that
     // name lead to /dev/full, where every write fails with ENOSPC.
     let tmp_name = out.join(format!("step-8.safetensors.tmp-{}", child.id()));

@@ -9,14 +9,14 @@
 //!
 //! These need a GPU and NVRTC: `cargo test -p vit-tensor --test cuda_fused -- --include-ignored`.
 
+mod common;
+
+use common::*;
 use vit_tensor::{
     cuda::self_check::{self, KernelStatus},
     ops::{self, Gelu, NormKind},
     DType, Device, Tensor,
 };
-
-const GPU: Device = Device::Cuda(0);
-const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
 /// `(rows, d)`: one row per warp with vector loads (768, 1024), widths that are multiples of 4
 /// but not 8 (100: vector for f32 only) or of neither (37, 1030), one row per block (1030,
@@ -40,35 +40,6 @@ fn require_fast_norm() {
 
 fn randn(shape: &[usize], mean: f32, std: f32, seed: u64, dtype: DType) -> Tensor {
     Tensor::randn(shape.to_vec(), mean, std, seed, dtype, Device::Cpu).unwrap()
-}
-
-fn gpu(t: &Tensor) -> Tensor {
-    t.to_device(GPU).unwrap()
-}
-
-/// `(rtol, atol as a fraction of the largest reference magnitude)` for results stored in `dtype`.
-fn tolerance(dtype: DType) -> (f32, f32) {
-    match dtype {
-        DType::F32 => (1e-4, 1e-5),
-        DType::BF16 => (2e-2, 1e-2),
-        DType::F16 => (2e-3, 1e-3),
-        DType::I32 | DType::U32 => (0.0, 0.0),
-    }
-}
-
-/// Every element within `atol + rtol·|cpu|` of the CPU reference.
-fn check(what: &str, cuda: &Tensor, cpu: &Tensor, dtype: DType) {
-    assert_eq!(cuda.device(), GPU, "{what}: result not on the GPU");
-    assert_eq!(cuda.dims(), cpu.dims(), "{what}: shapes differ");
-    assert_eq!(cuda.dtype(), cpu.dtype(), "{what}: dtypes differ");
-    let (g, c) = (cuda.to_f32_vec().unwrap(), cpu.to_f32_vec().unwrap());
-    let (rtol, afrac) = tolerance(dtype);
-    let scale = c.iter().filter(|v| v.is_finite()).fold(1e-3f32, |m, v| m.max(v.abs()));
-    let atol = afrac * scale + 1e-6;
-    for (i, (x, y)) in g.iter().zip(&c).enumerate() {
-        let ok = x == y || (x - y).abs() <= atol + rtol * y.abs();
-        assert!(ok, "{what} ({dtype}): element {i} of {}: cuda {x}, cpu {y} (rtol {rtol}, atol {atol})", g.len());
-    }
 }
 
 fn check_opt(what: &str, cuda: &Option<Tensor>, cpu: &Option<Tensor>, dtype: DType) {

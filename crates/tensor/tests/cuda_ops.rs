@@ -5,17 +5,13 @@
 //!
 //! These need a GPU and NVRTC: `cargo test -p vit-tensor --test cuda_ops -- --include-ignored`.
 
+mod common;
+
+use common::*;
 use vit_tensor::{
     ops::{self, BinaryOp, Gelu, NormKind},
     DType, Device, Tensor,
 };
-
-const GPU: Device = Device::Cuda(0);
-const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
-
-fn require_gpu() {
-    assert!(vit_tensor::cuda::available(), "these tests need a CUDA device and its driver");
-}
 
 fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     Tensor::randn(shape.to_vec(), 0.0, 1.0, seed, dtype, Device::Cpu).unwrap()
@@ -30,38 +26,6 @@ fn with_ties(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     let v = randn_scaled(shape, 3.0, seed, DType::F32).to_f32_vec().unwrap();
     let v = v.into_iter().map(|x| ((x * 2.0).round() / 2.0).clamp(-8.0, 8.0)).collect();
     Tensor::from_f32(v, shape.to_vec(), dtype, Device::Cpu).unwrap()
-}
-
-fn gpu(t: &Tensor) -> Tensor {
-    t.to_device(GPU).unwrap()
-}
-
-/// `(rtol, atol as a fraction of the largest reference magnitude)` for results stored in `dtype`
-/// (computed in f32 on both sides; the difference is f32 summation order, then one rounding).
-fn tolerance(dtype: DType) -> (f32, f32) {
-    match dtype {
-        DType::F32 => (1e-4, 1e-5),
-        DType::BF16 => (2e-2, 1e-2),
-        DType::F16 => (2e-3, 1e-3),
-        DType::I32 | DType::U32 => (0.0, 0.0),
-    }
-}
-
-/// Compares a CUDA result with the CPU reference: same shape and dtype, every element within
-/// `atol + rtol·|cpu|` with the tolerance of `dtype` (the inputs' dtype), equal infinities and
-/// NaNs count as equal.
-fn check(what: &str, cuda: &Tensor, cpu: &Tensor, dtype: DType) {
-    assert_eq!(cuda.device(), GPU, "{what}: result not on the GPU");
-    assert_eq!(cuda.dims(), cpu.dims(), "{what}: shapes differ");
-    assert_eq!(cuda.dtype(), cpu.dtype(), "{what}: dtypes differ");
-    let (g, c) = (cuda.to_f32_vec().unwrap(), cpu.to_f32_vec().unwrap());
-    let (rtol, afrac) = tolerance(dtype);
-    let scale = c.iter().filter(|v| v.is_finite()).fold(1e-3f32, |m, v| m.max(v.abs()));
-    let atol = afrac * scale + 1e-6;
-    for (i, (x, y)) in g.iter().zip(&c).enumerate() {
-        let ok = x == y || (x.is_nan() && y.is_nan()) || (x - y).abs() <= atol + rtol * y.abs();
-        assert!(ok, "{what} ({dtype}): element {i} of {}: cuda {x}, cpu {y} (rtol {rtol}, atol {atol})", g.len());
-    }
 }
 
 /// Bit-exact float comparison (data movement, casts, top-k values); NaNs compare by NaN-ness.
