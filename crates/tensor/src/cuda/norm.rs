@@ -15,7 +15,7 @@ use crate::{
     op_kinds::{BinaryOp, NormKind, ReduceOp},
     DType, Device, Result, Shape, Tensor,
 };
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 /// The self-check's name of the fast path (listed by `vit devices`).
@@ -188,6 +188,60 @@ fn reference_fwd(
 /// What the backward returns: `(dx, dweight iff weight is given, dbias iff with_bias)`.
 pub(crate) type BwdOut = (Tensor, Option<Tensor>, Option<Tensor>);
 
+/// The outputs of a LayerNorm backward: `dx` like `x`, and `dw`, `db` `[d]` in the parameters'
+/// dtype (the ops layer checks the weight has x's dtype).
+struct BwdBuffers {
+    dx: CudaSlice<u8>,
+    dw: CudaSlice<u8>,
+    db: CudaSlice<u8>,
+    pdtype: DType,
+}
+
+impl BwdBuffers {
+    fn new(backend: &Arc<CudaBackend>, x: &Tensor, weight: Option<&Tensor>) -> Result<Self> {
+        let pdtype = weight.map_or(x.dtype(), |w| w.dtype());
+        let pshape = Shape::new([x.shape().last()]);
+        Ok(BwdBuffers {
+            dx: output(backend, x.shape(), x.dtype())?,
+            dw: output(backend, &pshape, pdtype)?,
+            db: output(backend, &pshape, pdtype)?,
+            pdtype,
+        })
+    }
+
+    /// Sums the f32 partials `[chunks, d]` of dγ (`want_w`) and dβ (`want_b`) into `dw`, `db`.
+    #[allow(clippy::too_many_arguments)]
+    fn finalize(
+        &mut self,
+        backend: &Arc<CudaBackend>,
+        (dw_part, db_part): (&CudaSlice<u8>, &CudaSlice<u8>),
+        d: usize,
+        chunks: usize,
+        rows: usize,
+        want_w: bool,
+        want_b: bool,
+    ) -> Result<()> {
+        let sum = reduce_code(ReduceOp::Sum);
+        if want_w {
+            finalize_columns(backend, dw_part, self.pdtype, d, chunks, rows, sum, &mut self.dw)?;
+        }
+        if want_b {
+            finalize_columns(backend, db_part, self.pdtype, d, chunks, rows, sum, &mut self.db)?;
+        }
+        Ok(())
+    }
+
+    /// `(dx, dw, db)` as tensors, the parameter gradients where asked for.
+    fn wrap(self, backend: &Arc<CudaBackend>, x: &Tensor, want_w: bool, want_b: bool) -> BwdOut {
+        let pshape = Shape::new([x.shape().last()]);
+        (
+            wrap(backend, self.dx, x.shape().clone(), x.dtype()),
+            want_w.then(|| wrap(backend, self.dw, pshape.clone(), self.pdtype)),
+            want_b.then(|| wrap(backend, self.db, pshape, self.pdtype)),
+        )
+    }
+}
+
 /// LayerNorm backward; with `dres` (the gradient reaching the norm's input by the residual
 /// stream, `x`'s shape) `dx` is the total gradient `dnorm + dres`.
 #[allow(clippy::too_many_arguments)]
@@ -242,11 +296,7 @@ fn bwd_on(
             return Ok((dx, dw, db));
         }
     };
-    let pdtype = weight.map_or(x.dtype(), |w| w.dtype());
-    let pshape = Shape::new([d]);
-    let mut dx = output(backend, x.shape(), x.dtype())?;
-    let mut dw = output(backend, &pshape, pdtype)?;
-    let mut db = output(backend, &pshape, pdtype)?;
+    let mut out = BwdBuffers::new(backend, x, weight)?;
     if rows > 0 && d > 0 {
         let (per_warp, per_block, threads) = layout(d);
         let blocks = rows.div_ceil(per_block).min(if want_params { BWD_MAX_BLOCKS } else { MAX_BLOCKS });
@@ -277,7 +327,7 @@ fn bwd_on(
                 &rv,
                 &dyv,
                 &qv,
-                &mut dx,
+                &mut out.dx,
                 &mut dw_part,
                 &mut db_part,
                 &rows_,
@@ -289,19 +339,9 @@ fn bwd_on(
                 &per_warp
             );
         }
-        let sum = reduce_code(ReduceOp::Sum);
-        if weight.is_some() {
-            finalize_columns(backend, &dw_part, pdtype, d, blocks, rows, sum, &mut dw)?;
-        }
-        if with_bias {
-            finalize_columns(backend, &db_part, pdtype, d, blocks, rows, sum, &mut db)?;
-        }
+        out.finalize(backend, (&dw_part, &db_part), d, blocks, rows, weight.is_some(), with_bias)?;
     }
-    Ok((
-        wrap(backend, dx, x.shape().clone(), x.dtype()),
-        weight.map(|_| wrap(backend, dw, pshape.clone(), pdtype)),
-        with_bias.then(|| wrap(backend, db, pshape, pdtype)),
-    ))
+    Ok(out.wrap(backend, x, weight.is_some(), with_bias))
 }
 
 /// The reference backward kernels: dx, then the parameter gradients in a separate pass.
@@ -318,12 +358,7 @@ fn reference_bwd(
 ) -> Result<BwdOut> {
     const OP: &str = "layer_norm_bwd";
     let (d, rows) = (x.shape().last(), x.shape().rows());
-    // The ops layer checks weight has x's dtype, so the parameter gradients share it.
-    let pdtype = weight.map_or(x.dtype(), |w| w.dtype());
-    let pshape = Shape::new([d]);
-    let mut dx = output(backend, x.shape(), x.dtype())?;
-    let mut dw = output(backend, &pshape, pdtype)?;
-    let mut db = output(backend, &pshape, pdtype)?;
+    let mut out = BwdBuffers::new(backend, x, weight)?;
     if rows > 0 && d > 0 {
         let (xv, mv, rv, dyv) = (view(x, OP)?, view(mean, OP)?, view(rstd, OP)?, view(dy, OP)?);
         let wv = view(weight.unwrap_or(x), OP)?;
@@ -331,7 +366,7 @@ fn reference_bwd(
         let rms = i32::from(kind == NormKind::Rms);
         let has_w = i32::from(weight.is_some());
         let func = backend.function("norm.cu", &name(OP, x.dtype()))?;
-        launch!(backend, func, cfg_rows(rows, d), &xv, &wv, &mv, &rv, &dyv, &mut dx, &rows_, &d_, &rms, &has_w);
+        launch!(backend, func, cfg_rows(rows, d), &xv, &wv, &mv, &rv, &dyv, &mut out.dx, &rows_, &d_, &rms, &has_w);
 
         if weight.is_some() || with_bias {
             let (chunks, per) = chunking(d, rows);
@@ -345,20 +380,10 @@ fn reference_bwd(
             };
             let per_ = i64_of(per);
             launch!(backend, func, cfg, &xv, &mv, &rv, &dyv, &mut dw_part, &mut db_part, &rows_, &d_, &per_);
-            let sum = reduce_code(ReduceOp::Sum);
-            if weight.is_some() {
-                finalize_columns(backend, &dw_part, pdtype, d, chunks, rows, sum, &mut dw)?;
-            }
-            if with_bias {
-                finalize_columns(backend, &db_part, pdtype, d, chunks, rows, sum, &mut db)?;
-            }
+            out.finalize(backend, (&dw_part, &db_part), d, chunks, rows, weight.is_some(), with_bias)?;
         }
     }
-    Ok((
-        wrap(backend, dx, x.shape().clone(), x.dtype()),
-        weight.map(|_| wrap(backend, dw, pshape.clone(), pdtype)),
-        with_bias.then(|| wrap(backend, db, pshape, pdtype)),
-    ))
+    Ok(out.wrap(backend, x, weight.is_some(), with_bias))
 }
 
 /// Whether the fast path may be used on `backend`: runs its check on first use (an entry of
