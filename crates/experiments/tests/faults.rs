@@ -302,24 +302,30 @@ fn vit_data_check_lists_every_bad_file_and_exits_1() {
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((r["examples"].as_u64(), r["bad"].as_array().map(|b| b.len())), (Some(64), Some(0)));
+    // A GIF where a PNG should be, 500 random bytes named corrupt.jpg (sorted after a/31.png:
+    // example 32, so class b starts at 33), and a PNG cut short (found only by decoding).
     std::fs::write(train_file(tmp.path(), "a", 1), b"GIF89a not ours").unwrap();
+    let noise: Vec<u8> = (0..500u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(tmp.path().join("data/train/a/corrupt.jpg"), noise).unwrap();
     let png = train_file(tmp.path(), "b", 2);
     let good = std::fs::read(&png).unwrap();
     std::fs::write(&png, &good[..40]).unwrap();
     let o = check(&["--json"]);
     assert_eq!(o.status.code(), Some(1));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["examples"], 65);
     let bad = r["bad"].as_array().unwrap();
-    assert_eq!(bad.len(), 2, "{r}");
-    assert_eq!(bad[0][0], 1);
-    assert!(bad[0][1].as_str().unwrap().contains("a/01.png") && bad[0][1].as_str().unwrap().contains("starts with"));
-    assert_eq!(bad[1][0], 34);
-    assert!(bad[1][1].as_str().unwrap().contains("b/02.png"), "{r}");
-    assert!(stderr(&o).contains("2 bad example(s)"));
+    let found: Vec<(u64, &str)> = bad.iter().map(|b| (b[0].as_u64().unwrap(), b[1].as_str().unwrap())).collect();
+    assert_eq!(found.iter().map(|f| f.0).collect::<Vec<_>>(), [1, 32, 35], "{r}");
+    assert!(found[0].1.contains("a/01.png") && found[0].1.contains("starts with [47 49 46 38]"), "{r}");
+    assert!(found[1].1.contains("a/corrupt.jpg") && found[1].1.contains("expected a JPEG"), "{r}");
+    assert!(found[2].1.contains("b/02.png") && found[2].1.contains("decodable"), "{r}");
+    assert!(stderr(&o).contains("3 bad example(s)"));
     // The test split is clean; and training refuses the dirty train split before the first step.
     assert!(check(&["--split", "test"]).status.success());
     let o = train(&config, &tmp.path().join("refused"), &[]);
     let line = one_line_error(&o, "bad files before training");
-    assert!(line.contains("1 file(s) of the train split are not readable") && line.contains("a/01.png"), "{line}");
+    assert!(line.contains("2 file(s) of the train split are not readable"), "{line}");
+    assert!(line.contains("a/01.png") && line.contains("a/corrupt.jpg"), "{line}");
     assert!(newest_checkpoint(&tmp.path().join("refused")).is_none());
 }
