@@ -15,4 +15,26 @@ fi
 export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Kernel CUBINs are cached by source hash, arch and NVRTC version; keep CI's cache in the tree.
 export VITRS_KERNEL_CACHE=${VITRS_KERNEL_CACHE:-$PWD/target/kernel-cache}
-exec cargo test --workspace --all-targets "$@"
+cargo test --workspace --all-targets "$@"
+
+# The MPI backend's semantic suite, one rank per process under mpirun (2 and 3 ranks; 3 on a
+# 2-core machine needs --oversubscribe). Needs an MPI installation (.ci/run installs Open MPI:
+# libopenmpi-dev openmpi-bin libclang-dev); VITRS_REQUIRE_MPI=1 makes its absence an error.
+if command -v mpirun >/dev/null 2>&1; then
+  exe=$(cargo test -p vit-collective --features mpi --test mpi_suite --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "mpi_suite":
+        print(m["executable"])')
+  [ -x "$exe" ] || { cargo test -p vit-collective --features mpi --test mpi_suite --no-run; exit 1; }
+  for np in 2 3; do
+    echo "mpirun -np $np $(basename "$exe")"
+    mpirun --allow-run-as-root --oversubscribe -np "$np" "$exe"
+  done
+elif [ "${VITRS_REQUIRE_MPI:-0}" = 1 ]; then
+  echo "test.sh: mpirun not found, but VITRS_REQUIRE_MPI=1" >&2
+  exit 1
+else
+  echo "test.sh: mpirun not found: the MPI suite did not run (install libopenmpi-dev openmpi-bin libclang-dev)"
+fi

@@ -4,7 +4,7 @@
 
 use crate::{Error, ReduceOp, Result};
 use std::fmt;
-use vit_tensor::Tensor;
+use vit_tensor::{DType, Shape, Tensor};
 
 /// Which collective a rank called, with its arguments other than the tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,24 +48,43 @@ pub(crate) struct Call {
     pub(crate) tensor: Option<Tensor>,
 }
 
-impl Call {
+/// What the checks need of a call: the op, and the shape and dtype of its tensor. Backends
+/// that cannot see the other ranks' tensors (MPI) exchange these.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Signature {
+    pub(crate) op: Op,
+    pub(crate) tensor: Option<(Shape, DType)>,
+}
+
+impl From<&Call> for Signature {
+    fn from(c: &Call) -> Self {
+        Signature { op: c.op, tensor: c.tensor.as_ref().map(|t| (t.shape().clone(), t.dtype())) }
+    }
+}
+
+impl Signature {
     /// `[4, 3] f32`, or `no tensor`.
     fn describe_tensor(&self) -> String {
         match &self.tensor {
-            Some(t) => format!("{} {}", t.shape(), t.dtype()),
+            Some((shape, dtype)) => format!("{shape} {dtype}"),
             None => "no tensor".into(),
         }
     }
 }
 
 /// `rank 0: x, rank 1: y, ...` for error messages.
-fn per_rank(calls: &[Call], f: impl Fn(&Call) -> String) -> String {
+fn per_rank(calls: &[Signature], f: impl Fn(&Signature) -> String) -> String {
     calls.iter().enumerate().map(|(r, c)| format!("rank {r}: {}", f(c))).collect::<Vec<_>>().join(", ")
+}
+
+/// [`validate_signatures`] of the calls themselves.
+pub(crate) fn validate(mine: Op, calls: &[Call]) -> Result<()> {
+    validate_signatures(mine, &calls.iter().map(Signature::from).collect::<Vec<_>>())
 }
 
 /// Checks that `calls` (one per rank, in rank order) form one valid collective; `mine` is the
 /// op of the rank asking, named in the error. The world size is `calls.len()`.
-pub(crate) fn validate(mine: Op, calls: &[Call]) -> Result<()> {
+pub(crate) fn validate_signatures(mine: Op, calls: &[Signature]) -> Result<()> {
     let op = mine.name();
     let n = calls.len();
     let Some(first) = calls.first() else {
@@ -76,20 +95,22 @@ pub(crate) fn validate(mine: Op, calls: &[Call]) -> Result<()> {
         return Err(Error::Mismatch { op, msg });
     }
     if calls.iter().any(|c| match (&c.tensor, &first.tensor) {
-        (Some(a), Some(b)) => a.shape() != b.shape() || a.dtype() != b.dtype(),
+        (Some(a), Some(b)) => a != b,
         (None, None) => false,
         _ => true,
     }) {
-        let msg =
-            format!("expected the same shape and dtype on every rank, got {}", per_rank(calls, Call::describe_tensor));
+        let msg = format!(
+            "expected the same shape and dtype on every rank, got {}",
+            per_rank(calls, Signature::describe_tensor)
+        );
         return Err(Error::Mismatch { op, msg });
     }
-    let Some(x) = &first.tensor else {
+    let Some((shape, dtype)) = &first.tensor else {
         return Ok(()); // a barrier
     };
     match first.op {
-        Op::AllReduce(_) | Op::ReduceScatter(_) if !x.dtype().is_float() => {
-            return Err(Error::DType { op, got: x.dtype() });
+        Op::AllReduce(_) | Op::ReduceScatter(_) if !dtype.is_float() => {
+            return Err(Error::DType { op, got: *dtype });
         }
         Op::Broadcast { root } if root >= n => {
             return Err(Error::Rank { op, what: "root", got: root, world_size: n });
@@ -97,17 +118,14 @@ pub(crate) fn validate(mine: Op, calls: &[Call]) -> Result<()> {
         _ => {}
     }
     if matches!(first.op, Op::AllGather | Op::ReduceScatter(_) | Op::AllToAll) {
-        match x.dims().first() {
+        match shape.dims().first() {
             None => {
-                let msg = format!(
-                    "expected a tensor of rank >= 1 to {} along dim 0, got shape {}",
-                    verb(first.op),
-                    x.shape()
-                );
+                let msg =
+                    format!("expected a tensor of rank >= 1 to {} along dim 0, got shape {}", verb(first.op), shape);
                 return Err(Error::Shape { op, msg });
             }
             Some(&d0) if first.op != Op::AllGather && d0 % n != 0 => {
-                let msg = format!("dim 0 of {} is not divisible by world size {n}", x.shape());
+                let msg = format!("dim 0 of {shape} is not divisible by world size {n}");
                 return Err(Error::Shape { op, msg });
             }
             Some(_) => {}

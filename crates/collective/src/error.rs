@@ -41,6 +41,11 @@ pub enum Error {
     #[error("{op}: the group is unusable after an earlier failure: {reason}")]
     Poisoned { op: &'static str, reason: String },
 
+    /// The transport itself failed or cannot be set up (MPI initialised twice, a malformed
+    /// message), e.g. `mpi: MPI is already initialised in this process`.
+    #[error("{op}: {msg}")]
+    Backend { op: &'static str, msg: String },
+
     /// The call can never complete: every rank of the group is waiting on another, a rank
     /// receives from itself with nothing sent, or one communicator is used by two threads at once.
     #[error("{op}: {msg}")]

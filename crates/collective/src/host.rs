@@ -48,7 +48,7 @@ pub(crate) fn complete(calls: &[Call], rank: usize, device: Device) -> Result<Op
 }
 
 /// `dims` with dim 0 replaced by `d0`.
-fn with_dim0(dims: &[usize], d0: usize) -> Vec<usize> {
+pub(crate) fn with_dim0(dims: &[usize], d0: usize) -> Vec<usize> {
     let mut out = dims.to_vec();
     match out.first_mut() {
         Some(d) => *d = d0,
@@ -58,7 +58,7 @@ fn with_dim0(dims: &[usize], d0: usize) -> Vec<usize> {
 }
 
 /// Reduces equally long f32 vectors, given in rank order, with `op` over a world of `n`.
-fn reduce(mut parts: impl Iterator<Item = Result<Vec<f32>>>, op: ReduceOp, n: usize) -> Result<Vec<f32>> {
+pub(crate) fn reduce(mut parts: impl Iterator<Item = Result<Vec<f32>>>, op: ReduceOp, n: usize) -> Result<Vec<f32>> {
     let mut acc = parts.next().transpose()?.unwrap_or_default();
     for part in parts {
         let part = part?;

@@ -4,7 +4,9 @@
 //!
 //! - [`LocalGroup`]: `n` ranks as `n` threads of one process (the test bed for every
 //!   sharding strategy);
-//! - [`SingleProcess`]: a world of one, where every collective is the identity.
+//! - [`SingleProcess`]: a world of one, where every collective is the identity;
+//! - `MpiCommunicator` (cargo feature `mpi`): one rank per process over the system's MPI, on
+//!   one machine or many (`mpirun`, `srun`).
 //!
 //! ```
 //! use vit_collective::{Communicator, LocalGroup};
@@ -24,9 +26,13 @@ mod communicator;
 mod error;
 mod host;
 mod local;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod single;
 
 pub use communicator::{Communicator, ReduceOp};
 pub use error::{Error, Result};
 pub use local::{LocalCommunicator, LocalGroup};
+#[cfg(feature = "mpi")]
+pub use mpi::MpiCommunicator;
 pub use single::SingleProcess;

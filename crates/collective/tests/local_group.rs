@@ -357,3 +357,15 @@ fn max_propagates_nan_from_any_rank() {
         }
     }
 }
+
+#[test]
+fn the_semantic_suite_of_every_backend_passes_on_1_to_4_threads() {
+    for n in 1..=4 {
+        for (rank, outcomes) in LocalGroup::run(n, |comm| common::suite::run(&comm)).into_iter().enumerate() {
+            assert!(outcomes.len() > 40, "n={n}: only {} checks ran", outcomes.len());
+            for (name, result) in outcomes {
+                assert!(result.is_ok(), "n={n} rank {rank}: {name}: {}", result.unwrap_err());
+            }
+        }
+    }
+}

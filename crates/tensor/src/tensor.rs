@@ -218,6 +218,32 @@ impl Tensor {
         Ok(host.as_slice::<T>().expect("dtype checked").to_vec())
     }
 
+    /// The elements as raw bytes on the host, row-major, each in its dtype's little-endian
+    /// layout (`numel × size_in_bytes`): what a transport (MPI) sends. [`Tensor::from_bytes`]
+    /// is the inverse.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        match self.storage.as_ref() {
+            Storage::Cpu(s) => Ok(s.bytes(self.offset, self.numel()).to_vec()),
+            Storage::Cuda(s) => {
+                s.to_host(self.offset * self.dtype.size_in_bytes(), self.numel() * self.dtype.size_in_bytes())
+            }
+        }
+    }
+
+    /// A tensor of `shape` and `dtype` on `device` from raw bytes as [`Tensor::to_bytes`] gives
+    /// them; an error when their length is not `numel × size_in_bytes`.
+    pub fn from_bytes(bytes: &[u8], shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
+        let shape = shape.into();
+        let want = shape.numel() * dtype.size_in_bytes();
+        if bytes.len() != want {
+            return Err(Error::shape(
+                "from_bytes",
+                format!("{} bytes for a {dtype} tensor of shape {shape}: expected {want}", bytes.len()),
+            ));
+        }
+        Self::from_cpu(CpuStorage::from_bytes(bytes, dtype), shape).to_device(device)
+    }
+
     /// The elements as f32 values, from any float dtype, on the host.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         match self.device {

@@ -58,3 +58,4 @@ pub fn on_ranks<R: Send>(xs: &[Tensor], f: impl Fn(&LocalCommunicator, &Tensor) 
         handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
     })
 }
+pub mod suite;

@@ -1,0 +1,352 @@
+//! The MPI backend (cargo feature `mpi`): one rank per process, on one machine or many, through
+//! the `mpi` crate over the system's MPI (Open MPI or MPICH). Launch with `mpirun -np N` or
+//! `srun`; rank and world size come from MPI.
+//!
+//! Same behaviour as [`crate::LocalGroup`], bit for bit:
+//! - every collective first exchanges the ranks' call signatures (op, reduce op, root, shape,
+//!   dtype) with one small all-gather and checks them with the same function as the in-process
+//!   group, so a disagreement is the same [`Error::Mismatch`](crate::Error) on every rank;
+//! - reductions never use MPI's own (whose order is the library's): `reduce_scatter` is an
+//!   all-to-all of the chunks, after which each rank folds the chunk it owns in f32 in rank
+//!   order (rank 0 first) and casts back; `all_reduce` is that reduce-scatter over the flat
+//!   tensor (padded to a multiple of the world size) followed by an all-gather. Each element is
+//!   thus reduced exactly as the in-process group reduces it, and every rank gets the same bits;
+//! - data movement (`all_gather`, `all_to_all`, `broadcast`, `send`/`recv`) moves the raw
+//!   element bytes.
+//!
+//! Tensors on a GPU go through host memory (NCCL is the GPU backend). Results come back on the
+//! input's device; a received tensor is on the host. MPI runs with `MPI_THREAD_SERIALIZED`:
+//! the communicator serialises its calls with a lock, so it can be shared between threads.
+
+use crate::{
+    call::{validate_signatures, Op, Signature},
+    host, Communicator, Error, ReduceOp, Result,
+};
+use mpi::{
+    environment::Universe,
+    topology::SimpleCommunicator,
+    traits::{Communicator as _, CommunicatorCollectives, Destination, Root, Source},
+    Threading,
+};
+use std::sync::Mutex;
+use vit_tensor::{DType, Device, Shape, Tensor};
+
+/// Most tensor dimensions a signature carries.
+const MAX_RANK: usize = 8;
+/// Words of an encoded signature: op, reduce op, root, has tensor, dtype, rank, dims.
+const SIG_WORDS: usize = 6 + MAX_RANK;
+
+/// The world of MPI processes: this process's rank in it.
+pub struct MpiCommunicator {
+    rank: usize,
+    size: usize,
+    mpi: Mutex<Mpi>,
+}
+
+/// The MPI environment (finalised when dropped) and the world communicator.
+struct Mpi {
+    world: SimpleCommunicator,
+    _universe: Universe,
+}
+
+// SAFETY: MPI handles are process-wide values, not tied to a thread; MPI was initialised with
+// MPI_THREAD_SERIALIZED and every use of them goes through `MpiCommunicator::mpi`'s lock, so
+// no two threads call MPI at once.
+unsafe impl Send for Mpi {}
+
+fn backend_err(op: &'static str, msg: impl Into<String>) -> Error {
+    Error::Backend { op, msg: msg.into() }
+}
+
+impl MpiCommunicator {
+    /// Initialises MPI for this process (once: a second call is an error) and joins the world.
+    pub fn init() -> Result<Self> {
+        let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized)
+            .ok_or_else(|| backend_err("mpi", "MPI is already initialised in this process"))?;
+        if threading < Threading::Serialized {
+            return Err(backend_err(
+                "mpi",
+                format!("the MPI library offers thread support {threading:?}, expected at least Serialized"),
+            ));
+        }
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        Ok(MpiCommunicator { rank, size, mpi: Mutex::new(Mpi { world, _universe: universe }) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Mpi> {
+        self.mpi.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_peer(&self, op: &'static str, what: &'static str, peer: usize) -> Result<()> {
+        if peer >= self.size {
+            return Err(Error::Rank { op, what, got: peer, world_size: self.size });
+        }
+        Ok(())
+    }
+
+    /// Exchanges this rank's call signature with every rank's and checks them together, so
+    /// all ranks reach the same verdict.
+    fn agree(&self, mpi: &Mpi, op: Op, x: Option<&Tensor>) -> Result<()> {
+        let mine = Signature { op, tensor: x.map(|t| (t.shape().clone(), t.dtype())) };
+        let words = encode(&mine);
+        let mut all = vec![0u64; SIG_WORDS * self.size];
+        mpi.world.all_gather_into(&words[..], &mut all[..]);
+        let sigs = all.chunks(SIG_WORDS).map(|w| decode(op.name(), w)).collect::<Result<Vec<_>>>()?;
+        validate_signatures(op, &sigs)
+    }
+
+    /// Rank order fold of the chunk this rank owns: `x`'s bytes split into `size` chunks of
+    /// `rows` rows (`row_shape` each), exchanged all-to-all, reduced in f32 and cast back.
+    fn reduce_my_chunk(
+        &self,
+        mpi: &Mpi,
+        bytes: &[u8],
+        chunk_shape: &Shape,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<Tensor> {
+        let mut recv = vec![0u8; bytes.len()];
+        mpi.world.all_to_all_into(bytes, &mut recv[..]);
+        let len = bytes.len() / self.size.max(1);
+        let parts = recv
+            .chunks(len.max(1))
+            .take(self.size)
+            .map(|c| Ok(Tensor::from_bytes(c, chunk_shape.clone(), dtype, Device::Cpu)?.to_f32_vec()?));
+        let sum = if len == 0 { Vec::new() } else { host::reduce(parts, op, self.size)? };
+        Ok(Tensor::from_f32(sum, chunk_shape.clone(), dtype, Device::Cpu)?)
+    }
+}
+
+fn dtype_code(d: DType) -> u64 {
+    match d {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        DType::I32 => 3,
+        DType::U32 => 4,
+    }
+}
+
+fn reduce_code(r: ReduceOp) -> u64 {
+    match r {
+        ReduceOp::Sum => 0,
+        ReduceOp::Mean => 1,
+        ReduceOp::Max => 2,
+    }
+}
+
+/// A signature as `SIG_WORDS` words (a tensor of rank > MAX_RANK is marked with rank
+/// u64::MAX, which every rank then reports).
+fn encode(s: &Signature) -> [u64; SIG_WORDS] {
+    let mut w = [0u64; SIG_WORDS];
+    let (code, red, root) = match s.op {
+        Op::AllReduce(r) => (1, reduce_code(r), 0),
+        Op::AllGather => (2, 0, 0),
+        Op::ReduceScatter(r) => (3, reduce_code(r), 0),
+        Op::AllToAll => (4, 0, 0),
+        Op::Broadcast { root } => (5, 0, root as u64),
+        Op::Barrier => (6, 0, 0),
+    };
+    w[..3].copy_from_slice(&[code, red, root]);
+    if let Some((shape, dtype)) = &s.tensor {
+        w[3] = 1;
+        w[4] = dtype_code(*dtype);
+        let dims = shape.dims();
+        if dims.len() > MAX_RANK {
+            w[5] = u64::MAX;
+        } else {
+            w[5] = dims.len() as u64;
+            for (i, &d) in dims.iter().enumerate() {
+                w[6 + i] = d as u64;
+            }
+        }
+    }
+    w
+}
+
+fn decode(op: &'static str, w: &[u64]) -> Result<Signature> {
+    let bad = || backend_err(op, format!("a malformed call signature from another rank: {w:?}"));
+    let reduce = |c: u64| match c {
+        0 => Ok(ReduceOp::Sum),
+        1 => Ok(ReduceOp::Mean),
+        2 => Ok(ReduceOp::Max),
+        _ => Err(bad()),
+    };
+    let call = match w[0] {
+        1 => Op::AllReduce(reduce(w[1])?),
+        2 => Op::AllGather,
+        3 => Op::ReduceScatter(reduce(w[1])?),
+        4 => Op::AllToAll,
+        5 => Op::Broadcast { root: w[2] as usize },
+        6 => Op::Barrier,
+        _ => return Err(bad()),
+    };
+    let tensor = if w[3] == 1 {
+        let dtype = match w[4] {
+            0 => DType::F32,
+            1 => DType::BF16,
+            2 => DType::F16,
+            3 => DType::I32,
+            4 => DType::U32,
+            _ => return Err(bad()),
+        };
+        if w[5] == u64::MAX {
+            return Err(Error::Shape {
+                op,
+                msg: format!("the MPI backend carries tensors of rank <= {MAX_RANK}; a rank passed more"),
+            });
+        }
+        let rank = (w[5] as usize).min(MAX_RANK);
+        Some((Shape::new(w[6..6 + rank].iter().map(|&d| d as usize).collect::<Vec<_>>()), dtype))
+    } else {
+        None
+    };
+    Ok(Signature { op: call, tensor })
+}
+
+/// A point-to-point message: dtype code, rank, dims (u64 little-endian each), then the bytes.
+fn pack(x: &Tensor) -> Result<Vec<u8>> {
+    let mut msg = Vec::with_capacity(16 + 8 * x.rank() + x.numel() * x.dtype().size_in_bytes());
+    msg.extend(dtype_code(x.dtype()).to_le_bytes());
+    msg.extend((x.rank() as u64).to_le_bytes());
+    for &d in x.dims() {
+        msg.extend((d as u64).to_le_bytes());
+    }
+    msg.extend(x.to_bytes()?);
+    Ok(msg)
+}
+
+fn unpack(op: &'static str, msg: &[u8]) -> Result<Tensor> {
+    let bad = || backend_err(op, format!("a malformed message of {} bytes", msg.len()));
+    let word = |i: usize| -> Result<u64> {
+        let b = msg.get(8 * i..8 * i + 8).ok_or_else(bad)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let mut sig = [0u64; SIG_WORDS];
+    sig[3] = 1;
+    sig[4] = word(0)?;
+    let rank = word(1)? as usize;
+    if rank > MAX_RANK.max(64) {
+        return Err(bad());
+    }
+    let dims = (0..rank).map(|i| word(2 + i).map(|d| d as usize)).collect::<Result<Vec<_>>>()?;
+    let dtype = match sig[4] {
+        0 => DType::F32,
+        1 => DType::BF16,
+        2 => DType::F16,
+        3 => DType::I32,
+        4 => DType::U32,
+        _ => return Err(bad()),
+    };
+    Ok(Tensor::from_bytes(&msg[8 * (2 + rank)..], dims, dtype, Device::Cpu)?)
+}
+
+impl Communicator for MpiCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let mpi = self.lock();
+        self.agree(&mpi, Op::AllReduce(op), Some(x))?;
+        if x.numel() == 0 {
+            return Ok(x.clone()); // MPI refuses zero-length exchanges; nothing to reduce
+        }
+        let (n, numel, es) = (self.size, x.numel(), x.dtype().size_in_bytes());
+        // Reduce-scatter of the flat tensor padded to n equal chunks, then all-gather.
+        let m = numel.div_ceil(n);
+        let mut bytes = x.to_bytes()?;
+        bytes.resize(m * n * es, 0);
+        let mine = self.reduce_my_chunk(&mpi, &bytes, &Shape::new([m]), x.dtype(), op)?.to_bytes()?;
+        let mut all = vec![0u8; m * n * es];
+        mpi.world.all_gather_into(&mine[..], &mut all[..]);
+        all.truncate(numel * es);
+        Ok(Tensor::from_bytes(&all, x.shape().clone(), x.dtype(), x.device())?)
+    }
+
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+        let mpi = self.lock();
+        self.agree(&mpi, Op::AllGather, Some(x))?;
+        let rows = x.dims()[0] * self.size;
+        if x.numel() == 0 {
+            return Ok(Tensor::zeros(host::with_dim0(x.dims(), rows), x.dtype(), x.device())?);
+        }
+        let bytes = x.to_bytes()?;
+        let mut all = vec![0u8; bytes.len() * self.size];
+        mpi.world.all_gather_into(&bytes[..], &mut all[..]);
+        Ok(Tensor::from_bytes(&all, host::with_dim0(x.dims(), rows), x.dtype(), x.device())?)
+    }
+
+    fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let mpi = self.lock();
+        self.agree(&mpi, Op::ReduceScatter(op), Some(x))?;
+        let chunk = Shape::new(host::with_dim0(x.dims(), x.dims()[0] / self.size));
+        if x.numel() == 0 {
+            return Ok(Tensor::zeros(chunk, x.dtype(), x.device())?);
+        }
+        Ok(self.reduce_my_chunk(&mpi, &x.to_bytes()?, &chunk, x.dtype(), op)?.to_device(x.device())?)
+    }
+
+    fn all_to_all(&self, x: &Tensor) -> Result<Tensor> {
+        let mpi = self.lock();
+        self.agree(&mpi, Op::AllToAll, Some(x))?;
+        if x.numel() == 0 {
+            return Ok(x.clone());
+        }
+        let bytes = x.to_bytes()?;
+        let mut recv = vec![0u8; bytes.len()];
+        mpi.world.all_to_all_into(&bytes[..], &mut recv[..]);
+        Ok(Tensor::from_bytes(&recv, x.shape().clone(), x.dtype(), x.device())?)
+    }
+
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        let mpi = self.lock();
+        self.agree(&mpi, Op::Broadcast { root }, Some(x))?;
+        if x.numel() == 0 {
+            return Ok(x.clone());
+        }
+        let mut bytes = x.to_bytes()?;
+        mpi.world.process_at_rank(root as i32).broadcast_into(&mut bytes[..]);
+        Ok(Tensor::from_bytes(&bytes, x.shape().clone(), x.dtype(), x.device())?)
+    }
+
+    fn send(&self, x: &Tensor, to: usize) -> Result<()> {
+        self.check_peer("send", "destination rank", to)?;
+        let msg = pack(x)?;
+        self.lock().world.process_at_rank(to as i32).send(&msg[..]);
+        Ok(())
+    }
+
+    fn recv(&self, from: usize) -> Result<Tensor> {
+        self.check_peer("recv", "source rank", from)?;
+        let (msg, _status) = self.lock().world.process_at_rank(from as i32).receive_vec::<u8>();
+        unpack("recv", &msg)
+    }
+
+    fn send_recv(&self, x: &Tensor, to: usize, from: usize) -> Result<Tensor> {
+        self.check_peer("send_recv", "destination rank", to)?;
+        self.check_peer("send_recv", "source rank", from)?;
+        let out = pack(x)?;
+        let mpi = self.lock();
+        // Post the send without blocking, then receive: a ring of these cannot deadlock.
+        let msg = mpi::request::scope(|scope| {
+            let pending = mpi.world.process_at_rank(to as i32).immediate_send(scope, &out[..]);
+            let (msg, _status) = mpi.world.process_at_rank(from as i32).receive_vec::<u8>();
+            pending.wait();
+            msg
+        });
+        unpack("send_recv", &msg)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let mpi = self.lock();
+        self.agree(&mpi, Op::Barrier, None)?;
+        mpi.world.barrier();
+        Ok(())
+    }
+}
