@@ -88,3 +88,22 @@ fn nvrtc_version_is_an_error_not_a_panic_without_the_library() {
         (available, got) => panic!("nvrtc_available() = {available} but version() = {got:?}"),
     }
 }
+
+#[test]
+fn bytes_round_trip_every_dtype_and_a_wrong_length_is_named() {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let t = Tensor::randn([3, 5], 0.0, 1.0, 7, dtype, Device::Cpu).unwrap();
+        let view = t.narrow(1, 2).unwrap(); // a view at an offset: only its elements
+        let bytes = view.to_bytes().unwrap();
+        assert_eq!(bytes.len(), 2 * 5 * dtype.size_in_bytes());
+        let back = Tensor::from_bytes(&bytes, [2, 5], dtype, Device::Cpu).unwrap();
+        assert_eq!(back.to_f32_vec().unwrap(), view.to_f32_vec().unwrap());
+    }
+    let i = Tensor::from_vec(vec![-3i32, 7], [2], Device::Cpu).unwrap();
+    assert_eq!(
+        Tensor::from_bytes(&i.to_bytes().unwrap(), [2], DType::I32, Device::Cpu).unwrap().to_vec::<i32>().unwrap(),
+        [-3, 7]
+    );
+    let e = Tensor::from_bytes(&[0u8; 7], [2], DType::F32, Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("7 bytes for a f32 tensor of shape [2]: expected 8"), "{e}");
+}
