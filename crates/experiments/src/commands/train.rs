@@ -1,4 +1,4 @@
-//! `vit train [--config FILE] [--set key=value]... [--device D] [--out DIR] [--resume DIR]`.
+//! `vit train [--config FILE] [--set key=value]... [--device D] [--world N] [--out DIR] [--resume DIR]`.
 
 use super::CliError;
 use std::{io::IsTerminal, path::PathBuf};
@@ -15,6 +15,9 @@ pub struct Args {
     /// `cpu`, `cuda` or `cuda:N` (overrides train.device).
     #[arg(long)]
     device: Option<String>,
+    /// Data-parallel ranks as threads of this process (overrides train.world; CPU).
+    #[arg(long)]
+    world: Option<usize>,
     /// The run directory (default runs/<config name>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -30,6 +33,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let mut sets = args.sets.clone();
     if let Some(d) = &args.device {
         sets.push(format!("train.device={d:?}"));
+    }
+    if let Some(w) = args.world {
+        sets.push(format!("train.world={w}"));
     }
     let (cfg, dir) = match (&args.resume, &args.config) {
         (Some(dir), _) => (TrainConfig::from_file(&dir.join("config.toml"), &sets)?, dir.clone()),

@@ -20,6 +20,8 @@ pub struct BadLog {
     seen: BTreeSet<usize>,
     dataset_len: usize,
     max_fraction: f64,
+    /// False on data-parallel ranks other than 0: they count but do not write.
+    writes: bool,
 }
 
 fn io(path: &std::path::Path, e: impl std::fmt::Display) -> TrainError {
@@ -36,7 +38,7 @@ impl BadLog {
         resume_step: Option<u64>,
     ) -> Result<Self, TrainError> {
         let path = run.file("bad_examples.txt");
-        let mut log = BadLog { path, seen: BTreeSet::new(), dataset_len, max_fraction };
+        let mut log = BadLog { path, seen: BTreeSet::new(), dataset_len, max_fraction, writes: run.writes() };
         let kept: Vec<String> = match (resume_step, std::fs::read_to_string(&log.path)) {
             (Some(step), Ok(text)) => text
                 .lines()
@@ -57,7 +59,7 @@ impl BadLog {
                 .collect(),
             _ => Vec::new(),
         };
-        if resume_step.is_some() || log.path.exists() {
+        if log.writes && (resume_step.is_some() || log.path.exists()) {
             let mut text = format!("{HEADER}\n");
             for l in &kept {
                 text.push_str(l);
@@ -77,7 +79,7 @@ impl BadLog {
     /// the bad fraction: an error naming the count when it exceeds `data.max_bad_fraction`.
     pub fn record(&mut self, step: u64, bad: &[BadExample]) -> Result<(), TrainError> {
         let fresh: Vec<&BadExample> = bad.iter().filter(|b| self.seen.insert(b.index)).collect();
-        if !fresh.is_empty() {
+        if !fresh.is_empty() && self.writes {
             let new_file = !self.path.exists();
             let mut f = std::fs::OpenOptions::new()
                 .create(true)

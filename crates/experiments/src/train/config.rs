@@ -146,6 +146,11 @@ pub struct LoopSection {
     /// Micro-batches per step (gradients accumulate; the batch must divide).
     #[serde(default = "one")]
     pub grad_accum: usize,
+    /// Data-parallel ranks (default 1). `N > 1` runs N ranks as threads of this process over
+    /// `vit_collective::LocalGroup` (CPU): each computes the gradients of its `batch_size / N`
+    /// examples of every global batch, and their sum is all-reduced before the update.
+    #[serde(default = "one")]
+    pub world: usize,
     /// Evaluate on the test split every N steps (and at the end); 0 = only at the end.
     #[serde(default)]
     pub eval_every: u64,
@@ -367,6 +372,23 @@ impl TrainConfig {
         }
         if t.grad_accum == 0 || t.batch_size % t.grad_accum != 0 {
             return bad("train.grad_accum", t.grad_accum.to_string(), "a positive divisor of train.batch_size");
+        }
+        if t.world == 0 || t.batch_size % (t.world * t.grad_accum) != 0 {
+            return bad(
+                "train.world",
+                t.world.to_string(),
+                &format!(
+                    "a positive number of ranks whose product with train.grad_accum ({}) divides train.batch_size ({})",
+                    t.grad_accum, t.batch_size
+                ),
+            );
+        }
+        if t.world > 1 && t.device.0 != vit_tensor::Device::Cpu {
+            return bad(
+                "train.world",
+                t.world.to_string(),
+                "1 on a GPU: several ranks run as CPU threads (LocalGroup); GPUs need the NCCL backend, not built yet",
+            );
         }
         match (t.steps, t.epochs) {
             (Some(0), _) => return bad("train.steps", "0".into(), "at least 1"),

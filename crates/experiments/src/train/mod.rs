@@ -52,6 +52,12 @@ pub enum TrainError {
     /// (saved, not finite, or not saved because the update was in flight).
     #[error("{source}; {kept}")]
     Stopped { source: Box<TrainError>, kept: String },
+    /// A collective among data-parallel ranks failed (a rank left, a mismatch).
+    #[error(transparent)]
+    Collective(#[from] vit_collective::Error),
+    /// The failure of data-parallel rank `rank` (other than 0), which ended the run.
+    #[error("rank {rank}: {source}")]
+    Rank { rank: usize, source: Box<TrainError> },
 }
 
 /// The exit code of `vit train` when a signal (SIGINT, SIGTERM, SIGHUP) or `--stop-at` stopped
@@ -297,7 +303,48 @@ fn compute_params(params: &ParamStore, dtype: DType) -> Result<ParamStore, Train
 }
 
 /// Runs (or resumes) the recipe `cfg` in `run`; returns the summary also written to `summary.json`.
+/// With `train.world = N > 1`, N data-parallel ranks run as threads over a `LocalGroup`; rank 0
+/// writes the run directory and prints, and the first real failure of any rank is the error.
 pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summary, TrainError> {
+    let world = cfg.train.world;
+    if world <= 1 {
+        return train_rank(cfg, run, opts, &vit_collective::SingleProcess::new());
+    }
+    let results = vit_collective::LocalGroup::run(world, |comm| {
+        let dir = if vit_collective::Communicator::rank(&comm) == 0 { run.clone() } else { run.reader() };
+        train_rank(cfg, &dir, opts, &comm)
+    });
+    // A rank that failed makes the others see it leave the group: report the failure itself.
+    let is_departure = |e: &TrainError| matches!(e, TrainError::Collective(vit_collective::Error::Disconnected { .. }));
+    let mut first_err = None;
+    let mut lead = None;
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(s) if rank == 0 => lead = Some(s),
+            Ok(_) => {}
+            Err(e) if first_err.as_ref().is_none_or(|(_, f)| is_departure(f) && !is_departure(&e)) => {
+                first_err = Some((rank, e))
+            }
+            Err(_) => {}
+        }
+    }
+    match (first_err, lead) {
+        (Some((0, e)), _) => Err(e),
+        (Some((rank, e)), _) => Err(TrainError::Rank { rank, source: Box::new(e) }),
+        (None, Some(s)) => Ok(s),
+        (None, None) => Err(TrainError::Io("rank 0 returned no summary".into())),
+    }
+}
+
+/// The training loop of one data-parallel rank of `comm` (the whole run when it is a world of one).
+fn train_rank(
+    cfg: &TrainConfig,
+    run: &RunDir,
+    opts: &RunOptions,
+    comm: &dyn vit_collective::Communicator,
+) -> Result<Summary, TrainError> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0;
     let started = Instant::now();
     watch_signals();
     let device: Device = cfg.train.device.0;
@@ -337,13 +384,15 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         (ckpt.params.clone(), Some((step, ckpt)))
     } else {
         run.write("config.toml", &cfg.resolved()?.to_toml()?)?;
-        let _ = std::fs::remove_file(run.file("metrics.jsonl"));
+        if run.writes() {
+            let _ = std::fs::remove_file(run.file("metrics.jsonl"));
+        }
         (initial_params(cfg, &model, device)?, None)
     };
     let skip_bad = cfg.data.on_bad_example == vit_data::OnBadExample::Skip;
     let mut bad_log =
         bad_examples::BadLog::open(run, data.train.len(), cfg.data.max_bad_fraction, start.as_ref().map(|(s, _)| *s))?;
-    if !data.bad_at_start.is_empty() {
+    if !data.bad_at_start.is_empty() && lead {
         eprintln!(
             "warning: {} training file(s) are not readable images; they are skipped and listed in {}",
             data.bad_at_start.len(),
@@ -373,6 +422,9 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
     };
 
     let save = |params: &ParamStore, opt: &OptimizerChain, step: u64| -> Result<(), TrainError> {
+        if !run.writes() {
+            return Ok(());
+        }
         let mut ckpt = Checkpoint::new(mcfg.clone(), params.clone());
         ckpt.optimizer = Some(opt.state()?);
         ckpt.step = step;
@@ -381,7 +433,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         run.prune_checkpoints()
     };
 
-    let bar = opts.progress_bar.then(|| {
+    let bar = (opts.progress_bar && lead).then(|| {
         let b = indicatif::ProgressBar::new(total);
         b.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
@@ -390,7 +442,9 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         b.set_position(first_step);
         b
     });
-    let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / cfg.train.grad_accum);
+    // Each rank takes rows rank·B/N.. of every global batch, in micro-batches of B/(N·accum).
+    let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / (world * cfg.train.grad_accum));
+    let first_row = rank * batch / world;
     let test_loader = data.eval_loader(&data.test, batch)?;
     let mut stream = data.train_loader(batch, cfg.train.seed)?.iter_from(first_step);
     let evaluate_test = |params: &ParamStore| {
@@ -409,6 +463,8 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         } else {
             (opts.stop_at == Some(step)).then_some(StopReason::StopAt)
         };
+        // Every rank stops at the same step: the most urgent reason any rank saw.
+        let stop = if world > 1 { agree_on_stop(comm, stop)? } else { stop };
         if let Some(reason) = stop {
             save(&params, &opt, step)?;
             if let Some(b) = &bar {
@@ -427,11 +483,12 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
                 panic!("injected fault: train_panic_at_step={step}");
             }
             let all_labels = b.labels.to_vec::<i32>()?;
+            let my_labels = &all_labels[first_row..first_row + batch / world];
             let cp = compute_params(&params, dtype)?;
             let mut grads = params.zeros_like(DType::F32)?;
             let mut loss_sum = 0f64;
-            for (j, labels) in all_labels.chunks(micro).enumerate() {
-                let x = b.images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
+            for (j, labels) in my_labels.chunks(micro).enumerate() {
+                let x = b.images.narrow(first_row + j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
                 let t_logits = match &teacher {
                     Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
                     None => None,
@@ -444,6 +501,15 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
                 )?
                 .to_device(device)?;
                 loss_sum += micro_batch_grads(&model, &cp, &x, &t, cfg.train.loss, batch, &mut grads)?;
+            }
+            if world > 1 {
+                // The global batch's gradient and loss: the sum of every rank's part.
+                for i in 0..grads.buffers().len() {
+                    let summed = comm.all_reduce(grads.buffer(i), vit_collective::ReduceOp::Sum)?;
+                    *grads.buffer_mut(i) = summed;
+                }
+                let l = Tensor::from_vec(vec![loss_sum as f32], [1], Device::Cpu)?;
+                loss_sum = comm.all_reduce(&l, vit_collective::ReduceOp::Sum)?.to_f32_vec()?[0] as f64;
             }
             let loss = loss_sum / batch as f64;
             if !loss.is_finite() {
@@ -474,7 +540,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
                 line["bad_examples"] = bad_log.count().into();
             }
             let eval_now = is_last || (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0);
-            if eval_now {
+            if eval_now && lead {
                 (test_acc, test_loss) = evaluate_test(&params)?;
                 line["test_accuracy"] = test_acc.into();
                 line["test_loss"] = test_loss.into();
@@ -487,6 +553,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
                 );
                 match &bar {
                     Some(b) => b.set_message(msg),
+                    None if !lead => {}
                     None => println!(
                         "step {done}/{total} {msg} lr {:.2e} {:.1} img/s",
                         info.lr,
@@ -522,12 +589,34 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
     if let Some(b) = &bar {
         b.finish();
     }
-    if first_step == total {
+    if first_step == total && lead {
         (test_acc, test_loss) = evaluate_test(&params)?;
     }
-    plot::plot_curves(&run.read_metrics()?, &run.file("curves.svg"))?;
+    if run.writes() {
+        plot::plot_curves(&run.read_metrics()?, &run.file("curves.svg"))?;
+    }
     let rate = trained as f64 / train_time.max(1e-9);
     write_summary(run, StopReason::Completed, total, last_loss, (test_acc, test_loss), rate, started)
+}
+
+/// The stop reason every rank agrees on: the most urgent any rank saw (a signal over `--stop-at`
+/// over none), by an all-reduce of its code.
+fn agree_on_stop(
+    comm: &dyn vit_collective::Communicator,
+    mine: Option<StopReason>,
+) -> Result<Option<StopReason>, TrainError> {
+    let code = match mine {
+        None | Some(StopReason::Completed | StopReason::Error) => 0.0,
+        Some(StopReason::StopAt) => 1.0,
+        Some(StopReason::Signal) => 2.0,
+    };
+    let t = Tensor::from_vec(vec![code as f32], [1], Device::Cpu)?;
+    let agreed = comm.all_reduce(&t, vit_collective::ReduceOp::Max)?.to_f32_vec()?[0];
+    Ok(match agreed as u32 {
+        2 => Some(StopReason::Signal),
+        1 => Some(StopReason::StopAt),
+        _ => None,
+    })
 }
 
 /// Where the training loop stood when an error stopped it.

@@ -11,10 +11,12 @@ use std::{
 /// How many checkpoints a run keeps (older ones are deleted once a newer one is safely written).
 pub const KEEP_CHECKPOINTS: usize = 2;
 
-/// A run's directory.
+/// A run's directory. With data parallelism only rank 0 writes it: the other ranks hold a
+/// [`RunDir::reader`] of the same folder, whose writes do nothing.
 #[derive(Debug, Clone)]
 pub struct RunDir {
     pub path: PathBuf,
+    writes: bool,
 }
 
 impl RunDir {
@@ -22,7 +24,17 @@ impl RunDir {
     pub fn create(path: impl Into<PathBuf>) -> Result<Self, TrainError> {
         let path = path.into();
         fs::create_dir_all(&path).map_err(|e| TrainError::io(&path, "create", e))?;
-        Ok(RunDir { path })
+        Ok(RunDir { path, writes: true })
+    }
+
+    /// The same folder for a rank that reads it (checkpoints to resume from) but never writes.
+    pub fn reader(&self) -> Self {
+        RunDir { path: self.path.clone(), writes: false }
+    }
+
+    /// Whether this handle writes the directory (false on data-parallel ranks other than 0).
+    pub fn writes(&self) -> bool {
+        self.writes
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -31,6 +43,9 @@ impl RunDir {
 
     /// Writes `name` atomically (temporary file, then rename).
     pub fn write(&self, name: &str, text: &str) -> Result<(), TrainError> {
+        if !self.writes {
+            return Ok(());
+        }
         let path = self.file(name);
         let tmp = self.file(&format!(".{name}.tmp"));
         fs::write(&tmp, text).map_err(|e| TrainError::io(&tmp, "write", e))?;
@@ -39,6 +54,9 @@ impl RunDir {
 
     /// Appends one JSON object to `metrics.jsonl`.
     pub fn log_metrics(&self, line: &serde_json::Value) -> Result<(), TrainError> {
+        if !self.writes {
+            return Ok(());
+        }
         let path = self.file("metrics.jsonl");
         let mut f = fs::OpenOptions::new()
             .create(true)
@@ -66,6 +84,9 @@ impl RunDir {
     /// again could change a float's last digits, and a resumed run's metrics must equal a
     /// straight run's.
     pub fn truncate_metrics(&self, step: u64) -> Result<(), TrainError> {
+        if !self.writes {
+            return Ok(());
+        }
         let path = self.file("metrics.jsonl");
         if !path.exists() {
             return self.write("metrics.jsonl", "");
@@ -101,6 +122,9 @@ impl RunDir {
 
     /// Deletes all but the newest [`KEEP_CHECKPOINTS`] checkpoints.
     pub fn prune_checkpoints(&self) -> Result<(), TrainError> {
+        if !self.writes {
+            return Ok(());
+        }
         let all = self.checkpoints()?;
         for (_, path) in all.iter().take(all.len().saturating_sub(KEEP_CHECKPOINTS)) {
             fs::remove_file(path).map_err(|e| TrainError::io(path, "remove", e))?;
