@@ -128,6 +128,10 @@ fn dtype_code(d: DType) -> u64 {
     }
 }
 
+fn dtype_of(code: u64) -> Option<DType> {
+    [DType::F32, DType::BF16, DType::F16, DType::I32, DType::U32].into_iter().find(|&d| dtype_code(d) == code)
+}
+
 fn reduce_code(r: ReduceOp) -> u64 {
     match r {
         ReduceOp::Sum => 0,
@@ -183,14 +187,7 @@ fn decode(op: &'static str, w: &[u64]) -> Result<Signature> {
         _ => return Err(bad()),
     };
     let tensor = if w[3] == 1 {
-        let dtype = match w[4] {
-            0 => DType::F32,
-            1 => DType::BF16,
-            2 => DType::F16,
-            3 => DType::I32,
-            4 => DType::U32,
-            _ => return Err(bad()),
-        };
+        let dtype = dtype_of(w[4]).ok_or_else(bad)?;
         if w[5] == u64::MAX {
             return Err(Error::Shape {
                 op,
@@ -223,22 +220,12 @@ fn unpack(op: &'static str, msg: &[u8]) -> Result<Tensor> {
         let b = msg.get(8 * i..8 * i + 8).ok_or_else(bad)?;
         Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
     };
-    let mut sig = [0u64; SIG_WORDS];
-    sig[3] = 1;
-    sig[4] = word(0)?;
+    let dtype = dtype_of(word(0)?).ok_or_else(bad)?;
     let rank = word(1)? as usize;
     if rank > MAX_RANK.max(64) {
         return Err(bad());
     }
     let dims = (0..rank).map(|i| word(2 + i).map(|d| d as usize)).collect::<Result<Vec<_>>>()?;
-    let dtype = match sig[4] {
-        0 => DType::F32,
-        1 => DType::BF16,
-        2 => DType::F16,
-        3 => DType::I32,
-        4 => DType::U32,
-        _ => return Err(bad()),
-    };
     Ok(Tensor::from_bytes(&msg[8 * (2 + rank)..], dims, dtype, Device::Cpu)?)
 }
 
