@@ -32,6 +32,8 @@ for l in sys.stdin:
     echo "mpirun -np $np $(basename "$exe")"
     mpirun --allow-run-as-root --oversubscribe -np "$np" "$exe"
   done
+  # `mpirun -np 2 vit train` against one process (a vit built with the mpi feature).
+  cargo test -p vit-experiments --features mpi --test mpi_train "$@"
 elif [ "${VITRS_REQUIRE_MPI:-0}" = 1 ]; then
   echo "test.sh: mpirun not found, but VITRS_REQUIRE_MPI=1" >&2
   exit 1

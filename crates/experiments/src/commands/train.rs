@@ -55,6 +55,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
         progress_bar: std::io::stdout().is_terminal(),
     };
     let s = train::train(&cfg, &run, &opts)?;
+    if !s.lead {
+        return Ok(()); // an MPI rank other than 0: rank 0 reports the run
+    }
     println!(
         "done: {} steps, train loss {:.4}, test accuracy {:.4}, {:.1} images/s, {:.1} s; run in {}",
         s.steps,

@@ -105,6 +105,10 @@ pub struct Summary {
     /// Training images per second (evaluation and checkpoint time excluded).
     pub images_per_second: f64,
     pub wall_seconds: f64,
+    /// Whether this process wrote the run (false on data-parallel ranks other than 0, which
+    /// should not report it again).
+    #[serde(skip)]
+    pub lead: bool,
 }
 
 /// Options of one invocation that are not part of the recipe.
@@ -307,6 +311,22 @@ fn compute_params(params: &ParamStore, dtype: DType) -> Result<ParamStore, Train
 /// writes the run directory and prints, and the first real failure of any rank is the error.
 pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summary, TrainError> {
     let world = cfg.train.world;
+    // Under `mpirun -np N` (a build with the `mpi` feature), each process is one rank.
+    #[cfg(feature = "mpi")]
+    {
+        let comm = vit_collective::MpiCommunicator::init()?;
+        let n = vit_collective::Communicator::world_size(&comm);
+        if n > 1 {
+            if world > 1 {
+                return Err(TrainError::Config(format!(
+                    "train.world = {world} under mpirun with {n} processes: expected one of the two \
+                     (threads with --world, or processes with mpirun)"
+                )));
+            }
+            let dir = if vit_collective::Communicator::rank(&comm) == 0 { run.clone() } else { run.reader() };
+            return train_rank(cfg, &dir, opts, &comm);
+        }
+    }
     if world <= 1 {
         return train_rank(cfg, run, opts, &vit_collective::SingleProcess::new());
     }
@@ -345,6 +365,12 @@ fn train_rank(
 ) -> Result<Summary, TrainError> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let lead = rank == 0;
+    if cfg.train.batch_size % (world * cfg.train.grad_accum) != 0 {
+        return Err(TrainError::Config(format!(
+            "{world} ranks: expected their number times train.grad_accum ({}) to divide train.batch_size ({})",
+            cfg.train.grad_accum, cfg.train.batch_size
+        )));
+    }
     let started = Instant::now();
     watch_signals();
     let device: Device = cfg.train.device.0;
@@ -690,6 +716,7 @@ fn write_summary(
         test_loss: test.1,
         images_per_second: rate,
         wall_seconds: started.elapsed().as_secs_f64(),
+        lead: run.writes(),
     };
     run.write("summary.json", &serde_json::to_string_pretty(&summary).map_err(|e| TrainError::Io(e.to_string()))?)?;
     Ok(summary)
