@@ -153,12 +153,14 @@ fn header_problem(path: &Path) -> Option<String> {
     if jpeg || png {
         return None;
     }
-    let shown: Vec<String> = head[..n].iter().take(4).map(|b| format!("{b:02x}")).collect();
-    Some(format!(
-        "{}: expected a JPEG (ff d8 ff) or PNG (89 50 4e 47) image, file starts with [{}]",
-        path.display(),
-        shown.join(" ")
-    ))
+    Some(format!("{}: {}", path.display(), not_an_image(&head[..n])))
+}
+
+/// What a file that is neither a JPEG nor a PNG starts with, for the scan's and the decoder's
+/// messages.
+fn not_an_image(bytes: &[u8]) -> String {
+    let head: Vec<String> = bytes.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("expected a JPEG (ff d8 ff) or PNG (89 50 4e 47) image, file starts with [{}]", head.join(" "))
 }
 
 /// Decodes the bytes of a JPEG or PNG file (format sniffed from the content, not the name)
@@ -169,14 +171,7 @@ pub fn decode_image(path: &Path, bytes: &[u8]) -> Result<Image<u8>, DataError> {
     let format = match image::guess_format(bytes) {
         Ok(f @ (ImageFormat::Jpeg | ImageFormat::Png)) => f,
         Ok(f) => return Err(bad(format!("expected a JPEG or PNG image, found {f:?}"))),
-        Err(_) => {
-            let head: Vec<String> = bytes.iter().take(4).map(|b| format!("{b:02x}")).collect();
-            return Err(bad(format!(
-                "expected a JPEG (ff d8 ff) or PNG (89 50 4e 47) image, file starts with [{}] ({} bytes)",
-                head.join(" "),
-                bytes.len()
-            )));
-        }
+        Err(_) => return Err(bad(format!("{} ({} bytes)", not_an_image(bytes), bytes.len()))),
     };
     if format == ImageFormat::Jpeg && !jpeg_has_end(bytes) {
         return Err(bad(format!(

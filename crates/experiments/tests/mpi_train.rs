@@ -4,37 +4,13 @@
 //! (`scripts/test.sh` does, where MPI is installed).
 #![cfg(feature = "mpi")]
 
+mod common;
+
+use common::{assert_losses_close, repo_root, small_recipe};
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
 };
-
-const RECIPE: &[&str] = &[
-    "--set",
-    "model.width=32",
-    "--set",
-    "model.depth=2",
-    "--set",
-    "model.mlp_dim=64",
-    "--set",
-    "data.train_limit=1024",
-    "--set",
-    "data.test_limit=128",
-    "--set",
-    "train.batch_size=64",
-    "--set",
-    "train.steps=12",
-    "--set",
-    "schedule.warmup_steps=3",
-    "--set",
-    "train.checkpoint_every=6",
-    "--set",
-    "train.log_every=1",
-];
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn run(mpi: Option<usize>, args: &[&str]) -> Output {
     let vit = env!("CARGO_BIN_EXE_vit");
@@ -46,30 +22,15 @@ fn run(mpi: Option<usize>, args: &[&str]) -> Output {
         }
         None => Command::new(vit),
     };
-    cmd.current_dir(root()).args(args).output().expect("run vit (is mpirun installed?)")
+    cmd.current_dir(repo_root()).args(args).output().expect("run vit (is mpirun installed?)")
 }
 
 fn train(mpi: Option<usize>, out: &Path, extra: &[&str]) -> Output {
+    let recipe = small_recipe(12, 6);
     let mut args = vec!["train", "--out", out.to_str().unwrap()];
-    args.extend_from_slice(RECIPE);
+    args.extend(recipe.iter().map(String::as_str));
     args.extend_from_slice(extra);
     run(mpi, &args)
-}
-
-fn losses(dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
-        .collect()
-}
-
-fn assert_close(a: &Path, b: &Path, what: &str) {
-    let (la, lb) = (losses(a), losses(b));
-    assert_eq!((la.len(), lb.len()), (12, 12), "{what}: one metrics line per step, written once");
-    for (s, (x, y)) in la.iter().zip(&lb).enumerate() {
-        assert!((x - y).abs() <= 1e-5 * x.abs(), "{what}: step {} loss {x} vs {y}", s + 1);
-    }
 }
 
 #[test]
@@ -83,14 +44,14 @@ fn mpirun_ranks_follow_one_process_and_resume_in_one() {
     assert!(o.status.success(), "mpirun -np 2: {}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(stdout.matches("done: 12 steps").count(), 1, "rank 0 alone reports: {stdout}");
-    assert_close(&one, &two, "mpirun -np 2 vs one process");
+    assert_losses_close(&one, &two, 12, "mpirun -np 2 vs one process");
     // Stopped at step 6 under mpirun (exit 3 from every rank), resumed in one process.
     let moved = tmp.path().join("moved");
     let o = train(Some(2), &moved, &["--stop-at", "6"]);
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
     let o = run(None, &["train", "--resume", moved.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_close(&one, &moved, "mpirun -np 2 to step 6, then one process");
+    assert_losses_close(&one, &moved, 12, "mpirun -np 2 to step 6, then one process");
     // Threads and processes at once is refused on every rank.
     let o = train(Some(2), &tmp.path().join("both"), &["--world", "2"]);
     assert_eq!(o.status.code(), Some(1));

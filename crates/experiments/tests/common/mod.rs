@@ -40,3 +40,58 @@ pub fn assert_same_bytes(a: &Path, b: &Path, what: &str) {
         bb.len()
     );
 }
+
+/// The repository root (the tests run `vit` from there).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `--set` arguments shrinking the bundled quickstart for tests: width 32, depth 2, 1024
+/// training and 128 test images, batch 64, `steps` steps with a metrics line each, and an
+/// evaluation and a checkpoint every `every` steps.
+pub fn small_recipe(steps: u64, every: u64) -> Vec<String> {
+    [
+        "model.width=32".to_string(),
+        "model.depth=2".into(),
+        "model.mlp_dim=64".into(),
+        "data.train_limit=1024".into(),
+        "data.test_limit=128".into(),
+        "train.batch_size=64".into(),
+        format!("train.steps={steps}"),
+        "schedule.warmup_steps=3".into(),
+        format!("train.eval_every={every}"),
+        format!("train.checkpoint_every={every}"),
+        "train.log_every=1".into(),
+    ]
+    .into_iter()
+    .flat_map(|s| ["--set".to_string(), s])
+    .collect()
+}
+
+/// `(step, loss, test accuracy if evaluated)` of every line of `dir/metrics.jsonl`.
+pub fn losses(dir: &Path) -> Vec<(u64, f64, Option<f64>)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap(), v["test_accuracy"].as_f64())
+        })
+        .collect()
+}
+
+/// Two runs of `steps` steps (one metrics line per step, written once) follow each other: losses
+/// within 1e-5 relative (data parallelism sums in another order), test accuracies within one
+/// of the 128 test images, evaluated at the same steps.
+pub fn assert_losses_close(a: &Path, b: &Path, steps: usize, what: &str) {
+    let (ma, mb) = (losses(a), losses(b));
+    assert_eq!((ma.len(), mb.len()), (steps, steps), "{what}: one metrics line per step, written once");
+    for ((sa, la, ta), (sb, lb, tb)) in ma.iter().zip(&mb) {
+        assert_eq!(sa, sb, "{what}");
+        assert!((la - lb).abs() <= 1e-5 * la.abs(), "{what}: step {sa} loss {la} vs {lb}");
+        assert_eq!(ta.is_some(), tb.is_some(), "{what}: step {sa} evaluated on one side only");
+        if let (Some(ta), Some(tb)) = (ta, tb) {
+            assert!((ta - tb).abs() <= 1.0 / 128.0, "{what}: step {sa} test accuracy {ta} vs {tb}");
+        }
+    }
+}
