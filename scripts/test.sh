@@ -21,19 +21,32 @@ cargo test --workspace --all-targets "$@"
 # 2-core machine needs --oversubscribe). Needs an MPI installation (.ci/run installs Open MPI:
 # libopenmpi-dev openmpi-bin libclang-dev); VITRS_REQUIRE_MPI=1 makes its absence an error.
 if command -v mpirun >/dev/null 2>&1; then
-  exe=$(cargo test -p vit-collective --features mpi --test mpi_suite --no-run --message-format=json 2>/dev/null |
+  # What a failure below needs to be read: the MPI installation and the disk it builds on.
+  mpi_diagnostics() {
+    echo "test.sh: the MPI step failed; mpirun: $(mpirun --version 2>&1 | head -1)" >&2
+    echo "test.sh: mpicc -show: $(mpicc -show 2>&1)" >&2
+    df -h . >&2 || true
+  }
+  trap mpi_diagnostics ERR
+  # Build first with the compiler's messages shown, then ask cargo (a no-op build) for the path.
+  cargo test -p vit-collective --features mpi --test mpi_suite --no-run
+  exe=$(cargo test -p vit-collective --features mpi --test mpi_suite --no-run --message-format=json |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "mpi_suite":
         print(m["executable"])')
-  [ -x "$exe" ] || { cargo test -p vit-collective --features mpi --test mpi_suite --no-run; exit 1; }
+  if [ ! -x "$exe" ]; then
+    echo "test.sh: no mpi_suite executable in cargo's build messages (got '$exe')" >&2
+    exit 1
+  fi
   for np in 2 3; do
     echo "mpirun -np $np $(basename "$exe")"
     mpirun --allow-run-as-root --oversubscribe -np "$np" "$exe"
   done
   # `mpirun -np 2 vit train` against one process (a vit built with the mpi feature).
   cargo test -p vit-experiments --features mpi --test mpi_train "$@"
+  trap - ERR
 elif [ "${VITRS_REQUIRE_MPI:-0}" = 1 ]; then
   echo "test.sh: mpirun not found, but VITRS_REQUIRE_MPI=1" >&2
   exit 1
