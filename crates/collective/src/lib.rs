@@ -21,6 +21,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod bytes;
 mod call;
 mod communicator;
 mod error;
@@ -30,6 +31,7 @@ mod local;
 mod mpi;
 mod single;
 
+pub use bytes::all_gather_bytes;
 pub use communicator::{Communicator, ReduceOp};
 pub use error::{Error, Result};
 pub use local::{LocalCommunicator, LocalGroup};

@@ -67,6 +67,35 @@ pub struct LoaderConfig {
     /// What an example that cannot be read, decoded or augmented does (default `fail`).
     #[serde(default)]
     pub on_bad_example: OnBadExample,
+    /// Which part of every batch this loader makes (default: all of it). A data-parallel rank
+    /// reads only its own rows of each global batch; the rows, their order, augmentation and
+    /// bad-example replacement are those of the whole batch.
+    #[serde(default)]
+    pub shard: Shard,
+}
+
+/// Part `index` of `count` equal-as-possible parts of every batch: of a batch of `b` rows, rows
+/// `index·b/count .. (index+1)·b/count` (rank `index` of a data-parallel group of `count`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    /// This part, in `0..count`.
+    pub index: usize,
+    /// Parts per batch (≥ 1).
+    pub count: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { index: 0, count: 1 }
+    }
+}
+
+impl Shard {
+    /// The rows of a batch of `rows` rows that this part holds.
+    pub fn rows(&self, rows: usize) -> std::ops::Range<usize> {
+        self.index * rows / self.count..(self.index + 1) * rows / self.count
+    }
 }
 
 /// What the loader does with an example that fails to read, decode, carry a valid label or
@@ -106,6 +135,7 @@ impl LoaderConfig {
             workers: default_workers(),
             prefetch: default_prefetch(),
             on_bad_example: OnBadExample::Fail,
+            shard: Shard::default(),
         }
     }
 }
@@ -206,6 +236,8 @@ impl Inner {
         let epoch = self.config.epoch + step / self.steps_per_epoch;
         let lo = (step % self.steps_per_epoch) as usize * bs;
         let hi = (lo + bs).min(n);
+        let rows = self.config.shard.rows(hi - lo);
+        let (lo, hi) = (lo + rows.start, lo + rows.end);
         let order = self.order(epoch);
         let indices: Vec<usize> = (lo..hi).map(|p| order.as_ref().map_or(p, |o| o[p])).collect();
         let mut images = Vec::new();
@@ -311,6 +343,10 @@ impl Loader {
             return Err(DataError::Config(format!(
                 "drop_last with batch_size {bs} > {n} examples leaves no batch in an epoch"
             )));
+        }
+        let Shard { index, count } = config.shard;
+        if count == 0 || index >= count {
+            return Err(DataError::Config(format!("shard {index} of {count}: expected count ≥ 1 and index below it")));
         }
         pipeline.validate()?;
         Ok(Loader {
@@ -802,6 +838,53 @@ mod tests {
         let l = Loader::new(Arc::new(Unreadable), pp, LoaderConfig { shuffle: false, ..cfg(4, 0, 0) }).unwrap();
         let e = l.iter().next().unwrap().unwrap_err().to_string();
         assert_eq!(e, "example 3: img3.jpg: corrupt");
+    }
+
+    #[test]
+    fn shards_are_the_rows_of_the_whole_batch_and_list_their_own_bad_examples() {
+        // Shuffled, augmented, repeating, with skipped bad examples: 3 ranks of a batch of 6
+        // (and 4 ranks, uneven parts) together make exactly the unsharded batches.
+        let pp = Pipeline::new(vec![Transform::FlipLr { p: 0.5 }]);
+        let base = LoaderConfig { repeat: true, on_bad_example: OnBadExample::Skip, ..cfg(6, 9, 2) };
+        let whole: Vec<Batch> = Loader::new(Arc::new(Unreadable), pp.clone(), base.clone())
+            .unwrap()
+            .iter_from(1)
+            .take(4)
+            .map(|b| b.unwrap())
+            .collect();
+        assert!(whole.iter().any(|b| !b.bad.is_empty()), "the test must cross a bad example");
+        for count in [3, 4] {
+            let parts: Vec<Vec<Batch>> = (0..count)
+                .map(|index| {
+                    let c = LoaderConfig { shard: Shard { index, count }, ..base.clone() };
+                    Loader::new(Arc::new(Unreadable), pp.clone(), c)
+                        .unwrap()
+                        .iter_from(1)
+                        .take(4)
+                        .map(|b| b.unwrap())
+                        .collect()
+                })
+                .collect();
+            for (s, w) in whole.iter().enumerate() {
+                let cat = |f: &dyn Fn(&Batch) -> Vec<f32>| parts.iter().flat_map(|p| f(&p[s])).collect::<Vec<f32>>();
+                assert_eq!(
+                    cat(&|b| b.images.to_f32_vec().unwrap()),
+                    w.images.to_f32_vec().unwrap(),
+                    "step {s}, {count} parts"
+                );
+                assert_eq!(
+                    cat(&|b| b.labels.to_vec::<i32>().unwrap().iter().map(|&l| l as f32).collect()),
+                    w.labels.to_vec::<i32>().unwrap().iter().map(|&l| l as f32).collect::<Vec<_>>()
+                );
+                let idx: Vec<usize> = parts.iter().flat_map(|p| p[s].indices.clone()).collect();
+                assert_eq!(idx, w.indices);
+                let bad: Vec<BadExample> = parts.iter().flat_map(|p| p[s].bad.clone()).collect();
+                assert_eq!(bad, w.bad);
+                assert_eq!(parts[0][s].labels.dims()[0], 6 / count);
+            }
+        }
+        let e = Loader::new(toy(8), aug(), LoaderConfig { shard: Shard { index: 2, count: 2 }, ..cfg(4, 0, 0) });
+        assert_eq!(e.unwrap_err().to_string(), "shard 2 of 2: expected count ≥ 1 and index below it");
     }
 
     #[test]

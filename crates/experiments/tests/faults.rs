@@ -200,6 +200,18 @@ fn skip_mode_lists_bad_files_once_counts_them_and_resumes_exactly() {
     assert_eq!(cmd.output().unwrap().status.code(), Some(3));
     assert_resumed_equals_straight(&straight, &resumed, 16, "skip mode, stopped at 5");
     assert_eq!(std::fs::read_to_string(resumed.join("bad_examples.txt")).unwrap(), listed);
+    // Two data-parallel ranks, each decoding only its half of every batch: rank 0 lists what
+    // both met, the same list and count.
+    let two = tmp.path().join("two");
+    let mut cmd = vit();
+    cmd.args(["train", "--config", config.to_str().unwrap(), "--out", two.to_str().unwrap(), "--world", "2"]);
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(two.join("bad_examples.txt")).unwrap(), listed, "world 2");
+    let last: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(two.join("metrics.jsonl")).unwrap().lines().last().unwrap())
+            .unwrap();
+    assert_eq!(last["bad_examples"], 2, "world 2");
     // Over the allowed fraction (2 of 64 > 1%), the run stops with the list named.
     let strict = fixture(tmp.path(), 16, "on_bad_example = \"skip\"\nmax_bad_fraction = 0.01");
     corrupt();

@@ -108,3 +108,20 @@ impl BadLog {
         Ok(())
     }
 }
+
+/// Every rank's `mine` (the bad examples its part of a batch met), in rank order, on every rank.
+pub fn gather(comm: &dyn vit_collective::Communicator, mine: &[BadExample]) -> Result<Vec<BadExample>, TrainError> {
+    let text: String = mine.iter().map(|b| format!("{}\t{}\n", b.index, b.reason.replace(['\n', '\t'], " "))).collect();
+    let mut all = Vec::new();
+    for part in vit_collective::all_gather_bytes(comm, text.as_bytes())? {
+        let part = String::from_utf8(part).map_err(|e| TrainError::Io(format!("a rank's bad-example list: {e}")))?;
+        for line in part.lines() {
+            let (index, reason) = line.split_once('\t').unwrap_or((line, ""));
+            let index = index
+                .parse()
+                .map_err(|_| TrainError::Io(format!("a rank's bad-example list has a bad line: {line:?}")))?;
+            all.push(BadExample { index, reason: reason.to_string() });
+        }
+    }
+    Ok(all)
+}

@@ -166,14 +166,16 @@ pub fn load(cfg: &DataSection) -> Result<Data, TrainError> {
 
 impl Data {
     /// The endless, shuffled, augmented training stream (epoch `e` is a permutation drawn from
-    /// `(seed, e)`; the last partial batch of each epoch is dropped).
-    pub fn train_loader(&self, batch: usize, seed: u64) -> Result<Loader, TrainError> {
+    /// `(seed, e)`; the last partial batch of each epoch is dropped) of global batches of
+    /// `batch`, of which this loader makes the rows of `shard` (a data-parallel rank's part).
+    pub fn train_loader(&self, batch: usize, seed: u64, shard: vit_data::loader::Shard) -> Result<Loader, TrainError> {
         let cfg = LoaderConfig {
             shuffle: true,
             seed,
             repeat: true,
             drop_last: true,
             on_bad_example: self.on_bad_example,
+            shard,
             ..LoaderConfig::new(batch)
         };
         Ok(Loader::new(self.train.clone(), self.train_pp.clone(), cfg)?)

@@ -468,11 +468,12 @@ fn train_rank(
         b.set_position(first_step);
         b
     });
-    // Each rank takes rows rank·B/N.. of every global batch, in micro-batches of B/(N·accum).
+    // Each rank's loader makes rows rank·B/N.. of every global batch, in micro-batches of
+    // B/(N·accum).
     let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / (world * cfg.train.grad_accum));
-    let first_row = rank * batch / world;
     let test_loader = data.eval_loader(&data.test, batch)?;
-    let mut stream = data.train_loader(batch, cfg.train.seed)?.iter_from(first_step);
+    let shard = vit_data::loader::Shard { index: rank, count: world };
+    let mut stream = data.train_loader(batch, cfg.train.seed, shard)?.iter_from(first_step);
     let evaluate_test = |params: &ParamStore| {
         evaluate(&model, &compute_params(params, dtype)?, &test_loader, device, cfg.train.loss == LossKind::Sigmoid)
     };
@@ -504,17 +505,18 @@ fn train_rank(
             let t0 = Instant::now();
             let b =
                 stream.next().ok_or_else(|| TrainError::Io(format!("the training stream ended at step {step}")))??;
-            bad_log.record(step + 1, &b.bad)?;
+            if world == 1 {
+                bad_log.record(step + 1, &b.bad)?;
+            }
             if vit_data::faults::injected("train_panic_at_step") == Some(step) {
                 panic!("injected fault: train_panic_at_step={step}");
             }
-            let all_labels = b.labels.to_vec::<i32>()?;
-            let my_labels = &all_labels[first_row..first_row + batch / world];
+            let my_labels = b.labels.to_vec::<i32>()?;
             let cp = compute_params(&params, dtype)?;
             let mut grads = params.zeros_like(DType::F32)?;
             let mut loss_sum = 0f64;
             for (j, labels) in my_labels.chunks(micro).enumerate() {
-                let x = b.images.narrow(first_row + j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
+                let x = b.images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
                 let t_logits = match &teacher {
                     Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
                     None => None,
@@ -534,8 +536,14 @@ fn train_rank(
                     let summed = comm.all_reduce(grads.buffer(i), vit_collective::ReduceOp::Sum)?;
                     *grads.buffer_mut(i) = summed;
                 }
-                let l = Tensor::from_vec(vec![loss_sum as f32], [1], Device::Cpu)?;
-                loss_sum = comm.all_reduce(&l, vit_collective::ReduceOp::Sum)?.to_f32_vec()?[0] as f64;
+                // With the loss, how many bad examples the ranks' loaders met; their list only
+                // when there were some, so that every rank counts (and rank 0 lists) them all.
+                let l = Tensor::from_vec(vec![loss_sum as f32, b.bad.len() as f32], [2], Device::Cpu)?;
+                let sums = comm.all_reduce(&l, vit_collective::ReduceOp::Sum)?.to_f32_vec()?;
+                loss_sum = sums[0] as f64;
+                if sums[1] > 0.0 {
+                    bad_log.record(step + 1, &bad_examples::gather(comm, &b.bad)?)?;
+                }
             }
             let loss = loss_sum / batch as f64;
             if !loss.is_finite() {
