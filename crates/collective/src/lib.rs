@@ -21,6 +21,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod buckets;
 mod bytes;
 mod call;
 mod communicator;
@@ -31,6 +32,7 @@ mod local;
 mod mpi;
 mod single;
 
+pub use buckets::{BucketPlan, OverlappedAllReduce};
 pub use bytes::all_gather_bytes;
 pub use communicator::{Communicator, ReduceOp};
 pub use error::{Error, Result};

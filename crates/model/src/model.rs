@@ -166,6 +166,27 @@ impl VisionTransformer {
     /// `p.zeros_like(F32)`) given `dout`, the gradient of the forward's output; returns the
     /// gradient of the images.
     pub fn backward(&self, p: &ParamStore, s: &ForwardSaved, dout: &Tensor, g: &mut ParamStore) -> Result<Tensor> {
+        self.backward_notify(p, s, dout, g, &mut |_, _| {})
+    }
+
+    /// [`backward`](Self::backward) that calls `ready(g, names)` each time the gradients of
+    /// `names` are complete in `g` (nothing later in backward adds to them): the final norm,
+    /// pooling and heads first, then each block from the last, then the embedding. A
+    /// data-parallel trainer starts reducing those gradients there, while backward goes on.
+    pub fn backward_notify(
+        &self,
+        p: &ParamStore,
+        s: &ForwardSaved,
+        dout: &Tensor,
+        g: &mut ParamStore,
+        ready: &mut dyn FnMut(&ParamStore, &[String]),
+    ) -> Result<Tensor> {
+        let mut stages = self.stage_names()?.into_iter().rev();
+        let mut notify = |g: &ParamStore| {
+            if let Some(names) = stages.next() {
+                ready(g, &names)
+            }
+        };
         let dfeat = match &self.head {
             Some(h) => h.backward(p, &s.features, dout, g)?,
             None => dout.clone(),
@@ -176,6 +197,7 @@ impl VisionTransformer {
         };
         let dnormed = self.pool.backward(p, &s.pool, &dpooled, g)?;
         let mut dx = self.norm.backward(p, &s.encoded, &s.norm, &dnormed, g)?;
+        notify(g);
         for (i, b) in self.blocks.iter().enumerate().rev() {
             let x = &s.block_inputs[i];
             dx = match &s.block_saved[i] {
@@ -185,7 +207,26 @@ impl VisionTransformer {
                     b.backward(p, x, &saved, &dx, g)?
                 }
             };
+            notify(g);
         }
-        self.embed.backward(p, &s.embed, &dx, g)
+        let dimages = self.embed.backward(p, &s.embed, &dx, g)?;
+        notify(g);
+        Ok(dimages)
+    }
+
+    /// The parameter names of each stage of backward, in forward order: the embedding, each
+    /// block, and the rest (final norm, pooling, pre-logits, head).
+    fn stage_names(&self) -> Result<Vec<Vec<String>>> {
+        let mut sink = ShapeList::default();
+        let mut starts = vec![0];
+        self.embed.init(&mut sink)?;
+        for b in &self.blocks {
+            starts.push(sink.0.len());
+            b.init(&mut sink)?;
+        }
+        starts.push(sink.0.len());
+        let all: Vec<String> = self.param_shapes()?.into_iter().map(|(n, _)| n).collect();
+        starts.push(all.len());
+        Ok(starts.windows(2).map(|w| all[w[0]..w[1]].to_vec()).collect())
     }
 }

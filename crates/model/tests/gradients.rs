@@ -156,3 +156,52 @@ fn predict_equals_forward_and_features_feed_the_head() {
     .unwrap();
     assert_eq!(head.to_f32_vec().unwrap(), logits.to_f32_vec().unwrap());
 }
+
+/// `backward_notify` names every parameter once, from the head back to the embedding, and a
+/// gradient named ready already has its final value (a data-parallel trainer reduces it then).
+#[test]
+fn backward_notify_names_each_gradient_once_when_it_is_final() {
+    for block in [BlockKind::Sequential, BlockKind::Parallel] {
+        let mut cfg = tiny(Pool::Map, block, true, true);
+        cfg.remat = block == BlockKind::Parallel;
+        let model = VisionTransformer::new(&cfg, DType::F32, CPU).unwrap();
+        let p = randomised(&model.init_params(0, DType::F32, CPU).unwrap(), 300);
+        let images = Tensor::randn([2, 2, 8, 8], 0.0, 1.0, 9, DType::F32, CPU).unwrap();
+        let (out, saved) = model.forward(&p, &images).unwrap();
+        let dout = Tensor::randn(out.shape().clone(), 0.0, 1.0, 10, DType::F32, CPU).unwrap();
+        let mut g = p.zeros_like(DType::F32).unwrap();
+        let mut seen: Vec<(String, Vec<f32>)> = Vec::new();
+        model
+            .backward_notify(&p, &saved, &dout, &mut g, &mut |g, names| {
+                for n in names {
+                    seen.push((n.clone(), g.get(n).unwrap().to_f32_vec().unwrap()));
+                }
+            })
+            .unwrap();
+        let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        let mut all: Vec<&str> = p.names().collect();
+        all.sort();
+        assert_eq!(sorted, all, "{block:?}: every parameter named once");
+        // The last stage (final norm, pooling, head) first, the embedding last, and the blocks
+        // in between from the last to the first.
+        let stage = |n: &str| match n.split('.').next().unwrap() {
+            "norm" | "attn_pool" | "head" => 0,
+            "blocks" => 1,
+            _ => 2,
+        };
+        assert!(names.windows(2).all(|w| stage(w[0]) <= stage(w[1])), "{names:?}");
+        assert_eq!(stage(names.last().unwrap()), 2, "{names:?}");
+        let first_of = |b: &str| names.iter().position(|n| n.starts_with(b)).unwrap();
+        assert!(first_of("blocks.1.") < first_of("blocks.0."), "{names:?}");
+        for (n, at_notify) in &seen {
+            assert_eq!(
+                at_notify,
+                &g.get(n).unwrap().to_f32_vec().unwrap(),
+                "{block:?}: {n} changed after it was ready"
+            );
+        }
+        assert!(seen.iter().any(|(_, v)| v.iter().any(|&x| x != 0.0)));
+    }
+}
