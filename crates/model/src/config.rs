@@ -461,7 +461,11 @@ impl ModelConfig {
         if let Some(moe) = &self.moe {
             moe.validate(self.depth)?;
             if self.block != BlockKind::Sequential {
-                return Err(ModelError::invalid("block", self.block, "\"sequential\" with moe (MoE MLPs replace the sequential block's MLP)"));
+                return Err(ModelError::invalid(
+                    "block",
+                    self.block,
+                    "\"sequential\" with moe (MoE MLPs replace the sequential block's MLP)",
+                ));
             }
         }
         crate::params::ParamBreakdown::count(self)?;

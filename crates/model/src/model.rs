@@ -2,14 +2,14 @@
 //! pooling → optional pre-logits (Dense + tanh) → classifier. Every ViT, Scaling-ViT and
 //! ViT-22B variant of the zoo is this one model with different settings.
 
+use crate::layers::MoeStats;
 use crate::{
     layers::{
-        block::block_noise_seed, Block, BlockSaved, EmbedSaved, Embedding, Fill, Init, Initializer, Linear, Norm, NormSaved, ParamSink,
-        PoolSaved, Pooling, ShapeList,
+        block::block_noise_seed, Block, BlockSaved, EmbedSaved, Embedding, Fill, Init, Initializer, Linear, Norm,
+        NormSaved, ParamSink, PoolSaved, Pooling, ShapeList,
     },
     ModelConfig, ParamStore, Result,
 };
-use crate::layers::MoeStats;
 use vit_tensor::{ops, DType, Device, Tensor};
 
 /// A Vision Transformer: the layer descriptions of one config. Parameters live in a

@@ -145,12 +145,7 @@ impl MoeConfig {
             "moe.noise" => self.noise = float(value)?,
             "moe.importance_weight" => self.importance_weight = float(value)?,
             "moe.load_weight" => self.load_weight = float(value)?,
-            _ => {
-                return Err(ModelError::UnknownKey {
-                    key: key.to_string(),
-                    valid: MOE_KEYS.join(", "),
-                })
-            }
+            _ => return Err(ModelError::UnknownKey { key: key.to_string(), valid: MOE_KEYS.join(", ") }),
         }
         Ok(())
     }
@@ -168,16 +163,28 @@ impl MoeConfig {
             return Err(ModelError::invalid("moe.capacity", self.capacity, "a positive capacity factor"));
         }
         if self.every == 0 {
-            return Err(ModelError::invalid("moe.every", self.every, "a positive block interval (2: blocks 1, 3, 5, ...)"));
+            return Err(ModelError::invalid(
+                "moe.every",
+                self.every,
+                "a positive block interval (2: blocks 1, 3, 5, ...)",
+            ));
         }
         if let Some(n) = self.last {
             let odd = depth / 2;
             if n == 0 || n > odd {
-                return Err(ModelError::invalid("moe.last", n, format!("1 to the number of odd blocks ({odd} of depth {depth})")));
+                return Err(ModelError::invalid(
+                    "moe.last",
+                    n,
+                    format!("1 to the number of odd blocks ({odd} of depth {depth})"),
+                ));
             }
         }
         if self.group_size == 0 {
-            return Err(ModelError::invalid("moe.group_size", self.group_size, "a positive number of images per group"));
+            return Err(ModelError::invalid(
+                "moe.group_size",
+                self.group_size,
+                "a positive number of images per group",
+            ));
         }
         for (field, v) in [
             ("moe.noise", self.noise),

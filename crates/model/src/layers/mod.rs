@@ -21,6 +21,6 @@ pub use init::{Fill, Init, Initializer, ParamSink, ShapeList};
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpSaved};
 pub use moe::{MoeMlp, MoeSaved, MoeStats};
-pub use routing::GroupRoute;
 pub use norm::{Norm, NormSaved, LAYER_NORM_EPS};
 pub use pool::{MapHead, PoolSaved, Pooling};
+pub use routing::GroupRoute;
