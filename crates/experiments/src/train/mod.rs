@@ -6,6 +6,7 @@ pub mod bad_examples;
 pub mod config;
 pub mod data;
 pub mod data_check;
+pub mod moe_log;
 mod panics;
 pub mod plot;
 pub mod run_dir;
@@ -254,15 +255,42 @@ pub fn micro_batch_grads(
     batch: usize,
     grads: &mut ParamStore,
 ) -> Result<f64, TrainError> {
-    let (logits, saved) = model.forward(params, x)?;
+    micro_batch_grads_moe(model, params, x, t, loss, batch, None, grads)
+}
+
+/// [`micro_batch_grads`] with V-MoE training: MoE routers add noise from `moe`'s seed
+/// ([`moe_log::noise_seed`]), the auxiliary losses join the loss with the micro-batch's share
+/// of the batch, and the layers' statistics go into `moe`'s log. Without `moe`, MoE layers
+/// route without noise (a dense model is the same either way).
+#[allow(clippy::too_many_arguments)]
+pub fn micro_batch_grads_moe(
+    model: &VisionTransformer,
+    params: &ParamStore,
+    x: &Tensor,
+    t: &Tensor,
+    loss: LossKind,
+    batch: usize,
+    moe: Option<(u64, &mut moe_log::MoeLog)>,
+    grads: &mut ParamStore,
+) -> Result<f64, TrainError> {
+    let share = x.dims()[0] as f64 / batch as f64;
+    let (logits, saved) = match moe {
+        Some((seed, log)) => {
+            let (logits, saved) = model.forward_train(params, x, seed)?;
+            log.add(&saved, share);
+            (logits, saved)
+        }
+        None => model.forward(params, x)?,
+    };
     let dloss = Tensor::full(1.0 / batch as f32, [x.dims()[0]], DType::F32, x.device())?;
     let (losses, dlogits) = if loss == LossKind::Sigmoid {
         (ops::sigmoid_cross_entropy_fwd(&logits, t)?, ops::sigmoid_cross_entropy_bwd(&logits, t, &dloss)?)
     } else {
         ops::softmax_cross_entropy_fwd_bwd(&logits, t, &dloss)?
     };
-    let sum = ops::sum_all(&losses)?.to_scalar()? as f64;
-    model.backward(params, &saved, &dlogits, grads)?;
+    // The auxiliary loss (0 for a dense model) counts with this micro-batch's share of the batch.
+    let sum = ops::sum_all(&losses)?.to_scalar()? as f64 + saved.aux_loss() as f64 * x.dims()[0] as f64;
+    model.backward_scaled(params, &saved, &dlogits, share as f32, grads)?;
     Ok(sum)
 }
 
@@ -513,6 +541,7 @@ fn train_rank(
             let cp = compute_params(&params, dtype)?;
             let mut grads = params.zeros_like(DType::F32)?;
             let mut loss_sum = 0f64;
+            let mut moe = moe_log::MoeLog::default();
             for (j, labels) in my_labels.chunks(micro).enumerate() {
                 let x = b.images.narrow(first_row + j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
                 let t_logits = match &teacher {
@@ -526,7 +555,9 @@ fn train_rank(
                     t_logits.as_ref().map(|l| (l, cfg.train.distill_weight)),
                 )?
                 .to_device(device)?;
-                loss_sum += micro_batch_grads(&model, &cp, &x, &t, cfg.train.loss, batch, &mut grads)?;
+                let seed = moe_log::noise_seed(cfg.train.seed, step, first_row + j * micro);
+                let moe = Some((seed, &mut moe));
+                loss_sum += micro_batch_grads_moe(&model, &cp, &x, &t, cfg.train.loss, batch, moe, &mut grads)?;
             }
             if world > 1 {
                 // The global batch's gradient and loss: the sum of every rank's part.
@@ -565,6 +596,7 @@ fn train_rank(
             if skip_bad {
                 line["bad_examples"] = bad_log.count().into();
             }
+            moe.write_into(&mut line);
             let eval_now = is_last || (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0);
             if eval_now && lead {
                 (test_acc, test_loss) = evaluate_test(&params)?;
