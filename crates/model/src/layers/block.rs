@@ -54,7 +54,7 @@ pub enum Ffn {
     /// Dense(M) → GELU → Dense(D).
     Dense(Mlp),
     /// V-MoE's mixture of experts.
-    Moe(MoeMlp),
+    Moe(Box<MoeMlp>),
 }
 
 /// The feed-forward half's activations.
@@ -170,7 +170,7 @@ impl Block {
                 norm2: Norm::new(&format!("{prefix}.norm2"), d, cfg.norm_bias),
                 mlp: match &cfg.moe {
                     Some(moe) if moe.is_moe_block(index, cfg.depth) => {
-                        Ffn::Moe(MoeMlp::new(&format!("{prefix}.moe"), d, m, moe, gelu_of(cfg)))
+                        Ffn::Moe(Box::new(MoeMlp::new(&format!("{prefix}.moe"), d, m, moe, gelu_of(cfg))))
                     }
                     _ => Ffn::Dense(Mlp::new(&format!("{prefix}.mlp"), d, m, gelu_of(cfg))),
                 },

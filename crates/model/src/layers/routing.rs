@@ -284,9 +284,9 @@ impl GroupRoute {
         if let (Some(l), true) = (&self.load, load_scale != 0.0) {
             let sigma = l.sigma as f64;
             let mut load = vec![0f64; e];
-            for t in 0..s {
-                for x in 0..e {
-                    load[x] += normal_upper_tail(l.u[t * e + x] as f64) / s as f64;
+            for row in l.u.chunks(e) {
+                for (ld, u) in load.iter_mut().zip(row) {
+                    *ld += normal_upper_tail(*u as f64) / s as f64;
                 }
             }
             let dload = cv_squared(&load).1;
