@@ -67,7 +67,7 @@ impl BucketPlan {
         cuts.dedup();
         let buckets: Vec<Range<usize>> = cuts.windows(2).map(|w| w[1]..w[0]).collect();
         // A plan over zero parameters is one bucket of the whole (padding-only) buffer.
-        let buckets = if buckets.is_empty() { vec![0..len] } else { buckets };
+        let buckets = if buckets.is_empty() { std::iter::once(0..len).collect() } else { buckets };
         Ok(BucketPlan { buckets, params: of_param })
     }
 
@@ -207,6 +207,7 @@ mod tests {
     use vit_tensor::{DType, Device};
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // lists of ranges, some of one
     fn buckets_cut_at_parameter_boundaries_from_the_end() {
         // Params [0,4) [4,6) [8,16) [16,20), buffer of 20 (6..8 padding).
         let p = [0..4, 4..6, 8..16, 16..20];

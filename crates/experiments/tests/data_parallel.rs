@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_losses_close, repo_root, small_recipe};
+use common::{assert_losses_close, assert_same_metrics, repo_root, small_recipe};
 use std::{
     path::Path,
     process::{Command, Output},
@@ -44,6 +44,23 @@ fn two_and_four_ranks_follow_one_rank_and_resume_across_world_sizes() {
     let o = vit(&["train", "--resume", moved.to_str().unwrap(), "--world", "1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_losses_close(&one, &moved, 20, "world 2 to step 10, then world 1");
+}
+
+/// Gradients all-reduced in many small buckets on a communication thread during backward give
+/// the bits of one all-reduce after it (every element is summed in rank order either way).
+#[test]
+fn overlapped_buckets_give_the_bits_of_one_all_reduce_after_backward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, bucketed) = (tmp.path().join("plain"), tmp.path().join("bucketed"));
+    let o = train(&plain, &["--world", "2", "--set", "train.bucket_mb=0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // 2 KiB buckets: about one per parameter tensor of this model.
+    let o = train(&bucketed, &["--world", "2", "--set", "train.bucket_mb=0.002"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same_metrics(&plain, &bucketed, "2 KiB buckets vs one all-reduce");
+    let o = train(&tmp.path().join("neg"), &["--set", "train.bucket_mb=-1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("train.bucket_mb = -1: expected a size in MiB ≥ 0"));
 }
 
 #[test]

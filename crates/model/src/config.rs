@@ -21,6 +21,7 @@
 //! gelu = "tanh"        # "tanh" | "erf"
 //! # prelogits = 768    # optional pre-logits width (big_vision `rep_size`); absent = none
 //! remat = false
+//! # [moe]              # optional: sparse mixture-of-experts MLPs (V-MoE), see MoeConfig
 //! ```
 //!
 //! Fields missing from a TOML file take their value from [`ModelConfig::custom`]; unknown
@@ -32,6 +33,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::moe_config::{MoeConfig, MOE_KEYS};
 
 /// How the encoded tokens become one feature vector for the head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -170,6 +172,10 @@ pub struct ModelConfig {
     /// Activation checkpointing per block: keep each block's input and recompute the block
     /// in backward. Saves memory, costs one extra forward; no effect on the parameters.
     pub remat: bool,
+    /// Sparse mixture-of-experts MLPs (V-MoE) in some blocks; `None` (no `[moe]` table) for a
+    /// dense model. Needs `block = "sequential"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
 }
 
 impl Default for ModelConfig {
@@ -193,6 +199,11 @@ const PRESETS: &[(&str, usize, usize, usize, usize, usize)] = &[
     ("e/14", 1792, 56, 15360, 16, 14),
     ("22B/14", 6144, 48, 24576, 48, 14),
 ];
+
+/// `(name, dense base, depth override)` of the V-MoE presets (reference §4): class token,
+/// MoE in every other block, E = 32, k = 2, C = 1.05. `V-MoE-15B` is D 1408, L 48, M 6400,
+/// 16 heads, patch 14 with a 29,593-class head.
+const MOE_PRESETS: &[&str] = &["V-MoE-S/32", "V-MoE-B/32", "V-MoE-B/16", "V-MoE-L/16", "V-MoE-H/14", "V-MoE-15B"];
 
 /// The name of the base config for overrides.
 const CUSTOM: &str = "custom";
@@ -241,16 +252,40 @@ impl ModelConfig {
             gelu: Gelu::Tanh,
             prelogits: None,
             remat: false,
+            moe: None,
         }
     }
 
     /// The canonical names of the presets, then `custom`.
     pub fn preset_names() -> Vec<&'static str> {
-        PRESETS.iter().map(|p| p.0).chain(std::iter::once(CUSTOM)).collect()
+        PRESETS.iter().map(|p| p.0).chain(MOE_PRESETS.iter().copied()).chain(std::iter::once(CUSTOM)).collect()
+    }
+
+    /// A V-MoE preset by its canonical name, case-insensitive (`V-MoE-B/16`, `v-moe-15b`).
+    fn moe_preset(name: &str) -> Option<Self> {
+        let canonical = MOE_PRESETS.iter().find(|p| p.eq_ignore_ascii_case(name))?;
+        let mut cfg = match *canonical {
+            "V-MoE-15B" => ModelConfig {
+                width: 1408,
+                depth: 48,
+                mlp_dim: 6400,
+                heads: 16,
+                patch: 14,
+                classes: 29_593,
+                ..Self::custom()
+            },
+            other => Self::preset(&other["V-MoE-".len()..]).ok()?,
+        };
+        cfg.pool = Pool::Tok;
+        cfg.moe = Some(MoeConfig::default());
+        Some(cfg)
     }
 
     /// A named model: `Ti/16`, `S/16`, `S/32`, `B/16`, `B/32`, `L/16`, `H/14`, `g/14`,
-    /// `G/14`, `e/14`, `22B/14`, or `custom` (see [`ModelConfig::custom`]).
+    /// `G/14`, `e/14`, `22B/14`, the V-MoE models `V-MoE-S/32`, `V-MoE-B/32`, `V-MoE-B/16`,
+    /// `V-MoE-L/16`, `V-MoE-H/14`, `V-MoE-15B` (the dense shape with a class token and MoE in
+    /// every other block: E = 32, k = 2, C = 1.05; reference §4), or `custom` (see
+    /// [`ModelConfig::custom`]).
     ///
     /// Names are case-insensitive and may start with `ViT-` (`vit-b/16`, `ViT-L/16`). The
     /// one clash, `g/14` (giant) against `G/14` (gigantic), is decided by exact case.
@@ -267,6 +302,9 @@ impl ModelConfig {
         };
         if bare.eq_ignore_ascii_case(CUSTOM) {
             return Ok(Self::custom());
+        }
+        if let Some(cfg) = Self::moe_preset(trimmed) {
+            return Ok(cfg);
         }
         let exact = PRESETS.iter().find(|p| p.0 == bare);
         let found = exact.or_else(|| {
@@ -311,8 +349,14 @@ impl ModelConfig {
     pub fn set_value(&mut self, key: &str, value: &str) -> Result<()> {
         let key = key.trim().replace('-', "_");
         let value = unquote(value.trim());
+        if key == "moe" {
+            return self.set_moe_table(value);
+        }
+        if let Some(&key) = MOE_KEYS.iter().find(|k| **k == key) {
+            return self.moe.get_or_insert_with(MoeConfig::default).set_value(key, value);
+        }
         let Some(&key) = KEYS.iter().find(|k| **k == key) else {
-            return Err(ModelError::UnknownKey { key, valid: KEYS.join(", ") });
+            return Err(ModelError::UnknownKey { key, valid: valid_keys() });
         };
         match key {
             "image_size" => self.image_size = parse_uint(key, value)?,
@@ -340,7 +384,33 @@ impl ModelConfig {
             }
             "remat" => self.remat = parse_bool(key, value)?,
             // KEYS and this match list the same names; a test keeps them in step.
-            _ => return Err(ModelError::UnknownKey { key: key.to_string(), valid: KEYS.join(", ") }),
+            _ => return Err(ModelError::UnknownKey { key: key.to_string(), valid: valid_keys() }),
+        }
+        Ok(())
+    }
+
+    /// `moe=none` (no MoE layers) or `moe={ experts = 8, k = 1 }` (a TOML inline table, as a
+    /// train config's `[model.moe]` arrives here): the table's keys are set one by one on the
+    /// defaults.
+    fn set_moe_table(&mut self, value: &str) -> Result<()> {
+        if value == "none" {
+            self.moe = None;
+            return Ok(());
+        }
+        let expected = "none or a table of moe keys such as { experts = 8, k = 1 }";
+        let table = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .and_then(|v| v.as_table().cloned())
+            .ok_or_else(|| ModelError::bad_value("moe", value, expected))?;
+        self.moe = Some(MoeConfig::default());
+        for (k, v) in table {
+            let text = match v {
+                toml::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            self.set_value(&format!("moe.{k}"), &text)?;
         }
         Ok(())
     }
@@ -388,6 +458,16 @@ impl ModelConfig {
             .and_then(|n| n.checked_add(1))
             .and_then(|n| usize::try_from(n).ok())
             .ok_or(ModelError::Overflow { what: "the number of tokens" })?;
+        if let Some(moe) = &self.moe {
+            moe.validate(self.depth)?;
+            if self.block != BlockKind::Sequential {
+                return Err(ModelError::invalid(
+                    "block",
+                    self.block,
+                    "\"sequential\" with moe (MoE MLPs replace the sequential block's MLP)",
+                ));
+            }
+        }
         crate::params::ParamBreakdown::count(self)?;
         Ok(())
     }
@@ -431,6 +511,11 @@ impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.width.checked_div(self.heads).unwrap_or(0)
     }
+}
+
+/// The keys of [`KEYS`] and [`MOE_KEYS`], comma separated, for an unknown-key message.
+fn valid_keys() -> String {
+    KEYS.iter().chain(MOE_KEYS).copied().collect::<Vec<_>>().join(", ")
 }
 
 /// Strips one pair of matching single or double quotes.

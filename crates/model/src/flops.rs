@@ -15,12 +15,24 @@ impl ModelConfig {
     /// projections, the two MLP matmuls, `softmax(qkᵀ)·v` as `4·N²·D`), the MAP head's
     /// attention and MLP, the pre-logits layer and the classifier. The same for the
     /// sequential and the parallel block (the same matmuls, fused differently).
+    ///
+    /// A V-MoE block replaces the MLP's `2·N·2DM` by its router, `2·N·D·E`, and its experts'
+    /// matmuls over every slot of their buffers, `2·slots·2DM`, where the slots per image are
+    /// `E · capacity(group of group_size images) / group_size` (≈ k·C·N: the padding of empty
+    /// slots is computed too).
     pub fn forward_flops_per_image(&self) -> f64 {
         let (d, m, n) = (self.width as f64, self.mlp_dim as f64, self.tokens() as f64);
         let patches = (self.image_size / self.patch.max(1)).pow(2) as f64;
         let patch_in = (self.channels * self.patch * self.patch) as f64;
         let embed = 2.0 * patches * patch_in * d;
         let block = 2.0 * n * d * (4.0 * d + 2.0 * m) + 4.0 * n * n * d;
+        let moe = self.moe.as_ref().map_or(0.0, |moe| {
+            let g = moe.group_size.max(1);
+            let slots = (moe.experts * moe.capacity_for(g * self.tokens())) as f64 / g as f64;
+            let moe_block =
+                block - 2.0 * n * 2.0 * d * m + 2.0 * n * d * moe.experts as f64 + 2.0 * slots * 2.0 * d * m;
+            moe.moe_blocks(self.depth).len() as f64 * (moe_block - block)
+        });
         let head_in = match self.pool {
             // One probe query: q and output projections on 1 token, k and v on N, attention
             // 1 × N, then the MLP on 1 token.
@@ -30,7 +42,13 @@ impl ModelConfig {
         let feature = self.prelogits.unwrap_or(self.width) as f64;
         let prelogits = self.prelogits.map_or(0.0, |p| 2.0 * d * p as f64);
         let classifier = 2.0 * feature * self.classes as f64;
-        embed + self.depth as f64 * block + head_in + prelogits + classifier
+        embed + self.depth as f64 * block + moe + head_in + prelogits + classifier
+    }
+
+    /// [`ModelConfig::forward_flops_per_image`] of the dense twin: the same model with every
+    /// MoE MLP a dense one (`moe = none`).
+    pub fn dense_forward_flops_per_image(&self) -> f64 {
+        ModelConfig { moe: None, ..self.clone() }.forward_flops_per_image()
     }
 
     /// Model FLOPs of one training step per image: forward and backward, counted as 3× the

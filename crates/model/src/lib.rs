@@ -22,7 +22,8 @@
 //! - [`ModelError`]: one error type; messages name the field, the value and what was
 //!   expected. Nothing here panics on user input.
 //!
-//! Planned: V-MoE (sparse mixture-of-experts MLPs with token routing).
+//! - [`MoeConfig`] and [`layers::MoeMlp`]: V-MoE's sparse mixture-of-experts MLPs with
+//!   noisy top-k routing in groups, Batch Priority Routing and the auxiliary losses.
 //!
 //! ```
 //! use vit_model::{ModelConfig, ParamCounts};
@@ -44,11 +45,13 @@ mod flops;
 pub mod import;
 pub mod layers;
 pub mod model;
+pub mod moe_config;
 pub mod params;
 
 pub use checkpoint::{load_checkpoint, load_params_into, save_checkpoint, Checkpoint};
 pub use config::{BlockKind, Gelu, ModelConfig, Pool, PosEmb, KEYS};
 pub use error::{ModelError, Result};
 pub use model::{ForwardSaved, VisionTransformer};
+pub use moe_config::{MoeConfig, MOE_KEYS};
 pub use params::{ParamBreakdown, ParamCounts};
 pub use vit_tensor::{ParamDiff, ParamStore};

@@ -2,10 +2,11 @@
 //! pooling → optional pre-logits (Dense + tanh) → classifier. Every ViT, Scaling-ViT and
 //! ViT-22B variant of the zoo is this one model with different settings.
 
+use crate::layers::MoeStats;
 use crate::{
     layers::{
-        Block, BlockSaved, EmbedSaved, Embedding, Fill, Init, Initializer, Linear, Norm, NormSaved, ParamSink,
-        PoolSaved, Pooling, ShapeList,
+        block::block_noise_seed, Block, BlockSaved, EmbedSaved, Embedding, Fill, Init, Initializer, Linear, Norm,
+        NormSaved, ParamSink, PoolSaved, Pooling, ShapeList,
     },
     ModelConfig, ParamStore, Result,
 };
@@ -47,6 +48,10 @@ pub struct ForwardSaved {
     pre_act: Option<Tensor>,
     /// The classifier's input, `[B, F]` (`F = D` without pre-logits).
     features: Tensor,
+    /// The router-noise seed of the pass (`None`: routed without noise), for recomputation.
+    noise_seed: Option<u64>,
+    /// `(block index, what its MoE measured)` for each MoE block, ascending.
+    moe: Vec<(usize, MoeStats)>,
 }
 
 impl ForwardSaved {
@@ -54,6 +59,19 @@ impl ForwardSaved {
     /// evaluation and linear probes use.
     pub fn features(&self) -> &Tensor {
         &self.features
+    }
+
+    /// `(block index, statistics)` of every MoE layer of the pass: auxiliary losses, dropped
+    /// assignments, load per expert. Empty for a dense model.
+    pub fn moe_stats(&self) -> &[(usize, MoeStats)] {
+        &self.moe
+    }
+
+    /// The auxiliary loss of the pass: the weighted importance and load losses, averaged over
+    /// the routing groups and summed over the MoE layers (reference §4); 0 for a dense model.
+    /// [`VisionTransformer::backward`] differentiates it along with the output.
+    pub fn aux_loss(&self) -> f32 {
+        self.moe.iter().map(|(_, s)| s.aux_loss).sum()
     }
 }
 
@@ -110,12 +128,34 @@ impl VisionTransformer {
     /// `images [batch, C, H, W]` (values in [-1, 1]) → logits `[batch, classes]` (the features
     /// `[batch, F]` when `classes = 0`), and what backward needs. With `config.remat` only each
     /// block's input is kept and backward runs the block again (activation checkpointing).
+    /// MoE layers route without noise (deterministic, as at inference); training uses
+    /// [`VisionTransformer::forward_train`].
     pub fn forward(&self, p: &ParamStore, images: &Tensor) -> Result<(Tensor, ForwardSaved)> {
+        self.forward_routed(p, images, None)
+    }
+
+    /// [`VisionTransformer::forward`] in training: MoE routers add their noise, drawn from
+    /// `noise_seed` (each layer its own stream, so the same seed gives the same bits). A dense
+    /// model gives the same as `forward`.
+    pub fn forward_train(&self, p: &ParamStore, images: &Tensor, noise_seed: u64) -> Result<(Tensor, ForwardSaved)> {
+        self.forward_routed(p, images, Some(noise_seed))
+    }
+
+    fn forward_routed(
+        &self,
+        p: &ParamStore,
+        images: &Tensor,
+        noise_seed: Option<u64>,
+    ) -> Result<(Tensor, ForwardSaved)> {
         let (mut x, embed) = self.embed.forward(p, images)?;
         let mut block_inputs = Vec::with_capacity(self.blocks.len());
         let mut block_saved = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
-            let (y, s) = b.forward(p, &x)?;
+        let mut moe = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let (y, s) = b.forward_routed(p, &x, noise_seed.map(|sd| block_noise_seed(sd, i)))?;
+            if let Some(stats) = s.moe_stats() {
+                moe.push((i, stats.clone()));
+            }
             block_inputs.push(x);
             block_saved.push((!self.config.remat).then_some(s));
             x = y;
@@ -134,8 +174,19 @@ impl VisionTransformer {
             Some(h) => h.forward(p, &features)?,
             None => features.clone(),
         };
-        let saved =
-            ForwardSaved { embed, block_inputs, block_saved, encoded: x, norm, pool, pooled, pre_act, features };
+        let saved = ForwardSaved {
+            embed,
+            block_inputs,
+            block_saved,
+            encoded: x,
+            norm,
+            pool,
+            pooled,
+            pre_act,
+            features,
+            noise_seed,
+            moe,
+        };
         Ok((out, saved))
     }
 
@@ -164,20 +215,36 @@ impl VisionTransformer {
 
     /// Accumulates every parameter's gradient into `g` (a store like the parameters, e.g.
     /// `p.zeros_like(F32)`) given `dout`, the gradient of the forward's output; returns the
-    /// gradient of the images.
+    /// gradient of the images. The loss differentiated is `⟨dout, output⟩ + aux_loss` (the
+    /// MoE auxiliary losses with weight 1; [`VisionTransformer::backward_scaled`] for another).
     pub fn backward(&self, p: &ParamStore, s: &ForwardSaved, dout: &Tensor, g: &mut ParamStore) -> Result<Tensor> {
-        self.backward_notify(p, s, dout, g, &mut |_, _| {})
+        self.backward_scaled(p, s, dout, 1.0, g)
     }
 
-    /// [`backward`](Self::backward) that calls `ready(g, names)` each time the gradients of
-    /// `names` are complete in `g` (nothing later in backward adds to them): the final norm,
-    /// pooling and heads first, then each block from the last, then the embedding. A
-    /// data-parallel trainer starts reducing those gradients there, while backward goes on.
+    /// [`VisionTransformer::backward`] of `⟨dout, output⟩ + aux_scale · aux_loss`: a trainer
+    /// whose loss is the batch mean gives each micro-batch's auxiliary loss the micro-batch's
+    /// share of the batch.
+    pub fn backward_scaled(
+        &self,
+        p: &ParamStore,
+        s: &ForwardSaved,
+        dout: &Tensor,
+        aux_scale: f32,
+        g: &mut ParamStore,
+    ) -> Result<Tensor> {
+        self.backward_notify(p, s, dout, aux_scale, g, &mut |_, _| {})
+    }
+
+    /// [`backward_scaled`](Self::backward_scaled) that calls `ready(g, names)` each time the
+    /// gradients of `names` are complete in `g` (nothing later in backward adds to them): the
+    /// final norm, pooling and heads first, then each block from the last, then the embedding.
+    /// A data-parallel trainer starts reducing those gradients there, while backward goes on.
     pub fn backward_notify(
         &self,
         p: &ParamStore,
         s: &ForwardSaved,
         dout: &Tensor,
+        aux_scale: f32,
         g: &mut ParamStore,
         ready: &mut dyn FnMut(&ParamStore, &[String]),
     ) -> Result<Tensor> {
@@ -201,10 +268,10 @@ impl VisionTransformer {
         for (i, b) in self.blocks.iter().enumerate().rev() {
             let x = &s.block_inputs[i];
             dx = match &s.block_saved[i] {
-                Some(saved) => b.backward(p, x, saved, &dx, g)?,
+                Some(saved) => b.backward_scaled(p, x, saved, &dx, aux_scale, g)?,
                 None => {
-                    let (_, saved) = b.forward(p, x)?;
-                    b.backward(p, x, &saved, &dx, g)?
+                    let (_, saved) = b.forward_routed(p, x, s.noise_seed.map(|sd| block_noise_seed(sd, i)))?;
+                    b.backward_scaled(p, x, &saved, &dx, aux_scale, g)?
                 }
             };
             notify(g);

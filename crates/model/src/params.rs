@@ -19,7 +19,10 @@
 //! | pre-logits | D·P + P |
 //! | classifier | D·K + K, or P·K + K after pre-logits; 0 with K = 0 |
 //!
-//! A sequential block with all biases has 4D² + 2DM + 9D + M parameters. In the parallel
+//! | MoE block (V-MoE, E experts) | the sequential block with E MLPs 2DM+M+D instead of one, plus the router D·E (no bias) |
+//!
+//! A sequential block with all biases has 4D² + 2DM + 9D + M parameters; a V-MoE block
+//! 4D² + 4D + 4D + E·(2DM+M+D) + D·E (reference §4). In the parallel
 //! block the attention and MLP output projections are one fused (D+M)→D matmul with one
 //! D-bias, so it has one D-bias fewer than two separate projections would; the MLP's
 //! hidden bias M is kept in the fused in-projection. `norm_bias` applies to the MAP head too;
@@ -42,8 +45,12 @@ pub struct ParamCounts {
     /// the MAP head, pre-logits and the classifier.
     pub encoder: u64,
     /// Weights of the blocks' matrix multiplications only, L·(4D² + 2DM), no biases or
-    /// norms: the convention of ViT-22B (12·L·D² when M = 4D).
+    /// norms: the convention of ViT-22B (12·L·D² when M = 4D). A MoE block counts its E
+    /// experts' kernels and its router.
     pub matmul: u64,
+    /// Parameters one token passes through: `total` less the experts it is not routed to,
+    /// (E − k)·(2DM+M+D) per MoE block. Equal to `total` for a dense model.
+    pub active_per_token: u64,
 }
 
 impl ParamCounts {
@@ -63,8 +70,12 @@ pub struct ParamBreakdown {
     pub pos_embed: u64,
     /// Class token: D with `pool = "tok"`.
     pub cls_token: u64,
-    /// One encoder block.
+    /// One encoder block (a dense one, in a V-MoE).
     pub block: u64,
+    /// One MoE block (V-MoE); 0 without MoE.
+    pub moe_block: u64,
+    /// The number of MoE blocks.
+    pub moe_blocks: u64,
     /// All L encoder blocks.
     pub blocks: u64,
     /// Final LayerNorm: 2D, or D without bias.
@@ -158,7 +169,19 @@ fn count(cfg: &ModelConfig) -> Option<ParamBreakdown> {
             in_proj + out_proj + norm(d) + qk_norm
         }
     };
-    let blocks = c(cfg.depth) * block;
+    let (moe_block, moe_blocks, expert_matmul, inactive) = match &cfg.moe {
+        Some(moe) => {
+            let e = c(moe.experts);
+            let router = d * e;
+            let moe_block = attn + c(2) * norm(d) + qk_norm + e * mlp + router;
+            let n = c(moe.moe_blocks(cfg.depth).len());
+            let inactive = n * c(moe.experts.checked_sub(moe.k)?) * mlp;
+            (moe_block, n, e * c(2) * d * m + router, inactive)
+        }
+        None => (zero, zero, zero, zero),
+    };
+    let dense_blocks = C(c(cfg.depth).0.zip(moe_blocks.0).and_then(|(a, b)| a.checked_sub(b)));
+    let blocks = dense_blocks * block + moe_blocks * moe_block;
     let final_norm = norm(d);
     let map_head = when(cfg.pool == Pool::Map, d + map_attn + norm(d) + mlp);
     let (pre_logits, feature) = match cfg.prelogits {
@@ -169,18 +192,21 @@ fn count(cfg: &ModelConfig) -> Option<ParamBreakdown> {
 
     let encoder = patch_embed + pos_embed + blocks + final_norm;
     let total = encoder + cls_token + map_head + pre_logits + classifier;
-    let matmul = c(cfg.depth) * (c(4) * d * d + c(2) * d * m);
+    let matmul = dense_blocks * (c(4) * d * d + c(2) * d * m) + moe_blocks * (c(4) * d * d + expert_matmul);
+    let active = C(total.0.zip(inactive.0).and_then(|(a, b)| a.checked_sub(b)));
     Some(ParamBreakdown {
         patch_embed: patch_embed.0?,
         pos_embed: pos_embed.0?,
         cls_token: cls_token.0?,
         block: block.0?,
+        moe_block: moe_block.0?,
+        moe_blocks: moe_blocks.0?,
         blocks: blocks.0?,
         final_norm: final_norm.0?,
         map_head: map_head.0?,
         pre_logits: pre_logits.0?,
         classifier: classifier.0?,
-        counts: ParamCounts { total: total.0?, encoder: encoder.0?, matmul: matmul.0? },
+        counts: ParamCounts { total: total.0?, encoder: encoder.0?, matmul: matmul.0?, active_per_token: active.0? },
     })
 }
 

@@ -172,7 +172,7 @@ fn backward_notify_names_each_gradient_once_when_it_is_final() {
         let mut g = p.zeros_like(DType::F32).unwrap();
         let mut seen: Vec<(String, Vec<f32>)> = Vec::new();
         model
-            .backward_notify(&p, &saved, &dout, &mut g, &mut |g, names| {
+            .backward_notify(&p, &saved, &dout, 1.0, &mut g, &mut |g, names| {
                 for n in names {
                     seen.push((n.clone(), g.get(n).unwrap().to_f32_vec().unwrap()));
                 }

@@ -255,3 +255,93 @@ fn param_shapes_list_every_parameter_without_allocating_them() {
     let listed: Vec<(String, Vec<usize>)> = p.iter().map(|(n, t)| (n.to_string(), t.dims().to_vec())).collect();
     assert_eq!(m.param_shapes().unwrap(), listed);
 }
+
+/// The V-MoE presets against reference §4 ("V-MoE MoE block = attention 4D²+4D + LNs 4D +
+/// E·(2DM+M+D) + router D·E"): class token (N+1 position embeddings), every-2, E = 32, k = 2.
+fn vmoe_total(d: u64, l: u64, m: u64, p: u64, classes: u64, e: u64, prelogits: Option<u64>) -> (u64, u64) {
+    let n = (224 / p) * (224 / p);
+    let mlp = 2 * d * m + m + d;
+    let dense = 4 * d * d + 2 * d * m + 9 * d + m;
+    let moe = 4 * d * d + 4 * d + 4 * d + e * mlp + d * e;
+    let moe_blocks = l / 2;
+    let mut total = (l - moe_blocks) * dense + moe_blocks * moe + p * p * 3 * d + d + (n + 1) * d + d + 2 * d;
+    let feature = match prelogits {
+        Some(w) => {
+            total += d * w + w;
+            w
+        }
+        None => d,
+    };
+    total += feature * classes + classes;
+    (total, total - moe_blocks * (e - 2) * mlp)
+}
+
+#[test]
+fn vmoe_15b_is_14_705_071_769() {
+    let c = counts(&preset("V-MoE-15B"));
+    assert_eq!(c.total, 14_705_071_769);
+    assert_eq!((c.total, c.active_per_token), vmoe_total(1408, 48, 6400, 14, 29_593, 32, None));
+    assert_eq!(c.active_per_token, 1_723_322_009);
+}
+
+#[test]
+fn vmoe_b16_with_32_experts_and_the_jft_head_is_978_974_835() {
+    let mut cfg = preset("V-MoE-B/16");
+    for s in ["moe.experts=32", "classes=18291", "prelogits=768"] {
+        cfg.set(s).unwrap();
+    }
+    assert_eq!(counts(&cfg).total, 978_974_835);
+    assert_eq!(round(counts(&cfg).total, 100_000), 9790); // 979.0M
+    let b = ParamBreakdown::of(&cfg).unwrap();
+    assert_eq!(b.moe_blocks, 6);
+    assert_eq!(b.moe_block, 4 * 768 * 768 + 8 * 768 + 32 * (2 * 768 * 3072 + 3072 + 768) + 768 * 32);
+    cfg.set("moe=none").unwrap();
+    let dense = counts(&cfg);
+    assert_eq!(dense.total, 100_455_027);
+    assert_eq!(dense.active_per_token, dense.total);
+}
+
+#[test]
+fn every_vmoe_preset_follows_the_moe_block_formula() {
+    for (name, d, l, m, p) in [
+        ("V-MoE-S/32", 384, 12, 1536, 32),
+        ("V-MoE-B/32", 768, 12, 3072, 32),
+        ("V-MoE-B/16", 768, 12, 3072, 16),
+        ("V-MoE-L/16", 1024, 24, 4096, 16),
+        ("V-MoE-H/14", 1280, 32, 5120, 14),
+    ] {
+        let cfg = preset(name);
+        assert_eq!(cfg.pool, vit_model::Pool::Tok, "{name}");
+        let moe = cfg.moe.clone().unwrap();
+        assert_eq!((moe.experts, moe.k, moe.capacity, moe.every, moe.bpr), (32, 2, 1.05, 2, true), "{name}");
+        let c = counts(&cfg);
+        assert_eq!((c.total, c.active_per_token), vmoe_total(d, l, m, p, 1000, 32, None), "{name}");
+        let b = ParamBreakdown::of(&cfg).unwrap();
+        let sum = b.patch_embed
+            + b.pos_embed
+            + b.cls_token
+            + b.blocks
+            + b.final_norm
+            + b.map_head
+            + b.pre_logits
+            + b.classifier;
+        assert_eq!(sum, c.total, "{name}: pieces");
+    }
+    // Spelling is case-insensitive; the presets are listed.
+    assert_eq!(preset("v-moe-b/16"), preset("V-MoE-B/16"));
+    assert!(ModelConfig::preset_names().contains(&"V-MoE-15B"));
+}
+
+#[test]
+fn vmoe_b16_flops_count_the_router_and_every_capacity_slot() {
+    let cfg = preset("V-MoE-B/16");
+    // 197 tokens, 8 images per group: capacity ceil(1576·2·1.05/32) = 104 → 32·104/8 = 416
+    // expert slots per image instead of 197 tokens through one MLP, plus the router.
+    let (d, m, n) = (768f64, 3072f64, 197f64);
+    let per_moe_block = 2.0 * n * d * 32.0 + 2.0 * (416.0 - n) * 2.0 * d * m;
+    let extra = cfg.forward_flops_per_image() - cfg.dense_forward_flops_per_image();
+    assert!((extra - 6.0 * per_moe_block).abs() < 1.0, "{extra}");
+    let mut dense = cfg.clone();
+    dense.moe = None;
+    assert_eq!(dense.forward_flops_per_image(), cfg.dense_forward_flops_per_image());
+}

@@ -7,7 +7,8 @@ use vit_tensor::{DType, Device};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A preset (Ti/16, S/16, S/32, B/16, B/32, L/16, H/14, g/14, G/14, e/14, 22B/14; `ViT-` optional) or `custom`.
+    /// A preset (Ti/16, S/16, S/32, B/16, B/32, L/16, H/14, g/14, G/14, e/14, 22B/14; `ViT-` optional;
+    /// V-MoE-S/32, V-MoE-B/32, V-MoE-B/16, V-MoE-L/16, V-MoE-H/14, V-MoE-15B) or `custom`.
     #[arg(long, default_value = "custom")]
     model: String,
     /// Override a config field, e.g. `--set pool=gap --set classes=10`.
@@ -16,8 +17,9 @@ pub struct Args {
     /// Also count this optimizer's state (bytes, with its default settings).
     #[arg(long, value_enum)]
     optimizer: Option<OptimizerKind>,
-    /// One JSON object with integer fields `total`, `encoder` and `matmul` (and
-    /// `optimizer_state_bytes` with `--optimizer`).
+    /// One JSON object with integer fields `total`, `encoder`, `matmul` and `active_per_token`,
+    /// `forward_flops_per_image` and `dense_forward_flops_per_image` (the model with dense MLPs
+    /// in place of MoE ones), and `optimizer_state_bytes` with `--optimizer`.
     #[arg(long)]
     json: bool,
 }
@@ -56,8 +58,15 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let c = b.counts;
     let opt_bytes = args.optimizer.map(|k| state_bytes(&cfg, k)).transpose()?;
     if args.json {
-        let mut j =
-            serde_json::json!({ "model": args.model, "total": c.total, "encoder": c.encoder, "matmul": c.matmul });
+        let mut j = serde_json::json!({
+            "model": args.model,
+            "total": c.total,
+            "encoder": c.encoder,
+            "matmul": c.matmul,
+            "active_per_token": c.active_per_token,
+            "forward_flops_per_image": cfg.forward_flops_per_image(),
+            "dense_forward_flops_per_image": cfg.dense_forward_flops_per_image(),
+        });
         if let Some(b) = opt_bytes {
             j["optimizer_state_bytes"] = b.into();
         }
@@ -79,6 +88,26 @@ pub fn run(args: Args) -> Result<(), CliError> {
     println!("  encoder  {}  patch + position embedding + blocks + final norm (Scaling ViT Table 2)", m(c.encoder));
     println!("  matmul   {}  block matmul weights only (ViT-22B's 12·L·D²)", m(c.matmul));
     println!("  per block {}", group(b.block));
+    if let Some(moe) = &cfg.moe {
+        println!(
+            "  MoE: {} experts, k = {}, C = {} in blocks {:?}; per MoE block {}",
+            moe.experts,
+            moe.k,
+            moe.capacity,
+            moe.moe_blocks(cfg.depth),
+            group(b.moe_block)
+        );
+        println!("  active   {}  per token (the k routed experts of each MoE layer)", m(c.active_per_token));
+    }
+    let gf = |f: f64| format!("{:.2} GFLOP", f / 1e9);
+    match &cfg.moe {
+        Some(_) => println!(
+            "  forward  {} per image ({} for the dense twin)",
+            gf(cfg.forward_flops_per_image()),
+            gf(cfg.dense_forward_flops_per_image())
+        ),
+        None => println!("  forward  {} per image", gf(cfg.forward_flops_per_image())),
+    }
     if let (Some(kind), Some(bytes)) = (args.optimizer, opt_bytes) {
         let ratio = bytes as f64 / (4.0 * c.total as f64);
         println!("  {kind:?} state: {} bytes ({ratio:.3}x the f32 parameter bytes)", group(bytes));

@@ -151,6 +151,11 @@ pub struct LoopSection {
     /// examples of every global batch, and their sum is all-reduced before the update.
     #[serde(default = "one")]
     pub world: usize,
+    /// Data parallel: size in MiB of the gradient buckets that are all-reduced on a
+    /// communication thread as soon as backward has produced them, overlapping the rest of
+    /// backward (default 25, PyTorch DDP's); 0 = one all-reduce after backward, not overlapped.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
     /// Evaluate on the test split every N steps (and at the end); 0 = only at the end.
     #[serde(default)]
     pub eval_every: u64,
@@ -194,6 +199,9 @@ pub struct LoopSection {
 
 fn one() -> usize {
     1
+}
+fn default_bucket_mb() -> f64 {
+    25.0
 }
 fn one_f32() -> f32 {
     1.0
@@ -382,6 +390,9 @@ impl TrainConfig {
                     t.grad_accum, t.batch_size
                 ),
             );
+        }
+        if !(t.bucket_mb >= 0.0 && t.bucket_mb.is_finite()) {
+            return bad("train.bucket_mb", t.bucket_mb.to_string(), "a size in MiB ≥ 0 (0: no buckets)");
         }
         if t.world > 1 && t.device.0 != vit_tensor::Device::Cpu {
             return bad(

@@ -6,6 +6,7 @@ pub mod bad_examples;
 pub mod config;
 pub mod data;
 pub mod data_check;
+pub mod moe_log;
 mod panics;
 pub mod plot;
 pub mod run_dir;
@@ -254,15 +255,44 @@ pub fn micro_batch_grads(
     batch: usize,
     grads: &mut ParamStore,
 ) -> Result<f64, TrainError> {
-    let (logits, saved) = model.forward(params, x)?;
+    micro_batch_grads_moe(model, params, x, t, loss, batch, None, grads, &mut |_, _| {})
+}
+
+/// [`micro_batch_grads`] with V-MoE training: MoE routers add noise from `moe`'s seed
+/// ([`moe_log::noise_seed`]), the auxiliary losses join the loss with the micro-batch's share
+/// of the batch, and the layers' statistics go into `moe`'s log. Without `moe`, MoE layers
+/// route without noise (a dense model is the same either way). `ready` is called as backward
+/// completes gradients ([`VisionTransformer::backward_notify`]).
+#[allow(clippy::too_many_arguments)]
+pub fn micro_batch_grads_moe(
+    model: &VisionTransformer,
+    params: &ParamStore,
+    x: &Tensor,
+    t: &Tensor,
+    loss: LossKind,
+    batch: usize,
+    moe: Option<(u64, &mut moe_log::MoeLog)>,
+    grads: &mut ParamStore,
+    ready: &mut dyn FnMut(&ParamStore, &[String]),
+) -> Result<f64, TrainError> {
+    let share = x.dims()[0] as f64 / batch as f64;
+    let (logits, saved) = match moe {
+        Some((seed, log)) => {
+            let (logits, saved) = model.forward_train(params, x, seed)?;
+            log.add(&saved, share);
+            (logits, saved)
+        }
+        None => model.forward(params, x)?,
+    };
     let dloss = Tensor::full(1.0 / batch as f32, [x.dims()[0]], DType::F32, x.device())?;
     let (losses, dlogits) = if loss == LossKind::Sigmoid {
         (ops::sigmoid_cross_entropy_fwd(&logits, t)?, ops::sigmoid_cross_entropy_bwd(&logits, t, &dloss)?)
     } else {
         ops::softmax_cross_entropy_fwd_bwd(&logits, t, &dloss)?
     };
-    let sum = ops::sum_all(&losses)?.to_scalar()? as f64;
-    model.backward(params, &saved, &dlogits, grads)?;
+    // The auxiliary loss (0 for a dense model) counts with this micro-batch's share of the batch.
+    let sum = ops::sum_all(&losses)?.to_scalar()? as f64 + saved.aux_loss() as f64 * x.dims()[0] as f64;
+    model.backward_notify(params, &saved, &dlogits, share as f32, grads, ready)?;
     Ok(sum)
 }
 
@@ -472,7 +502,9 @@ fn train_rank(
     // B/(N·accum).
     let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / (world * cfg.train.grad_accum));
     let test_loader = data.eval_loader(&data.test, batch)?;
+    let buckets = gradient_buckets(&params, world, cfg.train.bucket_mb)?;
     let shard = vit_data::loader::Shard { index: rank, count: world };
+    let first_row = shard.rows(batch).start;
     let mut stream = data.train_loader(batch, cfg.train.seed, shard)?.iter_from(first_step);
     let evaluate_test = |params: &ParamStore| {
         evaluate(&model, &compute_params(params, dtype)?, &test_loader, device, cfg.train.loss == LossKind::Sigmoid)
@@ -515,27 +547,55 @@ fn train_rank(
             let cp = compute_params(&params, dtype)?;
             let mut grads = params.zeros_like(DType::F32)?;
             let mut loss_sum = 0f64;
-            for (j, labels) in my_labels.chunks(micro).enumerate() {
-                let x = b.images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
-                let t_logits = match &teacher {
-                    Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
-                    None => None,
-                };
-                let t = targets(
-                    labels,
-                    mcfg.classes,
-                    cfg.train.label_smoothing,
-                    t_logits.as_ref().map(|l| (l, cfg.train.distill_weight)),
-                )?
-                .to_device(device)?;
-                loss_sum += micro_batch_grads(&model, &cp, &x, &t, cfg.train.loss, batch, &mut grads)?;
-            }
-            if world > 1 {
-                // The global batch's gradient and loss: the sum of every rank's part.
-                for i in 0..grads.buffers().len() {
-                    let summed = comm.all_reduce(grads.buffer(i), vit_collective::ReduceOp::Sum)?;
-                    *grads.buffer_mut(i) = summed;
+            let mut moe = moe_log::MoeLog::default();
+            // The micro-batches; with several ranks, the last one's backward hands its finished
+            // gradient buckets to a communication thread (or all is reduced after it).
+            let micro_batches = my_labels.chunks(micro).count();
+            std::thread::scope(|scope| -> Result<(), TrainError> {
+                let mut overlap = buckets.as_ref().map(|plan| {
+                    vit_collective::OverlappedAllReduce::start(scope, comm, plan, vit_collective::ReduceOp::Sum)
+                });
+                for (j, labels) in my_labels.chunks(micro).enumerate() {
+                    let x = b.images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
+                    let t_logits = match &teacher {
+                        Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
+                        None => None,
+                    };
+                    let t = targets(
+                        labels,
+                        mcfg.classes,
+                        cfg.train.label_smoothing,
+                        t_logits.as_ref().map(|l| (l, cfg.train.distill_weight)),
+                    )?
+                    .to_device(device)?;
+                    let seed = moe_log::noise_seed(cfg.train.seed, step, first_row + j * micro);
+                    let moe = Some((seed, &mut moe));
+                    let mut ready = |g: &ParamStore, names: &[String]| {
+                        if let (Some(o), true) = (overlap.as_mut(), j + 1 == micro_batches) {
+                            for n in names {
+                                if let Some(i) = g.position(n) {
+                                    o.ready(g.buffer(0), i);
+                                }
+                            }
+                        }
+                    };
+                    loss_sum +=
+                        micro_batch_grads_moe(&model, &cp, &x, &t, cfg.train.loss, batch, moe, &mut grads, &mut ready)?;
                 }
+                // The global batch's gradient: the sum of every rank's part.
+                match overlap {
+                    Some(o) => o.finish(grads.buffer_mut(0))?,
+                    None if world > 1 => {
+                        for i in 0..grads.buffers().len() {
+                            let summed = comm.all_reduce(grads.buffer(i), vit_collective::ReduceOp::Sum)?;
+                            *grads.buffer_mut(i) = summed;
+                        }
+                    }
+                    None => {}
+                }
+                Ok(())
+            })?;
+            if world > 1 {
                 // With the loss, how many bad examples the ranks' loaders met; their list only
                 // when there were some, so that every rank counts (and rank 0 lists) them all.
                 let l = Tensor::from_vec(vec![loss_sum as f32, b.bad.len() as f32], [2], Device::Cpu)?;
@@ -573,6 +633,7 @@ fn train_rank(
             if skip_bad {
                 line["bad_examples"] = bad_log.count().into();
             }
+            moe.write_into(&mut line);
             let eval_now = is_last || (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0);
             if eval_now && lead {
                 (test_acc, test_loss) = evaluate_test(&params)?;
@@ -631,6 +692,27 @@ fn train_rank(
     }
     let rate = trained as f64 / train_time.max(1e-9);
     write_summary(run, StopReason::Completed, total, last_loss, (test_acc, test_loss), rate, started)
+}
+
+/// The buckets of the overlapped gradient all-reduce of `world` ranks, over the gradients'
+/// one flat f32 buffer (the layout of `params.zeros_like(F32)`); `None` for one rank, for
+/// `bucket_mb = 0`, or when the gradients span several buffers (then all is reduced after
+/// backward).
+fn gradient_buckets(
+    params: &ParamStore,
+    world: usize,
+    bucket_mb: f64,
+) -> Result<Option<vit_collective::BucketPlan>, TrainError> {
+    let layout = params.zeros_like(DType::F32)?;
+    if world <= 1 || bucket_mb == 0.0 || layout.buffers().len() != 1 {
+        return Ok(None);
+    }
+    let ranges = layout
+        .names()
+        .map(|n| layout.placement(n).map(|p| p.offset..p.offset + p.numel))
+        .collect::<Result<Vec<_>, _>>()?;
+    let elems = (bucket_mb * (1 << 20) as f64 / 4.0).ceil() as usize;
+    Ok(Some(vit_collective::BucketPlan::new(&ranges, layout.buffer(0).numel(), elems)?))
 }
 
 /// The stop reason every rank agrees on: the most urgent any rank saw (a signal over `--stop-at`

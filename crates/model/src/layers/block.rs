@@ -8,6 +8,7 @@ use super::{
     init::{Fill, ParamSink},
     linear::Linear,
     mlp::{Mlp, MlpSaved},
+    moe::{mix_seed, MoeMlp, MoeSaved, MoeStats},
     norm::{Norm, NormSaved},
 };
 use crate::{BlockKind, ModelConfig, ParamStore, Result};
@@ -35,7 +36,8 @@ pub enum BlockSaved {
     Parallel(Box<ParallelSaved>),
 }
 
-/// `{prefix}.norm1`, `{prefix}.attn.{qkv,q_norm,k_norm,proj}`, `{prefix}.norm2`, `{prefix}.mlp` (timm's names).
+/// `{prefix}.norm1`, `{prefix}.attn.{qkv,q_norm,k_norm,proj}`, `{prefix}.norm2`, `{prefix}.mlp` (timm's names);
+/// `{prefix}.moe` instead of `{prefix}.mlp` in a V-MoE block.
 #[derive(Debug, Clone)]
 pub struct SequentialBlock {
     norm1: Norm,
@@ -43,7 +45,25 @@ pub struct SequentialBlock {
     core: HeadAttention,
     proj: Linear,
     norm2: Norm,
-    mlp: Mlp,
+    mlp: Ffn,
+}
+
+/// The feed-forward half of a sequential block: the dense MLP or a sparse MoE of MLPs.
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    /// Dense(M) → GELU → Dense(D).
+    Dense(Mlp),
+    /// V-MoE's mixture of experts.
+    Moe(Box<MoeMlp>),
+}
+
+/// The feed-forward half's activations.
+#[derive(Debug, Clone)]
+pub enum FfnSaved {
+    /// Of a dense MLP, `[B, T, M]`.
+    Dense(MlpSaved),
+    /// Of a MoE MLP.
+    Moe(Box<MoeSaved>),
 }
 
 /// Activations of a sequential block with input `x [B, T, D]` (T tokens, M = mlp_dim).
@@ -63,8 +83,8 @@ pub struct SequentialSaved {
     n2: Tensor,
     /// `norm2`'s statistics, `[B, T]`.
     s2: NormSaved,
-    /// The MLP's activations, `[B, T, M]`.
-    mlp: MlpSaved,
+    /// The MLP's (or MoE's) activations.
+    mlp: FfnSaved,
 }
 
 /// `{prefix}.in_norm`, `{prefix}.in_proj`, `{prefix}.mlp_bias` (without QKV bias),
@@ -111,6 +131,24 @@ pub(crate) fn gelu_of(cfg: &ModelConfig) -> Gelu {
     }
 }
 
+impl BlockSaved {
+    /// What a MoE block's forward measured; `None` for a dense block.
+    pub fn moe_stats(&self) -> Option<&MoeStats> {
+        match self {
+            BlockSaved::Sequential(s) => match &s.mlp {
+                FfnSaved::Moe(m) => Some(&m.stats),
+                FfnSaved::Dense(_) => None,
+            },
+            BlockSaved::Parallel(_) => None,
+        }
+    }
+}
+
+/// The router-noise seed of block `index` in a forward pass with noise seed `seed`.
+pub fn block_noise_seed(seed: u64, index: usize) -> u64 {
+    mix_seed(seed, index as u64)
+}
+
 impl Block {
     /// Block `index` of a model with config `cfg`.
     pub fn new(index: usize, cfg: &ModelConfig) -> Self {
@@ -130,7 +168,12 @@ impl Block {
                 core,
                 proj: Linear::new(&format!("{prefix}.attn.proj"), d, d, true),
                 norm2: Norm::new(&format!("{prefix}.norm2"), d, cfg.norm_bias),
-                mlp: Mlp::new(&format!("{prefix}.mlp"), d, m, gelu_of(cfg)),
+                mlp: match &cfg.moe {
+                    Some(moe) if moe.is_moe_block(index, cfg.depth) => {
+                        Ffn::Moe(Box::new(MoeMlp::new(&format!("{prefix}.moe"), d, m, moe, gelu_of(cfg))))
+                    }
+                    _ => Ffn::Dense(Mlp::new(&format!("{prefix}.mlp"), d, m, gelu_of(cfg))),
+                },
             }),
             BlockKind::Parallel => Block::Parallel(ParallelBlock {
                 in_norm: Norm::new(&format!("{prefix}.in_norm"), d, cfg.norm_bias),
@@ -169,14 +212,28 @@ impl Block {
             Block::Sequential(b) => {
                 b.proj.init_default(sink)?;
                 b.norm2.init(sink)?;
-                b.mlp.init(sink)
+                match &b.mlp {
+                    Ffn::Dense(mlp) => mlp.init(sink),
+                    Ffn::Moe(moe) => moe.init(sink),
+                }
             }
             Block::Parallel(b) => b.out_proj.init_default(sink),
         }
     }
 
-    /// `x [batch, tokens, D] -> [batch, tokens, D]`.
+    /// `x [batch, tokens, D] -> [batch, tokens, D]`, a MoE routed without noise (inference).
     pub fn forward(&self, p: &ParamStore, x: &Tensor) -> Result<(Tensor, BlockSaved)> {
+        self.forward_routed(p, x, None)
+    }
+
+    /// Whether the block's MLP is a mixture of experts.
+    pub fn is_moe(&self) -> bool {
+        matches!(self, Block::Sequential(b) if matches!(b.mlp, Ffn::Moe(_)))
+    }
+
+    /// [`Block::forward`] with router noise drawn from `noise_seed` in a MoE block (training;
+    /// `None`: no noise). Dense blocks ignore it.
+    pub fn forward_routed(&self, p: &ParamStore, x: &Tensor, noise_seed: Option<u64>) -> Result<(Tensor, BlockSaved)> {
         match self {
             Block::Sequential(b) => {
                 let (n1, s1) = b.norm1.forward(p, x)?;
@@ -184,7 +241,16 @@ impl Block {
                 let (merged, heads) = b.core.forward_packed(p, &qkv, 0)?;
                 let x1 = b.proj.forward_with(p, &merged, None, Some(x))?.y; // x + proj(merged), fused
                 let (n2, s2) = b.norm2.forward(p, &x1)?;
-                let (y, mlp) = b.mlp.forward_with(p, &n2, Some(&x1))?; // x1 + mlp(n2), fused
+                let (y, mlp) = match &b.mlp {
+                    Ffn::Dense(mlp) => {
+                        let (y, s) = mlp.forward_with(p, &n2, Some(&x1))?; // x1 + mlp(n2), fused
+                        (y, FfnSaved::Dense(s))
+                    }
+                    Ffn::Moe(moe) => {
+                        let (y, s) = moe.forward(p, &n2, noise_seed)?;
+                        (ops::add(&x1, &y)?, FfnSaved::Moe(Box::new(s)))
+                    }
+                };
                 let saved = SequentialSaved { n1, s1, heads, merged, x1, n2, s2, mlp };
                 Ok((y, BlockSaved::Sequential(Box::new(saved))))
             }
@@ -203,7 +269,8 @@ impl Block {
         }
     }
 
-    /// Accumulates parameter gradients; returns `dx`.
+    /// Accumulates parameter gradients; returns `dx`. A MoE block's auxiliary loss counts
+    /// with weight 1 (see [`Block::backward_scaled`]).
     pub fn backward(
         &self,
         p: &ParamStore,
@@ -212,9 +279,32 @@ impl Block {
         dy: &Tensor,
         g: &mut ParamStore,
     ) -> Result<Tensor> {
+        self.backward_scaled(p, x, saved, dy, 1.0, g)
+    }
+
+    /// [`Block::backward`] of a loss that holds a MoE block's auxiliary loss
+    /// ([`MoeStats::aux_loss`]) times `aux_scale`.
+    pub fn backward_scaled(
+        &self,
+        p: &ParamStore,
+        x: &Tensor,
+        saved: &BlockSaved,
+        dy: &Tensor,
+        aux_scale: f32,
+        g: &mut ParamStore,
+    ) -> Result<Tensor> {
         match (self, saved) {
             (Block::Sequential(b), BlockSaved::Sequential(s)) => {
-                let dn2 = b.mlp.backward(p, &s.n2, &s.mlp, dy, g)?;
+                let dn2 = match (&b.mlp, &s.mlp) {
+                    (Ffn::Dense(mlp), FfnSaved::Dense(ms)) => mlp.backward(p, &s.n2, ms, dy, g)?,
+                    (Ffn::Moe(moe), FfnSaved::Moe(ms)) => moe.backward(p, &s.n2, ms, dy, aux_scale, g)?,
+                    _ => {
+                        return Err(crate::ModelError::Param {
+                            name: "blocks".into(),
+                            msg: "saved activations are of the other MLP kind (dense or MoE)".into(),
+                        })
+                    }
+                };
                 // The residual stream's dy plus norm2's backward, in one op (likewise norm1's).
                 let dx1 = b.norm2.backward_add(p, &s.x1, &s.s2, &dn2, dy, g)?;
                 let dmerged = b.proj.backward(p, &s.merged, &dx1, g)?;

@@ -37,6 +37,19 @@ pub enum Fill {
         /// Output features.
         fan_out: usize,
     },
+    /// [`Fill::Xavier`] drawn once for one slice `dims[1..]` and repeated along the leading
+    /// axis: stacked experts that all start from the same initialisation (V-MoE).
+    XavierShared {
+        /// Input features of one slice.
+        fan_in: usize,
+        /// Output features of one slice.
+        fan_out: usize,
+    },
+    /// [`Fill::Normal`] drawn once for one slice `dims[1..]` and repeated along the leading axis.
+    NormalShared {
+        /// Standard deviation.
+        std: f32,
+    },
 }
 
 /// Where layers put their parameters: [`Initializer`] creates the tensors, [`ShapeList`] only
@@ -92,6 +105,20 @@ impl Init {
                 let limit = (6.0 / (fan_in + fan_out) as f32).sqrt();
                 Tensor::rand_uniform(dims.to_vec(), -limit, limit, seed, self.dtype, self.device)?
             }
+            Fill::XavierShared { fan_in, fan_out } => {
+                let one = self.tensor(name, dims.get(1..).unwrap_or(&[]), Fill::Xavier { fan_in, fan_out })?;
+                repeat_leading(&one, dims)?
+            }
+            Fill::NormalShared { std } => {
+                let one = self.tensor(name, dims.get(1..).unwrap_or(&[]), Fill::Normal { std })?;
+                repeat_leading(&one, dims)?
+            }
         })
     }
+}
+
+/// `one` (of shape `dims[1..]`) repeated `dims[0]` times along a new leading axis.
+fn repeat_leading(one: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    let n = dims.first().copied().unwrap_or(1);
+    Ok(vit_tensor::ops::broadcast(one, 0, n)?.reshape(dims.to_vec())?)
 }

@@ -9,8 +9,10 @@ pub mod heads;
 pub mod init;
 pub mod linear;
 pub mod mlp;
+pub mod moe;
 pub mod norm;
 pub mod pool;
+pub mod routing;
 
 pub use block::{Block, BlockSaved};
 pub use embed::{resample_posemb, sincos2d, EmbedSaved, Embedding};
@@ -18,5 +20,7 @@ pub use heads::{merge_heads, split_heads, HeadAttention, HeadSaved};
 pub use init::{Fill, Init, Initializer, ParamSink, ShapeList};
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpSaved};
+pub use moe::{MoeMlp, MoeSaved, MoeStats};
 pub use norm::{Norm, NormSaved, LAYER_NORM_EPS};
 pub use pool::{MapHead, PoolSaved, Pooling};
+pub use routing::GroupRoute;
