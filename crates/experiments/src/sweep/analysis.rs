@@ -127,7 +127,13 @@ fn best_per_x(records: &[Record], ys: &[f64], idx: &[usize], x: impl Fn(&Record)
         }
         let p = CurvePoint { run: records[i].name.clone(), x: xi, error: yi };
         // f64 bits of a non-negative x sort like the numbers.
-        best.entry(xi.to_bits()).and_modify(|b| if yi < b.error { *b = p.clone() }).or_insert(p);
+        best.entry(xi.to_bits())
+            .and_modify(|b| {
+                if yi < b.error {
+                    *b = p.clone()
+                }
+            })
+            .or_insert(p);
     }
     best.into_values().collect()
 }

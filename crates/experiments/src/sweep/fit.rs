@@ -249,17 +249,22 @@ fn fit_once(xs: &[f64], ys: &[f64], offset: Offset, extra_start: Option<&PowerLa
         starts.push(PowerLaw { a: l.a * s.powf(-l.b), b: l.b, c: l.c, d: l.d / s });
     }
     let mut best: Option<(f64, PowerLaw)> = None;
-    for start in starts {
-        let problem = Problem::new(&u, ys, offset, &start, y_scale, u_max);
-        let (problem, report) = LevenbergMarquardt::new().with_patience(200).minimize(problem);
-        if report.termination.was_usage_issue() {
-            continue;
-        }
-        let law = problem.law();
-        let ssr = problem.ssr();
+    let mut consider = |law: PowerLaw| {
+        let ssr = u.iter().zip(ys).map(|(&u, &y)| (law.eval(u) - y).powi(2)).sum::<f64>();
         let ok = ssr.is_finite() && [law.a, law.b, law.c, law.d].iter().all(|v| v.is_finite()) && law.a > 0.0;
         if ok && best.as_ref().is_none_or(|(b, _)| ssr < *b) {
             best = Some((ssr, law));
+        }
+    };
+    for start in starts {
+        // The start itself counts: where the least squares has no finite minimum (the best
+        // curve runs off to b, d → ∞, e.g. an error flat and then falling), the nonlinear fit
+        // ends non-finite and the best grid point is the answer.
+        consider(start);
+        let problem = Problem::new(&u, ys, offset, &start, y_scale, u_max);
+        let (problem, report) = LevenbergMarquardt::new().with_patience(200).minimize(problem);
+        if !report.termination.was_usage_issue() {
+            consider(problem.law());
         }
     }
     let (_, l) = best?;
@@ -283,8 +288,9 @@ fn grid_starts(u: &[f64], ys: &[f64], offset: Offset, u_max: f64) -> Vec<PowerLa
             let sgg = g.iter().map(|g| g * g).sum::<f64>();
             let sgy = g.iter().zip(ys).map(|(g, y)| g * y).sum::<f64>();
             let det = n * sgg - sg * sg;
-            let (mut a, mut c) = if det.abs() > 1e-300 { ((n * sgy - sg * sy) / det, (sgg * sy - sg * sgy) / det) } else { (0.0, 0.0) };
-            if !(c >= 0.0) {
+            let (mut a, mut c) =
+                if det.abs() > 1e-300 { ((n * sgy - sg * sy) / det, (sgg * sy - sg * sgy) / det) } else { (0.0, 0.0) };
+            if c.is_nan() || c < 0.0 {
                 (a, c) = (sgy / sgg, 0.0);
             }
             if !(a > 0.0 && a.is_finite()) {
@@ -322,11 +328,6 @@ impl<'a> Problem<'a> {
         let p = &self.p;
         let d = if p.len() == 4 { p[3] * p[3] } else { 0.0 };
         PowerLaw { a: p[0].exp(), b: p[1].exp(), c: p[2] * p[2], d }
-    }
-
-    fn ssr(&self) -> f64 {
-        let l = self.law();
-        self.u.iter().zip(self.y).map(|(&u, &y)| (l.eval(u) - y).powi(2)).sum()
     }
 }
 
@@ -371,8 +372,11 @@ impl LeastSquaresProblem<f64, Dyn, Dyn> for Problem<'_> {
 /// (at most the cost and a lower error), sorted by cost. Of points with equal cost and error,
 /// the first is kept. Points with a non-finite coordinate are never on it.
 pub fn pareto_frontier(points: &[(f64, f64)]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..points.len()).filter(|&i| points[i].0.is_finite() && points[i].1.is_finite()).collect();
-    order.sort_by(|&i, &j| points[i].0.total_cmp(&points[j].0).then(points[i].1.total_cmp(&points[j].1)).then(i.cmp(&j)));
+    let mut order: Vec<usize> =
+        (0..points.len()).filter(|&i| points[i].0.is_finite() && points[i].1.is_finite()).collect();
+    order.sort_by(|&i, &j| {
+        points[i].0.total_cmp(&points[j].0).then(points[i].1.total_cmp(&points[j].1)).then(i.cmp(&j))
+    });
     let mut best = f64::INFINITY;
     let mut out = Vec::new();
     for i in order {
@@ -437,7 +441,8 @@ mod tests {
             }
             let iv = fit.intervals.unwrap();
             assert!(iv.resamples >= 190, "seed {seed}: {} resamples", iv.resamples);
-            for (i, v, name) in [(iv.a, TRUTH.a, "a"), (iv.b, TRUTH.b, "b"), (iv.c, TRUTH.c, "c"), (iv.d, TRUTH.d, "d")] {
+            for (i, v, name) in [(iv.a, TRUTH.a, "a"), (iv.b, TRUTH.b, "b"), (iv.c, TRUTH.c, "c"), (iv.d, TRUTH.d, "d")]
+            {
                 assert!(i.contains(v), "seed {seed}: {name} = {v} outside [{}, {}]", i.low, i.high);
                 assert!(i.low < i.high, "seed {seed}: {name}: empty interval");
             }
@@ -527,8 +532,16 @@ mod tests {
         assert!(matches!(e, FitError::NotDecreasing { .. }), "{e}");
         let e = fit_power_law(&good, &FitOptions { confidence: 1.5, ..o }).unwrap_err().to_string();
         assert_eq!(e, "confidence = 1.5: expected a coverage in (0, 1)");
-        for e in [e] {
-            assert_eq!(e.lines().count(), 1);
+        // Every kind of message is one line.
+        let all = [
+            FitError::TooFewPoints { got: 1, need: 5, params: 4 },
+            FitError::BadPoint { index: 0, x: -1.0, y: 0.1 },
+            FitError::OneX { x: 1.0 },
+            FitError::NotDecreasing { slope: 0.1 },
+            FitError::NoFit { points: 5 },
+        ];
+        for e in all.iter().map(|e| e.to_string()).chain([e]) {
+            assert_eq!(e.lines().count(), 1, "{e}");
         }
     }
 

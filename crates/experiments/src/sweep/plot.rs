@@ -9,10 +9,8 @@ use std::path::Path;
 
 /// Writes `compute.svg`, `data.svg` and `model.svg` into `out`.
 pub fn plot_all(records: &[Record], analysis: &Analysis, out: &Path) -> Result<(), SweepError> {
-    let runs: Vec<(f64, f64)> = records
-        .iter()
-        .filter_map(|r| Some((r.train_flops, *r.metrics.get(&analysis.metric)?)))
-        .collect();
+    let runs: Vec<(f64, f64)> =
+        records.iter().filter_map(|r| Some((r.train_flops, *r.metrics.get(&analysis.metric)?))).collect();
     plot_curves(
         &out.join("compute.svg"),
         &format!("{} vs training compute", analysis.metric),
@@ -30,7 +28,13 @@ pub fn plot_all(records: &[Record], analysis: &Analysis, out: &Path) -> Result<(
             s.join(", ")
         }
     };
-    let data_x = analysis.data.first().map_or("images seen", |c| if c.x == "train_images" { "training images" } else { "images seen" });
+    let data_x = analysis.data.first().map_or("images seen", |c| {
+        if c.x == "train_images" {
+            "training images"
+        } else {
+            "images seen"
+        }
+    });
     plot_curves(
         &out.join("data.svg"),
         &format!("{} vs data, per model", analysis.metric),
@@ -84,22 +88,26 @@ fn plot_curves(
         .margin(12)
         .x_label_area_size(35)
         .y_label_area_size(55)
-        .build_cartesian_2d((x0 / 1.5..x1 * 1.5).log_scale(), (y0 / 1.2..y1 * 1.2).log_scale())
+        .build_cartesian_2d((floor10(x0 / 1.5)..x1 * 1.5).log_scale(), (floor10(y0 / 1.2)..y1 * 1.2).log_scale())
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
+        .x_labels(12)
+        .y_labels(12)
         .x_label_formatter(&|x| format!("{x:.0e}"))
         .y_label_formatter(&|y| format!("{y:.3}"))
         .draw()
         .map_err(|e| err(&e))?;
     let grey = RGBColor(160, 160, 160);
-    chart
-        .draw_series(background.iter().copied().filter(positive).map(|p| Circle::new(p, 3, grey.filled())))
-        .map_err(|e| err(&e))?
-        .label("every run")
-        .legend(move |(x, y)| Circle::new((x + 10, y), 3, grey.filled()));
+    if !background.is_empty() {
+        chart
+            .draw_series(background.iter().copied().filter(positive).map(|p| Circle::new(p, 3, grey.filled())))
+            .map_err(|e| err(&e))?
+            .label("every run")
+            .legend(move |(x, y)| Circle::new((x + 10, y), 3, grey.filled()));
+    }
     for (i, c) in curves.iter().enumerate() {
         let color = if curves.len() == 1 {
             RED
@@ -133,8 +141,15 @@ fn plot_curves(
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::LowerLeft)
         .draw()
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))
+}
+
+/// Just below the power of 10 at or below `v` (plotters labels a log axis from the first
+/// power of 10 in its range on, so every axis starts at one; "just below" so that rounding
+/// cannot put that power outside the range).
+fn floor10(v: f64) -> f64 {
+    10f64.powf(v.log10().floor()) * 0.999
 }

@@ -108,7 +108,8 @@ enum Start {
 /// `data.svg` and `model.svg` there. An interrupted or failed point is an error after those
 /// files are written from the finished points.
 pub fn run_sweep(sweep: &Sweep, out: &Path, opts: &SweepOptions) -> Result<SweepReport, SweepError> {
-    let io = |what: &str, p: &Path, e: &dyn std::fmt::Display| SweepError::Io(format!("cannot {what} {}: {e}", p.display()));
+    let io =
+        |what: &str, p: &Path, e: &dyn std::fmt::Display| SweepError::Io(format!("cannot {what} {}: {e}", p.display()));
     std::fs::create_dir_all(out).map_err(|e| io("create", out, &e))?;
     if opts.jobs == 0 {
         return Err(SweepError::File("--jobs 0: expected at least one job".into()));
@@ -117,10 +118,11 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, opts: &SweepOptions) -> Result<Sweep
     let mut starts = Vec::with_capacity(sweep.points.len());
     for p in &sweep.points {
         let dir = out.join(&p.name);
-        let want = p.config.resolved().and_then(|c| c.to_toml()).map_err(|e| SweepError::Point {
-            name: p.name.clone(),
-            msg: e.to_string(),
-        })?;
+        let want = p
+            .config
+            .resolved()
+            .and_then(|c| c.to_toml())
+            .map_err(|e| SweepError::Point { name: p.name.clone(), msg: e.to_string() })?;
         let cfg_path = dir.join("config.toml");
         let start = if !cfg_path.exists() {
             Start::Fresh
@@ -295,7 +297,8 @@ fn summary_completed(dir: &Path) -> bool {
 /// The record of the finished point `p` from its run directory.
 fn record(p: &crate::sweep::Point, dir: &Path) -> Result<Record, SweepError> {
     let path = dir.join("summary.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| SweepError::Io(format!("cannot read {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| SweepError::Io(format!("cannot read {}: {e}", path.display())))?;
     let summary: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| SweepError::Io(format!("{}: {e}", path.display())))?;
     let mut metrics = BTreeMap::new();

@@ -132,11 +132,10 @@ impl Sweep {
     /// sweep file first, then in the current directory.
     pub fn from_file(path: &Path) -> Result<Self, SweepError> {
         let text = std::fs::read_to_string(path).map_err(|e| SweepError::File(format!("{}: {e}", path.display())))?;
-        Self::from_toml(&text, path.parent().unwrap_or(Path::new(".")))
-            .map_err(|e| match e {
-                SweepError::File(m) => SweepError::File(format!("{}: {m}", path.display())),
-                other => other,
-            })
+        Self::from_toml(&text, path.parent().unwrap_or(Path::new("."))).map_err(|e| match e {
+            SweepError::File(m) => SweepError::File(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 
     /// Parses sweep TOML (`dir`: where a relative `base` is looked up first) and validates
@@ -183,7 +182,10 @@ impl Sweep {
             let values = match values {
                 toml::Value::Array(v) if !v.is_empty() => v.clone(),
                 toml::Value::Array(_) => {
-                    return Err(SweepError::Axis { key: key.clone(), msg: "empty list: expected at least one value".into() })
+                    return Err(SweepError::Axis {
+                        key: key.clone(),
+                        msg: "empty list: expected at least one value".into(),
+                    })
                 }
                 other => {
                     return Err(SweepError::Axis {
