@@ -27,6 +27,7 @@ pub mod faults;
 pub mod folder;
 pub mod idx;
 pub mod loader;
+pub mod mixup;
 pub mod randaug;
 #[cfg(test)]
 mod testutil;
