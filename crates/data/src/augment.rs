@@ -119,6 +119,15 @@ fn half() -> f64 {
 fn f255() -> f32 {
     255.0
 }
+fn two() -> usize {
+    2
+}
+fn default_translate() -> f64 {
+    100.0
+}
+fn default_cutout() -> f64 {
+    40.0
+}
 
 /// One preprocessing op. Serialised as a table tagged by `op` (snake_case variant name).
 /// Values are whatever the previous op left (0..=255 straight from the dataset); sizes are in
@@ -182,6 +191,22 @@ pub enum Transform {
     /// Repeats the one channel of a grey image three times (an RGB image passes unchanged).
     #[serde(alias = "gray_to_rgb")]
     GreyToRgb,
+    /// RandAugment as big_vision's `randaug(num_layers, magnitude)`: `num_layers` ops drawn
+    /// uniformly from 16 (colour, contrast, rotate, shear, translate, cutout, ...; the table is
+    /// in [`crate::randaug`]) at level `magnitude` (0–10; "Better plain ViT baselines" uses
+    /// `randaug(2, 10)`). On 0..=255 values: put it before `value_range`. `translate` and
+    /// `cutout` are the pixel sizes at level 10 (big_vision's 100 and 40 for 224-pixel images;
+    /// scale them for small ones).
+    #[serde(alias = "rand_augment", alias = "randaugment")]
+    Randaug {
+        #[serde(default = "two")]
+        num_layers: usize,
+        magnitude: f64,
+        #[serde(default = "default_translate")]
+        translate: f64,
+        #[serde(default = "default_cutout")]
+        cutout: f64,
+    },
 }
 
 impl Transform {
@@ -197,6 +222,7 @@ impl Transform {
             Transform::ValueRange { .. } => "value_range",
             Transform::Normalize { .. } => "normalize",
             Transform::GreyToRgb => "grey_to_rgb",
+            Transform::Randaug { .. } => "randaug",
         }
     }
 
@@ -259,6 +285,18 @@ impl Transform {
                 }
             }
             Transform::GreyToRgb => {}
+            Transform::Randaug { magnitude, translate, cutout, .. } => {
+                if !(0.0..=30.0).contains(magnitude) {
+                    return Err(self.err(format!(
+                        "magnitude must be a level in [0, 30] (10 is big_vision's strongest), got {magnitude}"
+                    )));
+                }
+                if !(*translate >= 0.0 && translate.is_finite() && *cutout >= 0.0 && cutout.is_finite()) {
+                    return Err(
+                        self.err(format!("translate and cutout must be pixel sizes ≥ 0, got {translate} and {cutout}"))
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -343,6 +381,15 @@ impl Transform {
                 }),
                 c => Err(self.err(format!("expected a 1-channel (grey) or 3-channel image, got {c} channels"))),
             },
+            Transform::Randaug { num_layers, magnitude, translate, cutout } => {
+                let ra = crate::randaug::RandAugment {
+                    num_layers: *num_layers,
+                    magnitude: *magnitude,
+                    translate: *translate,
+                    cutout: *cutout,
+                };
+                Ok(ra.apply(img, rng))
+            }
         }
     }
 }

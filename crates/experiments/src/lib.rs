@@ -1,4 +1,5 @@
 //! `vit-experiments`: the `vit` tool's building blocks, usable from other trainers too.
 
 pub mod fewshot;
+pub mod sweep;
 pub mod train;

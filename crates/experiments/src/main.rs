@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Train a model from a recipe (default: a small ViT on the bundled Fashion-MNIST subset).
     Train(commands::train::Args),
+    /// A grid of training runs with scaling-law fits and plots (`vit sweep --config sweep.toml`).
+    Sweep(commands::sweep::Args),
     /// Top-1 accuracy and loss of a checkpoint on a test split.
     Eval(commands::eval::Args),
     /// Few-shot linear evaluation of a checkpoint's frozen features (1, 5, 10, 25 shots).
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => commands::train::run(a),
+        Command::Sweep(a) => commands::sweep::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Fewshot(a) => commands::fewshot::run(a),
         Command::Params(a) => commands::params::run(a),

@@ -9,6 +9,7 @@ pub mod eval;
 pub mod fewshot;
 pub mod params;
 pub mod predict;
+pub mod sweep;
 pub mod train;
 
 /// Errors of the `vit` tool: each wraps a crate's error, whose message already names the
@@ -26,6 +27,9 @@ pub enum CliError {
     /// Boxed: training errors carry whole parameter diffs.
     #[error(transparent)]
     Train(Box<vit_experiments::train::TrainError>),
+    /// Boxed like `Train`.
+    #[error(transparent)]
+    Sweep(Box<vit_experiments::sweep::SweepError>),
     /// A command-line argument that does not fit (the message names it and what was expected).
     #[error("{0}")]
     Usage(String),
@@ -34,13 +38,23 @@ pub enum CliError {
 impl CliError {
     /// True when training stopped on a signal or `--stop-at` after saving a checkpoint.
     pub fn interrupted(&self) -> bool {
-        matches!(self, CliError::Train(e) if matches!(**e, vit_experiments::train::TrainError::Interrupted { .. }))
+        match self {
+            CliError::Train(e) => matches!(**e, vit_experiments::train::TrainError::Interrupted { .. }),
+            CliError::Sweep(e) => matches!(**e, vit_experiments::sweep::SweepError::Interrupted { .. }),
+            _ => false,
+        }
     }
 }
 
 impl From<vit_experiments::train::TrainError> for CliError {
     fn from(e: vit_experiments::train::TrainError) -> Self {
         CliError::Train(Box::new(e))
+    }
+}
+
+impl From<vit_experiments::sweep::SweepError> for CliError {
+    fn from(e: vit_experiments::sweep::SweepError) -> Self {
+        CliError::Sweep(Box::new(e))
     }
 }
 

@@ -53,6 +53,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         resume: args.resume.is_some(),
         stop_at: args.stop_at,
         progress_bar: std::io::stdout().is_terminal(),
+        quiet: false,
     };
     let s = train::train(&cfg, &run, &opts)?;
     if !s.lead {

@@ -121,6 +121,8 @@ pub struct RunOptions {
     pub stop_at: Option<u64>,
     /// Show a progress bar (on a terminal) instead of a line per log step.
     pub progress_bar: bool,
+    /// Print no line per log step (a caller that reports runs itself, such as `vit sweep`).
+    pub quiet: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -648,7 +650,7 @@ fn train_rank(
                 );
                 match &bar {
                     Some(b) => b.set_message(msg),
-                    None if !lead => {}
+                    None if !lead || opts.quiet => {}
                     None => println!(
                         "step {done}/{total} {msg} lr {:.2e} {:.1} img/s",
                         info.lr,
