@@ -63,6 +63,38 @@ fn overlapped_buckets_give_the_bits_of_one_all_reduce_after_backward() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("train.bucket_mb = -1: expected a size in MiB ≥ 0"));
 }
 
+/// ZeRO-1 (`train.sharding = "optimizer"`): each rank updates its share of the parameters with
+/// its share of the optimizer state; the run follows world 1, its checkpoints hold the whole
+/// state (gathered), and it resumes unsharded on one rank and sharded on four.
+#[test]
+fn optimizer_sharding_follows_one_rank_and_resumes_across_world_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one = tmp.path().join("one");
+    let o = train(&one, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let zero = ["--set", "train.sharding=optimizer"];
+    for n in ["2", "4"] {
+        let dir = tmp.path().join(format!("zero{n}"));
+        let o = train(&dir, &[&["--world", n][..], &zero[..]].concat());
+        assert!(o.status.success(), "world {n}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_losses_close(&one, &dir, 20, &format!("ZeRO-1 on {n} ranks vs world 1"));
+    }
+    // Sharded on 2 ranks to step 10, resumed on one rank (the checkpoint holds the whole state).
+    let moved = tmp.path().join("moved");
+    let o = train(&moved, &[&["--world", "2", "--stop-at", "10"][..], &zero[..]].concat());
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = vit(&["train", "--resume", moved.to_str().unwrap(), "--world", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_losses_close(&one, &moved, 20, "ZeRO-1 world 2 to step 10, then world 1");
+    // Unsharded on one rank to step 10, resumed sharded on four.
+    let back = tmp.path().join("back");
+    let o = train(&back, &["--stop-at", "10"]);
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = vit(&["train", "--resume", back.to_str().unwrap(), "--world", "4", "--set", "train.sharding=optimizer"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_losses_close(&one, &back, 20, "world 1 to step 10, then ZeRO-1 on 4 ranks");
+}
+
 #[test]
 fn a_world_that_does_not_divide_the_batch_is_a_config_error() {
     let tmp = tempfile::tempdir().unwrap();

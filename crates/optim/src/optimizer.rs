@@ -682,8 +682,26 @@ fn count_tensor(count: u64) -> Result<Tensor, OptimError> {
     Ok(Tensor::from_vec(vec![count as u32, (count >> 32) as u32], [2], Device::Cpu)?)
 }
 
-impl Optimizer for OptimizerChain {
-    fn step(&mut self, params: &mut ParamStore, grads: &ParamStore) -> Result<StepInfo, OptimError> {
+impl OptimizerChain {
+    /// [`Optimizer::step`] of one shard of a model whose other parameters other ranks update
+    /// (ZeRO-1): `global_sum_of_squares` turns this shard's sum of squared trainable gradients
+    /// into the whole model's (an all-reduce), so that clipping and the reported norm are the
+    /// whole model's.
+    pub fn step_shard(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &ParamStore,
+        global_sum_of_squares: &mut dyn FnMut(f64) -> Result<f64, OptimError>,
+    ) -> Result<StepInfo, OptimError> {
+        self.step_with(params, grads, global_sum_of_squares)
+    }
+
+    fn step_with(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &ParamStore,
+        global_sum_of_squares: &mut dyn FnMut(f64) -> Result<f64, OptimError>,
+    ) -> Result<StepInfo, OptimError> {
         let gs = self.check_inputs(params, grads)?;
         let t = self.count;
 
@@ -714,7 +732,7 @@ impl Optimizer for OptimizerChain {
             let g: Vec<&Tensor> = list.iter().filter_map(|&i| on_device[i].as_ref()).collect();
             sq += fused::sum_of_squares(&g)?;
         }
-        let grad_norm = sq.sqrt();
+        let grad_norm = global_sum_of_squares(sq)?.sqrt();
         if !grad_norm.is_finite() {
             return Err(OptimError::NonFinite { name: culprit(&self.slots, &gs), norm: grad_norm, step: t });
         }
@@ -763,6 +781,12 @@ impl Optimizer for OptimizerChain {
         }
         self.count += 1;
         Ok(StepInfo { step: t, grad_norm, clipped: clip.is_some(), schedule, lr: lr * schedule })
+    }
+}
+
+impl Optimizer for OptimizerChain {
+    fn step(&mut self, params: &mut ParamStore, grads: &ParamStore) -> Result<StepInfo, OptimError> {
+        self.step_with(params, grads, &mut Ok)
     }
 
     fn count(&self) -> u64 {

@@ -156,6 +156,12 @@ pub struct LoopSection {
     /// backward (default 25, PyTorch DDP's); 0 = one all-reduce after backward, not overlapped.
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
+    /// Data parallel: what ranks shard. `none` (default): every rank holds and updates all
+    /// parameters and optimizer state; `optimizer` (ZeRO-1): each rank keeps the optimizer state
+    /// of about 1/N of the parameters and updates those alone (gradients reduce-scattered,
+    /// parameters all-gathered).
+    #[serde(default)]
+    pub sharding: Sharding,
     /// Evaluate on the test split every N steps (and at the end); 0 = only at the end.
     #[serde(default)]
     pub eval_every: u64,
@@ -200,6 +206,17 @@ pub struct LoopSection {
 fn one() -> usize {
     1
 }
+/// `train.sharding`: what data-parallel ranks split among themselves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharding {
+    /// Nothing: every rank holds everything.
+    #[default]
+    None,
+    /// The optimizer state (ZeRO-1).
+    Optimizer,
+}
+
 fn default_bucket_mb() -> f64 {
     25.0
 }

@@ -10,6 +10,7 @@ pub mod moe_log;
 mod panics;
 pub mod plot;
 pub mod run_dir;
+pub mod zero;
 
 use config::{DecayKind, LossKind, OptimizerName, TrainConfig};
 use run_dir::RunDir;
@@ -20,8 +21,8 @@ use std::{
 use vit_data::Loader;
 use vit_model::{checkpoint, layers::resample_posemb, Checkpoint, ModelConfig, ParamStore, VisionTransformer};
 use vit_optim::{
-    AdamWConfig, Algorithm, Decay, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups,
-    Schedule, SgdConfig,
+    AdamWConfig, Algorithm, Decay, FactoredAdamConfig, OptimizerChain, OptimizerConfig, ParamGroups, Schedule,
+    SgdConfig,
 };
 use vit_tensor::{ops, DType, Device, Tensor};
 
@@ -458,7 +459,22 @@ fn train_rank(
         );
         bad_log.record(0, &data.bad_at_start)?;
     }
-    let mut opt = OptimizerChain::new(optimizer_config(cfg, total, &params)?, &params)?;
+    let opt_cfg = optimizer_config(cfg, total, &params)?;
+    let sharded = world > 1 && cfg.train.sharding == config::Sharding::Optimizer;
+    let mut opt = if sharded {
+        zero::Updater::Sharded(zero::ShardedOptimizer::new(opt_cfg, &params, rank, world)?)
+    } else {
+        zero::Updater::Replicated(OptimizerChain::new(opt_cfg, &params)?)
+    };
+    if world > 1 && lead {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        println!(
+            "data parallel: {world} ranks, sharding {}: parameters {:.1} MiB and optimizer state {:.1} MiB on rank 0",
+            if sharded { "optimizer (ZeRO-1)" } else { "none" },
+            mib(params.numel() as u64 * 4),
+            mib(opt.state_bytes())
+        );
+    }
     let first_step = match &start {
         Some((step, ckpt)) => {
             let state = ckpt
@@ -479,12 +495,15 @@ fn train_rank(
         None => None,
     };
 
-    let save = |params: &ParamStore, opt: &OptimizerChain, step: u64| -> Result<(), TrainError> {
+    // Checkpoints hold the whole (unsharded) state: a sharded optimizer's is gathered to rank 0
+    // first, by every rank.
+    let save = |params: &ParamStore, opt: &zero::Updater, step: u64| -> Result<(), TrainError> {
+        let state = opt.state(comm)?;
         if !run.writes() {
             return Ok(());
         }
         let mut ckpt = Checkpoint::new(mcfg.clone(), params.clone());
-        ckpt.optimizer = Some(opt.state()?);
+        ckpt.optimizer = state;
         ckpt.step = step;
         ckpt.metadata.insert("seed".into(), cfg.train.seed.to_string());
         checkpoint::save_checkpoint(run.file(&format!("step-{step}.safetensors")), &ckpt)?;
@@ -504,7 +523,8 @@ fn train_rank(
     // B/(N·accum).
     let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / (world * cfg.train.grad_accum));
     let test_loader = data.eval_loader(&data.test, batch)?;
-    let buckets = gradient_buckets(&params, world, cfg.train.bucket_mb)?;
+    // Sharded, each rank reduce-scatters its gradients in the update instead.
+    let buckets = if sharded { None } else { gradient_buckets(&params, world, cfg.train.bucket_mb)? };
     let shard = vit_data::loader::Shard { index: rank, count: world };
     let first_row = shard.rows(batch).start;
     let mut stream = data.train_loader(batch, cfg.train.seed, shard)?.iter_from(first_step);
@@ -587,7 +607,7 @@ fn train_rank(
                 // The global batch's gradient: the sum of every rank's part.
                 match overlap {
                     Some(o) => o.finish(grads.buffer_mut(0))?,
-                    None if world > 1 => {
+                    None if world > 1 && !sharded => {
                         for i in 0..grads.buffers().len() {
                             let summed = comm.all_reduce(grads.buffer(i), vit_collective::ReduceOp::Sum)?;
                             *grads.buffer_mut(i) = summed;
@@ -616,7 +636,7 @@ fn train_rank(
             drop(cp);
             // A failure inside the update may leave parameters half written: no save then.
             torn = true;
-            let info = opt.step(&mut params, &grads)?;
+            let info = opt.step(comm, &mut params, &grads)?;
             torn = false;
             completed = step + 1;
             train_time += t0.elapsed().as_secs_f64();
@@ -678,6 +698,10 @@ fn train_rank(
         let rate = trained as f64 / train_time.max(1e-9);
         let keep = KeepState { completed, first_step, saved: last_saved, torn };
         return Err(keep_state_after_error(error, keep, &params, run, |step| {
+            if opt.is_sharded() {
+                // Gathering needs every rank, and the others may be anywhere after one's error.
+                return Err(TrainError::Io("the optimizer state is sharded over the ranks (train.sharding = \"optimizer\") and is not gathered after an error".into()));
+            }
             save(&params, &opt, step)?;
             write_summary(run, StopReason::Error, step, last_loss, (test_acc, test_loss), rate, started)?;
             Ok(())
