@@ -51,8 +51,8 @@ fn partition(layout: &[(String, usize, usize)], len: usize, world: usize) -> Vec
     let mut cuts = vec![0];
     let mut filled = 0;
     for (_, offset, n) in layout {
-        // A parameter starts a new part once the parts so far hold their share.
-        while cuts.len() < world && filled >= cuts.len() * total / world && *offset > *cuts.last().unwrap() {
+        // A parameter starts a new part when its middle lies past the current part's share.
+        if cuts.len() < world && filled + n / 2 > cuts.len() * total / world && *offset > *cuts.last().unwrap() {
             cuts.push(*offset);
         }
         filled += n;
@@ -278,7 +278,7 @@ mod tests {
         assert_eq!(partition(&l, len, 4), vec![0..112, 112..224, 224..336, 336..448]);
         // More ranks than parameters: the last parts are empty.
         let (l, len) = lay(&[10, 500]);
-        assert_eq!(partition(&l, len, 3), vec![0..16, 16..512, 512..512]);
+        assert_eq!(partition(&l, len, 3), vec![0..16, 16..528, 528..528]);
         assert_eq!(partition(&l, len, 1), vec![0..len]);
     }
 }
