@@ -76,6 +76,10 @@ pub struct DataSection {
     /// stops (default 0.001).
     #[serde(default = "default_max_bad_fraction")]
     pub max_bad_fraction: f64,
+    /// Mixup of the whole global batch's images and targets (`mixup = { p = 0.2 }`, big_vision's
+    /// `config.mixup`); absent = none. See `train::mixup`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixup: Option<crate::train::mixup::MixupConfig>,
 }
 
 fn default_max_bad_fraction() -> f64 {
@@ -373,6 +377,9 @@ impl TrainConfig {
         let f = self.data.max_bad_fraction;
         if !(0.0..=1.0).contains(&f) {
             return bad("data.max_bad_fraction", f.to_string(), "a fraction in [0, 1]");
+        }
+        if let Some(m) = &self.data.mixup {
+            m.validate()?;
         }
         let t = &self.train;
         if t.batch_size == 0 {

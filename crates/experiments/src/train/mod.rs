@@ -6,6 +6,7 @@ pub mod bad_examples;
 pub mod config;
 pub mod data;
 pub mod data_check;
+pub mod mixup;
 pub mod moe_log;
 mod panics;
 pub mod plot;
@@ -229,19 +230,22 @@ fn targets(
 ) -> Result<Tensor, TrainError> {
     // one_hot names any label outside 0..classes (a test split with more classes than the model).
     let onehot = ops::one_hot(&Tensor::from_vec(labels.to_vec(), [labels.len()], Device::Cpu)?, classes, DType::F32)?;
-    let mut t = if smoothing > 0.0 {
+    let t = if smoothing > 0.0 {
         let uniform = Tensor::full(smoothing / classes as f32, onehot.shape().clone(), DType::F32, Device::Cpu)?;
         ops::add(&ops::scale(&onehot, 1.0 - smoothing)?, &uniform)?
     } else {
         onehot
     };
-    if let Some((logits, w)) = teacher {
-        // KL(teacher ‖ student) has the gradient of cross-entropy against the teacher's
-        // probabilities; cross-entropy is linear in the targets, so the two losses mix there.
-        let p = ops::softmax_fwd(&logits.cast(DType::F32)?.to_device(Device::Cpu)?)?;
-        t = ops::add(&ops::scale(&t, 1.0 - w)?, &ops::scale(&p, w)?)?;
-    }
-    Ok(t)
+    with_teacher(t, teacher)
+}
+
+/// Targets `t` `[B, K]` (CPU) mixed with a teacher's softmax of `logits` `[B, K]` by weight `w`.
+fn with_teacher(t: Tensor, teacher: Option<(&Tensor, f32)>) -> Result<Tensor, TrainError> {
+    let Some((logits, w)) = teacher else { return Ok(t) };
+    // KL(teacher ‖ student) has the gradient of cross-entropy against the teacher's
+    // probabilities; cross-entropy is linear in the targets, so the two losses mix there.
+    let p = ops::softmax_fwd(&logits.cast(DType::F32)?.to_device(Device::Cpu)?)?;
+    Ok(ops::add(&ops::scale(&t, 1.0 - w)?, &ops::scale(&p, w)?)?)
 }
 
 /// Forward and backward of one micro-batch: `x` `[micro, C, H, W]` in the compute dtype and
@@ -546,6 +550,15 @@ fn train_rank(
                 panic!("injected fault: train_panic_at_step={step}");
             }
             let my_labels = b.labels.to_vec::<i32>()?;
+            // data.mixup: the whole global batch is mixed before micro-batches and ranks split it.
+            let mixed = match &cfg.data.mixup {
+                Some(m) => {
+                    let t = targets(&my_labels, mcfg.classes, cfg.train.label_smoothing, None)?;
+                    Some(mixup::mix_global_batch(m, &b.images, &t, cfg.train.seed, step, comm)?)
+                }
+                None => None,
+            };
+            let images = mixed.as_ref().map_or(&b.images, |(x, _)| x);
             let cp = compute_params(&params, dtype)?;
             let mut grads = params.zeros_like(DType::F32)?;
             let mut loss_sum = 0f64;
@@ -558,17 +571,16 @@ fn train_rank(
                     vit_collective::OverlappedAllReduce::start(scope, comm, plan, vit_collective::ReduceOp::Sum)
                 });
                 for (j, labels) in my_labels.chunks(micro).enumerate() {
-                    let x = b.images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
+                    let x = images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
                     let t_logits = match &teacher {
                         Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
                         None => None,
                     };
-                    let t = targets(
-                        labels,
-                        mcfg.classes,
-                        cfg.train.label_smoothing,
-                        t_logits.as_ref().map(|l| (l, cfg.train.distill_weight)),
-                    )?
+                    let teach = t_logits.as_ref().map(|l| (l, cfg.train.distill_weight));
+                    let t = match &mixed {
+                        Some((_, mt)) => with_teacher(mt.narrow(j * micro, labels.len())?, teach)?,
+                        None => targets(labels, mcfg.classes, cfg.train.label_smoothing, teach)?,
+                    }
                     .to_device(device)?;
                     let seed = moe_log::noise_seed(cfg.train.seed, step, first_row + j * micro);
                     let moe = Some((seed, &mut moe));
