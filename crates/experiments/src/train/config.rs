@@ -20,6 +20,10 @@ pub struct TrainConfig {
     pub optimizer: OptimizerSection,
     pub schedule: ScheduleSection,
     pub train: LoopSection,
+    /// `[[evals]]`: evaluations during training (`train::evals`); `train.eval_every` adds the
+    /// test split's classification when no entry evaluates it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evals: Vec<crate::train::evals::EvalEntry>,
 }
 
 /// `[model]`: `preset` plus field overrides (`width = 64`, `pool = "gap"`, ...).
@@ -443,6 +447,7 @@ impl TrainConfig {
                 "\"idx\", \"cifar10\", \"cifar100\" or \"folder\"",
             );
         }
+        crate::train::evals::validate(self)?;
         self.model_config()?;
         Ok(())
     }

@@ -6,6 +6,7 @@ pub mod bad_examples;
 pub mod config;
 pub mod data;
 pub mod data_check;
+pub mod evals;
 pub mod mixup;
 pub mod moe_log;
 mod panics;
@@ -104,6 +105,8 @@ pub struct Summary {
     pub train_loss: f64,
     pub test_accuracy: f64,
     pub test_loss: f64,
+    /// The newest result of every `[[evals]]` metric: `name → metric → value`.
+    pub eval: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
     /// Training images per second (evaluation and checkpoint time excluded).
     pub images_per_second: f64,
     pub wall_seconds: f64,
@@ -507,14 +510,11 @@ fn train_rank(
     // Each rank's loader makes rows rank·B/N.. of every global batch, in micro-batches of
     // B/(N·accum).
     let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / (world * cfg.train.grad_accum));
-    let test_loader = data.eval_loader(&data.test, batch)?;
+    let mut evaluator = evals::Evaluator::new(cfg, &data, batch, device)?;
     let buckets = gradient_buckets(&params, world, cfg.train.bucket_mb)?;
     let shard = vit_data::loader::Shard { index: rank, count: world };
     let first_row = shard.rows(batch).start;
     let mut stream = data.train_loader(batch, cfg.train.seed, shard)?.iter_from(first_step);
-    let evaluate_test = |params: &ParamStore| {
-        evaluate(&model, &compute_params(params, dtype)?, &test_loader, device, cfg.train.loss == LossKind::Sigmoid)
-    };
     let (mut train_time, mut trained) = (0f64, 0u64);
     let mut last_loss = f64::NAN;
     let (mut test_acc, mut test_loss) = (f64::NAN, f64::NAN);
@@ -536,7 +536,7 @@ fn train_rank(
                 b.abandon();
             }
             let rate = trained as f64 / train_time.max(1e-9);
-            write_summary(run, reason, step, last_loss, (test_acc, test_loss), rate, started)?;
+            write_summary(run, reason, step, last_loss, (test_acc, test_loss), evaluator.latest(), rate, started)?;
             return Err(TrainError::Interrupted { step, dir: run.path.display().to_string(), reason });
         }
         let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), TrainError> {
@@ -648,11 +648,12 @@ fn train_rank(
                 line["bad_examples"] = bad_log.count().into();
             }
             moe.write_into(&mut line);
-            let eval_now = is_last || (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0);
+            let eval_now = evaluator.due(done, is_last);
             if eval_now && lead {
-                (test_acc, test_loss) = evaluate_test(&params)?;
-                line["test_accuracy"] = test_acc.into();
-                line["test_loss"] = test_loss.into();
+                let cp = compute_params(&params, dtype)?;
+                if let Some(t) = evaluator.run(&model, &cp, done, is_last, &mut line)? {
+                    (test_acc, test_loss) = t;
+                }
             }
             if eval_now || done % cfg.train.log_every.max(1) == 0 {
                 run.log_metrics(&line)?;
@@ -691,7 +692,8 @@ fn train_rank(
         let keep = KeepState { completed, first_step, saved: last_saved, torn };
         return Err(keep_state_after_error(error, keep, &params, run, |step| {
             save(&params, &opt, step)?;
-            write_summary(run, StopReason::Error, step, last_loss, (test_acc, test_loss), rate, started)?;
+            let evals = evaluator.latest();
+            write_summary(run, StopReason::Error, step, last_loss, (test_acc, test_loss), evals, rate, started)?;
             Ok(())
         }));
     }
@@ -699,13 +701,17 @@ fn train_rank(
         b.finish();
     }
     if first_step == total && lead {
-        (test_acc, test_loss) = evaluate_test(&params)?;
+        let mut line = serde_json::json!({});
+        if let Some(t) = evaluator.run(&model, &compute_params(&params, dtype)?, total, true, &mut line)? {
+            (test_acc, test_loss) = t;
+        }
     }
     if run.writes() {
         plot::plot_curves(&run.read_metrics()?, &run.file("curves.svg"))?;
     }
     let rate = trained as f64 / train_time.max(1e-9);
-    write_summary(run, StopReason::Completed, total, last_loss, (test_acc, test_loss), rate, started)
+    let evals = evaluator.latest();
+    write_summary(run, StopReason::Completed, total, last_loss, (test_acc, test_loss), evals, rate, started)
 }
 
 /// The buckets of the overlapped gradient all-reduce of `world` ranks, over the gradients'
@@ -802,13 +808,16 @@ fn params_finite(params: &ParamStore) -> bool {
 }
 
 /// Writes and returns the summary of a run that stopped after `steps` steps for `reason`;
-/// `test` is the last evaluation's (accuracy, loss), `rate` the training images per second.
+/// `test` is the last evaluation's (accuracy, loss), `evals` every `[[evals]]` metric's newest
+/// value, `rate` the training images per second.
+#[allow(clippy::too_many_arguments)]
 fn write_summary(
     run: &RunDir,
     reason: StopReason,
     steps: u64,
     train_loss: f64,
     test: (f64, f64),
+    evals: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
     rate: f64,
     started: Instant,
 ) -> Result<Summary, TrainError> {
@@ -818,6 +827,7 @@ fn write_summary(
         train_loss,
         test_accuracy: test.0,
         test_loss: test.1,
+        eval: evals.clone(),
         images_per_second: rate,
         wall_seconds: started.elapsed().as_secs_f64(),
         lead: run.writes(),
