@@ -320,6 +320,23 @@ mod tests {
         assert_eq!((all[0].name.as_str(), all[0].every), ("val", 7));
     }
 
+    /// configs/vit-s16-i1k.toml is "Better plain ViT baselines" (Beyer et al. 2022).
+    #[test]
+    fn the_s16_i1k_recipe_is_the_better_plain_vit_baseline() {
+        let cfg = TrainConfig::from_toml(include_str!("../../../../configs/vit-s16-i1k.toml"), &[]).unwrap();
+        let m = cfg.model_config().unwrap();
+        assert_eq!((m.width, m.depth, m.patch, m.classes), (384, 12, 16, 1000));
+        assert_eq!((m.pool, m.posemb), (vit_model::Pool::Gap, vit_model::PosEmb::Sincos2d));
+        assert_eq!((cfg.train.batch_size, cfg.train.epochs), (1024, Some(90.0)));
+        assert_eq!(cfg.data.mixup.as_ref().map(|m| m.p), Some(0.2));
+        assert!(cfg.data.augment.iter().any(|t| matches!(
+            t,
+            vit_data::Transform::Randaug { num_layers: 2, magnitude, .. } if *magnitude == 10.0
+        )));
+        let all = super::entries(&cfg);
+        assert_eq!((all.len(), all[0].name.as_str(), all[0].every), (1, "val", 2500));
+    }
+
     #[test]
     fn bad_entries_are_one_line_errors_naming_the_entry_and_the_key() {
         let entry = |body: &str| format!("[[evals]]\n{body}\n");
