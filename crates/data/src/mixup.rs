@@ -4,7 +4,8 @@
 //! for the targets. "Better plain ViT baselines" uses `p = 0.2`.
 //!
 //! A batch op, not a per-image [`crate::Transform`]: it needs the batch and its targets. The
-//! trainer does not call it yet (its targets are built from labels inside the step).
+//! `vit` trainer applies it to the whole global batch with `data.mixup = { p = 0.2 }`
+//! (`vit_experiments::train::mixup`).
 
 use crate::{augment::Rng, DataError};
 

@@ -72,12 +72,27 @@ pub fn fewshot_accuracy(
     if let Some((class, have)) = per_class.iter().map(Vec::len).enumerate().find(|&(_, n)| n < shots) {
         return Err(FewShotError::TooFewExamples { class, have, shots });
     }
-    let chosen: Vec<usize> = per_class.concat();
+    ridge_accuracy(train, &per_class.concat(), test, classes)
+}
+
+/// Test accuracy in [0, 1] of the ridge classifier (big_vision's linear probe on frozen
+/// features: standardised, a bias column, `L2_REG`) fitted on every training example.
+pub fn linear_probe_accuracy(train: Features, test: Features, classes: usize) -> Result<f64, FewShotError> {
+    let n_train = train.check(classes)?;
+    test.check(classes)?;
+    if test.dim != train.dim {
+        return Err(FewShotError::Shape { len: test.x.len(), count: test.labels.len(), dim: train.dim });
+    }
+    ridge_accuracy(train, &(0..n_train).collect::<Vec<_>>(), test, classes)
+}
+
+/// The test accuracy of the ridge classifier fitted on the `chosen` training rows.
+fn ridge_accuracy(train: Features, chosen: &[usize], test: Features, classes: usize) -> Result<f64, FewShotError> {
     let d = train.dim;
     let rows = |idx: &[usize]| -> Vec<Vec<f64>> {
         idx.iter().map(|&i| train.x[i * d..(i + 1) * d].iter().map(|&v| v as f64).collect()).collect()
     };
-    let mut x = rows(&chosen);
+    let mut x = rows(chosen);
     let n = x.len();
     let mean: Vec<f64> = (0..d).map(|j| x.iter().map(|r| r[j]).sum::<f64>() / n as f64).collect();
     let std: Vec<f64> =
@@ -199,6 +214,21 @@ mod tests {
             y.push(c as i32);
         }
         (x, y)
+    }
+
+    #[test]
+    fn the_linear_probe_fits_every_training_example() {
+        let (xtr, ytr) = clusters(4, 8, 25, 1);
+        let (xte, yte) = clusters(4, 8, 20, 2);
+        let train = Features { x: &xtr, labels: &ytr, dim: 8 };
+        let test = Features { x: &xte, labels: &yte, dim: 8 };
+        let acc = linear_probe_accuracy(train, test, 4).unwrap();
+        assert!(acc > 0.9, "accuracy {acc}");
+        // Labels that no longer match the features: chance, not the clusters' accuracy.
+        let shuffled: Vec<i32> = (0..yte.len()).map(|i| ((i * 7 / 3) % 4) as i32).collect();
+        let wrong = linear_probe_accuracy(train, Features { labels: &shuffled, ..test }, 4).unwrap();
+        assert!(wrong < 0.6, "accuracy against unrelated labels {wrong}");
+        assert!(linear_probe_accuracy(train, test, 3).unwrap_err().to_string().contains("outside 0..3"));
     }
 
     /// The few-shot sample is a function of the seed alone: pinned first picks of the

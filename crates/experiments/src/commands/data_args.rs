@@ -91,6 +91,7 @@ impl DataArgs {
                 eval_augment: Vec::new(),
                 on_bad_example: Default::default(),
                 max_bad_fraction: 0.001,
+                mixup: None,
             },
             None => {
                 let cfg =

@@ -20,6 +20,10 @@ pub struct TrainConfig {
     pub optimizer: OptimizerSection,
     pub schedule: ScheduleSection,
     pub train: LoopSection,
+    /// `[[evals]]`: evaluations during training (`train::evals`); `train.eval_every` adds the
+    /// test split's classification when no entry evaluates it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evals: Vec<crate::train::evals::EvalEntry>,
 }
 
 /// `[model]`: `preset` plus field overrides (`width = 64`, `pool = "gap"`, ...).
@@ -76,6 +80,10 @@ pub struct DataSection {
     /// stops (default 0.001).
     #[serde(default = "default_max_bad_fraction")]
     pub max_bad_fraction: f64,
+    /// Mixup of the whole global batch's images and targets (`mixup = { p = 0.2 }`, big_vision's
+    /// `config.mixup`); absent = none. See `train::mixup`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixup: Option<crate::train::mixup::MixupConfig>,
 }
 
 fn default_max_bad_fraction() -> f64 {
@@ -391,6 +399,9 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&f) {
             return bad("data.max_bad_fraction", f.to_string(), "a fraction in [0, 1]");
         }
+        if let Some(m) = &self.data.mixup {
+            m.validate()?;
+        }
         let t = &self.train;
         if t.batch_size == 0 {
             return bad("train.batch_size", t.batch_size.to_string(), "a positive number of images");
@@ -453,6 +464,7 @@ impl TrainConfig {
                 "\"idx\", \"cifar10\", \"cifar100\" or \"folder\"",
             );
         }
+        crate::train::evals::validate(self)?;
         self.model_config()?;
         Ok(())
     }

@@ -6,6 +6,8 @@ pub mod bad_examples;
 pub mod config;
 pub mod data;
 pub mod data_check;
+pub mod evals;
+pub mod mixup;
 pub mod moe_log;
 mod panics;
 pub mod plot;
@@ -104,6 +106,8 @@ pub struct Summary {
     pub train_loss: f64,
     pub test_accuracy: f64,
     pub test_loss: f64,
+    /// The newest result of every `[[evals]]` metric: `name → metric → value`.
+    pub eval: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
     /// Training images per second (evaluation and checkpoint time excluded).
     pub images_per_second: f64,
     pub wall_seconds: f64,
@@ -230,19 +234,22 @@ fn targets(
 ) -> Result<Tensor, TrainError> {
     // one_hot names any label outside 0..classes (a test split with more classes than the model).
     let onehot = ops::one_hot(&Tensor::from_vec(labels.to_vec(), [labels.len()], Device::Cpu)?, classes, DType::F32)?;
-    let mut t = if smoothing > 0.0 {
+    let t = if smoothing > 0.0 {
         let uniform = Tensor::full(smoothing / classes as f32, onehot.shape().clone(), DType::F32, Device::Cpu)?;
         ops::add(&ops::scale(&onehot, 1.0 - smoothing)?, &uniform)?
     } else {
         onehot
     };
-    if let Some((logits, w)) = teacher {
-        // KL(teacher ‖ student) has the gradient of cross-entropy against the teacher's
-        // probabilities; cross-entropy is linear in the targets, so the two losses mix there.
-        let p = ops::softmax_fwd(&logits.cast(DType::F32)?.to_device(Device::Cpu)?)?;
-        t = ops::add(&ops::scale(&t, 1.0 - w)?, &ops::scale(&p, w)?)?;
-    }
-    Ok(t)
+    with_teacher(t, teacher)
+}
+
+/// Targets `t` `[B, K]` (CPU) mixed with a teacher's softmax of `logits` `[B, K]` by weight `w`.
+fn with_teacher(t: Tensor, teacher: Option<(&Tensor, f32)>) -> Result<Tensor, TrainError> {
+    let Some((logits, w)) = teacher else { return Ok(t) };
+    // KL(teacher ‖ student) has the gradient of cross-entropy against the teacher's
+    // probabilities; cross-entropy is linear in the targets, so the two losses mix there.
+    let p = ops::softmax_fwd(&logits.cast(DType::F32)?.to_device(Device::Cpu)?)?;
+    Ok(ops::add(&ops::scale(&t, 1.0 - w)?, &ops::scale(&p, w)?)?)
 }
 
 /// Forward and backward of one micro-batch: `x` `[micro, C, H, W]` in the compute dtype and
@@ -522,15 +529,12 @@ fn train_rank(
     // Each rank's loader makes rows rank·B/N.. of every global batch, in micro-batches of
     // B/(N·accum).
     let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / (world * cfg.train.grad_accum));
-    let test_loader = data.eval_loader(&data.test, batch)?;
+    let mut evaluator = evals::Evaluator::new(cfg, &data, batch, device)?;
     // Sharded, each rank reduce-scatters its gradients in the update instead.
     let buckets = if sharded { None } else { gradient_buckets(&params, world, cfg.train.bucket_mb)? };
     let shard = vit_data::loader::Shard { index: rank, count: world };
     let first_row = shard.rows(batch).start;
     let mut stream = data.train_loader(batch, cfg.train.seed, shard)?.iter_from(first_step);
-    let evaluate_test = |params: &ParamStore| {
-        evaluate(&model, &compute_params(params, dtype)?, &test_loader, device, cfg.train.loss == LossKind::Sigmoid)
-    };
     let (mut train_time, mut trained) = (0f64, 0u64);
     let mut last_loss = f64::NAN;
     let (mut test_acc, mut test_loss) = (f64::NAN, f64::NAN);
@@ -552,7 +556,7 @@ fn train_rank(
                 b.abandon();
             }
             let rate = trained as f64 / train_time.max(1e-9);
-            write_summary(run, reason, step, last_loss, (test_acc, test_loss), rate, started)?;
+            write_summary(run, reason, step, last_loss, (test_acc, test_loss), evaluator.latest(), rate, started)?;
             return Err(TrainError::Interrupted { step, dir: run.path.display().to_string(), reason });
         }
         let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), TrainError> {
@@ -566,6 +570,15 @@ fn train_rank(
                 panic!("injected fault: train_panic_at_step={step}");
             }
             let my_labels = b.labels.to_vec::<i32>()?;
+            // data.mixup: the whole global batch is mixed before micro-batches and ranks split it.
+            let mixed = match &cfg.data.mixup {
+                Some(m) => {
+                    let t = targets(&my_labels, mcfg.classes, cfg.train.label_smoothing, None)?;
+                    Some(mixup::mix_global_batch(m, &b.images, &t, cfg.train.seed, step, comm)?)
+                }
+                None => None,
+            };
+            let images = mixed.as_ref().map_or(&b.images, |(x, _)| x);
             let cp = compute_params(&params, dtype)?;
             let mut grads = params.zeros_like(DType::F32)?;
             let mut loss_sum = 0f64;
@@ -578,17 +591,16 @@ fn train_rank(
                     vit_collective::OverlappedAllReduce::start(scope, comm, plan, vit_collective::ReduceOp::Sum)
                 });
                 for (j, labels) in my_labels.chunks(micro).enumerate() {
-                    let x = b.images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
+                    let x = images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
                     let t_logits = match &teacher {
                         Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
                         None => None,
                     };
-                    let t = targets(
-                        labels,
-                        mcfg.classes,
-                        cfg.train.label_smoothing,
-                        t_logits.as_ref().map(|l| (l, cfg.train.distill_weight)),
-                    )?
+                    let teach = t_logits.as_ref().map(|l| (l, cfg.train.distill_weight));
+                    let t = match &mixed {
+                        Some((_, mt)) => with_teacher(mt.narrow(j * micro, labels.len())?, teach)?,
+                        None => targets(labels, mcfg.classes, cfg.train.label_smoothing, teach)?,
+                    }
                     .to_device(device)?;
                     let seed = moe_log::noise_seed(cfg.train.seed, step, first_row + j * micro);
                     let moe = Some((seed, &mut moe));
@@ -656,11 +668,12 @@ fn train_rank(
                 line["bad_examples"] = bad_log.count().into();
             }
             moe.write_into(&mut line);
-            let eval_now = is_last || (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0);
+            let eval_now = evaluator.due(done, is_last);
             if eval_now && lead {
-                (test_acc, test_loss) = evaluate_test(&params)?;
-                line["test_accuracy"] = test_acc.into();
-                line["test_loss"] = test_loss.into();
+                let cp = compute_params(&params, dtype)?;
+                if let Some(t) = evaluator.run(&model, &cp, done, is_last, &mut line)? {
+                    (test_acc, test_loss) = t;
+                }
             }
             if eval_now || done % cfg.train.log_every.max(1) == 0 {
                 run.log_metrics(&line)?;
@@ -703,7 +716,8 @@ fn train_rank(
                 return Err(TrainError::Io("the optimizer state is sharded over the ranks (train.sharding = \"optimizer\") and is not gathered after an error".into()));
             }
             save(&params, &opt, step)?;
-            write_summary(run, StopReason::Error, step, last_loss, (test_acc, test_loss), rate, started)?;
+            let evals = evaluator.latest();
+            write_summary(run, StopReason::Error, step, last_loss, (test_acc, test_loss), evals, rate, started)?;
             Ok(())
         }));
     }
@@ -711,13 +725,17 @@ fn train_rank(
         b.finish();
     }
     if first_step == total && lead {
-        (test_acc, test_loss) = evaluate_test(&params)?;
+        let mut line = serde_json::json!({});
+        if let Some(t) = evaluator.run(&model, &compute_params(&params, dtype)?, total, true, &mut line)? {
+            (test_acc, test_loss) = t;
+        }
     }
     if run.writes() {
         plot::plot_curves(&run.read_metrics()?, &run.file("curves.svg"))?;
     }
     let rate = trained as f64 / train_time.max(1e-9);
-    write_summary(run, StopReason::Completed, total, last_loss, (test_acc, test_loss), rate, started)
+    let evals = evaluator.latest();
+    write_summary(run, StopReason::Completed, total, last_loss, (test_acc, test_loss), evals, rate, started)
 }
 
 /// The buckets of the overlapped gradient all-reduce of `world` ranks, over the gradients'
@@ -814,13 +832,16 @@ fn params_finite(params: &ParamStore) -> bool {
 }
 
 /// Writes and returns the summary of a run that stopped after `steps` steps for `reason`;
-/// `test` is the last evaluation's (accuracy, loss), `rate` the training images per second.
+/// `test` is the last evaluation's (accuracy, loss), `evals` every `[[evals]]` metric's newest
+/// value, `rate` the training images per second.
+#[allow(clippy::too_many_arguments)]
 fn write_summary(
     run: &RunDir,
     reason: StopReason,
     steps: u64,
     train_loss: f64,
     test: (f64, f64),
+    evals: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
     rate: f64,
     started: Instant,
 ) -> Result<Summary, TrainError> {
@@ -830,6 +851,7 @@ fn write_summary(
         train_loss,
         test_accuracy: test.0,
         test_loss: test.1,
+        eval: evals.clone(),
         images_per_second: rate,
         wall_seconds: started.elapsed().as_secs_f64(),
         lead: run.writes(),
