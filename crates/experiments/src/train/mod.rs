@@ -6,6 +6,7 @@ pub mod bad_examples;
 pub mod config;
 pub mod data;
 pub mod data_check;
+pub mod moe_eval;
 pub mod moe_log;
 mod panics;
 pub mod plot;
