@@ -12,6 +12,10 @@ use crate::{
 };
 use vit_tensor::{ops, DType, Device, Tensor};
 
+/// What each MoE block's routing measured in one forward pass: `(block index, stats)`, by
+/// ascending block.
+pub type MoeBlockStats = Vec<(usize, MoeStats)>;
+
 /// A Vision Transformer: the layer descriptions of one config. Parameters live in a
 /// [`ParamStore`] made by [`VisionTransformer::init_params`] (or loaded from a checkpoint).
 #[derive(Debug, Clone)]
@@ -204,7 +208,7 @@ impl VisionTransformer {
     /// `(features [batch, F], logits [batch, classes], MoE statistics)` without keeping
     /// activations for backward: what each MoE block's routing measured (block index, stats;
     /// empty for a dense model), for inference-time capacity sweeps (`vit eval --sweep`).
-    pub fn predict_routed(&self, p: &ParamStore, images: &Tensor) -> Result<(Tensor, Tensor, Vec<(usize, MoeStats)>)> {
+    pub fn predict_routed(&self, p: &ParamStore, images: &Tensor) -> Result<(Tensor, Tensor, MoeBlockStats)> {
         let (mut x, _) = self.embed.forward(p, images)?;
         let mut moe = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
