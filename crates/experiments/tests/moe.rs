@@ -149,3 +149,104 @@ fn strip_speed(line: &str) -> String {
     v.as_object_mut().unwrap().remove("images_per_second");
     v.to_string()
 }
+
+/// `vit eval --json` of `ckpt` with `extra` arguments.
+fn eval_json(ckpt: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["eval", "--checkpoint", ckpt, "--json"];
+    args.extend(extra);
+    json(&args)
+}
+
+/// A failing `vit eval` of `ckpt` with `extra`: exit code 1 and its one-line error.
+fn eval_err(ckpt: &str, extra: &[&str]) -> String {
+    let mut args = vec!["eval", "--checkpoint", ckpt];
+    args.extend(extra);
+    let out = vit(&args);
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(out.status.code(), Some(1), "vit {args:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    err
+}
+
+#[test]
+fn eval_changes_the_routing_knobs_at_inference_and_sweeps_capacity_with_bpr_and_vanilla() {
+    let tmp = tempfile::Builder::new().prefix("vitrs-moe-eval-test-").tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args = vec!["train", "--out", run.to_str().unwrap()];
+    args.extend(TINY);
+    run_ok(&args);
+    let ckpt = run.join("step-12.safetensors");
+    let ckpt = ckpt.to_str().unwrap();
+
+    // The checkpoint's own knobs, then changed ones: they reach the model (the echo and the
+    // dropped share follow them).
+    let base = eval_json(ckpt, &[]);
+    assert_eq!(base["moe"], serde_json::json!({ "capacity": 0.8, "k": 2, "group_size": 4, "bpr": true }), "{base}");
+    let base_dropped = base["dropped"]["1"].as_f64().unwrap();
+    assert!(base_dropped > 0.0 && base_dropped < 1.0, "C = 0.8 drops some assignments: {base}");
+    assert_eq!(base["dropped"].as_object().unwrap().len(), 1, "one MoE block: {base}");
+    let changed = eval_json(ckpt, &["--set", "model.moe.capacity=0.5", "--set", "model.moe.k=1"]);
+    assert_eq!(changed["moe"], serde_json::json!({ "capacity": 0.5, "k": 1, "group_size": 4, "bpr": true }));
+    assert!(changed["accuracy"].as_f64().unwrap() >= 0.0 && changed["loss"].as_f64().unwrap().is_finite());
+    let roomy = eval_json(ckpt, &["--set", "moe.capacity=2"]);
+    assert_eq!(roomy["dropped"]["1"].as_f64(), Some(0.0), "C = E/k leaves room for every token: {roomy}");
+    assert_ne!(roomy["loss"], base["loss"], "the capacity changed nothing: {roomy} vs {base}");
+
+    // Bad knobs: one line naming the key and what was expected.
+    let err = eval_err(ckpt, &["--set", "model.moe.k=5"]);
+    assert!(err.contains("moe.k = 5: expected 1 to moe.experts (4)"), "{err}");
+    let err = eval_err(ckpt, &["--set", "model.moe.capacity=0"]);
+    assert!(err.contains("moe.capacity") && err.contains("positive"), "{err}");
+    let err = eval_err(ckpt, &["--set", "model.moe.capacity=lots"]);
+    assert!(err.contains("moe.capacity") && err.contains("lots"), "{err}");
+    let err = eval_err(ckpt, &["--set", "model.width=64"]);
+    assert!(err.contains("model.width: not an inference knob") && err.contains("model.moe.capacity"), "{err}");
+    let err = eval_err(ckpt, &["--sweep", "model.moe.bpr=true,false"]);
+    assert!(err.contains("model.moe.bpr"), "{err}");
+    let err = eval_err(ckpt, &["--sweep", "model.moe.capacity=0.5,-1"]);
+    assert!(err.contains("moe.capacity = -1"), "{err}");
+
+    // The sweep: one row per value, BPR and vanilla side by side.
+    let caps = ["0.25", "0.5", "0.75", "1.0", "1.25", "2.0"];
+    let s = eval_json(ckpt, &["--sweep", &format!("model.moe.capacity={}", caps.join(","))]);
+    assert_eq!(s["key"], "model.moe.capacity");
+    let rows = s["rows"].as_array().unwrap();
+    assert_eq!(rows.iter().map(|r| r["value"].as_str().unwrap()).collect::<Vec<_>>(), caps);
+    let dropped = |r: &serde_json::Value, col: &str| r[col]["dropped"]["1"].as_f64().unwrap();
+    for (row, next) in rows.iter().zip(&rows[1..]) {
+        for col in ["bpr", "vanilla"] {
+            // With one MoE layer the routing choices do not depend on the capacity: an expert
+            // with n assignments drops max(0, n − capacity) of them, whatever the order.
+            assert!(dropped(next, col) <= dropped(row, col), "more capacity dropped more: {row} {next}");
+        }
+    }
+    for row in rows {
+        assert_eq!(dropped(row, "bpr"), dropped(row, "vanilla"), "the order changes which, not how many: {row}");
+        for col in ["bpr", "vanilla"] {
+            let a = row[col]["accuracy"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&a) && row[col]["loss"].as_f64().unwrap().is_finite(), "{row}");
+        }
+    }
+    assert!(dropped(&rows[0], "bpr") > 0.3, "C = 0.25 drops most assignments: {}", rows[0]);
+    // Nothing dropped: the experts see the same tokens under either order, bit for bit.
+    let last = rows.last().unwrap();
+    assert_eq!(dropped(last, "bpr"), 0.0);
+    assert_eq!(last["bpr"]["accuracy"], last["vanilla"]["accuracy"]);
+    assert_eq!(last["bpr"]["loss"], last["vanilla"]["loss"], "{last}");
+    // Where something is dropped, BPR and vanilla route differently.
+    assert_ne!(rows[0]["bpr"]["loss"], rows[0]["vanilla"]["loss"], "{}", rows[0]);
+    // And --set of the checkpoint's own value reproduces the sweep's row.
+    let one = eval_json(ckpt, &["--set", "model.moe.capacity=0.5", "--set", "model.moe.bpr=false"]);
+    assert_eq!(one["loss"], rows[1]["vanilla"]["loss"]);
+
+    // The text table: a header and one row per capacity with both columns.
+    let out = run_ok(&["eval", "--checkpoint", ckpt, "--sweep", "model.moe.capacity=0.25,1.0,2.0"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(lines[1].contains("BPR top-1") && lines[1].contains("vanilla top-1"), "{text}");
+    for (line, cap) in lines[2..].iter().zip(["0.25", "1.0", "2.0"]) {
+        assert_eq!(line.split_whitespace().next(), Some(cap), "{text}");
+        assert_eq!(line.split_whitespace().count(), 7, "{text}");
+    }
+}

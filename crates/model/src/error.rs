@@ -174,6 +174,9 @@ pub enum ModelError {
     /// An error from a tensor op.
     #[error(transparent)]
     Tensor(#[from] vit_tensor::Error),
+    /// A collective of expert parallelism failed (a rank left, mismatched buffers).
+    #[error(transparent)]
+    Collective(#[from] vit_collective::Error),
 }
 
 /// Result alias for `vit-model`.

@@ -51,7 +51,7 @@ pub mod params;
 pub use checkpoint::{load_checkpoint, load_params_into, save_checkpoint, Checkpoint};
 pub use config::{BlockKind, Gelu, ModelConfig, Pool, PosEmb, KEYS};
 pub use error::{ModelError, Result};
-pub use model::{ForwardSaved, VisionTransformer};
+pub use model::{ForwardSaved, MoeBlockStats, VisionTransformer};
 pub use moe_config::{MoeConfig, MOE_KEYS};
 pub use params::{ParamBreakdown, ParamCounts};
 pub use vit_tensor::{ParamDiff, ParamStore};

@@ -12,6 +12,10 @@ use crate::{
 };
 use vit_tensor::{ops, DType, Device, Tensor};
 
+/// What each MoE block's routing measured in one forward pass: `(block index, stats)`, by
+/// ascending block.
+pub type MoeBlockStats = Vec<(usize, MoeStats)>;
+
 /// A Vision Transformer: the layer descriptions of one config. Parameters live in a
 /// [`ParamStore`] made by [`VisionTransformer::init_params`] (or loaded from a checkpoint).
 #[derive(Debug, Clone)]
@@ -197,9 +201,22 @@ impl VisionTransformer {
 
     /// `(features [batch, F], logits)` without keeping activations for backward.
     pub fn features_and_logits(&self, p: &ParamStore, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (features, logits, _) = self.predict_routed(p, images)?;
+        Ok((features, logits))
+    }
+
+    /// `(features [batch, F], logits [batch, classes], MoE statistics)` without keeping
+    /// activations for backward: what each MoE block's routing measured (block index, stats;
+    /// empty for a dense model), for inference-time capacity sweeps (`vit eval --sweep`).
+    pub fn predict_routed(&self, p: &ParamStore, images: &Tensor) -> Result<(Tensor, Tensor, MoeBlockStats)> {
         let (mut x, _) = self.embed.forward(p, images)?;
-        for b in &self.blocks {
-            x = b.forward(p, &x)?.0;
+        let mut moe = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let (y, s) = b.forward(p, &x)?;
+            if let Some(stats) = s.moe_stats() {
+                moe.push((i, stats.clone()));
+            }
+            x = y;
         }
         let (pooled, _) = self.pool.forward(p, &self.norm.forward(p, &x)?.0)?;
         let features = match &self.pre_logits {
@@ -210,7 +227,7 @@ impl VisionTransformer {
             Some(h) => h.forward(p, &features)?,
             None => features.clone(),
         };
-        Ok((features, logits))
+        Ok((features, logits, moe))
     }
 
     /// Accumulates every parameter's gradient into `g` (a store like the parameters, e.g.

@@ -8,6 +8,7 @@ pub mod data;
 pub mod data_check;
 pub mod evals;
 pub mod mixup;
+pub mod moe_eval;
 pub mod moe_log;
 mod panics;
 pub mod plot;

@@ -96,6 +96,24 @@ pub struct MoeSaved {
     pub stats: MoeStats,
 }
 
+/// The routing of one forward pass ([`MoeMlp::plan`]), before the experts run: the groups'
+/// routes and the slot layout of the expert buffers `[E, slots, D]`.
+#[derive(Debug, Clone)]
+pub(crate) struct RoutePlan {
+    /// The routing of each group of images.
+    pub(crate) routes: Vec<GroupRoute>,
+    /// First token row of each group.
+    pub(crate) group_start: Vec<usize>,
+    /// The token row of each expert slot, I32 `[E·slots]`; −1 for an empty slot.
+    pub(crate) dispatch: Tensor,
+    /// For each slot, the assignment `t·k + j` in it; −1 for an empty slot.
+    pub(crate) slot_src: Vec<i64>,
+    /// Each slot's combine weight (0 when empty), `[E·slots]`.
+    pub(crate) slot_weight: Tensor,
+    /// Slots per expert, all groups added up.
+    pub(crate) slots: usize,
+}
+
 /// 64-bit mix (splitmix64's finaliser) of a seed and a stream number: the seed of the router
 /// noise of one layer from the seed of one forward pass.
 pub fn mix_seed(seed: u64, stream: u64) -> u64 {
@@ -143,10 +161,33 @@ impl MoeMlp {
             });
         }
         let (b, t, d) = (dims[0], dims[1], dims[2]);
-        let (e, k, s) = (self.cfg.experts, self.cfg.k, b * t);
-        let (dtype, device) = (x.dtype(), x.device());
+        let (e, s) = (self.cfg.experts, b * t);
         let x2 = x.reshape([s, d])?;
-        let logits = ops::matmul_t(&x2, p.get(&self.router)?, false, true)?.to_f32_vec()?;
+        let RoutePlan { routes, group_start, dispatch, slot_src, slot_weight, slots } =
+            self.plan(p, &x2, b, t, noise_seed)?;
+        let xin = ops::gather_rows(&x2, &dispatch)?.reshape([e, slots, d])?;
+        let (h_pre, h, out) = self.experts_forward(p, &xin, slots)?;
+        let scaled = ops::mul(&out.reshape([e * slots, d])?, &ops::broadcast(&slot_weight, 1, d)?)?;
+        let y = ops::scatter_add_rows(&scaled, &dispatch, s)?.reshape(dims.clone())?;
+
+        let stats = self.stats(&routes);
+        let saved = MoeSaved { routes, group_start, dispatch, slot_src, slot_weight, xin, h_pre, h, out, stats };
+        Ok((y, saved))
+    }
+
+    /// Routes the tokens `x2 [B·T, D]` of `b` images of `t` tokens: the router logits, the
+    /// groups' routes and the slot layout of the expert buffers.
+    pub(crate) fn plan(
+        &self,
+        p: &ParamStore,
+        x2: &Tensor,
+        b: usize,
+        t: usize,
+        noise_seed: Option<u64>,
+    ) -> Result<RoutePlan> {
+        let (e, k, s) = (self.cfg.experts, self.cfg.k, b * t);
+        let (dtype, device) = (x2.dtype(), x2.device());
+        let logits = ops::matmul_t(x2, p.get(&self.router)?, false, true)?.to_f32_vec()?;
         let sigma = self.cfg.noise_std() as f32;
         let noise = match noise_seed {
             Some(seed) if sigma > 0.0 => {
@@ -190,19 +231,16 @@ impl MoeMlp {
         }
         let dispatch = Tensor::from_vec(dispatch, [e * slots], Device::Cpu)?.to_device(device)?;
         let slot_weight = Tensor::from_vec(weight, [e * slots], Device::Cpu)?.cast(dtype)?.to_device(device)?;
-
-        let xin = ops::gather_rows(&x2, &dispatch)?.reshape([e, slots, d])?;
-        let (h_pre, h, out) = self.experts_forward(p, &xin, slots)?;
-        let scaled = ops::mul(&out.reshape([e * slots, d])?, &ops::broadcast(&slot_weight, 1, d)?)?;
-        let y = ops::scatter_add_rows(&scaled, &dispatch, s)?.reshape(dims.clone())?;
-
-        let stats = self.stats(&routes);
-        let saved = MoeSaved { routes, group_start, dispatch, slot_src, slot_weight, xin, h_pre, h, out, stats };
-        Ok((y, saved))
+        Ok(RoutePlan { routes, group_start, dispatch, slot_src, slot_weight, slots })
     }
 
     /// The experts on their buffers `xin [E, slots, D]`: `(h_pre, h, out)`.
-    fn experts_forward(&self, p: &ParamStore, xin: &Tensor, slots: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    pub(crate) fn experts_forward(
+        &self,
+        p: &ParamStore,
+        xin: &Tensor,
+        slots: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let b1 = ops::broadcast(p.get(&self.fc1_bias)?, 1, slots)?;
         let h_pre = ops::add(&ops::matmul_t(xin, p.get(&self.fc1_weight)?, false, true)?, &b1)?;
         let h = ops::gelu_fwd(&h_pre, self.gelu)?;
@@ -211,7 +249,7 @@ impl MoeMlp {
         Ok((h_pre, h, out))
     }
 
-    fn stats(&self, routes: &[GroupRoute]) -> MoeStats {
+    pub(crate) fn stats(&self, routes: &[GroupRoute]) -> MoeStats {
         let g = routes.len().max(1) as f32;
         let importance_loss = routes.iter().map(|r| r.importance_loss).sum::<f32>() / g;
         let load_loss = routes.iter().map(|r| r.load_loss).sum::<Option<f32>>().map(|l| l / g);
@@ -241,43 +279,91 @@ impl MoeMlp {
         g: &mut ParamStore,
     ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (d, e, k) = (self.dim, self.cfg.experts, self.cfg.k);
+        let (d, e) = (self.dim, self.cfg.experts);
         let n = dims[0] * dims[1];
         let slots = s.xin.dims()[1];
         let x2 = x.reshape([n, d])?;
-        // Combine: y[t] += w·out[slot]  ⇒  dout = w·dy[t], dw = ⟨dy[t], out[slot]⟩.
-        let dsrc = ops::gather_rows(&dy.reshape([n, d])?, &s.dispatch)?;
         let out2 = s.out.reshape([e * slots, d])?;
-        let dout = ops::mul(&dsrc, &ops::broadcast(&s.slot_weight, 1, d)?)?.reshape([e, slots, d])?;
-        let dslot_w = ops::sum(&ops::mul(&dsrc, &out2)?, 1)?.to_f32_vec()?;
+        let (dout, dweight) =
+            self.combine_backward(&dy.reshape([n, d])?, &s.dispatch, &s.slot_weight, &s.slot_src, &out2)?;
+        let dxin = self.experts_backward(p, &s.xin, &s.h_pre, &s.h, &dout.reshape([e, slots, d])?, g)?;
+        let dx2 = ops::scatter_add_rows(&dxin.reshape([e * slots, d])?, &s.dispatch, n)?;
+        let dx2 = self.router_backward(p, &x2, dx2, &s.routes, &s.group_start, &dweight, aux_scale, g)?;
+        Ok(dx2.reshape(dims)?)
+    }
+
+    /// Backward of the combine `y[t] += w·out[slot]`: `(dout [E·slots, D], dweight [S·k])`,
+    /// `dout = w·dy[t]` per slot and `dweight`, the gradient of each assignment's combine weight
+    /// `⟨dy[t], out[slot]⟩`, from `dy2 [S, D]` and the experts' outputs `out2 [E·slots, D]`.
+    pub(crate) fn combine_backward(
+        &self,
+        dy2: &Tensor,
+        dispatch: &Tensor,
+        slot_weight: &Tensor,
+        slot_src: &[i64],
+        out2: &Tensor,
+    ) -> Result<(Tensor, Vec<f32>)> {
+        let (d, k, n) = (self.dim, self.cfg.k, dy2.dims()[0]);
+        let dsrc = ops::gather_rows(dy2, dispatch)?;
+        let dout = ops::mul(&dsrc, &ops::broadcast(slot_weight, 1, d)?)?;
+        let dslot_w = ops::sum(&ops::mul(&dsrc, out2)?, 1)?.to_f32_vec()?;
         let mut dweight = vec![0f32; n * k];
-        for (src, dw) in s.slot_src.iter().zip(&dslot_w) {
+        for (src, dw) in slot_src.iter().zip(&dslot_w) {
             if *src >= 0 {
                 dweight[*src as usize] = *dw;
             }
         }
-        // Experts, in reverse.
-        g.accumulate(&self.fc2_bias, &ops::sum(&dout, 1)?)?;
-        g.accumulate(&self.fc2_weight, &ops::matmul_t(&dout, &s.h, true, false)?)?;
-        let dh = ops::matmul_t(&dout, p.get(&self.fc2_weight)?, false, false)?;
-        let dh_pre = ops::gelu_bwd(&s.h_pre, &dh, self.gelu)?;
+        Ok((dout, dweight))
+    }
+
+    /// Backward of [`MoeMlp::experts_forward`] on buffers `xin [E', slots, D]` (E' the experts
+    /// in `p`): accumulates the experts' gradients, returns `dxin [E', slots, D]`.
+    pub(crate) fn experts_backward(
+        &self,
+        p: &ParamStore,
+        xin: &Tensor,
+        h_pre: &Tensor,
+        h: &Tensor,
+        dout: &Tensor,
+        g: &mut ParamStore,
+    ) -> Result<Tensor> {
+        g.accumulate(&self.fc2_bias, &ops::sum(dout, 1)?)?;
+        g.accumulate(&self.fc2_weight, &ops::matmul_t(dout, h, true, false)?)?;
+        let dh = ops::matmul_t(dout, p.get(&self.fc2_weight)?, false, false)?;
+        let dh_pre = ops::gelu_bwd(h_pre, &dh, self.gelu)?;
         g.accumulate(&self.fc1_bias, &ops::sum(&dh_pre, 1)?)?;
-        g.accumulate(&self.fc1_weight, &ops::matmul_t(&dh_pre, &s.xin, true, false)?)?;
-        let dxin = ops::matmul_t(&dh_pre, p.get(&self.fc1_weight)?, false, false)?;
-        let mut dx2 = ops::scatter_add_rows(&dxin.reshape([e * slots, d])?, &s.dispatch, n)?;
-        // Router: the combine weights and both auxiliary losses (averaged over the groups).
-        let groups = s.routes.len().max(1) as f32;
+        g.accumulate(&self.fc1_weight, &ops::matmul_t(&dh_pre, xin, true, false)?)?;
+        Ok(ops::matmul_t(&dh_pre, p.get(&self.fc1_weight)?, false, false)?)
+    }
+
+    /// The router's part of backward: the combine weights' gradients `dweight` and both
+    /// auxiliary losses (scaled by `aux_scale`, averaged over the groups) into the logits,
+    /// the router weight's gradient, and `dx2 [S, D]` plus the logits' gradient through the
+    /// router.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn router_backward(
+        &self,
+        p: &ParamStore,
+        x2: &Tensor,
+        dx2: Tensor,
+        routes: &[GroupRoute],
+        group_start: &[usize],
+        dweight: &[f32],
+        aux_scale: f32,
+        g: &mut ParamStore,
+    ) -> Result<Tensor> {
+        let (e, k, n) = (self.cfg.experts, self.cfg.k, x2.dims()[0]);
+        let groups = routes.len().max(1) as f32;
         let imp_scale = aux_scale * self.cfg.importance_weight as f32 / groups;
         let load_scale = aux_scale * self.cfg.load_weight as f32 / groups;
         let mut dz = vec![0f32; n * e];
-        for (r, &start) in s.routes.iter().zip(&s.group_start) {
+        for (r, &start) in routes.iter().zip(group_start) {
             let dw = &dweight[start * k..(start + r.tokens) * k];
             let dzg = r.backward(dw, imp_scale, load_scale);
             dz[start * e..(start + r.tokens) * e].copy_from_slice(&dzg);
         }
-        let dz = Tensor::from_vec(dz, [n, e], Device::Cpu)?.cast(x.dtype())?.to_device(x.device())?;
-        g.accumulate(&self.router, &ops::matmul_t(&dz, &x2, true, false)?)?;
-        dx2 = ops::add(&dx2, &ops::matmul_t(&dz, p.get(&self.router)?, false, false)?)?;
-        Ok(dx2.reshape(dims)?)
+        let dz = Tensor::from_vec(dz, [n, e], Device::Cpu)?.cast(x2.dtype())?.to_device(x2.device())?;
+        g.accumulate(&self.router, &ops::matmul_t(&dz, x2, true, false)?)?;
+        Ok(ops::add(&dx2, &ops::matmul_t(&dz, p.get(&self.router)?, false, false)?)?)
     }
 }
