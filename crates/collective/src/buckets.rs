@@ -23,6 +23,8 @@ pub struct BucketPlan {
     /// For each parameter (in the order given to [`BucketPlan::new`]): its bucket and its
     /// element count.
     params: Vec<(usize, usize)>,
+    /// Elements of the buffer.
+    len: usize,
 }
 
 impl BucketPlan {
@@ -68,7 +70,7 @@ impl BucketPlan {
         let buckets: Vec<Range<usize>> = cuts.windows(2).map(|w| w[1]..w[0]).collect();
         // A plan over zero parameters is one bucket of the whole (padding-only) buffer.
         let buckets = if buckets.is_empty() { std::iter::once(0..len).collect() } else { buckets };
-        Ok(BucketPlan { buckets, params: of_param })
+        Ok(BucketPlan { buckets, params: of_param, len })
     }
 
     /// The buckets' element ranges, from the buffer's end to its start.
@@ -162,14 +164,10 @@ impl<'a> OverlappedAllReduce<'a> {
     /// Launches the buckets not launched yet (in bucket order), waits for every result and
     /// writes it into `buffer`, which then holds the reduction of every rank's buffer.
     pub fn finish(mut self, buffer: &mut Tensor) -> Result<()> {
-        if buffer.dims() != [self.plan.buckets.iter().map(|r| r.end).max().unwrap_or(0)] {
+        if buffer.dims() != [self.plan.len] {
             return Err(Error::Shape {
                 op: "OverlappedAllReduce::finish",
-                msg: format!(
-                    "a buffer of shape {}: expected the plan's [{}]",
-                    buffer.shape(),
-                    self.plan.buckets.first().map_or(0, |r| r.end)
-                ),
+                msg: format!("a buffer of shape {}: expected the plan's [{}]", buffer.shape(), self.plan.len),
             });
         }
         for b in 0..self.plan.buckets.len() {

@@ -5,23 +5,7 @@
 
 mod common;
 
-use common::{assert_losses_close, assert_same_metrics, repo_root, small_recipe};
-use std::{
-    path::Path,
-    process::{Command, Output},
-};
-
-fn vit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vit")).current_dir(repo_root()).args(args).output().expect("run vit")
-}
-
-fn train(out: &Path, extra: &[&str]) -> Output {
-    let recipe = small_recipe(20, 10);
-    let mut args = vec!["train", "--out", out.to_str().unwrap()];
-    args.extend(recipe.iter().map(String::as_str));
-    args.extend_from_slice(extra);
-    vit(&args)
-}
+use common::{assert_losses_close, assert_same_metrics, train_small as train, vit};
 
 #[test]
 fn two_and_four_ranks_follow_one_rank_and_resume_across_world_sizes() {

@@ -4,23 +4,7 @@
 
 mod common;
 
-use common::{assert_losses_close, assert_same_metrics, losses, repo_root, small_recipe};
-use std::{
-    path::Path,
-    process::{Command, Output},
-};
-
-fn vit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vit")).current_dir(repo_root()).args(args).output().expect("run vit")
-}
-
-fn train(out: &Path, extra: &[&str]) -> Output {
-    let recipe = small_recipe(20, 10);
-    let mut args = vec!["train", "--out", out.to_str().unwrap()];
-    args.extend(recipe.iter().map(String::as_str));
-    args.extend_from_slice(extra);
-    vit(&args)
-}
+use common::{assert_losses_close, assert_same_metrics, losses, train_small as train, vit};
 
 const MIXUP: [&str; 2] = ["--set", "data.mixup={ p = 0.2 }"];
 

@@ -316,25 +316,8 @@ pub fn evaluate(
     device: Device,
     sigmoid: bool,
 ) -> Result<(f64, f64), TrainError> {
-    let classes = model.config.classes;
-    let (mut correct, mut loss, mut n) = (0usize, 0f64, 0usize);
-    for b in loader.iter() {
-        let b = b?;
-        let labels = b.labels.to_vec::<i32>()?;
-        let x = b.images.to_device(device)?.cast(param_dtype(params))?;
-        let logits = model.predict(params, &x)?.cast(DType::F32)?;
-        let pred = ops::argmax(&logits, 1)?.to_vec::<u32>()?;
-        correct += pred.iter().zip(&labels).filter(|(p, l)| **p as i32 == **l).count();
-        let t = targets(&labels, classes, 0.0, None)?.to_device(device)?;
-        let losses = if sigmoid {
-            ops::sigmoid_cross_entropy_fwd(&logits, &t)?
-        } else {
-            ops::softmax_cross_entropy_fwd(&logits, &t)?
-        };
-        loss += ops::sum_all(&losses)?.to_scalar()? as f64;
-        n += labels.len();
-    }
-    Ok((correct as f64 / n.max(1) as f64, loss / n.max(1) as f64))
+    let r = moe_eval::evaluate_routed(model, params, loader, device, sigmoid)?;
+    Ok((r.accuracy, r.loss))
 }
 
 fn param_dtype(params: &ParamStore) -> DType {
@@ -740,24 +723,24 @@ fn train_rank(
 }
 
 /// The buckets of the overlapped gradient all-reduce of `world` ranks, over the gradients'
-/// one flat f32 buffer (the layout of `params.zeros_like(F32)`); `None` for one rank, for
-/// `bucket_mb = 0`, or when the gradients span several buffers (then all is reduced after
-/// backward).
+/// one flat f32 buffer; `None` for one rank, for `bucket_mb = 0`, or when the parameters are
+/// not one f32 buffer (then all is reduced after backward).
 fn gradient_buckets(
     params: &ParamStore,
     world: usize,
     bucket_mb: f64,
 ) -> Result<Option<vit_collective::BucketPlan>, TrainError> {
-    let layout = params.zeros_like(DType::F32)?;
-    if world <= 1 || bucket_mb == 0.0 || layout.buffers().len() != 1 {
+    // The f32 master parameters in one buffer have the gradients' layout (`zeros_like(F32)`).
+    let one_f32_buffer = params.buffers().len() == 1 && params.buffer(0).dtype() == DType::F32;
+    if world <= 1 || bucket_mb == 0.0 || !one_f32_buffer {
         return Ok(None);
     }
-    let ranges = layout
+    let ranges = params
         .names()
-        .map(|n| layout.placement(n).map(|p| p.offset..p.offset + p.numel))
+        .map(|n| params.placement(n).map(|p| p.offset..p.offset + p.numel))
         .collect::<Result<Vec<_>, _>>()?;
     let elems = (bucket_mb * (1 << 20) as f64 / 4.0).ceil() as usize;
-    Ok(Some(vit_collective::BucketPlan::new(&ranges, layout.buffer(0).numel(), elems)?))
+    Ok(Some(vit_collective::BucketPlan::new(&ranges, params.buffer(0).numel(), elems)?))
 }
 
 /// The stop reason every rank agrees on: the most urgent any rank saw (a signal over `--stop-at`

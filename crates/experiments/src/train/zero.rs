@@ -72,10 +72,7 @@ impl ShardedOptimizer {
         let parts = partition(&all, len, world);
         let mine = &parts[rank];
         let owned: Vec<_> = all.into_iter().filter(|(_, o, _)| mine.contains(o)).collect();
-        let mut subset = ParamStore::new();
-        for (name, _, _) in &owned {
-            subset.insert(name.clone(), params.get(name)?.clone())?;
-        }
+        let subset = subset(params, owned.iter().map(|(n, _, _)| n.as_str()))?;
         let padded = parts.iter().map(|r| r.len()).max().unwrap_or(0);
         Ok(ShardedOptimizer { parts, padded, rank, owned, opt: OptimizerChain::new(config, &subset)? })
     }
@@ -83,15 +80,6 @@ impl ShardedOptimizer {
     /// Bytes of optimizer state this rank holds.
     pub fn state_bytes(&self) -> u64 {
         self.opt.state_bytes()
-    }
-
-    /// The parameters this rank updates, with their current values.
-    fn owned_params(&self, params: &ParamStore) -> Result<ParamStore, TrainError> {
-        let mut p = ParamStore::new();
-        for (name, _, _) in &self.owned {
-            p.insert(name.clone(), params.get(name)?.clone())?;
-        }
-        Ok(p)
     }
 
     /// One step: `grads` holds this rank's gradient sums of its part of the batch (the layout of
@@ -120,7 +108,7 @@ impl ShardedOptimizer {
             g.insert(name.clone(), Tensor::from_f32(values, shape, DType::F32, Device::Cpu)?)?;
         }
         // Update this part with the whole model's gradient norm.
-        let mut p = self.owned_params(params)?;
+        let mut p = subset(params, self.owned.iter().map(|(n, _, _)| n.as_str()))?;
         let mut global = |sq: f64| -> Result<f64, vit_optim::OptimError> {
             let t = Tensor::from_vec(vec![sq as f32], [1], Device::Cpu)?;
             let summed = comm.all_reduce(&t, ReduceOp::Sum).map_err(|e| vit_optim::OptimError::Param {
@@ -177,12 +165,17 @@ impl ShardedOptimizer {
     /// holds it): a run saved at any world size and sharding resumes here.
     pub fn load_full_state(&mut self, full: &ParamStore) -> Result<(), TrainError> {
         let mine = self.opt.state()?;
-        let mut share = ParamStore::new();
-        for name in mine.names() {
-            share.insert(name, full.get(name)?.clone())?;
-        }
-        Ok(self.opt.load_state(&share)?)
+        Ok(self.opt.load_state(&subset(full, mine.names())?)?)
     }
+}
+
+/// The tensors `names` of `store`, in that order, as a store of their own.
+fn subset<'a>(store: &ParamStore, names: impl Iterator<Item = &'a str>) -> Result<ParamStore, TrainError> {
+    let mut out = ParamStore::new();
+    for name in names {
+        out.insert(name, store.get(name)?.clone())?;
+    }
+    Ok(out)
 }
 
 /// `bytes` as a U32 tensor, one byte per element, with a trailing 0 (so never empty).

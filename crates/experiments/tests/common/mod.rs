@@ -95,3 +95,17 @@ pub fn assert_losses_close(a: &Path, b: &Path, steps: usize, what: &str) {
         }
     }
 }
+
+/// Runs the `vit` binary from the repository root with `args`.
+pub fn vit(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vit")).current_dir(repo_root()).args(args).output().expect("run vit")
+}
+
+/// `vit train --out OUT` of [`small_recipe`]`(20, 10)` with `extra` arguments after it.
+pub fn train_small(out: &Path, extra: &[&str]) -> std::process::Output {
+    let recipe = small_recipe(20, 10);
+    let mut args = vec!["train", "--out", out.to_str().unwrap()];
+    args.extend(recipe.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    vit(&args)
+}

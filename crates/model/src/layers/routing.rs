@@ -115,29 +115,9 @@ pub fn cv_squared(v: &[f64]) -> (f64, Vec<f64>) {
     (loss, grad)
 }
 
-/// The complementary error function, |relative error| < 1.2e-7 (Numerical Recipes `erfcc`,
-/// a Chebyshev fit).
-fn erfc(x: f64) -> f64 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let r = t * poly.exp();
-    if x >= 0.0 {
-        r
-    } else {
-        2.0 - r
-    }
-}
-
 /// `1 − Φ(u)`, the standard normal's upper tail.
 fn normal_upper_tail(u: f64) -> f64 {
-    0.5 * erfc(u / std::f64::consts::SQRT_2)
+    0.5 * vit_tensor::cpu::erfc(u / std::f64::consts::SQRT_2)
 }
 
 /// The standard normal density φ(u).

@@ -49,9 +49,9 @@ pub(crate) fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044_715;
 
-/// erf with |error| < 1.2e-7 (Numerical Recipes' erfc, Chebyshev fit), enough for f32.
-pub(crate) fn erf(x: f32) -> f32 {
-    let z = (x as f64).abs();
+/// erfc(|x|) by Numerical Recipes' `erfcc` (a Chebyshev fit, |relative error| < 1.2e-7).
+fn erfc_of_abs(x: f64) -> f64 {
+    let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
     let poly = -z * z - 1.265_512_23
         + t * (1.000_023_68
@@ -60,7 +60,23 @@ pub(crate) fn erf(x: f32) -> f32 {
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
                             + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let r = 1.0 - t * poly.exp();
+    t * poly.exp()
+}
+
+/// The complementary error function in f64, |relative error| < 1.2e-7: GELU's exact form and
+/// V-MoE's load loss (a normal CDF) use it.
+pub fn erfc(x: f64) -> f64 {
+    let r = erfc_of_abs(x);
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
+/// erf with |error| < 1.2e-7, enough for f32.
+pub(crate) fn erf(x: f32) -> f32 {
+    let r = 1.0 - erfc_of_abs(x as f64);
     (if x >= 0.0 { r } else { -r }) as f32
 }
 

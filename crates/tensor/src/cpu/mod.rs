@@ -18,6 +18,7 @@ mod softmax;
 
 pub use allocator::retain_freed_memory;
 pub(crate) use attention::*;
+pub use elementwise::erfc;
 pub(crate) use elementwise::*;
 pub(crate) use index::*;
 pub(crate) use layout::*;
