@@ -92,12 +92,11 @@ impl ShardedOptimizer {
     ) -> Result<StepInfo, TrainError> {
         let world = self.parts.len();
         // Reduce-scatter: part r of every rank's gradients, padded, in rank order.
-        let flat = grads.buffer(0).to_f32_vec()?;
         let mut send = vec![0f32; world * self.padded];
         for (r, part) in self.parts.iter().enumerate() {
-            send[r * self.padded..r * self.padded + part.len()].copy_from_slice(&flat[part.clone()]);
+            let g = grads.buffer(0).narrow(part.start, part.len())?.to_f32_vec()?;
+            send[r * self.padded..r * self.padded + part.len()].copy_from_slice(&g);
         }
-        drop(flat);
         let send = Tensor::from_f32(send, [world * self.padded], DType::F32, Device::Cpu)?;
         let mine = comm.reduce_scatter(&send, ReduceOp::Sum)?.to_f32_vec()?;
         let start = self.parts[self.rank].start;
