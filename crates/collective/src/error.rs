@@ -46,6 +46,11 @@ pub enum Error {
     #[error("{op}: {msg}")]
     Backend { op: &'static str, msg: String },
 
+    /// A blocking call waited longer than the group's timeout for `peers` (ranks that are stuck
+    /// or far behind), e.g. `all_reduce: waited 300 s for rank(s) [1]`.
+    #[error("{op}: waited {secs} s for rank(s) {peers:?} (the collective timeout)")]
+    Timeout { op: &'static str, secs: f64, peers: Vec<usize> },
+
     /// The call can never complete: every rank of the group is waiting on another, a rank
     /// receives from itself with nothing sent, or one communicator is used by two threads at once.
     #[error("{op}: {msg}")]

@@ -41,8 +41,17 @@ impl LocalGroup {
     /// `n = 0` gives none.
     #[allow(clippy::new_ret_no_self)] // a group is its ranks' communicators; there is no group value
     pub fn new(n: usize) -> Vec<LocalCommunicator> {
+        Self::with_timeout(n, None)
+    }
+
+    /// [`LocalGroup::new`] whose blocking calls give up after `timeout` without progress: a
+    /// rank that waits that long in one collective or receive gets [`Error::Timeout`] naming
+    /// the ranks it waited for (a rank that is stuck or far slower than the others), instead of
+    /// waiting forever. `None` waits forever.
+    pub fn with_timeout(n: usize, timeout: Option<std::time::Duration>) -> Vec<LocalCommunicator> {
         let shared = Arc::new(Shared {
             n,
+            timeout,
             state: Mutex::new(State {
                 slots: vec![None; n],
                 arrived: 0,
@@ -65,9 +74,19 @@ impl LocalGroup {
     /// (an error, a panic) makes the others' collectives fail instead of hang. A panic in any
     /// rank is re-raised here after every thread has ended.
     pub fn run<R: Send>(n: usize, f: impl Fn(LocalCommunicator) -> R + Sync) -> Vec<R> {
+        Self::run_with_timeout(n, None, f)
+    }
+
+    /// [`LocalGroup::run`] over [`LocalGroup::with_timeout`]'s communicators.
+    pub fn run_with_timeout<R: Send>(
+        n: usize,
+        timeout: Option<std::time::Duration>,
+        f: impl Fn(LocalCommunicator) -> R + Sync,
+    ) -> Vec<R> {
         let f = &f;
         let joined: Vec<std::thread::Result<R>> = std::thread::scope(|s| {
-            let handles: Vec<_> = Self::new(n).into_iter().map(|comm| s.spawn(move || f(comm))).collect();
+            let handles: Vec<_> =
+                Self::with_timeout(n, timeout).into_iter().map(|comm| s.spawn(move || f(comm))).collect();
             handles.into_iter().map(|h| h.join()).collect()
         });
         let mut out = Vec::with_capacity(n);
@@ -98,6 +117,8 @@ impl fmt::Debug for LocalCommunicator {
 /// State shared by the ranks of one group.
 struct Shared {
     n: usize,
+    /// How long one blocking call may wait (see [`LocalGroup::with_timeout`]).
+    timeout: Option<std::time::Duration>,
     state: Mutex<State>,
     cv: Condvar,
 }
@@ -200,6 +221,7 @@ impl LocalCommunicator {
         mut poll: impl FnMut(&mut State) -> Option<Result<T>>,
     ) -> (MutexGuard<'a, State>, Result<T>) {
         let rank = self.rank;
+        let deadline = self.shared.timeout.map(|t| (t, std::time::Instant::now() + t));
         loop {
             let polled = poll(&mut st);
             if let Some(Ok(v)) = polled {
@@ -224,7 +246,21 @@ impl LocalCommunicator {
                 self.shared.cv.notify_all();
                 return (st, Err(Error::Deadlock { op, msg }));
             }
-            st = self.shared.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st = match deadline {
+                None => self.shared.cv.wait(st).unwrap_or_else(PoisonError::into_inner),
+                Some((t, at)) => {
+                    let now = std::time::Instant::now();
+                    if now >= at {
+                        st.waiting[rank] = None;
+                        let peers = match wait {
+                            Wait::Recv { from } => vec![from],
+                            Wait::Collective(_) => (0..self.shared.n).filter(|&r| st.slots[r].is_none()).collect(),
+                        };
+                        return (st, Err(Error::Timeout { op, secs: t.as_secs_f64(), peers }));
+                    }
+                    self.shared.cv.wait_timeout(st, at - now).unwrap_or_else(PoisonError::into_inner).0
+                }
+            };
         }
     }
 

@@ -43,9 +43,12 @@ pub struct MpiCommunicator {
     mpi: Mutex<Mpi>,
 }
 
-/// The MPI environment (finalised when dropped) and the world communicator.
+/// The MPI environment (finalised when dropped), the world communicator, and a duplicate of
+/// it for [`MpiCommunicator::all_fail_within`] (its own matching, so it can never be confused
+/// with a collective another rank is in).
 struct Mpi {
     world: SimpleCommunicator,
+    errors: SimpleCommunicator,
     _universe: Universe,
 }
 
@@ -71,7 +74,44 @@ impl MpiCommunicator {
         }
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
-        Ok(MpiCommunicator { rank, size, mpi: Mutex::new(Mpi { world, _universe: universe }) })
+        let errors = world.duplicate();
+        Ok(MpiCommunicator { rank, size, mpi: Mutex::new(Mpi { world, errors, _universe: universe }) })
+    }
+
+    /// After an error on this rank: true if every rank reaches this call within `grace` (they
+    /// all failed together, e.g. a loss that was not finite everywhere, and can end normally);
+    /// false if some rank is elsewhere (it waits in a collective for this one), and then the
+    /// caller should [`abort`](Self::abort).
+    pub fn all_fail_within(&self, grace: std::time::Duration) -> bool {
+        let mpi = self.lock();
+        let mut request = mpi.errors.immediate_barrier();
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            match request.test() {
+                Ok(_) => return true,
+                Err(pending) if std::time::Instant::now() < deadline => {
+                    request = pending;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(pending) => {
+                    // Never completed: the job is about to be aborted, so the request is left.
+                    std::mem::forget(pending);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Ends every process of the job (`MPI_Abort` with exit code `code`): what a rank that failed
+    /// alone does, so that no other rank waits forever for it in a collective. Does not take the
+    /// communicator's lock (another thread of this rank may hold it, blocked in a collective).
+    pub fn abort(&self, code: i32) -> ! {
+        // SAFETY: MPI_Abort on MPI_COMM_WORLD is valid from any thread once MPI is initialised,
+        // which `init` did; it does not return.
+        unsafe {
+            mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, code);
+        }
+        std::process::exit(code)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Mpi> {

@@ -262,3 +262,44 @@ fn a_panicking_rank_fails_the_others_and_the_panic_propagates() {
         assert!(matches!(res, Err(Error::Disconnected { peer: 1, .. })), "{res:?}");
     }
 }
+
+/// With a timeout, a rank far behind the others makes them fail with an error naming it
+/// instead of waiting forever; when it arrives, it finds them gone.
+#[test]
+fn a_rank_slower_than_the_timeout_is_named_by_the_others() {
+    let timeout = std::time::Duration::from_millis(100);
+    let results = LocalGroup::run_with_timeout(3, Some(timeout), |comm| {
+        if comm.rank() == 1 {
+            std::thread::sleep(std::time::Duration::from_millis(600));
+        }
+        comm.all_reduce(&randn(&[4], comm.rank()), ReduceOp::Sum).map(|_| ())
+    });
+    // The first to give up names rank 1; a rank that wakes after it may see it leave instead.
+    let timed_out = [0, 2].iter().filter(|&&r| matches!(&results[r], Err(Error::Timeout { op: "all_reduce", peers, secs }) if peers == &vec![1] && (secs - 0.1).abs() < 1e-9)).count();
+    assert!(timed_out >= 1, "{results:?}");
+    for r in [0, 2] {
+        assert!(
+            matches!(&results[r], Err(Error::Timeout { .. } | Error::Disconnected { .. })),
+            "rank {r}: {:?}",
+            results[r]
+        );
+    }
+    let late = results[1].as_ref().unwrap_err().to_string();
+    assert!(late.contains("has left the group") || late.contains("waited"), "{late}");
+    let e = Error::Timeout { op: "all_reduce", secs: 300.0, peers: vec![1] }.to_string();
+    assert_eq!(e, "all_reduce: waited 300 s for rank(s) [1] (the collective timeout)");
+    // Receives time out too, naming the sender.
+    let results = LocalGroup::run_with_timeout(2, Some(timeout), |comm| {
+        if comm.rank() == 0 {
+            comm.recv(1).map(|_| ())
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            Ok(())
+        }
+    });
+    assert!(
+        matches!(&results[0], Err(Error::Timeout { op: "recv", peers, .. }) if peers == &vec![1]),
+        "{:?}",
+        results[0]
+    );
+}

@@ -3,8 +3,11 @@
 //! `VITRS_INJECT_FAULT=loader_panic_at_step=7`. Unset (the normal case), nothing happens; the
 //! variable is read once per process.
 //!
-//! Kinds: `loader_panic_at_step=N` (a loader worker panics while making batch N), and
-//! `train_panic_at_step=N` (the training loop panics in step N; read by `vit train`).
+//! Kinds: `loader_panic_at_step=N` (a loader worker panics while making batch N),
+//! `train_panic_at_step=N` (the training loop panics in step N; read by `vit train`),
+//! `train_stall_at_step=N` with `stall_seconds=K` (the training loop sleeps K seconds in step
+//! N: a rank far behind the others), and `fault_rank=R` (under data parallelism, only rank R
+//! panics or stalls).
 
 use std::sync::OnceLock;
 

@@ -79,6 +79,47 @@ fn optimizer_sharding_follows_one_rank_and_resumes_across_world_sizes() {
     assert_losses_close(&one, &back, 20, "world 1 to step 10, then ZeRO-1 on 4 ranks");
 }
 
+/// `vit train` of the small recipe with `VITRS_INJECT_FAULT=fault`.
+fn train_with_fault(out: &std::path::Path, fault: &str, extra: &[&str]) -> (std::process::Output, std::time::Duration) {
+    let recipe = common::small_recipe(20, 10);
+    let mut args = vec!["train", "--out", out.to_str().unwrap()];
+    args.extend(recipe.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    let t = std::time::Instant::now();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vit"))
+        .current_dir(common::repo_root())
+        .env("VITRS_INJECT_FAULT", fault)
+        .args(&args)
+        .output()
+        .unwrap();
+    (o, t.elapsed())
+}
+
+/// A rank that dies (panics) ends every rank, and the error names it; a rank stuck longer than
+/// `train.collective_timeout` ends the run with an error naming it, instead of a hang.
+#[test]
+fn a_dead_or_stuck_rank_ends_the_run_with_an_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, _) = train_with_fault(&tmp.path().join("dead"), "fault_rank=1,train_panic_at_step=5", &["--world", "4"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    let last = e.lines().last().unwrap();
+    assert!(last.contains("rank 1") && last.contains("injected fault: train_panic_at_step=5"), "{e}");
+    let (o, took) = train_with_fault(
+        &tmp.path().join("stuck"),
+        "fault_rank=1,train_stall_at_step=5,stall_seconds=6",
+        &["--world", "2", "--set", "train.collective_timeout=1"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("waited 1 s for rank(s) [1] (the collective timeout)"), "{e}");
+    // Rank 0 gave up after 1 s; the process ends once the stalled thread wakes (6 s).
+    assert!(took.as_secs() < 60, "{took:?}");
+    let o = train(&tmp.path().join("neg"), &["--set", "train.collective_timeout=-1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("train.collective_timeout = -1: expected seconds ≥ 0"));
+}
+
 #[test]
 fn a_world_that_does_not_divide_the_batch_is_a_config_error() {
     let tmp = tempfile::tempdir().unwrap();

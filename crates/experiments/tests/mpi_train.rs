@@ -57,3 +57,36 @@ fn mpirun_ranks_follow_one_process_and_resume_in_one() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("expected one of the two"));
 }
+
+/// A rank that dies mid-run (an injected panic on rank 1) ends the whole `mpirun` job with a
+/// failure, not a hang: the process exits with an error and mpirun stops the others.
+#[test]
+fn a_rank_that_dies_under_mpirun_ends_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = small_recipe(12, 6);
+    let out = tmp.path().join("dead");
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "2", env!("CARGO_BIN_EXE_vit"), "train", "--out"])
+        .arg(&out)
+        .args(&recipe)
+        .env("VITRS_INJECT_FAULT", "fault_rank=1,train_panic_at_step=3")
+        .current_dir(repo_root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("run mpirun");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed().as_secs() > 120 {
+            let _ = child.kill();
+            panic!("mpirun still running 120 s after rank 1 died: a hang");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let o = child.wait_with_output().unwrap();
+    assert!(!status.success(), "a dead rank must fail the job");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("injected fault: train_panic_at_step=3"), "{e}");
+}

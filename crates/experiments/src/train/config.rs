@@ -170,6 +170,13 @@ pub struct LoopSection {
     /// parameters all-gathered).
     #[serde(default)]
     pub sharding: Sharding,
+    /// Data parallel over threads: seconds a rank waits in one collective for the others
+    /// before the run ends with an error naming the ranks it waited for (default 1800, as
+    /// `torch.distributed`; rank 0 evaluates and writes checkpoints alone while the others wait,
+    /// so it must exceed those); 0 waits forever. Under mpirun a rank that dies ends the job
+    /// (mpirun's own behaviour); a stuck MPI rank is not timed out yet.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout: f64,
     /// Evaluate on the test split every N steps (and at the end); 0 = only at the end.
     #[serde(default)]
     pub eval_every: u64,
@@ -225,6 +232,9 @@ pub enum Sharding {
     Optimizer,
 }
 
+fn default_collective_timeout() -> f64 {
+    1800.0
+}
 fn default_bucket_mb() -> f64 {
     25.0
 }
@@ -418,6 +428,9 @@ impl TrainConfig {
                     t.grad_accum, t.batch_size
                 ),
             );
+        }
+        if !(t.collective_timeout >= 0.0 && t.collective_timeout.is_finite()) {
+            return bad("train.collective_timeout", t.collective_timeout.to_string(), "seconds ≥ 0 (0: wait forever)");
         }
         if !(t.bucket_mb >= 0.0 && t.bucket_mb.is_finite()) {
             return bad("train.bucket_mb", t.bucket_mb.to_string(), "a size in MiB ≥ 0 (0: no buckets)");

@@ -347,19 +347,39 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
                      (threads with --world, or processes with mpirun)"
                 )));
             }
-            let dir = if vit_collective::Communicator::rank(&comm) == 0 { run.clone() } else { run.reader() };
-            return train_rank(cfg, &dir, opts, &comm);
+            let rank = vit_collective::Communicator::rank(&comm);
+            let dir = if rank == 0 { run.clone() } else { run.reader() };
+            let result = train_rank(cfg, &dir, opts, &comm);
+            // A rank that failed alone would leave the others waiting in a collective forever
+            // (and itself in MPI_Finalize): unless every rank failed at once, end the job.
+            if let Err(e) = &result {
+                let agreed_stop = matches!(e, TrainError::Interrupted { .. });
+                if !agreed_stop && !comm.all_fail_within(std::time::Duration::from_secs(10)) {
+                    eprintln!("error: rank {rank}: {e}");
+                    eprintln!("rank {rank} failed alone: ending every rank of the job (MPI_Abort)");
+                    comm.abort(1);
+                }
+            }
+            return result;
         }
     }
     if world <= 1 {
         return train_rank(cfg, run, opts, &vit_collective::SingleProcess::new());
     }
-    let results = vit_collective::LocalGroup::run(world, |comm| {
+    let timeout =
+        (cfg.train.collective_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(cfg.train.collective_timeout));
+    let results = vit_collective::LocalGroup::run_with_timeout(world, timeout, |comm| {
         let dir = if vit_collective::Communicator::rank(&comm) == 0 { run.clone() } else { run.reader() };
         train_rank(cfg, &dir, opts, &comm)
     });
     // A rank that failed makes the others see it leave the group: report the failure itself.
-    let is_departure = |e: &TrainError| matches!(e, TrainError::Collective(vit_collective::Error::Disconnected { .. }));
+    fn is_departure(e: &TrainError) -> bool {
+        match e {
+            TrainError::Collective(vit_collective::Error::Disconnected { .. }) => true,
+            TrainError::Stopped { source, .. } => is_departure(source),
+            _ => false,
+        }
+    }
     let mut first_err = None;
     let mut lead = None;
     for (rank, r) in results.into_iter().enumerate() {
@@ -550,8 +570,13 @@ fn train_rank(
             if world == 1 {
                 bad_log.record(step + 1, &b.bad)?;
             }
-            if vit_data::faults::injected("train_panic_at_step") == Some(step) {
+            use vit_data::faults::injected;
+            let faulty = injected("fault_rank").is_none_or(|r| r == rank as u64);
+            if faulty && injected("train_panic_at_step") == Some(step) {
                 panic!("injected fault: train_panic_at_step={step}");
+            }
+            if faulty && injected("train_stall_at_step") == Some(step) {
+                std::thread::sleep(std::time::Duration::from_secs(injected("stall_seconds").unwrap_or(1)));
             }
             let my_labels = b.labels.to_vec::<i32>()?;
             // data.mixup: the whole global batch is mixed before micro-batches and ranks split it.
