@@ -13,8 +13,12 @@ pub(crate) enum Op {
     AllGather,
     ReduceScatter(ReduceOp),
     AllToAll,
-    Broadcast { root: usize },
+    Broadcast {
+        root: usize,
+    },
     Barrier,
+    /// `Communicator::split`; its tensor is the rank's `[color, key]` (u32), which differ by rank.
+    Split,
 }
 
 impl Op {
@@ -27,6 +31,7 @@ impl Op {
             Op::AllToAll => "all_to_all",
             Op::Broadcast { .. } => "broadcast",
             Op::Barrier => "barrier",
+            Op::Split => "split",
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The [`Communicator`] trait: collectives and point-to-point transfers among the ranks of
 //! one group, with the same behaviour on every backend.
 
-use crate::Result;
+use crate::{Error, Result};
 use vit_tensor::Tensor;
 
 /// How [`Communicator::all_reduce`] and [`Communicator::reduce_scatter`] combine the ranks'
@@ -63,4 +63,19 @@ pub trait Communicator: Send + Sync {
 
     /// Returns once every rank has called `barrier`.
     fn barrier(&self) -> Result<()>;
+
+    /// Splits the group as `MPI_Comm_split` does: every rank calls it; the ranks that pass the
+    /// same `color` form one new group, ranked by `(key, rank in this group)`. The new groups
+    /// are independent of this one and of each other (their collectives never mix); they
+    /// inherit its timeout. `color` and `key` must fit in an `i32` (MPI's limit).
+    /// [`Mesh`](crate::Mesh) builds its per-axis groups with it.
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>>;
+}
+
+/// Checks `split`'s arguments against MPI's `int` range (every backend applies the same limit).
+pub(crate) fn check_split_args(color: usize, key: usize) -> Result<(i32, i32)> {
+    let fit = |what: &'static str, v: usize| {
+        i32::try_from(v).map_err(|_| Error::Rank { op: "split", what, got: v, world_size: i32::MAX as usize })
+    };
+    Ok((fit("color", color)?, fit("key", key)?))
 }

@@ -51,6 +51,11 @@ pub enum Error {
     #[error("{op}: waited {secs} s for rank(s) {peers:?} (the collective timeout)")]
     Timeout { op: &'static str, secs: f64, peers: Vec<usize> },
 
+    /// A mesh that does not fit: sizes that do not multiply to the world size, an unknown or
+    /// repeated axis, e.g. `mesh: mesh data=2,model=2 has 4 ranks, but the world has 3 ...`.
+    #[error("mesh: {msg}")]
+    Mesh { msg: String },
+
     /// The call can never complete: every rank of the group is waiting on another, a rank
     /// receives from itself with nothing sent, or one communicator is used by two threads at once.
     #[error("{op}: {msg}")]

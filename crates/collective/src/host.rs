@@ -24,7 +24,7 @@ pub(crate) fn complete(calls: &[Call], rank: usize, device: Device) -> Result<Op
     let (dtype, shape) = (x.dtype(), x.dims().to_vec());
     let m = shape.first().copied().unwrap_or(0) / n; // rows per rank for the ops that split dim 0
     let out = match first.op {
-        Op::Barrier => return Ok(None),
+        Op::Barrier | Op::Split => return Ok(None),
         Op::AllReduce(op) => {
             let parts = inputs.iter().map(|t| t.to_f32_vec().map_err(Error::from));
             Tensor::from_f32(reduce(parts, op, n)?, shape, dtype, device)?

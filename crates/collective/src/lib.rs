@@ -8,6 +8,9 @@
 //! - `MpiCommunicator` (cargo feature `mpi`): one rank per process over the system's MPI, on
 //!   one machine or many (`mpirun`, `srun`).
 //!
+//! [`Communicator::split`] makes sub-groups, and [`Mesh`] lays a group out on named axes
+//! (`data × model`) with one sub-communicator per axis.
+//!
 //! ```
 //! use vit_collective::{Communicator, LocalGroup};
 //! use vit_tensor::{DType, Device, Tensor};
@@ -28,6 +31,7 @@ mod communicator;
 mod error;
 mod host;
 mod local;
+mod mesh;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod single;
@@ -37,6 +41,7 @@ pub use bytes::all_gather_bytes;
 pub use communicator::{Communicator, ReduceOp};
 pub use error::{Error, Result};
 pub use local::{LocalCommunicator, LocalGroup};
+pub use mesh::{Axis, Mesh, MeshShape};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiCommunicator;
 pub use single::SingleProcess;

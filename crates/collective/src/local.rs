@@ -10,10 +10,11 @@
 
 use crate::{
     call::{validate, Call, Op},
+    communicator::check_split_args,
     host, Communicator, Error, ReduceOp, Result,
 };
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     fmt,
     sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
 };
@@ -49,23 +50,7 @@ impl LocalGroup {
     /// the ranks it waited for (a rank that is stuck or far slower than the others), instead of
     /// waiting forever. `None` waits forever.
     pub fn with_timeout(n: usize, timeout: Option<std::time::Duration>) -> Vec<LocalCommunicator> {
-        let shared = Arc::new(Shared {
-            n,
-            timeout,
-            state: Mutex::new(State {
-                slots: vec![None; n],
-                arrived: 0,
-                generation: 0,
-                done: None,
-                taken: 0,
-                mailboxes: vec![VecDeque::new(); n * n],
-                left: vec![false; n],
-                departed: Vec::new(),
-                waiting: vec![None; n],
-                poisoned: None,
-            }),
-            cv: Condvar::new(),
-        });
+        let shared = Shared::new(n, timeout);
         (0..n).map(|rank| LocalCommunicator { rank, shared: Arc::clone(&shared) }).collect()
     }
 
@@ -121,6 +106,9 @@ struct Shared {
     timeout: Option<std::time::Duration>,
     state: Mutex<State>,
     cv: Condvar,
+    /// Groups made by [`Communicator::split`], keyed by (the split's round, color), until each
+    /// member has taken its communicator: the value counts the members still to take it.
+    splits: Mutex<HashMap<(u64, u32), (Arc<Shared>, usize)>>,
 }
 
 /// What a rank is blocked on, for deadlock detection and messages.
@@ -203,6 +191,28 @@ impl State {
 }
 
 impl Shared {
+    /// The state of a new group of `n` ranks.
+    fn new(n: usize, timeout: Option<std::time::Duration>) -> Arc<Self> {
+        Arc::new(Shared {
+            n,
+            timeout,
+            state: Mutex::new(State {
+                slots: vec![None; n],
+                arrived: 0,
+                generation: 0,
+                done: None,
+                taken: 0,
+                mailboxes: vec![VecDeque::new(); n * n],
+                left: vec![false; n],
+                departed: Vec::new(),
+                waiting: vec![None; n],
+                poisoned: None,
+            }),
+            cv: Condvar::new(),
+            splits: Mutex::new(HashMap::new()),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing panics while holding the lock, so a poisoned mutex still holds consistent state.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -409,6 +419,42 @@ impl Communicator for LocalCommunicator {
     fn barrier(&self) -> Result<()> {
         let round = self.rendezvous(Call { op: Op::Barrier, tensor: None })?;
         validate(Op::Barrier, &round.calls)
+    }
+
+    /// Every rank deposits `[color, key]`; each then finds its color's members in the closed
+    /// round and takes the new group's state from a table keyed by (round, color), where the
+    /// first member to look creates it.
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
+        let (color, key) = check_split_args(color, key)?;
+        let (color, key) = (color as u32, key as u32);
+        let mine = Tensor::from_vec(vec![color, key], [2], vit_tensor::Device::Cpu)?;
+        let round = self.rendezvous(Call { op: Op::Split, tensor: Some(mine) })?;
+        validate(Op::Split, &round.calls)?;
+        let mut members = Vec::new(); // (key, old rank) of this color
+        for (r, call) in round.calls.iter().enumerate() {
+            let ck = call.tensor.as_ref().map(|t| t.to_vec::<u32>()).transpose()?.unwrap_or_default();
+            if ck.first() == Some(&color) {
+                members.push((ck[1], r));
+            }
+        }
+        members.sort_unstable();
+        let new_rank = members.iter().position(|&(_, r)| r == self.rank).ok_or_else(|| Error::Mismatch {
+            op: "split",
+            msg: format!("rank {} is missing from its own color {color}", self.rank),
+        })?;
+        let shared = {
+            let mut splits = self.shared.splits.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = splits
+                .entry((round.generation, color))
+                .or_insert_with(|| (Shared::new(members.len(), self.shared.timeout), members.len()));
+            let shared = Arc::clone(&entry.0);
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                splits.remove(&(round.generation, color));
+            }
+            shared
+        };
+        Ok(Box::new(LocalCommunicator { rank: new_rank, shared }))
     }
 }
 

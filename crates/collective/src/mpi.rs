@@ -15,8 +15,10 @@
 //!   element bytes.
 //!
 //! Tensors on a GPU go through host memory (NCCL is the GPU backend). Results come back on the
-//! input's device; a received tensor is on the host. MPI runs with `MPI_THREAD_SERIALIZED`:
-//! the communicator serialises its calls with a lock, so it can be shared between threads.
+//! input's device; a received tensor is on the host. Each communicator serialises its calls
+//! with a lock, so it can be shared between threads; with `MPI_THREAD_MULTIPLE` the groups made
+//! by [`Communicator::split`] have their own locks and run concurrently, otherwise
+//! (`MPI_THREAD_SERIALIZED`) one lock covers every communicator of the process.
 
 use crate::{
     call::{validate_signatures, Op, Signature},
@@ -24,11 +26,14 @@ use crate::{
 };
 use mpi::{
     environment::Universe,
-    topology::SimpleCommunicator,
+    topology::{Color, SimpleCommunicator},
     traits::{Communicator as _, CommunicatorCollectives, Destination, Root, Source},
     Threading,
 };
-use std::sync::Mutex;
+use std::{
+    mem::ManuallyDrop,
+    sync::{Arc, Mutex, MutexGuard},
+};
 use vit_tensor::{DType, Device, Shape, Tensor};
 
 /// Most tensor dimensions a signature carries.
@@ -36,26 +41,66 @@ const MAX_RANK: usize = 8;
 /// Words of an encoded signature: op, reduce op, root, has tensor, dtype, rank, dims.
 const SIG_WORDS: usize = 6 + MAX_RANK;
 
-/// The world of MPI processes: this process's rank in it.
+/// One rank's handle on a group of MPI processes: the world ([`MpiCommunicator::init`]) or a
+/// group split from it ([`Communicator::split`]).
 pub struct MpiCommunicator {
     rank: usize,
     size: usize,
-    mpi: Mutex<Mpi>,
+    /// Serialises this communicator's MPI calls. With `MPI_THREAD_MULTIPLE` each communicator
+    /// has its own (MPI allows concurrent calls on different communicators, so a data-axis
+    /// all-reduce on one thread and a model-axis ring on another can both wait at once);
+    /// otherwise one lock is shared by every communicator of the process.
+    lock: Arc<Mutex<()>>,
+    /// The handles, used only under `lock`; freed in `drop`.
+    mpi: ManuallyDrop<Mpi>,
+    /// The MPI environment, finalised when the last communicator of the process is dropped.
+    process: Arc<Process>,
 }
 
-/// The MPI environment (finalised when dropped), the world communicator, and a duplicate of
-/// it for [`MpiCommunicator::all_fail_within`] (its own matching, so it can never be confused
-/// with a collective another rank is in).
+/// This communicator's MPI handles: its group, and a duplicate of it for
+/// [`MpiCommunicator::all_fail_within`] (its own matching, so it can never be confused with a
+/// collective another rank is in).
 struct Mpi {
     world: SimpleCommunicator,
     errors: SimpleCommunicator,
-    _universe: Universe,
 }
 
-// SAFETY: MPI handles are process-wide values, not tied to a thread; MPI was initialised with
-// MPI_THREAD_SERIALIZED and every use of them goes through `MpiCommunicator::mpi`'s lock, so
-// no two threads call MPI at once.
+/// The MPI environment of this process.
+struct Process {
+    _universe: Universe,
+    /// MPI gave `MPI_THREAD_MULTIPLE`.
+    multiple: bool,
+}
+
+// SAFETY: MPI handles are process-wide values, not tied to a thread. MPI was initialised with
+// at least MPI_THREAD_SERIALIZED and every use of a communicator's handles goes through its
+// `lock`, which is process-wide unless MPI gave MPI_THREAD_MULTIPLE; the universe is only
+// dropped (MPI_Finalize) once, after every communicator has freed its handles.
 unsafe impl Send for Mpi {}
+unsafe impl Sync for Mpi {}
+unsafe impl Send for Process {}
+unsafe impl Sync for Process {}
+
+/// A communicator's handles while its lock is held.
+struct Locked<'a> {
+    _guard: MutexGuard<'a, ()>,
+    mpi: &'a Mpi,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Mpi;
+    fn deref(&self) -> &Mpi {
+        self.mpi
+    }
+}
+
+impl Drop for MpiCommunicator {
+    fn drop(&mut self) {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: dropped once, here; nothing uses the handles after this.
+        unsafe { ManuallyDrop::drop(&mut self.mpi) };
+    }
+}
 
 fn backend_err(op: &'static str, msg: impl Into<String>) -> Error {
     Error::Backend { op, msg: msg.into() }
@@ -63,8 +108,9 @@ fn backend_err(op: &'static str, msg: impl Into<String>) -> Error {
 
 impl MpiCommunicator {
     /// Initialises MPI for this process (once: a second call is an error) and joins the world.
+    /// Asks for `MPI_THREAD_MULTIPLE` and needs at least `MPI_THREAD_SERIALIZED`.
     pub fn init() -> Result<Self> {
-        let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized)
+        let (universe, threading) = mpi::initialize_with_threading(Threading::Multiple)
             .ok_or_else(|| backend_err("mpi", "MPI is already initialised in this process"))?;
         if threading < Threading::Serialized {
             return Err(backend_err(
@@ -73,9 +119,14 @@ impl MpiCommunicator {
             ));
         }
         let world = universe.world();
+        let process = Arc::new(Process { _universe: universe, multiple: threading >= Threading::Multiple });
+        Ok(Self::over(world, Arc::new(Mutex::new(())), process))
+    }
+
+    fn over(world: SimpleCommunicator, lock: Arc<Mutex<()>>, process: Arc<Process>) -> Self {
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         let errors = world.duplicate();
-        Ok(MpiCommunicator { rank, size, mpi: Mutex::new(Mpi { world, errors, _universe: universe }) })
+        MpiCommunicator { rank, size, lock, mpi: ManuallyDrop::new(Mpi { world, errors }), process }
     }
 
     /// After an error on this rank: true if every rank reaches this call within `grace` (they
@@ -114,8 +165,8 @@ impl MpiCommunicator {
         std::process::exit(code)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Mpi> {
-        self.mpi.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> Locked<'_> {
+        Locked { _guard: self.lock.lock().unwrap_or_else(|e| e.into_inner()), mpi: &self.mpi }
     }
 
     fn check_peer(&self, op: &'static str, what: &'static str, peer: usize) -> Result<()> {
@@ -191,6 +242,7 @@ fn encode(s: &Signature) -> [u64; SIG_WORDS] {
         Op::AllToAll => (4, 0, 0),
         Op::Broadcast { root } => (5, 0, root as u64),
         Op::Barrier => (6, 0, 0),
+        Op::Split => (7, 0, 0),
     };
     w[..3].copy_from_slice(&[code, red, root]);
     if let Some((shape, dtype)) = &s.tensor {
@@ -224,6 +276,7 @@ fn decode(op: &'static str, w: &[u64]) -> Result<Signature> {
         4 => Op::AllToAll,
         5 => Op::Broadcast { root: w[2] as usize },
         6 => Op::Barrier,
+        7 => Op::Split,
         _ => return Err(bad()),
     };
     let tensor = if w[3] == 1 {
@@ -375,5 +428,20 @@ impl Communicator for MpiCommunicator {
         self.agree(&mpi, Op::Barrier, None)?;
         mpi.world.barrier();
         Ok(())
+    }
+
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
+        let (color, key) = crate::communicator::check_split_args(color, key)?;
+        let mpi = self.lock();
+        self.agree(&mpi, Op::Split, None)?;
+        let group = mpi
+            .world
+            .split_by_color_with_key(Color::with_value(color), key)
+            .ok_or_else(|| backend_err("split", format!("MPI_Comm_split gave no group for color {color}")))?;
+        let lock = if self.process.multiple { Arc::new(Mutex::new(())) } else { Arc::clone(&self.lock) };
+        // Still under this communicator's lock: `over` duplicates the new group (an MPI call).
+        let split = Self::over(group, lock, Arc::clone(&self.process));
+        drop(mpi);
+        Ok(Box::new(split))
     }
 }

@@ -4,7 +4,7 @@
 //! others. Used by `local_group.rs` (threads) and `mpi_suite.rs` (processes under `mpirun`).
 
 use super::{bits, input, reference_reduce, values};
-use vit_collective::{Communicator, Error, ReduceOp};
+use vit_collective::{Axis, Communicator, Error, Mesh, MeshShape, ReduceOp};
 use vit_tensor::{DType, Device, Tensor};
 
 /// One check's name and its failure, if any.
@@ -148,6 +148,55 @@ pub fn run(c: &dyn Communicator) -> Vec<Outcome> {
             (1, Ok(_)) => Ok(()),
             (_, Err(Error::Shape { .. })) => Ok(()),
             (_, other) => Err(format!("expected a Shape error, got {other:?}")),
+        }
+    });
+    // split: groups by parity, ranked in reverse (key n - r); the groups run different
+    // collectives at the same time without mixing.
+    check("split by parity, ranked by key".into(), &mut || {
+        let g = c.split(r % 2, n - r).map_err(|e| e.to_string())?;
+        let mut members: Vec<usize> = (0..n).filter(|q| q % 2 == r % 2).collect();
+        members.reverse();
+        expect("size and rank", g.world_size() == members.len() && members[g.rank()] == r, || {
+            format!("size {} rank {}, members {members:?}", g.world_size(), g.rank())
+        })?;
+        let me = Tensor::from_vec(vec![r as i32], [1], Device::Cpu).map_err(|e| e.to_string())?;
+        let got = g.all_gather(&me).map_err(|e| e.to_string())?.to_vec::<i32>().map_err(|e| e.to_string())?;
+        let want: Vec<i32> = members.iter().map(|&q| q as i32).collect();
+        expect("members in key order", got == want, || format!("got {got:?}, want {want:?}"))?;
+        // Different shapes in the two groups: each group agrees within itself.
+        let len = 3 + 2 * (r % 2);
+        let xs: Vec<Tensor> = members.iter().map(|&q| input(&[len], 1000, q, DType::F32)).collect();
+        let y = g.all_reduce(&xs[g.rank()], ReduceOp::Sum).map_err(|e| e.to_string())?;
+        let want = reference_reduce(&xs, ReduceOp::Sum);
+        expect("reduction within the group", values(&y) == want, || format!("{:?} vs {want:?}", values(&y)))?;
+        c.barrier().map_err(|e| e.to_string())
+    });
+    // Mesh: data × model with model = 2 when n is even, else n × 1; each axis group is the
+    // ranks sharing the other coordinate, in order of their coordinate on the axis.
+    check("mesh axes are the rows and columns of the layout".into(), &mut || {
+        let model = if n % 2 == 0 { 2 } else { 1 };
+        let shape = MeshShape::data_model(n / model, model).map_err(|e| e.to_string())?;
+        let mesh = Mesh::new(c, shape).map_err(|e| e.to_string())?;
+        let (d, m) = (r / model, r % model);
+        expect("coordinates", mesh.coord(Axis::Data) == d && mesh.coord(Axis::Model) == m, || format!("{mesh:?}"))?;
+        let me = Tensor::from_vec(vec![r as i32], [1], Device::Cpu).map_err(|e| e.to_string())?;
+        for (axis, want) in [
+            (Axis::Model, (0..model).map(|j| (d * model + j) as i32).collect::<Vec<_>>()),
+            (Axis::Data, (0..n / model).map(|i| (i * model + m) as i32).collect()),
+        ] {
+            let g = mesh.axis(axis).ok_or("axis missing")?;
+            let got = g.all_gather(&me).map_err(|e| e.to_string())?.to_vec::<i32>().map_err(|e| e.to_string())?;
+            expect(&format!("{axis} group"), got == want && g.rank() == mesh.coord(axis), || {
+                format!("got {got:?} (rank {}), want {want:?}", g.rank())
+            })?;
+        }
+        expect("no expert axis", mesh.axis(Axis::Expert).is_none() && mesh.size(Axis::Expert) == 1, || "".into())
+    });
+    check("a mesh of the wrong size is an error on every rank".into(), &mut || {
+        let shape = MeshShape::data_model(n + 1, 1).map_err(|e| e.to_string())?;
+        match Mesh::new(c, shape) {
+            Err(Error::Mesh { msg }) if msg.contains(&format!("the world has {n}")) => Ok(()),
+            other => Err(format!("expected a Mesh error, got {other:?}")),
         }
     });
     out
