@@ -99,6 +99,9 @@ impl fmt::Debug for LocalCommunicator {
     }
 }
 
+/// Groups being made by a split: (round, color) → (the group, members yet to take it).
+type SplitTable = HashMap<(u64, u32), (Arc<Shared>, usize)>;
+
 /// State shared by the ranks of one group.
 struct Shared {
     n: usize,
@@ -108,7 +111,7 @@ struct Shared {
     cv: Condvar,
     /// Groups made by [`Communicator::split`], keyed by (the split's round, color), until each
     /// member has taken its communicator: the value counts the members still to take it.
-    splits: Mutex<HashMap<(u64, u32), (Arc<Shared>, usize)>>,
+    splits: Mutex<SplitTable>,
 }
 
 /// What a rank is blocked on, for deadlock detection and messages.
