@@ -27,6 +27,7 @@
 mod buckets;
 mod bytes;
 mod call;
+mod collective_matmul;
 mod communicator;
 mod error;
 mod host;
@@ -38,6 +39,7 @@ mod single;
 
 pub use buckets::{BucketPlan, OverlappedAllReduce};
 pub use bytes::all_gather_bytes;
+pub use collective_matmul::{all_gather_matmul, matmul_reduce_scatter, MatmulComm};
 pub use communicator::{Communicator, ReduceOp};
 pub use error::{Error, Result};
 pub use local::{LocalCommunicator, LocalGroup};

@@ -22,6 +22,9 @@
 //! - [`ModelError`]: one error type; messages name the field, the value and what was
 //!   expected. Nothing here panics on user input.
 //!
+//! - [`TensorParallelViT`]: the same model with its blocks split over a `model` mesh axis
+//!   (ViT-22B's tensor parallelism with collective matmuls), parameters split by
+//!   [`ShardSpec`]s.
 //! - [`MoeConfig`] and [`layers::MoeMlp`]: V-MoE's sparse mixture-of-experts MLPs with
 //!   noisy top-k routing in groups, Batch Priority Routing and the auxiliary losses.
 //!
@@ -47,6 +50,8 @@ pub mod layers;
 pub mod model;
 pub mod moe_config;
 pub mod params;
+pub mod sharding;
+pub mod tensor_parallel;
 
 pub use checkpoint::{load_checkpoint, load_params_into, save_checkpoint, Checkpoint};
 pub use config::{BlockKind, Gelu, ModelConfig, Pool, PosEmb, KEYS};
@@ -54,4 +59,6 @@ pub use error::{ModelError, Result};
 pub use model::{ForwardSaved, MoeBlockStats, VisionTransformer};
 pub use moe_config::{MoeConfig, MOE_KEYS};
 pub use params::{ParamBreakdown, ParamCounts};
+pub use sharding::{ShardPlan, ShardSpec};
+pub use tensor_parallel::{ModelAxis, TensorParallelViT, TpForwardSaved};
 pub use vit_tensor::{ParamDiff, ParamStore};

@@ -22,7 +22,7 @@ pub type MoeBlockStats = Vec<(usize, MoeStats)>;
 pub struct VisionTransformer {
     /// The (validated) configuration.
     pub config: ModelConfig,
-    embed: Embedding,
+    pub(crate) embed: Embedding,
     blocks: Vec<Block>,
     norm: Norm,
     pool: Pooling,
@@ -42,6 +42,18 @@ pub struct ForwardSaved {
     block_inputs: Vec<Tensor>,
     /// Saved activations of each block; `None` under activation checkpointing (recomputed).
     block_saved: Vec<Option<BlockSaved>>,
+    /// The final norm, pooling and heads.
+    tail: TailSaved,
+    /// The router-noise seed of the pass (`None`: routed without noise), for recomputation.
+    noise_seed: Option<u64>,
+    /// `(block index, what its MoE measured)` for each MoE block, ascending.
+    moe: Vec<(usize, MoeStats)>,
+}
+
+/// What the part after the blocks (final norm, pooling, pre-logits, classifier) keeps for
+/// backward.
+#[derive(Debug, Clone)]
+pub(crate) struct TailSaved {
     /// Output of the last block, `[B, N, D]` (the final norm's input).
     encoded: Tensor,
     norm: NormSaved,
@@ -51,18 +63,14 @@ pub struct ForwardSaved {
     /// Pre-logits before tanh, `[B, F]` (with pre-logits only).
     pre_act: Option<Tensor>,
     /// The classifier's input, `[B, F]` (`F = D` without pre-logits).
-    features: Tensor,
-    /// The router-noise seed of the pass (`None`: routed without noise), for recomputation.
-    noise_seed: Option<u64>,
-    /// `(block index, what its MoE measured)` for each MoE block, ascending.
-    moe: Vec<(usize, MoeStats)>,
+    pub(crate) features: Tensor,
 }
 
 impl ForwardSaved {
     /// The pre-logit features `[batch, F]` (the input of the classifier): what few-shot linear
     /// evaluation and linear probes use.
     pub fn features(&self) -> &Tensor {
-        &self.features
+        &self.tail.features
     }
 
     /// `(block index, statistics)` of every MoE layer of the pass: auxiliary losses, dropped
@@ -113,7 +121,7 @@ impl VisionTransformer {
         Ok(sink.0)
     }
 
-    fn declare_params(&self, sink: &mut dyn ParamSink) -> Result<()> {
+    pub(crate) fn declare_params(&self, sink: &mut dyn ParamSink) -> Result<()> {
         self.embed.init(sink)?;
         for b in &self.blocks {
             b.init(sink)?;
@@ -164,6 +172,12 @@ impl VisionTransformer {
             block_saved.push((!self.config.remat).then_some(s));
             x = y;
         }
+        let (out, tail) = self.tail_forward(p, x)?;
+        Ok((out, ForwardSaved { embed, block_inputs, block_saved, tail, noise_seed, moe }))
+    }
+
+    /// The final norm, pooling, pre-logits and classifier on the encoded tokens `x [B, N, D]`.
+    pub(crate) fn tail_forward(&self, p: &ParamStore, x: Tensor) -> Result<(Tensor, TailSaved)> {
         let (normed, norm) = self.norm.forward(p, &x)?;
         let (pooled, pool) = self.pool.forward(p, &normed)?;
         let (pre_act, features) = match &self.pre_logits {
@@ -178,20 +192,28 @@ impl VisionTransformer {
             Some(h) => h.forward(p, &features)?,
             None => features.clone(),
         };
-        let saved = ForwardSaved {
-            embed,
-            block_inputs,
-            block_saved,
-            encoded: x,
-            norm,
-            pool,
-            pooled,
-            pre_act,
-            features,
-            noise_seed,
-            moe,
+        Ok((out, TailSaved { encoded: x, norm, pool, pooled, pre_act, features }))
+    }
+
+    /// Backward of [`tail_forward`](Self::tail_forward): accumulates its parameters'
+    /// gradients, returns the gradient of the encoded tokens `[B, N, D]`.
+    pub(crate) fn tail_backward(
+        &self,
+        p: &ParamStore,
+        s: &TailSaved,
+        dout: &Tensor,
+        g: &mut ParamStore,
+    ) -> Result<Tensor> {
+        let dfeat = match &self.head {
+            Some(h) => h.backward(p, &s.features, dout, g)?,
+            None => dout.clone(),
         };
-        Ok((out, saved))
+        let dpooled = match (&self.pre_logits, &s.pre_act) {
+            (Some(pl), Some(z)) => pl.backward(p, &s.pooled, &ops::tanh_bwd(z, &dfeat)?, g)?,
+            _ => dfeat,
+        };
+        let dnormed = self.pool.backward(p, &s.pool, &dpooled, g)?;
+        self.norm.backward(p, &s.encoded, &s.norm, &dnormed, g)
     }
 
     /// Logits without keeping activations for backward (evaluation, prediction).
@@ -271,16 +293,7 @@ impl VisionTransformer {
                 ready(g, &names)
             }
         };
-        let dfeat = match &self.head {
-            Some(h) => h.backward(p, &s.features, dout, g)?,
-            None => dout.clone(),
-        };
-        let dpooled = match (&self.pre_logits, &s.pre_act) {
-            (Some(pl), Some(z)) => pl.backward(p, &s.pooled, &ops::tanh_bwd(z, &dfeat)?, g)?,
-            _ => dfeat,
-        };
-        let dnormed = self.pool.backward(p, &s.pool, &dpooled, g)?;
-        let mut dx = self.norm.backward(p, &s.encoded, &s.norm, &dnormed, g)?;
+        let mut dx = self.tail_backward(p, &s.tail, dout, g)?;
         notify(g);
         for (i, b) in self.blocks.iter().enumerate().rev() {
             let x = &s.block_inputs[i];

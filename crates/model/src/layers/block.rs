@@ -12,6 +12,10 @@ use super::{
     norm::{Norm, NormSaved},
 };
 use crate::{BlockKind, ModelConfig, ParamStore, Result};
+
+mod tensor_parallel;
+pub(crate) use tensor_parallel::check_divisible;
+pub use tensor_parallel::{ModelAxis, TpParallelSaved, TpSaved, TpSequentialSaved};
 use vit_tensor::{
     ops::{self, Gelu},
     Tensor,

@@ -1,0 +1,238 @@
+//! [`TensorParallelViT`]: a Vision Transformer whose blocks are split over the `model` mesh
+//! axis (ViT-22B's model parallelism, reference §5, design §5). Each rank of the axis holds
+//! its share of every block matrix (whole heads, `M/n` hidden units) and one row slice of the
+//! residual stream; the patch embedding, the final norm, the pooling and the heads are
+//! replicated and run on the whole batch on every rank, so their gradients need no exchange.
+//!
+//! With the same parameters it computes the unsharded model's outputs and gradients (within
+//! float tolerance: sums run in another order); checkpoints hold the whole model
+//! ([`TensorParallelViT::gather_params`], [`TensorParallelViT::shard_params`]).
+
+pub use crate::layers::block::{ModelAxis, TpSaved};
+use crate::{
+    layers::{block::check_divisible, Block, EmbedSaved, Init, ParamSink},
+    model::TailSaved,
+    sharding::{ShardPlan, ShardSpec},
+    ModelError, ParamStore, Result, VisionTransformer,
+};
+use vit_tensor::{ops, DType, Device, Tensor};
+
+/// One model rank's view of a tensor-parallel Vision Transformer.
+#[derive(Debug, Clone)]
+pub struct TensorParallelViT {
+    /// The whole model: its embedding, final norm, pooling and heads run as they are.
+    pub model: VisionTransformer,
+    /// This rank's blocks ([`Block::sharded`]).
+    blocks: Vec<Block>,
+    plan: ShardPlan,
+    /// This rank's coordinate on the model axis.
+    rank: usize,
+}
+
+/// What [`TensorParallelViT::backward`] needs from a forward pass (`r = batch·tokens/n` rows).
+#[derive(Debug, Clone)]
+pub struct TpForwardSaved {
+    embed: EmbedSaved,
+    /// This rank's rows of each block's input, `[r, D]` (kept with or without remat).
+    block_inputs: Vec<Tensor>,
+    /// Each block's activations; `None` under activation checkpointing (recomputed).
+    block_saved: Vec<Option<TpSaved>>,
+    tail: TailSaved,
+    batch: usize,
+    tokens: usize,
+}
+
+impl TpForwardSaved {
+    /// The pre-logit features `[batch, F]` (the same on every model rank).
+    pub fn features(&self) -> &Tensor {
+        &self.tail.features
+    }
+}
+
+impl TensorParallelViT {
+    /// `model` split over `n` model ranks, as rank `rank` holds it. Errors if `n` does not
+    /// divide the heads or the MLP width, or if the model has MoE blocks.
+    pub fn new(model: &VisionTransformer, n: usize, rank: usize) -> Result<Self> {
+        let cfg = &model.config;
+        check_divisible(cfg, n)?;
+        if rank >= n {
+            return Err(ModelError::Param {
+                name: "model axis".into(),
+                msg: format!("rank {rank} is outside a model axis of {n} ranks"),
+            });
+        }
+        let blocks = (0..cfg.depth).map(|i| Block::sharded(i, cfg, n)).collect::<Result<Vec<_>>>()?;
+        let mut splits = Vec::new();
+        for i in 0..cfg.depth {
+            splits.extend(Block::new(i, cfg).shard_specs());
+        }
+        let mut params = Vec::new();
+        for (name, dims) in model.param_shapes()? {
+            let spec = splits.iter().find(|(n, _)| *n == name).map_or(ShardSpec::Replicated, |(_, s)| s.clone());
+            spec.check(&name, &dims, n)?;
+            params.push((name, dims, spec));
+        }
+        Ok(TensorParallelViT { model: model.clone(), blocks, plan: ShardPlan { params, n }, rank })
+    }
+
+    /// How each parameter is split.
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+
+    /// The model-axis size.
+    pub fn ranks(&self) -> usize {
+        self.plan.n
+    }
+
+    /// This rank's fresh parameters: exactly its part of
+    /// [`VisionTransformer::init_params`]`(seed, ..)`, made one whole tensor at a time (peak
+    /// memory: this rank's share plus the largest whole parameter).
+    pub fn init_params(&self, seed: u64, dtype: DType, device: Device) -> Result<ParamStore> {
+        struct Sharding<'a> {
+            init: Init,
+            plan: &'a ShardPlan,
+            rank: usize,
+            store: ParamStore,
+        }
+        impl ParamSink for Sharding<'_> {
+            fn add(&mut self, name: &str, dims: &[usize], fill: crate::layers::Fill) -> Result<()> {
+                let whole = self.init.tensor(name, dims, fill)?;
+                let part = self.plan.spec(name)?.shard(&whole, self.rank, self.plan.n)?;
+                Ok(self.store.insert(name, part)?)
+            }
+        }
+        let mut sink = Sharding {
+            init: Init { seed, dtype, device: Device::Cpu },
+            plan: &self.plan,
+            rank: self.rank,
+            store: ParamStore::new(),
+        };
+        self.model.declare_params(&mut sink)?;
+        Ok(sink.store.to_device(device)?)
+    }
+
+    /// This rank's part of the whole model's parameters `full` (e.g. from a checkpoint).
+    pub fn shard_params(&self, full: &ParamStore) -> Result<ParamStore> {
+        self.plan.shard_store(full, self.rank)
+    }
+
+    /// The whole model's parameters (or any store laid out like them: gradients, optimizer
+    /// moments) from every model rank's part, on every rank of `comm` (the model axis;
+    /// a collective).
+    pub fn gather_params(&self, local: &ParamStore, comm: &dyn vit_collective::Communicator) -> Result<ParamStore> {
+        let n = self.plan.n;
+        let mut out = ParamStore::new();
+        for (name, _, spec) in &self.plan.params {
+            let mine = local.get(name)?;
+            let whole = match spec {
+                ShardSpec::Replicated => mine.clone(),
+                ShardSpec::Split { .. } => {
+                    let all = comm.all_gather(mine)?; // [n·d0, ..]: the parts along dim 0
+                    let d0 = mine.dims().first().copied().unwrap_or(1);
+                    let parts =
+                        (0..n).map(|m| ops::slice(&all, 0, m * d0, d0)).collect::<std::result::Result<Vec<_>, _>>()?;
+                    spec.unshard(&parts)?
+                }
+            };
+            out.insert(name.clone(), whole)?;
+        }
+        Ok(out)
+    }
+
+    /// `images [batch, C, H, W]` -> logits `[batch, classes]` (the same on every model rank)
+    /// and what backward needs. `batch · tokens` must be divisible by the model-axis size.
+    /// Every rank of `axis` calls it together, with the same images.
+    pub fn forward(&self, p: &ParamStore, images: &Tensor, axis: ModelAxis<'_>) -> Result<(Tensor, TpForwardSaved)> {
+        self.check_axis(axis)?;
+        let (x, embed) = self.model.embed.forward(p, images)?;
+        let (batch, tokens, d) = (x.dims()[0], x.dims()[1], x.dims()[2]);
+        let mut x = self.my_rows(&x, batch, tokens, d)?;
+        let mut block_inputs = Vec::with_capacity(self.blocks.len());
+        let mut block_saved = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            let (y, s) = b.forward_tp(p, &x, batch, tokens, axis)?;
+            block_inputs.push(x);
+            block_saved.push((!self.model.config.remat).then_some(s));
+            x = y;
+        }
+        let encoded = axis.comm.all_gather(&x)?.reshape([batch, tokens, d])?;
+        let (out, tail) = self.model.tail_forward(p, encoded)?;
+        Ok((out, TpForwardSaved { embed, block_inputs, block_saved, tail, batch, tokens }))
+    }
+
+    /// Logits `[batch, classes]` without keeping activations (evaluation); a collective.
+    pub fn predict(&self, p: &ParamStore, images: &Tensor, axis: ModelAxis<'_>) -> Result<Tensor> {
+        self.check_axis(axis)?;
+        let (x, _) = self.model.embed.forward(p, images)?;
+        let (batch, tokens, d) = (x.dims()[0], x.dims()[1], x.dims()[2]);
+        let mut x = self.my_rows(&x, batch, tokens, d)?;
+        for b in &self.blocks {
+            x = b.forward_tp(p, &x, batch, tokens, axis)?.0;
+        }
+        let encoded = axis.comm.all_gather(&x)?.reshape([batch, tokens, d])?;
+        Ok(self.model.tail_forward(p, encoded)?.0)
+    }
+
+    /// Accumulates this rank's parameter gradients into `g` (laid out like its parameters)
+    /// for the loss `⟨dout, output⟩`: its part of each split parameter's gradient and the
+    /// whole gradient of each replicated one (the same on every model rank). A collective.
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        s: &TpForwardSaved,
+        dout: &Tensor,
+        g: &mut ParamStore,
+        axis: ModelAxis<'_>,
+    ) -> Result<()> {
+        self.check_axis(axis)?;
+        let (batch, tokens) = (s.batch, s.tokens);
+        let dx_all = self.model.tail_backward(p, &s.tail, dout, g)?;
+        let d = dx_all.dims()[2];
+        let mut dx = self.my_rows(&dx_all, batch, tokens, d)?;
+        for (i, b) in self.blocks.iter().enumerate().rev() {
+            let x = &s.block_inputs[i];
+            let recomputed;
+            let saved = match &s.block_saved[i] {
+                Some(saved) => saved,
+                None => {
+                    recomputed = b.forward_tp(p, x, batch, tokens, axis)?.1;
+                    &recomputed
+                }
+            };
+            dx = b.backward_tp(p, x, saved, &dx, g, batch, tokens, axis)?;
+        }
+        // Every rank runs the embedding's backward on all rows, so its gradients are whole.
+        let dx_all = axis.comm.all_gather(&dx)?.reshape([batch, tokens, d])?;
+        self.model.embed.backward(p, &s.embed, &dx_all, g)?;
+        Ok(())
+    }
+
+    /// This rank's rows `[r, D]` of `x [batch, tokens, D]`.
+    fn my_rows(&self, x: &Tensor, batch: usize, tokens: usize, d: usize) -> Result<Tensor> {
+        let (rows, n) = (batch * tokens, self.plan.n);
+        if rows % n != 0 {
+            return Err(ModelError::Param {
+                name: "batch".into(),
+                msg: format!(
+                    "batch {batch} × tokens {tokens} = {rows} rows cannot be split evenly over {n} model ranks"
+                ),
+            });
+        }
+        Ok(ops::slice(&x.reshape([rows, d])?, 0, self.rank * rows / n, rows / n)?)
+    }
+
+    fn check_axis(&self, axis: ModelAxis<'_>) -> Result<()> {
+        let (n, r) = (axis.comm.world_size(), axis.comm.rank());
+        if n != self.plan.n || r != self.rank {
+            return Err(ModelError::Param {
+                name: "model axis".into(),
+                msg: format!(
+                    "the model was split for rank {} of {} ranks, but the communicator is rank {r} of {n}",
+                    self.rank, self.plan.n
+                ),
+            });
+        }
+        Ok(())
+    }
+}
