@@ -170,6 +170,11 @@ pub struct LoopSection {
     /// parameters all-gathered).
     #[serde(default)]
     pub sharding: Sharding,
+    /// The device mesh (`[train.mesh]`): with `model = K > 1` the world's ranks form a
+    /// `data × model` mesh of `world / K` data-parallel groups of K ranks that split every
+    /// block matrix between them (ViT-22B's tensor parallelism).
+    #[serde(default)]
+    pub mesh: MeshSection,
     /// Data parallel over threads: seconds a rank waits in one collective for the others
     /// before the run ends with an error naming the ranks it waited for (default 1800, as
     /// `torch.distributed`; rank 0 evaluates and writes checkpoints alone while the others wait,
@@ -221,6 +226,47 @@ pub struct LoopSection {
 fn one() -> usize {
     1
 }
+/// `[train.mesh]`: how the ranks are laid out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSection {
+    /// Ranks of the `model` axis (default 1: data parallel only); it must divide the world
+    /// size, the model's heads and its MLP width.
+    #[serde(default = "one")]
+    pub model: usize,
+    /// How the tensor-parallel matmuls move activations: `ring` (default; collective matmul,
+    /// transfers overlapped with the matmuls) or `plain` (the collective, then the matmul).
+    #[serde(default)]
+    pub matmul: MatmulKind,
+}
+
+impl Default for MeshSection {
+    fn default() -> Self {
+        MeshSection { model: 1, matmul: MatmulKind::Ring }
+    }
+}
+
+/// `train.mesh.matmul`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatmulKind {
+    /// Collective matmul: all-gather-matmul and matmul-reduce-scatter as rings.
+    #[default]
+    Ring,
+    /// The plain collective before (or after) one matmul.
+    Plain,
+}
+
+impl MatmulKind {
+    /// The collective-matmul mode.
+    pub fn mode(self) -> vit_collective::MatmulComm {
+        match self {
+            MatmulKind::Ring => vit_collective::MatmulComm::Ring,
+            MatmulKind::Plain => vit_collective::MatmulComm::Plain,
+        }
+    }
+}
+
 /// `train.sharding`: what data-parallel ranks split among themselves.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -419,14 +465,40 @@ impl TrainConfig {
         if t.grad_accum == 0 || t.batch_size % t.grad_accum != 0 {
             return bad("train.grad_accum", t.grad_accum.to_string(), "a positive divisor of train.batch_size");
         }
-        if t.world == 0 || t.batch_size % (t.world * t.grad_accum) != 0 {
+        let model_ranks = t.mesh.model;
+        if model_ranks == 0 || t.world % model_ranks != 0 {
+            return bad(
+                "train.mesh.model",
+                model_ranks.to_string(),
+                &format!("a divisor of train.world ({})", t.world),
+            );
+        }
+        if t.world == 0 || t.batch_size % (t.world / model_ranks * t.grad_accum) != 0 {
             return bad(
                 "train.world",
                 t.world.to_string(),
                 &format!(
-                    "a positive number of ranks whose product with train.grad_accum ({}) divides train.batch_size ({})",
-                    t.grad_accum, t.batch_size
+                    "a positive number of ranks whose data-parallel groups (world / train.mesh.model = {}) times \
+                     train.grad_accum ({}) divide train.batch_size ({})",
+                    t.world / model_ranks.max(1),
+                    t.grad_accum,
+                    t.batch_size
                 ),
+            );
+        }
+        if model_ranks > 1 && t.sharding != Sharding::None {
+            return bad(
+                "train.sharding",
+                "\"optimizer\" (with train.mesh.model > 1)".into(),
+                "\"none\" under tensor parallelism: ZeRO-1 over the data axis of a mesh is not built yet",
+            );
+        }
+        if model_ranks > 1 && self.optimizer.name == OptimizerName::FactoredAdam {
+            return bad(
+                "optimizer.name",
+                "factored-adam (with train.mesh.model > 1)".into(),
+                "adamw or sgd under tensor parallelism: the factored second moment needs whole-matrix row and \
+                 column means, which a split matrix does not have on one rank",
             );
         }
         if !(t.collective_timeout >= 0.0 && t.collective_timeout.is_finite()) {

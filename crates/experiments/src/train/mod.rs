@@ -8,6 +8,7 @@ pub mod data;
 pub mod data_check;
 pub mod evals;
 pub mod mixup;
+pub mod model_parallel;
 pub mod moe_eval;
 pub mod moe_log;
 mod panics;
@@ -295,16 +296,40 @@ pub fn micro_batch_grads_moe(
         }
         None => model.forward(params, x)?,
     };
-    let dloss = Tensor::full(1.0 / batch as f32, [x.dims()[0]], DType::F32, x.device())?;
-    let (losses, dlogits) = if loss == LossKind::Sigmoid {
-        (ops::sigmoid_cross_entropy_fwd(&logits, t)?, ops::sigmoid_cross_entropy_bwd(&logits, t, &dloss)?)
-    } else {
-        ops::softmax_cross_entropy_fwd_bwd(&logits, t, &dloss)?
-    };
+    let (losses, dlogits) = loss_and_grad(&logits, t, loss, batch)?;
     // The auxiliary loss (0 for a dense model) counts with this micro-batch's share of the batch.
     let sum = ops::sum_all(&losses)?.to_scalar()? as f64 + saved.aux_loss() as f64 * x.dims()[0] as f64;
     model.backward_notify(params, &saved, &dlogits, share as f32, grads, ready)?;
     Ok(sum)
+}
+
+/// Per-example losses `[micro]` of `logits` against targets `t`, and the gradient of the
+/// batch's mean loss with respect to the logits (each example weighted `1 / batch`).
+fn loss_and_grad(logits: &Tensor, t: &Tensor, loss: LossKind, batch: usize) -> Result<(Tensor, Tensor), TrainError> {
+    let dloss = Tensor::full(1.0 / batch as f32, [logits.dims()[0]], DType::F32, logits.device())?;
+    Ok(if loss == LossKind::Sigmoid {
+        (ops::sigmoid_cross_entropy_fwd(logits, t)?, ops::sigmoid_cross_entropy_bwd(logits, t, &dloss)?)
+    } else {
+        ops::softmax_cross_entropy_fwd_bwd(logits, t, &dloss)?
+    })
+}
+
+/// [`micro_batch_grads`] of a model split over a model axis: this rank's part of the gradients
+/// (every rank of the axis runs it on the same micro-batch); returns the sum of the losses.
+#[allow(clippy::too_many_arguments)]
+fn micro_batch_grads_tp(
+    mp: &model_parallel::ModelParallel,
+    params: &ParamStore,
+    x: &Tensor,
+    t: &Tensor,
+    loss: LossKind,
+    batch: usize,
+    grads: &mut ParamStore,
+) -> Result<f64, TrainError> {
+    let (logits, saved) = mp.tp.forward(params, x, mp.axis())?;
+    let (losses, dlogits) = loss_and_grad(&logits, t, loss, batch)?;
+    mp.tp.backward(params, &saved, &dlogits, grads, mp.axis())?;
+    Ok(ops::sum_all(&losses)?.to_scalar()? as f64)
 }
 
 /// `(accuracy, mean loss)` over one pass of `loader`; the loss is sigmoid cross-entropy when
@@ -409,10 +434,13 @@ fn train_rank(
 ) -> Result<Summary, TrainError> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let lead = rank == 0;
-    if cfg.train.batch_size % (world * cfg.train.grad_accum) != 0 {
+    // Data-parallel groups: all ranks, or world / train.mesh.model of them on a mesh.
+    let groups = world / cfg.train.mesh.model.max(1);
+    if world % cfg.train.mesh.model.max(1) != 0 || cfg.train.batch_size % (groups * cfg.train.grad_accum) != 0 {
         return Err(TrainError::Config(format!(
-            "{world} ranks: expected their number times train.grad_accum ({}) to divide train.batch_size ({})",
-            cfg.train.grad_accum, cfg.train.batch_size
+            "{world} ranks with train.mesh.model = {}: expected the mesh size to divide the ranks and the \
+             data-parallel groups times train.grad_accum ({}) to divide train.batch_size ({})",
+            cfg.train.mesh.model, cfg.train.grad_accum, cfg.train.batch_size
         )));
     }
     let started = Instant::now();
@@ -421,6 +449,10 @@ fn train_rank(
     let dtype = cfg.train.precision.dtype();
     let mcfg: ModelConfig = cfg.model_config()?;
     let model = VisionTransformer::new(&mcfg, dtype, device)?;
+    // On a data × model mesh: this rank's part of the model, and the data axis to reduce over.
+    let mp = model_parallel::ModelParallel::new(comm, &model, cfg.train.mesh.model, cfg.train.mesh.matmul.mode())?;
+    let dp: &dyn vit_collective::Communicator = mp.as_ref().map_or(comm, |m| m.data());
+    let (drank, dworld) = (dp.rank(), dp.world_size());
     let data = data::load(&cfg.data)?;
     let probe = data.eval_loader(&data.train, 1)?.batch(0)?;
     let want = [mcfg.channels, mcfg.image_size, mcfg.image_size];
@@ -451,13 +483,23 @@ fn train_rank(
         let ckpt = checkpoint::load_checkpoint(&path, device)?;
         ckpt.check_against(&model.init_params(0, DType::F32, Device::Cpu)?)?;
         run.truncate_metrics(step)?;
-        (ckpt.params.clone(), Some((step, ckpt)))
+        let params = match &mp {
+            Some(m) => m.tp.shard_params(&ckpt.params)?,
+            None => ckpt.params.clone(),
+        };
+        (params, Some((step, ckpt)))
     } else {
         run.write("config.toml", &cfg.resolved()?.to_toml()?)?;
         if run.writes() {
             let _ = std::fs::remove_file(run.file("metrics.jsonl"));
         }
-        (initial_params(cfg, &model, device)?, None)
+        let params = match (&mp, &cfg.train.init_from) {
+            // This rank's part alone, one whole tensor at a time.
+            (Some(m), None) => m.tp.init_params(cfg.train.seed, DType::F32, device)?,
+            (Some(m), Some(_)) => m.tp.shard_params(&initial_params(cfg, &model, device)?)?,
+            (None, _) => initial_params(cfg, &model, device)?,
+        };
+        (params, None)
     };
     let skip_bad = cfg.data.on_bad_example == vit_data::OnBadExample::Skip;
     let mut bad_log =
@@ -471,16 +513,20 @@ fn train_rank(
         bad_log.record(0, &data.bad_at_start)?;
     }
     let opt_cfg = optimizer_config(cfg, total, &params)?;
-    let sharded = world > 1 && cfg.train.sharding == config::Sharding::Optimizer;
+    let sharded = dworld > 1 && cfg.train.sharding == config::Sharding::Optimizer;
     let mut opt = if sharded {
-        zero::Updater::Sharded(zero::ShardedOptimizer::new(opt_cfg, &params, rank, world)?)
+        zero::Updater::Sharded(zero::ShardedOptimizer::new(opt_cfg, &params, drank, dworld)?)
     } else {
         zero::Updater::Replicated(OptimizerChain::new(opt_cfg, &params)?)
     };
     if world > 1 && lead {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let layout = match &mp {
+            Some(m) => format!("mesh {} ({}-way tensor parallel)", m.describe(), m.tp.ranks()),
+            None => "data parallel".into(),
+        };
         println!(
-            "data parallel: {world} ranks, sharding {}: parameters {:.1} MiB and optimizer state {:.1} MiB on rank 0",
+            "{layout}: {world} ranks, sharding {}: parameters {:.1} MiB and optimizer state {:.1} MiB on rank 0",
             if sharded { "optimizer (ZeRO-1)" } else { "none" },
             mib(params.numel() as u64 * 4),
             mib(opt.state_bytes())
@@ -492,7 +538,10 @@ fn train_rank(
                 .optimizer
                 .as_ref()
                 .ok_or_else(|| TrainError::Io("checkpoint has no optimizer state to resume".into()))?;
-            opt.load_state(state)?;
+            match &mp {
+                Some(m) => opt.load_state(&m.shard_state(state)?)?,
+                None => opt.load_state(state)?,
+            }
             *step
         }
         None => 0,
@@ -509,11 +558,16 @@ fn train_rank(
     // Checkpoints hold the whole (unsharded) state: a sharded optimizer's is gathered to rank 0
     // first, by every rank.
     let save = |params: &ParamStore, opt: &zero::Updater, step: u64| -> Result<(), TrainError> {
-        let state = opt.state(comm)?;
+        let state = opt.state(dp)?;
+        // Split over a model axis: gathered whole on every rank of it first.
+        let (params, state) = match &mp {
+            Some(m) => (m.gather_params(params)?, state.map(|s| m.gather_state(&s)).transpose()?),
+            None => (params.clone(), state),
+        };
         if !run.writes() {
             return Ok(());
         }
-        let mut ckpt = Checkpoint::new(mcfg.clone(), params.clone());
+        let mut ckpt = Checkpoint::new(mcfg.clone(), params);
         ckpt.optimizer = state;
         ckpt.step = step;
         ckpt.metadata.insert("seed".into(), cfg.train.seed.to_string());
@@ -532,11 +586,12 @@ fn train_rank(
     });
     // Each rank's loader makes rows rank·B/N.. of every global batch, in micro-batches of
     // B/(N·accum).
-    let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / (world * cfg.train.grad_accum));
+    let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / (dworld * cfg.train.grad_accum));
     let mut evaluator = evals::Evaluator::new(cfg, &data, batch, device)?;
     // Sharded, each rank reduce-scatters its gradients in the update instead.
-    let buckets = if sharded { None } else { gradient_buckets(&params, world, cfg.train.bucket_mb)? };
-    let shard = vit_data::loader::Shard { index: rank, count: world };
+    // With a model axis, all is reduced after backward (the stages' gradients are per rank).
+    let buckets = if sharded || mp.is_some() { None } else { gradient_buckets(&params, dworld, cfg.train.bucket_mb)? };
+    let shard = vit_data::loader::Shard { index: drank, count: dworld };
     let first_row = shard.rows(batch).start;
     let mut stream = data.train_loader(batch, cfg.train.seed, shard)?.iter_from(first_step);
     let (mut train_time, mut trained) = (0f64, 0u64);
@@ -567,7 +622,7 @@ fn train_rank(
             let t0 = Instant::now();
             let b =
                 stream.next().ok_or_else(|| TrainError::Io(format!("the training stream ended at step {step}")))??;
-            if world == 1 {
+            if dworld == 1 {
                 bad_log.record(step + 1, &b.bad)?;
             }
             use vit_data::faults::injected;
@@ -583,7 +638,7 @@ fn train_rank(
             let mixed = match &cfg.data.mixup {
                 Some(m) => {
                     let t = targets(&my_labels, mcfg.classes, cfg.train.label_smoothing, None)?;
-                    Some(mixup::mix_global_batch(m, &b.images, &t, cfg.train.seed, step, comm)?)
+                    Some(mixup::mix_global_batch(m, &b.images, &t, cfg.train.seed, step, dp)?)
                 }
                 None => None,
             };
@@ -597,7 +652,7 @@ fn train_rank(
             let micro_batches = my_labels.chunks(micro).count();
             std::thread::scope(|scope| -> Result<(), TrainError> {
                 let mut overlap = buckets.as_ref().map(|plan| {
-                    vit_collective::OverlappedAllReduce::start(scope, comm, plan, vit_collective::ReduceOp::Sum)
+                    vit_collective::OverlappedAllReduce::start(scope, dp, plan, vit_collective::ReduceOp::Sum)
                 });
                 for (j, labels) in my_labels.chunks(micro).enumerate() {
                     let x = images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
@@ -622,15 +677,27 @@ fn train_rank(
                             }
                         }
                     };
-                    loss_sum +=
-                        micro_batch_grads_moe(&model, &cp, &x, &t, cfg.train.loss, batch, moe, &mut grads, &mut ready)?;
+                    loss_sum += match &mp {
+                        Some(m) => micro_batch_grads_tp(m, &cp, &x, &t, cfg.train.loss, batch, &mut grads)?,
+                        None => micro_batch_grads_moe(
+                            &model,
+                            &cp,
+                            &x,
+                            &t,
+                            cfg.train.loss,
+                            batch,
+                            moe,
+                            &mut grads,
+                            &mut ready,
+                        )?,
+                    };
                 }
                 // The global batch's gradient: the sum of every rank's part.
                 match overlap {
                     Some(o) => o.finish(grads.buffer_mut(0))?,
-                    None if world > 1 && !sharded => {
+                    None if dworld > 1 && !sharded => {
                         for i in 0..grads.buffers().len() {
-                            let summed = comm.all_reduce(grads.buffer(i), vit_collective::ReduceOp::Sum)?;
+                            let summed = dp.all_reduce(grads.buffer(i), vit_collective::ReduceOp::Sum)?;
                             *grads.buffer_mut(i) = summed;
                         }
                     }
@@ -638,14 +705,14 @@ fn train_rank(
                 }
                 Ok(())
             })?;
-            if world > 1 {
+            if dworld > 1 {
                 // With the loss, how many bad examples the ranks' loaders met; their list only
                 // when there were some, so that every rank counts (and rank 0 lists) them all.
                 let l = Tensor::from_vec(vec![loss_sum as f32, b.bad.len() as f32], [2], Device::Cpu)?;
-                let sums = comm.all_reduce(&l, vit_collective::ReduceOp::Sum)?.to_f32_vec()?;
+                let sums = dp.all_reduce(&l, vit_collective::ReduceOp::Sum)?.to_f32_vec()?;
                 loss_sum = sums[0] as f64;
                 if sums[1] > 0.0 {
-                    bad_log.record(step + 1, &bad_examples::gather(comm, &b.bad)?)?;
+                    bad_log.record(step + 1, &bad_examples::gather(dp, &b.bad)?)?;
                 }
             }
             let loss = loss_sum / batch as f64;
@@ -657,7 +724,10 @@ fn train_rank(
             drop(cp);
             // A failure inside the update may leave parameters half written: no save then.
             torn = true;
-            let info = opt.step(comm, &mut params, &grads)?;
+            let info = match (&mp, &mut opt) {
+                (Some(m), zero::Updater::Replicated(o)) => m.step(o, &mut params, &grads)?,
+                _ => opt.step(dp, &mut params, &grads)?,
+            };
             torn = false;
             completed = step + 1;
             train_time += t0.elapsed().as_secs_f64();
@@ -678,10 +748,17 @@ fn train_rank(
             }
             moe.write_into(&mut line);
             let eval_now = evaluator.due(done, is_last);
-            if eval_now && lead {
-                let cp = compute_params(&params, dtype)?;
-                if let Some(t) = evaluator.run(&model, &cp, done, is_last, &mut line)? {
-                    (test_acc, test_loss) = t;
+            if eval_now {
+                // Rank 0 evaluates the whole model (gathered by every rank of its model axis).
+                let whole = match &mp {
+                    Some(m) => Some(m.gather_params(&params)?),
+                    None => None,
+                };
+                if lead {
+                    let cp = compute_params(whole.as_ref().unwrap_or(&params), dtype)?;
+                    if let Some(t) = evaluator.run(&model, &cp, done, is_last, &mut line)? {
+                        (test_acc, test_loss) = t;
+                    }
                 }
             }
             if eval_now || done % cfg.train.log_every.max(1) == 0 {
@@ -720,7 +797,7 @@ fn train_rank(
         let rate = trained as f64 / train_time.max(1e-9);
         let keep = KeepState { completed, first_step, saved: last_saved, torn };
         return Err(keep_state_after_error(error, keep, &params, run, |step| {
-            if opt.is_sharded() {
+            if opt.is_sharded() || mp.is_some() {
                 // Gathering needs every rank, and the others may be anywhere after one's error.
                 return Err(TrainError::Io("the optimizer state is sharded over the ranks (train.sharding = \"optimizer\") and is not gathered after an error".into()));
             }
@@ -733,10 +810,17 @@ fn train_rank(
     if let Some(b) = &bar {
         b.finish();
     }
-    if first_step == total && lead {
-        let mut line = serde_json::json!({});
-        if let Some(t) = evaluator.run(&model, &compute_params(&params, dtype)?, total, true, &mut line)? {
-            (test_acc, test_loss) = t;
+    if first_step == total {
+        let whole = match &mp {
+            Some(m) => Some(m.gather_params(&params)?),
+            None => None,
+        };
+        if lead {
+            let mut line = serde_json::json!({});
+            let cp = compute_params(whole.as_ref().unwrap_or(&params), dtype)?;
+            if let Some(t) = evaluator.run(&model, &cp, total, true, &mut line)? {
+                (test_acc, test_loss) = t;
+            }
         }
     }
     if run.writes() {

@@ -1,0 +1,146 @@
+//! Training on a `data × model` mesh (`train.mesh.model = K > 1`, issue 13): the world's ranks
+//! form `world / K` data-parallel groups of K model ranks; the K ranks of a group read the same
+//! examples and split every block matrix between them ([`TensorParallelViT`]). Gradients are
+//! all-reduced over the data axis as in plain data parallelism; the optimizer updates each
+//! rank's part with the whole model's gradient norm; checkpoints and evaluation see the whole
+//! model, gathered over the model axis.
+
+use super::TrainError;
+use vit_collective::{Axis, Communicator, MatmulComm, Mesh, MeshShape, ReduceOp};
+use vit_model::{ModelAxis, ParamStore, ShardSpec, TensorParallelViT, VisionTransformer};
+use vit_optim::{OptimizerChain, StepInfo, STATE_COUNT};
+use vit_tensor::Tensor;
+
+/// This rank's place on the mesh and its part of the model.
+pub struct ModelParallel {
+    mesh: Mesh,
+    /// The model as this rank holds it.
+    pub tp: TensorParallelViT,
+    matmul: MatmulComm,
+}
+
+impl ModelParallel {
+    /// The mesh of `comm`'s ranks with `model` ranks per data-parallel group (a collective),
+    /// and `model` split over them; `None` when `model` is 1.
+    pub fn new(
+        comm: &dyn Communicator,
+        model: &VisionTransformer,
+        model_ranks: usize,
+        matmul: MatmulComm,
+    ) -> Result<Option<Self>, TrainError> {
+        if model_ranks <= 1 {
+            return Ok(None);
+        }
+        let world = comm.world_size();
+        if world % model_ranks != 0 {
+            return Err(TrainError::Config(format!(
+                "train.mesh.model = {model_ranks}: expected a divisor of the {world} ranks"
+            )));
+        }
+        let mesh = Mesh::new(comm, MeshShape::data_model(world / model_ranks, model_ranks)?)?;
+        let tp = TensorParallelViT::new(model, model_ranks, mesh.coord(Axis::Model))?;
+        Ok(Some(ModelParallel { mesh, tp, matmul }))
+    }
+
+    /// The data axis: the ranks holding the same part of the model.
+    pub fn data(&self) -> &dyn Communicator {
+        self.mesh.axis(Axis::Data).expect("a data × model mesh has a data axis")
+    }
+
+    /// The model axis: the ranks sharing one copy of the model.
+    pub fn model_comm(&self) -> &dyn Communicator {
+        self.mesh.axis(Axis::Model).expect("a data × model mesh has a model axis")
+    }
+
+    /// The model axis and the collective-matmul mode, for the forward and backward passes.
+    pub fn axis(&self) -> ModelAxis<'_> {
+        ModelAxis { comm: self.model_comm(), matmul: self.matmul }
+    }
+
+    /// `data=2,model=2`.
+    pub fn describe(&self) -> String {
+        self.mesh.shape().to_string()
+    }
+
+    /// The whole model's parameters from every model rank's part (a collective of the model
+    /// axis; every rank gets them).
+    pub fn gather_params(&self, local: &ParamStore) -> Result<ParamStore, TrainError> {
+        Ok(self.tp.gather_params(local, self.model_comm())?)
+    }
+
+    /// The whole optimizer state (`m.NAME`, `v.NAME`, the step count) from every model
+    /// rank's part, each moment split like its parameter (a collective of the model axis).
+    pub fn gather_state(&self, local: &ParamStore) -> Result<ParamStore, TrainError> {
+        let n = self.tp.ranks();
+        let mut out = ParamStore::new();
+        for (name, t) in local.iter() {
+            let whole = match self.state_spec(name)? {
+                ShardSpec::Replicated => t.clone(),
+                spec => {
+                    let all = self.model_comm().all_gather(t)?;
+                    let d0 = t.dims().first().copied().unwrap_or(1);
+                    let parts = (0..n).map(|m| all.narrow(m * d0, d0)).collect::<Result<Vec<Tensor>, _>>()?;
+                    spec.unshard(&parts)?
+                }
+            };
+            out.insert(name, whole)?;
+        }
+        Ok(out)
+    }
+
+    /// This rank's part of a whole optimizer state.
+    pub fn shard_state(&self, whole: &ParamStore) -> Result<ParamStore, TrainError> {
+        let mut out = ParamStore::new();
+        let m = self.mesh.coord(Axis::Model);
+        for (name, t) in whole.iter() {
+            out.insert(name, self.state_spec(name)?.shard(t, m, self.tp.ranks())?)?;
+        }
+        Ok(out)
+    }
+
+    /// How an optimizer-state tensor is split: like the parameter it belongs to.
+    fn state_spec(&self, name: &str) -> Result<ShardSpec, TrainError> {
+        if name == STATE_COUNT {
+            return Ok(ShardSpec::Replicated);
+        }
+        for prefix in [vit_optim::STATE_M, vit_optim::STATE_V] {
+            if let Some(param) = name.strip_prefix(prefix) {
+                return Ok(self.tp.plan().spec(param)?.clone());
+            }
+        }
+        Err(TrainError::Config(format!(
+            "optimizer state {name}: only whole-tensor moments (m., v.) can be split over the model axis"
+        )))
+    }
+
+    /// One update of this rank's part: the gradient norm (for clipping and the log) is the whole
+    /// model's — the split parameters' squares summed over the model axis, the replicated
+    /// ones (the same on every model rank) counted once.
+    pub fn step(
+        &self,
+        opt: &mut OptimizerChain,
+        params: &mut ParamStore,
+        grads: &ParamStore,
+    ) -> Result<StepInfo, TrainError> {
+        let n = self.tp.ranks() as f64;
+        let mut replicated = 0f64;
+        for (name, g) in grads.iter() {
+            let trainable = opt.settings(name).is_some_and(|s| !s.frozen);
+            if trainable && !self.tp.plan().is_split(name) {
+                replicated += g.to_f32_vec()?.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+            }
+        }
+        let comm = self.model_comm();
+        let mut global = |mine: f64| -> Result<f64, vit_optim::OptimError> {
+            // Each rank contributes its split squares and 1/n of the replicated ones.
+            let part = mine - replicated + replicated / n;
+            let t = Tensor::from_vec(vec![part as f32], [1], vit_tensor::Device::Cpu)?;
+            let summed = comm.all_reduce(&t, ReduceOp::Sum).map_err(|e| vit_optim::OptimError::Param {
+                name: "(gradient norm across the model axis)".into(),
+                msg: e.to_string(),
+            })?;
+            Ok(summed.to_f32_vec()?[0] as f64)
+        };
+        Ok(opt.step_shard(params, grads, &mut global)?)
+    }
+}
