@@ -1,6 +1,7 @@
 //! `mpirun -np 2 vit train` (issue 12 item 2): one data-parallel rank per MPI process follows
 //! the single-process run within 1e-5 relative, rank 0 alone writes the run directory, and a
-//! run stopped under mpirun resumes in one process. Built and run only with the `mpi` feature
+//! run stopped under mpirun resumes in one process; 4 processes on a 2 × 2 data × model mesh
+//! (issue 13 item 1) follow it too. Built and run only with the `mpi` feature
 //! (`scripts/test.sh` does, where MPI is installed).
 #![cfg(feature = "mpi")]
 
@@ -52,6 +53,12 @@ fn mpirun_ranks_follow_one_process_and_resume_in_one() {
     let o = run(None, &["train", "--resume", moved.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_losses_close(&one, &moved, 12, "mpirun -np 2 to step 6, then one process");
+    // A 2 × 2 data × model mesh of processes (MPI_Comm_split per axis) follows one process.
+    let mesh = tmp.path().join("mesh");
+    let o = train(Some(4), &mesh, &["--set", "train.mesh.model=2"]);
+    assert!(o.status.success(), "mpirun -np 4 with a 2 x 2 mesh: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("mesh data=2,model=2"));
+    assert_losses_close(&one, &mesh, 12, "mpirun -np 4 on a 2 x 2 mesh vs one process");
     // Threads and processes at once is refused on every rank.
     let o = train(Some(2), &tmp.path().join("both"), &["--world", "2"]);
     assert_eq!(o.status.code(), Some(1));

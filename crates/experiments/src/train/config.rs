@@ -466,14 +466,15 @@ impl TrainConfig {
             return bad("train.grad_accum", t.grad_accum.to_string(), "a positive divisor of train.batch_size");
         }
         let model_ranks = t.mesh.model;
-        if model_ranks == 0 || t.world % model_ranks != 0 {
+        // Under mpirun the world is the process count (train.world stays 1): checked at run time.
+        if model_ranks == 0 || (t.world > 1 && t.world % model_ranks != 0) {
             return bad(
                 "train.mesh.model",
                 model_ranks.to_string(),
                 &format!("a divisor of train.world ({})", t.world),
             );
         }
-        if t.world == 0 || t.batch_size % (t.world / model_ranks * t.grad_accum) != 0 {
+        if t.world == 0 || t.batch_size % ((t.world / model_ranks).max(1) * t.grad_accum) != 0 {
             return bad(
                 "train.world",
                 t.world.to_string(),
