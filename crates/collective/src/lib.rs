@@ -8,6 +8,11 @@
 //! - `MpiCommunicator` (cargo feature `mpi`): one rank per process over the system's MPI, on
 //!   one machine or many (`mpirun`, `srun`).
 //!
+//! On top of the trait: the bucketed all-reduce overlapped with backward
+//! ([`OverlappedAllReduce`]), collective matmul ([`all_gather_matmul`],
+//! [`matmul_reduce_scatter`]: the ring in which transfers overlap the matmuls), and
+//! [`Throttled`], a test double of a slow link for measuring overlap on one machine.
+//!
 //! ```
 //! use vit_collective::{Communicator, LocalGroup};
 //! use vit_tensor::{DType, Device, Tensor};
@@ -24,6 +29,7 @@
 mod buckets;
 mod bytes;
 mod call;
+mod collective_matmul;
 mod communicator;
 mod error;
 mod host;
@@ -31,12 +37,15 @@ mod local;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod single;
+mod throttled;
 
 pub use buckets::{BucketPlan, OverlappedAllReduce};
 pub use bytes::all_gather_bytes;
+pub use collective_matmul::{all_gather_matmul, matmul_reduce_scatter, MatmulComm};
 pub use communicator::{Communicator, ReduceOp};
 pub use error::{Error, Result};
 pub use local::{LocalCommunicator, LocalGroup};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiCommunicator;
 pub use single::SingleProcess;
+pub use throttled::{LinkModel, Throttled};
