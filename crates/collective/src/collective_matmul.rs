@@ -64,9 +64,9 @@ impl FromStr for MatmulComm {
 /// rank order.
 ///
 /// Every rank passes `x` of the same shape and dtype (and `w` of the same dtype). With
-/// [`MatmulComm::Ring`] the products of the chunks are computed one by one as the chunks travel
-/// around the ring, so `y` has the same bits as with [`MatmulComm::Plain`] only when the matmul
-/// kernel's results do not depend on the row count (on the CPU they do not). `n = 1` is one
+/// [`MatmulComm::Ring`] the chunks' products are computed one by one as the chunks travel around
+/// the ring (the same bits run to run; they may differ from [`MatmulComm::Plain`]'s one large
+/// matmul in the last bits, as a GEMM kernel may block rows differently). `n = 1` is one
 /// matmul.
 ///
 /// Errors, before any transfer (so on every rank when every rank passes the same shapes):
@@ -190,87 +190,90 @@ fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
 }
 
 /// The ring all-gather-matmul. The communication thread passes the chunks on around the ring
-/// as fast as they arrive (a chunk does not wait for its matmul); the calling thread multiplies
-/// each chunk as it comes: at step `s` the chunk of rank `rank − s`.
+/// as fast as they arrive (a chunk does not wait for its matmul) and copies each into the
+/// gathered `x`; the calling thread multiplies each chunk as it comes (at step `s` the chunk of
+/// rank `rank − s`) and hands the product back to the communication thread, which copies it
+/// into `y` once its transfers are done. So the copies that assemble the outputs overlap the
+/// matmuls, except the last product's.
 fn ring_all_gather_matmul(comm: &dyn Communicator, x: &Tensor, w: &Tensor, tw: bool) -> Result<(Tensor, Tensor)> {
     const OP: &str = "all_gather_matmul";
     let (n, rank) = (comm.world_size(), comm.rank());
     let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
-    let mut ys: Vec<Option<Tensor>> = vec![None; n];
-    let mut xs: Vec<Option<Tensor>> = vec![None; n];
-    std::thread::scope(|s| -> Result<()> {
-        let (tx, rx) = mpsc::channel::<Tensor>();
-        let comm_thread = s.spawn(move || -> Result<()> {
+    let (r, k) = (x.dims()[0], x.dims()[1]);
+    let n_out = if tw { w.dims()[0] } else { w.dims()[1] };
+    std::thread::scope(|s| -> Result<(Tensor, Tensor)> {
+        let (chunks_tx, chunks) = mpsc::channel::<Tensor>();
+        let (products_tx, products) = mpsc::channel::<(usize, Tensor)>();
+        let comm_thread = s.spawn(move || -> Result<(Tensor, Tensor)> {
+            let mut gathered = Tensor::zeros([n * r, k], x.dtype(), x.device())?;
+            gathered.write_at(rank * r * k, x)?;
             let mut cur = x.clone();
-            for _ in 1..n {
+            for step in 1..n {
                 let got = comm.send_recv(&cur, next, prev)?;
                 check_received(OP, prev, &got, x.dims(), x.dtype())?;
-                if tx.send(got.clone()).is_err() {
-                    return Ok(()); // the calling thread failed; it reports its own error
+                if chunks_tx.send(got.clone()).is_err() {
+                    // The calling thread failed; it reports its own error.
+                    return Err(Error::Backend { op: OP, msg: "the calling thread stopped".into() });
                 }
+                gathered.write_at((rank + n - step) % n * r * k, &got)?;
                 cur = got;
             }
-            Ok(())
+            drop(chunks_tx);
+            let mut y = Tensor::zeros([n * r, n_out], x.dtype(), x.device())?;
+            for (src, p) in products {
+                y.write_at(src * r * n_out, &p)?;
+            }
+            Ok((y, gathered))
         });
         let mut cur = x.clone();
         for step in 0..n {
             if step > 0 {
-                match rx.recv() {
+                match chunks.recv() {
                     Ok(t) => cur = t,
                     Err(_) => break, // the communication thread failed: its error follows
                 }
             }
-            let src = (rank + n - step) % n;
-            ys[src] = Some(ops::matmul_t(&cur, w, false, tw)?);
-            xs[src] = Some(cur.clone());
+            let p = ops::matmul_t(&cur, w, false, tw)?;
+            if products_tx.send(((rank + n - step) % n, p)).is_err() {
+                break;
+            }
         }
+        drop(products_tx); // the communication thread ends after the last product
         join(comm_thread)
-    })?;
-    let ys: Vec<Tensor> = ys.into_iter().map(|t| t.expect("every step filled its chunk")).collect();
-    let xs: Vec<Tensor> = xs.into_iter().map(|t| t.expect("every step filled its chunk")).collect();
-    Ok((ops::concat(&ys.iter().collect::<Vec<_>>(), 0)?, ops::concat(&xs.iter().collect::<Vec<_>>(), 0)?))
+    })
 }
 
 /// The ring matmul-reduce-scatter. Step `s` computes the partial product for output chunk
-/// `(rank − s − 1) mod n` while the communication thread passes the previous step's partial sum
-/// to rank + 1 and receives rank − 1's, which is the partial sum of the same chunk; after
-/// `n` steps the partial sum in hand is this rank's own chunk, reduced over every rank.
+/// `(rank − s − 1) mod n` on the calling thread; the communication thread passes the partial
+/// sum of the previous step to rank + 1, receives rank − 1's (the partial sum of the same chunk
+/// as this step's product), adds the product to it and passes the sum on at the next step.
+/// After `n` steps the partial sum in hand is this rank's own chunk, reduced over every rank.
+/// The calling thread only multiplies, one product after another.
 fn ring_matmul_reduce_scatter(comm: &dyn Communicator, x: &Tensor, w: &Tensor, tw: bool, r: usize) -> Result<Tensor> {
     const OP: &str = "matmul_reduce_scatter";
     let (n, rank) = (comm.world_size(), comm.rank());
     let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
-    let product = |step: usize| -> Result<Tensor> {
-        let chunk = (rank + 2 * n - step - 1) % n;
-        Ok(ops::matmul_t(&x.narrow(chunk * r, r)?, w, false, tw)?)
-    };
     std::thread::scope(|s| -> Result<Tensor> {
-        let (job_tx, jobs) = mpsc::channel::<Tensor>();
-        let (done, results) = mpsc::channel::<Result<Tensor>>();
-        let comm_thread = s.spawn(move || {
-            for t in jobs {
-                let got = comm.send_recv(&t, next, prev);
-                let failed = got.is_err();
-                if done.send(got).is_err() || failed {
-                    return;
-                }
+        let (products_tx, products) = mpsc::channel::<Tensor>();
+        let comm_thread = s.spawn(move || -> Result<Tensor> {
+            let stopped = || Error::Backend { op: OP, msg: "the calling thread stopped".into() };
+            let mut acc = products.recv().map_err(|_| stopped())?;
+            for _ in 1..n {
+                let got = comm.send_recv(&acc, next, prev)?;
+                let p = products.recv().map_err(|_| stopped())?;
+                check_received(OP, prev, &got, p.dims(), p.dtype())?;
+                acc = ops::add(&got, &p)?;
             }
+            Ok(acc)
         });
-        let mut acc = product(0)?;
-        for step in 1..n {
-            // A failed send means the thread stopped after an error, which `results` holds.
-            let _ = job_tx.send(acc);
-            let p = product(step)?;
-            let got = match results.recv() {
-                Ok(got) => got?,
-                Err(_) => {
-                    return Err(Error::Backend { op: OP, msg: "the communication thread ended early".into() });
-                }
-            };
-            check_received(OP, prev, &got, p.dims(), p.dtype())?;
-            acc = ops::add(&got, &p)?;
+        for step in 0..n {
+            let chunk = (rank + 2 * n - step - 1) % n;
+            let p = ops::matmul_t(&x.narrow(chunk * r, r)?, w, false, tw)?;
+            if products_tx.send(p).is_err() {
+                break; // the communication thread failed: its error follows
+            }
         }
-        drop(job_tx); // the thread ends after the last job
-        join(comm_thread);
-        Ok(acc)
+        drop(products_tx);
+        join(comm_thread)
     })
 }
