@@ -46,20 +46,28 @@ struct Shape {
     hidden: usize,
 }
 
-/// Median over `samples` (after one warm-up) of the time `f` takes on this rank, every rank
-/// starting together (a barrier on the un-throttled communicator first).
-fn timed(comm: &LocalCommunicator, samples: usize, mut f: impl FnMut()) -> Duration {
-    f();
-    let mut t: Vec<Duration> = (0..samples)
-        .map(|_| {
+/// Medians over `samples` (after one warm-up round) of the time each of `fs` takes on this
+/// rank, every rank starting each call together (a barrier on the un-throttled communicator
+/// first). The calls are interleaved (one of each per round), so that a change in the load of
+/// the machine during the run touches every measurement alike.
+fn timed(comm: &LocalCommunicator, samples: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<Duration> {
+    let mut t = vec![Vec::new(); fs.len()];
+    for round in 0..=samples {
+        for (f, t) in fs.iter_mut().zip(&mut t) {
             comm.barrier().unwrap();
             let start = Instant::now();
             f();
-            start.elapsed()
+            if round > 0 {
+                t.push(start.elapsed());
+            }
+        }
+    }
+    t.into_iter()
+        .map(|mut t| {
+            t.sort();
+            t[t.len() / 2]
         })
-        .collect();
-    t.sort();
-    t[t.len() / 2]
+        .collect()
 }
 
 /// Times in seconds (slowest rank) of: the ring's chunk matmuls alone, Plain's one matmul
@@ -103,7 +111,7 @@ fn chunk_seconds(op: Op, s: Shape, n: usize, threads: usize, samples: usize) -> 
     let t = LocalGroup::run(n, |comm| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let (x, w, _) = operands(op, s, n, comm.rank());
-        pool.install(|| timed(&comm, samples, || drop(black_box(chunk_matmul(op, &x, &w, s)))))
+        pool.install(|| timed(&comm, samples, &mut [&mut || drop(black_box(chunk_matmul(op, &x, &w, s)))])[0])
     });
     t.into_iter().max().unwrap().as_secs_f64()
 }
@@ -116,32 +124,31 @@ fn measure(op: Op, s: Shape, n: usize, threads: usize, link: LinkModel, samples:
         let link_comm = Throttled::new(comm, link).unwrap();
         let inner = link_comm.inner();
         pool.install(|| {
-            let compute_ring = timed(inner, samples, || {
-                for _ in 0..n {
-                    black_box(chunk_matmul(op, &x, &w, s));
-                }
-            });
             // Plain's one matmul takes every rank's rows (all-gather-matmul) or all rows.
             let plain_x = match op {
                 Op::AllGather => ops::concat(&vec![&x; n], 0).unwrap(),
                 Op::ReduceScatter => x.clone(),
             };
-            let compute_plain =
-                timed(inner, samples, || drop(black_box(ops::matmul_t(&plain_x, &w, false, true).unwrap())));
-            let comm_alone = timed(inner, samples, || {
+            let run = |mode| match op {
+                Op::AllGather => drop(black_box(all_gather_matmul(&link_comm, &x, &w, true, mode).unwrap())),
+                Op::ReduceScatter => drop(black_box(matmul_reduce_scatter(&link_comm, &x, &w, true, mode).unwrap())),
+            };
+            let mut compute_ring = || {
+                for _ in 0..n {
+                    black_box(chunk_matmul(op, &x, &w, s));
+                }
+            };
+            let mut compute_plain = || drop(black_box(ops::matmul_t(&plain_x, &w, false, true).unwrap()));
+            let mut comm_alone = || {
                 let mut cur = chunk.clone();
                 for _ in 1..n {
                     cur = link_comm.send_recv(&cur, (rank + 1) % n, (rank + n - 1) % n).unwrap();
                 }
                 black_box(cur);
-            });
-            let run = |mode| match op {
-                Op::AllGather => drop(black_box(all_gather_matmul(&link_comm, &x, &w, true, mode).unwrap())),
-                Op::ReduceScatter => drop(black_box(matmul_reduce_scatter(&link_comm, &x, &w, true, mode).unwrap())),
             };
-            let plain = timed(inner, samples, || run(MatmulComm::Plain));
-            let ring = timed(inner, samples, || run(MatmulComm::Ring));
-            [compute_ring, compute_plain, comm_alone, plain, ring]
+            let mut plain = || run(MatmulComm::Plain);
+            let mut ring = || run(MatmulComm::Ring);
+            timed(inner, samples, &mut [&mut compute_ring, &mut compute_plain, &mut comm_alone, &mut plain, &mut ring])
         })
     });
     let slowest = |i: usize| per_rank.iter().map(|t| t[i]).max().unwrap().as_secs_f64();
@@ -153,7 +160,7 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let s =
         if quick { Shape { rows: 64, width: 32, hidden: 96 } } else { Shape { rows: 2048, width: 512, hidden: 1536 } };
-    let samples = if quick { 1 } else { 5 };
+    let samples = if quick { 1 } else { 7 };
     let latency = Duration::from_micros(50);
     println!(
         "collective_matmul_cpu: {cores} cores, f32, LocalGroup ranks over Throttled (latency {latency:?}), \
