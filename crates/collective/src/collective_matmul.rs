@@ -190,7 +190,7 @@ fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
 }
 
 /// The ring all-gather-matmul. The communication thread passes the chunks on around the ring
-/// as fast as they arrive (a chunk does not wait for its matmul) and copies each into the
+/// as fast as they arrive (a chunk does not wait for its matmul), then copies them into the
 /// gathered `x`; the calling thread multiplies each chunk as it comes (at step `s` the chunk of
 /// rank `rank − s`) and hands the product back to the communication thread, which copies it
 /// into `y` once its transfers are done. So the copies that assemble the outputs overlap the
@@ -205,20 +205,25 @@ fn ring_all_gather_matmul(comm: &dyn Communicator, x: &Tensor, w: &Tensor, tw: b
         let (chunks_tx, chunks) = mpsc::channel::<Tensor>();
         let (products_tx, products) = mpsc::channel::<(usize, Tensor)>();
         let comm_thread = s.spawn(move || -> Result<(Tensor, Tensor)> {
-            let mut gathered = Tensor::zeros([n * r, k], x.dtype(), x.device())?;
-            gathered.write_at(rank * r * k, x)?;
+            // The transfers back to back first; then the copies.
+            let mut received = Vec::with_capacity(n - 1);
             let mut cur = x.clone();
-            for step in 1..n {
+            for _ in 1..n {
                 let got = comm.send_recv(&cur, next, prev)?;
                 check_received(OP, prev, &got, x.dims(), x.dtype())?;
                 if chunks_tx.send(got.clone()).is_err() {
                     // The calling thread failed; it reports its own error.
                     return Err(Error::Backend { op: OP, msg: "the calling thread stopped".into() });
                 }
-                gathered.write_at((rank + n - step) % n * r * k, &got)?;
+                received.push(got.clone());
                 cur = got;
             }
             drop(chunks_tx);
+            let mut gathered = Tensor::zeros([n * r, k], x.dtype(), x.device())?;
+            for (step, chunk) in std::iter::once(x).chain(&received).enumerate() {
+                gathered.write_at((rank + n - step) % n * r * k, chunk)?;
+            }
+            drop(received);
             let mut y = Tensor::zeros([n * r, n_out], x.dtype(), x.device())?;
             for (src, p) in products {
                 y.write_at(src * r * n_out, &p)?;
