@@ -72,6 +72,46 @@ pub trait Communicator: Send + Sync {
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>>;
 }
 
+/// A boxed communicator (what [`Communicator::split`] returns) is one.
+impl Communicator for Box<dyn Communicator> {
+    fn rank(&self) -> usize {
+        self.as_ref().rank()
+    }
+    fn world_size(&self) -> usize {
+        self.as_ref().world_size()
+    }
+    fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.as_ref().all_reduce(x, op)
+    }
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+        self.as_ref().all_gather(x)
+    }
+    fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.as_ref().reduce_scatter(x, op)
+    }
+    fn all_to_all(&self, x: &Tensor) -> Result<Tensor> {
+        self.as_ref().all_to_all(x)
+    }
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        self.as_ref().broadcast(x, root)
+    }
+    fn send(&self, x: &Tensor, to: usize) -> Result<()> {
+        self.as_ref().send(x, to)
+    }
+    fn recv(&self, from: usize) -> Result<Tensor> {
+        self.as_ref().recv(from)
+    }
+    fn send_recv(&self, x: &Tensor, to: usize, from: usize) -> Result<Tensor> {
+        self.as_ref().send_recv(x, to, from)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.as_ref().barrier()
+    }
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
+        self.as_ref().split(color, key)
+    }
+}
+
 /// Checks `split`'s arguments against MPI's `int` range (every backend applies the same limit).
 pub(crate) fn check_split_args(color: usize, key: usize) -> Result<(i32, i32)> {
     let fit = |what: &'static str, v: usize| {

@@ -25,6 +25,11 @@ pub enum Error {
     #[error("{op}: {msg}")]
     Shape { op: &'static str, msg: String },
 
+    /// A parameter outside its valid range, e.g. `Throttled::new: expected a bandwidth > 0
+    /// bytes/s, got 0`, or an unknown name.
+    #[error("{op}: {msg}")]
+    Value { op: &'static str, msg: String },
+
     /// A reduction on a non-float tensor.
     #[error("{op}: expected a float dtype (f32, bf16 or f16), got {got}")]
     DType { op: &'static str, got: DType },

@@ -9,7 +9,10 @@
 //!   one machine or many (`mpirun`, `srun`).
 //!
 //! [`Communicator::split`] makes sub-groups, and [`Mesh`] lays a group out on named axes
-//! (`data × model`) with one sub-communicator per axis.
+//! (`data × model`) with one sub-communicator per axis. On top of the trait: the bucketed
+//! all-reduce overlapped with backward ([`OverlappedAllReduce`]), collective matmul
+//! ([`all_gather_matmul`], [`matmul_reduce_scatter`]: the ring in which transfers overlap the
+//! matmuls), and [`Throttled`], a test double of a slow link for measuring overlap on one machine.
 //!
 //! ```
 //! use vit_collective::{Communicator, LocalGroup};
@@ -36,6 +39,7 @@ mod mesh;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod single;
+mod throttled;
 
 pub use buckets::{BucketPlan, OverlappedAllReduce};
 pub use bytes::all_gather_bytes;
@@ -47,3 +51,4 @@ pub use mesh::{Axis, Mesh, MeshShape};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiCommunicator;
 pub use single::SingleProcess;
+pub use throttled::{LinkModel, Throttled};
