@@ -106,9 +106,11 @@ fn planned_memory_is_within_10_percent_of_measured_on_one_rank_and_zero1_ranks()
             let grads = params.zeros_like(DType::F32).unwrap();
             let bytes = |s: &vit_tensor::ParamStore| s.buffers().iter().map(|b| b.numel() as u64 * 4).sum::<u64>();
             let images = Tensor::randn([per_rank, 3, 32, 32], 0.0, 1.0, 7, DType::F32, Device::Cpu).unwrap();
-            kept_by_forward(&vit, &params, &images); // warm-up: thread pools, caches
-            let activations = kept_by_forward(&vit, &params, &images);
-            let step_peak = step_peak(&vit, &params, &images);
+            // Warm-up (thread pools, per-thread GEMM scratch), then the least of three runs: a
+            // worker thread that grows its scratch during a run adds bytes that are not kept.
+            step_peak(&vit, &params, &images);
+            let activations = (0..3).map(|_| kept_by_forward(&vit, &params, &images)).min().unwrap();
+            let step_peak = (0..3).map(|_| step_peak(&vit, &params, &images)).min().unwrap();
             for world in [1usize, 2, 4] {
                 let mut s =
                     PlanSettings::new(cfg.clone(), Mesh { data: world, model: 1 }, world * per_rank, factored());
@@ -128,7 +130,7 @@ fn planned_memory_is_within_10_percent_of_measured_on_one_rank_and_zero1_ranks()
                 within(&format!("{tag}: activations"), planned_act, activations);
                 // The step's peak (kept activations plus backward's transients) against the
                 // planned activations + workspace: the workspace is an estimate (docs/sharding.md
-                // records the measured gaps, 5-22% on these models), so this bound is 25%.
+                // records the measured gaps, 4-22% on these models), so this bound is 25%.
                 let planned_peak = p.memory.activations + p.memory.workspace;
                 let ratio = planned_peak as f64 / step_peak as f64;
                 println!("{tag}: step peak measured {step_peak}, planned {planned_peak}, ratio {ratio:.4}");

@@ -137,7 +137,7 @@ fn gib(b: u64) -> String {
 
 fn print_plan(model: &str, opt: OptimizerKind, p: &Plan) {
     println!(
-        "{model} on {} devices (data {} × model {}), batch {} ({} images per data replica, {} tokens each, {:.1} per device), {}, {:?} sharding, {opt:?}, remat {}",
+        "{model} on {} devices (data {} × model {}), batch {} ({} images per data replica, {} tokens each, {:.1} per device), {}, data axis shards {}, {opt:?}, remat {}",
         p.devices,
         p.mesh.data,
         p.mesh.model,
@@ -146,7 +146,11 @@ fn print_plan(model: &str, opt: OptimizerKind, p: &Plan) {
         p.tokens,
         p.tokens_per_device,
         p.precision,
-        p.sharding,
+        match p.sharding {
+            ParamSharding::None => "the batch only",
+            ParamSharding::Optimizer => "the optimizer state (ZeRO-1)",
+            ParamSharding::Full => "parameters, gradients and optimizer state",
+        },
         if p.remat { "on" } else { "off" },
     );
     println!(
