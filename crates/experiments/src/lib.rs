@@ -1,5 +1,6 @@
 //! `vit-experiments`: the `vit` tool's building blocks, usable from other trainers too.
 
 pub mod fewshot;
+pub mod plan;
 pub mod sweep;
 pub mod train;

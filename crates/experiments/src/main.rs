@@ -27,6 +27,8 @@ enum Command {
     Fewshot(commands::fewshot::Args),
     /// Parameter counts of a model preset or config, without building it.
     Params(commands::params::Args),
+    /// Memory, FLOPs, communication and step time per device of a sharded training step.
+    Plan(commands::plan::Args),
     /// The compute devices vitrs can use here (CPU threads, CUDA devices, NVRTC).
     Devices(commands::devices::Args),
     /// Speed and memory of training steps on synthetic data (`vit bench train --model B/16`).
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => commands::eval::run(a),
         Command::Fewshot(a) => commands::fewshot::run(a),
         Command::Params(a) => commands::params::run(a),
+        Command::Plan(a) => commands::plan::run(a),
         Command::Devices(a) => commands::devices::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Convert(a) => commands::convert::run(a),

@@ -8,6 +8,7 @@ pub mod devices;
 pub mod eval;
 pub mod fewshot;
 pub mod params;
+pub mod plan;
 pub mod predict;
 pub mod sweep;
 pub mod train;
@@ -22,6 +23,8 @@ pub enum CliError {
     Tensor(#[from] vit_tensor::Error),
     #[error(transparent)]
     Optim(#[from] vit_optim::OptimError),
+    #[error(transparent)]
+    Plan(#[from] vit_experiments::plan::PlanError),
     #[error("writing JSON: {0}")]
     Json(#[from] serde_json::Error),
     /// Boxed: training errors carry whole parameter diffs.

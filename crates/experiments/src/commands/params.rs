@@ -36,7 +36,8 @@ pub enum OptimizerKind {
 }
 
 impl OptimizerKind {
-    fn config(self) -> OptimizerConfig {
+    /// This optimizer with its default settings.
+    pub fn config(self) -> OptimizerConfig {
         let algorithm = match self {
             OptimizerKind::Adamw => Algorithm::AdamW(AdamWConfig::default()),
             OptimizerKind::FactoredAdam => Algorithm::FactoredAdam(FactoredAdamConfig::default()),
