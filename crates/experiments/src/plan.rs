@@ -16,7 +16,7 @@
 //!   optimizer state.
 
 use serde::Serialize;
-use vit_model::{BlockKind, ModelConfig, ModelError, VisionTransformer};
+use vit_model::{BlockKind, ModelConfig, ModelError, ShardSpec, TensorParallelViT, VisionTransformer};
 use vit_optim::{optimizer_state_bytes, OptimError, OptimizerConfig};
 use vit_tensor::{DType, Device};
 
@@ -56,36 +56,15 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Parses `data=256,model=4` (either order; a missing axis has size 1).
+    /// Parses `data=256,model=4` (either order; a missing axis has size 1) with
+    /// [`vit_collective::MeshShape::parse`], the syntax of the trainer's mesh.
     pub fn parse(s: &str) -> Result<Mesh, PlanError> {
-        let mut mesh = Mesh { data: 1, model: 1 };
-        let mut seen = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (axis, size) = part
-                .split_once('=')
-                .ok_or_else(|| invalid("--mesh", s, format!("`{part}` is not AXIS=SIZE, e.g. data=256,model=4")))?;
-            let size: usize =
-                size.trim().parse().ok().filter(|&n| n > 0).ok_or_else(|| {
-                    invalid("--mesh", s, format!("the size of axis `{axis}` must be a positive integer"))
-                })?;
-            let axis = axis.trim();
-            if seen.contains(&axis) {
-                return Err(invalid("--mesh", s, format!("axis `{axis}` is given twice")));
-            }
-            seen.push(axis);
-            match axis {
-                "data" => mesh.data = size,
-                "model" => mesh.model = size,
-                other => {
-                    return Err(invalid(
-                        "--mesh",
-                        s,
-                        format!("unknown axis `{other}`; the axes are `data` and `model`"),
-                    ))
-                }
-            }
+        use vit_collective::{Axis, MeshShape};
+        let shape = MeshShape::parse(s).map_err(|e| invalid("--mesh", s, e.to_string()))?;
+        if shape.size(Axis::Expert) > 1 {
+            return Err(invalid("--mesh", s, "the axes `data` and `model` (the planner has no expert axis)"));
         }
-        Ok(mesh)
+        Ok(Mesh { data: shape.size(Axis::Data), model: shape.size(Axis::Model) })
     }
 
     /// Devices in the mesh, `data · model`.
@@ -196,33 +175,10 @@ pub struct ShardedParam {
     pub split: Split,
 }
 
-/// The split of a block parameter by its name's suffix (module docs); `Replicated` otherwise.
-fn split_of(name: &str) -> Split {
-    if !name.starts_with("blocks.") {
-        return Split::Replicated;
-    }
-    const COLUMN: [&str; 7] = [
-        ".attn.qkv.weight",
-        ".attn.qkv.bias",
-        ".mlp.fc1.weight",
-        ".mlp.fc1.bias",
-        ".in_proj.weight",
-        ".in_proj.bias",
-        ".mlp_bias",
-    ];
-    const ROW: [&str; 3] = [".attn.proj.weight", ".mlp.fc2.weight", ".out_proj.weight"];
-    if COLUMN.iter().any(|s| name.ends_with(s)) {
-        Split::Column
-    } else if ROW.iter().any(|s| name.ends_with(s)) {
-        Split::Row
-    } else {
-        Split::Replicated
-    }
-}
-
-/// Every parameter of `cfg` with its shape on one of `model` shards, in store order. Errors when
-/// the heads or the MLP width are not divisible by `model` (the column blocks q, k, v, and the
-/// MLP hidden units, must split evenly).
+/// Every parameter of `cfg` with its shape on one of `model` shards, in store order: the
+/// split the tensor-parallel model itself uses ([`TensorParallelViT`]'s plan). Errors when the
+/// heads or the MLP width are not divisible by `model`, or for a V-MoE model on a model axis
+/// (the trainer refuses both too).
 pub fn shard_params(cfg: &ModelConfig, model: usize) -> Result<Vec<ShardedParam>, PlanError> {
     cfg.validate()?;
     if model == 0 {
@@ -238,32 +194,30 @@ pub fn shard_params(cfg: &ModelConfig, model: usize) -> Result<Vec<ShardedParam>
     if cfg.mlp_dim % model != 0 {
         return Err(invalid("--mesh model", model, format!("must divide mlp_dim = {}", cfg.mlp_dim)));
     }
-    let shapes = VisionTransformer::new(cfg, DType::F32, Device::Cpu)?.param_shapes()?;
-    shapes
-        .into_iter()
-        .map(|(name, full)| {
-            let split = split_of(&name);
-            let mut local = full.clone();
-            let dim = match split {
-                Split::Replicated => None,
-                Split::Column => Some(0),
-                Split::Row => Some(1),
-            };
-            if let Some(dim) = dim {
-                // Column-sharded fused projections split each of their blocks (mlp, q, k, v) evenly,
-                // so every block's width is divisible; the sum is then divisible too.
-                if local.len() <= dim || local[dim] % model != 0 {
-                    return Err(invalid(
-                        &format!("parameter {name} {full:?}"),
-                        model,
-                        format!("dimension {dim} must be divisible by the model axis"),
-                    ));
-                }
-                local[dim] /= model;
-            }
-            Ok(ShardedParam { name, full, local, split })
+    let vit = VisionTransformer::new(cfg, DType::F32, Device::Cpu)?;
+    if model == 1 {
+        let shapes = vit.param_shapes()?;
+        return Ok(shapes
+            .into_iter()
+            .map(|(name, full)| ShardedParam { local: full.clone(), name, full, split: Split::Replicated })
+            .collect());
+    }
+    let tp = TensorParallelViT::new(&vit, model, 0)?;
+    Ok(tp
+        .plan()
+        .params
+        .iter()
+        .map(|(name, full, spec)| ShardedParam {
+            name: name.clone(),
+            full: full.clone(),
+            local: spec.local_dims(full, model),
+            split: match spec {
+                ShardSpec::Replicated => Split::Replicated,
+                ShardSpec::Split { dim: 0, .. } => Split::Column,
+                ShardSpec::Split { .. } => Split::Row,
+            },
         })
-        .collect()
+        .collect())
 }
 
 /// Bytes on one device, by kind.
@@ -407,11 +361,21 @@ pub fn activation_bytes(cfg: &ModelConfig, images: usize, model: usize, dtype: D
     let embed = b * patches * patches * (cfg.channels * cfg.patch * cfg.patch) as u64 * s;
     let stream = div(b * t * d * s); // one [B, T, D] tensor, token-sharded
     let (kept, stats) = block_kept_per_token(cfg);
-    let block = div(b * t * (kept * s + stats * 4));
-    // Final norm statistics (token-sharded); pooled [B, D], pre-logits and features [B, P] each,
-    // logits [B, K] (the head is replicated over model).
+    // Split over a model axis, a block keeps the all-gathered inputs of its column-parallel
+    // matmuls whole ([R, D] each, for their weight gradients: qkv and fc1, or the fused
+    // in-projection) and 1/m of everything else (TpSequentialSaved, TpParallelSaved).
+    let gathered = match (model > 1, cfg.block) {
+        (false, _) => 0,
+        (true, BlockKind::Sequential) => 2 * d,
+        (true, BlockKind::Parallel) => d,
+    };
+    let block = div(b * t * ((kept - gathered) * s + stats * 4)) + b * t * gathered * s;
+    // The last block's output all-gathered for the replicated tail (whole on every model rank)
+    // and the final norm's statistics; pooled [B, D], pre-logits and features [B, P] each,
+    // logits [B, K].
+    let last = if model > 1 { b * t * d * s - stream } else { 0 };
     let prelogits = cfg.prelogits.map_or(0, |p| 2 * p as u64);
-    let head = div(b * t * 2 * 4) + b * (d + prelogits + cfg.classes as u64) * s;
+    let head = last + b * t * 2 * 4 + b * (d + prelogits + cfg.classes as u64) * s;
     // The MAP head (replicated, on all tokens): its input tokens, keys and values [B, T, D]
     // each, probe, q, o, merged, a, n [B, 1, D] and the MLP's two [B, 1, M].
     let map = match cfg.pool {
@@ -587,7 +551,9 @@ mod tests {
         assert_eq!(Mesh::parse("model=2, data=3").unwrap(), Mesh { data: 3, model: 2 });
         assert_eq!(Mesh::parse("data=8").unwrap(), Mesh { data: 8, model: 1 });
         let e = Mesh::parse("data=2,expert=4").unwrap_err().to_string();
-        assert!(e.contains("unknown axis `expert`"), "{e}");
+        assert!(e.contains("no expert axis"), "{e}");
+        let e = Mesh::parse("data=2,pipe=4").unwrap_err().to_string();
+        assert!(e.contains("unknown axis \"pipe\""), "{e}");
         for bad in ["data=0", "data=x", "data", "data=2,data=2"] {
             assert!(Mesh::parse(bad).is_err(), "{bad}");
         }
@@ -595,14 +561,21 @@ mod tests {
 
     #[test]
     fn block_matrices_split_and_the_rest_is_replicated() {
-        assert_eq!(split_of("blocks.3.attn.qkv.weight"), Split::Column);
-        assert_eq!(split_of("blocks.3.attn.proj.weight"), Split::Row);
-        assert_eq!(split_of("blocks.3.attn.proj.bias"), Split::Replicated);
-        assert_eq!(split_of("blocks.3.mlp.fc2.bias"), Split::Replicated);
-        assert_eq!(split_of("blocks.0.mlp_bias"), Split::Column);
-        assert_eq!(split_of("blocks.0.out_proj.weight"), Split::Row);
-        assert_eq!(split_of("attn_pool.mlp.fc1.weight"), Split::Replicated);
-        assert_eq!(split_of("head.weight"), Split::Replicated);
+        let mut cfg = ModelConfig::preset("B/16").unwrap();
+        cfg.pool = vit_model::Pool::Map;
+        let split = |cfg: &ModelConfig, name: &str| {
+            shard_params(cfg, 2).unwrap().into_iter().find(|p| p.name == name).unwrap().split
+        };
+        assert_eq!(split(&cfg, "blocks.3.attn.qkv.weight"), Split::Column);
+        assert_eq!(split(&cfg, "blocks.3.attn.proj.weight"), Split::Row);
+        assert_eq!(split(&cfg, "blocks.3.attn.proj.bias"), Split::Replicated);
+        assert_eq!(split(&cfg, "blocks.3.mlp.fc2.bias"), Split::Replicated);
+        assert_eq!(split(&cfg, "attn_pool.mlp.fc1.weight"), Split::Replicated);
+        assert_eq!(split(&cfg, "head.weight"), Split::Replicated);
+        cfg.block = BlockKind::Parallel;
+        cfg.qkv_bias = false;
+        assert_eq!(split(&cfg, "blocks.0.mlp_bias"), Split::Column);
+        assert_eq!(split(&cfg, "blocks.0.out_proj.weight"), Split::Row);
     }
 
     #[test]

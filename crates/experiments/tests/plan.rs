@@ -204,7 +204,7 @@ fn bad_meshes_are_clear_errors() {
     let e = s(Mesh { data: 3, model: 1 }, 3, 64).to_string();
     assert!(e.contains("--batch = 64") && e.contains("multiple of the data axis (3)"), "{e}");
     let e = Mesh::parse("data=4,pipeline=2").unwrap_err().to_string();
-    assert!(e.contains("unknown axis `pipeline`"), "{e}");
+    assert!(e.contains("unknown axis \"pipeline\""), "{e}");
 }
 
 fn vit() -> Command {

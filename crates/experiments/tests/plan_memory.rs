@@ -4,15 +4,19 @@
 //! `LocalGroup` rank of the trainer builds) and the activations a forward keeps for backward
 //! (measured by a counting global allocator: live heap bytes after the forward minus before)
 //! are within 10% of `vit_experiments::plan`; the peak of a whole forward and backward is
-//! within 25% of the planned activations plus the estimated backward workspace. One test in this
-//! binary, so nothing else allocates while it measures.
+//! within 25% of the planned activations plus the estimated backward workspace. The model axis
+//! too: on 2 and 4 `LocalGroup` model ranks of the tensor-parallel model, each rank's parameter
+//! bytes equal the plan's and the ranks' kept activations together are within 10% of the plan's
+//! per device times the ranks. One test in this binary, so nothing else allocates while it
+//! measures.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 
+use vit_collective::{Communicator, LocalGroup, MatmulComm};
 use vit_experiments::plan::{plan, Mesh, ParamSharding, PlanSettings};
 use vit_experiments::train::zero::ShardedOptimizer;
-use vit_model::{ModelConfig, VisionTransformer};
+use vit_model::{ModelAxis, ModelConfig, TensorParallelViT, VisionTransformer};
 use vit_optim::{Algorithm, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig};
 use vit_tensor::{DType, Device, Tensor};
 
@@ -152,6 +156,48 @@ fn planned_memory_is_within_10_percent_of_measured_on_one_rank_and_zero1_ranks()
                     );
                 }
             }
+            for model in [2usize, 4] {
+                let mut s = PlanSettings::new(cfg.clone(), Mesh { data: 1, model }, per_rank, factored());
+                s.remat = remat;
+                let p = plan(&s).unwrap();
+                let tag = format!("{name}, remat {remat}, {model} model ranks");
+                let planned_act = if remat {
+                    p.activations_remat - (p.activations_no_remat - p.activations_remat) / (cfg.depth as u64 - 1)
+                } else {
+                    p.activations_no_remat
+                };
+                let (param_bytes, kept) = tensor_parallel_kept(&vit, model, per_rank);
+                for (r, b) in param_bytes.iter().enumerate() {
+                    assert_eq!(p.memory.parameters, *b, "{tag}, rank {r}: parameter bytes");
+                }
+                within(&format!("{tag}: activations of all ranks"), planned_act * model as u64, kept);
+            }
         }
     }
+}
+
+/// The tensor-parallel model on `model` `LocalGroup` ranks, every rank on the same `images`
+/// images: each rank's parameter bytes, and the live heap bytes that the ranks' forwards keep
+/// together (measured by rank 0 between barriers, after a warm-up; the least of three runs).
+fn tensor_parallel_kept(vit: &VisionTransformer, model: usize, images: usize) -> (Vec<u64>, u64) {
+    let x = Tensor::randn([images, 3, 32, 32], 0.0, 1.0, 7, DType::F32, Device::Cpu).unwrap();
+    let out = LocalGroup::run(model, |comm| {
+        let tp = TensorParallelViT::new(vit, model, comm.rank()).unwrap();
+        let params = tp.init_params(1, DType::F32, Device::Cpu).unwrap();
+        let axis = ModelAxis { comm: &comm, matmul: MatmulComm::Ring };
+        drop(tp.forward(&params, &x, axis).unwrap());
+        let mut least = u64::MAX;
+        for _ in 0..3 {
+            comm.barrier().unwrap();
+            let before = live();
+            comm.barrier().unwrap();
+            let kept = tp.forward(&params, &x, axis).unwrap();
+            comm.barrier().unwrap();
+            least = least.min((live() - before) as u64);
+            comm.barrier().unwrap();
+            drop(kept);
+        }
+        (params.buffers().iter().map(|b| b.numel() as u64 * 4).sum::<u64>(), least)
+    });
+    (out.iter().map(|(b, _)| *b).collect(), out[0].1)
 }
