@@ -51,6 +51,7 @@ pub mod model;
 pub mod moe_config;
 pub mod params;
 pub mod sharding;
+pub mod stages;
 pub mod tensor_parallel;
 
 pub use checkpoint::{load_checkpoint, load_params_into, save_checkpoint, Checkpoint};
@@ -60,5 +61,6 @@ pub use model::{ForwardSaved, MoeBlockStats, VisionTransformer};
 pub use moe_config::{MoeConfig, MOE_KEYS};
 pub use params::{ParamBreakdown, ParamCounts};
 pub use sharding::{ShardPlan, ShardSpec};
+pub use stages::{StageSaved, StagedModel, TpStages};
 pub use tensor_parallel::{ModelAxis, TensorParallelViT, TpForwardSaved};
 pub use vit_tensor::{ParamDiff, ParamStore};

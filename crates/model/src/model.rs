@@ -23,7 +23,7 @@ pub struct VisionTransformer {
     /// The (validated) configuration.
     pub config: ModelConfig,
     pub(crate) embed: Embedding,
-    blocks: Vec<Block>,
+    pub(crate) blocks: Vec<Block>,
     norm: Norm,
     pool: Pooling,
     pre_logits: Option<Linear>,
@@ -53,7 +53,7 @@ pub struct ForwardSaved {
 /// What the part after the blocks (final norm, pooling, pre-logits, classifier) keeps for
 /// backward.
 #[derive(Debug, Clone)]
-pub(crate) struct TailSaved {
+pub struct TailSaved {
     /// Output of the last block, `[B, N, D]` (the final norm's input).
     encoded: Tensor,
     norm: NormSaved,
@@ -313,7 +313,7 @@ impl VisionTransformer {
 
     /// The parameter names of each stage of backward, in forward order: the embedding, each
     /// block, and the rest (final norm, pooling, pre-logits, head).
-    fn stage_names(&self) -> Result<Vec<Vec<String>>> {
+    pub(crate) fn stage_names(&self) -> Result<Vec<Vec<String>>> {
         let mut sink = ShapeList::default();
         let mut starts = vec![0];
         self.embed.init(&mut sink)?;

@@ -23,7 +23,7 @@ pub struct TensorParallelViT {
     /// The whole model: its embedding, final norm, pooling and heads run as they are.
     pub model: VisionTransformer,
     /// This rank's blocks ([`Block::sharded`]).
-    blocks: Vec<Block>,
+    pub(crate) blocks: Vec<Block>,
     plan: ShardPlan,
     /// This rank's coordinate on the model axis.
     rank: usize,
@@ -209,7 +209,7 @@ impl TensorParallelViT {
     }
 
     /// This rank's rows `[r, D]` of `x [batch, tokens, D]`.
-    fn my_rows(&self, x: &Tensor, batch: usize, tokens: usize, d: usize) -> Result<Tensor> {
+    pub(crate) fn my_rows(&self, x: &Tensor, batch: usize, tokens: usize, d: usize) -> Result<Tensor> {
         let (rows, n) = (batch * tokens, self.plan.n);
         if rows % n != 0 {
             return Err(ModelError::Param {
