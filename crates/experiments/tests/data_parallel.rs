@@ -79,6 +79,57 @@ fn optimizer_sharding_follows_one_rank_and_resumes_across_world_sizes() {
     assert_losses_close(&one, &back, 20, "world 1 to step 10, then ZeRO-1 on 4 ranks");
 }
 
+/// ZeRO-3 (`train.sharding = "full"`): each rank keeps its share of every stage's parameters
+/// and gathers a stage's when it runs; on 1, 2 and 4 ranks (and with gradient accumulation) the
+/// run follows world 1 unsharded; its checkpoints hold the whole model and it resumes unsharded
+/// on one rank and fully sharded on four; a V-MoE model is refused.
+#[test]
+fn full_sharding_follows_one_rank_and_resumes_across_world_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one = tmp.path().join("one");
+    let o = train(&one, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let full = ["--set", "train.sharding=full"];
+    for (n, accum) in [("1", "1"), ("2", "1"), ("4", "1"), ("2", "2")] {
+        let dir = tmp.path().join(format!("full{n}x{accum}"));
+        let accum_set = format!("train.grad_accum={accum}");
+        let o = train(&dir, &[&["--world", n, "--set", &accum_set][..], &full[..]].concat());
+        assert!(o.status.success(), "world {n}: {}", String::from_utf8_lossy(&o.stderr));
+        if n != "1" {
+            assert!(String::from_utf8_lossy(&o.stdout).contains("sharding full (ZeRO-3)"));
+        }
+        assert_losses_close(&one, &dir, 20, &format!("ZeRO-3 on {n} ranks, grad_accum {accum} vs world 1"));
+    }
+    let a = vit_model::load_checkpoint(one.join("step-20.safetensors"), vit_tensor::Device::Cpu).unwrap();
+    let b =
+        vit_model::load_checkpoint(tmp.path().join("full4x1/step-20.safetensors"), vit_tensor::Device::Cpu).unwrap();
+    b.check_against(&a.params).unwrap();
+    let names =
+        |c: &vit_model::Checkpoint| c.optimizer.as_ref().unwrap().names().map(str::to_string).collect::<Vec<_>>();
+    let (mut na, mut nb) = (names(&a), names(&b));
+    na.sort();
+    nb.sort();
+    assert_eq!(na, nb, "optimizer state names");
+    // Fully sharded on 2 ranks to step 10, resumed unsharded on one rank.
+    let moved = tmp.path().join("moved");
+    let o = train(&moved, &[&["--world", "2", "--stop-at", "10"][..], &full[..]].concat());
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = vit(&["train", "--resume", moved.to_str().unwrap(), "--world", "1", "--set", "train.sharding=none"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_losses_close(&one, &moved, 20, "ZeRO-3 world 2 to step 10, then world 1 unsharded");
+    // Unsharded on one rank to step 10, resumed fully sharded on four.
+    let back = tmp.path().join("back");
+    let o = train(&back, &["--stop-at", "10"]);
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = vit(&["train", "--resume", back.to_str().unwrap(), "--world", "4", "--set", "train.sharding=full"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_losses_close(&one, &back, 20, "world 1 to step 10, then ZeRO-3 on 4 ranks");
+    // A V-MoE model is refused with a one-line error.
+    let o = train(&tmp.path().join("moe"), &[&["--set", "model.moe.experts=4"][..], &full[..]].concat());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("train.sharding = \"full\" with a V-MoE model"), "{e}");
+}
+
 /// `vit train` of the small recipe with `VITRS_INJECT_FAULT=fault`.
 fn train_with_fault(out: &std::path::Path, fault: &str, extra: &[&str]) -> (std::process::Output, std::time::Duration) {
     let recipe = common::small_recipe(20, 10);

@@ -167,7 +167,9 @@ pub struct LoopSection {
     /// Data parallel: what ranks shard. `none` (default): every rank holds and updates all
     /// parameters and optimizer state; `optimizer` (ZeRO-1): each rank keeps the optimizer state
     /// of about 1/N of the parameters and updates those alone (gradients reduce-scattered,
-    /// parameters all-gathered).
+    /// parameters all-gathered); `full` (ZeRO-3): each rank keeps about 1/N of every stage's
+    /// parameters, gradients and optimizer state, and gathers a stage's parameters when it runs
+    /// (dense models; on a mesh, over the data axis).
     #[serde(default)]
     pub sharding: Sharding,
     /// The device mesh (`[train.mesh]`): with `model = K > 1` the world's ranks form a
@@ -276,6 +278,9 @@ pub enum Sharding {
     None,
     /// The optimizer state (ZeRO-1).
     Optimizer,
+    /// Parameters, gradients and optimizer state (ZeRO-3; ViT-22B's parameters over the data
+    /// axis): each stage's parameters are gathered when it runs and dropped after.
+    Full,
 }
 
 fn default_collective_timeout() -> f64 {
@@ -487,11 +492,11 @@ impl TrainConfig {
                 ),
             );
         }
-        if model_ranks > 1 && t.sharding != Sharding::None {
+        if model_ranks > 1 && t.sharding == Sharding::Optimizer {
             return bad(
                 "train.sharding",
                 "\"optimizer\" (with train.mesh.model > 1)".into(),
-                "\"none\" under tensor parallelism: ZeRO-1 over the data axis of a mesh is not built yet",
+                "\"none\" or \"full\" under tensor parallelism: ZeRO-1 over the data axis of a mesh is not built yet",
             );
         }
         if model_ranks > 1 && self.optimizer.name == OptimizerName::FactoredAdam {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod data_check;
 pub mod evals;
+pub mod full_shard;
 pub mod mixup;
 pub mod model_parallel;
 pub mod moe_eval;
@@ -303,6 +304,24 @@ pub fn micro_batch_grads_moe(
     Ok(sum)
 }
 
+/// The whole model's parameters, gathered (a collective) when this rank holds a part of them
+/// (full sharding over the data axis, a model axis); `None` when `params` are whole already.
+fn whole_params(
+    params: &ParamStore,
+    opt: &zero::Updater,
+    mp: &Option<model_parallel::ModelParallel>,
+    dp: &dyn vit_collective::Communicator,
+) -> Result<Option<ParamStore>, TrainError> {
+    let gathered = match opt {
+        zero::Updater::Full(share) => Some(share.gather_params(params, dp)?),
+        _ => None,
+    };
+    Ok(match mp {
+        Some(m) => Some(m.gather_params(gathered.as_ref().unwrap_or(params))?),
+        None => gathered,
+    })
+}
+
 /// Per-example losses `[micro]` of `logits` against targets `t`, and the gradient of the
 /// batch's mean loss with respect to the logits (each example weighted `1 / batch`).
 fn loss_and_grad(logits: &Tensor, t: &Tensor, loss: LossKind, batch: usize) -> Result<(Tensor, Tensor), TrainError> {
@@ -514,7 +533,20 @@ fn train_rank(
     }
     let opt_cfg = optimizer_config(cfg, total, &params)?;
     let sharded = dworld > 1 && cfg.train.sharding == config::Sharding::Optimizer;
-    let mut opt = if sharded {
+    let full = cfg.train.sharding == config::Sharding::Full;
+    if full && mcfg.moe.is_some() {
+        return Err(TrainError::Config(
+            "train.sharding = \"full\" with a V-MoE model: expected a dense model (MoE layers are not run stage by stage yet)"
+                .into(),
+        ));
+    }
+    let mut opt = if full {
+        // From here on `params` holds this rank's own parameters only.
+        let stages = vit_model::StagedModel::stages(&model)?;
+        let (share, mine) = full_shard::FullShard::new(opt_cfg, &params, stages, drank, dworld)?;
+        params = mine;
+        zero::Updater::Full(Box::new(share))
+    } else if sharded {
         zero::Updater::Sharded(zero::ShardedOptimizer::new(opt_cfg, &params, drank, dworld)?)
     } else {
         zero::Updater::Replicated(OptimizerChain::new(opt_cfg, &params)?)
@@ -527,7 +559,13 @@ fn train_rank(
         };
         println!(
             "{layout}: {world} ranks, sharding {}: parameters {:.1} MiB and optimizer state {:.1} MiB on rank 0",
-            if sharded { "optimizer (ZeRO-1)" } else { "none" },
+            if full {
+                "full (ZeRO-3)"
+            } else if sharded {
+                "optimizer (ZeRO-1)"
+            } else {
+                "none"
+            },
             mib(params.numel() as u64 * 4),
             mib(opt.state_bytes())
         );
@@ -559,10 +597,14 @@ fn train_rank(
     // first, by every rank.
     let save = |params: &ParamStore, opt: &zero::Updater, step: u64| -> Result<(), TrainError> {
         let state = opt.state(dp)?;
+        let params = match opt {
+            zero::Updater::Full(share) => share.gather_params(params, dp)?,
+            _ => params.clone(),
+        };
         // Split over a model axis: gathered whole on every rank of it first.
         let (params, state) = match &mp {
-            Some(m) => (m.gather_params(params)?, state.map(|s| m.gather_state(&s)).transpose()?),
-            None => (params.clone(), state),
+            Some(m) => (m.gather_params(&params)?, state.map(|s| m.gather_state(&s)).transpose()?),
+            None => (params, state),
         };
         if !run.writes() {
             return Ok(());
@@ -590,7 +632,8 @@ fn train_rank(
     let mut evaluator = evals::Evaluator::new(cfg, &data, batch, device)?;
     // Sharded, each rank reduce-scatters its gradients in the update instead.
     // With a model axis, all is reduced after backward (the stages' gradients are per rank).
-    let buckets = if sharded || mp.is_some() { None } else { gradient_buckets(&params, dworld, cfg.train.bucket_mb)? };
+    let buckets =
+        if sharded || full || mp.is_some() { None } else { gradient_buckets(&params, dworld, cfg.train.bucket_mb)? };
     let shard = vit_data::loader::Shard { index: drank, count: dworld };
     let first_row = shard.rows(batch).start;
     let mut stream = data.train_loader(batch, cfg.train.seed, shard)?.iter_from(first_step);
@@ -643,68 +686,95 @@ fn train_rank(
                 None => None,
             };
             let images = mixed.as_ref().map_or(&b.images, |(x, _)| x);
-            let cp = compute_params(&params, dtype)?;
-            let mut grads = params.zeros_like(DType::F32)?;
+            // One micro-batch's images (compute dtype, on the device) and targets.
+            let micro_inputs = |j: usize, labels: &[i32]| -> Result<(Tensor, Tensor), TrainError> {
+                let x = images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
+                let t_logits = match &teacher {
+                    Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
+                    None => None,
+                };
+                let teach = t_logits.as_ref().map(|l| (l, cfg.train.distill_weight));
+                let t = match &mixed {
+                    Some((_, mt)) => with_teacher(mt.narrow(j * micro, labels.len())?, teach)?,
+                    None => targets(labels, mcfg.classes, cfg.train.label_smoothing, teach)?,
+                }
+                .to_device(device)?;
+                Ok((x, t))
+            };
             let mut loss_sum = 0f64;
             let mut moe = moe_log::MoeLog::default();
-            // The micro-batches; with several ranks, the last one's backward hands its finished
-            // gradient buckets to a communication thread (or all is reduced after it).
-            let micro_batches = my_labels.chunks(micro).count();
-            std::thread::scope(|scope| -> Result<(), TrainError> {
-                let mut overlap = buckets.as_ref().map(|plan| {
-                    vit_collective::OverlappedAllReduce::start(scope, dp, plan, vit_collective::ReduceOp::Sum)
-                });
-                for (j, labels) in my_labels.chunks(micro).enumerate() {
-                    let x = images.narrow(j * micro, labels.len())?.to_device(device)?.cast(dtype)?;
-                    let t_logits = match &teacher {
-                        Some((tm, tp)) => Some(tm.predict(tp, &x.cast(DType::F32)?)?),
-                        None => None,
-                    };
-                    let teach = t_logits.as_ref().map(|l| (l, cfg.train.distill_weight));
-                    let t = match &mixed {
-                        Some((_, mt)) => with_teacher(mt.narrow(j * micro, labels.len())?, teach)?,
-                        None => targets(labels, mcfg.classes, cfg.train.label_smoothing, teach)?,
+            let (cp, mut grads) = if full {
+                (ParamStore::new(), ParamStore::new()) // gathered per stage; reduce-scattered into the share
+            } else {
+                (compute_params(&params, dtype)?, params.zeros_like(DType::F32)?)
+            };
+            if let zero::Updater::Full(share) = &mut opt {
+                let tp_stages;
+                let staged: &dyn vit_model::StagedModel = match &mp {
+                    Some(m) => {
+                        tp_stages = vit_model::TpStages { tp: &m.tp, axis: m.axis() };
+                        &tp_stages
                     }
-                    .to_device(device)?;
-                    let seed = moe_log::noise_seed(cfg.train.seed, step, first_row + j * micro);
-                    let moe = Some((seed, &mut moe));
-                    let mut ready = |g: &ParamStore, names: &[String]| {
-                        if let (Some(o), true) = (overlap.as_mut(), j + 1 == micro_batches) {
-                            for n in names {
-                                if let Some(i) = g.position(n) {
-                                    o.ready(g.buffer(0), i);
+                    None => &model,
+                };
+                for (j, labels) in my_labels.chunks(micro).enumerate() {
+                    let (x, t) = micro_inputs(j, labels)?;
+                    let mut loss_grad = |logits: &Tensor| -> Result<(f64, Tensor), TrainError> {
+                        let (losses, dlogits) = loss_and_grad(logits, &t, cfg.train.loss, batch)?;
+                        Ok((ops::sum_all(&losses)?.to_scalar()? as f64, dlogits))
+                    };
+                    loss_sum += share.micro_batch(staged, &params, &x, dp, dtype, device, &mut loss_grad)?;
+                }
+            } else {
+                // The micro-batches; with several ranks, the last one's backward hands its finished
+                // gradient buckets to a communication thread (or all is reduced after it).
+                let micro_batches = my_labels.chunks(micro).count();
+                std::thread::scope(|scope| -> Result<(), TrainError> {
+                    let mut overlap = buckets.as_ref().map(|plan| {
+                        vit_collective::OverlappedAllReduce::start(scope, dp, plan, vit_collective::ReduceOp::Sum)
+                    });
+                    for (j, labels) in my_labels.chunks(micro).enumerate() {
+                        let (x, t) = micro_inputs(j, labels)?;
+                        let seed = moe_log::noise_seed(cfg.train.seed, step, first_row + j * micro);
+                        let moe = Some((seed, &mut moe));
+                        let mut ready = |g: &ParamStore, names: &[String]| {
+                            if let (Some(o), true) = (overlap.as_mut(), j + 1 == micro_batches) {
+                                for n in names {
+                                    if let Some(i) = g.position(n) {
+                                        o.ready(g.buffer(0), i);
+                                    }
                                 }
                             }
-                        }
-                    };
-                    loss_sum += match &mp {
-                        Some(m) => micro_batch_grads_tp(m, &cp, &x, &t, cfg.train.loss, batch, &mut grads)?,
-                        None => micro_batch_grads_moe(
-                            &model,
-                            &cp,
-                            &x,
-                            &t,
-                            cfg.train.loss,
-                            batch,
-                            moe,
-                            &mut grads,
-                            &mut ready,
-                        )?,
-                    };
-                }
-                // The global batch's gradient: the sum of every rank's part.
-                match overlap {
-                    Some(o) => o.finish(grads.buffer_mut(0))?,
-                    None if dworld > 1 && !sharded => {
-                        for i in 0..grads.buffers().len() {
-                            let summed = dp.all_reduce(grads.buffer(i), vit_collective::ReduceOp::Sum)?;
-                            *grads.buffer_mut(i) = summed;
-                        }
+                        };
+                        loss_sum += match &mp {
+                            Some(m) => micro_batch_grads_tp(m, &cp, &x, &t, cfg.train.loss, batch, &mut grads)?,
+                            None => micro_batch_grads_moe(
+                                &model,
+                                &cp,
+                                &x,
+                                &t,
+                                cfg.train.loss,
+                                batch,
+                                moe,
+                                &mut grads,
+                                &mut ready,
+                            )?,
+                        };
                     }
-                    None => {}
-                }
-                Ok(())
-            })?;
+                    // The global batch's gradient: the sum of every rank's part.
+                    match overlap {
+                        Some(o) => o.finish(grads.buffer_mut(0))?,
+                        None if dworld > 1 && !sharded => {
+                            for i in 0..grads.buffers().len() {
+                                let summed = dp.all_reduce(grads.buffer(i), vit_collective::ReduceOp::Sum)?;
+                                *grads.buffer_mut(i) = summed;
+                            }
+                        }
+                        None => {}
+                    }
+                    Ok(())
+                })?;
+            }
             if dworld > 1 {
                 // With the loss, how many bad examples the ranks' loaders met; their list only
                 // when there were some, so that every rank counts (and rank 0 lists) them all.
@@ -726,6 +796,7 @@ fn train_rank(
             torn = true;
             let info = match (&mp, &mut opt) {
                 (Some(m), zero::Updater::Replicated(o)) => m.step(o, &mut params, &grads)?,
+                (Some(m), zero::Updater::Full(share)) => m.step_full(share, &mut params, comm)?,
                 _ => opt.step(dp, &mut params, &grads)?,
             };
             torn = false;
@@ -750,10 +821,7 @@ fn train_rank(
             let eval_now = evaluator.due(done, is_last);
             if eval_now {
                 // Rank 0 evaluates the whole model (gathered by every rank of its model axis).
-                let whole = match &mp {
-                    Some(m) => Some(m.gather_params(&params)?),
-                    None => None,
-                };
+                let whole = whole_params(&params, &opt, &mp, dp)?;
                 if lead {
                     let cp = compute_params(whole.as_ref().unwrap_or(&params), dtype)?;
                     if let Some(t) = evaluator.run(&model, &cp, done, is_last, &mut line)? {
@@ -811,10 +879,7 @@ fn train_rank(
         b.finish();
     }
     if first_step == total {
-        let whole = match &mp {
-            Some(m) => Some(m.gather_params(&params)?),
-            None => None,
-        };
+        let whole = whole_params(&params, &opt, &mp, dp)?;
         if lead {
             let mut line = serde_json::json!({});
             let cp = compute_params(whole.as_ref().unwrap_or(&params), dtype)?;

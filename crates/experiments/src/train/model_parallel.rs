@@ -5,7 +5,7 @@
 //! rank's part with the whole model's gradient norm; checkpoints and evaluation see the whole
 //! model, gathered over the model axis.
 
-use super::TrainError;
+use super::{full_shard::FullShard, TrainError};
 use vit_collective::{Axis, Communicator, MatmulComm, Mesh, MeshShape, ReduceOp};
 use vit_model::{ModelAxis, ParamStore, ShardSpec, TensorParallelViT, VisionTransformer};
 use vit_optim::{OptimizerChain, StepInfo, STATE_COUNT};
@@ -122,7 +122,42 @@ impl ModelParallel {
         params: &mut ParamStore,
         grads: &ParamStore,
     ) -> Result<StepInfo, TrainError> {
+        let replicated = self.replicated_sum_of_squares(opt, grads)?;
+        let mut global = |mine: f64| self.sum_parts(self.model_comm(), mine, replicated);
+        Ok(opt.step_shard(params, grads, &mut global)?)
+    }
+
+    /// [`ModelParallel::step`] of a share of a model fully sharded over the data axis: the
+    /// parts are summed over `world`, every rank of the mesh (each holds distinct parameters but
+    /// for the replicated ones, which each model rank's data ranks hold once between them).
+    pub fn step_full(
+        &self,
+        share: &mut FullShard,
+        params: &mut ParamStore,
+        world: &dyn Communicator,
+    ) -> Result<StepInfo, TrainError> {
         let n = self.tp.ranks() as f64;
+        let plan = self.tp.plan();
+        let opt = share.optimizer();
+        let counted: std::collections::HashSet<String> = params
+            .names()
+            .filter(|name| !plan.is_split(name) && opt.settings(name).is_some_and(|s| !s.frozen))
+            .map(str::to_string)
+            .collect();
+        share.step(params, &mut |mine, grads| {
+            let mut replicated = 0f64;
+            for (name, g) in grads.iter() {
+                if counted.contains(name) {
+                    replicated += g.to_f32_vec()?.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+                }
+            }
+            let part = mine - replicated + replicated / n;
+            sum_over(world, part)
+        })
+    }
+
+    /// Sum of squares of the trainable replicated gradients in `grads`.
+    fn replicated_sum_of_squares(&self, opt: &OptimizerChain, grads: &ParamStore) -> Result<f64, TrainError> {
         let mut replicated = 0f64;
         for (name, g) in grads.iter() {
             let trainable = opt.settings(name).is_some_and(|s| !s.frozen);
@@ -130,17 +165,24 @@ impl ModelParallel {
                 replicated += g.to_f32_vec()?.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
             }
         }
-        let comm = self.model_comm();
-        let mut global = |mine: f64| -> Result<f64, vit_optim::OptimError> {
-            // Each rank contributes its split squares and 1/n of the replicated ones.
-            let part = mine - replicated + replicated / n;
-            let t = Tensor::from_vec(vec![part as f32], [1], vit_tensor::Device::Cpu)?;
-            let summed = comm.all_reduce(&t, ReduceOp::Sum).map_err(|e| vit_optim::OptimError::Param {
-                name: "(gradient norm across the model axis)".into(),
-                msg: e.to_string(),
-            })?;
-            Ok(summed.to_f32_vec()?[0] as f64)
-        };
-        Ok(opt.step_shard(params, grads, &mut global)?)
+        Ok(replicated)
     }
+
+    /// The whole model's sum of squares from this rank's `mine` (which counts the `replicated`
+    /// squares in full): each model rank contributes its split squares and 1/n of the
+    /// replicated ones.
+    fn sum_parts(&self, comm: &dyn Communicator, mine: f64, replicated: f64) -> Result<f64, vit_optim::OptimError> {
+        let n = self.tp.ranks() as f64;
+        sum_over(comm, mine - replicated + replicated / n)
+    }
+}
+
+/// `part` summed over the ranks of `comm` (an all-reduce of one f32).
+fn sum_over(comm: &dyn Communicator, part: f64) -> Result<f64, vit_optim::OptimError> {
+    let t = Tensor::from_vec(vec![part as f32], [1], vit_tensor::Device::Cpu)?;
+    let summed = comm.all_reduce(&t, ReduceOp::Sum).map_err(|e| vit_optim::OptimError::Param {
+        name: "(gradient norm across the mesh)".into(),
+        msg: e.to_string(),
+    })?;
+    Ok(summed.to_f32_vec()?[0] as f64)
 }

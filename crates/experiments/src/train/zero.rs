@@ -136,28 +136,7 @@ impl ShardedOptimizer {
     /// The whole optimizer state (as an unsharded optimizer's [`Optimizer::state`]) on rank 0,
     /// `None` on the others: every rank sends its share to rank 0. Every rank must call it.
     pub fn gather_state(&self, comm: &dyn Communicator) -> Result<Option<ParamStore>, TrainError> {
-        let state = self.opt.state()?;
-        if self.rank != 0 {
-            let names: String = state.names().map(|n| format!("{n}\n")).collect();
-            comm.send(&bytes_tensor(names.as_bytes())?, 0)?;
-            for (_, t) in state.iter() {
-                comm.send(t, 0)?;
-            }
-            return Ok(None);
-        }
-        let mut all = state;
-        for r in 1..self.parts.len() {
-            let names = String::from_utf8(tensor_bytes(&comm.recv(r)?)?)
-                .map_err(|e| TrainError::Io(format!("rank {r}'s optimizer state names: {e}")))?;
-            for name in names.lines() {
-                let t = comm.recv(r)?;
-                // Every rank's share has the step counter; rank 0's stands for all.
-                if !all.contains(name) {
-                    all.insert(name, t)?;
-                }
-            }
-        }
-        Ok(Some(all))
+        gather_to_root(comm, self.opt.state()?, self.rank, self.parts.len())
     }
 
     /// Loads this rank's share of `full` (an unsharded optimizer's state, as a checkpoint
@@ -166,6 +145,38 @@ impl ShardedOptimizer {
         let mine = self.opt.state()?;
         Ok(self.opt.load_state(&subset(full, mine.names())?)?)
     }
+}
+
+/// Every rank's optimizer-state share `state` (named tensors; the step counter on each) joined
+/// on rank 0 of `comm` (`None` on the others): each rank sends its names, then its tensors.
+/// Every rank of `comm` must call it.
+pub(crate) fn gather_to_root(
+    comm: &dyn Communicator,
+    state: ParamStore,
+    rank: usize,
+    world: usize,
+) -> Result<Option<ParamStore>, TrainError> {
+    if rank != 0 {
+        let names: String = state.names().map(|n| format!("{n}\n")).collect();
+        comm.send(&bytes_tensor(names.as_bytes())?, 0)?;
+        for (_, t) in state.iter() {
+            comm.send(t, 0)?;
+        }
+        return Ok(None);
+    }
+    let mut all = state;
+    for r in 1..world {
+        let names = String::from_utf8(tensor_bytes(&comm.recv(r)?)?)
+            .map_err(|e| TrainError::Io(format!("rank {r}'s optimizer state names: {e}")))?;
+        for name in names.lines() {
+            let t = comm.recv(r)?;
+            // Every rank's share has the step counter; rank 0's stands for all.
+            if !all.contains(name) {
+                all.insert(name, t)?;
+            }
+        }
+    }
+    Ok(Some(all))
 }
 
 /// The tensors `names` of `store`, in that order, as a store of their own.
@@ -191,12 +202,15 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>, TrainError> {
 }
 
 /// What updates the parameters after backward: one optimizer over all of them (every rank
-/// alike, after the gradients are all-reduced), or this rank's ZeRO-1 share.
+/// alike, after the gradients are all-reduced), this rank's ZeRO-1 share, or its share of a
+/// fully sharded model (whose gradients it holds itself).
 pub enum Updater {
     /// `train.sharding = "none"`.
     Replicated(OptimizerChain),
     /// `train.sharding = "optimizer"`.
     Sharded(ShardedOptimizer),
+    /// `train.sharding = "full"`: `params` are this rank's own.
+    Full(Box<super::full_shard::FullShard>),
 }
 
 impl Updater {
@@ -211,6 +225,15 @@ impl Updater {
         match self {
             Updater::Replicated(o) => Ok(o.step(params, grads)?),
             Updater::Sharded(s) => s.step(comm, params, grads),
+            // The gradients were reduce-scattered into the share during backward.
+            Updater::Full(f) => f.step(params, &mut |sq, _| {
+                let t = Tensor::from_vec(vec![sq as f32], [1], Device::Cpu)?;
+                let summed = comm.all_reduce(&t, ReduceOp::Sum).map_err(|e| vit_optim::OptimError::Param {
+                    name: "(gradient norm across ranks)".into(),
+                    msg: e.to_string(),
+                })?;
+                Ok(summed.to_f32_vec()?[0] as f64)
+            }),
         }
     }
 
@@ -220,6 +243,7 @@ impl Updater {
         match self {
             Updater::Replicated(o) => Ok(Some(o.state()?)),
             Updater::Sharded(s) => s.gather_state(comm),
+            Updater::Full(f) => f.gather_state(comm),
         }
     }
 
@@ -228,6 +252,7 @@ impl Updater {
         match self {
             Updater::Replicated(o) => Ok(o.load_state(full)?),
             Updater::Sharded(s) => s.load_full_state(full),
+            Updater::Full(f) => f.load_full_state(full),
         }
     }
 
@@ -236,12 +261,13 @@ impl Updater {
         match self {
             Updater::Replicated(o) => o.state_bytes(),
             Updater::Sharded(s) => s.state_bytes(),
+            Updater::Full(f) => f.state_bytes(),
         }
     }
 
     /// True when saving needs every rank (the state is gathered).
     pub fn is_sharded(&self) -> bool {
-        matches!(self, Updater::Sharded(_))
+        matches!(self, Updater::Sharded(_) | Updater::Full(_))
     }
 }
 
