@@ -26,7 +26,7 @@ pub enum StageSaved {
     /// Of a tensor-parallel block; `None` under remat.
     TpBlock(Option<TpSaved>),
     /// Of the tail.
-    Tail(TailSaved),
+    Tail(Box<TailSaved>),
 }
 
 /// A model run stage by stage (see the module docs).
@@ -79,7 +79,7 @@ impl StagedModel for VisionTransformer {
             }
             s if s == depth + 1 => {
                 let (y, t) = self.tail_forward(p, x.clone())?;
-                Ok((y, StageSaved::Tail(t)))
+                Ok((y, StageSaved::Tail(Box::new(t))))
             }
             _ => Err(no_stage(s, depth + 2)),
         }
@@ -152,7 +152,7 @@ impl StagedModel for TpStages<'_> {
                 let (b, t) = self.shape_of(x);
                 let all = self.axis.comm.all_gather(x)?.reshape([b, t, x.dims()[1]])?;
                 let (y, tail) = self.tp.model.tail_forward(p, all)?;
-                Ok((y, StageSaved::Tail(tail)))
+                Ok((y, StageSaved::Tail(Box::new(tail))))
             }
             _ => Err(no_stage(s, depth + 2)),
         }

@@ -18,6 +18,9 @@ use vit_model::StagedModel;
 use vit_optim::{Optimizer, OptimizerChain, OptimizerConfig, StepInfo};
 use vit_tensor::{DType, Device, ParamStore, Tensor};
 
+/// Given the logits: the sum of the per-example losses and the logits' gradient.
+pub type LossGrad<'a> = dyn FnMut(&Tensor) -> Result<(f64, Tensor), TrainError> + 'a;
+
 /// Where one parameter of a stage lives: its owner and its place in the owner's part.
 #[derive(Debug, Clone)]
 struct Placed {
@@ -185,7 +188,7 @@ impl FullShard {
         comm: &dyn Communicator,
         dtype: DType,
         device: Device,
-        loss_grad: &mut dyn FnMut(&Tensor) -> Result<(f64, Tensor), TrainError>,
+        loss_grad: &mut LossGrad<'_>,
     ) -> Result<f64, TrainError> {
         let n = self.stages.len();
         let (mut h, mut inputs, mut saved) = (x.clone(), Vec::with_capacity(n), Vec::with_capacity(n));
