@@ -1,6 +1,7 @@
 //! `mpirun -np 2 vit train` (issue 12 item 2): one data-parallel rank per MPI process follows
 //! the single-process run within 1e-5 relative, rank 0 alone writes the run directory, and a
-//! run stopped under mpirun resumes in one process; 4 processes on a 2 × 2 data × model mesh
+//! run stopped under mpirun resumes in one process; ZeRO-1 and ZeRO-3 runs under mpirun follow
+//! it as well; 4 processes on a 2 × 2 data × model mesh
 //! (issue 13 item 1) follow it too. Built and run only with the `mpi` feature
 //! (`scripts/test.sh` does, where MPI is installed).
 #![cfg(feature = "mpi")]
@@ -53,6 +54,13 @@ fn mpirun_ranks_follow_one_process_and_resume_in_one() {
     let o = run(None, &["train", "--resume", moved.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_losses_close(&one, &moved, 12, "mpirun -np 2 to step 6, then one process");
+    // Every sharding mode under mpirun follows one process too.
+    for mode in ["optimizer", "full"] {
+        let dir = tmp.path().join(mode);
+        let o = train(Some(2), &dir, &["--set", &format!("train.sharding={mode}")]);
+        assert!(o.status.success(), "mpirun -np 2, sharding {mode}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_losses_close(&one, &dir, 12, &format!("mpirun -np 2, sharding {mode} vs one process"));
+    }
     // A 2 × 2 data × model mesh of processes (MPI_Comm_split per axis) follows one process.
     let mesh = tmp.path().join("mesh");
     let o = train(Some(4), &mesh, &["--set", "train.mesh.model=2"]);
