@@ -10,12 +10,14 @@
 // the buffers [E·slots], −1 dropped), slot_src [E·slots] i32 (the assignment t·k + j in each
 // row, −1 empty), weight [S, k] f32 (the gate of each kept assignment, 0 dropped).
 //
-//   route_topk_<dt>(logits, noise, sigma, gates, choice, s, e, k)
+//   route_gates_<dt>(logits, noise, sigma, gates, s, e)
 //       one thread per token: z̃ = z + σ·n rounded as the host does (no FMA), softmax over E
-//       (max, exp(z̃ − max) rounded to f32, the row sum in f64, gate = (f32)(exp / sum)), then the
-//       k largest gates, ties to the lower expert. exp is computed in double and rounded, which
-//       is the correctly rounded expf the host's libm gives (except in vanishingly rare cases;
-//       the self-check compares the gates with a tolerance and the decisions exactly).
+//       (max, exp(z̃ − max) rounded to f32, the row sum in f64, gate = (f32)(exp / sum)). exp is
+//       computed in double and rounded to f32 (correctly rounded but for vanishingly rare
+//       inputs); the host's libm expf may differ from it by one ulp now and then, so the
+//       self-check compares gates with a tolerance and the decisions taken from them exactly.
+//   route_topk(gates, choice, s, e, k)
+//       one thread per token: the k largest gates, ties to the lower expert.
 //   route_order(gates, choice, groups, order, e, k, bpr)
 //       grid (G, blocks): each token's rank in its group: by position (vanilla) or by
 //       descending top-1 gate, ties by position (BPR; the host's stable sort). O(n²) per group.
@@ -34,8 +36,8 @@ __device__ __forceinline__ unsigned long long rank_key(float v, unsigned int ind
 }
 
 template <class T>
-__device__ void route_topk_impl(const T* logits, const float* noise, float sigma, float* gates, int* choice,
-                                long long s, long long e, long long k) {
+__device__ void route_gates_impl(const T* logits, const float* noise, float sigma, float* gates, long long s,
+                                 long long e) {
     for (long long t = global_thread(); t < s; t += grid_threads()) {
         const T* z = logits + t * e;
         const float* n = noise ? noise + t * e : nullptr;
@@ -50,6 +52,21 @@ __device__ void route_topk_impl(const T* logits, const float* noise, float sigma
         double sum = 0.0;
         for (long long x = 0; x < e; ++x) sum += (double)(float)exp((double)__fsub_rn(g[x], m));
         for (long long x = 0; x < e; ++x) g[x] = (float)((double)(float)exp((double)__fsub_rn(g[x], m)) / sum);
+    }
+}
+
+#define ROUTE_GATES(name, T)                                                                                         \
+    extern "C" __global__ void route_gates_##name(const T* logits, const float* noise, float sigma, float* gates,   \
+                                                  long long s, long long e) {                                       \
+        route_gates_impl(logits, noise, sigma, gates, s, e);                                                         \
+    }
+ROUTE_GATES(f32, float)
+ROUTE_GATES(bf16, bf16)
+ROUTE_GATES(f16, f16)
+
+extern "C" __global__ void route_topk(const float* gates, int* choice, long long s, long long e, long long k) {
+    for (long long t = global_thread(); t < s; t += grid_threads()) {
+        const float* g = gates + t * e;
         // The j-th choice is the largest key below the (j−1)-th: no mask needed.
         unsigned long long prev = 0;
         for (long long j = 0; j < k; ++j) {
@@ -67,15 +84,6 @@ __device__ void route_topk_impl(const T* logits, const float* noise, float sigma
         }
     }
 }
-
-#define ROUTE_TOPK(name, T)                                                                                          \
-    extern "C" __global__ void route_topk_##name(const T* logits, const float* noise, float sigma, float* gates,    \
-                                                 int* choice, long long s, long long e, long long k) {              \
-        route_topk_impl(logits, noise, sigma, gates, choice, s, e, k);                                               \
-    }
-ROUTE_TOPK(f32, float)
-ROUTE_TOPK(bf16, bf16)
-ROUTE_TOPK(f16, f16)
 
 extern "C" __global__ void route_order(const float* gates, const int* choice, const long long* groups, int* order,
                                        long long e, long long k, int bpr) {

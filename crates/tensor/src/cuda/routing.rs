@@ -16,20 +16,35 @@ pub(crate) const MOE_ROUTING: &str = "moe_routing";
 /// Threads of the slot kernel's block (`SLOT_TILE` in routing.cu): one per expert.
 const SLOT_THREADS: u32 = 256;
 
-pub(crate) fn moe_route(
-    logits: &Tensor,
-    noise: Option<(&Tensor, f32)>,
-    k: usize,
-    spans: &[GroupSpan],
-    slots: usize,
-    bpr: bool,
-) -> Result<MoeRouting> {
-    const OP: &str = "moe_route";
+pub(crate) fn gates(logits: &Tensor, noise: Option<(&Tensor, f32)>) -> Result<Tensor> {
+    const OP: &str = "moe_gates";
     let backend = backend_of(logits, OP)?;
     let (s, e) = (logits.dims()[0], logits.dims()[1]);
-    let (gshape, kshape, sshape, rshape) =
-        (Shape::new([s, e]), Shape::new([s, k]), Shape::new([s]), Shape::new([e * slots]));
-    let mut gates = output(&backend, &gshape, DType::F32)?;
+    let shape = Shape::new([s, e]);
+    let mut gates = output(&backend, &shape, DType::F32)?;
+    if s > 0 {
+        let (s_, e_) = (i64_of(s), i64_of(e));
+        let zv = view(logits, OP)?;
+        let f = backend.function("routing.cu", &name("route_gates", logits.dtype()))?;
+        match noise {
+            Some((n, sigma)) => {
+                let nv = view(n, OP)?;
+                launch!(backend, f, cfg_1d(s), &zv, &nv, &sigma, &mut gates, &s_, &e_);
+            }
+            None => {
+                let (null, sigma) = (0u64, 0f32);
+                launch!(backend, f, cfg_1d(s), &zv, &null, &sigma, &mut gates, &s_, &e_);
+            }
+        }
+    }
+    Ok(wrap(&backend, gates, shape, DType::F32))
+}
+
+pub(crate) fn assign(gates: &Tensor, k: usize, spans: &[GroupSpan], slots: usize, bpr: bool) -> Result<MoeRouting> {
+    const OP: &str = "moe_assign";
+    let backend = backend_of(gates, OP)?;
+    let (s, e) = (gates.dims()[0], gates.dims()[1]);
+    let (kshape, sshape, rshape) = (Shape::new([s, k]), Shape::new([s]), Shape::new([e * slots]));
     let mut choice = output(&backend, &kshape, DType::I32)?;
     let mut order = output(&backend, &sshape, DType::I32)?;
     let mut pos = output(&backend, &kshape, DType::I32)?;
@@ -38,19 +53,10 @@ pub(crate) fn moe_route(
     let groups = spans.iter().filter(|g| g.tokens > 0).count();
     if s > 0 {
         let (s_, e_, k_, slots_) = (i64_of(s), i64_of(e), i64_of(k), i64_of(slots));
-        let zv = view(logits, OP)?;
-        let topk = backend.function("routing.cu", &name("route_topk", logits.dtype()))?;
-        match noise {
-            Some((n, sigma)) => {
-                let nv = view(n, OP)?;
-                launch!(backend, topk, cfg_1d(s), &zv, &nv, &sigma, &mut gates, &mut choice, &s_, &e_, &k_);
-            }
-            None => {
-                let (null, sigma) = (0u64, 0f32);
-                launch!(backend, topk, cfg_1d(s), &zv, &null, &sigma, &mut gates, &mut choice, &s_, &e_, &k_);
-            }
-        }
-        // Groups without tokens have nothing to order or assign (their slots are empty rows,
+        let gv = view(gates, OP)?;
+        let f = backend.function("routing.cu", "route_topk")?;
+        launch!(backend, f, cfg_1d(s), &gv, &mut choice, &s_, &e_, &k_);
+    // Groups without tokens have nothing to order or assign (their slots are empty rows,
         // which the slot kernel marks for non-empty groups only): their rows are filled below.
         let table: Vec<i64> = spans
             .iter()
@@ -66,12 +72,12 @@ pub(crate) fn moe_route(
         };
         let f = backend.function("routing.cu", "route_order")?;
         let bpr_ = i32::from(bpr);
-        launch!(backend, f, order_cfg, &gates, &choice, &table, &mut order, &e_, &k_, &bpr_);
+        launch!(backend, f, order_cfg, &gv, &choice, &table, &mut order, &e_, &k_, &bpr_);
         let slots_cfg =
             LaunchConfig { grid_dim: (groups as u32, 1, 1), block_dim: (SLOT_THREADS, 1, 1), shared_mem_bytes: 0 };
         let f = backend.function("routing.cu", "route_slots")?;
         launch!(
-            backend, f, slots_cfg, &gates, &choice, &order, &table, &mut pos, &mut slot_src, &mut weight, &e_, &k_,
+            backend, f, slots_cfg, &gv, &choice, &order, &table, &mut pos, &mut slot_src, &mut weight, &e_, &k_,
             &slots_
         );
     }
@@ -88,10 +94,10 @@ pub(crate) fn moe_route(
         if s == 0 {
             host.fill(-1);
         }
-        slot_src = Tensor::from_vec(host, rshape.clone(), Device::Cpu)?.to_device(logits.device())?;
+        slot_src = Tensor::from_vec(host, rshape.clone(), Device::Cpu)?.to_device(gates.device())?;
     }
     Ok(MoeRouting::from_parts(
-        wrap(&backend, gates, gshape, DType::F32),
+        gates.clone(),
         wrap_i32(choice, &kshape),
         wrap_i32(order, &sshape),
         wrap_i32(pos, &kshape),
@@ -124,7 +130,6 @@ fn check(b: &Arc<CudaBackend>) -> Result<f64> {
     let dev = Device::Cuda(b.ordinal);
     let (s, e, k, d) = (45, 7, 2, 24);
     let groups = [RouteGroup { tokens: 20, capacity: 4 }, RouteGroup { tokens: 25, capacity: 8 }];
-    let (spans, slots) = ops::group_spans("moe_routing self-check", &groups, s)?;
     let mut z = Tensor::randn([s, e], 0.0, 2.0, 0x5eed, DType::F32, Device::Cpu)?.to_f32_vec()?;
     z.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0);
     let row3 = z[3 * e..4 * e].to_vec();
@@ -136,24 +141,26 @@ fn check(b: &Arc<CudaBackend>) -> Result<f64> {
         let sigma = 0.3f32;
         let (zd, nd) = (logits.to_device(dev)?, noise.to_device(dev)?);
         let r = ops::moe_route(&zd, noisy.then_some((&nd, sigma)), k, &groups, bpr)?;
-        let gates = r.gates().to_vec::<f32>()?;
         let nv = noise.to_f32_vec()?;
         let want = cpu::route_gates(&z, noisy.then_some((&nv[..], sigma)), e);
-        worst = worst.max(self_check::relative_error(&gates, &want));
-        let choice = cpu::route_top_k(&gates, e, k);
-        let a = cpu::route_assign(&gates, &choice, e, k, &spans, slots, bpr);
-        let same = |what: &str, got: Vec<i32>, want: &[i32]| match got.iter().zip(want).position(|(g, w)| g != w) {
-            None if got.len() == want.len() => Ok(()),
-            at => Err(mismatch(format!("{what} differs at {at:?} (bpr {bpr}, noise {noisy})"))),
+        worst = worst.max(self_check::relative_error(&r.gates().to_vec::<f32>()?, &want));
+        // The decisions the host takes from the device's gates.
+        let a = ops::moe_assign(&r.gates().to_device(Device::Cpu)?, k, &groups, bpr)?;
+        let same = |what: &str, got: &Tensor, want: &Tensor| -> Result<()> {
+            let (g, w) = (got.to_vec::<i32>()?, want.to_vec::<i32>()?);
+            match g.iter().zip(&w).position(|(g, w)| g != w) {
+                None if g.len() == w.len() => Ok(()),
+                at => Err(mismatch(format!("{what} differs at {at:?} (bpr {bpr}, noise {noisy})"))),
+            }
         };
-        same("choice", r.choice().to_vec()?, &a.choice)?;
-        same("order", r.order().to_vec()?, &a.order)?;
-        same("pos", r.pos().to_vec()?, &a.pos)?;
-        same("slot_src", r.slot_src().to_vec()?, &a.slot_src)?;
-        if r.weight().to_vec::<f32>()? != a.weight {
+        same("choice", r.choice(), a.choice())?;
+        same("order", r.order(), a.order())?;
+        same("pos", r.pos(), a.pos())?;
+        same("slot_src", r.slot_src(), a.slot_src())?;
+        if r.weight().to_vec::<f32>()? != a.weight().to_vec::<f32>()? {
             return Err(mismatch(format!("weights differ (bpr {bpr}, noise {noisy})")));
         }
-        let rc = r.to_device(Device::Cpu)?;
+        let (rc, slots) = (r.to_device(Device::Cpu)?, r.slots());
         for dtype in [DType::F32, DType::BF16] {
             let x = Tensor::randn([s, d], 0.0, 1.0, 7, dtype, Device::Cpu)?;
             let out = Tensor::randn([e * slots, d], 0.0, 1.0, 8, dtype, Device::Cpu)?;

@@ -148,11 +148,10 @@ pub(crate) fn group_spans(op: &'static str, groups: &[RouteGroup], s: usize) -> 
 }
 
 /// Routes the S tokens of `logits [S, E]` (any float dtype) to `k` of the E experts, group by
-/// group (`groups` cover the S tokens in order):
+/// group (`groups` cover the S tokens in order): [`moe_gates`], then [`moe_assign`].
 ///
 /// 1. `gates = softmax(z + σ·n)` per token, with `noise = Some((n, σ))` (`n` f32 `[S, E]`
-///    standard-normal draws) in training, `softmax(z)` without; the max subtracted, the sum in
-///    f64, every gate rounded to f32 (vit-model's host routing does exactly this);
+///    standard-normal draws) in training, `softmax(z)` without;
 /// 2. each token's top-k gates, ties to the lower expert;
 /// 3. per group, the claim order: by position, or with `bpr` (Batch Priority Routing) by
 ///    descending top-1 gate, ties by position;
@@ -168,7 +167,16 @@ pub fn moe_route(
     groups: &[RouteGroup],
     bpr: bool,
 ) -> Result<MoeRouting> {
-    const OP: &str = "moe_route";
+    moe_assign(&moe_gates(logits, noise)?, k, groups, bpr)
+}
+
+/// The routing softmax, f32 `[S, E]`, of `logits [S, E]` (any float dtype), with
+/// `noise = Some((n, σ))` of the noisy logits `z + σ·n` (`n` f32 `[S, E]`, the sum rounded to
+/// f32 without a fused multiply-add): the row max subtracted, `exp` rounded to f32, the row sum
+/// in f64, each gate `exp / sum` rounded to f32 — vit-model's host routing step for step. (The
+/// CUDA kernel's `exp` may differ from the host libm's `expf` by one ulp now and then.)
+pub fn moe_gates(logits: &Tensor, noise: Option<(&Tensor, f32)>) -> Result<Tensor> {
+    const OP: &str = "moe_gates";
     if !logits.dtype().is_float() {
         return Err(Error::DType { op: OP, expected: "f32, bf16 or f16".into(), got: logits.dtype() });
     }
@@ -178,9 +186,6 @@ pub fn moe_route(
     let (s, e) = (logits.dims()[0], logits.dims()[1]);
     if e == 0 || e > MAX_ROUTE_EXPERTS {
         return Err(Error::value(OP, format!("{e} experts, expected 1..={MAX_ROUTE_EXPERTS}")));
-    }
-    if k == 0 || k > e {
-        return Err(Error::value(OP, format!("k = {k} choices, expected 1..={e} (the experts)")));
     }
     if let Some((n, sigma)) = noise {
         same_device(OP, &[logits, n])?;
@@ -192,20 +197,45 @@ pub fn moe_route(
             return Err(Error::value(OP, format!("noise scale {sigma}, expected a finite value")));
         }
     }
-    let (spans, slots) = group_spans(OP, groups, s)?;
     match logits.device() {
         Device::Cpu => {
             let z = logits.cpu_f32(OP)?;
-            let n = match noise {
-                Some((n, sigma)) => Some((n.cpu_f32(OP)?, sigma)),
-                None => None,
+            let gates = match noise {
+                Some((n, sigma)) => cpu::route_gates(&z, Some((&n.cpu_f32(OP)?, sigma)), e),
+                None => cpu::route_gates(&z, None, e),
             };
-            let gates = cpu::route_gates(&z, n.as_ref().map(|(n, sigma)| (&n[..], *sigma)), e);
-            let choice = cpu::route_top_k(&gates, e, k);
-            let a = cpu::route_assign(&gates, &choice, e, k, &spans, slots, bpr);
+            Tensor::from_vec(gates, [s, e], Device::Cpu)
+        }
+        Device::Cuda(_) => cuda::routing::gates(logits, noise),
+    }
+}
+
+/// Steps 2–4 of [`moe_route`] on given `gates`, f32 `[S, E]` (the device's gates recomputed
+/// on the host give the host's decisions: the self-check compares them so).
+pub fn moe_assign(gates: &Tensor, k: usize, groups: &[RouteGroup], bpr: bool) -> Result<MoeRouting> {
+    const OP: &str = "moe_assign";
+    if gates.dtype() != DType::F32 {
+        return Err(Error::DType { op: OP, expected: "f32 gates".into(), got: gates.dtype() });
+    }
+    if gates.rank() != 2 {
+        return Err(Error::shape(OP, format!("expected gates [tokens, experts], got {}", gates.shape())));
+    }
+    let (s, e) = (gates.dims()[0], gates.dims()[1]);
+    if e == 0 || e > MAX_ROUTE_EXPERTS {
+        return Err(Error::value(OP, format!("{e} experts, expected 1..={MAX_ROUTE_EXPERTS}")));
+    }
+    if k == 0 || k > e {
+        return Err(Error::value(OP, format!("k = {k} choices, expected 1..={e} (the experts)")));
+    }
+    let (spans, slots) = group_spans(OP, groups, s)?;
+    match gates.device() {
+        Device::Cpu => {
+            let g = gates.cpu_slice::<f32>(OP)?;
+            let choice = cpu::route_top_k(g, e, k);
+            let a = cpu::route_assign(g, &choice, e, k, &spans, slots, bpr);
             let cpu_tensor = |v: Vec<i32>, shape: Vec<usize>| Tensor::from_vec(v, shape, Device::Cpu);
             Ok(MoeRouting {
-                gates: Tensor::from_vec(gates, [s, e], Device::Cpu)?,
+                gates: gates.clone(),
                 choice: cpu_tensor(a.choice, vec![s, k])?,
                 order: cpu_tensor(a.order, vec![s])?,
                 pos: cpu_tensor(a.pos, vec![s, k])?,
@@ -216,7 +246,7 @@ pub fn moe_route(
                 slots,
             })
         }
-        Device::Cuda(_) => cuda::routing::moe_route(logits, noise, k, &spans, slots, bpr),
+        Device::Cuda(_) => cuda::routing::assign(gates, k, &spans, slots, bpr),
     }
 }
 
