@@ -80,7 +80,12 @@ fn a_route_rebuilt_from_its_decisions_has_the_same_losses_and_gradients() {
     let n = randn(&[s, e], 1.0, 5);
     for noise in [None, Some((&n[..], 0.3f32))] {
         let r = GroupRoute::new(&z, e, noise, k, cap, true);
-        let a = Assignment { gates: r.gates.clone(), choice: r.choice.clone(), order: r.order.clone(), slot: r.slot.clone() };
+        let a = Assignment {
+            gates: r.gates.clone(),
+            choice: r.choice.clone(),
+            order: r.order.clone(),
+            slot: r.slot.clone(),
+        };
         let b = GroupRoute::from_assignment(&z, e, noise, k, cap, a);
         assert_eq!((r.importance_loss, r.load_loss), (b.importance_loss, b.load_loss));
         assert!(r.importance_loss > 0.0);
@@ -92,7 +97,8 @@ fn a_route_rebuilt_from_its_decisions_has_the_same_losses_and_gradients() {
 
 fn layer(cfg: &MoeConfig, d: usize, m: usize) -> (MoeMlp, ParamStore) {
     let l = MoeMlp::new("moe", d, m, cfg, Gelu::Tanh);
-    let mut sink = Initializer { init: Init { seed: 3, dtype: DType::F32, device: Device::Cpu }, store: ParamStore::new() };
+    let mut sink =
+        Initializer { init: Init { seed: 3, dtype: DType::F32, device: Device::Cpu }, store: ParamStore::new() };
     l.init(&mut sink).unwrap();
     // Distinct experts (they start equal) and a router that spreads the tokens.
     let mut p = ParamStore::new();

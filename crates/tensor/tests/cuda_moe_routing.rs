@@ -88,7 +88,11 @@ fn dispatch_and_combine_match_the_cpu_reference() {
                 assert!(p.iter().zip(&q).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: {w} not bit-exact");
             };
             exact("dispatch", ops::moe_dispatch(&gpu(&x), &rg).unwrap(), ops::moe_dispatch(&x, &rc).unwrap());
-            exact("dispatch_bwd", ops::moe_dispatch_bwd(&gpu(&out), &rg).unwrap(), ops::moe_dispatch_bwd(&out, &rc).unwrap());
+            exact(
+                "dispatch_bwd",
+                ops::moe_dispatch_bwd(&gpu(&out), &rg).unwrap(),
+                ops::moe_dispatch_bwd(&out, &rc).unwrap(),
+            );
             exact("combine", ops::moe_combine(&gpu(&out), &rg).unwrap(), ops::moe_combine(&out, &rc).unwrap());
             let (gd, gw) = ops::moe_combine_bwd(&gpu(&out), &gpu(&dy), &rg).unwrap();
             let (cd, cw) = ops::moe_combine_bwd(&out, &dy, &rc).unwrap();

@@ -107,7 +107,7 @@ enum SlotMaps {
     },
     /// Routed on the CUDA device (`ops::moe_route`): dispatch and combine are
     /// `ops::moe_dispatch` and `ops::moe_combine`.
-    Device(MoeRouting),
+    Device(Box<MoeRouting>),
 }
 
 /// The routing of one forward pass ([`MoeMlp::plan`]), before the experts run: the groups'
@@ -223,8 +223,12 @@ impl MoeMlp {
 
         let logits = logits.to_f32_vec()?;
         let noise = noise.map(|n| n.to_f32_vec()).transpose()?;
-        let (gates, choice, order, pos) =
-            (r.gates().to_vec::<f32>()?, r.choice().to_vec::<i32>()?, r.order().to_vec::<i32>()?, r.pos().to_vec::<i32>()?);
+        let (gates, choice, order, pos) = (
+            r.gates().to_vec::<f32>()?,
+            r.choice().to_vec::<i32>()?,
+            r.order().to_vec::<i32>()?,
+            r.pos().to_vec::<i32>()?,
+        );
         let mut routes = Vec::with_capacity(groups.len());
         let mut first_slot = 0;
         for (g, &start) in groups.iter().zip(&group_start) {
@@ -252,7 +256,7 @@ impl MoeMlp {
             first_slot += g.capacity;
         }
         let stats = self.stats(&routes);
-        let saved = MoeSaved { routes, group_start, maps: SlotMaps::Device(r), xin, h_pre, h, out, stats };
+        let saved = MoeSaved { routes, group_start, maps: SlotMaps::Device(Box::new(r)), xin, h_pre, h, out, stats };
         Ok((y, saved))
     }
 

@@ -56,7 +56,7 @@ pub(crate) fn assign(gates: &Tensor, k: usize, spans: &[GroupSpan], slots: usize
         let gv = view(gates, OP)?;
         let f = backend.function("routing.cu", "route_topk")?;
         launch!(backend, f, cfg_1d(s), &gv, &mut choice, &s_, &e_, &k_);
-    // Groups without tokens have nothing to order or assign (their slots are empty rows,
+        // Groups without tokens have nothing to order or assign (their slots are empty rows,
         // which the slot kernel marks for non-empty groups only): their rows are filled below.
         let table: Vec<i64> = spans
             .iter()
@@ -77,7 +77,18 @@ pub(crate) fn assign(gates: &Tensor, k: usize, spans: &[GroupSpan], slots: usize
             LaunchConfig { grid_dim: (groups as u32, 1, 1), block_dim: (SLOT_THREADS, 1, 1), shared_mem_bytes: 0 };
         let f = backend.function("routing.cu", "route_slots")?;
         launch!(
-            backend, f, slots_cfg, &gv, &choice, &order, &table, &mut pos, &mut slot_src, &mut weight, &e_, &k_,
+            backend,
+            f,
+            slots_cfg,
+            &gv,
+            &choice,
+            &order,
+            &table,
+            &mut pos,
+            &mut slot_src,
+            &mut weight,
+            &e_,
+            &k_,
             &slots_
         );
     }
