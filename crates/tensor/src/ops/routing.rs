@@ -141,8 +141,8 @@ pub(crate) fn group_spans(op: &'static str, groups: &[RouteGroup], s: usize) -> 
     if start != s {
         return Err(Error::shape(op, format!("the groups hold {start} tokens, expected the logits' {s}")));
     }
-    if s > i32::MAX as usize / 2 || first_slot.saturating_mul(MAX_ROUTE_EXPERTS) > i32::MAX as usize {
-        return Err(Error::value(op, format!("{s} tokens and {first_slot} slots per expert exceed i32 indices")));
+    if first_slot.saturating_mul(MAX_ROUTE_EXPERTS) > i32::MAX as usize {
+        return Err(Error::value(op, format!("{first_slot} slots per expert exceed i32 buffer rows")));
     }
     Ok((spans, first_slot))
 }
@@ -226,6 +226,9 @@ pub fn moe_assign(gates: &Tensor, k: usize, groups: &[RouteGroup], bpr: bool) ->
     }
     if k == 0 || k > e {
         return Err(Error::value(OP, format!("k = {k} choices, expected 1..={e} (the experts)")));
+    }
+    if s.saturating_mul(k) > i32::MAX as usize {
+        return Err(Error::value(OP, format!("{s} tokens × k = {k} assignments exceed i32 indices")));
     }
     let (spans, slots) = group_spans(OP, groups, s)?;
     match gates.device() {
