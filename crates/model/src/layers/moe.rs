@@ -3,7 +3,10 @@
 //! dense MLP's shape), in groups of `group_size` images, and sums the experts' outputs weighted
 //! by the router's gates. Routing itself (noise, top-k, capacity, BPR, auxiliary losses) is
 //! [`super::routing`], computed on the host from the router logits; everything with `D` or `M`
-//! columns runs as tensor ops on the input's device:
+//! columns runs as tensor ops on the input's device. (On a CUDA device whose routing kernels
+//! passed their self-check, with E ≤ `ops::MAX_ROUTE_EXPERTS`, the routing decisions, dispatch
+//! and combine run on the device instead: `ops::moe_route`, `ops::moe_dispatch`,
+//! `ops::moe_combine`; the auxiliary losses stay on the host. See docs/moe.md.) The host path:
 //!
 //! - dispatch: one `gather_rows` of the tokens into the expert buffers `[E, slots, D]`, where an
 //!   expert's slots are its capacity in every group, one group after the other (empty slots are
@@ -177,7 +180,7 @@ impl MoeMlp {
         let (b, t, d) = (dims[0], dims[1], dims[2]);
         let (e, s) = (self.cfg.experts, b * t);
         let x2 = x.reshape([s, d])?;
-        if ops::moe_routing_on_device(x.device()) {
+        if e <= ops::MAX_ROUTE_EXPERTS && ops::moe_routing_on_device(x.device()) {
             return self.forward_device(p, &x2, &dims, noise_seed);
         }
         let RoutePlan { routes, group_start, dispatch, slot_src, slot_weight, slots } =
