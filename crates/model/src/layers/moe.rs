@@ -3,7 +3,10 @@
 //! dense MLP's shape), in groups of `group_size` images, and sums the experts' outputs weighted
 //! by the router's gates. Routing itself (noise, top-k, capacity, BPR, auxiliary losses) is
 //! [`super::routing`], computed on the host from the router logits; everything with `D` or `M`
-//! columns runs as tensor ops on the input's device:
+//! columns runs as tensor ops on the input's device. (On a CUDA device whose routing kernels
+//! passed their self-check, with E ≤ `ops::MAX_ROUTE_EXPERTS`, the routing decisions, dispatch
+//! and combine run on the device instead: `ops::moe_route`, `ops::moe_dispatch`,
+//! `ops::moe_combine`; the auxiliary losses stay on the host. See docs/moe.md.) The host path:
 //!
 //! - dispatch: one `gather_rows` of the tokens into the expert buffers `[E, slots, D]`, where an
 //!   expert's slots are its capacity in every group, one group after the other (empty slots are
@@ -21,11 +24,11 @@
 
 use super::{
     init::{Fill, ParamSink},
-    routing::GroupRoute,
+    routing::{Assignment, GroupRoute},
 };
 use crate::{MoeConfig, ParamStore, Result};
 use vit_tensor::{
-    ops::{self, Gelu},
+    ops::{self, Gelu, MoeRouting, RouteGroup},
     DType, Device, Tensor,
 };
 
@@ -77,13 +80,8 @@ pub struct MoeSaved {
     routes: Vec<GroupRoute>,
     /// First token row of each group.
     group_start: Vec<usize>,
-    /// The token row of each expert slot, I32 `[E·slots]`; −1 for an empty slot.
-    dispatch: Tensor,
-    /// For each slot, the index `t·k + j` (t the token row in the batch, j its choice) of the
-    /// assignment in it; −1 for an empty slot.
-    slot_src: Vec<i64>,
-    /// Each slot's combine weight (0 when empty), `[E·slots]`, the input's dtype.
-    slot_weight: Tensor,
+    /// The maps between tokens and expert slots.
+    maps: SlotMaps,
     /// The dispatched tokens, `[E, slots, D]`.
     xin: Tensor,
     /// fc1's output before the GELU, `[E, slots, M]`.
@@ -94,6 +92,25 @@ pub struct MoeSaved {
     out: Tensor,
     /// What the forward measured.
     pub stats: MoeStats,
+}
+
+/// The maps between tokens and expert slots of one forward pass.
+#[derive(Debug, Clone)]
+enum SlotMaps {
+    /// Routed on the host ([`MoeMlp::plan`]): dispatch and combine are `gather_rows` and
+    /// `scatter_add_rows`.
+    Host {
+        /// The token row of each expert slot, I32 `[E·slots]`; −1 for an empty slot.
+        dispatch: Tensor,
+        /// For each slot, the index `t·k + j` (t the token row in the batch, j its choice) of
+        /// the assignment in it; −1 for an empty slot.
+        slot_src: Vec<i64>,
+        /// Each slot's combine weight (0 when empty), `[E·slots]`, the input's dtype.
+        slot_weight: Tensor,
+    },
+    /// Routed on the CUDA device (`ops::moe_route`): dispatch and combine are
+    /// `ops::moe_dispatch` and `ops::moe_combine`.
+    Device(Box<MoeRouting>),
 }
 
 /// The routing of one forward pass ([`MoeMlp::plan`]), before the experts run: the groups'
@@ -163,6 +180,9 @@ impl MoeMlp {
         let (b, t, d) = (dims[0], dims[1], dims[2]);
         let (e, s) = (self.cfg.experts, b * t);
         let x2 = x.reshape([s, d])?;
+        if e <= ops::MAX_ROUTE_EXPERTS && ops::moe_routing_on_device(x.device()) {
+            return self.forward_device(p, &x2, &dims, noise_seed);
+        }
         let RoutePlan { routes, group_start, dispatch, slot_src, slot_weight, slots } =
             self.plan(p, &x2, b, t, noise_seed)?;
         let xin = ops::gather_rows(&x2, &dispatch)?.reshape([e, slots, d])?;
@@ -171,8 +191,91 @@ impl MoeMlp {
         let y = ops::scatter_add_rows(&scaled, &dispatch, s)?.reshape(dims.clone())?;
 
         let stats = self.stats(&routes);
-        let saved = MoeSaved { routes, group_start, dispatch, slot_src, slot_weight, xin, h_pre, h, out, stats };
+        let maps = SlotMaps::Host { dispatch, slot_src, slot_weight };
+        let saved = MoeSaved { routes, group_start, maps, xin, h_pre, h, out, stats };
         Ok((y, saved))
+    }
+
+    /// [`MoeMlp::forward`] on a CUDA device whose routing kernels passed their self-check: the
+    /// routing decisions (`ops::moe_route`), dispatch and combine run on the device. The groups'
+    /// [`GroupRoute`]s (statistics, auxiliary losses, the router's backward) are then built on
+    /// the host from one copy of the logits and the device's decisions.
+    fn forward_device(
+        &self,
+        p: &ParamStore,
+        x2: &Tensor,
+        dims: &[usize],
+        noise_seed: Option<u64>,
+    ) -> Result<(Tensor, MoeSaved)> {
+        let (b, t, d) = (dims[0], dims[1], dims[2]);
+        let (e, k, s) = (self.cfg.experts, self.cfg.k, b * t);
+        let logits = ops::matmul_t(x2, p.get(&self.router)?, false, true)?;
+        let sigma = self.cfg.noise_std() as f32;
+        // The same draws as the host routing's (drawn on the host, then copied).
+        let noise = match noise_seed {
+            Some(seed) if sigma > 0.0 => Some(Tensor::randn([s, e], 0.0, 1.0, seed, DType::F32, Device::Cpu)?),
+            _ => None,
+        };
+        let noise_dev = noise.as_ref().map(|n| n.to_device(x2.device())).transpose()?;
+        let (groups, group_start) = self.route_groups(b, t);
+        let r = ops::moe_route(&logits, noise_dev.as_ref().map(|n| (n, sigma)), k, &groups, self.cfg.bpr)?;
+        let slots = r.slots();
+        let xin = ops::moe_dispatch(x2, &r)?.reshape([e, slots, d])?;
+        let (h_pre, h, out) = self.experts_forward(p, &xin, slots)?;
+        let y = ops::moe_combine(&out.reshape([e * slots, d])?, &r)?.reshape(dims.to_vec())?;
+
+        let logits = logits.to_f32_vec()?;
+        let noise = noise.map(|n| n.to_f32_vec()).transpose()?;
+        let (gates, choice, order, pos) = (
+            r.gates().to_vec::<f32>()?,
+            r.choice().to_vec::<i32>()?,
+            r.order().to_vec::<i32>()?,
+            r.pos().to_vec::<i32>()?,
+        );
+        let mut routes = Vec::with_capacity(groups.len());
+        let mut first_slot = 0;
+        for (g, &start) in groups.iter().zip(&group_start) {
+            let (lo, hi) = (start * e, (start + g.tokens) * e);
+            let assignments = start * k..(start + g.tokens) * k;
+            let slot = assignments
+                .clone()
+                .map(|a| {
+                    let p = pos[a];
+                    if p < 0 {
+                        -1
+                    } else {
+                        p - (choice[a] as usize * slots + first_slot) as i32
+                    }
+                })
+                .collect();
+            let a = Assignment {
+                gates: gates[lo..hi].to_vec(),
+                choice: choice[assignments].iter().map(|&c| c as u32).collect(),
+                order: order[start..start + g.tokens].iter().map(|&o| o as usize - start).collect(),
+                slot,
+            };
+            let n = noise.as_ref().map(|n| (&n[lo..hi], sigma));
+            routes.push(GroupRoute::from_assignment(&logits[lo..hi], e, n, k, g.capacity, a));
+            first_slot += g.capacity;
+        }
+        let stats = self.stats(&routes);
+        let saved = MoeSaved { routes, group_start, maps: SlotMaps::Device(Box::new(r)), xin, h_pre, h, out, stats };
+        Ok((y, saved))
+    }
+
+    /// The routing groups of `b` images of `t` tokens: groups of `group_size` images (the last
+    /// may be smaller), each with its own capacity, and the first token row of each.
+    fn route_groups(&self, b: usize, t: usize) -> (Vec<RouteGroup>, Vec<usize>) {
+        let gimg = self.cfg.group_size.max(1);
+        let (mut groups, mut starts) = (Vec::new(), Vec::new());
+        let mut first_img = 0;
+        while first_img < b {
+            let imgs = gimg.min(b - first_img);
+            groups.push(RouteGroup { tokens: imgs * t, capacity: self.cfg.capacity_for(imgs * t) });
+            starts.push(first_img * t);
+            first_img += imgs;
+        }
+        (groups, starts)
     }
 
     /// Routes the tokens `x2 [B·T, D]` of `b` images of `t` tokens: the router logits, the
@@ -196,18 +299,12 @@ impl MoeMlp {
             _ => None,
         };
         // Groups of `group_size` images (the last may be smaller), each with its own capacity.
-        let gimg = self.cfg.group_size.max(1);
-        let mut routes = Vec::new();
-        let mut group_start = Vec::new();
-        let mut first_img = 0;
-        while first_img < b {
-            let imgs = gimg.min(b - first_img);
-            let (lo, hi) = (first_img * t * e, (first_img + imgs) * t * e);
-            let cap = self.cfg.capacity_for(imgs * t);
+        let (groups, group_start) = self.route_groups(b, t);
+        let mut routes = Vec::with_capacity(groups.len());
+        for (g, &start) in groups.iter().zip(&group_start) {
+            let (lo, hi) = (start * e, (start + g.tokens) * e);
             let n = noise.as_ref().map(|n| (&n[lo..hi], sigma));
-            routes.push(GroupRoute::new(&logits[lo..hi], e, n, k, cap, self.cfg.bpr));
-            group_start.push(first_img * t);
-            first_img += imgs;
+            routes.push(GroupRoute::new(&logits[lo..hi], e, n, k, g.capacity, self.cfg.bpr));
         }
         // Slot layout: expert x's buffer holds its slots of group 0, then of group 1, ...
         let slots: usize = routes.iter().map(|r| r.capacity).sum();
@@ -284,10 +381,19 @@ impl MoeMlp {
         let slots = s.xin.dims()[1];
         let x2 = x.reshape([n, d])?;
         let out2 = s.out.reshape([e * slots, d])?;
-        let (dout, dweight) =
-            self.combine_backward(&dy.reshape([n, d])?, &s.dispatch, &s.slot_weight, &s.slot_src, &out2)?;
-        let dxin = self.experts_backward(p, &s.xin, &s.h_pre, &s.h, &dout.reshape([e, slots, d])?, g)?;
-        let dx2 = ops::scatter_add_rows(&dxin.reshape([e * slots, d])?, &s.dispatch, n)?;
+        let dy2 = dy.reshape([n, d])?;
+        let (dx2, dweight) = match &s.maps {
+            SlotMaps::Host { dispatch, slot_src, slot_weight } => {
+                let (dout, dweight) = self.combine_backward(&dy2, dispatch, slot_weight, slot_src, &out2)?;
+                let dxin = self.experts_backward(p, &s.xin, &s.h_pre, &s.h, &dout.reshape([e, slots, d])?, g)?;
+                (ops::scatter_add_rows(&dxin.reshape([e * slots, d])?, dispatch, n)?, dweight)
+            }
+            SlotMaps::Device(r) => {
+                let (dout, dweight) = ops::moe_combine_bwd(&out2, &dy2, r)?;
+                let dxin = self.experts_backward(p, &s.xin, &s.h_pre, &s.h, &dout.reshape([e, slots, d])?, g)?;
+                (ops::moe_dispatch_bwd(&dxin.reshape([e * slots, d])?, r)?, dweight.to_vec::<f32>()?)
+            }
+        };
         let dx2 = self.router_backward(p, &x2, dx2, &s.routes, &s.group_start, &dweight, aux_scale, g)?;
         Ok(dx2.reshape(dims)?)
     }

@@ -58,6 +58,19 @@ pub struct GroupRoute {
     load: Option<LoadSaved>,
 }
 
+/// The routing decisions of one group of S tokens over E experts (see [`GroupRoute`]'s fields).
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    /// The routing softmax `[S, E]`.
+    pub gates: Vec<f32>,
+    /// The chosen experts `[S, k]` by descending gate.
+    pub choice: Vec<u32>,
+    /// The claim order, token positions in the group.
+    pub order: Vec<usize>,
+    /// The slot of each choice in its expert's buffer `[S, k]`, −1 where dropped.
+    pub slot: Vec<i32>,
+}
+
 #[derive(Debug, Clone)]
 struct LoadSaved {
     sigma: f32,
@@ -139,13 +152,9 @@ impl GroupRoute {
     ) -> Self {
         let e = experts;
         let s = logits.len() / e;
-        let probs = softmax_rows(logits, e);
         let noisy: Option<Vec<f32>> =
             noise.map(|(n, sigma)| logits.iter().zip(n).map(|(z, n)| z + sigma * n).collect());
-        let gates = match &noisy {
-            Some(zn) => softmax_rows(zn, e),
-            None => probs.clone(),
-        };
+        let gates = softmax_rows(noisy.as_deref().unwrap_or(logits), e);
         let mut choice = Vec::with_capacity(s * k);
         for row in gates.chunks(e) {
             choice.extend(top_k(row, k));
@@ -166,6 +175,27 @@ impl GroupRoute {
                 }
             }
         }
+        Self::from_assignment(logits, experts, noise, k, capacity, Assignment { gates, choice, order, slot })
+    }
+
+    /// The route of one group whose decisions were taken elsewhere (the CUDA routing kernels,
+    /// `vit_tensor::ops::moe_route`): `a` holds the gates, choices, claim order and slots as
+    /// [`GroupRoute::new`] computes them; the auxiliary losses are computed here from the
+    /// `logits` and `noise` they came from.
+    pub fn from_assignment(
+        logits: &[f32],
+        experts: usize,
+        noise: Option<(&[f32], f32)>,
+        k: usize,
+        capacity: usize,
+        a: Assignment,
+    ) -> Self {
+        let e = experts;
+        let s = logits.len() / e;
+        let Assignment { gates, choice, order, slot } = a;
+        let probs = if noise.is_some() { softmax_rows(logits, e) } else { gates.clone() };
+        let noisy: Option<Vec<f32>> =
+            noise.map(|(n, sigma)| logits.iter().zip(n).map(|(z, n)| z + sigma * n).collect());
         let mut imp = vec![0f64; e];
         for row in probs.chunks(e) {
             for (i, p) in imp.iter_mut().zip(row) {

@@ -11,9 +11,11 @@ mod flash_attention;
 mod index;
 mod layout;
 mod matmul;
+mod moe_dispatch;
 mod norm;
 mod patch;
 mod reduce;
+mod routing;
 mod softmax;
 
 pub use allocator::retain_freed_memory;
@@ -24,9 +26,11 @@ pub(crate) use index::*;
 pub(crate) use layout::*;
 pub use matmul::gemm_f32;
 pub(crate) use matmul::matmul;
+pub(crate) use moe_dispatch::*;
 pub(crate) use norm::*;
 pub(crate) use patch::*;
 pub(crate) use reduce::*;
+pub(crate) use routing::*;
 pub(crate) use softmax::*;
 
 use rayon::prelude::*;

@@ -27,6 +27,8 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("patch.cu", include_str!("../../../../kernels/patch.cu")),
     ("layout.cu", include_str!("../../../../kernels/layout.cu")),
     ("flash_attention.cu", include_str!("../../../../kernels/flash_attention.cu")),
+    ("routing.cu", include_str!("../../../../kernels/routing.cu")),
+    ("moe_dispatch.cu", include_str!("../../../../kernels/moe_dispatch.cu")),
 ];
 
 /// The architectures CI compiles every kernel for.

@@ -105,6 +105,7 @@ const ALL_CHECKS: &[CheckEntry] = &[
     super::linear::check_dgelu_bgrad,
     super::linear::check_wgrad_accumulate,
     super::linear::check_bgradb,
+    super::routing::kernels_ok,
 ];
 
 /// Runs the check of every fast kernel on device `ordinal` (those not yet run) and returns the

@@ -9,9 +9,11 @@ mod index;
 mod layout;
 mod linear;
 mod matmul;
+mod moe_dispatch;
 mod norm;
 mod patch;
 mod reduce;
+mod routing;
 mod softmax;
 
 pub use crate::op_kinds::{Activation, BinaryOp, Gelu, MatmulDims, NormKind, ReduceOp};
@@ -22,9 +24,11 @@ pub use index::*;
 pub use layout::*;
 pub use linear::*;
 pub use matmul::*;
+pub use moe_dispatch::*;
 pub use norm::*;
 pub use patch::*;
 pub use reduce::*;
+pub use routing::*;
 pub use softmax::*;
 
 use crate::{DType, Device, Error, Result, Tensor};
