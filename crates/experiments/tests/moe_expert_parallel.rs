@@ -160,6 +160,11 @@ fn expert_parallel_configs_it_cannot_run_are_one_line_errors() {
             "model.moe.expert_parallel = true with train.sharding = \"optimizer\": expected one of the two",
         ),
         (&["model.moe.expert_parallel=maybe"], &[], "moe.expert_parallel = \"maybe\": expected true or false"),
+        (
+            &[EP, "model.moe.experts=32", "optimizer.name=factored-adam"],
+            &["--world", "2"],
+            "factored-adam factors the second moment of blocks.1.moe.experts.fc1.bias [32, 64] over its expert axis",
+        ),
     ];
     for (i, (sets, extra, want)) in cases.iter().enumerate() {
         let o = train(&tmp.path().join(format!("bad{i}")), sets, extra);

@@ -102,10 +102,10 @@ impl ExpertParallel {
             let (w, l) = (axes(&whole), axes(&local));
             if w != l || w.is_some_and(|(d0, d1)| d0 == 0 || d1 == 0) {
                 return Err(TrainError::Config(format!(
-                    "model.moe.expert_parallel = true: optimizer.name = factored_adam factors the second moment of \
-                     {name} {whole:?} over its expert axis (axis 0) or differently on the {} experts of a rank: \
-                     expected expert tensors whose two largest axes are not the expert axis (use optimizer.name = \
-                     adamw, or more expert-parallel ranks)",
+                    "model.moe.expert_parallel = true: optimizer.name = factored-adam factors the second moment of \
+                     {name} {whole:?} over its expert axis (axis 0), or differently on the {} experts of a rank: \
+                     expected expert tensors whose two largest axes are not the expert axis (optimizer.name = adamw \
+                     keeps them apart)",
                     self.local
                 )));
             }
