@@ -1,8 +1,9 @@
 //! `mpirun -np 2 vit train` (issue 12 item 2): one data-parallel rank per MPI process follows
 //! the single-process run within 1e-5 relative, rank 0 alone writes the run directory, and a
 //! run stopped under mpirun resumes in one process; ZeRO-1 and ZeRO-3 runs under mpirun follow
-//! it as well; 4 processes on a 2 × 2 data × model mesh
-//! (issue 13 item 1) follow it too. Built and run only with the `mpi` feature
+//! it as well; 4 processes on a 2 × 2 data × model mesh (issue 13 item 1) follow it too, and so
+//! do 2 processes sharing a V-MoE's experts (`model.moe.expert_parallel`, issue 11 item 5).
+//! Built and run only with the `mpi` feature
 //! (`scripts/test.sh` does, where MPI is installed).
 #![cfg(feature = "mpi")]
 
@@ -71,6 +72,25 @@ fn mpirun_ranks_follow_one_process_and_resume_in_one() {
     let o = train(Some(2), &tmp.path().join("both"), &["--world", "2"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("expected one of the two"));
+}
+
+/// A V-MoE with its experts sharded over 2 processes follows one process (no router noise, so
+/// the cut into ranks does not change the routing) and its checkpoint holds every expert.
+#[test]
+fn mpirun_expert_parallel_follows_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let moe = ["model.moe.experts=4", "model.moe.noise=0", "model.moe.group_size=8", "model.moe.capacity=0.8"];
+    let sets: Vec<&str> = moe.iter().flat_map(|s| ["--set", s]).collect();
+    let one = tmp.path().join("one");
+    let o = train(None, &one, &sets);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ep = tmp.path().join("ep");
+    let o = train(Some(2), &ep, &[&sets[..], &["--set", "model.moe.expert_parallel=true"]].concat());
+    assert!(o.status.success(), "mpirun -np 2 with expert parallelism: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("2 experts per rank (expert parallel)"));
+    assert_losses_close(&one, &ep, 12, "mpirun -np 2 expert parallel vs one process");
+    let c = vit_model::load_checkpoint(ep.join("step-12.safetensors"), vit_tensor::Device::Cpu).unwrap();
+    assert_eq!(c.params.get("blocks.1.moe.experts.fc1.weight").unwrap().dims(), &[4, 64, 32]);
 }
 
 /// A rank that dies mid-run (an injected panic on rank 1) ends the whole `mpirun` job with a

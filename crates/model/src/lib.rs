@@ -44,6 +44,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+mod expert_parallel;
 mod flops;
 pub mod import;
 pub mod layers;

@@ -10,6 +10,7 @@ use crate::{
     },
     ModelConfig, ParamStore, Result,
 };
+use vit_collective::Communicator;
 use vit_tensor::{ops, DType, Device, Tensor};
 
 /// What each MoE block's routing measured in one forward pass: `(block index, stats)`, by
@@ -143,14 +144,30 @@ impl VisionTransformer {
     /// MoE layers route without noise (deterministic, as at inference); training uses
     /// [`VisionTransformer::forward_train`].
     pub fn forward(&self, p: &ParamStore, images: &Tensor) -> Result<(Tensor, ForwardSaved)> {
-        self.forward_routed(p, images, None)
+        self.forward_routed(p, images, None, None)
     }
 
     /// [`VisionTransformer::forward`] in training: MoE routers add their noise, drawn from
     /// `noise_seed` (each layer its own stream, so the same seed gives the same bits). A dense
     /// model gives the same as `forward`.
     pub fn forward_train(&self, p: &ParamStore, images: &Tensor, noise_seed: u64) -> Result<(Tensor, ForwardSaved)> {
-        self.forward_routed(p, images, Some(noise_seed))
+        self.forward_routed(p, images, Some(noise_seed), None)
+    }
+
+    /// [`VisionTransformer::forward_train`] with expert parallelism: every MoE layer's experts
+    /// are sharded over `comm`'s ranks, `p` holds this rank's shard
+    /// ([`VisionTransformer::shard_experts`]: its experts, every other parameter whole) and
+    /// `images` this rank's images (the same count on every rank). Every rank must call it
+    /// (each MoE layer runs two all-to-alls); [`VisionTransformer::backward_notify_ep`] is its
+    /// backward.
+    pub fn forward_train_ep(
+        &self,
+        p: &ParamStore,
+        images: &Tensor,
+        noise_seed: u64,
+        comm: &dyn Communicator,
+    ) -> Result<(Tensor, ForwardSaved)> {
+        self.forward_routed(p, images, Some(noise_seed), Some(comm))
     }
 
     fn forward_routed(
@@ -158,13 +175,14 @@ impl VisionTransformer {
         p: &ParamStore,
         images: &Tensor,
         noise_seed: Option<u64>,
+        ep: Option<&dyn Communicator>,
     ) -> Result<(Tensor, ForwardSaved)> {
         let (mut x, embed) = self.embed.forward(p, images)?;
         let mut block_inputs = Vec::with_capacity(self.blocks.len());
         let mut block_saved = Vec::with_capacity(self.blocks.len());
         let mut moe = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
-            let (y, s) = b.forward_routed(p, &x, noise_seed.map(|sd| block_noise_seed(sd, i)))?;
+            let (y, s) = b.forward_ep(p, &x, noise_seed.map(|sd| block_noise_seed(sd, i)), ep)?;
             if let Some(stats) = s.moe_stats() {
                 moe.push((i, stats.clone()));
             }
@@ -287,6 +305,27 @@ impl VisionTransformer {
         g: &mut ParamStore,
         ready: &mut dyn FnMut(&ParamStore, &[String]),
     ) -> Result<Tensor> {
+        self.backward_notify_ep(p, s, dout, aux_scale, g, ready, None)
+    }
+
+    /// [`backward_notify`](Self::backward_notify) of a forward pass with expert parallelism
+    /// ([`forward_train_ep`](Self::forward_train_ep), `ep` its communicator; `None` for a
+    /// plain forward). The gradients of this rank's experts are complete (the whole batch's);
+    /// every other gradient, the routers' included, is this rank's part, to be summed over the
+    /// ranks as in data parallelism. With `ep`, the auxiliary losses of this rank's images count
+    /// `aux_scale` times (its share of the whole batch, so that the routers' summed gradient is
+    /// the batch's).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_notify_ep(
+        &self,
+        p: &ParamStore,
+        s: &ForwardSaved,
+        dout: &Tensor,
+        aux_scale: f32,
+        g: &mut ParamStore,
+        ready: &mut dyn FnMut(&ParamStore, &[String]),
+        ep: Option<&dyn Communicator>,
+    ) -> Result<Tensor> {
         let mut stages = self.stage_names()?.into_iter().rev();
         let mut notify = |g: &ParamStore| {
             if let Some(names) = stages.next() {
@@ -298,10 +337,10 @@ impl VisionTransformer {
         for (i, b) in self.blocks.iter().enumerate().rev() {
             let x = &s.block_inputs[i];
             dx = match &s.block_saved[i] {
-                Some(saved) => b.backward_scaled(p, x, saved, &dx, aux_scale, g)?,
+                Some(saved) => b.backward_ep(p, x, saved, &dx, aux_scale, g, ep)?,
                 None => {
-                    let (_, saved) = b.forward_routed(p, x, s.noise_seed.map(|sd| block_noise_seed(sd, i)))?;
-                    b.backward_scaled(p, x, &saved, &dx, aux_scale, g)?
+                    let (_, saved) = b.forward_ep(p, x, s.noise_seed.map(|sd| block_noise_seed(sd, i)), ep)?;
+                    b.backward_ep(p, x, &saved, &dx, aux_scale, g, ep)?
                 }
             };
             notify(g);

@@ -13,6 +13,7 @@
 //! noise = 1.0                # router noise std in training, in units of 1/E (0 = none)
 //! importance_weight = 0.005  # weight of the importance auxiliary loss
 //! load_weight = 0.005        # weight of the load auxiliary loss
+//! expert_parallel = false    # training: shard the experts over the data-parallel ranks
 //! ```
 //!
 //! On the command line the keys are `moe.experts`, `moe.k`, ... (`--set moe.experts=8`), and
@@ -56,6 +57,13 @@ pub struct MoeConfig {
     pub importance_weight: f64,
     /// Weight of the load loss `(std(load)/mean(load))²` (only with noise).
     pub load_weight: f64,
+    /// Expert parallelism in training (`vit train --world N`): each of the N data-parallel
+    /// ranks holds E/N experts of every MoE layer and the dispatched tokens travel to their
+    /// experts' ranks by all-to-all ([`crate::layers::shard_experts`]). The same model and the
+    /// same math as without it; E must be a multiple of N. Ignored outside training and on one
+    /// rank.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub expert_parallel: bool,
 }
 
 /// Every key of the `moe` table, as `--set moe.<key>=value` takes them.
@@ -70,6 +78,7 @@ pub const MOE_KEYS: &[&str] = &[
     "moe.noise",
     "moe.importance_weight",
     "moe.load_weight",
+    "moe.expert_parallel",
 ];
 
 impl Default for MoeConfig {
@@ -87,6 +96,7 @@ impl Default for MoeConfig {
             noise: 1.0,
             importance_weight: 0.005,
             load_weight: 0.005,
+            expert_parallel: false,
         }
     }
 }
@@ -123,6 +133,11 @@ impl MoeConfig {
     pub(crate) fn set_value(&mut self, key: &'static str, value: &str) -> Result<()> {
         let uint = |v: &str| v.parse::<usize>().map_err(|_| ModelError::bad_value(key, v, "an unsigned integer"));
         let float = |v: &str| v.parse::<f64>().map_err(|_| ModelError::bad_value(key, v, "a number"));
+        let boolean = |v: &str| match v {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            v => Err(ModelError::bad_value(key, v, "true or false")),
+        };
         match key {
             "moe.experts" => self.experts = uint(value)?,
             "moe.k" => self.k = uint(value)?,
@@ -135,13 +150,8 @@ impl MoeConfig {
                 }
             }
             "moe.group_size" => self.group_size = uint(value)?,
-            "moe.bpr" => {
-                self.bpr = match value {
-                    "true" => true,
-                    "false" => false,
-                    v => return Err(ModelError::bad_value(key, v, "true or false")),
-                }
-            }
+            "moe.bpr" => self.bpr = boolean(value)?,
+            "moe.expert_parallel" => self.expert_parallel = boolean(value)?,
             "moe.noise" => self.noise = float(value)?,
             "moe.importance_weight" => self.importance_weight = float(value)?,
             "moe.load_weight" => self.load_weight = float(value)?,
@@ -200,7 +210,7 @@ impl MoeConfig {
 
     fn bits(&self) -> impl PartialEq + Hash {
         (
-            (self.experts, self.k, self.every, self.last, self.group_size, self.bpr),
+            (self.experts, self.k, self.every, self.last, self.group_size, self.bpr, self.expert_parallel),
             [self.capacity, self.noise, self.importance_weight, self.load_weight].map(f64::to_bits),
         )
     }

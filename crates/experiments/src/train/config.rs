@@ -483,13 +483,20 @@ impl TrainConfig {
             return bad(
                 "train.world",
                 t.world.to_string(),
-                &format!(
-                    "a positive number of ranks whose data-parallel groups (world / train.mesh.model = {}) times \
-                     train.grad_accum ({}) divide train.batch_size ({})",
-                    t.world / model_ranks.max(1),
-                    t.grad_accum,
-                    t.batch_size
-                ),
+                &if model_ranks == 1 {
+                    format!(
+                        "a positive number of ranks whose product with train.grad_accum ({}) divides train.batch_size ({})",
+                        t.grad_accum, t.batch_size
+                    )
+                } else {
+                    format!(
+                        "a positive number of ranks whose data-parallel groups (world / train.mesh.model = {}) \
+                         times train.grad_accum ({}) divide train.batch_size ({})",
+                        t.world / model_ranks.max(1),
+                        t.grad_accum,
+                        t.batch_size
+                    )
+                },
             );
         }
         if model_ranks > 1 && t.sharding == Sharding::Optimizer {

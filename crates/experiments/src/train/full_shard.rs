@@ -271,8 +271,9 @@ mod tests {
         let l = StageLayout::new(vec![p("a", &[10]), p("b", &[4, 10]), p("c", &[30]), p("d", &[5])], 2);
         let owners: Vec<(String, usize, usize)> =
             l.params.iter().map(|q| (q.name.clone(), q.owner, q.offset)).collect();
-        // b (40) → 0, c (30) → 1, a (10) → 1, d (5) → 1 (load 0: 40, 1: 40 after a; d to 0? 40 vs 40: lowest rank).
-        assert_eq!(owners, vec![("a".into(), 1, 30), ("b".into(), 0, 0), ("c".into(), 1, 0), ("d".into(), 0, 40)]);
+        // b (40) → 0, c (30) → 1, a (10) → 1 (30 < 40), d (5) → 0 (40 = 40: the lower rank); each
+        // rank packs its parameters in the stage's order (rank 1: a at 0, c at 10).
+        assert_eq!(owners, vec![("a".into(), 1, 0), ("b".into(), 0, 0), ("c".into(), 1, 10), ("d".into(), 0, 40)]);
         assert_eq!(l.padded, 45);
         // More ranks than parameters: empty parts are padded to one element.
         let l = StageLayout::new(vec![p("a", &[3])], 4);

@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod data_check;
 pub mod evals;
+pub mod expert_parallel;
 pub mod full_shard;
 pub mod mixup;
 pub mod model_parallel;
@@ -268,14 +269,16 @@ pub fn micro_batch_grads(
     batch: usize,
     grads: &mut ParamStore,
 ) -> Result<f64, TrainError> {
-    micro_batch_grads_moe(model, params, x, t, loss, batch, None, grads, &mut |_, _| {})
+    micro_batch_grads_moe(model, params, x, t, loss, batch, None, grads, &mut |_, _| {}, None)
 }
 
 /// [`micro_batch_grads`] with V-MoE training: MoE routers add noise from `moe`'s seed
 /// ([`moe_log::noise_seed`]), the auxiliary losses join the loss with the micro-batch's share
 /// of the batch, and the layers' statistics go into `moe`'s log. Without `moe`, MoE layers
 /// route without noise (a dense model is the same either way). `ready` is called as backward
-/// completes gradients ([`VisionTransformer::backward_notify`]).
+/// completes gradients ([`VisionTransformer::backward_notify`]). With `ep`, the MoE layers'
+/// experts are sharded over its ranks (`params` holds this rank's,
+/// [`expert_parallel::ExpertParallel`]) and every rank of it must call this at once.
 #[allow(clippy::too_many_arguments)]
 pub fn micro_batch_grads_moe(
     model: &VisionTransformer,
@@ -287,11 +290,15 @@ pub fn micro_batch_grads_moe(
     moe: Option<(u64, &mut moe_log::MoeLog)>,
     grads: &mut ParamStore,
     ready: &mut dyn FnMut(&ParamStore, &[String]),
+    ep: Option<&dyn vit_collective::Communicator>,
 ) -> Result<f64, TrainError> {
     let share = x.dims()[0] as f64 / batch as f64;
     let (logits, saved) = match moe {
         Some((seed, log)) => {
-            let (logits, saved) = model.forward_train(params, x, seed)?;
+            let (logits, saved) = match ep {
+                Some(comm) => model.forward_train_ep(params, x, seed, comm)?,
+                None => model.forward_train(params, x, seed)?,
+            };
             log.add(&saved, share);
             (logits, saved)
         }
@@ -300,25 +307,29 @@ pub fn micro_batch_grads_moe(
     let (losses, dlogits) = loss_and_grad(&logits, t, loss, batch)?;
     // The auxiliary loss (0 for a dense model) counts with this micro-batch's share of the batch.
     let sum = ops::sum_all(&losses)?.to_scalar()? as f64 + saved.aux_loss() as f64 * x.dims()[0] as f64;
-    model.backward_notify(params, &saved, &dlogits, share as f32, grads, ready)?;
+    model.backward_notify_ep(params, &saved, &dlogits, share as f32, grads, ready, ep)?;
     Ok(sum)
 }
 
 /// The whole model's parameters, gathered (a collective) when this rank holds a part of them
-/// (full sharding over the data axis, a model axis); `None` when `params` are whole already.
+/// (full sharding over the data axis, a model axis, experts over the data axis); `None` when
+/// `params` are whole already.
 fn whole_params(
     params: &ParamStore,
     opt: &zero::Updater,
     mp: &Option<model_parallel::ModelParallel>,
+    ep: &Option<expert_parallel::ExpertParallel>,
     dp: &dyn vit_collective::Communicator,
 ) -> Result<Option<ParamStore>, TrainError> {
     let gathered = match opt {
         zero::Updater::Full(share) => Some(share.gather_params(params, dp)?),
         _ => None,
     };
-    Ok(match mp {
-        Some(m) => Some(m.gather_params(gathered.as_ref().unwrap_or(params))?),
-        None => gathered,
+    let local = gathered.as_ref().unwrap_or(params);
+    Ok(match (mp, ep) {
+        (Some(m), _) => Some(m.gather_params(local)?),
+        (None, Some(e)) => Some(e.gather(dp, local)?),
+        (None, None) => gathered,
     })
 }
 
@@ -468,6 +479,8 @@ fn train_rank(
     let dtype = cfg.train.precision.dtype();
     let mcfg: ModelConfig = cfg.model_config()?;
     let model = VisionTransformer::new(&mcfg, dtype, device)?;
+    // model.moe.expert_parallel: E/world experts of each MoE layer on this rank (refused on a mesh).
+    let ep = expert_parallel::ExpertParallel::new(cfg, &model, comm)?;
     // On a data × model mesh: this rank's part of the model, and the data axis to reduce over.
     let mp = model_parallel::ModelParallel::new(comm, &model, cfg.train.mesh.model, cfg.train.mesh.matmul.mode())?;
     let dp: &dyn vit_collective::Communicator = mp.as_ref().map_or(comm, |m| m.data());
@@ -520,6 +533,9 @@ fn train_rank(
         };
         (params, None)
     };
+    if let Some(e) = &ep {
+        params = e.shard(&params)?;
+    }
     let skip_bad = cfg.data.on_bad_example == vit_data::OnBadExample::Skip;
     let mut bad_log =
         bad_examples::BadLog::open(run, data.train.len(), cfg.data.max_bad_fraction, start.as_ref().map(|(s, _)| *s))?;
@@ -532,6 +548,9 @@ fn train_rank(
         bad_log.record(0, &data.bad_at_start)?;
     }
     let opt_cfg = optimizer_config(cfg, total, &params)?;
+    if let Some(e) = &ep {
+        e.check_optimizer(&opt_cfg, &params)?;
+    }
     let sharded = dworld > 1 && cfg.train.sharding == config::Sharding::Optimizer;
     let full = cfg.train.sharding == config::Sharding::Full;
     if full && mcfg.moe.is_some() {
@@ -555,7 +574,10 @@ fn train_rank(
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         let layout = match &mp {
             Some(m) => format!("mesh {} ({}-way tensor parallel)", m.describe(), m.tp.ranks()),
-            None => "data parallel".into(),
+            None => match &ep {
+                Some(e) => format!("data parallel, {} experts per rank (expert parallel)", e.local_experts()),
+                None => "data parallel".into(),
+            },
         };
         println!(
             "{layout}: {world} ranks, sharding {}: parameters {:.1} MiB and optimizer state {:.1} MiB on rank 0",
@@ -576,9 +598,10 @@ fn train_rank(
                 .optimizer
                 .as_ref()
                 .ok_or_else(|| TrainError::Io("checkpoint has no optimizer state to resume".into()))?;
-            match &mp {
-                Some(m) => opt.load_state(&m.shard_state(state)?)?,
-                None => opt.load_state(state)?,
+            match (&mp, &ep) {
+                (Some(m), _) => opt.load_state(&m.shard_state(state)?)?,
+                (None, Some(e)) => opt.load_state(&e.shard(state)?)?,
+                (None, None) => opt.load_state(state)?,
             }
             *step
         }
@@ -602,9 +625,11 @@ fn train_rank(
             _ => params.clone(),
         };
         // Split over a model axis: gathered whole on every rank of it first.
-        let (params, state) = match &mp {
-            Some(m) => (m.gather_params(&params)?, state.map(|s| m.gather_state(&s)).transpose()?),
-            None => (params, state),
+        // Experts sharded over the data axis: every expert gathered first.
+        let (params, state) = match (&mp, &ep) {
+            (Some(m), _) => (m.gather_params(&params)?, state.map(|s| m.gather_state(&s)).transpose()?),
+            (None, Some(e)) => (e.gather(dp, &params)?, state.map(|s| e.gather(dp, &s)).transpose()?),
+            (None, None) => (params, state),
         };
         if !run.writes() {
             return Ok(());
@@ -632,8 +657,12 @@ fn train_rank(
     let mut evaluator = evals::Evaluator::new(cfg, &data, batch, device)?;
     // Sharded, each rank reduce-scatters its gradients in the update instead.
     // With a model axis, all is reduced after backward (the stages' gradients are per rank).
-    let buckets =
-        if sharded || full || mp.is_some() { None } else { gradient_buckets(&params, dworld, cfg.train.bucket_mb)? };
+    // With experts sharded, only the replicated parameters' gradients are reduced, after it.
+    let buckets = if sharded || full || mp.is_some() || ep.is_some() {
+        None
+    } else {
+        gradient_buckets(&params, dworld, cfg.train.bucket_mb)?
+    };
     let shard = vit_data::loader::Shard { index: drank, count: dworld };
     let first_row = shard.rows(batch).start;
     let mut stream = data.train_loader(batch, cfg.train.seed, shard)?.iter_from(first_step);
@@ -758,19 +787,22 @@ fn train_rank(
                                 moe,
                                 &mut grads,
                                 &mut ready,
+                                ep.as_ref().map(|_| dp),
                             )?,
                         };
                     }
                     // The global batch's gradient: the sum of every rank's part.
-                    match overlap {
-                        Some(o) => o.finish(grads.buffer_mut(0))?,
-                        None if dworld > 1 && !sharded => {
+                    match (overlap, &ep) {
+                        (Some(o), _) => o.finish(grads.buffer_mut(0))?,
+                        // The experts' gradients are complete on their rank: the rest only.
+                        (None, Some(e)) => e.reduce_replicated(dp, &mut grads)?,
+                        (None, None) if dworld > 1 && !sharded => {
                             for i in 0..grads.buffers().len() {
                                 let summed = dp.all_reduce(grads.buffer(i), vit_collective::ReduceOp::Sum)?;
                                 *grads.buffer_mut(i) = summed;
                             }
                         }
-                        None => {}
+                        (None, None) => {}
                     }
                     Ok(())
                 })?;
@@ -781,6 +813,8 @@ fn train_rank(
                 let l = Tensor::from_vec(vec![loss_sum as f32, b.bad.len() as f32], [2], Device::Cpu)?;
                 let sums = dp.all_reduce(&l, vit_collective::ReduceOp::Sum)?.to_f32_vec()?;
                 loss_sum = sums[0] as f64;
+                // The MoE statistics of the whole global batch.
+                moe.all_reduce(dp)?;
                 if sums[1] > 0.0 {
                     bad_log.record(step + 1, &bad_examples::gather(dp, &b.bad)?)?;
                 }
@@ -794,9 +828,10 @@ fn train_rank(
             drop(cp);
             // A failure inside the update may leave parameters half written: no save then.
             torn = true;
-            let info = match (&mp, &mut opt) {
-                (Some(m), zero::Updater::Replicated(o)) => m.step(o, &mut params, &grads)?,
-                (Some(m), zero::Updater::Full(share)) => m.step_full(share, &mut params, comm)?,
+            let info = match (&mp, &ep, &mut opt) {
+                (Some(m), _, zero::Updater::Replicated(o)) => m.step(o, &mut params, &grads)?,
+                (Some(m), _, zero::Updater::Full(share)) => m.step_full(share, &mut params, comm)?,
+                (None, Some(e), zero::Updater::Replicated(o)) => e.step(dp, o, &mut params, &grads)?,
                 _ => opt.step(dp, &mut params, &grads)?,
             };
             torn = false;
@@ -821,7 +856,7 @@ fn train_rank(
             let eval_now = evaluator.due(done, is_last);
             if eval_now {
                 // Rank 0 evaluates the whole model (gathered by every rank of its model axis).
-                let whole = whole_params(&params, &opt, &mp, dp)?;
+                let whole = whole_params(&params, &opt, &mp, &ep, dp)?;
                 if lead {
                     let cp = compute_params(whole.as_ref().unwrap_or(&params), dtype)?;
                     if let Some(t) = evaluator.run(&model, &cp, done, is_last, &mut line)? {
@@ -865,9 +900,9 @@ fn train_rank(
         let rate = trained as f64 / train_time.max(1e-9);
         let keep = KeepState { completed, first_step, saved: last_saved, torn };
         return Err(keep_state_after_error(error, keep, &params, run, |step| {
-            if opt.is_sharded() || mp.is_some() {
+            if opt.is_sharded() || mp.is_some() || ep.is_some() {
                 // Gathering needs every rank, and the others may be anywhere after one's error.
-                return Err(TrainError::Io("the optimizer state is sharded over the ranks (train.sharding = \"optimizer\") and is not gathered after an error".into()));
+                return Err(TrainError::Io("the state is sharded over the ranks (train.sharding = \"optimizer\", train.mesh.model or model.moe.expert_parallel) and is not gathered after an error".into()));
             }
             save(&params, &opt, step)?;
             let evals = evaluator.latest();
@@ -879,7 +914,7 @@ fn train_rank(
         b.finish();
     }
     if first_step == total {
-        let whole = whole_params(&params, &opt, &mp, dp)?;
+        let whole = whole_params(&params, &opt, &mp, &ep, dp)?;
         if lead {
             let mut line = serde_json::json!({});
             let cp = compute_params(whole.as_ref().unwrap_or(&params), dtype)?;

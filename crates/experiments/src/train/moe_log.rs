@@ -6,7 +6,8 @@
 //! "dropped": 0.01, "load": [0.26, 0.24, ...]}}`: the unweighted auxiliary losses, their
 //! weighted sum (what the layer adds to the loss), the fraction of assignments dropped at
 //! capacity and the share of assignments routed to each expert, averaged over the step's
-//! micro-batches (on this rank; with data parallelism, rank 0's part of the batch).
+//! micro-batches; with several data-parallel ranks, over the whole global batch
+//! ([`MoeLog::all_reduce`]).
 
 use std::collections::BTreeMap;
 
@@ -50,6 +51,42 @@ impl MoeLog {
                 *a += weight * *v as f64;
             }
         }
+    }
+
+    /// Sums every rank's statistics over `comm` (a collective: every rank calls it, with the
+    /// same model), so that each rank's log is the whole global batch's. The sums travel as f32.
+    pub fn all_reduce(&mut self, comm: &dyn vit_collective::Communicator) -> Result<(), vit_collective::Error> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let mut flat = Vec::new();
+        for l in self.layers.values() {
+            flat.extend([l.weight, l.importance, l.load_loss.unwrap_or(0.0), l.aux, l.dropped]);
+            flat.extend(&l.load);
+        }
+        let n = flat.len();
+        let t = vit_tensor::Tensor::from_vec(
+            flat.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            [n],
+            vit_tensor::Device::Cpu,
+        )
+        .map_err(vit_collective::Error::from)?;
+        let summed =
+            comm.all_reduce(&t, vit_collective::ReduceOp::Sum)?.to_f32_vec().map_err(vit_collective::Error::from)?;
+        let mut it = summed.into_iter().map(f64::from);
+        for l in self.layers.values_mut() {
+            let mut next = || it.next().unwrap_or(0.0);
+            l.weight = next();
+            l.importance = next();
+            let load_loss = next();
+            l.load_loss = l.load_loss.map(|_| load_loss);
+            l.aux = next();
+            l.dropped = next();
+            for v in l.load.iter_mut() {
+                *v = next();
+            }
+        }
+        Ok(())
     }
 
     /// Whether no MoE layer was seen (a dense model): nothing to log.

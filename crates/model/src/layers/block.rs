@@ -9,9 +9,11 @@ use super::{
     linear::Linear,
     mlp::{Mlp, MlpSaved},
     moe::{mix_seed, MoeMlp, MoeSaved, MoeStats},
+    moe_parallel::MoeParallelSaved,
     norm::{Norm, NormSaved},
 };
 use crate::{BlockKind, ModelConfig, ParamStore, Result};
+use vit_collective::Communicator;
 
 mod tensor_parallel;
 pub(crate) use tensor_parallel::check_divisible;
@@ -68,6 +70,8 @@ pub enum FfnSaved {
     Dense(MlpSaved),
     /// Of a MoE MLP.
     Moe(Box<MoeSaved>),
+    /// Of a MoE MLP whose experts are sharded over ranks ([`MoeMlp::forward_parallel`]).
+    MoeParallel(Box<MoeParallelSaved>),
 }
 
 /// Activations of a sequential block with input `x [B, T, D]` (T tokens, M = mlp_dim).
@@ -141,6 +145,7 @@ impl BlockSaved {
         match self {
             BlockSaved::Sequential(s) => match &s.mlp {
                 FfnSaved::Moe(m) => Some(&m.stats),
+                FfnSaved::MoeParallel(m) => Some(&m.stats),
                 FfnSaved::Dense(_) => None,
             },
             BlockSaved::Parallel(_) => None,
@@ -235,9 +240,30 @@ impl Block {
         matches!(self, Block::Sequential(b) if matches!(b.mlp, Ffn::Moe(_)))
     }
 
+    /// The block's mixture of experts, if its MLP is one.
+    pub fn moe(&self) -> Option<&MoeMlp> {
+        match self {
+            Block::Sequential(SequentialBlock { mlp: Ffn::Moe(m), .. }) => Some(m),
+            _ => None,
+        }
+    }
+
     /// [`Block::forward`] with router noise drawn from `noise_seed` in a MoE block (training;
     /// `None`: no noise). Dense blocks ignore it.
     pub fn forward_routed(&self, p: &ParamStore, x: &Tensor, noise_seed: Option<u64>) -> Result<(Tensor, BlockSaved)> {
+        self.forward_ep(p, x, noise_seed, None)
+    }
+
+    /// [`Block::forward_routed`] with, when `ep` is given, a MoE MLP whose experts are sharded
+    /// over `ep`'s ranks ([`MoeMlp::forward_parallel`]; `p` holds this rank's experts). Dense
+    /// blocks ignore `ep`.
+    pub fn forward_ep(
+        &self,
+        p: &ParamStore,
+        x: &Tensor,
+        noise_seed: Option<u64>,
+        ep: Option<&dyn Communicator>,
+    ) -> Result<(Tensor, BlockSaved)> {
         match self {
             Block::Sequential(b) => {
                 let (n1, s1) = b.norm1.forward(p, x)?;
@@ -250,10 +276,16 @@ impl Block {
                         let (y, s) = mlp.forward_with(p, &n2, Some(&x1))?; // x1 + mlp(n2), fused
                         (y, FfnSaved::Dense(s))
                     }
-                    Ffn::Moe(moe) => {
-                        let (y, s) = moe.forward(p, &n2, noise_seed)?;
-                        (ops::add(&x1, &y)?, FfnSaved::Moe(Box::new(s)))
-                    }
+                    Ffn::Moe(moe) => match ep {
+                        Some(comm) => {
+                            let (y, s) = moe.forward_parallel(p, &n2, noise_seed, comm)?;
+                            (ops::add(&x1, &y)?, FfnSaved::MoeParallel(Box::new(s)))
+                        }
+                        None => {
+                            let (y, s) = moe.forward(p, &n2, noise_seed)?;
+                            (ops::add(&x1, &y)?, FfnSaved::Moe(Box::new(s)))
+                        }
+                    },
                 };
                 let saved = SequentialSaved { n1, s1, heads, merged, x1, n2, s2, mlp };
                 Ok((y, BlockSaved::Sequential(Box::new(saved))))
@@ -297,15 +329,37 @@ impl Block {
         aux_scale: f32,
         g: &mut ParamStore,
     ) -> Result<Tensor> {
+        self.backward_ep(p, x, saved, dy, aux_scale, g, None)
+    }
+
+    /// [`Block::backward_scaled`] of [`Block::forward_ep`]: with `ep`, a MoE MLP's experts are
+    /// sharded over its ranks (this rank's expert gradients are complete, the router's is this
+    /// rank's part; [`MoeMlp::backward_parallel`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_ep(
+        &self,
+        p: &ParamStore,
+        x: &Tensor,
+        saved: &BlockSaved,
+        dy: &Tensor,
+        aux_scale: f32,
+        g: &mut ParamStore,
+        ep: Option<&dyn Communicator>,
+    ) -> Result<Tensor> {
         match (self, saved) {
             (Block::Sequential(b), BlockSaved::Sequential(s)) => {
-                let dn2 = match (&b.mlp, &s.mlp) {
-                    (Ffn::Dense(mlp), FfnSaved::Dense(ms)) => mlp.backward(p, &s.n2, ms, dy, g)?,
-                    (Ffn::Moe(moe), FfnSaved::Moe(ms)) => moe.backward(p, &s.n2, ms, dy, aux_scale, g)?,
+                let dn2 = match (&b.mlp, &s.mlp, ep) {
+                    (Ffn::Dense(mlp), FfnSaved::Dense(ms), _) => mlp.backward(p, &s.n2, ms, dy, g)?,
+                    (Ffn::Moe(moe), FfnSaved::Moe(ms), None) => moe.backward(p, &s.n2, ms, dy, aux_scale, g)?,
+                    (Ffn::Moe(moe), FfnSaved::MoeParallel(ms), Some(comm)) => {
+                        moe.backward_parallel(p, &s.n2, ms, dy, aux_scale, g, comm)?
+                    }
                     _ => {
                         return Err(crate::ModelError::Param {
                             name: "blocks".into(),
-                            msg: "saved activations are of the other MLP kind (dense or MoE)".into(),
+                            msg: "saved activations are of another MLP kind (dense, MoE, or MoE with experts \
+                                  sharded over ranks) than this backward"
+                                .into(),
                         })
                     }
                 };
