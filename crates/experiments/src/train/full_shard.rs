@@ -6,6 +6,8 @@
 //! reduce-scattered, each rank keeping the sum over ranks of its own. So a rank's peak holds one
 //! stage's whole parameters and gradients, not the model's.
 //!
+//! Checkpoints and evaluation gather the whole model to data rank 0 alone, stage by stage.
+//!
 //! On a `data × model` mesh the same runs over the data axis on each rank's part of the model
 //! (the tensor-parallel stages): parameters then are split over both axes.
 //!
@@ -139,11 +141,7 @@ impl FullShard {
         device: Device,
     ) -> Result<ParamStore, TrainError> {
         let l = &self.stages[s];
-        let mut part = vec![0f32; l.padded];
-        for p in l.params.iter().filter(|p| p.owner == self.rank) {
-            let v = mine.get(&p.name)?.to_f32_vec()?;
-            part[p.offset..p.offset + v.len()].copy_from_slice(&v);
-        }
+        let part = self.pack(s, mine)?;
         let all = comm.all_gather(&Tensor::from_f32(part, [1, l.padded], DType::F32, Device::Cpu)?)?.to_f32_vec()?;
         let mut out = ParamStore::new();
         for p in &l.params {
@@ -222,16 +220,43 @@ impl FullShard {
         Ok(info)
     }
 
-    /// The whole (this model rank's) parameters from every data rank's `mine`, on every rank
-    /// of `comm` (checkpoints and evaluation).
-    pub fn gather_params(&self, mine: &ParamStore, comm: &dyn Communicator) -> Result<ParamStore, TrainError> {
+    /// This rank's packed part of stage `s`'s parameters, `[padded]` f32.
+    fn pack(&self, s: usize, mine: &ParamStore) -> Result<Vec<f32>, TrainError> {
+        let l = &self.stages[s];
+        let mut part = vec![0f32; l.padded];
+        for p in l.params.iter().filter(|p| p.owner == self.rank) {
+            let v = mine.get(&p.name)?.to_f32_vec()?;
+            part[p.offset..p.offset + v.len()].copy_from_slice(&v);
+        }
+        Ok(part)
+    }
+
+    /// The whole (this model rank's) parameters from every data rank's `mine`, on rank 0 of
+    /// `comm` (`None` on the others), stage by stage: each rank sends rank 0 its part, so only
+    /// rank 0 ever holds the whole model (checkpoints and evaluation).
+    pub fn gather_params_to_root(
+        &self,
+        mine: &ParamStore,
+        comm: &dyn Communicator,
+    ) -> Result<Option<ParamStore>, TrainError> {
         let mut out = ParamStore::new();
-        for s in 0..self.stages.len() {
-            for (name, t) in self.gather_stage(s, mine, comm, DType::F32, Device::Cpu)?.iter() {
-                out.insert(name, t.clone())?;
+        for (s, l) in self.stages.iter().enumerate() {
+            let part = Tensor::from_f32(self.pack(s, mine)?, [l.padded], DType::F32, Device::Cpu)?;
+            if self.rank != 0 {
+                comm.send(&part, 0)?;
+                continue;
+            }
+            let mut parts = vec![part.to_f32_vec()?];
+            for r in 1..self.world {
+                parts.push(comm.recv(r)?.to_f32_vec()?);
+            }
+            for p in &l.params {
+                let n: usize = p.dims.iter().product();
+                let v = parts[p.owner][p.offset..p.offset + n].to_vec();
+                out.insert(p.name.clone(), Tensor::from_f32(v, p.dims.clone(), DType::F32, Device::Cpu)?)?;
             }
         }
-        Ok(out)
+        Ok((self.rank == 0).then_some(out))
     }
 
     /// The whole optimizer state on rank 0 of `comm` (`None` on the others).

@@ -313,7 +313,8 @@ pub fn micro_batch_grads_moe(
 
 /// The whole model's parameters, gathered (a collective) when this rank holds a part of them
 /// (full sharding over the data axis, a model axis, experts over the data axis); `None` when
-/// `params` are whole already.
+/// `params` are whole already, and on the data ranks other than 0 under full sharding (the
+/// whole model is gathered to data rank 0 alone).
 fn whole_params(
     params: &ParamStore,
     opt: &zero::Updater,
@@ -322,7 +323,11 @@ fn whole_params(
     dp: &dyn vit_collective::Communicator,
 ) -> Result<Option<ParamStore>, TrainError> {
     let gathered = match opt {
-        zero::Updater::Full(share) => Some(share.gather_params(params, dp)?),
+        // To data rank 0 only; the other data ranks are done (their model groups too).
+        zero::Updater::Full(share) => match share.gather_params_to_root(params, dp)? {
+            Some(whole) => Some(whole),
+            None => return Ok(None),
+        },
         _ => None,
     };
     let local = gathered.as_ref().unwrap_or(params);
@@ -620,16 +625,18 @@ fn train_rank(
     // first, by every rank.
     let save = |params: &ParamStore, opt: &zero::Updater, step: u64| -> Result<(), TrainError> {
         let state = opt.state(dp)?;
-        let params = match opt {
-            zero::Updater::Full(share) => share.gather_params(params, dp)?,
-            _ => params.clone(),
+        let params = match whole_params(params, opt, &mp, &ep, dp)? {
+            Some(whole) => whole,
+            None if opt.is_full() => return Ok(()), // gathered to data rank 0
+            None => params.clone(),
         };
-        // Split over a model axis: gathered whole on every rank of it first.
-        // Experts sharded over the data axis: every expert gathered first.
-        let (params, state) = match (&mp, &ep) {
-            (Some(m), _) => (m.gather_params(&params)?, state.map(|s| m.gather_state(&s)).transpose()?),
-            (None, Some(e)) => (e.gather(dp, &params)?, state.map(|s| e.gather(dp, &s)).transpose()?),
-            (None, None) => (params, state),
+        // The optimizer state split over a model axis is gathered whole (its data rank 0's).
+        let state = match &mp {
+            Some(m) => state.map(|s| m.gather_state(&s)).transpose()?,
+            None => match &ep {
+                Some(e) => state.map(|s| e.gather(dp, &s)).transpose()?,
+                None => state,
+            },
         };
         if !run.writes() {
             return Ok(());

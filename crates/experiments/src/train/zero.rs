@@ -269,6 +269,11 @@ impl Updater {
     pub fn is_sharded(&self) -> bool {
         matches!(self, Updater::Sharded(_) | Updater::Full(_))
     }
+
+    /// True under full sharding (each rank holds only its own parameters).
+    pub fn is_full(&self) -> bool {
+        matches!(self, Updater::Full(_))
+    }
 }
 
 #[cfg(test)]
