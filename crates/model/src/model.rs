@@ -115,6 +115,34 @@ impl VisionTransformer {
         Ok(sink.store.to_device(device)?)
     }
 
+    /// The parameters of [`init_params`](Self::init_params) whose names `keep` accepts, the
+    /// same values (each tensor has its own seeded stream), without making the others: a rank
+    /// that holds a share of the model (full sharding) creates its share alone.
+    pub fn init_params_where(
+        &self,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<ParamStore> {
+        struct Kept<'a> {
+            inner: Initializer,
+            keep: &'a dyn Fn(&str) -> bool,
+        }
+        impl ParamSink for Kept<'_> {
+            fn add(&mut self, name: &str, dims: &[usize], fill: Fill) -> Result<()> {
+                if (self.keep)(name) {
+                    self.inner.add(name, dims, fill)?;
+                }
+                Ok(())
+            }
+        }
+        let inner = Initializer { init: Init { seed, dtype, device: Device::Cpu }, store: ParamStore::new() };
+        let mut sink = Kept { inner, keep };
+        self.declare_params(&mut sink)?;
+        Ok(sink.inner.store.to_device(device)?)
+    }
+
     /// Every parameter's name and shape, in store order, without allocating a tensor.
     pub fn param_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
         let mut sink = ShapeList::default();

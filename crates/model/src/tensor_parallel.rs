@@ -89,14 +89,30 @@ impl TensorParallelViT {
     /// [`VisionTransformer::init_params`]`(seed, ..)`, made one whole tensor at a time (peak
     /// memory: this rank's share plus the largest whole parameter).
     pub fn init_params(&self, seed: u64, dtype: DType, device: Device) -> Result<ParamStore> {
+        self.init_params_where(seed, dtype, device, &|_| true)
+    }
+
+    /// The parameters of [`init_params`](Self::init_params) whose names `keep` accepts, without
+    /// making the others (a share under full sharding over the data axis).
+    pub fn init_params_where(
+        &self,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<ParamStore> {
         struct Sharding<'a> {
             init: Init,
             plan: &'a ShardPlan,
             rank: usize,
             store: ParamStore,
+            keep: &'a dyn Fn(&str) -> bool,
         }
         impl ParamSink for Sharding<'_> {
             fn add(&mut self, name: &str, dims: &[usize], fill: crate::layers::Fill) -> Result<()> {
+                if !(self.keep)(name) {
+                    return Ok(());
+                }
                 let whole = self.init.tensor(name, dims, fill)?;
                 let part = self.plan.spec(name)?.shard(&whole, self.rank, self.plan.n)?;
                 Ok(self.store.insert(name, part)?)
@@ -107,6 +123,7 @@ impl TensorParallelViT {
             plan: &self.plan,
             rank: self.rank,
             store: ParamStore::new(),
+            keep,
         };
         self.model.declare_params(&mut sink)?;
         Ok(sink.store.to_device(device)?)

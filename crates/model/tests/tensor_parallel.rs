@@ -161,3 +161,23 @@ fn splits_that_do_not_divide_are_errors() {
     });
     assert!(e[0].contains("rank 0 of 4") && e[0].contains("rank 0 of 2"), "{}", e[0]);
 }
+
+#[test]
+fn a_share_of_the_initial_parameters_is_the_same_values_made_alone() {
+    let cfg = tiny(BlockKind::Sequential, Pool::Map, true, true);
+    let model = VisionTransformer::new(&cfg, DType::F32, CPU).unwrap();
+    let whole = model.init_params(5, DType::F32, CPU).unwrap();
+    let keep = |n: &str| n.contains("fc1") || n.starts_with("head");
+    let some = model.init_params_where(5, DType::F32, CPU, &keep).unwrap();
+    assert_eq!(some.len(), whole.names().filter(|n| keep(n)).count());
+    assert!(some.len() >= 3, "{}", some.len());
+    for (name, t) in some.iter() {
+        assert_eq!(values(t), values(whole.get(name).unwrap()), "{name}");
+    }
+    let tp = TensorParallelViT::new(&model, 2, 1).unwrap();
+    let part = tp.init_params(5, DType::F32, CPU).unwrap();
+    let some = tp.init_params_where(5, DType::F32, CPU, &keep).unwrap();
+    for (name, t) in some.iter() {
+        assert_eq!(values(t), values(part.get(name).unwrap()), "{name}");
+    }
+}

@@ -20,6 +20,9 @@ use vit_model::StagedModel;
 use vit_optim::{Optimizer, OptimizerChain, OptimizerConfig, StepInfo};
 use vit_tensor::{DType, Device, ParamStore, Tensor};
 
+/// Given which names this rank owns: its parameters (made fresh, or picked from whole ones).
+pub type MakeMine<'a> = dyn FnMut(&dyn Fn(&str) -> bool) -> Result<ParamStore, TrainError> + 'a;
+
 /// Given the logits: the sum of the per-example losses and the logits' gradient.
 pub type LossGrad<'a> = dyn FnMut(&Tensor) -> Result<(f64, Tensor), TrainError> + 'a;
 
@@ -81,39 +84,54 @@ pub struct FullShard {
 }
 
 impl FullShard {
-    /// Rank `rank` of `world`'s share of `whole` (a model's parameters, or this model rank's
-    /// part of them) cut into `stages` (every parameter in one), with an optimizer of `config`
-    /// over its own parameters. Returns the share and this rank's parameters.
+    /// Rank `rank` of `world`'s share of a model whose parameters have `shapes` (the whole
+    /// model's, or this model rank's parts), cut into `stages` (every parameter in one), with
+    /// an optimizer of `config` over its own parameters. `make_mine(owns)` makes this rank's
+    /// parameters: those whose names `owns` accepts (fresh, or picked from a checkpoint).
+    /// Returns the share and this rank's parameters.
     pub fn new(
         config: OptimizerConfig,
-        whole: &ParamStore,
+        shapes: Vec<(String, Vec<usize>)>,
         stages: Vec<Vec<String>>,
         rank: usize,
         world: usize,
+        make_mine: &mut MakeMine<'_>,
     ) -> Result<(Self, ParamStore), TrainError> {
+        let dims_of: std::collections::HashMap<String, Vec<usize>> = shapes.iter().cloned().collect();
         let mut layouts = Vec::with_capacity(stages.len());
         for names in stages {
             let params = names
                 .into_iter()
-                .map(|n| {
-                    let dims = whole.get(&n)?.dims().to_vec();
-                    Ok((n, dims))
+                .map(|n| match dims_of.get(&n) {
+                    Some(d) => Ok((n, d.clone())),
+                    None => Err(TrainError::Config(format!("full sharding: stage parameter {n} is not in the model"))),
                 })
                 .collect::<Result<Vec<_>, TrainError>>()?;
             layouts.push(StageLayout::new(params, world));
         }
         let counted: usize = layouts.iter().map(|l| l.params.len()).sum();
-        if counted != whole.len() {
+        if counted != shapes.len() {
             return Err(TrainError::Config(format!(
                 "full sharding: the stages name {counted} parameters, the model has {}",
-                whole.len()
+                shapes.len()
             )));
         }
+        let owned: std::collections::HashSet<String> =
+            layouts.iter().flat_map(|l| l.params.iter().filter(|p| p.owner == rank).map(|p| p.name.clone())).collect();
+        let made = make_mine(&|name| owned.contains(name))?;
+        // In the stages' order, and exactly the owned names.
         let mut mine = ParamStore::new();
         for l in &layouts {
             for p in l.params.iter().filter(|p| p.owner == rank) {
-                mine.insert(p.name.clone(), whole.get(&p.name)?.clone())?;
+                mine.insert(p.name.clone(), made.get(&p.name)?.clone())?;
             }
+        }
+        if made.len() != mine.len() {
+            return Err(TrainError::Config(format!(
+                "full sharding: rank {rank} was given {} parameters, it owns {}",
+                made.len(),
+                mine.len()
+            )));
         }
         let opt = OptimizerChain::new(config, &mine)?;
         let grads = mine.zeros_like(DType::F32)?;

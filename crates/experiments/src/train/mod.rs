@@ -159,7 +159,11 @@ pub fn total_steps(cfg: &TrainConfig, n: usize) -> u64 {
     }
 }
 
-fn optimizer_config(cfg: &TrainConfig, total: u64, params: &ParamStore) -> Result<OptimizerConfig, TrainError> {
+fn optimizer_config<'a>(
+    cfg: &TrainConfig,
+    total: u64,
+    names: impl Iterator<Item = &'a str>,
+) -> Result<OptimizerConfig, TrainError> {
     let s = &cfg.schedule;
     let decay = match s.decay {
         DecayKind::Rsqrt => Decay::Rsqrt { timescale: s.timescale },
@@ -190,7 +194,7 @@ fn optimizer_config(cfg: &TrainConfig, total: u64, params: &ParamStore) -> Resul
         // Freeze, by exact name, every parameter that no `train_only` pattern matches in full.
         let keep = regex::Regex::new(&format!("^(?:{})$", o.train_only.join("|")))
             .map_err(|e| TrainError::Config(format!("optimizer.train_only: {}", e.to_string().replace('\n', " "))))?;
-        for name in params.names().filter(|n| !keep.is_match(n)) {
+        for name in names.filter(|n| !keep.is_match(n)) {
             oc.groups = oc.groups.freeze(regex::escape(name));
         }
     }
@@ -489,6 +493,14 @@ fn train_rank(
     // On a data × model mesh: this rank's part of the model, and the data axis to reduce over.
     let mp = model_parallel::ModelParallel::new(comm, &model, cfg.train.mesh.model, cfg.train.mesh.matmul.mode())?;
     let dp: &dyn vit_collective::Communicator = mp.as_ref().map_or(comm, |m| m.data());
+    let full = cfg.train.sharding == config::Sharding::Full;
+    if full && mcfg.moe.is_some() {
+        return Err(TrainError::Config(
+            "train.sharding = \"full\" with a V-MoE model: expected a dense model (MoE layers are not run stage by stage yet)"
+                .into(),
+        ));
+    }
+
     let (drank, dworld) = (dp.rank(), dp.world_size());
     let data = data::load(&cfg.data)?;
     let probe = data.eval_loader(&data.train, 1)?.batch(0)?;
@@ -531,6 +543,8 @@ fn train_rank(
             let _ = std::fs::remove_file(run.file("metrics.jsonl"));
         }
         let params = match (&mp, &cfg.train.init_from) {
+            // Fully sharded, each rank makes its own share only (below).
+            (_, None) if full => ParamStore::new(),
             // This rank's part alone, one whole tensor at a time.
             (Some(m), None) => m.tp.init_params(cfg.train.seed, DType::F32, device)?,
             (Some(m), Some(_)) => m.tp.shard_params(&initial_params(cfg, &model, device)?)?,
@@ -552,22 +566,38 @@ fn train_rank(
         );
         bad_log.record(0, &data.bad_at_start)?;
     }
-    let opt_cfg = optimizer_config(cfg, total, &params)?;
+    let names: Vec<String> = model.param_shapes()?.into_iter().map(|(n, _)| n).collect();
+    let opt_cfg = optimizer_config(cfg, total, names.iter().map(String::as_str))?;
     if let Some(e) = &ep {
         e.check_optimizer(&opt_cfg, &params)?;
     }
     let sharded = dworld > 1 && cfg.train.sharding == config::Sharding::Optimizer;
-    let full = cfg.train.sharding == config::Sharding::Full;
-    if full && mcfg.moe.is_some() {
-        return Err(TrainError::Config(
-            "train.sharding = \"full\" with a V-MoE model: expected a dense model (MoE layers are not run stage by stage yet)"
-                .into(),
-        ));
-    }
     let mut opt = if full {
         // From here on `params` holds this rank's own parameters only.
         let stages = vit_model::StagedModel::stages(&model)?;
-        let (share, mine) = full_shard::FullShard::new(opt_cfg, &params, stages, drank, dworld)?;
+        let shapes = match &mp {
+            Some(m) => {
+                m.tp.plan().params.iter().map(|(n, d, spec)| (n.clone(), spec.local_dims(d, m.tp.ranks()))).collect()
+            }
+            None => model.param_shapes()?,
+        };
+        let whole = std::mem::take(&mut params);
+        let seed = cfg.train.seed;
+        let mut make_mine = |owns: &dyn Fn(&str) -> bool| -> Result<ParamStore, TrainError> {
+            if !whole.is_empty() {
+                // Resumed or fine-tuned: picked from the whole (model-local) parameters.
+                let mut mine = ParamStore::new();
+                for (name, t) in whole.iter().filter(|(n, _)| owns(n)) {
+                    mine.insert(name, t.clone())?;
+                }
+                return Ok(mine);
+            }
+            Ok(match &mp {
+                Some(m) => m.tp.init_params_where(seed, DType::F32, device, owns)?,
+                None => model.init_params_where(seed, DType::F32, device, owns)?,
+            })
+        };
+        let (share, mine) = full_shard::FullShard::new(opt_cfg, shapes, stages, drank, dworld, &mut make_mine)?;
         params = mine;
         zero::Updater::Full(Box::new(share))
     } else if sharded {
