@@ -53,7 +53,7 @@ pub enum Error {
 
     /// A blocking call waited longer than the group's timeout for `peers` (ranks that are stuck
     /// or far behind), e.g. `all_reduce: waited 300 s for rank(s) [1]`.
-    #[error("{op}: waited {secs} s for rank(s) {peers:?} (the collective timeout)")]
+    #[error("{op}: waited {secs} s for {} (the collective timeout)", waited_for(peers))]
     Timeout { op: &'static str, secs: f64, peers: Vec<usize> },
 
     /// A mesh that does not fit: sizes that do not multiply to the world size, an unknown or
@@ -65,6 +65,16 @@ pub enum Error {
     /// receives from itself with nothing sent, or one communicator is used by two threads at once.
     #[error("{op}: {msg}")]
     Deadlock { op: &'static str, msg: String },
+}
+
+/// `rank(s) [1, 3]`, or, when the backend cannot tell which ranks are missing (MPI), `the
+/// other ranks (at least one has not joined)`.
+fn waited_for(peers: &[usize]) -> String {
+    if peers.is_empty() {
+        "the other ranks (at least one has not joined)".into()
+    } else {
+        format!("rank(s) {peers:?}")
+    }
 }
 
 /// Result alias for `vit-collective`.

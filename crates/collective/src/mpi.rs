@@ -26,6 +26,7 @@ use crate::{
 };
 use mpi::{
     environment::Universe,
+    point_to_point::MatchedReceiveVec,
     topology::{Color, SimpleCommunicator},
     traits::{Communicator as _, CommunicatorCollectives, Destination, Root, Source},
     Threading,
@@ -55,6 +56,9 @@ pub struct MpiCommunicator {
     mpi: ManuallyDrop<Mpi>,
     /// The MPI environment, finalised when the last communicator of the process is dropped.
     process: Arc<Process>,
+    /// How long a rank waits for the others to join a collective or for a message
+    /// ([`MpiCommunicator::set_timeout`]); `None` waits forever.
+    timeout: Option<std::time::Duration>,
 }
 
 /// This communicator's MPI handles: its group, and a duplicate of it for
@@ -63,6 +67,13 @@ pub struct MpiCommunicator {
 struct Mpi {
     world: SimpleCommunicator,
     errors: SimpleCommunicator,
+    /// Buffers of the signature exchange (this rank's, every rank's), which a non-blocking
+    /// exchange needs for as long as it may run: `'static`, made once per communicator, and
+    /// left to MPI when an exchange is abandoned after a timeout (the communicator is then
+    /// unusable: `stranded`).
+    signatures: Mutex<(&'static mut [u64], &'static mut [u64])>,
+    /// Set when an exchange timed out and was abandoned; every later call fails.
+    stranded: std::sync::atomic::AtomicBool,
 }
 
 /// The MPI environment of this process.
@@ -120,13 +131,37 @@ impl MpiCommunicator {
         }
         let world = universe.world();
         let process = Arc::new(Process { _universe: universe, multiple: threading >= Threading::Multiple });
-        Ok(Self::over(world, Arc::new(Mutex::new(())), process))
+        Ok(Self::over(world, Arc::new(Mutex::new(())), process, None))
     }
 
-    fn over(world: SimpleCommunicator, lock: Arc<Mutex<()>>, process: Arc<Process>) -> Self {
+    fn over(
+        world: SimpleCommunicator,
+        lock: Arc<Mutex<()>>,
+        process: Arc<Process>,
+        timeout: Option<std::time::Duration>,
+    ) -> Self {
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         let errors = world.duplicate();
-        MpiCommunicator { rank, size, lock, mpi: ManuallyDrop::new(Mpi { world, errors }), process }
+        // Leaked once per communicator (a few hundred bytes): see `Mpi::signatures`.
+        let mine: &'static mut [u64] = Box::leak(vec![0u64; SIG_WORDS].into_boxed_slice());
+        let all: &'static mut [u64] = Box::leak(vec![0u64; SIG_WORDS * size].into_boxed_slice());
+        let mpi = Mpi {
+            world,
+            errors,
+            signatures: Mutex::new((mine, all)),
+            stranded: std::sync::atomic::AtomicBool::new(false),
+        };
+        MpiCommunicator { rank, size, lock, mpi: ManuallyDrop::new(mpi), process, timeout }
+    }
+
+    /// Gives up on a collective that some rank has not joined after `timeout` (a rank that is
+    /// stuck or far behind), and on a receive that got nothing for that long, with
+    /// [`Error::Timeout`] instead of waiting forever; `None` (the default) waits forever.
+    /// The abandoned exchange cannot be cancelled, so the communicator is unusable after it:
+    /// the caller should end the job ([`abort`](Self::abort)). Groups split from this one
+    /// inherit the timeout.
+    pub fn set_timeout(&mut self, timeout: Option<std::time::Duration>) {
+        self.timeout = timeout;
     }
 
     /// After an error on this rank: true if every rank reaches this call within `grace` (they
@@ -178,13 +213,95 @@ impl MpiCommunicator {
 
     /// Exchanges this rank's call signature with every rank's and checks them together, so
     /// all ranks reach the same verdict.
+    ///
+    /// This is where a rank waits for the others to join, so it is where the timeout applies:
+    /// the exchange runs non-blocking and is polled until it completes or the timeout passes.
     fn agree(&self, mpi: &Mpi, op: Op, x: Option<&Tensor>) -> Result<()> {
+        self.check_usable(mpi, op.name())?;
         let mine = Signature { op, tensor: x.map(|t| (t.shape().clone(), t.dtype())) };
         let words = encode(&mine);
-        let mut all = vec![0u64; SIG_WORDS * self.size];
-        mpi.world.all_gather_into(&words[..], &mut all[..]);
+        let mut bufs = mpi.signatures.lock().unwrap_or_else(|e| e.into_inner());
+        let all: Vec<u64> = match self.timeout {
+            None => {
+                let mut all = vec![0u64; SIG_WORDS * self.size];
+                mpi.world.all_gather_into(&words[..], &mut all[..]);
+                all
+            }
+            Some(timeout) => {
+                let (send, recv) = &mut *bufs;
+                send.copy_from_slice(&words);
+                // SAFETY of the 'static borrows: the buffers are leaked, so they outlive any
+                // request; a new exchange starts only after the previous one completed (or
+                // never, once one was abandoned: `stranded`).
+                let send: &'static [u64] = unsafe { &*(&**send as *const [u64]) };
+                let recv: &'static mut [u64] = unsafe { &mut *(&mut **recv as *mut [u64]) };
+                let request = mpi.world.immediate_all_gather_into(mpi::request::StaticScope, send, recv);
+                let recv = self.poll(mpi, request, timeout, op.name(), Vec::new())?;
+                recv.to_vec()
+            }
+        };
+        drop(bufs);
         let sigs = all.chunks(SIG_WORDS).map(|w| decode(op.name(), w)).collect::<Result<Vec<_>>>()?;
         validate_signatures(op, &sigs)
+    }
+
+    /// Waits for `request` until `timeout`; on timeout abandons it (see `Mpi::signatures`).
+    fn poll<R: ?Sized>(
+        &self,
+        mpi: &Mpi,
+        mut request: mpi::request::Request<'static, R, mpi::request::StaticScope>,
+        timeout: std::time::Duration,
+        op: &'static str,
+        peers: Vec<usize>,
+    ) -> Result<&'static R> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut pause = std::time::Duration::from_micros(20);
+        loop {
+            match request.test_with_data() {
+                Ok((_, data)) => return Ok(data),
+                Err(pending) if std::time::Instant::now() < deadline => {
+                    request = pending;
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(1));
+                }
+                Err(pending) => {
+                    std::mem::forget(pending);
+                    mpi.stranded.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Err(Error::Timeout { op, secs: timeout.as_secs_f64(), peers });
+                }
+            }
+        }
+    }
+
+    /// The next message from `from`; with a timeout, probed for without blocking until it
+    /// arrives or the timeout passes.
+    fn receive(&self, mpi: &Mpi, from: usize, op: &'static str) -> Result<Vec<u8>> {
+        let source = mpi.world.process_at_rank(from as i32);
+        let Some(timeout) = self.timeout else {
+            return Ok(source.receive_vec::<u8>().0);
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        let mut pause = std::time::Duration::from_micros(20);
+        loop {
+            if let Some(probed) = source.immediate_matched_probe() {
+                return Ok(probed.matched_receive_vec::<u8>().0);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Timeout { op, secs: timeout.as_secs_f64(), peers: vec![from] });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn check_usable(&self, mpi: &Mpi, op: &'static str) -> Result<()> {
+        if mpi.stranded.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Poisoned {
+                op,
+                reason: "an earlier call timed out waiting for another rank; end the job (MPI_Abort)".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Rank order fold of the chunk this rank owns: `x`'s bytes split into `size` chunks of
@@ -397,29 +514,60 @@ impl Communicator for MpiCommunicator {
 
     fn send(&self, x: &Tensor, to: usize) -> Result<()> {
         self.check_peer("send", "destination rank", to)?;
-        let msg = pack(x)?;
-        self.lock().world.process_at_rank(to as i32).send(&msg[..]);
+        let mpi = self.lock();
+        self.check_usable(&mpi, "send")?;
+        let Some(timeout) = self.timeout else {
+            mpi.world.process_at_rank(to as i32).send(&pack(x)?[..]);
+            return Ok(());
+        };
+        // Non-blocking, polled until the timeout; the buffer is lent to MPI as in `send_recv`.
+        let raw: *mut [u8] = Box::into_raw(pack(x)?.into_boxed_slice());
+        // SAFETY: `raw` stays allocated until the send has completed, or forever.
+        let out: &'static [u8] = unsafe { &*raw };
+        let pending = mpi.world.process_at_rank(to as i32).immediate_send(mpi::request::StaticScope, out);
+        self.poll(&mpi, pending, timeout, "send", vec![to])?;
+        // SAFETY: the send completed; nothing refers to the buffer any more.
+        drop(unsafe { Box::from_raw(raw) });
         Ok(())
     }
 
     fn recv(&self, from: usize) -> Result<Tensor> {
         self.check_peer("recv", "source rank", from)?;
-        let (msg, _status) = self.lock().world.process_at_rank(from as i32).receive_vec::<u8>();
+        let mpi = self.lock();
+        self.check_usable(&mpi, "recv")?;
+        let msg = self.receive(&mpi, from, "recv")?;
         unpack("recv", &msg)
     }
 
     fn send_recv(&self, x: &Tensor, to: usize, from: usize) -> Result<Tensor> {
         self.check_peer("send_recv", "destination rank", to)?;
         self.check_peer("send_recv", "source rank", from)?;
-        let out = pack(x)?;
         let mpi = self.lock();
-        // Post the send without blocking, then receive: a ring of these cannot deadlock.
-        let msg = mpi::request::scope(|scope| {
-            let pending = mpi.world.process_at_rank(to as i32).immediate_send(scope, &out[..]);
-            let (msg, _status) = mpi.world.process_at_rank(from as i32).receive_vec::<u8>();
-            pending.wait();
-            msg
-        });
+        self.check_usable(&mpi, "send_recv")?;
+        // Post the send without blocking, then receive: a ring of these cannot deadlock. The
+        // send buffer is owned here and lent to MPI as `'static`, so that a receive that times
+        // out can leave the send pending (the peer may never take it) without freeing it.
+        let raw: *mut [u8] = Box::into_raw(pack(x)?.into_boxed_slice());
+        // SAFETY: `raw` stays allocated until the send has completed (below), or forever.
+        let out: &'static [u8] = unsafe { &*raw };
+        let pending = mpi.world.process_at_rank(to as i32).immediate_send(mpi::request::StaticScope, out);
+        let msg = match self.receive(&mpi, from, "send_recv") {
+            Ok(msg) => {
+                pending.wait();
+                msg
+            }
+            Err(e) => {
+                match pending.test() {
+                    // SAFETY: the send completed; nothing refers to the buffer any more.
+                    Ok(_) => drop(unsafe { Box::from_raw(raw) }),
+                    Err(still) => std::mem::forget(still), // the buffer stays lent to MPI
+                }
+                mpi.stranded.store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        // SAFETY: the send completed (`wait`); nothing refers to the buffer any more.
+        drop(unsafe { Box::from_raw(raw) });
         unpack("send_recv", &msg)
     }
 
@@ -440,7 +588,7 @@ impl Communicator for MpiCommunicator {
             .ok_or_else(|| backend_err("split", format!("MPI_Comm_split gave no group for color {color}")))?;
         let lock = if self.process.multiple { Arc::new(Mutex::new(())) } else { Arc::clone(&self.lock) };
         // Still under this communicator's lock: `over` duplicates the new group (an MPI call).
-        let split = Self::over(group, lock, Arc::clone(&self.process));
+        let split = Self::over(group, lock, Arc::clone(&self.process), self.timeout);
         drop(mpi);
         Ok(Box::new(split))
     }

@@ -125,3 +125,40 @@ fn a_rank_that_dies_under_mpirun_ends_the_job() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("injected fault: train_panic_at_step=3"), "{e}");
 }
+
+/// A rank that is stuck (alive, never reaching the next collective) ends the job within
+/// `train.collective_timeout` plus the 10 s grace: the other rank times out in its collective,
+/// reports it, and calls MPI_Abort (issue 12 item 6).
+#[test]
+fn a_stuck_rank_under_mpirun_ends_the_job_within_the_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = small_recipe(12, 6);
+    let out = tmp.path().join("stuck");
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "2", env!("CARGO_BIN_EXE_vit"), "train", "--out"])
+        .arg(&out)
+        .args(&recipe)
+        .args(["--set", "train.collective_timeout=2"])
+        .env("VITRS_INJECT_FAULT", "fault_rank=1,train_stall_at_step=3,stall_seconds=600")
+        .current_dir(repo_root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("run mpirun");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed().as_secs() > 120 {
+            let _ = child.kill();
+            panic!("mpirun still running 120 s after rank 1 got stuck: the timeout did not end it");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let took = start.elapsed();
+    let o = child.wait_with_output().unwrap();
+    assert!(!status.success(), "a stuck rank must fail the job");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("waited 2 s for") && e.contains("(the collective timeout)"), "{e}");
+    assert!(took.as_secs() < 90, "{took:?}");
+}

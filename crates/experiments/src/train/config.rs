@@ -177,11 +177,12 @@ pub struct LoopSection {
     /// block matrix between them (ViT-22B's tensor parallelism).
     #[serde(default)]
     pub mesh: MeshSection,
-    /// Data parallel over threads: seconds a rank waits in one collective for the others
-    /// before the run ends with an error naming the ranks it waited for (default 1800, as
-    /// `torch.distributed`; rank 0 evaluates and writes checkpoints alone while the others wait,
-    /// so it must exceed those); 0 waits forever. Under mpirun a rank that dies ends the job
-    /// (mpirun's own behaviour); a stuck MPI rank is not timed out yet.
+    /// Seconds a rank waits in one collective (or for a message) for the others before the
+    /// run ends with an error (default 1800, as `torch.distributed`; rank 0 evaluates and
+    /// writes checkpoints alone while the others wait, so it must exceed those); 0 waits
+    /// forever. Over threads the error names the ranks waited for; under mpirun the waiting
+    /// ranks end the job (`MPI_Abort`), and a rank that dies ends it too (mpirun's own
+    /// behaviour).
     #[serde(default = "default_collective_timeout")]
     pub collective_timeout: f64,
     /// Evaluate on the test split every N steps (and at the end); 0 = only at the end.

@@ -402,7 +402,10 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
     // Under `mpirun -np N` (a build with the `mpi` feature), each process is one rank.
     #[cfg(feature = "mpi")]
     {
-        let comm = vit_collective::MpiCommunicator::init()?;
+        let mut comm = vit_collective::MpiCommunicator::init()?;
+        if cfg.train.collective_timeout > 0.0 {
+            comm.set_timeout(Some(std::time::Duration::from_secs_f64(cfg.train.collective_timeout)));
+        }
         let n = vit_collective::Communicator::world_size(&comm);
         if n > 1 {
             if world > 1 {
