@@ -317,6 +317,26 @@ impl MpiCommunicator {
         let mut recv = vec![0u8; bytes.len()];
         mpi.world.all_to_all_into(bytes, &mut recv[..]);
         let len = bytes.len() / self.size.max(1);
+        if dtype == DType::F32 && len > 0 {
+            // Folded straight from the received bytes (the same order and arithmetic as
+            // `host::reduce`, without a tensor per part).
+            let mut acc: Vec<f32> = f32s(&recv[..len]).collect();
+            for part in recv.chunks(len).take(self.size).skip(1) {
+                match op {
+                    ReduceOp::Sum | ReduceOp::Mean => acc.iter_mut().zip(f32s(part)).for_each(|(a, b)| *a += b),
+                    ReduceOp::Max => acc.iter_mut().zip(f32s(part)).for_each(|(a, b)| {
+                        if b > *a || b.is_nan() {
+                            *a = b;
+                        }
+                    }),
+                }
+            }
+            if op == ReduceOp::Mean {
+                let n = self.size as f32;
+                acc.iter_mut().for_each(|a| *a /= n);
+            }
+            return Ok(Tensor::from_vec(acc, chunk_shape.clone(), Device::Cpu)?);
+        }
         let parts = recv
             .chunks(len.max(1))
             .take(self.size)
@@ -410,6 +430,11 @@ fn decode(op: &'static str, w: &[u64]) -> Result<Signature> {
         None
     };
     Ok(Signature { op: call, tensor })
+}
+
+/// The little-endian f32s of `bytes`.
+fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// A point-to-point message: dtype code, rank, dims (u64 little-endian each), then the bytes.
