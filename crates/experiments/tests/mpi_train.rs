@@ -36,6 +36,25 @@ fn train(mpi: Option<usize>, out: &Path, extra: &[&str]) -> Output {
     run(mpi, &args)
 }
 
+/// Runs `cmd` (an mpirun with a faulty rank) to its end: its status, output and duration; a
+/// hang (still running after 120 s) kills it and fails with `what`.
+fn run_to_exit(mut cmd: Command, what: &str) -> (std::process::ExitStatus, Output, std::time::Duration) {
+    let mut child = cmd.spawn().expect("run mpirun");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed().as_secs() > 120 {
+            let _ = child.kill();
+            panic!("mpirun still running 120 s after {what}: a hang");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let took = start.elapsed();
+    (status, child.wait_with_output().unwrap(), took)
+}
+
 #[test]
 fn mpirun_ranks_follow_one_process_and_resume_in_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -108,19 +127,7 @@ fn a_rank_that_dies_under_mpirun_ends_the_job() {
         .current_dir(repo_root())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("run mpirun");
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed().as_secs() > 120 {
-            let _ = child.kill();
-            panic!("mpirun still running 120 s after rank 1 died: a hang");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    let o = child.wait_with_output().unwrap();
+    let (status, o, _) = run_to_exit(cmd, "rank 1 died");
     assert!(!status.success(), "a dead rank must fail the job");
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("injected fault: train_panic_at_step=3"), "{e}");
@@ -143,20 +150,7 @@ fn a_stuck_rank_under_mpirun_ends_the_job_within_the_timeout() {
         .current_dir(repo_root())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("run mpirun");
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed().as_secs() > 120 {
-            let _ = child.kill();
-            panic!("mpirun still running 120 s after rank 1 got stuck: the timeout did not end it");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    let took = start.elapsed();
-    let o = child.wait_with_output().unwrap();
+    let (status, o, took) = run_to_exit(cmd, "rank 1 got stuck (the timeout did not end it)");
     assert!(!status.success(), "a stuck rank must fail the job");
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("waited 2 s for") && e.contains("(the collective timeout)"), "{e}");

@@ -1,7 +1,11 @@
 //! The whole model against finite differences, in every combination of pool × block ×
 //! qk_norm × biases (issue 3), and its parameters against the closed-form counts.
 
-use vit_model::{BlockKind, ModelConfig, ParamCounts, ParamStore, Pool, PosEmb, VisionTransformer};
+mod common;
+
+use common::randomised;
+
+use vit_model::{BlockKind, ModelConfig, ParamCounts, Pool, PosEmb, VisionTransformer};
 use vit_tensor::{ops, testing::check_gradient, DType, Device, Tensor};
 
 const CPU: Device = Device::Cpu;
@@ -17,16 +21,6 @@ fn tiny(pool: Pool, block: BlockKind, qk_norm: bool, bias: bool) -> ModelConfig 
     c.qkv_bias = bias;
     c.norm_bias = bias;
     c
-}
-
-/// Every parameter replaced by random values (the zero head would hide the body's gradients).
-fn randomised(p: &ParamStore, seed: u64) -> ParamStore {
-    let mut out = ParamStore::new();
-    for (i, (name, t)) in p.iter().enumerate() {
-        out.insert(name, Tensor::randn(t.shape().clone(), 0.0, 0.5, seed + i as u64, DType::F32, CPU).unwrap())
-            .unwrap();
-    }
-    out
 }
 
 /// Checks the gradient of every parameter tensor (sampled) and of the images.

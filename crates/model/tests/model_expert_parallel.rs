@@ -6,6 +6,10 @@
 //! experts is the sum of the one-rank gradients over every rank's images, every other gradient
 //! (routers included) rank r's own part. With activation checkpointing too, and the config key.
 
+mod common;
+
+use common::{randomised, values};
+
 use vit_collective::{Communicator, LocalGroup};
 use vit_model::{ModelConfig, ParamStore, VisionTransformer};
 use vit_tensor::{testing::assert_close, DType, Device, Tensor};
@@ -36,20 +40,6 @@ fn tiny_vmoe(experts: usize, remat: bool) -> ModelConfig {
     c.set(&format!("moe.experts={experts}")).unwrap();
     c.remat = remat;
     c
-}
-
-/// Every parameter random (identical experts and a zero head would hide a wrong shard).
-fn randomised(p: &ParamStore, seed: u64) -> ParamStore {
-    let mut out = ParamStore::new();
-    for (i, (name, t)) in p.iter().enumerate() {
-        out.insert(name, Tensor::randn(t.shape().clone(), 0.0, 0.5, seed + i as u64, DType::F32, CPU).unwrap())
-            .unwrap();
-    }
-    out
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_f32_vec().unwrap()
 }
 
 fn check(world: usize, experts: usize, remat: bool) {

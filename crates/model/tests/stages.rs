@@ -2,6 +2,10 @@
 //! the whole model and the tensor-parallel one on 2 `LocalGroup` ranks, with and without remat,
 //! each stage given a store holding only its own parameters.
 
+mod common;
+
+use common::randomised;
+
 use vit_collective::{Communicator, LocalGroup, MatmulComm};
 use vit_model::{
     BlockKind, ModelAxis, ModelConfig, ParamStore, Pool, StagedModel, TensorParallelViT, TpStages, VisionTransformer,
@@ -20,15 +24,6 @@ fn tiny(block: BlockKind, remat: bool) -> ModelConfig {
     c.qk_norm = true;
     c.remat = remat;
     c
-}
-
-fn randomised(p: &ParamStore, seed: u64) -> ParamStore {
-    let mut out = ParamStore::new();
-    for (i, (name, t)) in p.iter().enumerate() {
-        out.insert(name, Tensor::randn(t.shape().clone(), 0.0, 0.5, seed + i as u64, DType::F32, CPU).unwrap())
-            .unwrap();
-    }
-    out
 }
 
 fn only(p: &ParamStore, names: &[String]) -> ParamStore {

@@ -4,8 +4,12 @@
 //! the ring and the plain collective matmul; its initial parameters are the unsharded ones
 //! split; bad splits are errors.
 
+mod common;
+
+use common::{randomised, values};
+
 use vit_collective::{Communicator, LocalGroup, MatmulComm};
-use vit_model::{BlockKind, ModelAxis, ModelConfig, ParamStore, Pool, ShardSpec, TensorParallelViT, VisionTransformer};
+use vit_model::{BlockKind, ModelAxis, ModelConfig, Pool, ShardSpec, TensorParallelViT, VisionTransformer};
 use vit_tensor::{testing::assert_close, DType, Device, Tensor};
 
 const CPU: Device = Device::Cpu;
@@ -21,20 +25,6 @@ fn tiny(block: BlockKind, pool: Pool, qk_norm: bool, bias: bool) -> ModelConfig 
     c.qkv_bias = bias;
     c.norm_bias = bias;
     c
-}
-
-/// Every parameter random (zero biases or a zero head would hide a wrong shard).
-fn randomised(p: &ParamStore, seed: u64) -> ParamStore {
-    let mut out = ParamStore::new();
-    for (i, (name, t)) in p.iter().enumerate() {
-        out.insert(name, Tensor::randn(t.shape().clone(), 0.0, 0.5, seed + i as u64, DType::F32, CPU).unwrap())
-            .unwrap();
-    }
-    out
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_f32_vec().unwrap()
 }
 
 fn check(cfg: &ModelConfig, n: usize, matmul: MatmulComm, what: &str) {

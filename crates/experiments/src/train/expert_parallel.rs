@@ -18,11 +18,11 @@
 //! Not combined with tensor parallelism (`train.mesh.model > 1`) or ZeRO-1
 //! (`train.sharding = "optimizer"`): both are refused with a config error.
 
-use super::{config, TrainError};
+use super::{config, grad_norm, TrainError};
 use vit_collective::{Communicator, ReduceOp};
 use vit_model::VisionTransformer;
 use vit_optim::{Algorithm, OptimizerChain, OptimizerConfig, StepInfo, STATE_M, STATE_V, STATE_V_COL, STATE_V_ROW};
-use vit_tensor::{ParamStore, Tensor};
+use vit_tensor::ParamStore;
 
 /// This rank's share of the experts.
 pub struct ExpertParallel {
@@ -186,23 +186,11 @@ impl ExpertParallel {
         params: &mut ParamStore,
         grads: &ParamStore,
     ) -> Result<StepInfo, TrainError> {
-        let w = self.world as f64;
-        let mut replicated = 0f64;
-        for (name, g) in grads.iter() {
-            let trainable = opt.settings(name).is_some_and(|s| !s.frozen);
-            if trainable && !self.is_expert(name) {
-                replicated += g.to_f32_vec()?.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
-            }
-        }
-        let mut global = |mine: f64| -> Result<f64, vit_optim::OptimError> {
-            let part = mine - replicated + replicated / w;
-            let t = Tensor::from_vec(vec![part as f32], [1], vit_tensor::Device::Cpu)?;
-            let summed = dp.all_reduce(&t, ReduceOp::Sum).map_err(|e| vit_optim::OptimError::Param {
-                name: "(gradient norm across the expert-parallel ranks)".into(),
-                msg: e.to_string(),
-            })?;
-            Ok(summed.to_f32_vec()?[0] as f64)
-        };
+        let w = self.world;
+        let replicated = grad_norm::sum_of_squares_where(grads, |name| {
+            opt.settings(name).is_some_and(|s| !s.frozen) && !self.is_expert(name)
+        })?;
+        let mut global = |mine: f64| grad_norm::sum_over_ranks(dp, grad_norm::share(mine, replicated, w));
         Ok(opt.step_shard(params, grads, &mut global)?)
     }
 }

@@ -9,6 +9,7 @@ pub mod data_check;
 pub mod evals;
 pub mod expert_parallel;
 pub mod full_shard;
+pub mod grad_norm;
 pub mod mixup;
 pub mod model_parallel;
 pub mod moe_eval;
@@ -355,7 +356,6 @@ fn loss_and_grad(logits: &Tensor, t: &Tensor, loss: LossKind, batch: usize) -> R
 
 /// [`micro_batch_grads`] of a model split over a model axis: this rank's part of the gradients
 /// (every rank of the axis runs it on the same micro-batch); returns the sum of the losses.
-#[allow(clippy::too_many_arguments)]
 fn micro_batch_grads_tp(
     mp: &model_parallel::ModelParallel,
     params: &ParamStore,

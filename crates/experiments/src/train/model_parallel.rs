@@ -5,8 +5,8 @@
 //! rank's part with the whole model's gradient norm; checkpoints and evaluation see the whole
 //! model, gathered over the model axis.
 
-use super::{full_shard::FullShard, TrainError};
-use vit_collective::{Axis, Communicator, MatmulComm, Mesh, MeshShape, ReduceOp};
+use super::{full_shard::FullShard, grad_norm, TrainError};
+use vit_collective::{Axis, Communicator, MatmulComm, Mesh, MeshShape};
 use vit_model::{ModelAxis, ParamStore, ShardSpec, TensorParallelViT, VisionTransformer};
 use vit_optim::{OptimizerChain, StepInfo, STATE_COUNT};
 use vit_tensor::Tensor;
@@ -122,8 +122,13 @@ impl ModelParallel {
         params: &mut ParamStore,
         grads: &ParamStore,
     ) -> Result<StepInfo, TrainError> {
-        let replicated = self.replicated_sum_of_squares(opt, grads)?;
-        let mut global = |mine: f64| self.sum_parts(self.model_comm(), mine, replicated);
+        let plan = self.tp.plan();
+        let replicated = grad_norm::sum_of_squares_where(grads, |name| {
+            !plan.is_split(name) && opt.settings(name).is_some_and(|s| !s.frozen)
+        })?;
+        let n = self.tp.ranks();
+        let mut global =
+            |mine: f64| grad_norm::sum_over_ranks(self.model_comm(), grad_norm::share(mine, replicated, n));
         Ok(opt.step_shard(params, grads, &mut global)?)
     }
 
@@ -136,7 +141,6 @@ impl ModelParallel {
         params: &mut ParamStore,
         world: &dyn Communicator,
     ) -> Result<StepInfo, TrainError> {
-        let n = self.tp.ranks() as f64;
         let plan = self.tp.plan();
         let opt = share.optimizer();
         let counted: std::collections::HashSet<String> = params
@@ -144,45 +148,11 @@ impl ModelParallel {
             .filter(|name| !plan.is_split(name) && opt.settings(name).is_some_and(|s| !s.frozen))
             .map(str::to_string)
             .collect();
+        let n = self.tp.ranks();
         share.step(params, &mut |mine, grads| {
-            let mut replicated = 0f64;
-            for (name, g) in grads.iter() {
-                if counted.contains(name) {
-                    replicated += g.to_f32_vec()?.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
-                }
-            }
-            let part = mine - replicated + replicated / n;
-            sum_over(world, part)
+            let replicated = grad_norm::sum_of_squares_where(grads, |name| counted.contains(name))
+                .map_err(|e| vit_optim::OptimError::Param { name: "(gradient norm)".into(), msg: e.to_string() })?;
+            grad_norm::sum_over_ranks(world, grad_norm::share(mine, replicated, n))
         })
     }
-
-    /// Sum of squares of the trainable replicated gradients in `grads`.
-    fn replicated_sum_of_squares(&self, opt: &OptimizerChain, grads: &ParamStore) -> Result<f64, TrainError> {
-        let mut replicated = 0f64;
-        for (name, g) in grads.iter() {
-            let trainable = opt.settings(name).is_some_and(|s| !s.frozen);
-            if trainable && !self.tp.plan().is_split(name) {
-                replicated += g.to_f32_vec()?.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
-            }
-        }
-        Ok(replicated)
-    }
-
-    /// The whole model's sum of squares from this rank's `mine` (which counts the `replicated`
-    /// squares in full): each model rank contributes its split squares and 1/n of the
-    /// replicated ones.
-    fn sum_parts(&self, comm: &dyn Communicator, mine: f64, replicated: f64) -> Result<f64, vit_optim::OptimError> {
-        let n = self.tp.ranks() as f64;
-        sum_over(comm, mine - replicated + replicated / n)
-    }
-}
-
-/// `part` summed over the ranks of `comm` (an all-reduce of one f32).
-fn sum_over(comm: &dyn Communicator, part: f64) -> Result<f64, vit_optim::OptimError> {
-    let t = Tensor::from_vec(vec![part as f32], [1], vit_tensor::Device::Cpu)?;
-    let summed = comm.all_reduce(&t, ReduceOp::Sum).map_err(|e| vit_optim::OptimError::Param {
-        name: "(gradient norm across the mesh)".into(),
-        msg: e.to_string(),
-    })?;
-    Ok(summed.to_f32_vec()?[0] as f64)
 }

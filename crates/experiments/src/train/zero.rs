@@ -108,14 +108,7 @@ impl ShardedOptimizer {
         }
         // Update this part with the whole model's gradient norm.
         let mut p = subset(params, self.owned.iter().map(|(n, _, _)| n.as_str()))?;
-        let mut global = |sq: f64| -> Result<f64, vit_optim::OptimError> {
-            let t = Tensor::from_vec(vec![sq as f32], [1], Device::Cpu)?;
-            let summed = comm.all_reduce(&t, ReduceOp::Sum).map_err(|e| vit_optim::OptimError::Param {
-                name: "(gradient norm across ranks)".into(),
-                msg: e.to_string(),
-            })?;
-            Ok(summed.to_f32_vec()?[0] as f64)
-        };
+        let mut global = |sq: f64| super::grad_norm::sum_over_ranks(comm, sq);
         let info = self.opt.step_shard(&mut p, &g, &mut global)?;
         // All-gather the updated parts and write them into every rank's parameters.
         let mut part = vec![0f32; self.padded];
@@ -226,14 +219,7 @@ impl Updater {
             Updater::Replicated(o) => Ok(o.step(params, grads)?),
             Updater::Sharded(s) => s.step(comm, params, grads),
             // The gradients were reduce-scattered into the share during backward.
-            Updater::Full(f) => f.step(params, &mut |sq, _| {
-                let t = Tensor::from_vec(vec![sq as f32], [1], Device::Cpu)?;
-                let summed = comm.all_reduce(&t, ReduceOp::Sum).map_err(|e| vit_optim::OptimError::Param {
-                    name: "(gradient norm across ranks)".into(),
-                    msg: e.to_string(),
-                })?;
-                Ok(summed.to_f32_vec()?[0] as f64)
-            }),
+            Updater::Full(f) => f.step(params, &mut |sq, _| super::grad_norm::sum_over_ranks(comm, sq)),
         }
     }
 
