@@ -229,6 +229,34 @@ fn every_shipped_config_parses_and_validates() {
     assert!(n >= 4, "expected the four recipes in configs/, found {n}");
 }
 
+/// The dense twin of `configs/vmoe-fashion-mnist.toml` (`--set model.moe=none`, the command in
+/// the config and in docs/reproduce.md) differs from the V-MoE only in `model.moe`: the same
+/// data, optimizer, schedule, steps and seed, and the same model otherwise.
+#[test]
+fn the_vmoe_fashion_mnist_config_and_its_dense_twin_differ_only_in_model_moe() {
+    use vit_experiments::train::config::TrainConfig;
+    let path = root().join("configs/vmoe-fashion-mnist.toml");
+    let moe = TrainConfig::from_file(&path, &[]).unwrap();
+    let dense = TrainConfig::from_file(&path, &["model.moe=none".to_string()]).unwrap();
+    let (moe_model, dense_model) = (moe.model_config().unwrap(), dense.model_config().unwrap());
+    let experts = moe_model.moe.as_ref().map(|m| (m.experts, m.k));
+    assert_eq!(experts, Some((8, 2)), "the V-MoE config has 8 experts, k = 2");
+    assert!(dense_model.moe.is_none(), "model.moe=none leaves MoE in: {:?}", dense_model.moe);
+    let mut moe_without = moe_model.clone();
+    moe_without.moe = None;
+    assert_eq!(moe_without, dense_model, "the models differ outside model.moe");
+    assert_eq!(
+        (&moe.data, &moe.optimizer, &moe.schedule, &moe.train, &moe.evals),
+        (&dense.data, &dense.optimizer, &dense.schedule, &dense.train, &dense.evals),
+        "the recipes differ"
+    );
+    // The override is not a no-op on the written config either: the run directory's
+    // config.toml of the dense twin has no [model.moe].
+    let written = dense.resolved().unwrap().to_toml().unwrap();
+    assert!(!written.contains("moe"), "dense twin's resolved config mentions moe:\n{written}");
+    assert!(moe.resolved().unwrap().to_toml().unwrap().contains("[model.moe]"));
+}
+
 /// SIGTERM (preemption) and SIGINT (Ctrl-C) mid-run: the step in flight finishes, a checkpoint
 /// and `summary.json` (stop reason `signal`) are written, `vit` exits with 3, and `--resume`
 /// continues to exactly the straight run's losses.
