@@ -3,6 +3,8 @@
 //! rayon across slabs); softmax and the score gradient are row loops. Exact f32 math, no N×N
 //! matrix kept between forward and backward (backward recomputes it from `lse`).
 
+use super::multiversion::multiversion;
+use super::softmax::{divide_row, exp_scaled_shifted, exp_shifted_sum, scale_row_max};
 use super::{matmul::gemm_f32, zeroed};
 use rayon::prelude::*;
 
@@ -29,13 +31,9 @@ pub(crate) fn attention_fwd(
         let mut s = vec![0.0f32; n * m];
         gemm_f32(qh, kh, &mut s, n, m, d, false, true, 1);
         for (row, l) in s.chunks_mut(m.max(1)).zip(lh.iter_mut()) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x * scale));
-            let mut sum = 0.0f32;
-            for x in row.iter_mut() {
-                *x = (*x * scale - max).exp();
-                sum += *x;
-            }
-            row.iter_mut().for_each(|x| *x /= sum);
+            let max = scale_row_max(row, scale);
+            let sum = exp_shifted_sum(row, max);
+            divide_row(row, sum);
             *l = max + sum.ln();
         }
         gemm_f32(&s, vh, oh, n, d, m, false, false, 1);
@@ -73,7 +71,7 @@ pub(crate) fn attention_bwd(
             let mut p = vec![0.0f32; n * m];
             gemm_f32(qh, kh, &mut p, n, m, d, false, true, 1);
             for (row, &l) in p.chunks_mut(m).zip(lh) {
-                row.iter_mut().for_each(|x| *x = (*x * scale - l).exp());
+                exp_scaled_shifted(row, scale, l);
             }
             // dV = Pᵀ dO; dP = dO Vᵀ.
             gemm_f32(&p, doh, dvh, m, d, n, true, false, 1);
@@ -82,9 +80,7 @@ pub(crate) fn attention_bwd(
             // dS = P ∘ (dP − δ)·scale with δ_i = dO_i · O_i (the softmax backward, folded with the scale).
             for i in 0..n {
                 let delta: f32 = doh[i * d..(i + 1) * d].iter().zip(&oh[i * d..(i + 1) * d]).map(|(a, b)| a * b).sum();
-                for (x, &pij) in ds[i * m..(i + 1) * m].iter_mut().zip(&p[i * m..(i + 1) * m]) {
-                    *x = pij * (*x - delta) * scale;
-                }
+                softmax_grad_row(&mut ds[i * m..(i + 1) * m], &p[i * m..(i + 1) * m], delta, scale);
             }
             // dQ = dS K; dK = dSᵀ Q.
             gemm_f32(&ds, kh, dqh, n, d, m, false, false, 1);
@@ -92,4 +88,11 @@ pub(crate) fn attention_bwd(
         },
     );
     (dq, dk, dv)
+}
+
+multiversion! {
+    /// `dp = p ∘ (dp − δ) · scale` in place: one row of the softmax backward with the scale.
+    fn softmax_grad_row(dp: &mut [f32], p: &[f32], delta: f32, scale: f32) {
+        dp.iter_mut().zip(p).for_each(|(x, &pij)| *x = pij * (*x - delta) * scale);
+    }
 }

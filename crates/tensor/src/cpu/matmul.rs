@@ -20,12 +20,32 @@ pub fn gemm_f32(
     trans_b: bool,
     threads: usize,
 ) {
+    gemm_f32_acc(a, b, c, m, n, k, trans_a, trans_b, threads, false)
+}
+
+/// [`gemm_f32`], or with `accumulate` `c += op(a) op(b)` (c's values are read: a bias or a
+/// residual written into it beforehand costs no extra pass over the output).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_f32_acc(
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    threads: usize,
+    accumulate: bool,
+) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm_f32: buffers smaller than m, n, k");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        c[..m * n].fill(0.0);
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
         return;
     }
     // (column stride, row stride) of each operand as stored.
@@ -41,14 +61,14 @@ pub fn gemm_f32(
             c.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             a.as_ptr(),
             a_cs,
             a_rs,
             b.as_ptr(),
             b_cs,
             b_rs,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,

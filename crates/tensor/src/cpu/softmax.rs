@@ -1,22 +1,52 @@
 //! Softmax and the cross-entropy losses, row by row.
 
+use super::multiversion::multiversion;
+use super::vector_math as vm;
 use super::zeroed;
 use rayon::prelude::*;
 
+multiversion! {
+    /// `row = row · scale` in place; returns the largest scaled element.
+    pub(crate) fn scale_row_max(row: &mut [f32], scale: f32) -> f32 {
+        row.iter_mut().for_each(|v| *v *= scale);
+        vm::max(row)
+    }
+}
+
+multiversion! {
+    /// `row = e^{row − shift}` in place (vectorised exp); returns the row's sum.
+    pub(crate) fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 {
+        row.iter_mut().for_each(|v| *v = vm::exp(*v - shift));
+        vm::sum(row)
+    }
+}
+
+multiversion! {
+    /// `row = e^{row · scale − shift}` in place: attention's probabilities recomputed from the
+    /// scores and the saved log-sum-exp.
+    pub(crate) fn exp_scaled_shifted(row: &mut [f32], scale: f32, shift: f32) {
+        row.iter_mut().for_each(|v| *v = vm::exp(*v * scale - shift));
+    }
+}
+
+multiversion! {
+    /// `row = row / sum` in place.
+    pub(crate) fn divide_row(row: &mut [f32], sum: f32) {
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+}
+
 /// Numerically stable softmax of one row into `out`.
 pub(crate) fn softmax_row(x: &[f32], out: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v - max).exp();
-        sum += *o;
-    }
-    out.iter_mut().for_each(|o| *o /= sum);
+    out.copy_from_slice(x);
+    let max = scale_row_max(out, 1.0);
+    let sum = exp_shifted_sum(out, max);
+    divide_row(out, sum);
 }
 
 /// `log Σ exp(x)` of one row.
 pub(crate) fn logsumexp(x: &[f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = vm::max(x);
     max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
 }
 
