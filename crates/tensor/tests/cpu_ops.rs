@@ -417,6 +417,12 @@ fn packed_attention_matches_split_heads_and_finite_differences() {
     let r = randn(&[b, n, w], 43);
     let g = ops::attention_bwd_packed(&x, pre, w, h, &got.o, &got.lse, &r, scale).unwrap();
     assert_eq!(g.dims(), &[b, n, 3 * w]);
+    // Against the backward of the split heads, merged back to [b, n, 3·w].
+    let split = |t: &Tensor| ops::permute(&t.reshape([b, n, h, dh]).unwrap(), &[0, 2, 1, 3]).unwrap();
+    let merge = |t: &Tensor| ops::permute(t, &[0, 2, 1, 3]).unwrap().reshape([b, n, w]).unwrap();
+    let gs = ops::attention_bwd(&heads(0), &heads(1), &heads(2), &want.o, &want.lse, &split(&r), scale).unwrap();
+    let want_g = ops::concat(&[&merge(&gs.dq), &merge(&gs.dk), &merge(&gs.dv)], 2).unwrap();
+    assert_close("packed dqkv vs split heads", &v(&g), &v(&want_g), 1e-5, 1e-6);
     // The gradient with respect to the whole input, zero on the prefix.
     let gx = ops::concat(&[&Tensor::zeros(vec![b, n, pre], DType::F32, CPU).unwrap(), &g], 2).unwrap();
     let f = |t: &Tensor| -> Result<Tensor> { Ok(ops::attention_fwd_packed(t, pre, w, h, scale)?.o) };
@@ -697,4 +703,54 @@ fn fused_softmax_cross_entropy_is_the_two_ops_and_checks_dloss() {
     assert_eq!(v(&dz), v(&ops::softmax_cross_entropy_bwd(&z, &t, &dloss).unwrap()));
     let msg = ops::softmax_cross_entropy_fwd_bwd(&z, &t, &randn(&[4], 43)).unwrap_err().to_string();
     assert!(msg.contains("softmax_cross_entropy_fwd_bwd") && msg.contains("dloss"), "{msg}");
+}
+
+/// The fused CPU linear (bias and residual written into the output, the GEMM accumulating into
+/// it, the GELU in one vectorised pass) equals the plain composition and a naive f64 product;
+/// the fused GELU backward with its bias gradient equals `gelu_bwd` then `bias_add_bwd`.
+#[test]
+fn fused_linear_equals_the_composition() {
+    let (rows, k, n) = (37, 24, 40);
+    let x = randn(&[1, rows, k], 11);
+    let w = randn(&[n, k], 12);
+    let b = randn(&[n], 13);
+    let r = randn(&[1, rows, n], 14);
+    let naive = naive_matmul(&v(&x), &v(&w), rows, n, k, false, true);
+    for (bias, act, res) in [
+        (None, None, None),
+        (Some(&b), None, None),
+        (None, None, Some(&r)),
+        (Some(&b), None, Some(&r)),
+        (Some(&b), Some(Gelu::Tanh), None),
+        (None, Some(Gelu::Erf), None),
+    ] {
+        let what = format!("bias {} act {act:?} residual {}", bias.is_some(), res.is_some());
+        let fused = ops::linear(&x, &w, bias, act, res).unwrap();
+        let plain = ops::linear_reference(&x, &w, bias, act, res).unwrap();
+        assert_close(&what, &v(&fused.y), &v(&plain.y), 1e-5, 1e-5);
+        assert_eq!(fused.pre.is_some(), act.is_some(), "{what}");
+        let mut want: Vec<f32> = naive.clone();
+        for (i, y) in want.iter_mut().enumerate() {
+            *y += bias.map_or(0.0, |b| v(b)[i % n]) + res.map_or(0.0, |r| v(r)[i]);
+        }
+        match (&fused.pre, &plain.pre) {
+            (Some(fp), Some(pp)) => {
+                assert_close(&what, &v(fp), &v(pp), 1e-5, 1e-5);
+                assert_close(&what, &v(fp), &want, 1e-4, 1e-4);
+            }
+            _ => assert_close(&what, &v(&fused.y), &want, 1e-4, 1e-4),
+        }
+        assert_eq!(fused.y.dims(), &[1, rows, n], "{what}");
+    }
+    // fc2's data gradient through fc1's GELU, with fc1's bias gradient.
+    let dy = randn(&[1, rows, k], 15);
+    let w2 = randn(&[k, n], 16);
+    let pre = randn(&[1, rows, n], 17);
+    for kind in [Gelu::Tanh, Gelu::Erf] {
+        let (dpre, db) = ops::linear_dgrad_gelu(&dy, &w2, &pre, kind).unwrap();
+        let dh = ops::matmul_t(&dy, &w2, false, false).unwrap();
+        let want = ops::gelu_bwd(&pre, &dh, kind).unwrap();
+        assert_close("dgrad_gelu", &v(&dpre), &v(&want), 0.0, 0.0);
+        assert_close("dgrad_gelu bias", &v(&db), &v(&ops::bias_add_bwd(&want).unwrap()), 0.0, 0.0);
+    }
 }

@@ -92,7 +92,7 @@ pub(crate) fn attention_bwd(
 
 multiversion! {
     /// `dp = p ∘ (dp − δ) · scale` in place: one row of the softmax backward with the scale.
-    fn softmax_grad_row(dp: &mut [f32], p: &[f32], delta: f32, scale: f32) {
+    pub(crate) fn softmax_grad_row(dp: &mut [f32], p: &[f32], delta: f32, scale: f32) {
         dp.iter_mut().zip(p).for_each(|(x, &pij)| *x = pij * (*x - delta) * scale);
     }
 }

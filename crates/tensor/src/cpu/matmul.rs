@@ -96,3 +96,74 @@ pub(crate) fn matmul(a: &[f32], b: &[f32], d: MatmulDims) -> Vec<f32> {
     }
     c
 }
+
+/// A read-only `[rows, cols]` matrix inside a slice: element `(i, j)` is
+/// `data[i·row_stride + j·col_stride]` (a head of a packed qkv projection, say).
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `[rows, cols]` block starting at `data[0]` with rows `row_stride` apart.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        MatRef { data, rows, cols, row_stride, col_stride: 1 }
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// `c = a · b` (or `c += a · b` with `accumulate`) for strided `a [m, k]`, `b [k, n]` and a
+/// row-major `c [m, n]` whose rows are `c_row_stride` apart, on one thread. Panics if a view
+/// reaches outside its slice (a bug in the caller, not bad input).
+pub(crate) fn gemm_strided(a: MatRef, b: MatRef, c: &mut [f32], c_row_stride: usize, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let c_view = MatRef::rows(c, m, n, c_row_stride);
+    assert!(b.rows == k && a.fits() && b.fits() && c_view.fits(), "gemm_strided: views outside their buffers");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            (0..m).for_each(|i| c[i * c_row_stride..i * c_row_stride + n].fill(0.0));
+        }
+        return;
+    }
+    // SAFETY: `fits` checked that every addressed element lies inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_row_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}

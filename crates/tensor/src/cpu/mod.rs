@@ -4,6 +4,7 @@
 
 mod allocator;
 mod attention;
+mod attention_packed;
 mod elementwise;
 /// The flash kernels' algorithm in Rust, checked against the reference attention (tests only).
 #[cfg(test)]
@@ -23,6 +24,7 @@ mod vector_math;
 
 pub use allocator::retain_freed_memory;
 pub(crate) use attention::*;
+pub(crate) use attention_packed::*;
 pub use elementwise::erfc;
 pub(crate) use elementwise::*;
 pub(crate) use index::*;

@@ -1,8 +1,71 @@
-//! LayerNorm and RMSNorm over the last dim.
+//! LayerNorm and RMSNorm over the last dim: vectorised row kernels (`multiversion!`), the
+//! backward in one pass over the rows that also sums the weight and bias gradients.
 
-use super::{blocked_column_sums, column_sums, zeroed};
+use super::multiversion::multiversion;
+use super::vector_math as vm;
+use super::{zeroed, PAR_MIN_ELEMS};
 use crate::op_kinds::NormKind;
 use rayon::prelude::*;
+
+/// Rows per rayon task: the block size of the deterministic column sums (`blocked_column_sums`).
+fn block_rows(d: usize) -> usize {
+    (PAR_MIN_ELEMS / d).max(1)
+}
+
+multiversion! {
+    /// Normalises the rows of `x [rows, d]` into `y`, writing each row's mean and 1/std.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_fwd_rows(x: &[f32], y: &mut [f32], mean: &mut [f32], rstd: &mut [f32], w: &[f32], b: &[f32], eps: f32, rms: bool) {
+        let d = w.len();
+        let mut centred = vec![0.0f32; d];
+        for (((xr, yr), m), r) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(mean.iter_mut()).zip(rstd.iter_mut()) {
+            let mu = if rms { 0.0 } else { vm::sum(xr) / d as f32 };
+            centred.iter_mut().zip(xr).for_each(|(c, &v)| *c = (v - mu) * (v - mu));
+            let rs = 1.0 / (vm::sum(&centred) / d as f32 + eps).sqrt();
+            for (((yv, &xv), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                *yv = (xv - mu) * rs * wv + bv;
+            }
+            *m = mu;
+            *r = rs;
+        }
+    }
+}
+
+multiversion! {
+    /// The backward of [`norm_fwd_rows`] for a block of rows: `dx`, and the block's weight and
+    /// bias gradients added into `dw` and `db`.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_bwd_rows(
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        mean: &[f32],
+        rstd: &[f32],
+        w: &[f32],
+        rms: bool,
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let d = w.len();
+        let (mut g, mut xhat, mut gx) = (vec![0.0f32; d], vec![0.0f32; d], vec![0.0f32; d]);
+        for (((xr, dyr), dxr), (&mu, &rs)) in
+            x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(mean.iter().zip(rstd))
+        {
+            for j in 0..d {
+                g[j] = dyr[j] * w[j];
+                xhat[j] = (xr[j] - mu) * rs;
+                gx[j] = g[j] * xhat[j];
+                dw[j] += dyr[j] * xhat[j];
+                db[j] += dyr[j];
+            }
+            let g_mean = if rms { 0.0 } else { vm::sum(&g) / d as f32 };
+            let gx_mean = vm::sum(&gx) / d as f32;
+            for j in 0..d {
+                dxr[j] = rs * (g[j] - g_mean - xhat[j] * gx_mean);
+            }
+        }
+    }
+}
 
 /// Returns `(y, mean, rstd)` for rows of width `d`.
 pub(crate) fn layer_norm_fwd(
@@ -20,26 +83,19 @@ pub(crate) fn layer_norm_fwd(
     if d == 0 {
         return (y, mean, rstd);
     }
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(
-        |((yr, xr), (m, r))| {
-            let mu = match kind {
-                NormKind::LayerNorm => xr.iter().sum::<f32>() / d as f32,
-                NormKind::Rms => 0.0,
-            };
-            let var = xr.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
-            let rs = 1.0 / (var + eps).sqrt();
-            for (j, (yv, &xv)) in yr.iter_mut().zip(xr).enumerate() {
-                let xhat = (xv - mu) * rs;
-                *yv = xhat * w.map_or(1.0, |w| w[j]) + b.map_or(0.0, |b| b[j]);
-            }
-            *m = mu;
-            *r = rs;
-        },
-    );
+    let (ones, zeros) = (vec![1.0f32; d], vec![0.0f32; d]);
+    let (w, b) = (w.unwrap_or(&ones), b.unwrap_or(&zeros));
+    let br = block_rows(d);
+    y.par_chunks_mut(br * d)
+        .zip(x.par_chunks(br * d))
+        .zip(mean.par_chunks_mut(br).zip(rstd.par_chunks_mut(br)))
+        .for_each(|((yb, xb), (mb, rb))| norm_fwd_rows(xb, yb, mb, rb, w, b, eps, kind == NormKind::Rms));
     (y, mean, rstd)
 }
 
-/// Returns `(dx, dweight, dbias)` (the latter two always computed, as `[d]`).
+/// Returns `(dx, dweight, dbias)` (the latter two always computed, as `[d]`). The weight and
+/// bias gradients are summed per fixed block of rows and the blocks added in order: the same
+/// bits on any thread count.
 pub(crate) fn layer_norm_bwd(
     x: &[f32],
     d: usize,
@@ -53,33 +109,25 @@ pub(crate) fn layer_norm_bwd(
     if d == 0 {
         return (dx, Vec::new(), Vec::new());
     }
-    dx.par_chunks_mut(d).enumerate().for_each(|(i, dxr)| {
-        let (xr, dyr) = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
-        let (mu, rs) = (mean[i], rstd[i]);
-        let (mut g_mean, mut gx_mean) = (0.0f32, 0.0f32);
-        for j in 0..d {
-            let g = dyr[j] * w.map_or(1.0, |w| w[j]);
-            g_mean += g;
-            gx_mean += g * (xr[j] - mu) * rs;
-        }
-        g_mean /= d as f32;
-        gx_mean /= d as f32;
-        if kind == NormKind::Rms {
-            g_mean = 0.0;
-        }
-        for j in 0..d {
-            let g = dyr[j] * w.map_or(1.0, |w| w[j]);
-            let xhat = (xr[j] - mu) * rs;
-            dxr[j] = rs * (g - g_mean - xhat * gx_mean);
-        }
-    });
-    // dweight and dbias as blocked column sums: the same bits on any thread count.
-    let dw = blocked_column_sums(x.len() / d, d, |i, acc| {
-        let (xr, dyr) = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
-        for j in 0..d {
-            acc[j] += dyr[j] * (xr[j] - mean[i]) * rstd[i];
-        }
-    });
-    let db = column_sums(dy, d);
+    let ones = vec![1.0f32; d];
+    let w = w.unwrap_or(&ones);
+    let br = block_rows(d);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(br * d)
+        .enumerate()
+        .map(|(i, dxb)| {
+            let rows = i * br..i * br + dxb.len() / d;
+            let span = rows.start * d..rows.end * d;
+            let (mut dw, mut db) = (vec![0.0f32; d], vec![0.0f32; d]);
+            let (mb, rb) = (&mean[rows.clone()], &rstd[rows]);
+            norm_bwd_rows(&x[span.clone()], &dy[span], dxb, mb, rb, w, kind == NormKind::Rms, &mut dw, &mut db);
+            (dw, db)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0.0f32; d], vec![0.0f32; d]);
+    for (pw, pb) in &partials {
+        dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
+        db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+    }
     (dx, dw, db)
 }

@@ -6,12 +6,13 @@
 //! `[batch, tokens, 3·width]` gradient.
 //!
 //! On CUDA with bf16/f16 and a head dim the flash kernels take (multiples of 8 up to 128,
-//! 16-byte-aligned channels) the kernels read and write these layouts through strides; everywhere
-//! else (the CPU, f32, other head dims, a failed self-check) the reference path splits the heads
-//! into copies, runs [`attention_fwd`]/[`attention_bwd`] and merges them back.
+//! 16-byte-aligned channels) the kernels read and write these layouts through strides, and on
+//! the CPU strided GEMMs do (`cpu::attention_packed`); elsewhere on CUDA (f32, other head dims, a
+//! failed self-check) the reference path splits the heads into copies, runs
+//! [`attention_fwd`]/[`attention_bwd`] and merges them back.
 
 use super::{attention_bwd, attention_fwd, concat, permute, same_device, same_float_dtype, slice, AttentionOut};
-use crate::{cuda, DType, Device, Error, Result, Tensor};
+use crate::{cpu, cuda, DType, Device, Error, Result, Tensor};
 
 /// `(batch, tokens, head_dim)` after checking `qkv` against `offset`, `width` and `heads`.
 fn check_packed(
@@ -34,6 +35,12 @@ fn check_packed(
         ));
     }
     Ok((d[0], d[1], width / heads))
+}
+
+/// The packed layout of a checked `qkv` for the CPU kernels.
+fn packed(qkv: &Tensor, offset: usize, width: usize, heads: usize) -> cpu::PackedHeads {
+    let d = qkv.dims();
+    cpu::PackedHeads { batch: d[0], tokens: d[1], channels: d[2], offset, width, heads }
 }
 
 /// Block `i` (0 = q, 1 = k, 2 = v) of the packed projection as `[batch, heads, tokens, head_dim]` copies.
@@ -65,6 +72,14 @@ pub fn attention_fwd_packed(
         if let Some((o, lse)) = cuda::flash_attention::try_fwd_packed(qkv, offset, width, heads, scale)? {
             return Ok(AttentionOut { o, lse });
         }
+    }
+    if qkv.device() == Device::Cpu {
+        let (o, lse) = cpu::attention_fwd_packed(&qkv.cpu_f32(OP)?, packed(qkv, offset, width, heads), scale);
+        let (b, n) = (qkv.dims()[0], qkv.dims()[1]);
+        return Ok(AttentionOut {
+            o: Tensor::cpu_like(o, [b, n, width], qkv.dtype()),
+            lse: Tensor::cpu_like(lse, [b, heads, n], DType::F32),
+        });
     }
     let [q, k, v] = [0, 1, 2].map(|i| split(qkv, offset, width, heads, i));
     let out = attention_fwd(&q?, &k?, &v?, scale)?;
@@ -105,6 +120,17 @@ pub fn attention_bwd_packed(
         if let Some(dqkv) = cuda::flash_attention::try_bwd_packed(qkv, offset, width, heads, o, lse, d_o, scale)? {
             return Ok(dqkv);
         }
+    }
+    if qkv.device() == Device::Cpu {
+        let g = cpu::attention_bwd_packed(
+            &qkv.cpu_f32(OP)?,
+            &o.cpu_f32(OP)?,
+            &lse.cpu_f32(OP)?,
+            &d_o.cpu_f32(OP)?,
+            packed(qkv, offset, width, heads),
+            scale,
+        );
+        return Ok(Tensor::cpu_like(g, [b, n, 3 * width], qkv.dtype()));
     }
     let [q, k, v] = [0, 1, 2].map(|i| split(qkv, offset, width, heads, i));
     let split_heads = |x: &Tensor| permute(&x.reshape([b, n, heads, width / heads])?, &[0, 2, 1, 3]);
