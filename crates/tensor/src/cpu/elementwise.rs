@@ -2,9 +2,10 @@
 
 use super::multiversion::multiversion;
 use super::vector_math as vm;
-use super::{blocked_column_sums, zeroed, PAR_MIN_ELEMS};
+use super::{blocked_column_sums, uninit_vec, PAR_MIN_ELEMS};
 use crate::op_kinds::{Activation, BinaryOp, Gelu};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 pub(crate) fn binary(a: &[f32], b: &[f32], op: BinaryOp) -> Vec<f32> {
     let f = match op {
@@ -78,40 +79,63 @@ pub fn erfc(x: f64) -> f64 {
 const ACT_BLOCK: usize = 1 << 14;
 
 multiversion! {
-    /// `y = act(x)` elementwise (SIMD for the GELUs).
-    fn activation_kernel(x: &[f32], y: &mut [f32], kind: Activation) {
+    /// `y = act(x)` elementwise (SIMD for the GELUs), into memory not yet written.
+    fn activation_kernel(x: &[f32], y: &mut [MaybeUninit<f32>], kind: Activation) {
+        let y = y.iter_mut().zip(x);
         match kind {
-            Activation::Gelu(Gelu::Tanh) => y.iter_mut().zip(x).for_each(|(o, &v)| *o = vm::gelu_tanh(v)),
-            Activation::Gelu(Gelu::Erf) => y.iter_mut().zip(x).for_each(|(o, &v)| *o = vm::gelu_erf(v)),
-            Activation::Tanh => y.iter_mut().zip(x).for_each(|(o, &v)| *o = v.tanh()),
+            Activation::Gelu(Gelu::Tanh) => y.for_each(|(o, &v)| _ = o.write(vm::gelu_tanh(v))),
+            Activation::Gelu(Gelu::Erf) => y.for_each(|(o, &v)| _ = o.write(vm::gelu_erf(v))),
+            Activation::Tanh => y.for_each(|(o, &v)| _ = o.write(v.tanh())),
         }
     }
 }
 
 multiversion! {
-    /// `dy *= act'(x)` elementwise, in place.
-    fn activation_grad_kernel(x: &[f32], dy: &mut [f32], kind: Activation) {
+    /// `dx = dy · act'(x)` elementwise, into memory not yet written.
+    fn activation_grad_kernel(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], kind: Activation) {
+        let dx = dx.iter_mut().zip(x).zip(dy);
         match kind {
-            Activation::Gelu(Gelu::Tanh) => dy.iter_mut().zip(x).for_each(|(g, &v)| *g *= vm::gelu_tanh_grad(v)),
-            Activation::Gelu(Gelu::Erf) => dy.iter_mut().zip(x).for_each(|(g, &v)| *g *= vm::gelu_erf_grad(v)),
-            Activation::Tanh => dy.iter_mut().zip(x).for_each(|(g, &v)| *g *= 1.0 - v.tanh() * v.tanh()),
+            Activation::Gelu(Gelu::Tanh) => dx.for_each(|((o, &v), &g)| _ = o.write(g * vm::gelu_tanh_grad(v))),
+            Activation::Gelu(Gelu::Erf) => dx.for_each(|((o, &v), &g)| _ = o.write(g * vm::gelu_erf_grad(v))),
+            Activation::Tanh => dx.for_each(|((o, &v), &g)| _ = o.write(g * (1.0 - v.tanh() * v.tanh()))),
+        }
+    }
+}
+
+multiversion! {
+    /// `dy *= act'(x)` elementwise, in place (the same bits as [`activation_grad_kernel`]).
+    fn activation_grad_in_place_kernel(x: &[f32], dy: &mut [f32], kind: Activation) {
+        let dy = dy.iter_mut().zip(x);
+        match kind {
+            Activation::Gelu(Gelu::Tanh) => dy.for_each(|(g, &v)| *g *= vm::gelu_tanh_grad(v)),
+            Activation::Gelu(Gelu::Erf) => dy.for_each(|(g, &v)| *g *= vm::gelu_erf_grad(v)),
+            Activation::Tanh => dy.for_each(|(g, &v)| *g *= 1.0 - v.tanh() * v.tanh()),
         }
     }
 }
 
 /// The activation of every element.
 pub(crate) fn activation_fwd(x: &[f32], kind: Activation) -> Vec<f32> {
-    let mut y = zeroed(x.len());
-    y.par_chunks_mut(ACT_BLOCK).zip(x.par_chunks(ACT_BLOCK)).for_each(|(yc, xc)| activation_kernel(xc, yc, kind));
-    y
+    // SAFETY: the chunks cover the output and the kernel writes every element of its chunk.
+    unsafe {
+        uninit_vec(x.len(), |y| {
+            y.par_chunks_mut(ACT_BLOCK)
+                .zip(x.par_chunks(ACT_BLOCK))
+                .for_each(|(yc, xc)| activation_kernel(xc, yc, kind))
+        })
+    }
 }
 
 /// `dx = dy · act'(x)`.
 pub(crate) fn activation_bwd(x: &[f32], dy: &[f32], kind: Activation) -> Vec<f32> {
-    let mut dx = zeroed(x.len());
-    dx.par_chunks_mut(ACT_BLOCK).zip(dy.par_chunks(ACT_BLOCK)).for_each(|(d, g)| d.copy_from_slice(g));
-    dx.par_chunks_mut(ACT_BLOCK).zip(x.par_chunks(ACT_BLOCK)).for_each(|(d, xc)| activation_grad_kernel(xc, d, kind));
-    dx
+    // SAFETY: as in `activation_fwd`.
+    unsafe {
+        uninit_vec(x.len(), |dx| {
+            dx.par_chunks_mut(ACT_BLOCK)
+                .zip(x.par_chunks(ACT_BLOCK).zip(dy.par_chunks(ACT_BLOCK)))
+                .for_each(|(d, (xc, g))| activation_grad_kernel(xc, g, d, kind))
+        })
+    }
 }
 
 /// The activation's backward in place, `dy [rows, n] *= act'(x)`, fused with the column sums
@@ -128,7 +152,7 @@ pub(crate) fn activation_bwd_in_place_column_sums(x: &[f32], dy: &mut [f32], n: 
         .par_chunks_mut(block)
         .zip(x.par_chunks(block))
         .map(|(d, xc)| {
-            activation_grad_kernel(xc, d, kind);
+            activation_grad_in_place_kernel(xc, d, kind);
             let mut acc = vec![0.0f32; n];
             d.chunks_exact(n).for_each(|row| acc.iter_mut().zip(row).for_each(|(a, v)| *a += v));
             acc

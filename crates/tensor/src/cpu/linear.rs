@@ -2,8 +2,8 @@
 //! first filled with `bias` (and `residual + bias`), then the GEMM accumulates into it, so the
 //! separate `bias_add` and `add` passes over the output (and their allocations) disappear.
 
-use super::matmul::gemm_f32_acc;
-use super::{zeroed, PAR_MIN_ELEMS};
+use super::matmul::{gemm_strided, gemm_strided_uninit, MatRef};
+use super::{uninit_vec, PAR_MIN_ELEMS};
 use rayon::prelude::*;
 
 /// `y [m, n] = x [m, k] · wᵀ + bias [n] + residual [m, n]` for `w [n, k]` (PyTorch's layout);
@@ -18,26 +18,30 @@ pub(crate) fn linear_fwd(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
-    let mut y = zeroed(m * n);
-    if n == 0 {
-        return y;
+    let (xm, wt) = (MatRef::dense(x, m, k, false), MatRef::dense(w, k, n, true));
+    let threads = rayon::current_num_threads();
+    let rows_per_task = (PAR_MIN_ELEMS / n.max(1)).max(1);
+    // SAFETY: every row is written in full (by the fill or by the GEMM) before it is read.
+    let mut y = unsafe {
+        uninit_vec(m * n, |y| {
+            if n == 0 {
+                return;
+            }
+            let rows = y.par_chunks_mut(n).with_min_len(rows_per_task);
+            match (bias, residual) {
+                (None, None) => gemm_strided_uninit(xm, wt, y, n, threads),
+                (Some(b), None) => rows.for_each(|row| row.iter_mut().zip(b).for_each(|(o, &bv)| _ = o.write(bv))),
+                (None, Some(r)) => rows.zip(r.par_chunks(n)).for_each(|(row, r)| {
+                    row.iter_mut().zip(r).for_each(|(o, &rv)| _ = o.write(rv));
+                }),
+                (Some(b), Some(r)) => rows.zip(r.par_chunks(n)).for_each(|(row, r)| {
+                    row.iter_mut().zip(r).zip(b).for_each(|((o, &rv), &bv)| _ = o.write(rv + bv));
+                }),
+            }
+        })
+    };
+    if bias.is_some() || residual.is_some() {
+        gemm_strided(xm, wt, &mut y, n, true, threads);
     }
-    let rows_per_task = (PAR_MIN_ELEMS / n).max(1);
-    match (bias, residual) {
-        (None, None) => {}
-        (Some(b), None) => y.par_chunks_mut(n).with_min_len(rows_per_task).for_each(|row| row.copy_from_slice(b)),
-        (None, Some(r)) => y
-            .par_chunks_mut(n)
-            .zip(r.par_chunks(n))
-            .with_min_len(rows_per_task)
-            .for_each(|(row, r)| row.copy_from_slice(r)),
-        (Some(b), Some(r)) => {
-            y.par_chunks_mut(n).zip(r.par_chunks(n)).with_min_len(rows_per_task).for_each(|(row, r)| {
-                row.iter_mut().zip(r).zip(b).for_each(|((o, &rv), &bv)| *o = rv + bv);
-            })
-        }
-    }
-    let accumulate = bias.is_some() || residual.is_some();
-    gemm_f32_acc(x, w, &mut y, m, n, k, false, true, rayon::current_num_threads(), accumulate);
     y
 }

@@ -1,101 +1,11 @@
-//! f32 matmul on the `gemm` crate (strided, so transposes cost nothing), with rayon.
+//! f32 matmul on the `gemm` crate (strided, so transposes and heads inside a packed projection
+//! cost nothing), with rayon. Outputs that the product overwrites are never zeroed first.
 
-use super::zeroed;
+use super::uninit_vec;
 use crate::op_kinds::MatmulDims;
 use gemm::Parallelism;
 use rayon::prelude::*;
-
-/// `c [m, n] = op(a) op(b)` for row-major `a` (`[m, k]`, or `[k, m]` if `trans_a`) and `b`
-/// (`[k, n]`, or `[n, k]` if `trans_b`), through `gemm::gemm` with row/column strides.
-/// `threads` > 1 lets gemm split the product with rayon.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_f32(
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    threads: usize,
-) {
-    gemm_f32_acc(a, b, c, m, n, k, trans_a, trans_b, threads, false)
-}
-
-/// [`gemm_f32`], or with `accumulate` `c += op(a) op(b)` (c's values are read: a bias or a
-/// residual written into it beforehand costs no extra pass over the output).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_f32_acc(
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    threads: usize,
-    accumulate: bool,
-) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm_f32: buffers smaller than m, n, k");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
-        }
-        return;
-    }
-    // (column stride, row stride) of each operand as stored.
-    let (a_cs, a_rs) = if trans_a { (m as isize, 1) } else { (1, k as isize) };
-    let (b_cs, b_rs) = if trans_b { (k as isize, 1) } else { (1, n as isize) };
-    let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
-    // SAFETY: the strides above address exactly the m·k, k·n and m·n elements checked above.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
-
-/// `batch` products of `matmul_t` (see `ops::matmul_t`); large single products use every
-/// thread inside gemm, many small ones one thread each across the batch.
-pub(crate) fn matmul(a: &[f32], b: &[f32], d: MatmulDims) -> Vec<f32> {
-    let MatmulDims { batch, m, n, k, trans_a, trans_b } = d;
-    let mut c = zeroed(batch * m * n);
-    let threads = rayon::current_num_threads();
-    let b_stride = if batch == 1 { 0 } else { k * n };
-    if batch == 1 || m * n * k >= 1 << 21 {
-        for (i, ci) in c.chunks_mut((m * n).max(1)).enumerate().take(batch) {
-            gemm_f32(&a[i * m * k..], &b[i * b_stride..], ci, m, n, k, trans_a, trans_b, threads);
-        }
-    } else {
-        c.par_chunks_mut((m * n).max(1)).enumerate().for_each(|(i, ci)| {
-            gemm_f32(&a[i * m * k..], &b[i * b_stride..], ci, m, n, k, trans_a, trans_b, 1);
-        });
-    }
-    c
-}
+use std::mem::MaybeUninit;
 
 /// A read-only `[rows, cols]` matrix inside a slice: element `(i, j)` is
 /// `data[i·row_stride + j·col_stride]` (a head of a packed qkv projection, say).
@@ -114,56 +24,144 @@ impl<'a> MatRef<'a> {
         MatRef { data, rows, cols, row_stride, col_stride: 1 }
     }
 
+    /// A contiguous row-major `[rows, cols]` matrix, or the transpose of one stored
+    /// `[cols, rows]` when `transposed`.
+    pub fn dense(data: &'a [f32], rows: usize, cols: usize, transposed: bool) -> Self {
+        if transposed {
+            MatRef::rows(data, cols, rows, rows).t()
+        } else {
+            MatRef::rows(data, rows, cols, cols)
+        }
+    }
+
     /// The transpose (no copy).
     pub fn t(self) -> Self {
         MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
     }
-
-    fn fits(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < self.data.len()
-    }
 }
 
-/// `c = a · b` (or `c += a · b` with `accumulate`) for strided `a [m, k]`, `b [k, n]` and a
-/// row-major `c [m, n]` whose rows are `c_row_stride` apart, on one thread. Panics if a view
-/// reaches outside its slice (a bug in the caller, not bad input).
-pub(crate) fn gemm_strided(a: MatRef, b: MatRef, c: &mut [f32], c_row_stride: usize, accumulate: bool) {
+/// Whether a `[rows, cols]` view with these strides lies inside `len` elements.
+fn fits(len: usize, rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> bool {
+    rows == 0 || cols == 0 || (rows - 1) * row_stride + (cols - 1) * col_stride < len
+}
+
+/// `c = a·b` or `c += a·b` through `gemm::gemm`, `c` row-major with rows `c_row_stride` apart.
+///
+/// # Safety
+/// `c` points to `c_len` writable f32s, initialised when `accumulate` (gemm reads them then,
+/// and only then).
+unsafe fn gemm_raw(
+    a: MatRef,
+    b: MatRef,
+    c: *mut f32,
+    c_len: usize,
+    c_row_stride: usize,
+    accumulate: bool,
+    threads: usize,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let c_view = MatRef::rows(c, m, n, c_row_stride);
-    assert!(b.rows == k && a.fits() && b.fits() && c_view.fits(), "gemm_strided: views outside their buffers");
+    assert!(
+        b.rows == k
+            && fits(a.data.len(), m, k, a.row_stride, a.col_stride)
+            && fits(b.data.len(), k, n, b.row_stride, b.col_stride)
+            && fits(c_len, m, n, c_row_stride, 1),
+        "gemm: views outside their buffers"
+    );
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            (0..m).for_each(|i| c[i * c_row_stride..i * c_row_stride + n].fill(0.0));
+            (0..m).for_each(|i| (0..n).for_each(|j| c.add(i * c_row_stride + j).write(0.0)));
         }
         return;
     }
-    // SAFETY: `fits` checked that every addressed element lies inside its slice.
+    let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+    // SAFETY: every view was checked to lie inside its buffer; gemm reads `c` only when
+    // `read_dst` (= accumulate) and otherwise writes all m·n elements.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        c_row_stride as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.col_stride as isize,
+        a.row_stride as isize,
+        b.data.as_ptr(),
+        b.col_stride as isize,
+        b.row_stride as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// `c = a·b` (or `c += a·b` with `accumulate`) for strided `a [m, k]`, `b [k, n]` and a
+/// row-major `c [m, n]` whose rows are `c_row_stride` apart; `threads` > 1 lets gemm split the
+/// product with rayon. Panics if a view reaches outside its slice (a caller's bug).
+pub(crate) fn gemm_strided(a: MatRef, b: MatRef, c: &mut [f32], c_row_stride: usize, accumulate: bool, threads: usize) {
+    // SAFETY: `c` is an initialised slice of its length.
+    unsafe { gemm_raw(a, b, c.as_mut_ptr(), c.len(), c_row_stride, accumulate, threads) }
+}
+
+/// [`gemm_strided`] into memory not yet written: every element of the `[m, n]` view is written.
+pub(crate) fn gemm_strided_uninit(
+    a: MatRef,
+    b: MatRef,
+    c: &mut [MaybeUninit<f32>],
+    c_row_stride: usize,
+    threads: usize,
+) {
+    // SAFETY: `c` is writable for its length; gemm does not read it without accumulate.
+    unsafe { gemm_raw(a, b, c.as_mut_ptr().cast(), c.len(), c_row_stride, false, threads) }
+}
+
+/// `c [m, n] = op(a) op(b)` for row-major `a` (`[m, k]`, or `[k, m]` if `trans_a`) and `b`
+/// (`[k, n]`, or `[n, k]` if `trans_b`), through `gemm::gemm` with row/column strides.
+/// `threads` > 1 lets gemm split the product with rayon.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    threads: usize,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm_f32: buffers smaller than m, n, k");
+    gemm_strided(MatRef::dense(a, m, k, trans_a), MatRef::dense(b, k, n, trans_b), c, n, false, threads)
+}
+
+/// `batch` products of `matmul_t` (see `ops::matmul_t`); large single products use every
+/// thread inside gemm, many small ones one thread each across the batch.
+pub(crate) fn matmul(a: &[f32], b: &[f32], d: MatmulDims) -> Vec<f32> {
+    let MatmulDims { batch, m, n, k, trans_a, trans_b } = d;
+    let threads = rayon::current_num_threads();
+    let b_stride = if batch == 1 { 0 } else { k * n };
+    let product = |i: usize, ci: &mut [MaybeUninit<f32>], threads: usize| {
+        let (ai, bi) = (&a[i * m * k..(i + 1) * m * k], &b[i * b_stride..i * b_stride + k * n]);
+        gemm_strided_uninit(MatRef::dense(ai, m, k, trans_a), MatRef::dense(bi, k, n, trans_b), ci, n, threads);
+    };
+    // SAFETY: the products write every element of every [m, n] block.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            c_row_stride as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
+        uninit_vec(batch * m * n, |c| {
+            if m * n == 0 {
+                return;
+            }
+            if batch == 1 || m * n * k >= 1 << 21 {
+                c.chunks_mut(m * n).enumerate().for_each(|(i, ci)| product(i, ci, threads));
+            } else {
+                c.par_chunks_mut(m * n).enumerate().for_each(|(i, ci)| product(i, ci, 1));
+            }
+        })
     }
 }
