@@ -31,7 +31,7 @@ enum Command {
     Plan(commands::plan::Args),
     /// The compute devices vitrs can use here (CPU threads, CUDA devices, NVRTC).
     Devices(commands::devices::Args),
-    /// Speed and memory of training steps on synthetic data (`vit bench train --model B/16`).
+    /// Speed and memory of training steps and forward passes on synthetic data (`vit bench train --model B/16`).
     Bench(commands::bench::Args),
     /// Check a dataset: `vit data check --config X [--split train|test]` lists every bad file.
     Data(commands::data::Args),

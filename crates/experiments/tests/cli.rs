@@ -219,8 +219,70 @@ fn bench_train_reports_rate_and_model_flops_on_the_cpu() {
         + 2.0 * 32.0 * 5.0;
     let tflops = r["model_tflops"].as_f64().unwrap();
     assert!((tflops - 3.0 * fwd * rate / 1e12).abs() < 1e-9 * tflops.max(1e-12), "{r}");
+    let per_image = r["model_flops_per_image"].as_f64().unwrap();
+    assert!((per_image - 3.0 * fwd).abs() < 1e-9 * fwd, "{r}");
+    let gflops = r["model_gflops"].as_f64().unwrap();
+    assert!((gflops - 3.0 * fwd * rate / 1e9).abs() < 1e-9 * gflops, "{r}");
     assert!(r["mfu"].is_null() && r["peak_memory_bytes"].is_null() && r["error"].is_null(), "{r}");
     let bad = vit(&["bench", "train", "--batch", "0", "--device", "cpu"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--batch 0: expected at least one image"));
+}
+
+#[test]
+fn bench_infer_reports_forward_flops_and_gflops_on_the_cpu() {
+    let tiny = [
+        "--model",
+        "custom",
+        "--set",
+        "width=32",
+        "--set",
+        "depth=1",
+        "--set",
+        "mlp_dim=64",
+        "--set",
+        "heads=2",
+        "--set",
+        "image_size=16",
+        "--set",
+        "patch=8",
+        "--set",
+        "classes=5",
+        "--set",
+        "pool=tok",
+        "--batch",
+        "3",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--precision",
+        "f32",
+    ];
+    let r = json(&[&["bench", "infer"][..], &tiny[..], &["--json"][..]].concat());
+    assert_eq!(r["what"], "infer", "{r}");
+    assert_eq!(r["timed_steps"], 4, "{r}");
+    assert_eq!(r["optimizer"], "none", "{r}");
+    let (rate, ms) = (r["images_per_second"].as_f64().unwrap(), r["step_ms"].as_f64().unwrap());
+    assert!(rate > 0.0 && (rate - 3.0 / (ms / 1e3)).abs() < 1e-6 * rate, "{r}");
+    // 4 patches + the class token = 5 tokens of width 32, no MAP head: 1 × the forward FLOPs.
+    let fwd =
+        2.0 * 4.0 * 192.0 * 32.0 + (2.0 * 5.0 * 32.0 * (4.0 * 32.0 + 128.0) + 4.0 * 25.0 * 32.0) + 2.0 * 32.0 * 5.0;
+    let per_image = r["model_flops_per_image"].as_f64().unwrap();
+    assert!((per_image - fwd).abs() < 1e-9 * fwd, "{r}");
+    let (tflops, gflops) = (r["model_tflops"].as_f64().unwrap(), r["model_gflops"].as_f64().unwrap());
+    assert!((gflops - fwd * rate / 1e9).abs() < 1e-9 * gflops, "{r}");
+    assert!((tflops * 1e3 - gflops).abs() < 1e-9 * gflops, "{r}");
+    assert!(r["mfu"].is_null() && r["error"].is_null(), "{r}");
+    // The text report prints GFLOP/s on the CPU (TFLOP/s would round to 0.0 here).
+    let text = vit(&[&["bench", "infer"][..], &tiny[..]].concat());
+    assert!(text.status.success(), "{}", String::from_utf8_lossy(&text.stderr));
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(stdout.contains("model GFLOP/s") && !stdout.contains("TFLOP/s"), "{stdout}");
+    assert!(stdout.starts_with("infer custom"), "{stdout}");
+    let bad = vit(&["bench", "infer", "--steps", "0", "--device", "cpu"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--steps 0: expected at least one timed step"));
 }

@@ -1,7 +1,12 @@
-//! `vit bench`: speed and memory of whole training steps on synthetic data (issue 14 item 9).
+//! `vit bench`: speed and memory of whole training steps, and of inference, on synthetic data
+//! (issue 14 item 9, issue 15).
 //!
 //! - `vit bench train --model B/16 --batch 256`: images per second, milliseconds per step
-//!   (median over the timed steps), model TFLOP/s and MFU, and the device's peak memory.
+//!   (median over the timed steps), model TFLOP/s (GFLOP/s on the CPU) and MFU, and the
+//!   device's peak memory.
+//! - `vit bench infer --model B/16 --batch 256`: the same for forward passes only, through
+//!   the forward `vit predict` runs ([`VisionTransformer::predict`]); model FLOPs are 1 × the
+//!   forward instead of 3 ×. The optimizer arguments are ignored.
 //! - `vit bench memory --model e/14 --batch 8`: the peak device memory of one step, and
 //!   whether it ran at all (an out-of-memory error is reported, not raised).
 //!
@@ -25,6 +30,8 @@ const HOPPER_F32_PEAK_TFLOPS: f64 = 66.9;
 pub enum Which {
     /// Images per second, step time, MFU and peak memory of training steps.
     Train(StepArgs),
+    /// Images per second, step time, MFU and peak memory of forward passes (`vit predict`).
+    Infer(StepArgs),
     /// Peak device memory of one training step (does it fit?).
     Memory(StepArgs),
 }
@@ -53,7 +60,7 @@ pub struct StepArgs {
     /// optimizer state stay f32).
     #[arg(long, default_value = "bf16", value_parser = parse_precision)]
     precision: DType,
-    /// Timed steps (`train`; `memory` runs one).
+    /// Timed steps (`train`, `infer`; `memory` runs one).
     #[arg(long, default_value_t = 10)]
     steps: usize,
     /// Untimed steps first (kernel compilation, memory pool warm-up).
@@ -74,7 +81,7 @@ pub struct StepArgs {
     json: bool,
 }
 
-/// What one `vit bench train` or `memory` run measured.
+/// What one `vit bench train`, `infer` or `memory` run measured.
 #[derive(serde::Serialize)]
 struct Report {
     what: &'static str,
@@ -83,13 +90,20 @@ struct Report {
     batch: usize,
     device: String,
     precision: String,
+    /// The optimizer of the training steps; `none` for `infer`.
     optimizer: String,
     timed_steps: usize,
-    /// Median wall-clock milliseconds per step (forward, backward, optimizer), synchronised.
+    /// Median wall-clock milliseconds per step (forward, backward, optimizer; the forward
+    /// alone for `infer`), synchronised.
     step_ms: Option<f64>,
     images_per_second: Option<f64>,
-    /// Model TFLOP/s: 3 × forward FLOPs per image × images/s (`ModelConfig::train_flops_per_image`).
+    /// Model FLOPs of one step per image: `ModelConfig::train_flops_per_image` (3 × forward)
+    /// for `train` and `memory`, `ModelConfig::forward_flops_per_image` for `infer`.
+    model_flops_per_image: f64,
+    /// Model TFLOP/s: `model_flops_per_image` × images/s / 10¹².
     model_tflops: Option<f64>,
+    /// The same in GFLOP/s (`model_flops_per_image` × images/s / 10⁹), the unit printed on the CPU.
+    model_gflops: Option<f64>,
     mfu: Option<f64>,
     peak_tflops: Option<f64>,
     /// The most device bytes in live allocations during the steps (CUDA only).
@@ -101,6 +115,7 @@ struct Report {
 pub fn run(args: Args) -> Result<(), CliError> {
     let (what, a) = match args.which {
         Which::Train(a) => ("train", a),
+        Which::Infer(a) => ("infer", a),
         Which::Memory(a) => ("memory", StepArgs { steps: 1, warmup: 0, ..a }),
     };
     if a.batch == 0 {
@@ -125,17 +140,28 @@ pub fn run(args: Args) -> Result<(), CliError> {
         batch: a.batch,
         device: device.to_string(),
         precision: format!("{:?}", a.precision).to_lowercase(),
-        optimizer: a.optimizer.clone(),
+        optimizer: if what == "infer" { "none".to_string() } else { a.optimizer.clone() },
         timed_steps: 0,
         step_ms: None,
         images_per_second: None,
+        model_flops_per_image: if what == "infer" {
+            cfg.forward_flops_per_image()
+        } else {
+            cfg.train_flops_per_image()
+        },
         model_tflops: None,
+        model_gflops: None,
         mfu: None,
         peak_tflops: peak,
         peak_memory_bytes: None,
         error: None,
     };
-    let times = match time_steps(&cfg, &model, params, &a, device) {
+    let timed = if what == "infer" {
+        time_forwards(&cfg, &model, &params, &a, device)
+    } else {
+        time_steps(&cfg, &model, params, &a, device)
+    };
+    let times = match timed {
         Ok(t) => t,
         Err(e) => {
             report.error = Some(e.to_string());
@@ -148,11 +174,13 @@ pub fn run(args: Args) -> Result<(), CliError> {
     if !times.is_empty() {
         let step = median(&times);
         let rate = a.batch as f64 / step;
-        let tflops = cfg.train_flops_per_image() * rate / 1e12;
+        let flops = report.model_flops_per_image * rate;
+        let tflops = flops / 1e12;
         report.timed_steps = times.len();
         report.step_ms = Some(step * 1e3);
         report.images_per_second = Some(rate);
         report.model_tflops = Some(tflops);
+        report.model_gflops = Some(flops / 1e9);
         report.mfu = peak.map(|p| tflops / p);
     }
     print_report(&report, a.json)?;
@@ -180,25 +208,12 @@ fn time_steps(
     opt_cfg.grad_clip_norm = Some(1.0);
     opt_cfg.groups = ParamGroups::scaling_vit();
     let mut opt = OptimizerChain::new(opt_cfg, &params)?;
-    let images = Tensor::randn(
-        [a.batch, cfg.channels, cfg.image_size, cfg.image_size],
-        0.0,
-        1.0,
-        a.seed ^ 0x5EED,
-        a.precision,
-        device,
-    )?;
+    let images = synthetic_images(cfg, a, device)?;
     let classes = cfg.classes.max(1);
     let labels: Vec<i32> =
         (0..a.batch).map(|i| ((i as u64 * 2_654_435_761 + a.seed) % classes as u64) as i32).collect();
     let targets =
         ops::one_hot(&Tensor::from_vec(labels, [a.batch], Device::Cpu)?, classes, DType::F32)?.to_device(device)?;
-    let sync = || -> Result<(), CliError> {
-        if let Device::Cuda(o) = device {
-            cuda::synchronize(o)?;
-        }
-        Ok(())
-    };
     let mut times = Vec::with_capacity(a.steps);
     for step in 0..a.warmup + a.steps {
         if step == a.warmup {
@@ -206,14 +221,14 @@ fn time_steps(
                 cuda::reset_peak_memory(o).ok();
             }
         }
-        sync()?;
+        sync(device)?;
         let t0 = Instant::now();
         let cp = params.cast(a.precision)?;
         let mut grads = params.zeros_like(DType::F32)?;
         let loss = micro_batch_grads(model, &cp, &images, &targets, LossKind::Softmax, a.batch, &mut grads)?;
         drop(cp);
         opt.step(&mut params, &grads)?;
-        sync()?;
+        sync(device)?;
         if !loss.is_finite() {
             return Err(CliError::Usage(format!("the loss became {loss} at step {step}")));
         }
@@ -222,6 +237,64 @@ fn time_steps(
         }
     }
     Ok(times)
+}
+
+/// Seconds of each timed forward pass (after `warmup` untimed ones): the parameters cast to
+/// the compute dtype once (as `vit predict` loads them once), then `predict` on the same
+/// synthetic images each step. The last logits must be finite.
+fn time_forwards(
+    cfg: &ModelConfig,
+    model: &VisionTransformer,
+    params: &vit_tensor::ParamStore,
+    a: &StepArgs,
+    device: Device,
+) -> Result<Vec<f64>, CliError> {
+    let cp = params.cast(a.precision)?;
+    let images = synthetic_images(cfg, a, device)?;
+    let mut times = Vec::with_capacity(a.steps);
+    let mut last = None;
+    for step in 0..a.warmup + a.steps {
+        if step == a.warmup {
+            if let Device::Cuda(o) = device {
+                cuda::reset_peak_memory(o).ok();
+            }
+        }
+        sync(device)?;
+        let t0 = Instant::now();
+        let logits = model.predict(&cp, &images)?;
+        sync(device)?;
+        if step >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        last = Some(logits);
+    }
+    if let Some(logits) = last {
+        if let Some(bad) = logits.to_f32_vec()?.into_iter().find(|v| !v.is_finite()) {
+            return Err(CliError::Usage(format!("the logits hold {bad}, expected finite values")));
+        }
+    }
+    Ok(times)
+}
+
+/// Standard-normal images `[batch, channels, image_size, image_size]` in the compute dtype,
+/// drawn from the seed.
+fn synthetic_images(cfg: &ModelConfig, a: &StepArgs, device: Device) -> Result<Tensor, CliError> {
+    Ok(Tensor::randn(
+        [a.batch, cfg.channels, cfg.image_size, cfg.image_size],
+        0.0,
+        1.0,
+        a.seed ^ 0x5EED,
+        a.precision,
+        device,
+    )?)
+}
+
+/// Waits for the device's queued work (nothing to wait for on the CPU).
+fn sync(device: Device) -> Result<(), CliError> {
+    if let Device::Cuda(o) = device {
+        cuda::synchronize(o)?;
+    }
+    Ok(())
 }
 
 fn parse_precision(s: &str) -> Result<DType, String> {
@@ -257,10 +330,17 @@ fn print_report(r: &Report, json: bool) -> Result<(), CliError> {
         r.batch,
         r.device,
         r.precision,
-        r.optimizer
+        if r.what == "infer" { "forward only (vit predict)" } else { &r.optimizer }
     );
-    if let (Some(ms), Some(rate), Some(tf)) = (r.step_ms, r.images_per_second, r.model_tflops) {
-        print!("  {ms:.1} ms/step (median of {}), {rate:.1} images/s, {tf:.1} model TFLOP/s", r.timed_steps);
+    if let (Some(ms), Some(rate), Some(tf), Some(gf)) = (r.step_ms, r.images_per_second, r.model_tflops, r.model_gflops)
+    {
+        print!("  {ms:.1} ms/step (median of {}), {rate:.1} images/s, ", r.timed_steps);
+        // On a CPU a model TFLOP/s rounds to 0.1: GFLOP/s there.
+        if r.device == Device::Cpu.to_string() {
+            print!("{gf:.1} model GFLOP/s");
+        } else {
+            print!("{tf:.1} model TFLOP/s");
+        }
         match (r.mfu, r.peak_tflops) {
             (Some(m), Some(p)) => println!(", MFU {:.1}% of {p} TFLOP/s", 100.0 * m),
             _ => println!(),
