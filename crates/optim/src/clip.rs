@@ -7,11 +7,14 @@ use vit_tensor::{ops, Tensor};
 /// host (CUDA tensors are copied over; `OptimizerChain` sums CUDA gradients on their device
 /// with `crate::cuda::sum_of_squares`, which agrees with this to ~1e-15).
 pub(crate) fn sum_of_squares(grads: &[Tensor]) -> Result<f64, OptimError> {
-    let mut sq = 0.0f64;
-    for g in grads {
-        sq += g.to_f32_vec()?.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
-    }
-    Ok(sq)
+    use rayon::prelude::*;
+    // One tensor per task, each summed in order, the sums added in tensor order: the bits do
+    // not depend on the thread count.
+    let per_tensor: Vec<f64> = grads
+        .par_iter()
+        .map(|g| Ok(g.to_f32_vec()?.iter().map(|&x| x as f64 * x as f64).sum::<f64>()))
+        .collect::<Result<_, OptimError>>()?;
+    Ok(per_tensor.iter().sum())
 }
 
 /// `sqrt(Σ_i ‖g_i‖²)` over every gradient tensor, accumulated in f64 on the host.

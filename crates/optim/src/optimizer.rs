@@ -296,6 +296,8 @@ pub(crate) type StateTensor = (&'static str, Vec<usize>, DType);
 
 /// New values of state tensors computed on the host: (position in the state store, values).
 type HostStateUpdate = Vec<(usize, Vec<f32>)>;
+/// One host slot's new values: its index, its parameters, and its state entries.
+type HostSlotUpdate = (usize, Vec<f32>, HostStateUpdate);
 
 /// The state tensors of one parameter, in store order.
 pub(crate) fn state_layout(algorithm: &Algorithm, dims: &[usize], frozen: bool) -> (Second, Vec<StateTensor>) {
@@ -747,22 +749,38 @@ impl OptimizerChain {
 
         // Compute everything first, so an error leaves params and state untouched; then write
         // the new values into the flat buffers in place.
+        if let Algorithm::AdamW(c) = &self.config.algorithm {
+            if devices.is_empty() && self.adamw_in_place(c.clone(), params, &gs, &host, t, clip, s)? {
+                self.count += 1;
+                return Ok(StepInfo { step: t, grad_norm, clipped: clip.is_some(), schedule, lr: lr * schedule });
+            }
+        }
+        // The slots are independent: one rayon task each (the bits do not depend on the order).
+        let updates: Vec<Option<HostSlotUpdate>> = {
+            use rayon::prelude::*;
+            let params = &*params;
+            host.par_iter()
+                .map(|&i| -> Result<Option<HostSlotUpdate>, OptimError> {
+                    let slot = &self.slots[i];
+                    let Some(g) = &gs[i] else { return Ok(None) };
+                    let mut g = g.to_f32_vec()?;
+                    if let Some(c) = clip {
+                        g.iter_mut().for_each(|x| *x *= c);
+                    }
+                    let (d, st) = self.direction(slot, &g, t)?;
+                    let a = (lr * slot.settings.lr_mult) as f32;
+                    let b = (wd * slot.settings.wd_mult) as f32;
+                    let mut theta = params.get(&slot.name)?.to_f32_vec()?;
+                    for (th, &dj) in theta.iter_mut().zip(&d) {
+                        *th -= s * (a * dj + b * *th);
+                    }
+                    Ok(Some((i, theta, st)))
+                })
+                .collect::<Result<_, OptimError>>()?
+        };
         let mut host_params = Vec::new();
         let mut host_state = Vec::new();
-        for &i in &host {
-            let slot = &self.slots[i];
-            let Some(g) = &gs[i] else { continue };
-            let mut g = g.to_f32_vec()?;
-            if let Some(c) = clip {
-                g.iter_mut().for_each(|x| *x *= c);
-            }
-            let (d, st) = self.direction(slot, &g, t)?;
-            let a = (lr * slot.settings.lr_mult) as f32;
-            let b = (wd * slot.settings.wd_mult) as f32;
-            let mut theta = params.get(&slot.name)?.to_f32_vec()?;
-            for (th, &dj) in theta.iter_mut().zip(&d) {
-                *th -= s * (a * dj + b * *th);
-            }
+        for (i, theta, st) in updates.into_iter().flatten() {
             host_params.push((i, theta));
             host_state.extend(st);
         }
@@ -781,6 +799,70 @@ impl OptimizerChain {
         }
         self.count += 1;
         Ok(StepInfo { step: t, grad_norm, clipped: clip.is_some(), schedule, lr: lr * schedule })
+    }
+}
+
+impl OptimizerChain {
+    /// The AdamW step in place when every trainable slot is f32 on the CPU with f32 gradients
+    /// and f32 moments (the CPU trainer's case): one pass over each tensor, the slots in
+    /// parallel, no copies; the same arithmetic, so the same bits, as the general path
+    /// (`direction` and the update in `step_with`; tested). Returns `false`, having changed
+    /// nothing, when some slot is not of that kind.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_in_place(
+        &mut self,
+        c: AdamWConfig,
+        params: &mut ParamStore,
+        gs: &[Option<Tensor>],
+        host: &[usize],
+        t: u64,
+        clip: Option<f32>,
+        s: f32,
+    ) -> Result<bool, OptimError> {
+        let k = adamw_coefficients(&c, t);
+        let (lr, wd) = (self.config.lr, self.config.weight_decay);
+        let mut grads = Vec::with_capacity(host.len());
+        let mut rates = Vec::with_capacity(host.len());
+        let (mut param_at, mut state_at) = (Vec::with_capacity(host.len()), Vec::with_capacity(2 * host.len()));
+        for &i in host {
+            let slot = &self.slots[i];
+            let Some(g) = &gs[i] else { continue };
+            let (Some(m), Some(&v)) = (slot.m, slot.v.first()) else { return Ok(false) };
+            let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device() == Device::Cpu;
+            if !(f32_cpu(g) && f32_cpu(self.state.at(m)) && f32_cpu(self.state.at(v))) {
+                return Ok(false);
+            }
+            let Some(at) = params.position(&slot.name) else { return Ok(false) };
+            if !f32_cpu(params.at(at)) {
+                return Ok(false);
+            }
+            grads.push(g.as_slice::<f32>()?);
+            rates.push(((lr * slot.settings.lr_mult) as f32, (wd * slot.settings.wd_mult) as f32));
+            param_at.push(at);
+            state_at.extend([m, v]);
+        }
+        let thetas = params.f32_slices_mut(&param_at)?;
+        let mut moments = self.state.f32_slices_mut(&state_at)?.into_iter();
+        let work: Vec<_> = thetas
+            .into_iter()
+            .zip(grads)
+            .zip(rates)
+            .map(|((theta, g), ab)| (theta, moments.next().expect("m"), moments.next().expect("v"), g, ab))
+            .collect();
+        use rayon::prelude::*;
+        work.into_par_iter().for_each(|(theta, m, v, g, (a, b))| {
+            for (((th, mj), vj), &gj) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                let gj = match clip {
+                    Some(c) => gj * c,
+                    None => gj,
+                };
+                *mj = k.c1 * gj + k.b1 * *mj;
+                *vj = k.c2 * (gj * gj) + k.b2 * *vj;
+                let dj = (*mj / k.bc1) / ((*vj / k.bc2).sqrt() + k.eps);
+                *th -= s * (a * dj + b * *th);
+            }
+        });
+        Ok(true)
     }
 }
 

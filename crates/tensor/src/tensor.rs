@@ -300,6 +300,17 @@ impl Tensor {
         self.storage_mut().map(|_| ())
     }
 
+    /// The elements of a CPU tensor of element type `T` (this tensor's dtype), borrowed: no copy.
+    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DType { op: "as_slice", expected: T::DTYPE.to_string(), got: self.dtype });
+        }
+        match self.storage.as_ref() {
+            Storage::Cpu(s) => Ok(&s.as_slice::<T>().expect("dtype checked")[self.offset..self.offset + self.numel()]),
+            Storage::Cuda(_) => Err(Error::Device { op: "as_slice", expected: Device::Cpu, got: self.device }),
+        }
+    }
+
     /// The elements of a CPU tensor of element type `T` (this tensor's dtype), writable in place.
     /// If another tensor shares the storage, the elements are copied first (see
     /// [`Tensor::write_at`]): writing never changes another tensor.

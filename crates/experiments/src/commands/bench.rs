@@ -215,6 +215,8 @@ fn time_steps(
     let targets =
         ops::one_hot(&Tensor::from_vec(labels, [a.batch], Device::Cpu)?, classes, DType::F32)?.to_device(device)?;
     let mut times = Vec::with_capacity(a.steps);
+    // One gradient store for every step, zeroed in place, as `vit train` does.
+    let mut grads = params.zeros_like(DType::F32)?;
     for step in 0..a.warmup + a.steps {
         if step == a.warmup {
             if let Device::Cuda(o) = device {
@@ -224,7 +226,7 @@ fn time_steps(
         sync(device)?;
         let t0 = Instant::now();
         let cp = params.cast(a.precision)?;
-        let mut grads = params.zeros_like(DType::F32)?;
+        grads.fill_zero()?;
         let loss = micro_batch_grads(model, &cp, &images, &targets, LossKind::Softmax, a.batch, &mut grads)?;
         drop(cp);
         opt.step(&mut params, &grads)?;

@@ -713,6 +713,9 @@ fn train_rank(
     // in `params`/`opt`, the newest checkpoint written, and whether an update was in flight.
     let (mut completed, mut last_saved, mut torn) = (first_step, start.as_ref().map(|(s, _)| *s), false);
     let _quiet = panics::QuietPanics::install();
+    // The gradient store of the previous step, zeroed in place for the next one (a new store
+    // each step faulted in fresh pages from the kernel: 3% of an S/16 CPU step).
+    let mut spare_grads: Option<ParamStore> = None;
     for step in first_step..total {
         let stop = if INTERRUPTED.load(Ordering::SeqCst) {
             Some(StopReason::Signal)
@@ -775,7 +778,14 @@ fn train_rank(
             let (cp, mut grads) = if full {
                 (ParamStore::new(), ParamStore::new()) // gathered per stage; reduce-scattered into the share
             } else {
-                (compute_params(&params, dtype)?, params.zeros_like(DType::F32)?)
+                let grads = match spare_grads.take() {
+                    Some(mut g) => {
+                        g.fill_zero()?;
+                        g
+                    }
+                    None => params.zeros_like(DType::F32)?,
+                };
+                (compute_params(&params, dtype)?, grads)
             };
             if let zero::Updater::Full(share) = &mut opt {
                 let tp_stages;
@@ -874,6 +884,9 @@ fn train_rank(
                 (None, Some(e), zero::Updater::Replicated(o)) => e.step(dp, o, &mut params, &grads)?,
                 _ => opt.step(dp, &mut params, &grads)?,
             };
+            if !full {
+                spare_grads = Some(grads);
+            }
             torn = false;
             completed = step + 1;
             train_time += t0.elapsed().as_secs_f64();
