@@ -101,6 +101,16 @@ impl Checkpoint {
         diff_result(ParamDiff::between(expected, &self.params), "checkpoint parameters do not match the model".into())
     }
 
+    /// Checks the parameters against what `model` declares ([`VisionTransformer::param_shapes`],
+    /// f32) as [`Checkpoint::check_against`] does, without initialising (or allocating) a model:
+    /// what resuming, `vit predict` and evaluation check before loading a checkpoint of any size.
+    pub fn check_against_model(&self, model: &crate::VisionTransformer) -> Result<()> {
+        diff_result(
+            ParamDiff::against_shapes(&model.param_shapes()?, vit_tensor::DType::F32, &self.params),
+            "checkpoint parameters do not match the model".into(),
+        )
+    }
+
     /// Checks the optimizer state against `expected` (a fresh optimizer's state) as
     /// [`Checkpoint::check_against`] does; an error if the checkpoint has none.
     pub fn check_optimizer_against(&self, expected: &ParamStore) -> Result<()> {

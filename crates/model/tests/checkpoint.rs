@@ -11,6 +11,7 @@ use std::{
 use vit_model::{
     checkpoint::{tmp_path, FORMAT_VERSION, KEY_CONFIG, KEY_PARAMS, KEY_STEP, KEY_VERSION},
     load_checkpoint, load_params_into, save_checkpoint, Checkpoint, ModelConfig, ModelError, ParamDiff, ParamStore,
+    VisionTransformer,
 };
 use vit_tensor::{DType, Device, Tensor};
 
@@ -584,4 +585,29 @@ fn read_safetensors_reads_plain_files_in_data_order() {
         err_of(vit_model::checkpoint::read_safetensors(&path)),
         format!("checkpoint {}: tensor w: dtype I64: expected one of f32, bf16, f16, i32, u32", path.display())
     );
+}
+
+/// Checking a checkpoint against a model's declared shapes (nothing allocated) gives what
+/// checking it against a freshly initialised store of that model gives, error text included.
+#[test]
+fn check_against_model_equals_checking_a_fresh_init() {
+    let model_of = |sets: &[&str]| {
+        let mut c = cfg();
+        for s in sets {
+            c.set(s).unwrap();
+        }
+        VisionTransformer::new(&c, DType::F32, Device::Cpu).unwrap()
+    };
+    let saved = model_of(&[]).init_params(3, DType::F32, Device::Cpu).unwrap();
+    let ckpt = Checkpoint::new(cfg(), saved);
+    assert!(ckpt.check_against_model(&model_of(&[])).is_ok());
+    for other in [&["classes=7"][..], &["depth=3"], &["pool=tok"], &["pool=gap"], &["width=96", "heads=3"]] {
+        let model = model_of(other);
+        let fresh = model.init_params(0, DType::F32, Device::Cpu).unwrap();
+        let want = err_of(ckpt.check_against(&fresh));
+        assert!(want.starts_with("checkpoint parameters do not match the model"), "{other:?}: {want}");
+        assert_eq!(err_of(ckpt.check_against_model(&model)), want, "{other:?}");
+    }
+    let bf16 = Checkpoint::new(cfg(), ckpt.params.cast(DType::BF16).unwrap());
+    assert!(err_of(bf16.check_against_model(&model_of(&[]))).contains("wrong dtype"));
 }

@@ -489,20 +489,32 @@ pub struct ParamDiff {
 impl ParamDiff {
     /// Compares `found` with `expected` by name, shape and dtype.
     pub fn between(expected: &ParamStore, found: &ParamStore) -> Self {
+        Self::against(expected.iter().map(|(n, t)| (n, t.dims(), t.dtype())), found)
+    }
+
+    /// Compares `found` with a list of expected `(name, shape)`, every one of dtype `dtype`
+    /// (a model's `param_shapes`, with nothing allocated), as [`ParamDiff::between`] does.
+    pub fn against_shapes(expected: &[(String, Vec<usize>)], dtype: DType, found: &ParamStore) -> Self {
+        Self::against(expected.iter().map(|(n, d)| (n.as_str(), d.as_slice(), dtype)), found)
+    }
+
+    fn against<'a>(expected: impl Iterator<Item = (&'a str, &'a [usize], DType)>, found: &ParamStore) -> Self {
         let mut diff = ParamDiff::default();
-        for (name, want) in expected.iter() {
+        let mut names = std::collections::HashSet::new();
+        for (name, dims, dtype) in expected {
+            names.insert(name);
             let Ok(got) = found.get(name) else {
                 diff.missing.push(name.to_string());
                 continue;
             };
-            if want.dims() != got.dims() {
-                diff.misshaped.push((name.to_string(), want.dims().to_vec(), got.dims().to_vec()));
+            if dims != got.dims() {
+                diff.misshaped.push((name.to_string(), dims.to_vec(), got.dims().to_vec()));
             }
-            if want.dtype() != got.dtype() {
-                diff.wrong_dtype.push((name.to_string(), want.dtype(), got.dtype()));
+            if dtype != got.dtype() {
+                diff.wrong_dtype.push((name.to_string(), dtype, got.dtype()));
             }
         }
-        diff.unexpected = found.names().filter(|n| !expected.contains(n)).map(str::to_string).collect();
+        diff.unexpected = found.names().filter(|n| !names.contains(n)).map(str::to_string).collect();
         diff
     }
 

@@ -44,7 +44,7 @@ impl CheckpointArgs {
         let device: Device = self.device.parse()?;
         let ckpt = checkpoint::load_checkpoint(&self.checkpoint, device)?;
         let model = VisionTransformer::new(&ckpt.config, DType::F32, device)?;
-        ckpt.check_against(&model.init_params(0, DType::F32, Device::Cpu)?)?;
+        ckpt.check_against_model(&model)?;
         let data = data::load(&self.data.section(&self.checkpoint)?)?;
         Ok(Loaded { device, checkpoint: ckpt, model, data })
     }

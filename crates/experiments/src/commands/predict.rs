@@ -26,7 +26,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let device: Device = args.device.parse()?;
     let ckpt = checkpoint::load_checkpoint(&args.checkpoint, device)?;
     let model = VisionTransformer::new(&ckpt.config, DType::F32, device)?;
-    ckpt.check_against(&model.init_params(0, DType::F32, Device::Cpu)?)?;
+    ckpt.check_against_model(&model)?;
     let inputs = checkpoint::read_safetensors(&args.images)?;
     let images = inputs
         .into_iter()

@@ -533,7 +533,7 @@ fn train_rank(
             TrainError::Io(format!("--resume {}: no step-N.safetensors checkpoint there", run.path.display()))
         })?;
         let ckpt = checkpoint::load_checkpoint(&path, device)?;
-        ckpt.check_against(&model.init_params(0, DType::F32, Device::Cpu)?)?;
+        ckpt.check_against_model(&model)?;
         run.truncate_metrics(step)?;
         let params = match &mp {
             Some(m) => m.tp.shard_params(&ckpt.params)?,
