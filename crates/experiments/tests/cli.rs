@@ -177,37 +177,27 @@ fn train_without_arguments_works_in_an_empty_folder() {
     assert_eq!(e["examples"].as_u64(), Some(2_000), "the bundled test split: {e}");
 }
 
+/// `vit bench` arguments of a tiny custom model on the CPU in f32 (width 32, depth 1, MLP 64,
+/// 2 heads, 16 px, patch 8, 5 classes), with `sets` added, `batch` images and `steps` timed
+/// steps after one warm-up step.
+fn tiny_bench_args(sets: &[&str], batch: usize, steps: usize) -> Vec<String> {
+    let mut args: Vec<String> = ["--model", "custom"].map(String::from).to_vec();
+    let model = ["width=32", "depth=1", "mlp_dim=64", "heads=2", "image_size=16", "patch=8", "classes=5"];
+    for s in model.iter().chain(sets) {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    let (batch, steps) = (batch.to_string(), steps.to_string());
+    args.extend(
+        ["--batch", &batch, "--steps", &steps, "--warmup", "1", "--device", "cpu", "--precision", "f32"]
+            .map(String::from),
+    );
+    args
+}
+
 #[test]
 fn bench_train_reports_rate_and_model_flops_on_the_cpu() {
-    let tiny = [
-        "--model",
-        "custom",
-        "--set",
-        "width=32",
-        "--set",
-        "depth=1",
-        "--set",
-        "mlp_dim=64",
-        "--set",
-        "heads=2",
-        "--set",
-        "image_size=16",
-        "--set",
-        "patch=8",
-        "--set",
-        "classes=5",
-        "--batch",
-        "4",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--device",
-        "cpu",
-        "--precision",
-        "f32",
-        "--json",
-    ];
+    let tiny = tiny_bench_args(&[], 4, 3);
+    let tiny: Vec<&str> = tiny.iter().map(String::as_str).chain(["--json"]).collect();
     let r = json(&[&["bench", "train"][..], &tiny[..]].concat());
     assert_eq!(r["timed_steps"], 3);
     let (rate, ms) = (r["images_per_second"].as_f64().unwrap(), r["step_ms"].as_f64().unwrap());
@@ -231,36 +221,8 @@ fn bench_train_reports_rate_and_model_flops_on_the_cpu() {
 
 #[test]
 fn bench_infer_reports_forward_flops_and_gflops_on_the_cpu() {
-    let tiny = [
-        "--model",
-        "custom",
-        "--set",
-        "width=32",
-        "--set",
-        "depth=1",
-        "--set",
-        "mlp_dim=64",
-        "--set",
-        "heads=2",
-        "--set",
-        "image_size=16",
-        "--set",
-        "patch=8",
-        "--set",
-        "classes=5",
-        "--set",
-        "pool=tok",
-        "--batch",
-        "3",
-        "--steps",
-        "4",
-        "--warmup",
-        "1",
-        "--device",
-        "cpu",
-        "--precision",
-        "f32",
-    ];
+    let tiny = tiny_bench_args(&["pool=tok"], 3, 4);
+    let tiny: Vec<&str> = tiny.iter().map(String::as_str).collect();
     let r = json(&[&["bench", "infer"][..], &tiny[..], &["--json"][..]].concat());
     assert_eq!(r["what"], "infer", "{r}");
     assert_eq!(r["timed_steps"], 4, "{r}");

@@ -750,7 +750,7 @@ impl OptimizerChain {
         // Compute everything first, so an error leaves params and state untouched; then write
         // the new values into the flat buffers in place.
         if let Algorithm::AdamW(c) = &self.config.algorithm {
-            if devices.is_empty() && self.adamw_in_place(c.clone(), params, &gs, &host, t, clip, s)? {
+            if devices.is_empty() && self.adamw_in_place(*c, params, &gs, &host, t, clip, s)? {
                 self.count += 1;
                 return Ok(StepInfo { step: t, grad_norm, clipped: clip.is_some(), schedule, lr: lr * schedule });
             }

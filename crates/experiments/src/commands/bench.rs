@@ -214,27 +214,41 @@ fn time_steps(
         (0..a.batch).map(|i| ((i as u64 * 2_654_435_761 + a.seed) % classes as u64) as i32).collect();
     let targets =
         ops::one_hot(&Tensor::from_vec(labels, [a.batch], Device::Cpu)?, classes, DType::F32)?.to_device(device)?;
-    let mut times = Vec::with_capacity(a.steps);
     // One gradient store for every step, zeroed in place, as `vit train` does.
     let mut grads = params.zeros_like(DType::F32)?;
-    for step in 0..a.warmup + a.steps {
-        if step == a.warmup {
+    timed_steps(a, device, |step| {
+        let cp = params.cast(a.precision)?;
+        grads.fill_zero()?;
+        let loss = micro_batch_grads(model, &cp, &images, &targets, LossKind::Softmax, a.batch, &mut grads)?;
+        drop(cp);
+        opt.step(&mut params, &grads)?;
+        if !loss.is_finite() {
+            return Err(CliError::Usage(format!("the loss became {loss} at step {step}")));
+        }
+        Ok(())
+    })
+}
+
+/// Seconds of each of `a.steps` timed calls of `step` (given the step index), after
+/// `a.warmup` untimed ones, each synchronised with the device; the device's peak memory is
+/// counted from the first timed call.
+fn timed_steps(
+    a: &StepArgs,
+    device: Device,
+    mut step: impl FnMut(usize) -> Result<(), CliError>,
+) -> Result<Vec<f64>, CliError> {
+    let mut times = Vec::with_capacity(a.steps);
+    for i in 0..a.warmup + a.steps {
+        if i == a.warmup {
             if let Device::Cuda(o) = device {
                 cuda::reset_peak_memory(o).ok();
             }
         }
         sync(device)?;
         let t0 = Instant::now();
-        let cp = params.cast(a.precision)?;
-        grads.fill_zero()?;
-        let loss = micro_batch_grads(model, &cp, &images, &targets, LossKind::Softmax, a.batch, &mut grads)?;
-        drop(cp);
-        opt.step(&mut params, &grads)?;
+        step(i)?;
         sync(device)?;
-        if !loss.is_finite() {
-            return Err(CliError::Usage(format!("the loss became {loss} at step {step}")));
-        }
-        if step >= a.warmup {
+        if i >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
@@ -253,23 +267,11 @@ fn time_forwards(
 ) -> Result<Vec<f64>, CliError> {
     let cp = params.cast(a.precision)?;
     let images = synthetic_images(cfg, a, device)?;
-    let mut times = Vec::with_capacity(a.steps);
     let mut last = None;
-    for step in 0..a.warmup + a.steps {
-        if step == a.warmup {
-            if let Device::Cuda(o) = device {
-                cuda::reset_peak_memory(o).ok();
-            }
-        }
-        sync(device)?;
-        let t0 = Instant::now();
-        let logits = model.predict(&cp, &images)?;
-        sync(device)?;
-        if step >= a.warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-        last = Some(logits);
-    }
+    let times = timed_steps(a, device, |_| {
+        last = Some(model.predict(&cp, &images)?);
+        Ok(())
+    })?;
     if let Some(logits) = last {
         if let Some(bad) = logits.to_f32_vec()?.into_iter().find(|v| !v.is_finite()) {
             return Err(CliError::Usage(format!("the logits hold {bad}, expected finite values")));

@@ -17,21 +17,16 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4; // 355/512, exact in f32
     const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer held in the mantissa
-                                     // Outside [-104, 89] e^x is 0 or inf in f32; clamping keeps n in the range the two
-                                     // scale factors can hold. Comparisons with NaN are false, so NaN passes through.
-    let x = if x > 89.0 {
-        89.0
-    } else if x < -104.0 {
-        -104.0
-    } else {
-        x
-    };
+
+    // Outside [-104, 89] e^x is 0 or inf in f32; clamping keeps n in the range the two
+    // scale factors can hold. `clamp` passes NaN through.
+    let x = x.clamp(-104.0, 89.0);
     let t = x * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = (((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1)
+        + 0.5)
         * (r * r)
         + r
         + 1.0;
@@ -64,13 +59,7 @@ pub(crate) fn gelu_tanh(x: f32) -> f32 {
 /// the derivative is 0 or 1 to within 1e-35; x is clamped there so nothing overflows.
 #[inline(always)]
 pub(crate) fn gelu_tanh_grad(x: f32) -> f32 {
-    let x = if x > 10.0 {
-        10.0
-    } else if x < -10.0 {
-        -10.0
-    } else {
-        x
-    };
+    let x = x.clamp(-10.0, 10.0);
     let (u, du) = gelu_tanh_arg(x);
     let e = exp(-2.0 * u);
     let s = 1.0 / (1.0 + e);

@@ -59,7 +59,7 @@ pub fn linear(
         }
     }
     if device == Device::Cpu {
-        return Ok(cpu_forward(x, w, bias, act, residual, out_shape)?);
+        return cpu_forward(x, w, bias, act, residual, out_shape);
     }
     linear_reference(x, w, bias, act, residual)
 }
