@@ -5,8 +5,9 @@
 //! norm, pooling and heads ("the tail").
 //!
 //! The passes equal [`VisionTransformer::forward`]/[`backward`](VisionTransformer::backward)
-//! (and [`TensorParallelViT`]'s) with every stage's parameters from one store. Dense models only:
-//! MoE blocks route without noise here, so trainers refuse V-MoE models with full sharding.
+//! with every stage's parameters from one store; [`TensorParallelViT`]'s forward and backward
+//! are the [`TpStages`] chain itself. Dense models only: MoE blocks route without noise here,
+//! so trainers refuse V-MoE models with full sharding.
 
 use crate::{
     layers::{BlockSaved, EmbedSaved},

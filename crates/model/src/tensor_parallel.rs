@@ -10,9 +10,9 @@
 
 pub use crate::layers::block::{ModelAxis, TpSaved};
 use crate::{
-    layers::{block::check_divisible, Block, EmbedSaved, Init, ParamSink},
-    model::TailSaved,
+    layers::{block::check_divisible, Block, Init, ParamSink},
     sharding::{ShardPlan, ShardSpec},
+    stages::{StageSaved, StagedModel, TpStages},
     ModelError, ParamStore, Result, VisionTransformer,
 };
 use vit_tensor::{ops, DType, Device, Tensor};
@@ -29,23 +29,24 @@ pub struct TensorParallelViT {
     rank: usize,
 }
 
-/// What [`TensorParallelViT::backward`] needs from a forward pass (`r = batch·tokens/n` rows).
+/// What [`TensorParallelViT::backward`] needs from a forward pass: each stage's input and
+/// what it saved (the forward and backward run the [`TpStages`] chain, the one code path the
+/// fully sharded trainer runs stage by stage too).
 #[derive(Debug, Clone)]
 pub struct TpForwardSaved {
-    embed: EmbedSaved,
-    /// This rank's rows of each block's input, `[r, D]` (kept with or without remat).
-    block_inputs: Vec<Tensor>,
-    /// Each block's activations; `None` under activation checkpointing (recomputed).
-    block_saved: Vec<Option<TpSaved>>,
-    tail: TailSaved,
-    batch: usize,
-    tokens: usize,
+    /// Each stage's input: the images, then this rank's rows `[r, D]` of each block's input,
+    /// then the encoder output's rows.
+    inputs: Vec<Tensor>,
+    saved: Vec<StageSaved>,
 }
 
 impl TpForwardSaved {
     /// The pre-logit features `[batch, F]` (the same on every model rank).
     pub fn features(&self) -> &Tensor {
-        &self.tail.features
+        match self.saved.last() {
+            Some(StageSaved::Tail(tail)) => &tail.features,
+            _ => unreachable!("a forward pass ends with the tail stage"),
+        }
     }
 }
 
@@ -162,33 +163,26 @@ impl TensorParallelViT {
     /// Every rank of `axis` calls it together, with the same images.
     pub fn forward(&self, p: &ParamStore, images: &Tensor, axis: ModelAxis<'_>) -> Result<(Tensor, TpForwardSaved)> {
         self.check_axis(axis)?;
-        let (x, embed) = self.model.embed.forward(p, images)?;
-        let (batch, tokens, d) = (x.dims()[0], x.dims()[1], x.dims()[2]);
-        let mut x = self.my_rows(&x, batch, tokens, d)?;
-        let mut block_inputs = Vec::with_capacity(self.blocks.len());
-        let mut block_saved = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
-            let (y, s) = b.forward_tp(p, &x, batch, tokens, axis)?;
-            block_inputs.push(x);
-            block_saved.push((!self.model.config.remat).then_some(s));
-            x = y;
+        let stages = TpStages { tp: self, axis };
+        let (mut inputs, mut saved) = (Vec::new(), Vec::new());
+        let mut x = images.clone();
+        for s in 0..self.blocks.len() + 2 {
+            let (y, sv) = stages.stage_forward(s, p, &x)?;
+            inputs.push(std::mem::replace(&mut x, y));
+            saved.push(sv);
         }
-        let encoded = axis.comm.all_gather(&x)?.reshape([batch, tokens, d])?;
-        let (out, tail) = self.model.tail_forward(p, encoded)?;
-        Ok((out, TpForwardSaved { embed, block_inputs, block_saved, tail, batch, tokens }))
+        Ok((x, TpForwardSaved { inputs, saved }))
     }
 
     /// Logits `[batch, classes]` without keeping activations (evaluation); a collective.
     pub fn predict(&self, p: &ParamStore, images: &Tensor, axis: ModelAxis<'_>) -> Result<Tensor> {
         self.check_axis(axis)?;
-        let (x, _) = self.model.embed.forward(p, images)?;
-        let (batch, tokens, d) = (x.dims()[0], x.dims()[1], x.dims()[2]);
-        let mut x = self.my_rows(&x, batch, tokens, d)?;
-        for b in &self.blocks {
-            x = b.forward_tp(p, &x, batch, tokens, axis)?.0;
+        let stages = TpStages { tp: self, axis };
+        let mut x = images.clone();
+        for s in 0..self.blocks.len() + 2 {
+            x = stages.stage_forward(s, p, &x)?.0;
         }
-        let encoded = axis.comm.all_gather(&x)?.reshape([batch, tokens, d])?;
-        Ok(self.model.tail_forward(p, encoded)?.0)
+        Ok(x)
     }
 
     /// Accumulates this rank's parameter gradients into `g` (laid out like its parameters)
@@ -203,25 +197,11 @@ impl TensorParallelViT {
         axis: ModelAxis<'_>,
     ) -> Result<()> {
         self.check_axis(axis)?;
-        let (batch, tokens) = (s.batch, s.tokens);
-        let dx_all = self.model.tail_backward(p, &s.tail, dout, g)?;
-        let d = dx_all.dims()[2];
-        let mut dx = self.my_rows(&dx_all, batch, tokens, d)?;
-        for (i, b) in self.blocks.iter().enumerate().rev() {
-            let x = &s.block_inputs[i];
-            let recomputed;
-            let saved = match &s.block_saved[i] {
-                Some(saved) => saved,
-                None => {
-                    recomputed = b.forward_tp(p, x, batch, tokens, axis)?.1;
-                    &recomputed
-                }
-            };
-            dx = b.backward_tp(p, x, saved, &dx, g, batch, tokens, axis)?;
+        let stages = TpStages { tp: self, axis };
+        let mut dy = dout.clone();
+        for i in (0..s.saved.len()).rev() {
+            dy = stages.stage_backward(i, p, &s.inputs[i], &s.saved[i], &dy, g)?;
         }
-        // Every rank runs the embedding's backward on all rows, so its gradients are whole.
-        let dx_all = axis.comm.all_gather(&dx)?.reshape([batch, tokens, d])?;
-        self.model.embed.backward(p, &s.embed, &dx_all, g)?;
         Ok(())
     }
 
