@@ -1,6 +1,8 @@
-//! The CPU backend: plain, readable f32 reference implementations of every op, row-parallel
-//! with rayon, matmul through the `gemm` crate. bf16/f16 inputs are widened to f32 by the ops
-//! layer, so everything here is f32 (design §2).
+//! The CPU backend: readable f32 implementations of every op, row-parallel with rayon, matmul
+//! through the `gemm` crate (strided views, no copies). Elementwise loops are written to
+//! vectorise and compiled per instruction set (`multiversion.rs`'s `multiversion!`, the formulas
+//! in `vector_math`). bf16/f16 inputs are widened to f32 by the ops layer, so everything here
+//! is f32 (design §2).
 
 mod allocator;
 mod attention;

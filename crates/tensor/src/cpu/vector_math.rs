@@ -2,7 +2,7 @@
 //!
 //! Each function is branch-free scalar code (`if` only between two computed values, which LLVM
 //! turns into a blend) with no calls into libm, so a loop over a slice compiles to SIMD inside a
-//! [`multiversion!`](super::multiversion::multiversion) kernel. libm's `expf` is a call per
+//! `multiversion!` kernel. libm's `expf` is a call per
 //! element; it and the scalar GELU around it were 16% of a CPU training step at ViT-Ti widths
 //! (docs/perf.md, issue 15).
 //!
