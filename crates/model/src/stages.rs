@@ -125,9 +125,23 @@ pub struct TpStages<'a> {
 
 impl TpStages<'_> {
     /// `(batch, tokens)` of this rank's rows `x [r, D]`.
-    fn shape_of(&self, x: &Tensor) -> (usize, usize) {
+    pub(crate) fn shape_of(&self, x: &Tensor) -> (usize, usize) {
         let tokens = self.tp.model.config.seq_len().max(1);
         (x.dims()[0] * self.tp.ranks() / tokens, tokens)
+    }
+
+    /// The tail stage's backward given only the shape of its input (this rank's rows of
+    /// `[batch, tokens, width]`), so a caller need not keep the input itself.
+    pub(crate) fn tail_backward(
+        &self,
+        p: &ParamStore,
+        tail: &TailSaved,
+        dy: &Tensor,
+        g: &mut ParamStore,
+        (batch, tokens, width): (usize, usize, usize),
+    ) -> Result<Tensor> {
+        let dx = self.tp.model.tail_backward(p, tail, dy, g)?;
+        self.tp.my_rows(&dx, batch, tokens, width)
     }
 }
 
@@ -191,8 +205,7 @@ impl StagedModel for TpStages<'_> {
             }
             (s, StageSaved::Tail(tail)) if s == depth + 1 => {
                 let (b, t) = self.shape_of(x);
-                let dx = self.tp.model.tail_backward(p, tail, dy, g)?;
-                self.tp.my_rows(&dx, b, t, x.dims()[1])
+                self.tail_backward(p, tail, dy, g, (b, t, x.dims()[1]))
             }
             (s, _) if s < depth + 2 => Err(wrong_saved(s)),
             _ => Err(no_stage(s, depth + 2)),

@@ -34,10 +34,12 @@ pub struct TensorParallelViT {
 /// fully sharded trainer runs stage by stage too).
 #[derive(Debug, Clone)]
 pub struct TpForwardSaved {
-    /// Each stage's input: the images, then this rank's rows `[r, D]` of each block's input,
-    /// then the encoder output's rows.
+    /// The input of each stage but the tail: the images, then this rank's rows `[r, D]` of
+    /// each block's input (the tail's backward needs only its input's shape, below).
     inputs: Vec<Tensor>,
     saved: Vec<StageSaved>,
+    /// `(batch, tokens, width)` of the encoder output, the tail's input.
+    encoded: (usize, usize, usize),
 }
 
 impl TpForwardSaved {
@@ -166,12 +168,16 @@ impl TensorParallelViT {
         let stages = TpStages { tp: self, axis };
         let (mut inputs, mut saved) = (Vec::new(), Vec::new());
         let mut x = images.clone();
-        for s in 0..self.blocks.len() + 2 {
+        for s in 0..self.blocks.len() + 1 {
             let (y, sv) = stages.stage_forward(s, p, &x)?;
             inputs.push(std::mem::replace(&mut x, y));
             saved.push(sv);
         }
-        Ok((x, TpForwardSaved { inputs, saved }))
+        let (batch, tokens) = stages.shape_of(&x);
+        let encoded = (batch, tokens, x.dims()[1]);
+        let (logits, tail) = stages.stage_forward(self.blocks.len() + 1, p, &x)?;
+        saved.push(tail);
+        Ok((logits, TpForwardSaved { inputs, saved, encoded }))
     }
 
     /// Logits `[batch, classes]` without keeping activations (evaluation); a collective.
@@ -198,8 +204,11 @@ impl TensorParallelViT {
     ) -> Result<()> {
         self.check_axis(axis)?;
         let stages = TpStages { tp: self, axis };
-        let mut dy = dout.clone();
-        for i in (0..s.saved.len()).rev() {
+        let Some(StageSaved::Tail(tail)) = s.saved.last() else {
+            unreachable!("a forward pass ends with the tail stage")
+        };
+        let mut dy = stages.tail_backward(p, tail, dout, g, s.encoded)?;
+        for i in (0..s.inputs.len()).rev() {
             dy = stages.stage_backward(i, p, &s.inputs[i], &s.saved[i], &dy, g)?;
         }
         Ok(())
