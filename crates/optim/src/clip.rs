@@ -12,7 +12,18 @@ pub(crate) fn sum_of_squares(grads: &[Tensor]) -> Result<f64, OptimError> {
     // not depend on the thread count.
     let per_tensor: Vec<f64> = grads
         .par_iter()
-        .map(|g| Ok(g.to_f32_vec()?.iter().map(|&x| x as f64 * x as f64).sum::<f64>()))
+        .map(|g| {
+            // f32 on the CPU is read in place; other dtypes and devices are widened to a copy.
+            let owned;
+            let values = match g.as_slice::<f32>() {
+                Ok(v) => v,
+                Err(_) => {
+                    owned = g.to_f32_vec()?;
+                    &owned
+                }
+            };
+            Ok(values.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+        })
         .collect::<Result<_, OptimError>>()?;
     Ok(per_tensor.iter().sum())
 }

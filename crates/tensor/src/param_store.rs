@@ -587,6 +587,44 @@ mod tests {
         Tensor::randn(dims.to_vec(), 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap()
     }
 
+    /// `f32_slices_mut` hands out disjoint slices in the order asked (writes land on the right
+    /// entries, views handed out before keep their values), and refuses a position given twice,
+    /// one out of range and a non-f32 entry; `fill_zero` zeroes every buffer in place.
+    #[test]
+    fn f32_slices_mut_and_fill_zero() {
+        let mut s = ParamStore::new();
+        let (a, b, c) = (randn(&[2, 3], 1), randn(&[4], 2), randn(&[5], 3));
+        s.insert("a", a.clone()).unwrap();
+        s.insert("h", Tensor::zeros([2], DType::BF16, Device::Cpu).unwrap()).unwrap();
+        s.insert("b", b.clone()).unwrap();
+        s.insert("c", c.clone()).unwrap();
+        let old_c = s.get("c").unwrap().clone(); // shares the buffer: must not see the writes
+        let (pa, pb, pc) = (s.position("a").unwrap(), s.position("b").unwrap(), s.position("c").unwrap());
+        {
+            let slices = s.f32_slices_mut(&[pc, pa, pb]).unwrap();
+            assert_eq!(slices.iter().map(|x| x.len()).collect::<Vec<_>>(), [5, 6, 4]);
+            for (k, sl) in slices.into_iter().enumerate() {
+                sl.iter_mut().for_each(|v| *v = k as f32 + 1.0);
+            }
+        }
+        assert_eq!(s.get("c").unwrap().to_f32_vec().unwrap(), [1.0; 5]);
+        assert_eq!(s.get("a").unwrap().to_f32_vec().unwrap(), [2.0; 6]);
+        assert_eq!(s.get("b").unwrap().to_f32_vec().unwrap(), [3.0; 4]);
+        assert_eq!(old_c.to_f32_vec().unwrap(), c.to_f32_vec().unwrap());
+        assert_eq!(s.get("a").unwrap().as_slice::<f32>().unwrap(), [2.0; 6]);
+        let err = |r: Result<Vec<&mut [f32]>>| r.map(|_| ()).unwrap_err().to_string();
+        assert!(err(s.f32_slices_mut(&[pa, pa])).contains("asked for twice"));
+        assert!(err(s.f32_slices_mut(&[9])).contains("position 9"));
+        let ph = s.position("h").unwrap();
+        assert!(err(s.f32_slices_mut(&[ph])).contains("expected f32 on the CPU"));
+        assert!(s.get("h").unwrap().as_slice::<f32>().is_err());
+        s.fill_zero().unwrap();
+        for (n, t) in s.iter() {
+            assert!(t.to_f32_vec().unwrap().iter().all(|&v| v == 0.0), "{n}");
+        }
+        assert_eq!(s.get("c").unwrap().dims(), &[5]);
+    }
+
     #[test]
     fn insert_get_accumulate_and_errors() {
         let mut s = ParamStore::new();
