@@ -3,6 +3,8 @@
 #   scripts/gpu-check.sh --build      # cargo builds the test and bench binaries into .gpu-bin/
 # then on the GPU host, from the repo root, with .gpu-bin carried along:
 #   scripts/gpu-check.sh              # runs every CUDA test and bench, prints one report
+#   scripts/gpu-check.sh --tests      # only the tests and the CPU-vs-GPU training run (a short call)
+#   scripts/gpu-check.sh --benches    # only the benches and their PyTorch references
 # Results go to stdout and, when $OUT is set, to $OUT/gpu-check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +47,11 @@ for l in sys.stdin:
   [ -z "$missing" ] || { echo "gpu-check --build: not built:$missing" >&2; exit 1; }
   ls -la "$bin"; du -sh "$bin"; exit 0
 fi
+mode=${1:-all}
+case "$mode" in all|--tests|--benches) ;; *) echo "gpu-check: unknown mode '$mode' (expected --build, --tests, --benches or nothing)" >&2; exit 2 ;; esac
+run_tests=1; run_benches=1
+[ "$mode" = "--tests" ] && run_benches=0
+[ "$mode" = "--benches" ] && run_tests=0
 log=${OUT:+$OUT/gpu-check.log}; log=${log:-/dev/null}
 # Sourced in this shell (not in a pipeline, whose subshell would lose LD_LIBRARY_PATH).
 envlog=$(mktemp)
@@ -55,22 +62,26 @@ export VITRS_KERNEL_CACHE=${VITRS_KERNEL_CACHE:-/tmp/vitrs-kernels}
 "$bin/vit" devices | tee -a "$log"
 status=0
 for t in "$bin"/test-*; do
+  [ $run_tests = 1 ] || break
   echo "== $t --ignored" | tee -a "$log"
   # Outputs the kernels should overwrite completely start as NaN in the tests (cuda::output).
   VITRS_CUDA_POISON=1 "$t" --ignored --test-threads=1 2>&1 | tee -a "$log" | grep -E "^test |test result|panicked" || status=1
 done
 for b in "$bin"/bench-*; do
+  [ $run_benches = 1 ] || break
   echo "== $b --bench" | tee -a "$log"
   "$b" --bench 2>&1 | tee -a "$log" | grep -vE "^(Benchmarking|Warning)" || status=1
 done
 # The PyTorch references (benches/reference/NAME.py; each prints its bench's table, or a note
 # and exit 0 where torch is missing).
 for r in $references; do
+  [ $run_benches = 1 ] || break
   echo "== benches/reference/$r.py" | tee -a "$log"
   python3 "benches/reference/$r.py" 2>&1 | tee -a "$log" || status=1
 done
 # The first real run: the bundled quickstart for 20 steps on the GPU and on the CPU (f32 both),
 # losses compared step by step.
+[ $run_tests = 1 ] || exit $status
 echo "== vit train: 20 steps on cuda:0 against the CPU" | tee -a "$log"
 runs=$(mktemp -d)
 quick="--set train.steps=20 --set schedule.warmup_steps=5 --set train.log_every=1"
