@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Device call companion of gpu-check.sh: bf16 training against the CPU, and the whole-step
 # benches (vit bench train) for docs/perf.md. Run after gpu-check.sh in the same call.
+#   scripts/device-extra.sh           # bf16 check, B/16 and L/16 train benches, e/14 memory
+#   scripts/device-extra.sh --quick   # bf16 check, B/16 train bench and timm eager at batch 256
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/cuda-env.sh >/dev/null 2>&1
@@ -19,6 +21,11 @@ cpu, gpu = losses("cpu"), losses("bf16")
 worst = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
 print(f"bf16 on cuda vs f32 on cpu: {cpu[-1]:.5f} vs {gpu[-1]:.5f} after 20 steps; max relative difference {worst:.2e} (bf16: < 5e-2 expected)")
 PY
+if [ "${1:-}" = "--quick" ]; then
+  timeout 120 "$bin/vit" bench train --model B/16 --set pool=tok --batch 256 --steps 10 --warmup 3 --json | tee -a "${OUT:-/tmp}/bench-train.jsonl"
+  PYTHONUNBUFFERED=1 timeout 120 python3 benches/reference/timm_train.py --batch 256 --no-compile 2>&1 | tail -n 4
+  exit 0
+fi
 for m in "B/16 --set pool=tok" "L/16 --set pool=tok"; do
   timeout 120 "$bin/vit" bench train --model $m --batch 256 --steps 10 --warmup 3 --json | tee -a "${OUT:-/tmp}/bench-train.jsonl"
 done

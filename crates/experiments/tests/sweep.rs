@@ -210,8 +210,10 @@ fn the_binary_runs_a_sweep_and_reports_json() {
     write(tmp.path(), "base.toml", BASE);
     let path = write(tmp.path(), "sweep.toml", &sweep_file("\"train.steps\" = [2, 3]"));
     let out = tmp.path().join("out");
+    // --set applies to every point after the file's own set (here: the training split's size).
     let r = Command::new(env!("CARGO_BIN_EXE_vit"))
         .args(["sweep", "--config", path.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json", "--jobs", "2"])
+        .args(["--set", "data.train_limit=192"])
         .output()
         .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
@@ -222,4 +224,20 @@ fn the_binary_runs_a_sweep_and_reports_json() {
     assert_eq!(j["fit"]["metric"], "test_error");
     // Progress went to stderr, one line per point start and end.
     assert!(String::from_utf8_lossy(&r.stderr).contains("train.steps=3: done"));
+    for rec in records(&out) {
+        assert_eq!(rec.train_images, 192, "{}: --set data.train_limit not applied", rec.name);
+    }
+
+    // A --set the config refuses is a one-line error before anything runs.
+    let out2 = tmp.path().join("out2");
+    let r = Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(["sweep", "--config", path.to_str().unwrap(), "--out", out2.to_str().unwrap()])
+        .args(["--set", "train.batch_sise=4"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("batch_sise"), "{err}");
+    assert!(!out2.exists());
 }

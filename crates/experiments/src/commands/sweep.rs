@@ -15,6 +15,10 @@ pub struct Args {
     /// (default runs/<sweep file name>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// `key=value` overrides for every point, applied after the sweep file's `set` (e.g.
+    /// `--set data.path=/data/fashion-mnist`); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Points trained side by side; the CPU threads are split between them.
     #[arg(long, default_value_t = 1)]
     jobs: usize,
@@ -30,7 +34,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     if args.jobs == 0 {
         return Err(CliError::Usage("--jobs 0: expected at least one job".into()));
     }
-    let plan = Sweep::from_file(&args.config)?;
+    let plan = Sweep::from_file_with_set(&args.config, &args.set)?;
     let out = args.out.clone().unwrap_or_else(|| {
         let stem = args.config.file_stem().map_or("sweep".into(), |s| s.to_string_lossy().into_owned());
         PathBuf::from("runs").join(stem)

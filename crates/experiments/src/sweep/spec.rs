@@ -131,8 +131,15 @@ impl Sweep {
     /// Reads and validates the sweep file `path`; a relative `base` is looked up next to the
     /// sweep file first, then in the current directory.
     pub fn from_file(path: &Path) -> Result<Self, SweepError> {
+        Self::from_file_with_set(path, &[])
+    }
+
+    /// [`Sweep::from_file`] with `extra` `key=value` overrides applied to every point after the
+    /// file's own `set` (`vit sweep --set`; e.g. `data.path=...` for where this machine keeps
+    /// the dataset).
+    pub fn from_file_with_set(path: &Path, extra: &[String]) -> Result<Self, SweepError> {
         let text = std::fs::read_to_string(path).map_err(|e| SweepError::File(format!("{}: {e}", path.display())))?;
-        Self::from_toml(&text, path.parent().unwrap_or(Path::new("."))).map_err(|e| match e {
+        Self::from_toml_with_set(&text, path.parent().unwrap_or(Path::new(".")), extra).map_err(|e| match e {
             SweepError::File(m) => SweepError::File(format!("{}: {m}", path.display())),
             other => other,
         })
@@ -141,7 +148,13 @@ impl Sweep {
     /// Parses sweep TOML (`dir`: where a relative `base` is looked up first) and validates
     /// every point of its grid.
     pub fn from_toml(text: &str, dir: &Path) -> Result<Self, SweepError> {
-        let file: SweepFile = toml::from_str(text).map_err(|e| SweepError::File(one_line(&e.to_string())))?;
+        Self::from_toml_with_set(text, dir, &[])
+    }
+
+    /// [`Sweep::from_toml`] with `extra` overrides appended to the file's `set`.
+    pub fn from_toml_with_set(text: &str, dir: &Path, extra: &[String]) -> Result<Self, SweepError> {
+        let mut file: SweepFile = toml::from_str(text).map_err(|e| SweepError::File(one_line(&e.to_string())))?;
+        file.set.extend(extra.iter().cloned());
         let base = match &file.base {
             None => train::config::QUICKSTART.to_string(),
             Some(b) => {
