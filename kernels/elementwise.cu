@@ -16,6 +16,18 @@
 //   bias_add_<dt>(const T* x, const T* bias, T* y, i64 n, i64 width)
 //   act_fwd_<dt>(const T* x, T* y, i64 n, i32 kind)      kind 0 = GELU (tanh), 1 = GELU (erf), 2 = tanh
 //   act_bwd_<dt>(const T* x, const T* dy, T* dx, i64 n, i32 kind)   dx = dy * act'(x)
+//   act_bwd_colsum_<dt>(x, dy, dx, part, rows, cols, rows_per_chunk, kind)
+//       The MLP's GELU backward fused with the bias gradient of the layer before it: dx as
+//       act_bwd over x, dy [rows, cols], and part[c, j] = Σ dx[r, j] (f32, over the stored,
+//       rounded dx) for r in chunk c (rows_per_chunk consecutive rows, in order). A thread owns
+//       16 bytes of columns (VecN elements) and walks its chunk's rows, so a warp reads 512
+//       contiguous bytes of each row; grid (ceil(cols / (VecN·blockDim)), chunks). The chunks
+//       are folded in order by reduce.cu's reduce_finalize (deterministic). Requires
+//       cols % VecN == 0, 16-byte aligned pointers and rows·cols < 2^31 (the launcher checks).
+//       In bf16 the derivative uses the hardware tanh (tanh.approx.f32, relative error 2^-11,
+//       under bf16's 2^-9 rounding of the output) and __expf (FastAct): the accurate tanhf made
+//       act_bwd compute-bound at about half the memory bandwidth on an H200. f16 (2^-12
+//       rounding) and f32 keep the accurate functions.
 //
 // Each also as `<op>_v32_...` (same arguments): 32-bit index math and 16-byte vector accesses
 // (4 f32 or 8 bf16/f16 per access; a cast moves 8 elements when either side is 16-bit), for
@@ -126,6 +138,37 @@ __device__ __forceinline__ float act_grad(float x, int kind) {
     return cdf + x * pdf;
 }
 
+// tanh on the special-function unit (sm_75+): one instruction, relative error about 2^-11.
+__device__ __forceinline__ float tanh_fast(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Whether act_bwd_colsum takes act_grad_fast for T: bf16 only.
+template <class T> struct FastAct {
+    static constexpr bool on = false;
+};
+template <> struct FastAct<bf16> {
+    static constexpr bool on = true;
+};
+
+// act_grad with the fast tanh and exp, for outputs stored in bf16.
+__device__ __forceinline__ float act_grad_fast(float x, int kind) {
+    if (kind == 2) {
+        const float t = tanh_fast(x);
+        return 1.f - t * t;
+    }
+    if (kind == 0) {
+        const float t = tanh_fast(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
+        const float du = SQRT_2_OVER_PI * (1.f + 3.f * GELU_C * x * x);
+        return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * du;
+    }
+    const float cdf = 0.5f * (1.f + erff(x * FRAC_1_SQRT_2));
+    const float pdf = __expf(-0.5f * x * x) * INV_SQRT_2PI;
+    return cdf + x * pdf;
+}
+
 template <class T>
 __device__ void act_fwd_impl(const T* x, T* y, long long n, int kind) {
     for (long long i = global_thread(); i < n; i += grid_threads()) store(y, i, act(load(x, i), kind));
@@ -232,6 +275,34 @@ __device__ void act_bwd_v32(const T* x, const T* dy, T* dx, unsigned n, int kind
     vec_loop<VecN<T>::n>(n, aligned16(x) && aligned16(dy) && aligned16(dx), ActBwdOp<T>{x, dy, dx, kind});
 }
 
+template <class T>
+__device__ void act_bwd_colsum(const T* x, const T* dy, T* dx, float* part, unsigned rows, unsigned cols,
+                               unsigned rows_per_chunk, int kind) {
+    constexpr int V = VecN<T>::n;
+    const unsigned c = (blockIdx.x * blockDim.x + threadIdx.x) * V;
+    if (c >= cols) return;
+    const unsigned r0 = blockIdx.y * rows_per_chunk;
+    const unsigned r1 = min(rows, r0 + rows_per_chunk);
+    float acc[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc[k] = 0.f;
+#pragma unroll 4
+    for (unsigned r = r0; r < r1; ++r) {
+        const unsigned i = r * cols + c;
+        float u[V], g[V];
+        load_v<T, V>(x, i, u);
+        load_v<T, V>(dy, i, g);
+#pragma unroll
+        for (int k = 0; k < V; ++k) u[k] = g[k] * (FastAct<T>::on ? act_grad_fast(u[k], kind) : act_grad(u[k], kind));
+        store_v<T, V>(dx, i, u);
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[k] += to_f32(from_f32<T>(u[k]));  // the stored value
+    }
+    float* out = part + (unsigned long long)blockIdx.y * cols + c;
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = acc[k];
+}
+
 #define ELEMENTWISE_V32(name, T)                                                                                   \
     extern "C" __global__ void add_v32_##name(const T* a, const T* b, T* y, long long n) {                         \
         binary_v32<0>(a, b, y, (unsigned)n);                                                                       \
@@ -253,6 +324,10 @@ __device__ void act_bwd_v32(const T* x, const T* dy, T* dx, unsigned n, int kind
     }                                                                                                              \
     extern "C" __global__ void act_bwd_v32_##name(const T* x, const T* dy, T* dx, long long n, int kind) {         \
         act_bwd_v32(x, dy, dx, (unsigned)n, kind);                                                                 \
+    }                                                                                                              \
+    extern "C" __global__ void act_bwd_colsum_##name(const T* x, const T* dy, T* dx, float* part, long long rows,   \
+                                                     long long cols, long long rows_per_chunk, int kind) {         \
+        act_bwd_colsum(x, dy, dx, part, (unsigned)rows, (unsigned)cols, (unsigned)rows_per_chunk, kind);           \
     }
 ELEMENTWISE_V32(f32, float)
 ELEMENTWISE_V32(bf16, bf16)

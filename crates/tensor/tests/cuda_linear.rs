@@ -273,7 +273,11 @@ fn linear_dgrad_gelu_matches_cpu() {
     require_gpu();
     for dtype in [DType::BF16, DType::F16, DType::F32] {
         for (si, &(lead, hidden, out)) in
-            [(&[2usize, 37][..], 136usize, 40usize), (&[3, 13], 27, 45), (&[5], 64, 8)].iter().enumerate()
+            // Hidden widths that take the fused GELU-backward + column-sum kernel (136, 64, 768:
+            // a multiple of 16 bytes; 788 rows in many row chunks) and one that does not (27).
+            [(&[2usize, 37][..], 136usize, 40usize), (&[3, 13], 27, 45), (&[5], 64, 8), (&[4, 197], 768, 24)]
+                    .iter()
+                    .enumerate()
         {
             let seed = 300 + 10 * si as u64;
             let shape = |last: usize| {
@@ -297,11 +301,21 @@ fn linear_dgrad_gelu_matches_cpu() {
                     let label = format!("dgrad_gelu {path} {kind:?} {lead:?} hidden {hidden} out {out}");
                     check(&format!("{label} dpre"), &gd, &cd, dtype);
                     check(&format!("{label} dbias"), &gb, &cb, dtype);
+                    // Deterministic: the same bits again.
+                    let (gd2, gb2) =
+                        f(&dy.to_device(GPU).unwrap(), &w.to_device(GPU).unwrap(), &pre.to_device(GPU).unwrap(), kind)
+                            .unwrap();
+                    assert_eq!(gd.to_f32_vec().unwrap(), gd2.to_f32_vec().unwrap(), "{label}: dpre differs run to run");
+                    assert_eq!(
+                        gb.to_f32_vec().unwrap(),
+                        gb2.to_f32_vec().unwrap(),
+                        "{label}: dbias differs run to run"
+                    );
                 }
             }
         }
     }
-    assert_fused(&["gemm_dgelu_bgrad"]);
+    assert_fused(&["gemm_dgelu_bgrad", "act_bwd_bias_grad"]);
 }
 
 #[test]

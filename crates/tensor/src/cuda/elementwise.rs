@@ -2,14 +2,16 @@
 //! backward, a column reduction from `reduce.cu`), activations.
 
 use super::launch::{cfg_1d, i64_of, launch, name};
-use super::reduce::{reduce_code, reduce_lines_into};
+use super::norm::dtype_tolerance;
+use super::reduce::{chunking, finalize_columns, reduce_code, reduce_lines_into};
 use super::v32::kernel_name;
-use super::{backend_of, output, view, wrap};
+use super::{backend_of, output, self_check, view, wrap, CudaBackend};
 use crate::{
     op_kinds::{Activation, BinaryOp, Gelu, ReduceOp},
-    DType, Error, Result, Shape, Tensor,
+    DType, Device, Error, Result, Shape, Tensor,
 };
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
 /// `x` cast to float `dtype`.
 pub(crate) fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
@@ -136,4 +138,102 @@ pub(crate) fn activation_bwd(x: &Tensor, dy: &Tensor, kind: Activation) -> Resul
         launch!(backend, func, cfg_1d(n), &xv, &dyv, &mut out, &n_, &code);
     }
     Ok(wrap(&backend, out, x.shape().clone(), x.dtype()))
+}
+
+/// The self-check name of `act_bwd_colsum` (`vit devices`).
+const ACT_BWD_COLSUM: &str = "act_bwd_bias_grad";
+
+/// `dy · act'(x)` and its column sums in one pass over `x, dy [rows, cols]`: returns
+/// `(dx [rows, cols], db [cols])` (db in the inputs' dtype, summed in f32 over the stored dx, in
+/// a fixed order), the MLP's GELU backward with the bias gradient of the layer before it. `None`
+/// where the fused kernel does not apply (the caller composes `activation_bwd` and
+/// `bias_add_bwd`): columns not a multiple of 16 bytes, views not 16-byte aligned, 2^31 elements
+/// or more, or its self-check failed on this device. In bf16 the derivative uses the hardware
+/// tanh (kernels/elementwise.cu).
+pub(crate) fn activation_bwd_bias_grad(x: &Tensor, dy: &Tensor, kind: Activation) -> Result<Option<(Tensor, Tensor)>> {
+    const OP: &str = "activation_bwd_bias_grad";
+    let backend = backend_of(x, OP)?;
+    if !colsum_applies(x, dy) || !colsum_ok(&backend) {
+        return Ok(None);
+    }
+    act_bwd_colsum(&backend, x, dy, kind).map(Some)
+}
+
+/// Whether `act_bwd_colsum` can run on these operands (see [`activation_bwd_bias_grad`]).
+fn colsum_applies(x: &Tensor, dy: &Tensor) -> bool {
+    let width = 16 / x.dtype().size_in_bytes();
+    let cols = x.shape().last();
+    x.dtype().is_float()
+        && x.dtype() == dy.dtype()
+        && x.device() == dy.device()
+        && x.shape() == dy.shape()
+        && x.rank() >= 1
+        && cols > 0
+        && cols % width == 0
+        && x.numel() < (1 << 31)
+        && [x, dy].iter().all(|t| t.cuda_storage("activation_bwd_bias_grad").is_ok_and(|(_, b)| b % 16 == 0))
+}
+
+fn act_bwd_colsum(backend: &Arc<CudaBackend>, x: &Tensor, dy: &Tensor, kind: Activation) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "activation_bwd_bias_grad";
+    let dtype = x.dtype();
+    let (rows, cols) = (x.shape().rows(), x.shape().last());
+    let mut dx = output(backend, x.shape(), dtype)?;
+    let db_shape = Shape::new([cols]);
+    let mut db = output(backend, &db_shape, dtype)?;
+    // One thread per 16 bytes of a row; chunks of rows so the whole GPU is busy.
+    let lanes = cols / (16 / dtype.size_in_bytes());
+    let (chunks, per) = chunking(lanes, rows);
+    if chunks > 0 {
+        let mut part = backend.alloc_uninit(chunks * cols * 4)?;
+        let func = backend.function("elementwise.cu", &name("act_bwd_colsum", dtype))?;
+        const THREADS: usize = 128;
+        let cfg = LaunchConfig {
+            grid_dim: (lanes.div_ceil(THREADS) as u32, chunks as u32, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (xv, dyv) = (view(x, OP)?, view(dy, OP)?);
+        let (rows_, cols_, per_, code) = (i64_of(rows), i64_of(cols), i64_of(per), activation_code(kind));
+        launch!(backend, func, cfg, &xv, &dyv, &mut dx, &mut part, &rows_, &cols_, &per_, &code);
+        finalize_columns(backend, &part, dtype, cols, chunks, rows, reduce_code(ReduceOp::Sum), &mut db)?;
+    } else {
+        // No rows: every column sum is 0.
+        let zero = Tensor::zeros([cols], dtype, x.device())?;
+        return Ok((wrap(backend, dx, x.shape().clone(), dtype), zero));
+    }
+    Ok((wrap(backend, dx, x.shape().clone(), dtype), wrap(backend, db, db_shape, dtype)))
+}
+
+/// Whether the fused activation backward with column sums may be used on `backend` (its
+/// check runs on first use).
+pub(crate) fn colsum_ok(backend: &Arc<CudaBackend>) -> bool {
+    let b = backend.clone();
+    backend.fast_kernel_ok(ACT_BWD_COLSUM, dtype_tolerance(DType::BF16), || check_colsum(&b))
+}
+
+/// The fused kernel against the f32 composition (`activation_bwd`, `bias_add_bwd`) on odd row
+/// counts, every activation, in f32, bf16 and f16; the worst relative error, each dtype's scaled
+/// to the bf16 tolerance.
+fn check_colsum(backend: &Arc<CudaBackend>) -> Result<f64> {
+    let dev = Device::Cuda(backend.ordinal);
+    let mut worst = 0.0f64;
+    for (i, dt) in [DType::F32, DType::BF16, DType::F16].into_iter().enumerate() {
+        let scale = dtype_tolerance(DType::BF16) / dtype_tolerance(dt);
+        for (j, kind) in
+            [Activation::Gelu(Gelu::Tanh), Activation::Gelu(Gelu::Erf), Activation::Tanh].into_iter().enumerate()
+        {
+            let seed = 7000 + 10 * (3 * i + j) as u64;
+            let x = Tensor::randn([3, 37, 136], 0.0, 1.5, seed, dt, dev)?;
+            let dy = Tensor::randn([3, 37, 136], 0.0, 1.0, seed + 1, dt, dev)?;
+            let (dx, db) = act_bwd_colsum(backend, &x, &dy, kind)?;
+            let want = activation_bwd(&x.cast(DType::F32)?, &dy.cast(DType::F32)?, kind)?;
+            let want_db = bias_add_bwd(&want)?;
+            for (got, want) in [(&dx, &want), (&db, &want_db)] {
+                let e = self_check::relative_error(&got.to_f32_vec()?, &want.to_f32_vec()?) * scale;
+                worst = if e.is_nan() || worst.is_nan() { f64::NAN } else { worst.max(e) };
+            }
+        }
+    }
+    Ok(worst)
 }

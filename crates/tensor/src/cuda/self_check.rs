@@ -6,7 +6,8 @@
 //! error prints one warning to stderr and the op falls back to the reference path for the rest of
 //! the process, so unrun code never gives a user wrong numbers. `vit devices` lists the results.
 //!
-//! `VITRS_FAST_KERNELS=off` skips every fast kernel (the reference paths only).
+//! `VITRS_FAST_KERNELS=off` skips every fast kernel (the reference paths only);
+//! `VITRS_FAST_KERNELS_OFF=name,name` skips the named ones (for A/B timings of one kernel).
 
 use super::CudaBackend;
 use crate::Result;
@@ -21,7 +22,7 @@ pub enum KernelStatus {
     Passed { rel_err: f64 },
     /// It failed its check (error or mismatch, in words) and is not used.
     Failed(String),
-    /// Turned off by `VITRS_FAST_KERNELS=off`.
+    /// Turned off by `VITRS_FAST_KERNELS=off` or named in `VITRS_FAST_KERNELS_OFF`.
     Disabled,
 }
 
@@ -31,7 +32,7 @@ impl std::fmt::Display for KernelStatus {
             KernelStatus::Checking => write!(f, "checking"),
             KernelStatus::Passed { rel_err } => write!(f, "passed (relative error {rel_err:.1e})"),
             KernelStatus::Failed(why) => write!(f, "FAILED, reference path used: {why}"),
-            KernelStatus::Disabled => write!(f, "off (VITRS_FAST_KERNELS=off)"),
+            KernelStatus::Disabled => write!(f, "off (VITRS_FAST_KERNELS or VITRS_FAST_KERNELS_OFF)"),
         }
     }
 }
@@ -42,8 +43,16 @@ pub(crate) struct SelfChecks {
     status: std::sync::Mutex<BTreeMap<&'static str, KernelStatus>>,
 }
 
-fn fast_kernels_off() -> bool {
+/// Whether `kernel` is turned off: every fast kernel by `VITRS_FAST_KERNELS=off` (or `0`), or
+/// this one by name in the comma-separated `VITRS_FAST_KERNELS_OFF`.
+fn fast_kernel_off(kernel: &str) -> bool {
     std::env::var("VITRS_FAST_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("off") || v == "0")
+        || std::env::var("VITRS_FAST_KERNELS_OFF").is_ok_and(|v| named_in(&v, kernel))
+}
+
+/// Whether `kernel` is one of the comma-separated names of `list` (spaces around names ignored).
+fn named_in(list: &str, kernel: &str) -> bool {
+    list.split(',').any(|n| n.trim() == kernel)
 }
 
 impl CudaBackend {
@@ -63,7 +72,7 @@ impl CudaBackend {
             match map.get(kernel) {
                 Some(KernelStatus::Passed { .. }) => return true,
                 Some(_) => return false,
-                None if fast_kernels_off() => {
+                None if fast_kernel_off(kernel) => {
                     map.insert(kernel, KernelStatus::Disabled);
                     return false;
                 }
@@ -106,6 +115,7 @@ const ALL_CHECKS: &[CheckEntry] = &[
     super::linear::check_wgrad_accumulate,
     super::linear::check_bgradb,
     super::routing::kernels_ok,
+    super::elementwise::colsum_ok,
 ];
 
 /// Runs the check of every fast kernel on device `ordinal` (those not yet run) and returns the
@@ -146,7 +156,15 @@ pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::relative_error;
+    use super::{named_in, relative_error};
+
+    #[test]
+    fn kernels_are_turned_off_by_exact_name() {
+        assert!(named_in("act_bwd_bias_grad", "act_bwd_bias_grad"));
+        assert!(named_in("gemm_bias, act_bwd_bias_grad", "act_bwd_bias_grad"));
+        assert!(!named_in("gemm_bias,gemm_residual", "gemm"));
+        assert!(!named_in("", "gemm_bias"));
+    }
 
     #[test]
     fn relative_error_is_the_norm_ratio_and_nan_fails() {

@@ -118,8 +118,9 @@ pub fn linear_reference(
 /// gradient of `y = pre2 Wᵀ` (`w [out, hidden]`), and `pre [.., hidden]` the input of the GELU
 /// that produced `pre2`, returns `(dpre, dbias)`: `dpre = (dy W) · gelu'(pre)` `[.., hidden]`
 /// and its row sums `dbias [hidden]` (the gradient of the bias that produced `pre`): the MLP's
-/// fc2 dgrad with fc1's bias gradient. A plain GEMM, the GELU backward kernel and a column sum
-/// on every device: cuBLASLt's DGELU_BGRAD epilogue ([`linear_dgrad_gelu_fused`]) measured 1.8×
+/// fc2 dgrad with fc1's bias gradient. A plain GEMM, then the GELU backward and the column sum
+/// (on CUDA one fused kernel, `act_bwd_colsum`, where it applies and passed its self-check):
+/// cuBLASLt's DGELU_BGRAD epilogue ([`linear_dgrad_gelu_fused`]) measured 1.8×
 /// slower than this composition at the B/16, L/16 and G/14 MLP shapes on an H200
 /// (docs/perf.md, 2026-11-26).
 pub fn linear_dgrad_gelu(dy: &Tensor, w: &Tensor, pre: &Tensor, gelu: Gelu) -> Result<(Tensor, Tensor)> {
@@ -156,6 +157,10 @@ fn dgrad_gelu(dy: &Tensor, w: &Tensor, pre: &Tensor, gelu: Gelu, fused: bool) ->
         return Ok((Tensor::cpu_like(dh, out_shape, dy.dtype()), Tensor::cpu_like(db, [hidden], dy.dtype())));
     }
     let dh = ops::matmul_t(dy, w, false, false)?;
+    // GELU backward and bias gradient in one pass where the fused kernel applies.
+    if let Some(r) = cuda::elementwise::activation_bwd_bias_grad(pre, &dh, Activation::Gelu(gelu))? {
+        return Ok(r);
+    }
     let dpre = ops::gelu_bwd(pre, &dh, gelu)?;
     let db = ops::bias_add_bwd(&dpre)?;
     Ok((dpre, db))
