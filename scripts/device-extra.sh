@@ -3,6 +3,7 @@
 # benches (vit bench train) for docs/perf.md. Run after gpu-check.sh in the same call.
 #   scripts/device-extra.sh           # bf16 check, B/16 and L/16 train benches, e/14 memory
 #   scripts/device-extra.sh --quick   # bf16 check, B/16 train bench and timm eager at batch 256
+#                                     # (VITRS_AB_KERNELS="k1 k2": B/16 again with each turned off)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/cuda-env.sh >/dev/null 2>&1
@@ -22,7 +23,14 @@ worst = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
 print(f"bf16 on cuda vs f32 on cpu: {cpu[-1]:.5f} vs {gpu[-1]:.5f} after 20 steps; max relative difference {worst:.2e} (bf16: < 5e-2 expected)")
 PY
 if [ "${1:-}" = "--quick" ]; then
-  timeout 120 "$bin/vit" bench train --model B/16 --set pool=tok --batch 256 --steps 10 --warmup 3 --json | tee -a "${OUT:-/tmp}/bench-train.jsonl"
+  # B/16 steps alternated with each kernel named in $VITRS_AB_KERNELS turned off alone (A/B of
+  # one fast kernel on the same warm GPU), then timm eager.
+  for round in 1 2; do
+    for off in "" ${VITRS_AB_KERNELS:-}; do
+      echo "round $round, fast kernels off: ${off:-none}"
+      VITRS_FAST_KERNELS_OFF=$off timeout 120 "$bin/vit" bench train --model B/16 --set pool=tok --batch 256 --steps 10 --warmup 3 --json | tee -a "${OUT:-/tmp}/bench-train.jsonl"
+    done
+  done
   PYTHONUNBUFFERED=1 timeout 120 python3 benches/reference/timm_train.py --batch 256 --no-compile 2>&1 | tail -n 4
   exit 0
 fi
