@@ -305,7 +305,8 @@ impl MpiCommunicator {
     }
 
     /// Rank order fold of the chunk this rank owns: `x`'s bytes split into `size` chunks of
-    /// `rows` rows (`row_shape` each), exchanged all-to-all, reduced in f32 and cast back.
+    /// `rows` rows (`row_shape` each), exchanged all-to-all, reduced in f32 and cast back (bf16
+    /// and f16; f32 tensors take the typed paths of the collectives, without byte copies).
     fn reduce_my_chunk(
         &self,
         mpi: &Mpi,
@@ -317,26 +318,6 @@ impl MpiCommunicator {
         let mut recv = vec![0u8; bytes.len()];
         mpi.world.all_to_all_into(bytes, &mut recv[..]);
         let len = bytes.len() / self.size.max(1);
-        if dtype == DType::F32 && len > 0 {
-            // Folded straight from the received bytes (the same order and arithmetic as
-            // `host::reduce`, without a tensor per part).
-            let mut acc: Vec<f32> = f32s(&recv[..len]).collect();
-            for part in recv.chunks(len).take(self.size).skip(1) {
-                match op {
-                    ReduceOp::Sum | ReduceOp::Mean => acc.iter_mut().zip(f32s(part)).for_each(|(a, b)| *a += b),
-                    ReduceOp::Max => acc.iter_mut().zip(f32s(part)).for_each(|(a, b)| {
-                        if b > *a || b.is_nan() {
-                            *a = b;
-                        }
-                    }),
-                }
-            }
-            if op == ReduceOp::Mean {
-                let n = self.size as f32;
-                acc.iter_mut().for_each(|a| *a /= n);
-            }
-            return Ok(Tensor::from_vec(acc, chunk_shape.clone(), Device::Cpu)?);
-        }
         let parts = recv
             .chunks(len.max(1))
             .take(self.size)
@@ -344,6 +325,36 @@ impl MpiCommunicator {
         let sum = if len == 0 { Vec::new() } else { host::reduce(parts, op, self.size)? };
         Ok(Tensor::from_f32(sum, chunk_shape.clone(), dtype, Device::Cpu)?)
     }
+}
+
+/// f32 elements, borrowed from a CPU tensor, or copied (a GPU tensor, through host memory).
+fn f32_elements(x: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
+    Ok(match x.as_slice::<f32>() {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => std::borrow::Cow::Owned(x.to_f32_vec()?),
+    })
+}
+
+/// Folds `parts` (`size` chunks of `m` elements, rank 0's first) into the first, in rank order:
+/// the same order and arithmetic as `host::reduce` and the in-process group. Returns the first
+/// chunk, reduced.
+fn fold_in_rank_order(parts: &mut [f32], m: usize, size: usize, op: ReduceOp) -> &[f32] {
+    let (acc, rest) = parts.split_at_mut(m);
+    for part in rest.chunks(m.max(1)).take(size.saturating_sub(1)) {
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => acc.iter_mut().zip(part).for_each(|(a, &b)| *a += b),
+            ReduceOp::Max => acc.iter_mut().zip(part).for_each(|(a, &b)| {
+                if b > *a || b.is_nan() {
+                    *a = b;
+                }
+            }),
+        }
+    }
+    if op == ReduceOp::Mean {
+        let n = size as f32;
+        acc.iter_mut().for_each(|a| *a /= n);
+    }
+    acc
 }
 
 fn dtype_code(d: DType) -> u64 {
@@ -433,10 +444,6 @@ fn decode(op: &'static str, w: &[u64]) -> Result<Signature> {
 }
 
 /// The little-endian f32s of `bytes`.
-fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-}
-
 /// A point-to-point message: dtype code, rank, dims (u64 little-endian each), then the bytes.
 fn pack(x: &Tensor) -> Result<Vec<u8>> {
     let mut msg = Vec::with_capacity(16 + 8 * x.rank() + x.numel() * x.dtype().size_in_bytes());
@@ -482,6 +489,25 @@ impl Communicator for MpiCommunicator {
         let (n, numel, es) = (self.size, x.numel(), x.dtype().size_in_bytes());
         // Reduce-scatter of the flat tensor padded to n equal chunks, then all-gather.
         let m = numel.div_ceil(n);
+        if x.dtype() == DType::F32 {
+            // f32 (gradients): MPI reads and writes typed buffers, the fold runs in place on
+            // the received chunks; no byte copies.
+            let src = f32_elements(x)?;
+            let padded;
+            let send: &[f32] = if m * n == numel {
+                &src
+            } else {
+                padded = [&src[..], &vec![0.0; m * n - numel]].concat();
+                &padded
+            };
+            let mut recv = vec![0f32; m * n];
+            mpi.world.all_to_all_into(send, &mut recv[..]);
+            let mine = fold_in_rank_order(&mut recv, m, n, op);
+            let mut all = vec![0f32; m * n];
+            mpi.world.all_gather_into(mine, &mut all[..]);
+            all.truncate(numel);
+            return Ok(Tensor::from_vec(all, x.shape().clone(), Device::Cpu)?.to_device(x.device())?);
+        }
         let mut bytes = x.to_bytes()?;
         bytes.resize(m * n * es, 0);
         let mine = self.reduce_my_chunk(&mpi, &bytes, &Shape::new([m]), x.dtype(), op)?.to_bytes()?;
@@ -498,6 +524,12 @@ impl Communicator for MpiCommunicator {
         if x.numel() == 0 {
             return Ok(Tensor::zeros(host::with_dim0(x.dims(), rows), x.dtype(), x.device())?);
         }
+        if x.dtype() == DType::F32 {
+            let src = f32_elements(x)?;
+            let mut all = vec![0f32; src.len() * self.size];
+            mpi.world.all_gather_into(&src[..], &mut all[..]);
+            return Ok(Tensor::from_vec(all, host::with_dim0(x.dims(), rows), Device::Cpu)?.to_device(x.device())?);
+        }
         let bytes = x.to_bytes()?;
         let mut all = vec![0u8; bytes.len() * self.size];
         mpi.world.all_gather_into(&bytes[..], &mut all[..]);
@@ -510,6 +542,15 @@ impl Communicator for MpiCommunicator {
         let chunk = Shape::new(host::with_dim0(x.dims(), x.dims()[0] / self.size));
         if x.numel() == 0 {
             return Ok(Tensor::zeros(chunk, x.dtype(), x.device())?);
+        }
+        if x.dtype() == DType::F32 {
+            let src = f32_elements(x)?;
+            let m = src.len() / self.size;
+            let mut recv = vec![0f32; src.len()];
+            mpi.world.all_to_all_into(&src[..], &mut recv[..]);
+            fold_in_rank_order(&mut recv, m, self.size, op);
+            recv.truncate(m);
+            return Ok(Tensor::from_vec(recv, chunk, Device::Cpu)?.to_device(x.device())?);
         }
         Ok(self.reduce_my_chunk(&mpi, &x.to_bytes()?, &chunk, x.dtype(), op)?.to_device(x.device())?)
     }
