@@ -20,6 +20,8 @@
 // Shared-memory tiles are [rows][DP + 8] 16-bit elements: the 16-byte row padding puts the 8
 // rows of an ldmatrix on distinct banks for every DP.
 //
+// Every kernel below is also built as tile variants (entry points at the end of the file): the
+// numbers given here are those of the default kernels.
 //   flash_fwd_<dt>_d<DP>(q, k, v, o, lse, L, scale_log2)
 //       grid (⌈n/64⌉, B·H). A block owns 64 queries (16 per warp, their Q fragments in
 //       registers) and walks the keys in blocks of 64: S = Q·Kᵀ (f32), masked tail, online
