@@ -133,7 +133,7 @@ fn variant_table(dev: &Device, quick: bool, samples: usize, iters: usize) {
         let (po, plse) = fa::fwd_packed_variant(&qkv, 0, w, h, scale, FlashVariant::M64).unwrap();
         let cell = |ok: bool, flops: f64, f: &mut dyn FnMut()| {
             if ok {
-                format!("{:.1}", tflops(flops, common::median_time(samples, iters, || f())))
+                format!("{:.1}", tflops(flops, common::median_time(samples, iters, f)))
             } else {
                 "-".to_string()
             }

@@ -361,8 +361,12 @@ fn every_flash_variant_backward_is_deterministic() {
     require_gpu();
     let dt = DType::BF16;
     let shape = [4, 6, 257, 64];
-    let (q, k, v, d_o) =
-        (gpu(&randn(shape, 11, dt)), gpu(&randn(shape, 12, dt)), gpu(&randn(shape, 13, dt)), gpu(&randn(shape, 14, dt)));
+    let (q, k, v, d_o) = (
+        gpu(&randn(shape, 11, dt)),
+        gpu(&randn(shape, 12, dt)),
+        gpu(&randn(shape, 13, dt)),
+        gpu(&randn(shape, 14, dt)),
+    );
     let (o, lse) = fa::fwd_variant(&q, &k, &v, 0.125, FlashVariant::M64).unwrap();
     for variant in FlashVariant::ALL.into_iter().filter(|&v| v.supports(true, 64)) {
         let a = fa::bwd_variant(&q, &k, &v, &o, &lse, &d_o, 0.125, variant).unwrap();
@@ -400,9 +404,18 @@ fn flash_variants_pass_their_self_checks_and_reject_other_head_dims() {
     let err = fa::fwd_variant(&x, &x, &x, 0.1, FlashVariant::M128).unwrap_err().to_string();
     assert!(err.contains("m128") && err.contains("head dim 128"), "{err}");
     let y = gpu(&randn([1, 2, 64, 80], 2, DType::BF16));
-    let err = fa::bwd_variant(&y, &y, &y, &y, &gpu(&Tensor::zeros([1, 2, 64], DType::F32, Device::Cpu).unwrap()), &y, 0.1, FlashVariant::M128)
-        .unwrap_err()
-        .to_string();
+    let err = fa::bwd_variant(
+        &y,
+        &y,
+        &y,
+        &y,
+        &gpu(&Tensor::zeros([1, 2, 64], DType::F32, Device::Cpu).unwrap()),
+        &y,
+        0.1,
+        FlashVariant::M128,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("m128") && err.contains("backward") && err.contains("head dim 80"), "{err}");
 }
 
