@@ -20,6 +20,8 @@
 // Shared-memory tiles are [rows][DP + 8] 16-bit elements: the 16-byte row padding puts the 8
 // rows of an ldmatrix on distinct banks for every DP.
 //
+// Every kernel below is also built as tile variants (entry points at the end of the file): the
+// numbers given here are those of the default kernels.
 //   flash_fwd_<dt>_d<DP>(q, k, v, o, lse, L, scale_log2)
 //       grid (⌈n/64⌉, B·H). A block owns 64 queries (16 per warp, their Q fragments in
 //       registers) and walks the keys in blocks of 64: S = Q·Kᵀ (f32), masked tail, online
@@ -46,8 +48,6 @@
 #include "common.cuh"
 
 #define FA_THREADS 128
-#define FA_BM 64   // queries per block (forward, dq)
-#define FA_BN 64   // keys per block
 #define FA_PAD 8   // 16-bit elements of padding per shared-memory row
 #define FA_LOG2E 1.4426950408889634f
 #define FA_LN2 0.6931471805599453f
@@ -189,126 +189,187 @@ __device__ __forceinline__ void store_acc(u16* g, long long sn, const float (&ac
     }
 }
 
+// ---------------------------------------------------------------- shared pieces of the loops
+
+template <int N>
+__device__ __forceinline__ void zero_acc(float (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0.f;
+}
+
+// The A fragment (16 rows × key columns 16·kk..16·kk+15) of a C-fragment tile row s[NT][4],
+// rounded to the operand type: the P·V (and dS·K) trick, no trip through shared memory.
+template <class T, int NT>
+__device__ __forceinline__ void pack_a(unsigned (&a)[4], const float (&s)[NT][4], int kk) {
+    a[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Scores of keys ≥ m (columns j0 + ..., this thread's columns 2t, 2t+1 of each 8-column tile)
+// become −inf.
+template <int NT>
+__device__ __forceinline__ void mask_key_tail(float (&s)[NT][4], long long j0, long long m, int lane) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const long long c = j0 + nt * 8 + 2 * (lane & 3);
+        if (c >= m) s[nt][0] = s[nt][2] = NEG_INF;
+        if (c + 1 >= m) s[nt][1] = s[nt][3] = NEG_INF;
+    }
+}
+
+// One online-softmax step for this thread's rows g and g+8 of one m16 tile: the scores s
+// become p = 2^(s·c − m_new), the running max m (log2 units), the running (per-thread partial)
+// sum l and the output accumulator are rescaled by 2^(m_old − m_new).
+template <int NT, int DT>
+__device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&acc)[DT][4], float (&mrow)[2], float (&lrow)[2],
+                                             float scale_log2) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+        const float mnew = fmaxf(mrow[r], mx * scale_log2);
+        const float alpha = exp2f(mrow[r] - mnew);
+        mrow[r] = mnew;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][2 * r] = exp2f(fmaf(s[nt][2 * r], scale_log2, -mnew));
+            s[nt][2 * r + 1] = exp2f(fmaf(s[nt][2 * r + 1], scale_log2, -mnew));
+            sum += s[nt][2 * r] + s[nt][2 * r + 1];
+        }
+        lrow[r] = lrow[r] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            acc[dt][2 * r] *= alpha;
+            acc[dt][2 * r + 1] *= alpha;
+        }
+    }
+}
+
 // ---------------------------------------------------------------- forward
 
-template <class T, int DP>
+// MT m16 row tiles per warp (BM = 64·MT queries per block), BN keys per block; QR: the Q
+// fragments live in registers for the whole key loop (else they are re-read from shared memory
+// at every key block, which frees 4·MT·DP/16 registers). With MT = 2 every K and V fragment a
+// warp loads feeds two row tiles: half the ldmatrix traffic per MMA.
+template <class T, int DP, int MT, int BN, bool QR>
 __device__ __forceinline__ void flash_fwd_impl(const T* q_, const T* k_, const T* v_, T* o_, float* lse,
                                                const FlashLayout& L, float scale_log2) {
-    constexpr int LD = DP + FA_PAD, KS = DP / 16, NT = FA_BN / 8, DT = DP / 8;
+    constexpr int BM = 64 * MT, WM = 16 * MT;  // queries per block, per warp
+    constexpr int LD = DP + FA_PAD, KS = DP / 16, NT = BN / 8, DT = DP / 8;
     extern __shared__ __align__(16) u16 smem[];
-    u16* sK = smem;               // [FA_BN][LD]
-    u16* sV = sK + FA_BN * LD;    // [FA_BN][LD]; holds Q before the key loop
+    u16* sK = smem;                                       // [BN][LD]
+    u16* sV = sK + BN * LD;                               // [BN][LD]
+    u16* sQ = (QR && BM <= BN) ? sV : sV + BN * LD;       // [BM][LD]; aliases sV when it fits
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const long long bh = blockIdx.y, b = bh / L.heads, h = bh % L.heads;
     const long long n = L.n, m = L.m;
-    const int d = (int)L.d, q0 = blockIdx.x * FA_BM;
+    const int d = (int)L.d, q0 = blockIdx.x * BM;
     const u16* gq = slot((const u16*)q_, L, FA_Q, b, h) + q0 * L.s[FA_Q][3];
     const u16* gk = slot((const u16*)k_, L, FA_K, b, h);
     const u16* gv = slot((const u16*)v_, L, FA_V, b, h);
     const long long skn = L.s[FA_K][3], svn = L.s[FA_V][3];
 
-    load_tile<FA_BM, DP>(sV, gq, L.s[FA_Q][3], n - q0, d);
+    load_tile<BM, DP>(sQ, gq, L.s[FA_Q][3], n - q0, d);
     cp_async_commit();
-    load_tile<FA_BN, DP>(sK, gk, skn, m, d);
+    load_tile<BN, DP>(sK, gk, skn, m, d);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    unsigned qf[KS][4];
+    unsigned qf[MT][QR ? KS : 1][4];  // without QR: the fragments of one k step at a time
+    if constexpr (QR) {
 #pragma unroll
-    for (int kk = 0; kk < KS; ++kk) frag_a<LD>(qf[kk], sV, warp * 16, kk * 16, lane);
-    __syncthreads();  // sV is overwritten by V next
-
-    float acc[DT][4];
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.f, 0.f};
+            for (int kk = 0; kk < KS; ++kk) frag_a<LD>(qf[mt][kk], sQ, warp * WM + mt * 16, kk * 16, lane);
+        __syncthreads();  // sQ may be sV, overwritten by V next
+    }
 
-    for (long long j0 = 0; j0 < m; j0 += FA_BN) {
-        load_tile<FA_BN, DP>(sV, gv + j0 * svn, svn, m - j0, d);
+    float acc[MT][DT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) zero_acc(acc[mt]);
+    float mrow[MT][2], lrow[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) mrow[mt][0] = mrow[mt][1] = NEG_INF, lrow[mt][0] = lrow[mt][1] = 0.f;
+
+    for (long long j0 = 0; j0 < m; j0 += BN) {
+        load_tile<BN, DP>(sV, gv + j0 * svn, svn, m - j0, d);
         cp_async_commit();
         cp_async_wait<1>();  // K of this block
         __syncthreads();
-        float s[NT][4];
+        float s[MT][NT][4];
 #pragma unroll
-        for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) zero_acc(s[mt]);
+#pragma unroll(QR ? KS : 2)  // without QR, full unrolling hoists every Q fragment load again
         for (int kk = 0; kk < KS; ++kk) {
+            if constexpr (!QR) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) frag_a<LD>(qf[mt][0], sQ, warp * WM + mt * 16, kk * 16, lane);
+            }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 unsigned kb[4];
                 frag_bt<LD>(kb, sK, np * 16, kk * 16, lane);
-                Mma<T>::mma(s[2 * np], qf[kk], kb[0], kb[1]);
-                Mma<T>::mma(s[2 * np + 1], qf[kk], kb[2], kb[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Mma<T>::mma(s[mt][2 * np], qf[mt][QR ? kk : 0], kb[0], kb[1]);
+                    Mma<T>::mma(s[mt][2 * np + 1], qf[mt][QR ? kk : 0], kb[2], kb[3]);
+                }
             }
         }
         __syncthreads();  // every warp is done with sK
-        if (j0 + FA_BN < m) load_tile<FA_BN, DP>(sK, gk + (j0 + FA_BN) * skn, skn, m - j0 - FA_BN, d);
+        if (j0 + BN < m) load_tile<BN, DP>(sK, gk + (j0 + BN) * skn, skn, m - j0 - BN, d);
         cp_async_commit();
 
-        if (j0 + FA_BN > m) {  // key tail
+        if (j0 + BN > m) {  // key tail
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const long long c = j0 + nt * 8 + 2 * (lane & 3);
-                if (c >= m) s[nt][0] = s[nt][2] = NEG_INF;
-                if (c + 1 >= m) s[nt][1] = s[nt][3] = NEG_INF;
-            }
+            for (int mt = 0; mt < MT; ++mt) mask_key_tail(s[mt], j0, m, lane);
         }
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = NEG_INF;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
-            const float mnew = fmaxf(mrow[r], mx * scale_log2);
-            const float alpha = exp2f(mrow[r] - mnew);
-            mrow[r] = mnew;
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                s[nt][2 * r] = exp2f(fmaf(s[nt][2 * r], scale_log2, -mnew));
-                s[nt][2 * r + 1] = exp2f(fmaf(s[nt][2 * r + 1], scale_log2, -mnew));
-                sum += s[nt][2 * r] + s[nt][2 * r + 1];
-            }
-            lrow[r] = lrow[r] * alpha + sum;
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                acc[dt][2 * r] *= alpha;
-                acc[dt][2 * r + 1] *= alpha;
-            }
-        }
+        for (int mt = 0; mt < MT; ++mt) softmax_step(s[mt], acc[mt], mrow[mt], lrow[mt], scale_log2);
 
         cp_async_wait<1>();  // V of this block
         __syncthreads();
 #pragma unroll
-        for (int kk = 0; kk < FA_BN / 16; ++kk) {
-            const unsigned a[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]), Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                                   Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                   Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) pack_a<T>(a[mt], s[mt], kk);
 #pragma unroll
             for (int dp = 0; dp < DP / 16; ++dp) {
                 unsigned vb[4];
                 frag_b<LD>(vb, sV, kk * 16, dp * 16, lane);
-                Mma<T>::mma(acc[2 * dp], a, vb[0], vb[1]);
-                Mma<T>::mma(acc[2 * dp + 1], a, vb[2], vb[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Mma<T>::mma(acc[mt][2 * dp], a[mt], vb[0], vb[1]);
+                    Mma<T>::mma(acc[mt][2 * dp + 1], a[mt], vb[2], vb[3]);
+                }
             }
         }
         __syncthreads();  // every warp is done with sV
     }
     cp_async_wait<0>();
 
-    float inv[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = lrow[r];
-        l += __shfl_xor_sync(FULL_MASK, l, 1);
-        l += __shfl_xor_sync(FULL_MASK, l, 2);
-        inv[r] = 1.f / l;
-        const long long row = q0 + warp * 16 + (lane >> 2) + 8 * r;
-        if ((lane & 3) == 0 && row < n) lse[bh * n + row] = mrow[r] * FA_LN2 + logf(l);
+    for (int mt = 0; mt < MT; ++mt) {
+        float inv[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = lrow[mt][r];
+            l += __shfl_xor_sync(FULL_MASK, l, 1);
+            l += __shfl_xor_sync(FULL_MASK, l, 2);
+            inv[r] = 1.f / l;
+            const long long row = q0 + warp * WM + mt * 16 + (lane >> 2) + 8 * r;
+            if ((lane & 3) == 0 && row < n) lse[bh * n + row] = mrow[mt][r] * FA_LN2 + logf(l);
+        }
+        u16* go = slot((u16*)o_, L, FA_O, b, h) + q0 * L.s[FA_O][3];
+        store_acc<T, DP>(go, L.s[FA_O][3], acc[mt], inv, warp * WM + mt * 16, n - q0, d, lane);
     }
-    u16* go = slot((u16*)o_, L, FA_O, b, h) + q0 * L.s[FA_O][3];
-    store_acc<T, DP>(go, L.s[FA_O][3], acc, inv, warp * 16, n - q0, d, lane);
 }
 
 // ---------------------------------------------------------------- backward: delta
@@ -331,41 +392,46 @@ __device__ __forceinline__ void flash_bwd_delta_impl(const T* o, const T* d_o, f
 
 // ---------------------------------------------------------------- backward: dq
 
-template <class T, int DP>
+// MT m16 query tiles per warp (64·MT queries per block), BK keys per step. With MT = 2 every
+// K and V fragment feeds two query tiles.
+template <class T, int DP, int MT, int BK>
 __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, const T* v_, const T* do_,
                                                   const float* lse, const float* delta, T* dq_, const FlashLayout& L,
                                                   float scale, float scale_log2) {
-    constexpr int BK = DP <= 96 ? 64 : 32;  // keys per step (32 keeps DP > 96 free of spills)
+    constexpr int BM = 64 * MT, WM = 16 * MT;
     constexpr int LD = DP + FA_PAD, KS = DP / 16, NT = BK / 8, DT = DP / 8, TILE = BK * LD;
     extern __shared__ __align__(16) u16 smem[];
-    u16* sQ = smem;                 // [FA_BM][LD]
-    u16* sDO = sQ + FA_BM * LD;     // [FA_BM][LD]
-    u16* sKV = sDO + FA_BM * LD;    // two stages of K, V: [2][2][BK][LD]
+    u16* sQ = smem;              // [BM][LD]
+    u16* sDO = sQ + BM * LD;     // [BM][LD]
+    u16* sKV = sDO + BM * LD;    // two stages of K, V: [2][2][BK][LD]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const long long bh = blockIdx.y, b = bh / L.heads, h = bh % L.heads;
     const long long n = L.n, m = L.m;
-    const int d = (int)L.d, q0 = blockIdx.x * FA_BM;
+    const int d = (int)L.d, q0 = blockIdx.x * BM;
     const u16* gk = slot((const u16*)k_, L, FA_K, b, h);
     const u16* gv = slot((const u16*)v_, L, FA_V, b, h);
     const long long skn = L.s[FA_K][3], svn = L.s[FA_V][3];
 
-    load_tile<FA_BM, DP>(sQ, slot((const u16*)q_, L, FA_Q, b, h) + q0 * L.s[FA_Q][3], L.s[FA_Q][3], n - q0, d);
-    load_tile<FA_BM, DP>(sDO, slot((const u16*)do_, L, FA_DO, b, h) + q0 * L.s[FA_DO][3], L.s[FA_DO][3], n - q0, d);
+    load_tile<BM, DP>(sQ, slot((const u16*)q_, L, FA_Q, b, h) + q0 * L.s[FA_Q][3], L.s[FA_Q][3], n - q0, d);
+    load_tile<BM, DP>(sDO, slot((const u16*)do_, L, FA_DO, b, h) + q0 * L.s[FA_DO][3], L.s[FA_DO][3], n - q0, d);
     load_tile<BK, DP>(sKV, gk, skn, m, d);
     load_tile<BK, DP>(sKV + TILE, gv, svn, m, d);
     cp_async_commit();
 
-    // Row statistics of this thread's rows g and g+8 (rows past n: lse = +inf gives P = 0).
-    float lse2[2], dl[2];
+    // Row statistics of this thread's rows g and g+8 of each tile (rows past n: lse = +inf
+    // gives P = 0).
+    float lse2[MT][2], dl[MT][2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const long long row = q0 + warp * 16 + (lane >> 2) + 8 * r;
-        lse2[r] = row < n ? lse[bh * n + row] * FA_LOG2E : -NEG_INF;
-        dl[r] = row < n ? delta[bh * n + row] : 0.f;
-    }
-    float acc[DT][4];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+        for (int r = 0; r < 2; ++r) {
+            const long long row = q0 + warp * WM + mt * 16 + (lane >> 2) + 8 * r;
+            lse2[mt][r] = row < n ? lse[bh * n + row] * FA_LOG2E : -NEG_INF;
+            dl[mt][r] = row < n ? delta[bh * n + row] : 0.f;
+        }
+    float acc[MT][DT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) zero_acc(acc[mt]);
 
     int stage = 0;
     for (long long j0 = 0; j0 < m; j0 += BK, stage ^= 1) {
@@ -379,51 +445,60 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
-        float s[NT][4], dp[NT][4];
+        float s[MT][NT][4], dp[MT][NT][4];
 #pragma unroll
-        for (int i = 0; i < NT; ++i) {
-            s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-            dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
-        }
+        for (int mt = 0; mt < MT; ++mt) zero_acc(s[mt]), zero_acc(dp[mt]);
 #pragma unroll 2  // fully unrolled, ptxas hoists every fragment load and spills at DP = 128
         for (int kk = 0; kk < KS; ++kk) {
-            unsigned qa[4], da[4];
-            frag_a<LD>(qa, sQ, warp * 16, kk * 16, lane);
-            frag_a<LD>(da, sDO, warp * 16, kk * 16, lane);
+            unsigned qa[MT][4], da[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                frag_a<LD>(qa[mt], sQ, warp * WM + mt * 16, kk * 16, lane);
+                frag_a<LD>(da[mt], sDO, warp * WM + mt * 16, kk * 16, lane);
+            }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 unsigned kb[4], vb[4];
                 frag_bt<LD>(kb, sK, np * 16, kk * 16, lane);
                 frag_bt<LD>(vb, sV, np * 16, kk * 16, lane);
-                Mma<T>::mma(s[2 * np], qa, kb[0], kb[1]);
-                Mma<T>::mma(s[2 * np + 1], qa, kb[2], kb[3]);
-                Mma<T>::mma(dp[2 * np], da, vb[0], vb[1]);
-                Mma<T>::mma(dp[2 * np + 1], da, vb[2], vb[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Mma<T>::mma(s[mt][2 * np], qa[mt], kb[0], kb[1]);
+                    Mma<T>::mma(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+                    Mma<T>::mma(dp[mt][2 * np], da[mt], vb[0], vb[1]);
+                    Mma<T>::mma(dp[mt][2 * np + 1], da[mt], vb[2], vb[3]);
+                }
             }
         }
         // dS = P∘(dP − delta), P = 0 on the key tail.
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const long long c = j0 + nt * 8 + 2 * (lane & 3);
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1;
-                const float p = (c + (e & 1)) < m ? exp2f(fmaf(s[nt][e], scale_log2, -lse2[r])) : 0.f;
-                s[nt][e] = p * (dp[nt][e] - dl[r]);
+            for (int nt = 0; nt < NT; ++nt) {
+                const long long c = j0 + nt * 8 + 2 * (lane & 3);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = e >> 1;
+                    const float p =
+                        (c + (e & 1)) < m ? exp2f(fmaf(s[mt][nt][e], scale_log2, -lse2[mt][r])) : 0.f;
+                    s[mt][nt][e] = p * (dp[mt][nt][e] - dl[mt][r]);
+                }
             }
-        }
         // dQ += dS·K
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
-            const unsigned a[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]), Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                                   Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                   Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) pack_a<T>(a[mt], s[mt], kk);
 #pragma unroll
             for (int dd = 0; dd < DP / 16; ++dd) {
                 unsigned kb[4];
                 frag_b<LD>(kb, sK, kk * 16, dd * 16, lane);
-                Mma<T>::mma(acc[2 * dd], a, kb[0], kb[1]);
-                Mma<T>::mma(acc[2 * dd + 1], a, kb[2], kb[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Mma<T>::mma(acc[mt][2 * dd], a[mt], kb[0], kb[1]);
+                    Mma<T>::mma(acc[mt][2 * dd + 1], a[mt], kb[2], kb[3]);
+                }
             }
         }
         __syncthreads();  // this stage is free for the load two blocks ahead
@@ -431,32 +506,35 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
     cp_async_wait<0>();
     const float mul[2] = {scale, scale};
     u16* g = slot((u16*)dq_, L, FA_DQ, b, h) + q0 * L.s[FA_DQ][3];
-    store_acc<T, DP>(g, L.s[FA_DQ][3], acc, mul, warp * 16, n - q0, d, lane);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) store_acc<T, DP>(g, L.s[FA_DQ][3], acc[mt], mul, warp * WM + mt * 16, n - q0, d, lane);
 }
 
 // ---------------------------------------------------------------- backward: dk, dv
 
-template <class T, int DP>
+// MT m16 key tiles per warp (64·MT keys per block), BQ queries per step. With MT = 2 every Q
+// and dO fragment feeds two key tiles.
+template <class T, int DP, int MT, int BQ>
 __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, const T* v_, const T* do_,
                                                     const float* lse, const float* delta, T* dkv_,
                                                     const FlashLayout& L, float scale, float scale_log2) {
-    constexpr int BQ = DP <= 64 ? 64 : 32;
+    constexpr int BKEYS = 64 * MT, WK = 16 * MT;  // keys per block, per warp
     constexpr int LD = DP + FA_PAD, KS = DP / 16, NT = BQ / 8, DT = DP / 8, QT = BQ * LD;
     extern __shared__ __align__(16) u16 smem[];
-    u16* sK = smem;                    // [FA_BN][LD]
-    u16* sV = sK + FA_BN * LD;         // [FA_BN][LD]
-    u16* sQD = sV + FA_BN * LD;        // two stages of Q, dO: [2][2][BQ][LD]
+    u16* sK = smem;                    // [BKEYS][LD]
+    u16* sV = sK + BKEYS * LD;         // [BKEYS][LD]
+    u16* sQD = sV + BKEYS * LD;        // two stages of Q, dO: [2][2][BQ][LD]
     float* sStat = (float*)(sQD + 4 * QT);  // two stages of lse·log2 e and delta: [2][2][BQ]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const long long bh = blockIdx.y, b = bh / L.heads, h = bh % L.heads;
     const long long n = L.n, m = L.m;
-    const int d = (int)L.d, k0 = blockIdx.x * FA_BN;
+    const int d = (int)L.d, k0 = blockIdx.x * BKEYS;
     const u16* gq = slot((const u16*)q_, L, FA_Q, b, h);
     const u16* gdo = slot((const u16*)do_, L, FA_DO, b, h);
     const long long sqn = L.s[FA_Q][3], sdn = L.s[FA_DO][3];
 
-    load_tile<FA_BN, DP>(sK, slot((const u16*)k_, L, FA_K, b, h) + k0 * L.s[FA_K][3], L.s[FA_K][3], m - k0, d);
-    load_tile<FA_BN, DP>(sV, slot((const u16*)v_, L, FA_V, b, h) + k0 * L.s[FA_V][3], L.s[FA_V][3], m - k0, d);
+    load_tile<BKEYS, DP>(sK, slot((const u16*)k_, L, FA_K, b, h) + k0 * L.s[FA_K][3], L.s[FA_K][3], m - k0, d);
+    load_tile<BKEYS, DP>(sV, slot((const u16*)v_, L, FA_V, b, h) + k0 * L.s[FA_V][3], L.s[FA_V][3], m - k0, d);
     load_tile<BQ, DP>(sQD, gq, sqn, n, d);
     load_tile<BQ, DP>(sQD + QT, gdo, sdn, n, d);
     cp_async_commit();
@@ -466,12 +544,9 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
         sStat[BQ + i] = i < n ? delta[bh * n + i] : 0.f;
     }
 
-    float dk[DT][4], dv[DT][4];
+    float dk[MT][DT][4], dv[MT][DT][4];
 #pragma unroll
-    for (int i = 0; i < DT; ++i) {
-        dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
-        dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
-    }
+    for (int mt = 0; mt < MT; ++mt) zero_acc(dk[mt]), zero_acc(dv[mt]);
 
     int stage = 0;
     for (long long i0 = 0; i0 < n; i0 += BQ, stage ^= 1) {
@@ -492,58 +567,63 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
-        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys × BQ queries.
-        float s[NT][4], dp[NT][4];
+        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16·MT keys × BQ queries.
+        float s[MT][NT][4], dp[MT][NT][4];
 #pragma unroll
-        for (int i = 0; i < NT; ++i) {
-            s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-            dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
-        }
+        for (int mt = 0; mt < MT; ++mt) zero_acc(s[mt]), zero_acc(dp[mt]);
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
-            unsigned ka[4], va[4];
-            frag_a<LD>(ka, sK, warp * 16, kk * 16, lane);
-            frag_a<LD>(va, sV, warp * 16, kk * 16, lane);
+            unsigned ka[MT][4], va[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                frag_a<LD>(ka[mt], sK, warp * WK + mt * 16, kk * 16, lane);
+                frag_a<LD>(va[mt], sV, warp * WK + mt * 16, kk * 16, lane);
+            }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 unsigned qb[4], db[4];
                 frag_bt<LD>(qb, sQ, np * 16, kk * 16, lane);
                 frag_bt<LD>(db, sDO, np * 16, kk * 16, lane);
-                Mma<T>::mma(s[2 * np], ka, qb[0], qb[1]);
-                Mma<T>::mma(s[2 * np + 1], ka, qb[2], qb[3]);
-                Mma<T>::mma(dp[2 * np], va, db[0], db[1]);
-                Mma<T>::mma(dp[2 * np + 1], va, db[2], db[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Mma<T>::mma(s[mt][2 * np], ka[mt], qb[0], qb[1]);
+                    Mma<T>::mma(s[mt][2 * np + 1], ka[mt], qb[2], qb[3]);
+                    Mma<T>::mma(dp[mt][2 * np], va[mt], db[0], db[1]);
+                    Mma<T>::mma(dp[mt][2 * np + 1], va[mt], db[2], db[3]);
+                }
             }
         }
         // Pᵀ (into s) and dSᵀ (into dp); columns are queries.
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = nt * 8 + 2 * (lane & 3) + (e & 1);
-                const float p = exp2f(fmaf(s[nt][e], scale_log2, -st[c]));
-                s[nt][e] = p;
-                dp[nt][e] = p * (dp[nt][e] - st[BQ + c]);
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = nt * 8 + 2 * (lane & 3) + (e & 1);
+                    const float p = exp2f(fmaf(s[mt][nt][e], scale_log2, -st[c]));
+                    s[mt][nt][e] = p;
+                    dp[mt][nt][e] = p * (dp[mt][nt][e] - st[BQ + c]);
+                }
             }
-        }
         // dV += Pᵀ·dO, dK += dSᵀ·Q
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk) {
-            const unsigned pa[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]), Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                                    Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const unsigned sa[4] = {
-                Mma<T>::pack(dp[2 * kk][0], dp[2 * kk][1]), Mma<T>::pack(dp[2 * kk][2], dp[2 * kk][3]),
-                Mma<T>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), Mma<T>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+            unsigned pa[MT][4], sa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) pack_a<T>(pa[mt], s[mt], kk), pack_a<T>(sa[mt], dp[mt], kk);
 #pragma unroll
             for (int dd = 0; dd < DP / 16; ++dd) {
                 unsigned db[4], qb[4];
                 frag_b<LD>(db, sDO, kk * 16, dd * 16, lane);
                 frag_b<LD>(qb, sQ, kk * 16, dd * 16, lane);
-                Mma<T>::mma(dv[2 * dd], pa, db[0], db[1]);
-                Mma<T>::mma(dv[2 * dd + 1], pa, db[2], db[3]);
-                Mma<T>::mma(dk[2 * dd], sa, qb[0], qb[1]);
-                Mma<T>::mma(dk[2 * dd + 1], sa, qb[2], qb[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Mma<T>::mma(dv[mt][2 * dd], pa[mt], db[0], db[1]);
+                    Mma<T>::mma(dv[mt][2 * dd + 1], pa[mt], db[2], db[3]);
+                    Mma<T>::mma(dk[mt][2 * dd], sa[mt], qb[0], qb[1]);
+                    Mma<T>::mma(dk[mt][2 * dd + 1], sa[mt], qb[2], qb[3]);
+                }
             }
         }
         __syncthreads();  // this stage is free for the load two blocks ahead
@@ -552,39 +632,80 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
     const float ks[2] = {scale, scale}, one[2] = {1.f, 1.f};
     u16* gdk = slot((u16*)dkv_, L, FA_DK, b, h) + k0 * L.s[FA_DK][3];
     u16* gdv = slot((u16*)dkv_, L, FA_DV, b, h) + k0 * L.s[FA_DV][3];
-    store_acc<T, DP>(gdk, L.s[FA_DK][3], dk, ks, warp * 16, m - k0, d, lane);
-    store_acc<T, DP>(gdv, L.s[FA_DV][3], dv, one, warp * 16, m - k0, d, lane);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        store_acc<T, DP>(gdk, L.s[FA_DK][3], dk[mt], ks, warp * WK + mt * 16, m - k0, d, lane);
+        store_acc<T, DP>(gdv, L.s[FA_DV][3], dv[mt], one, warp * WK + mt * 16, m - k0, d, lane);
+    }
 }
 
 // ---------------------------------------------------------------- entry points
+//
+// Variants (tile configurations, see docs/kernels.md and FlashVariant in flash_attention.rs,
+// whose tables must match these template arguments):
+//   (no suffix)  fwd: 16 queries per warp, 64-key blocks, Q in registers; dq: 16 queries per
+//                warp, 64 keys per step (32 for DP > 96); dkdv: 16 keys per warp, 64 queries
+//                per step (32 for DP > 64).
+//   _m128        fwd (DP 64, 80): 32 queries per warp (BM = 128), 64-key blocks, Q in
+//                registers at DP = 64, re-read from shared memory above; dq (DP 64): 32
+//                queries per warp, 32 keys per step; dkdv (DP 64): 32 keys per warp (128 per
+//                block), 32 queries per step.
+//   _n128        fwd only (DP 64, 80, 96): 16 queries per warp, 128-key blocks (half the
+//                barriers and softmax rescales per key).
 
-#define FLASH_DP(name, T, DP)                                                                                         \
+#define FLASH_FWD(name, T, DP, SUFFIX, MT, BN, QR)                                                                    \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                           \
-        flash_fwd_##name##_d##DP(const T* q, const T* k, const T* v, T* o, float* lse, FlashLayout L,                \
-                                 float scale_log2) {                                                                   \
-        flash_fwd_impl<T, DP>(q, k, v, o, lse, L, scale_log2);                                                         \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                           \
-        flash_bwd_dq_##name##_d##DP(const T* q, const T* k, const T* v, const T* d_o, const float* lse,              \
-                                    const float* delta, T* dq, FlashLayout L, float scale, float scale_log2) {         \
-        flash_bwd_dq_impl<T, DP>(q, k, v, d_o, lse, delta, dq, L, scale, scale_log2);                                  \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                           \
-        flash_bwd_dkdv_##name##_d##DP(const T* q, const T* k, const T* v, const T* d_o, const float* lse,            \
-                                      const float* delta, T* dkv, FlashLayout L, float scale, float scale_log2) {      \
-        flash_bwd_dkdv_impl<T, DP>(q, k, v, d_o, lse, delta, dkv, L, scale, scale_log2);                               \
+        flash_fwd_##name##_d##DP##SUFFIX(const T* q, const T* k, const T* v, T* o, float* lse, FlashLayout L,        \
+                                         float scale_log2) {                                                           \
+        flash_fwd_impl<T, DP, MT, BN, QR>(q, k, v, o, lse, L, scale_log2);                                             \
     }
+#define FLASH_DQ(name, T, DP, SUFFIX, MT, BK)                                                                         \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                           \
+        flash_bwd_dq_##name##_d##DP##SUFFIX(const T* q, const T* k, const T* v, const T* d_o, const float* lse,      \
+                                            const float* delta, T* dq, FlashLayout L, float scale,                     \
+                                            float scale_log2) {                                                        \
+        flash_bwd_dq_impl<T, DP, MT, BK>(q, k, v, d_o, lse, delta, dq, L, scale, scale_log2);                          \
+    }
+#define FLASH_DKDV(name, T, DP, SUFFIX, MT, BQ)                                                                       \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                           \
+        flash_bwd_dkdv_##name##_d##DP##SUFFIX(const T* q, const T* k, const T* v, const T* d_o, const float* lse,    \
+                                              const float* delta, T* dkv, FlashLayout L, float scale,                  \
+                                              float scale_log2) {                                                      \
+        flash_bwd_dkdv_impl<T, DP, MT, BQ>(q, k, v, d_o, lse, delta, dkv, L, scale, scale_log2);                       \
+    }
+
+// The default kernels of head dim DP.
+#define FLASH_DP(name, T, DP)                                                                                         \
+    FLASH_FWD(name, T, DP, , 1, 64, true)                                                                              \
+    FLASH_DQ(name, T, DP, , 1, (DP <= 96 ? 64 : 32))                                                                   \
+    FLASH_DKDV(name, T, DP, , 1, (DP <= 64 ? 64 : 32))
+
+// The variants, at the head dims where ptxas (sm_80 and sm_90a) finds registers for them without
+// spills: _m128 forward at DP 64 (Q in registers) and 80 (Q re-read from shared memory; 96
+// spills either way), _n128 forward at DP 64, 80, 96, _m128 backward at DP 64 (its dk/dv
+// kernel spills at 80).
+#define FLASH_FWD_M128(name, T, DP, QR) FLASH_FWD(name, T, DP, _m128, 2, 64, QR)
+#define FLASH_FWD_N128(name, T, DP) FLASH_FWD(name, T, DP, _n128, 1, 128, true)
+#define FLASH_BWD_M128(name, T, DP)                                                                                   \
+    FLASH_DQ(name, T, DP, _m128, 2, 32)                                                                                \
+    FLASH_DKDV(name, T, DP, _m128, 2, 32)
 
 #define FLASH(name, T)                                                                                                 \
     extern "C" __global__ void flash_bwd_delta_##name(const T* o, const T* d_o, float* delta, FlashLayout L,         \
                                                       long long bh) {                                                  \
-        flash_bwd_delta_impl<T>(o, d_o, delta, L, bh);                                                                     \
+        flash_bwd_delta_impl<T>(o, d_o, delta, L, bh);                                                                 \
     }                                                                                                                  \
     FLASH_DP(name, T, 64)                                                                                              \
     FLASH_DP(name, T, 80)                                                                                              \
     FLASH_DP(name, T, 96)                                                                                              \
     FLASH_DP(name, T, 112)                                                                                             \
-    FLASH_DP(name, T, 128)
+    FLASH_DP(name, T, 128)                                                                                             \
+    FLASH_FWD_M128(name, T, 64, true)                                                                                  \
+    FLASH_FWD_M128(name, T, 80, false)                                                                                 \
+    FLASH_FWD_N128(name, T, 64)                                                                                        \
+    FLASH_FWD_N128(name, T, 80)                                                                                        \
+    FLASH_FWD_N128(name, T, 96)                                                                                        \
+    FLASH_BWD_M128(name, T, 64)
 
 FLASH(bf16, bf16)
 FLASH(f16, f16)

@@ -217,3 +217,222 @@ fn flash_packed_matches_the_cpu_reference() {
         assert_flash_used("bwd", dt);
     }
 }
+
+use vit_tensor::cuda::flash_attention::{self as fa, FlashVariant};
+
+/// Whether `variant` has kernels for head dim `d` in this direction.
+fn variant_takes(variant: FlashVariant, backward: bool, d: usize) -> bool {
+    variant.supports(backward, (d.div_ceil(16) * 16).max(64))
+}
+
+/// Every variant, run explicitly (no default choice, no self-check), against the CPU reference:
+/// forward at each head dim it supports and every token count, bf16 and f16.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn every_flash_variant_forward_matches_the_cpu_reference() {
+    require_gpu();
+    for variant in FlashVariant::ALL {
+        let mut cases = 0;
+        for dt in DTYPES {
+            for (a, &d) in HEAD_DIMS.iter().enumerate().filter(|(_, &d)| variant_takes(variant, false, d)) {
+                for (b, &n) in TOKENS.iter().enumerate() {
+                    let seed = 30_000 + 100 * a as u64 + 10 * b as u64;
+                    let shape = [2, 3, n, d];
+                    let (q, k, v) = (randn(shape, seed, dt), randn(shape, seed + 1, dt), randn(shape, seed + 2, dt));
+                    let scale = (d as f32).powf(-0.5);
+                    let cpu = ops::attention_fwd(&q, &k, &v, scale).unwrap();
+                    let (o, lse) = fa::fwd_variant(&gpu(&q), &gpu(&k), &gpu(&v), scale, variant).unwrap();
+                    let what = format!("{variant} {dt:?} d {d} tokens {n}");
+                    check(&format!("{what}: o"), &o, &cpu.o, tolerance(dt, false));
+                    check(&format!("{what}: lse"), &lse, &cpu.lse, 1e-4);
+                    cases += 1;
+                }
+            }
+        }
+        assert!(cases > 0, "{variant} has no forward case");
+    }
+}
+
+/// Every variant with backward kernels against the CPU reference (same cases as the forward).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn every_flash_variant_backward_matches_the_cpu_reference() {
+    require_gpu();
+    for variant in FlashVariant::ALL.into_iter().filter(|&v| HEAD_DIMS.iter().any(|&d| variant_takes(v, true, d))) {
+        for dt in DTYPES {
+            for (a, &d) in HEAD_DIMS.iter().enumerate().filter(|(_, &d)| variant_takes(variant, true, d)) {
+                for (b, &n) in TOKENS.iter().enumerate() {
+                    let seed = 40_000 + 100 * a as u64 + 10 * b as u64;
+                    let shape = [2, 3, n, d];
+                    let (q, k, v) = (randn(shape, seed, dt), randn(shape, seed + 1, dt), randn(shape, seed + 2, dt));
+                    let d_o = randn(shape, seed + 3, dt);
+                    let scale = (d as f32).powf(-0.5);
+                    let fwd = ops::attention_fwd(&q, &k, &v, scale).unwrap();
+                    let cpu = ops::attention_bwd(&q, &k, &v, &fwd.o, &fwd.lse, &d_o, scale).unwrap();
+                    let (dq, dk, dv) = fa::bwd_variant(
+                        &gpu(&q),
+                        &gpu(&k),
+                        &gpu(&v),
+                        &gpu(&fwd.o),
+                        &gpu(&fwd.lse),
+                        &gpu(&d_o),
+                        scale,
+                        variant,
+                    )
+                    .unwrap();
+                    let what = format!("{variant} {dt:?} d {d} tokens {n}");
+                    let tol = tolerance(dt, true);
+                    if n > 1 {
+                        check(&format!("{what}: dq"), &dq, &cpu.dq, tol);
+                        check(&format!("{what}: dk"), &dk, &cpu.dk, tol);
+                    } else {
+                        for (name, t) in [("dq", &dq), ("dk", &dk)] {
+                            let m = t.to_f32_vec().unwrap().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                            assert!(m < 1e-3, "{what}: {name} should vanish with one key, max |{name}| = {m}");
+                        }
+                    }
+                    check(&format!("{what}: dv"), &dv, &cpu.dv, tol);
+                }
+            }
+        }
+    }
+}
+
+/// Every variant on the packed layout (q, k, v read through strides out of `[B, N, prefix + 3W]`,
+/// o merged, one packed gradient) against the CPU reference, at the head dims it supports.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn every_flash_variant_packed_matches_the_cpu_reference() {
+    require_gpu();
+    let cases = [(197, 3, 64, 0), (257, 2, 80, 256), (64, 2, 88, 0), (1, 2, 64, 64), (130, 4, 128, 0)];
+    for variant in FlashVariant::ALL {
+        for dt in DTYPES {
+            for (i, &(n, heads, dh, prefix)) in cases.iter().enumerate() {
+                let (fwd_ok, bwd_ok) = (variant_takes(variant, false, dh), variant_takes(variant, true, dh));
+                if !fwd_ok {
+                    continue;
+                }
+                let (b, w) = (2, heads * dh);
+                let seed = 50_000 + 10 * i as u64;
+                let qkv = Tensor::randn([b, n, prefix + 3 * w], 0.0, 1.0, seed, dt, Device::Cpu).unwrap();
+                let d_o = Tensor::randn([b, n, w], 0.0, 1.0, seed + 1, dt, Device::Cpu).unwrap();
+                let scale = (dh as f32).powf(-0.5);
+                let g = gpu(&qkv);
+                let cpu = ops::attention_fwd_packed(&qkv, prefix, w, heads, scale).unwrap();
+                let (o, lse) = fa::fwd_packed_variant(&g, prefix, w, heads, scale, variant).unwrap();
+                let what = format!("{variant} {dt:?} packed n {n} heads {heads} d {dh} prefix {prefix}");
+                check(&format!("{what}: o"), &o, &cpu.o, tolerance(dt, false));
+                check(&format!("{what}: lse"), &lse, &cpu.lse, 1e-4);
+                if !bwd_ok {
+                    continue;
+                }
+                let cpu_g = ops::attention_bwd_packed(&qkv, prefix, w, heads, &cpu.o, &cpu.lse, &d_o, scale).unwrap();
+                let cuda_g = fa::bwd_packed_variant(
+                    &g,
+                    prefix,
+                    w,
+                    heads,
+                    &gpu(&cpu.o),
+                    &gpu(&cpu.lse),
+                    &gpu(&d_o),
+                    scale,
+                    variant,
+                )
+                .unwrap();
+                if n > 1 {
+                    check(&format!("{what}: dqkv"), &cuda_g, &cpu_g, tolerance(dt, true));
+                } else {
+                    check(
+                        &format!("{what}: dv"),
+                        &ops::slice(&cuda_g, 2, 2 * w, w).unwrap(),
+                        &ops::slice(&cpu_g, 2, 2 * w, w).unwrap(),
+                        tolerance(dt, true),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every variant's backward is deterministic: two runs give bit-identical gradients.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn every_flash_variant_backward_is_deterministic() {
+    require_gpu();
+    let dt = DType::BF16;
+    let shape = [4, 6, 257, 64];
+    let (q, k, v, d_o) = (
+        gpu(&randn(shape, 11, dt)),
+        gpu(&randn(shape, 12, dt)),
+        gpu(&randn(shape, 13, dt)),
+        gpu(&randn(shape, 14, dt)),
+    );
+    let (o, lse) = fa::fwd_variant(&q, &k, &v, 0.125, FlashVariant::M64).unwrap();
+    for variant in FlashVariant::ALL.into_iter().filter(|&v| v.supports(true, 64)) {
+        let a = fa::bwd_variant(&q, &k, &v, &o, &lse, &d_o, 0.125, variant).unwrap();
+        let b = fa::bwd_variant(&q, &k, &v, &o, &lse, &d_o, 0.125, variant).unwrap();
+        for (name, x, y) in [("dq", &a.0, &b.0), ("dk", &a.1, &b.1), ("dv", &a.2, &b.2)] {
+            assert_eq!(x.to_f32_vec().unwrap(), y.to_f32_vec().unwrap(), "{variant}: {name} differs between two runs");
+        }
+    }
+}
+
+/// Every variant passes its self-check on the device (`vit devices` lists the same keys), and a
+/// head dim a variant lacks is an error naming the variant and the head dim, not a launch.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn flash_variants_pass_their_self_checks_and_reject_other_head_dims() {
+    require_gpu();
+    let report = cuda::self_check::check_all(0).unwrap();
+    for variant in FlashVariant::ALL {
+        for (dir, backward) in [("fwd", false), ("bwd", true)] {
+            if !HEAD_DIMS.iter().any(|&d| variant_takes(variant, backward, d)) {
+                continue;
+            }
+            for dt in ["bf16", "f16"] {
+                let suffix = if variant == FlashVariant::M64 { String::new() } else { format!("_{variant}") };
+                let key = format!("flash_attention_{dir}_{dt}{suffix}");
+                let status = report.iter().find(|(k, _)| *k == key).map(|(_, s)| s.clone());
+                assert!(
+                    matches!(status, Some(cuda::self_check::KernelStatus::Passed { .. })),
+                    "{key}: expected a passed self-check, got {status:?}"
+                );
+            }
+        }
+    }
+    let x = gpu(&randn([1, 2, 64, 128], 1, DType::BF16));
+    let err = fa::fwd_variant(&x, &x, &x, 0.1, FlashVariant::M128).unwrap_err().to_string();
+    assert!(err.contains("m128") && err.contains("head dim 128"), "{err}");
+    let y = gpu(&randn([1, 2, 64, 80], 2, DType::BF16));
+    let err = fa::bwd_variant(
+        &y,
+        &y,
+        &y,
+        &y,
+        &gpu(&Tensor::zeros([1, 2, 64], DType::F32, Device::Cpu).unwrap()),
+        &y,
+        0.1,
+        FlashVariant::M128,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("m128") && err.contains("backward") && err.contains("head dim 80"), "{err}");
+}
+
+/// The variant entry points reject bad input with errors, before any launch (no GPU needed for
+/// these: CPU tensors and shape mismatches are refused first).
+#[test]
+fn flash_variant_entry_points_reject_bad_input() {
+    let cpu = randn([1, 2, 8, 64], 1, DType::BF16);
+    let e = fa::fwd_variant(&cpu, &cpu, &cpu, 0.1, FlashVariant::M64).unwrap_err().to_string();
+    assert!(e.to_lowercase().contains("cuda") || e.contains("device"), "CPU tensors: {e}");
+    let f32s = Tensor::zeros([1, 2, 8, 64], DType::F32, Device::Cpu).unwrap();
+    let e = fa::fwd_variant(&f32s, &f32s, &f32s, 0.1, FlashVariant::M64).unwrap_err().to_string();
+    assert!(e.contains("bf16 or f16") && e.contains("F32"), "f32: {e}");
+    let k = randn([1, 2, 9, 64], 2, DType::BF16);
+    let e = fa::fwd_variant(&cpu, &k, &cpu, 0.1, FlashVariant::M64).unwrap_err().to_string();
+    assert!(e.contains("k and v"), "k/v shapes: {e}");
+    let qkv = Tensor::zeros([1, 8, 3 * 128], DType::BF16, Device::Cpu).unwrap();
+    let e = fa::fwd_packed_variant(&qkv, 0, 128, 2, 0.1, FlashVariant::M128).unwrap_err().to_string();
+    assert!(!e.is_empty());
+}

@@ -77,3 +77,18 @@ fn a_caller_owned_source_compiles_with_our_headers() {
     assert_eq!(failures.len(), 2, "{failures:?}");
     assert!(failures[0].starts_with("bare.cu (sm_90a)") && failures[0].contains("bf16"), "{failures:?}");
 }
+
+#[test]
+fn every_flash_attention_entry_point_the_launchers_use_exists() {
+    require_nvrtc();
+    // FlashVariant's tables (crates/tensor/src/cuda/flash_attention.rs) name the kernels of each
+    // variant; a name the kernel file does not define would fail only at launch on a GPU.
+    let src = nvrtc::kernel_source("flash_attention.cu").expect("flash_attention.cu is embedded");
+    let c = nvrtc::compile_check("flash_attention.cu", &src, "sm_90a").expect("compiles");
+    let defined: Vec<&str> =
+        c.log.lines().filter_map(|l| l.split("Compiling entry function '").nth(1)?.split('\'').next()).collect();
+    let names = vit_tensor::cuda::flash_attention::entry_points();
+    assert!(names.len() > 30, "{names:?}");
+    let missing: Vec<_> = names.iter().filter(|n| !defined.contains(&n.as_str())).collect();
+    assert!(missing.is_empty(), "kernels the launchers use but flash_attention.cu lacks: {missing:?}");
+}

@@ -16,8 +16,6 @@ use cudarc::driver::{
 };
 use std::sync::Arc;
 
-/// Queries per block (forward, dq) and keys per block (forward, dk/dv), as in the kernels.
-const BLOCK: usize = 64;
 /// Threads per block of the flash kernels (4 warps).
 const THREADS: u32 = 128;
 /// 16-bit elements of padding per shared-memory row.
@@ -97,21 +95,172 @@ pub(crate) fn eligible(dtype: DType, bh: usize, n: usize, m: usize, d: usize, la
         && layout.aligned()
 }
 
-fn smem_fwd(dp: usize) -> usize {
-    2 * BLOCK * (dp + PAD) * 2
-}
-fn smem_dq(dp: usize) -> usize {
-    let bk = if dp <= 96 { 64 } else { 32 };
-    (2 * BLOCK + 4 * bk) * (dp + PAD) * 2
-}
-fn smem_dkdv(dp: usize) -> usize {
-    let bq = if dp <= 64 { 64 } else { 32 };
-    (2 * BLOCK + 4 * bq) * (dp + PAD) * 2 + 4 * bq * 4
+/// A tile configuration of the flash kernels (`kernels/flash_attention.cu`, "Variants"): which
+/// entry points a launch uses. Every variant computes the same result up to summation order;
+/// they differ in speed. The ops pick one per direction, padded head dim and token count from
+/// [`default_variant`] (or `VITRS_FLASH_VARIANT=<name>`, see [`forced_variant`]), and use a
+/// variant other than [`FlashVariant::M64`] only after its own self-check passed on the device
+/// (`flash_attention_{fwd,bwd}_{bf16,f16}_<name>`), falling back to `M64` otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlashVariant {
+    /// The original kernels, every head dim: 4 warps of 16 query rows (64 queries per block),
+    /// 64-key blocks; backward dq 16 queries per warp, dk/dv 16 keys per warp.
+    M64,
+    /// 32 rows per warp (two m16 tiles sharing every K and V fragment a warp loads, half the
+    /// `ldmatrix` traffic per MMA): forward 128 queries per block (padded head dims 64 and 80),
+    /// backward (64 only) dq 128 queries per block over 32-key steps, dk/dv 128 keys per block
+    /// over 32-query steps.
+    M128,
+    /// Forward only (padded head dims 64, 80, 96): 16 rows per warp and 128-key blocks, half
+    /// the barriers and softmax rescales per key of `M64`.
+    N128,
 }
 
-/// The kernel `op` for `dtype` and padded head dim `dp`, allowed `smem` bytes of dynamic shared memory.
-fn function(backend: &CudaBackend, op: &str, dtype: DType, dp: usize, smem: usize) -> Result<CudaFunction> {
-    let f = backend.function("flash_attention.cu", &format!("{}_d{dp}", name(op, dtype)))?;
+impl FlashVariant {
+    /// Every variant, the default first.
+    pub const ALL: [FlashVariant; 3] = [FlashVariant::M64, FlashVariant::M128, FlashVariant::N128];
+
+    /// The variant's name (`m64`, `m128`, `n128`), as `VITRS_FLASH_VARIANT` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashVariant::M64 => "m64",
+            FlashVariant::M128 => "m128",
+            FlashVariant::N128 => "n128",
+        }
+    }
+
+    /// The variant called `name` (see [`FlashVariant::name`]).
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name).ok_or_else(|| {
+            Error::Cuda(format!("flash attention variant '{name}' unknown: expected one of m64, m128, n128"))
+        })
+    }
+
+    /// Whether the variant has kernels for the forward (`backward = false`) or backward at
+    /// padded head dim `dp` (see [`padded_head_dim`]).
+    pub fn supports(self, backward: bool, dp: usize) -> bool {
+        match (self, backward) {
+            (FlashVariant::M64, _) => (64..=MAX_HEAD_DIM).contains(&dp) && dp % 16 == 0,
+            (FlashVariant::M128, false) => dp == 64 || dp == 80,
+            (FlashVariant::M128, true) => dp == 64,
+            (FlashVariant::N128, false) => dp == 64 || dp == 80 || dp == 96,
+            (FlashVariant::N128, true) => false,
+        }
+    }
+
+    /// The suffix of the variant's kernel names.
+    fn suffix(self) -> &'static str {
+        match self {
+            FlashVariant::M64 => "",
+            FlashVariant::M128 => "_m128",
+            FlashVariant::N128 => "_n128",
+        }
+    }
+
+    /// Forward tiles: (queries per block, keys per block, Q fragments in registers), as the
+    /// kernel's template arguments.
+    fn fwd_tiles(self, dp: usize) -> (usize, usize, bool) {
+        match self {
+            FlashVariant::M64 => (64, 64, true),
+            FlashVariant::M128 => (128, 64, dp == 64),
+            FlashVariant::N128 => (64, 128, true),
+        }
+    }
+
+    /// dq tiles: (queries per block, keys per step).
+    fn dq_tiles(self, dp: usize) -> (usize, usize) {
+        match self {
+            FlashVariant::M128 => (128, 32),
+            _ => (64, if dp <= 96 { 64 } else { 32 }),
+        }
+    }
+
+    /// dk/dv tiles: (keys per block, queries per step).
+    fn dkdv_tiles(self, dp: usize) -> (usize, usize) {
+        match self {
+            FlashVariant::M128 => (128, 32),
+            _ => (64, if dp <= 64 { 64 } else { 32 }),
+        }
+    }
+}
+
+impl std::fmt::Display for FlashVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The default variant per direction (`backward`), padded head dim and up to a token count:
+/// the first row that matches wins, [`FlashVariant::M64`] where none does. Set from the
+/// `attention_cuda` bench's variant table (docs/kernels.md); until measured, today's kernels.
+const DEFAULTS: &[(bool, usize, usize, FlashVariant)] =
+    &[(false, 64, usize::MAX, FlashVariant::M64), (true, 64, usize::MAX, FlashVariant::M64)];
+
+/// The variant the ops use by default for `n` queries at padded head dim `dp`.
+pub fn default_variant(backward: bool, dp: usize, n: usize) -> FlashVariant {
+    DEFAULTS
+        .iter()
+        .find(|&&(b, d, max_n, v)| b == backward && d == dp && n <= max_n && v.supports(backward, dp))
+        .map_or(FlashVariant::M64, |e| e.3)
+}
+
+/// The variant forced by `VITRS_FLASH_VARIANT=<name>` (for experiments; a direction or head dim
+/// the variant lacks keeps its default), `None` when unset; an unknown name is an error.
+pub fn forced_variant() -> Result<Option<FlashVariant>> {
+    static FORCED: std::sync::OnceLock<std::result::Result<Option<FlashVariant>, String>> = std::sync::OnceLock::new();
+    let forced = FORCED.get_or_init(|| match std::env::var("VITRS_FLASH_VARIANT") {
+        Ok(v) if !v.is_empty() => FlashVariant::parse(&v).map(Some).map_err(|e| format!("VITRS_FLASH_VARIANT: {e}")),
+        _ => Ok(None),
+    });
+    forced.clone().map_err(Error::Cuda)
+}
+
+/// The variant a launch takes on `backend`: the forced or default one when it passed its
+/// self-check there, else `M64` (whose own check the caller has already passed).
+fn chosen_variant(
+    backend: &Arc<CudaBackend>,
+    backward: bool,
+    dtype: DType,
+    d: usize,
+    n: usize,
+) -> Result<FlashVariant> {
+    let Some(dp) = padded_head_dim(d) else { return Ok(FlashVariant::M64) };
+    let want = match forced_variant()? {
+        Some(v) if v.supports(backward, dp) => v,
+        _ => default_variant(backward, dp, n),
+    };
+    if want == FlashVariant::M64 || variant_ok(backend, want, backward, dtype) {
+        Ok(want)
+    } else {
+        Ok(FlashVariant::M64)
+    }
+}
+
+fn smem_fwd(v: FlashVariant, dp: usize) -> usize {
+    let (bm, bn, qr) = v.fwd_tiles(dp);
+    let q_rows = if qr && bm <= bn { 0 } else { bm }; // Q shares V's tile when it fits
+    (2 * bn + q_rows) * (dp + PAD) * 2
+}
+fn smem_dq(v: FlashVariant, dp: usize) -> usize {
+    let (bm, bk) = v.dq_tiles(dp);
+    (2 * bm + 4 * bk) * (dp + PAD) * 2
+}
+fn smem_dkdv(v: FlashVariant, dp: usize) -> usize {
+    let (bkeys, bq) = v.dkdv_tiles(dp);
+    (2 * bkeys + 4 * bq) * (dp + PAD) * 2 + 4 * bq * 4
+}
+
+/// The kernel `op` of `variant` for `dtype` and padded head dim `dp`, allowed `smem` bytes of
+/// dynamic shared memory.
+fn function(
+    backend: &CudaBackend,
+    op: &str,
+    variant: FlashVariant,
+    dtype: DType,
+    dp: usize,
+    smem: usize,
+) -> Result<CudaFunction> {
+    let f = backend.function("flash_attention.cu", &format!("{}_d{dp}{}", name(op, dtype), variant.suffix()))?;
     if smem > DEFAULT_SMEM {
         // cuFuncSetAttribute acts on the calling thread's current context.
         backend.stream.context().bind_to_thread().map_err(super::cuda_err)?;
@@ -125,8 +274,19 @@ fn cfg(blocks: usize, bh: usize, smem: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks as u32, bh as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 }
 }
 
-/// Forward over `bh = batch·heads` slabs: writes `o` (through `layout`'s O slot) and `lse`
-/// (`[bh, n]` f32). The caller has checked [`eligible`].
+/// The padded head dim of `d` when `variant` has kernels for it in this direction.
+fn variant_head_dim(variant: FlashVariant, backward: bool, d: usize) -> Result<usize> {
+    match padded_head_dim(d) {
+        Some(dp) if variant.supports(backward, dp) => Ok(dp),
+        _ => Err(Error::Cuda(format!(
+            "flash attention variant {variant} has no {} kernel for head dim {d}",
+            if backward { "backward" } else { "forward" }
+        ))),
+    }
+}
+
+/// Forward over `bh = batch·heads` slabs with the kernels of `variant`: writes `o` (through
+/// `layout`'s O slot) and `lse` (`[bh, n]` f32). The caller has checked [`eligible`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_fwd(
     backend: &CudaBackend,
@@ -139,17 +299,19 @@ pub(crate) fn launch_fwd(
     lse: &mut CudaSlice<u8>,
     layout: &FlashLayout,
     scale: f32,
+    variant: FlashVariant,
 ) -> Result<()> {
     let (n, d) = (layout.n as usize, layout.d as usize);
-    let dp = padded_head_dim(d).ok_or_else(|| Error::Cuda(format!("flash attention: head dim {d} unsupported")))?;
-    let smem = smem_fwd(dp);
-    let func = function(backend, "flash_fwd", dtype, dp, smem)?;
+    let dp = variant_head_dim(variant, false, d)?;
+    let smem = smem_fwd(variant, dp);
+    let func = function(backend, "flash_fwd", variant, dtype, dp, smem)?;
     let scale_log2 = scale * std::f32::consts::LOG2_E;
-    launch!(backend, func, cfg(n.div_ceil(BLOCK), bh, smem), q, k, v, o, lse, layout, &scale_log2);
+    let rows = variant.fwd_tiles(dp).0;
+    launch!(backend, func, cfg(n.div_ceil(rows), bh, smem), q, k, v, o, lse, layout, &scale_log2);
     Ok(())
 }
 
-/// Backward over `bh` slabs: `delta = rowsum(dO∘O)` into `delta` (`[bh, n]` f32 scratch), dq
+/// Backward over `bh` slabs with the kernels of `variant`: `delta = rowsum(dO∘O)` into `delta` (`[bh, n]` f32 scratch), dq
 /// through the DQ slot into `dq`, dk and dv through the DK and DV slots into `dkv` (one buffer:
 /// separate tensors at two offsets, or a packed dqkv buffer, which may then also be `dq`'s: the
 /// launches are ordered on the stream).
@@ -164,10 +326,11 @@ pub(crate) fn launch_bwd(
     dkv: Option<&mut CudaSlice<u8>>,
     layout: &FlashLayout,
     scale: f32,
+    variant: FlashVariant,
 ) -> Result<()> {
     let [q, k, v, o, d_o, lse] = t;
     let (n, m, d) = (layout.n as usize, layout.m as usize, layout.d as usize);
-    let dp = padded_head_dim(d).ok_or_else(|| Error::Cuda(format!("flash attention: head dim {d} unsupported")))?;
+    let dp = variant_head_dim(variant, true, d)?;
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     let bh_ = i64_of(bh);
     let rows = bh * n;
@@ -178,12 +341,12 @@ pub(crate) fn launch_bwd(
     };
     let f = backend.function("flash_attention.cu", &name("flash_bwd_delta", dtype))?;
     launch!(backend, f, delta_cfg, o, d_o, &mut *delta, layout, &bh_);
-    let smem = smem_dq(dp);
-    let f = function(backend, "flash_bwd_dq", dtype, dp, smem)?;
+    let smem = smem_dq(variant, dp);
+    let f = function(backend, "flash_bwd_dq", variant, dtype, dp, smem)?;
     launch!(
         backend,
         f,
-        cfg(n.div_ceil(BLOCK), bh, smem),
+        cfg(n.div_ceil(variant.dq_tiles(dp).0), bh, smem),
         q,
         k,
         v,
@@ -195,9 +358,9 @@ pub(crate) fn launch_bwd(
         &scale,
         &scale_log2
     );
-    let smem = smem_dkdv(dp);
-    let f = function(backend, "flash_bwd_dkdv", dtype, dp, smem)?;
-    let grid = cfg(m.div_ceil(BLOCK), bh, smem);
+    let smem = smem_dkdv(variant, dp);
+    let f = function(backend, "flash_bwd_dkdv", variant, dtype, dp, smem)?;
+    let grid = cfg(m.div_ceil(variant.dkdv_tiles(dp).0), bh, smem);
     match dkv {
         Some(dkv) => launch!(backend, f, grid, q, k, v, d_o, lse, &*delta, dkv, layout, &scale, &scale_log2),
         None => launch!(backend, f, grid, q, k, v, d_o, lse, &*delta, dq, layout, &scale, &scale_log2),
@@ -205,14 +368,48 @@ pub(crate) fn launch_bwd(
     Ok(())
 }
 
-/// The self-check key of the forward or backward kernels for `dtype`.
-fn check_key(backward: bool, dtype: DType) -> &'static str {
-    match (backward, dtype) {
-        (false, DType::BF16) => "flash_attention_fwd_bf16",
-        (false, _) => "flash_attention_fwd_f16",
-        (true, DType::BF16) => "flash_attention_bwd_bf16",
-        (true, _) => "flash_attention_bwd_f16",
+/// Every kernel name the launchers can ask `kernels/flash_attention.cu` for (each variant,
+/// direction, dtype and padded head dim it supports), so a compile check can prove the kernel
+/// file and [`FlashVariant`]'s tables agree.
+pub fn entry_points() -> Vec<String> {
+    let mut names = Vec::new();
+    for dt in [DType::BF16, DType::F16] {
+        names.push(name("flash_bwd_delta", dt));
+        for v in FlashVariant::ALL {
+            for dp in (64..=MAX_HEAD_DIM).step_by(16) {
+                if v.supports(false, dp) {
+                    names.push(format!("{}_d{dp}{}", name("flash_fwd", dt), v.suffix()));
+                }
+                if v.supports(true, dp) {
+                    for op in ["flash_bwd_dq", "flash_bwd_dkdv"] {
+                        names.push(format!("{}_d{dp}{}", name(op, dt), v.suffix()));
+                    }
+                }
+            }
+        }
     }
+    names
+}
+
+/// The self-check key of `variant`'s forward or backward kernels for `dtype`
+/// (`flash_attention_{fwd,bwd}_{bf16,f16}[_<variant>]`; `M64`'s keys have no suffix).
+fn check_key(variant: FlashVariant, backward: bool, dtype: DType) -> &'static str {
+    const KEYS: [[[&str; 2]; 2]; 3] = [
+        [
+            ["flash_attention_fwd_bf16", "flash_attention_fwd_f16"],
+            ["flash_attention_bwd_bf16", "flash_attention_bwd_f16"],
+        ],
+        [
+            ["flash_attention_fwd_bf16_m128", "flash_attention_fwd_f16_m128"],
+            ["flash_attention_bwd_bf16_m128", "flash_attention_bwd_f16_m128"],
+        ],
+        [
+            ["flash_attention_fwd_bf16_n128", "flash_attention_fwd_f16_n128"],
+            ["flash_attention_bwd_bf16_n128", "flash_attention_bwd_f16_n128"],
+        ],
+    ];
+    let v = FlashVariant::ALL.iter().position(|&x| x == variant).unwrap_or(0);
+    KEYS[v][usize::from(backward)][usize::from(dtype != DType::BF16)]
 }
 
 /// Relative-error tolerance of the self-check: P and dS are rounded to the operand type.
@@ -232,19 +429,32 @@ fn f32s(t: &Tensor) -> Result<Vec<f32>> {
     t.to_f32_vec()
 }
 
-/// Runs the forward self-check problems: flash against `kernels/attention.cu`, worst relative error.
-fn check_fwd(backend: &Arc<CudaBackend>, dtype: DType) -> Result<f64> {
+/// The self-check problems of `variant` in one direction: `(tokens, head dim)`, one per padded
+/// head dim it has kernels for. `M64` keeps its 97 tokens (one 64-block and a tail); the other
+/// variants take 197, so that blocks of 128 still see a second block and a tail.
+fn check_problems(variant: FlashVariant, backward: bool) -> Vec<(usize, usize)> {
+    let tokens = if variant == FlashVariant::M64 { 97 } else { 197 };
+    CHECK_HEAD_DIMS
+        .iter()
+        .filter(|&&d| padded_head_dim(d).is_some_and(|dp| variant.supports(backward, dp)))
+        .map(|&d| (tokens, d))
+        .collect()
+}
+
+/// Runs the forward self-check problems of `variant`: flash against `kernels/attention.cu`,
+/// worst relative error.
+fn check_fwd(backend: &Arc<CudaBackend>, dtype: DType, variant: FlashVariant) -> Result<f64> {
     let dev = Device::Cuda(backend.ordinal);
     let mut worst = 0.0f64;
-    for (i, &d) in CHECK_HEAD_DIMS.iter().enumerate() {
-        let shape = [1, 2, 97, d];
+    for (i, (n, d)) in check_problems(variant, false).into_iter().enumerate() {
+        let shape = [1, 2, n, d];
         let seed = 9_000 + 10 * i as u64;
         let q = Tensor::randn(shape, 0.0, 1.0, seed, dtype, dev)?;
         let k = Tensor::randn(shape, 0.0, 1.0, seed + 1, dtype, dev)?;
         let v = Tensor::randn(shape, 0.0, 1.0, seed + 2, dtype, dev)?;
         let scale = (d as f32).powf(-0.5);
         let (o_ref, lse_ref) = attention::attention_fwd(&q, &k, &v, scale)?;
-        let (o, lse) = fwd_contiguous(&q, &k, &v, scale)?;
+        let (o, lse) = fwd_contiguous(&q, &k, &v, scale, variant)?;
         let e = super::self_check::relative_error(&f32s(&o)?, &f32s(&o_ref)?)
             .max(super::self_check::relative_error(&f32s(&lse)?, &f32s(&lse_ref)?));
         worst = worst.max(e);
@@ -252,12 +462,13 @@ fn check_fwd(backend: &Arc<CudaBackend>, dtype: DType) -> Result<f64> {
     Ok(worst)
 }
 
-/// Runs the backward self-check problems: flash against `kernels/attention.cu`, worst relative error.
-fn check_bwd(backend: &Arc<CudaBackend>, dtype: DType) -> Result<f64> {
+/// Runs the backward self-check problems of `variant`: flash against `kernels/attention.cu`,
+/// worst relative error.
+fn check_bwd(backend: &Arc<CudaBackend>, dtype: DType, variant: FlashVariant) -> Result<f64> {
     let dev = Device::Cuda(backend.ordinal);
     let mut worst = 0.0f64;
-    for (i, &d) in CHECK_HEAD_DIMS.iter().enumerate() {
-        let shape = [1, 2, 97, d];
+    for (i, (n, d)) in check_problems(variant, true).into_iter().enumerate() {
+        let shape = [1, 2, n, d];
         let seed = 9_500 + 10 * i as u64;
         let q = Tensor::randn(shape, 0.0, 1.0, seed, dtype, dev)?;
         let k = Tensor::randn(shape, 0.0, 1.0, seed + 1, dtype, dev)?;
@@ -266,7 +477,7 @@ fn check_bwd(backend: &Arc<CudaBackend>, dtype: DType) -> Result<f64> {
         let scale = (d as f32).powf(-0.5);
         let (o, lse) = attention::attention_fwd(&q, &k, &v, scale)?;
         let want = attention::attention_bwd(&q, &k, &v, &o, &lse, &d_o, scale)?;
-        let got = bwd_contiguous(&q, &k, &v, &o, &lse, &d_o, scale)?;
+        let got = bwd_contiguous(&q, &k, &v, &o, &lse, &d_o, scale, variant)?;
         for (g, w) in [(&got.0, &want.0), (&got.1, &want.1), (&got.2, &want.2)] {
             worst = worst.max(super::self_check::relative_error(&f32s(g)?, &f32s(w)?));
         }
@@ -274,16 +485,25 @@ fn check_bwd(backend: &Arc<CudaBackend>, dtype: DType) -> Result<f64> {
     Ok(worst)
 }
 
-/// Whether the flash kernels of this direction and dtype passed their self-check on `backend`
-/// (running it on first use).
-pub(crate) fn kernels_ok(backend: &Arc<CudaBackend>, backward: bool, dtype: DType) -> bool {
-    backend.fast_kernel_ok(check_key(backward, dtype), check_tolerance(backward, dtype), || {
+/// Whether `variant`'s kernels of this direction and dtype passed their self-check on
+/// `backend` (running it on first use). A variant without kernels in this direction fails.
+fn variant_ok(backend: &Arc<CudaBackend>, variant: FlashVariant, backward: bool, dtype: DType) -> bool {
+    if check_problems(variant, backward).is_empty() {
+        return false;
+    }
+    backend.fast_kernel_ok(check_key(variant, backward, dtype), check_tolerance(backward, dtype), || {
         if backward {
-            check_bwd(backend, dtype)
+            check_bwd(backend, dtype, variant)
         } else {
-            check_fwd(backend, dtype)
+            check_fwd(backend, dtype, variant)
         }
     })
+}
+
+/// Whether the default flash kernels ([`FlashVariant::M64`]) of this direction and dtype passed
+/// their self-check on `backend` (running it on first use): the gate of every flash path.
+pub(crate) fn kernels_ok(backend: &Arc<CudaBackend>, backward: bool, dtype: DType) -> bool {
+    variant_ok(backend, FlashVariant::M64, backward, dtype)
 }
 
 /// `vit devices` entries (`self_check::ALL_CHECKS`).
@@ -298,6 +518,22 @@ pub(crate) fn check_bwd_bf16(b: &Arc<CudaBackend>) -> bool {
 }
 pub(crate) fn check_bwd_f16(b: &Arc<CudaBackend>) -> bool {
     kernels_ok(b, true, DType::F16)
+}
+/// The `vit devices` entry of the other variants: every (variant, direction, dtype) that has
+/// kernels, each its own self-check key; whether all passed.
+pub(crate) fn check_variants(b: &Arc<CudaBackend>) -> bool {
+    let mut all = true;
+    for v in FlashVariant::ALL.into_iter().filter(|&v| v != FlashVariant::M64) {
+        for backward in [false, true] {
+            if check_problems(v, backward).is_empty() {
+                continue;
+            }
+            for dt in [DType::BF16, DType::F16] {
+                all &= variant_ok(b, v, backward, dt);
+            }
+        }
+    }
+    all
 }
 
 /// `(batch, heads, queries, keys, head_dim)` of contiguous `q [B, H, N, d]`, `k [B, H, M, d]`.
@@ -332,10 +568,11 @@ pub(crate) fn try_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<
     if !kernels_ok(&backend, false, q.dtype()) {
         return Ok(None);
     }
-    fwd_contiguous(q, k, v, scale).map(Some)
+    let variant = chosen_variant(&backend, false, q.dtype(), d, n)?;
+    fwd_contiguous(q, k, v, scale, variant).map(Some)
 }
 
-fn fwd_contiguous(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<(Tensor, Tensor)> {
+fn fwd_contiguous(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, variant: FlashVariant) -> Result<(Tensor, Tensor)> {
     const OP: &str = "attention_fwd";
     let backend = backend_of(q, OP)?;
     let (b, h, n, _, _) = dims(q, k);
@@ -344,7 +581,7 @@ fn fwd_contiguous(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<(Ten
     let mut lse = output(&backend, &lse_shape, DType::F32)?;
     let layout = contiguous_layout(q, k);
     let (qv, kv, vv) = (view(q, OP)?, view(k, OP)?, view(v, OP)?);
-    launch_fwd(&backend, q.dtype(), b * h, &qv, &kv, &vv, &mut o, &mut lse, &layout, scale)?;
+    launch_fwd(&backend, q.dtype(), b * h, &qv, &kv, &vv, &mut o, &mut lse, &layout, scale, variant)?;
     Ok((wrap(&backend, o, q.shape().clone(), q.dtype()), wrap(&backend, lse, lse_shape, DType::F32)))
 }
 
@@ -368,9 +605,11 @@ pub(crate) fn try_bwd(
     if !kernels_ok(&backend, true, q.dtype()) {
         return Ok(None);
     }
-    bwd_contiguous(q, k, v, o, lse, d_o, scale).map(Some)
+    let variant = chosen_variant(&backend, true, q.dtype(), d, n)?;
+    bwd_contiguous(q, k, v, o, lse, d_o, scale, variant).map(Some)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bwd_contiguous(
     q: &Tensor,
     k: &Tensor,
@@ -379,6 +618,7 @@ fn bwd_contiguous(
     lse: &Tensor,
     d_o: &Tensor,
     scale: f32,
+    variant: FlashVariant,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "attention_bwd";
     let backend = backend_of(q, OP)?;
@@ -401,9 +641,87 @@ fn bwd_contiguous(
         Some(&mut dkv),
         &layout,
         scale,
+        variant,
     )?;
     let dkv = wrap(&backend, dkv, kv_shape, dt);
     Ok((wrap(&backend, dq, q.shape().clone(), dt), dkv.narrow(0, b)?, dkv.narrow(b, b)?))
+}
+
+/// The flash forward with the kernels of `variant`, whatever the default choice and the
+/// self-checks say (for benches and tests that compare variants): `(o [B, H, N, d], lse
+/// [B, H, N] f32)` of contiguous bf16 or f16 CUDA tensors `q [B, H, N, d]`, `k, v [B, H, M, d]`.
+/// Errors name the shape, dtype, head dim or alignment the kernels do not take.
+pub fn fwd_variant(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, variant: FlashVariant) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "flash_attention::fwd_variant";
+    check_variant_inputs(OP, &[q, k, v], &[q, k, v], variant, false)?;
+    fwd_contiguous(q, k, v, scale, variant)
+}
+
+/// The flash backward with the kernels of `variant` (see [`fwd_variant`]): `(dq, dk, dv)` of
+/// `q [B, H, N, d]`, `k, v [B, H, M, d]`, the forward's `o [B, H, N, d]` and `lse [B, H, N]`
+/// (f32), and `d_o [B, H, N, d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_variant(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    scale: f32,
+    variant: FlashVariant,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "flash_attention::bwd_variant";
+    check_variant_inputs(OP, &[q, k, v, o, d_o], &[q, k, v, o, d_o], variant, true)?;
+    if o.dims() != q.dims() || d_o.dims() != q.dims() {
+        return Err(Error::shape(
+            OP,
+            format!("expected o and d_o {}, got {} and {}", q.shape(), o.shape(), d_o.shape()),
+        ));
+    }
+    check_lse(OP, lse, &q.dims()[..3])?;
+    bwd_contiguous(q, k, v, o, lse, d_o, scale, variant)
+}
+
+/// The checks of [`fwd_variant`] and [`bwd_variant`]: rank-4 tensors of one dtype sharing
+/// `[B, H, ·, d]`, k and v of one shape, a layout the kernels take and a head dim `variant`
+/// has kernels for in this direction.
+fn check_variant_inputs(
+    op: &'static str,
+    ts: &[&Tensor],
+    aligned: &[&Tensor],
+    variant: FlashVariant,
+    backward: bool,
+) -> Result<()> {
+    check_reference(op, ts)?;
+    let (q, k, v) = (ts[0], ts[1], ts[2]);
+    if k.dims() != v.dims() {
+        return Err(Error::shape(op, format!("expected k and v of one shape, got {} and {}", k.shape(), v.shape())));
+    }
+    let (b, h, n, m, d) = dims(q, k);
+    if !eligible(q.dtype(), b * h, n, m, d, &contiguous_layout(q, k)) {
+        return Err(Error::shape(
+            op,
+            format!(
+                "expected bf16 or f16, head dim a multiple of 8 up to {MAX_HEAD_DIM}, N, M ≥ 1 and B·H ≤ 65535, got {:?} {}",
+                q.dtype(),
+                q.shape()
+            ),
+        ));
+    }
+    let _ = backend_of(q, op)?;
+    if !offsets_aligned(aligned) {
+        return Err(Error::shape(op, "expected 16-byte aligned tensor offsets on the GPU".to_string()));
+    }
+    variant_head_dim(variant, backward, d).map(|_| ())
+}
+
+/// `lse` must be f32 `[B, H, N]` (`dims`).
+fn check_lse(op: &'static str, lse: &Tensor, dims: &[usize]) -> Result<()> {
+    if lse.dims() != dims || lse.dtype() != DType::F32 {
+        return Err(Error::shape(op, format!("expected f32 lse {dims:?}, got {:?} {}", lse.dtype(), lse.shape())));
+    }
+    Ok(())
 }
 
 /// The layout of self-attention on a packed projection `[B, N, channels]` with q, k, v at
@@ -456,12 +774,28 @@ pub(crate) fn try_fwd_packed(
     if !kernels_ok(&backend, false, qkv.dtype()) {
         return Ok(None);
     }
+    let variant = chosen_variant(&backend, false, qkv.dtype(), width / heads, n)?;
+    fwd_packed(qkv, offset, width, heads, scale, variant).map(Some)
+}
+
+fn fwd_packed(
+    qkv: &Tensor,
+    offset: usize,
+    width: usize,
+    heads: usize,
+    scale: f32,
+    variant: FlashVariant,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "attention_fwd_packed";
+    let (b, n, c) = (qkv.dims()[0], qkv.dims()[1], qkv.dims()[2]);
+    let layout = packed_layout(n, c, offset, width, heads);
+    let backend = backend_of(qkv, OP)?;
     let (o_shape, lse_shape) = (Shape::new(vec![b, n, width]), Shape::new(vec![b, heads, n]));
     let mut o = output(&backend, &o_shape, qkv.dtype())?;
     let mut lse = output(&backend, &lse_shape, DType::F32)?;
     let x = view(qkv, OP)?;
-    launch_fwd(&backend, qkv.dtype(), b * heads, &x, &x, &x, &mut o, &mut lse, &layout, scale)?;
-    Ok(Some((wrap(&backend, o, o_shape, qkv.dtype()), wrap(&backend, lse, lse_shape, DType::F32))))
+    launch_fwd(&backend, qkv.dtype(), b * heads, &x, &x, &x, &mut o, &mut lse, &layout, scale, variant)?;
+    Ok((wrap(&backend, o, o_shape, qkv.dtype()), wrap(&backend, lse, lse_shape, DType::F32)))
 }
 
 /// The flash backward of [`try_fwd_packed`]: `dqkv [B, N, 3·width]` written in place by the
@@ -487,6 +821,24 @@ pub(crate) fn try_bwd_packed(
     if !kernels_ok(&backend, true, qkv.dtype()) {
         return Ok(None);
     }
+    let variant = chosen_variant(&backend, true, qkv.dtype(), width / heads, n)?;
+    bwd_packed(qkv, offset, width, heads, [o, lse, d_o], scale, variant).map(Some)
+}
+
+/// `[o, lse, d_o]`: the forward's outputs and the output gradient.
+fn bwd_packed(
+    qkv: &Tensor,
+    offset: usize,
+    width: usize,
+    heads: usize,
+    [o, lse, d_o]: [&Tensor; 3],
+    scale: f32,
+    variant: FlashVariant,
+) -> Result<Tensor> {
+    const OP: &str = "attention_bwd_packed";
+    let (b, n, c) = (qkv.dims()[0], qkv.dims()[1], qkv.dims()[2]);
+    let layout = packed_layout(n, c, offset, width, heads);
+    let backend = backend_of(qkv, OP)?;
     let shape = Shape::new(vec![b, n, 3 * width]);
     let mut dqkv = output(&backend, &shape, qkv.dtype())?;
     let mut delta = backend.alloc(b * heads * n * 4)?;
@@ -501,8 +853,84 @@ pub(crate) fn try_bwd_packed(
         None,
         &layout,
         scale,
+        variant,
     )?;
-    Ok(Some(wrap(&backend, dqkv, shape, qkv.dtype())))
+    Ok(wrap(&backend, dqkv, shape, qkv.dtype()))
+}
+
+/// The packed flash forward with the kernels of `variant`, whatever the default choice and the
+/// self-checks say (see [`fwd_variant`]): `(o [B, N, width], lse [B, heads, N])` of self-attention
+/// on the projection `qkv [B, N, channels]` (q, k, v at channels `offset`, `offset + width`,
+/// `offset + 2·width`), as `ops::attention_fwd_packed` computes it.
+pub fn fwd_packed_variant(
+    qkv: &Tensor,
+    offset: usize,
+    width: usize,
+    heads: usize,
+    scale: f32,
+    variant: FlashVariant,
+) -> Result<(Tensor, Tensor)> {
+    check_packed_variant("flash_attention::fwd_packed_variant", qkv, offset, width, heads, variant, false)?;
+    fwd_packed(qkv, offset, width, heads, scale, variant)
+}
+
+/// The packed flash backward with the kernels of `variant` (see [`fwd_packed_variant`]):
+/// `dqkv [B, N, 3·width]` from the forward's `o [B, N, width]`, `lse [B, heads, N]` (f32) and
+/// `d_o [B, N, width]`.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_packed_variant(
+    qkv: &Tensor,
+    offset: usize,
+    width: usize,
+    heads: usize,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    scale: f32,
+    variant: FlashVariant,
+) -> Result<Tensor> {
+    const OP: &str = "flash_attention::bwd_packed_variant";
+    check_packed_variant(OP, qkv, offset, width, heads, variant, true)?;
+    let (b, n) = (qkv.dims()[0], qkv.dims()[1]);
+    for (name, t) in [("o", o), ("d_o", d_o)] {
+        if t.dims() != [b, n, width] || t.dtype() != qkv.dtype() {
+            return Err(Error::shape(
+                OP,
+                format!("expected {name} {:?} [{b}, {n}, {width}], got {:?} {}", qkv.dtype(), t.dtype(), t.shape()),
+            ));
+        }
+    }
+    check_lse(OP, lse, &[b, heads, n])?;
+    if !offsets_aligned(&[o, d_o]) {
+        return Err(Error::shape(OP, "expected 16-byte aligned tensor offsets on the GPU".to_string()));
+    }
+    bwd_packed(qkv, offset, width, heads, [o, lse, d_o], scale, variant)
+}
+
+/// The checks of the packed variant entry points: a layout [`supports_packed`] takes, on a GPU,
+/// and a head dim `variant` has kernels for in this direction.
+fn check_packed_variant(
+    op: &'static str,
+    qkv: &Tensor,
+    offset: usize,
+    width: usize,
+    heads: usize,
+    variant: FlashVariant,
+    backward: bool,
+) -> Result<()> {
+    let _ = backend_of(qkv, op)?;
+    if !supports_packed(qkv, offset, width, heads) {
+        return Err(Error::shape(
+            op,
+            format!(
+                "expected bf16 or f16 qkv [B, N, channels ≥ offset + 3·width] with head dim width/heads a multiple of 8 \
+                 up to {MAX_HEAD_DIM} and aligned rows, got {:?} {} (offset {offset}, width {width}, heads {heads})",
+                qkv.dtype(),
+                qkv.shape()
+            ),
+        ));
+    }
+    variant_head_dim(variant, backward, width / heads).map(|_| ())
 }
 
 /// The reference CUDA attention forward (`kernels/attention.cu`, one warp per query row), for
@@ -574,6 +1002,86 @@ mod tests {
         assert_eq!(dims, [Some(64), Some(64), Some(80), Some(96), Some(112), Some(112), Some(128)]);
         assert_eq!(padded_head_dim(136), None);
         assert_eq!(padded_head_dim(60), None);
+    }
+
+    #[test]
+    fn variants_parse_by_name_and_unknown_names_are_errors() {
+        for v in FlashVariant::ALL {
+            assert_eq!(FlashVariant::parse(v.name()).unwrap(), v);
+            assert_eq!(v.to_string(), v.name());
+        }
+        let err = FlashVariant::parse("m256").unwrap_err().to_string();
+        assert!(err.contains("m256") && err.contains("m64, m128, n128"), "{err}");
+    }
+
+    #[test]
+    fn variant_support_tables_agree() {
+        // M64 has every padded head dim in both directions; the others a subset.
+        for dp in [64, 80, 96, 112, 128] {
+            assert!(FlashVariant::M64.supports(false, dp) && FlashVariant::M64.supports(true, dp), "{dp}");
+        }
+        assert!(!FlashVariant::M64.supports(false, 72) && !FlashVariant::M64.supports(true, 144));
+        assert!(FlashVariant::M128.supports(false, 80) && !FlashVariant::M128.supports(false, 96));
+        assert!(FlashVariant::M128.supports(true, 64) && !FlashVariant::M128.supports(true, 80));
+        assert!(FlashVariant::N128.supports(false, 96) && !FlashVariant::N128.supports(true, 64));
+        // Each supported direction has self-check problems, each unsupported one none.
+        for v in FlashVariant::ALL {
+            for backward in [false, true] {
+                let any = [64, 80, 96, 112, 128].iter().any(|&dp| v.supports(backward, dp));
+                assert_eq!(!check_problems(v, backward).is_empty(), any, "{v} backward {backward}");
+            }
+        }
+        // The default kernels' names are today's; the variants' carry their suffix.
+        let names = entry_points();
+        assert!(names.contains(&"flash_fwd_bf16_d64".to_string()));
+        assert!(names.contains(&"flash_fwd_f16_d80_m128".to_string()));
+        assert!(names.contains(&"flash_bwd_dkdv_bf16_d64_m128".to_string()));
+        assert!(!names.iter().any(|n| n.contains("bwd_dq_bf16_d64_n128")));
+    }
+
+    #[test]
+    fn self_check_keys_are_distinct_and_name_the_variant() {
+        let mut keys = std::collections::BTreeSet::new();
+        for v in FlashVariant::ALL {
+            for backward in [false, true] {
+                for dt in [DType::BF16, DType::F16] {
+                    let key = check_key(v, backward, dt);
+                    assert!(key.contains(if backward { "_bwd_" } else { "_fwd_" }), "{key}");
+                    assert!(key.contains(if dt == DType::BF16 { "bf16" } else { "f16" }), "{key}");
+                    assert_eq!(key.ends_with(v.suffix()) && v != FlashVariant::M64, !v.suffix().is_empty(), "{key}");
+                    keys.insert(key);
+                }
+            }
+        }
+        assert_eq!(keys.len(), 12);
+        assert_eq!(check_key(FlashVariant::M64, false, DType::BF16), "flash_attention_fwd_bf16");
+    }
+
+    #[test]
+    fn variants_fit_in_shared_memory_and_defaults_are_supported() {
+        // 227 KiB is the opt-in limit of sm_90 (sm_80: 163 KiB); two blocks per SM must fit too.
+        for v in FlashVariant::ALL {
+            for dp in [64, 80, 96, 112, 128] {
+                if v.supports(false, dp) {
+                    assert!(2 * smem_fwd(v, dp) <= 163 * 1024, "{v} fwd {dp}: {}", smem_fwd(v, dp));
+                }
+                if v.supports(true, dp) {
+                    assert!(2 * smem_dq(v, dp) <= 163 * 1024, "{v} dq {dp}: {}", smem_dq(v, dp));
+                    assert!(2 * smem_dkdv(v, dp) <= 163 * 1024, "{v} dkdv {dp}: {}", smem_dkdv(v, dp));
+                }
+            }
+        }
+        // Today's sizes for the default kernels (Q shares V's tile in the forward).
+        assert_eq!(smem_fwd(FlashVariant::M64, 64), 2 * 64 * 72 * 2);
+        assert_eq!(smem_fwd(FlashVariant::M128, 64), (2 * 64 + 128) * 72 * 2);
+        assert_eq!(smem_dkdv(FlashVariant::M64, 64), (2 * 64 + 4 * 64) * 72 * 2 + 4 * 64 * 4);
+        for backward in [false, true] {
+            for dp in [64, 80, 96, 112, 128] {
+                for n in [1, 197, 256, 4096] {
+                    assert!(default_variant(backward, dp, n).supports(backward, dp));
+                }
+            }
+        }
     }
 
     #[test]

@@ -105,6 +105,7 @@ const ALL_CHECKS: &[CheckEntry] = &[
     super::flash_attention::check_fwd_f16,
     super::flash_attention::check_bwd_bf16,
     super::flash_attention::check_bwd_f16,
+    super::flash_attention::check_variants,
     super::norm::fast_ok,
     super::softmax::fused_xent_ok,
     super::v32::v32_ok,
