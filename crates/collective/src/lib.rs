@@ -38,6 +38,7 @@ mod local;
 mod mesh;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod nccl;
 mod single;
 mod throttled;
 
@@ -50,5 +51,6 @@ pub use local::{LocalCommunicator, LocalGroup};
 pub use mesh::{Axis, Mesh, MeshShape};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiCommunicator;
+pub use nccl::{nccl_available, nccl_version, NcclCommunicator, NcclGroup};
 pub use single::SingleProcess;
 pub use throttled::{LinkModel, Throttled};
