@@ -244,6 +244,7 @@ fn host_tensors_and_disagreements_are_errors_on_every_rank_and_the_group_stays_u
 
 #[test]
 #[ignore = "needs a CUDA device"]
+#[allow(clippy::single_range_in_vec_init)] // lists of ranges, some of one
 fn all_reduce_in_place_reduces_the_ranges_alone_and_copies_a_shared_buffer_first() {
     on_gpus(|c| {
         let (n, r) = (c.world_size(), c.rank());
