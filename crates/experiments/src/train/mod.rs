@@ -769,6 +769,14 @@ fn train_rank(
     } else {
         gradient_buckets(&params, dworld > 1 || via_nccl, cfg.train.bucket_mb)?
     };
+    if via_nccl && lead {
+        let buckets = buckets.as_ref().map_or(1, |p| p.buckets().len());
+        println!(
+            "communication: NCCL {} between {world} GPU rank(s); gradients all-reduced on the device, in place, \
+             in {buckets} bucket(s)",
+            vit_collective::nccl_version().unwrap_or_default()
+        );
+    }
     let shard = vit_data::loader::Shard { index: drank, count: dworld };
     let first_row = shard.rows(batch).start;
     let mut stream = data.train_loader(batch, cfg.train.seed, shard)?.iter_from(first_step);
