@@ -53,6 +53,7 @@ fn main() {
                 let elems = bytes / dtype.size_in_bytes();
                 let samples = if mib >= 64 { 10 } else { 30 };
                 let mut buf = Tensor::randn([elems], 0.0, 1.0, comm.rank() as u64, dtype, dev).unwrap();
+                #[allow(clippy::single_range_in_vec_init)] // one range: the whole buffer
                 let all = [0..elems];
                 let reduce = median_secs(&comm, samples, || {
                     comm.all_reduce_ranges_in_place(&mut buf, &all, ReduceOp::Sum).unwrap();

@@ -7,6 +7,10 @@
 //! - [`SingleProcess`]: a world of one, where every collective is the identity;
 //! - `MpiCommunicator` (cargo feature `mpi`): one rank per process over the system's MPI, on
 //!   one machine or many (`mpirun`, `srun`).
+//! - [`NcclCommunicator`]: one rank per GPU over NCCL (opened at run time; [`nccl_available`]),
+//!   on device tensors and the device's stream: threads of one process ([`NcclGroup::run`]) or
+//!   ranks that share another backend, e.g. MPI processes
+//!   ([`NcclCommunicator::from_communicator`], `from_mpi`).
 //!
 //! [`Communicator::split`] makes sub-groups, and [`Mesh`] lays a group out on named axes
 //! (`data × model`) with one sub-communicator per axis. On top of the trait: the bucketed

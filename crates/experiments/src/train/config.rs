@@ -155,7 +155,8 @@ pub struct LoopSection {
     #[serde(default = "one")]
     pub grad_accum: usize,
     /// Data-parallel ranks (default 1). `N > 1` runs N ranks as threads of this process over
-    /// `vit_collective::LocalGroup` (CPU): each computes the gradients of its `batch_size / N`
+    /// `vit_collective::LocalGroup` (CPU), or over NCCL on N GPUs (`train.device = cuda`: rank r
+    /// on cuda:r; see `train.comm`): each computes the gradients of its `batch_size / N`
     /// examples of every global batch, and their sum is all-reduced before the update.
     #[serde(default = "one")]
     pub world: usize,

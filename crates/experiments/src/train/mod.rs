@@ -926,6 +926,7 @@ fn train_rank(
                         // buckets of the one f32 buffer; whole buffers otherwise).
                         (None, None) if via_nccl && !sharded => {
                             for i in 0..grads.buffers().len() {
+                                #[allow(clippy::single_range_in_vec_init)] // one range: the whole buffer
                                 let whole = [0..grads.buffer(i).numel()];
                                 let ranges = match (&buckets, i) {
                                     (Some(plan), 0) => plan.buckets(),
