@@ -13,8 +13,8 @@ bin=.gpu-bin
 # the device tool's 64 MiB carry limit. Only their ignored tests ("needs a CUDA device") run
 # here: the others are CI's, and the compile checks in them need CI's pinned NVRTC wheel (the
 # CUDA 13.0 toolkit's libnvrtc on the GPU host gives no ptxas report for sm_90a).
-gpu_tests="cuda_ops cuda_layout cuda_linear cuda_model cuda_optim cuda_kernel checkpoint cuda_flash_attention cuda_fused cuda_moe_routing moe_device"
-gpu_benches="gemm_cuda optim_cuda attention_cuda norm_cuda"
+gpu_tests="cuda_ops cuda_layout cuda_linear cuda_model cuda_optim cuda_kernel checkpoint cuda_flash_attention cuda_fused cuda_moe_routing moe_device nccl_suite nccl_train"
+gpu_benches="gemm_cuda optim_cuda attention_cuda norm_cuda allreduce_nccl"
 references="gemm_torch sdpa"
 if [ "${1:-}" = "--build" ]; then
   set -e  # a failed build must stop here, with cargo's errors on the terminal
@@ -59,6 +59,8 @@ envlog=$(mktemp)
 tee -a "$log" <"$envlog"; rm -f "$envlog"
 # One kernel cache for every binary below (vit devices compiles and self-checks the fast kernels).
 export VITRS_KERNEL_CACHE=${VITRS_KERNEL_CACHE:-/tmp/vitrs-kernels}
+# The tests that run `vit` (nccl_train) take this one, not the build machine's cargo path.
+export VITRS_VIT="$PWD/$bin/vit"
 "$bin/vit" devices | tee -a "$log"
 status=0
 for t in "$bin"/test-*; do

@@ -2,6 +2,7 @@
 //! one group, with the same behaviour on every backend.
 
 use crate::{Error, Result};
+use std::ops::Range;
 use vit_tensor::Tensor;
 
 /// How [`Communicator::all_reduce`] and [`Communicator::reduce_scatter`] combine the ranks'
@@ -64,6 +65,21 @@ pub trait Communicator: Send + Sync {
     /// Returns once every rank has called `barrier`.
     fn barrier(&self) -> Result<()>;
 
+    /// All-reduces elements `ranges` (disjoint, within it) of the 1-D `buffer` with `op`, in
+    /// place; the other elements keep their values. Every rank passes the same buffer shape and
+    /// ranges. Each range is reduced as [`all_reduce`](Communicator::all_reduce) reduces it;
+    /// this default does exactly that, range by range, and writes the results back (a copy
+    /// each). The NCCL backend reduces the device buffer in place, with no copy: the
+    /// data-parallel gradient all-reduce over buckets of the flat gradient buffer.
+    fn all_reduce_in_place(&self, buffer: &mut Tensor, ranges: &[Range<usize>], op: ReduceOp) -> Result<()> {
+        check_ranges("all_reduce", buffer, ranges)?;
+        for r in ranges.iter().filter(|r| !r.is_empty()) {
+            let reduced = self.all_reduce(&buffer.narrow(r.start, r.len())?, op)?;
+            buffer.write_at(r.start, &reduced)?;
+        }
+        Ok(())
+    }
+
     /// Splits the group as `MPI_Comm_split` does: every rank calls it; the ranks that pass the
     /// same `color` form one new group, ranked by `(key, rank in this group)`. The new groups
     /// are independent of this one and of each other (their collectives never mix); they
@@ -110,6 +126,9 @@ impl Communicator for Box<dyn Communicator> {
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
         self.as_ref().split(color, key)
     }
+    fn all_reduce_in_place(&self, buffer: &mut Tensor, ranges: &[Range<usize>], op: ReduceOp) -> Result<()> {
+        self.as_ref().all_reduce_in_place(buffer, ranges, op)
+    }
 }
 
 /// Checks `split`'s arguments against MPI's `int` range (every backend applies the same limit).
@@ -118,4 +137,28 @@ pub(crate) fn check_split_args(color: usize, key: usize) -> Result<(i32, i32)> {
         i32::try_from(v).map_err(|_| Error::Rank { op: "split", what, got: v, world_size: i32::MAX as usize })
     };
     Ok((fit("color", color)?, fit("key", key)?))
+}
+
+/// Checks that `ranges` lie within the 1-D `buffer` and do not overlap.
+pub(crate) fn check_ranges(op: &'static str, buffer: &Tensor, ranges: &[Range<usize>]) -> Result<()> {
+    if buffer.rank() != 1 {
+        return Err(Error::Shape {
+            op,
+            msg: format!("expected a 1-D buffer to reduce ranges of, got shape {}", buffer.shape()),
+        });
+    }
+    let mut sorted: Vec<&Range<usize>> = ranges.iter().filter(|r| !r.is_empty()).collect();
+    sorted.sort_by_key(|r| r.start);
+    for w in sorted.windows(2) {
+        if w[0].end > w[1].start {
+            return Err(Error::Shape { op, msg: format!("ranges {:?} and {:?} overlap", w[0], w[1]) });
+        }
+    }
+    if let Some(r) = sorted.iter().find(|r| r.end > buffer.numel()) {
+        return Err(Error::Shape {
+            op,
+            msg: format!("range {r:?} ends past the buffer's {} elements", buffer.numel()),
+        });
+    }
+    Ok(())
 }

@@ -7,6 +7,10 @@
 //! - [`SingleProcess`]: a world of one, where every collective is the identity;
 //! - `MpiCommunicator` (cargo feature `mpi`): one rank per process over the system's MPI, on
 //!   one machine or many (`mpirun`, `srun`).
+//! - [`NcclCommunicator`]: one rank per GPU over NCCL (opened at run time; [`nccl_available`]),
+//!   on device tensors and the device's stream: threads of one process ([`NcclGroup::run`]) or
+//!   ranks that share another backend, e.g. MPI processes
+//!   ([`NcclCommunicator::from_communicator`], `from_mpi`).
 //!
 //! [`Communicator::split`] makes sub-groups, and [`Mesh`] lays a group out on named axes
 //! (`data × model`) with one sub-communicator per axis. On top of the trait: the bucketed
@@ -38,6 +42,7 @@ mod local;
 mod mesh;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod nccl;
 mod single;
 mod throttled;
 
@@ -50,5 +55,6 @@ pub use local::{LocalCommunicator, LocalGroup};
 pub use mesh::{Axis, Mesh, MeshShape};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiCommunicator;
+pub use nccl::{nccl_available, nccl_version, NcclCommunicator, NcclGroup};
 pub use single::SingleProcess;
 pub use throttled::{LinkModel, Throttled};

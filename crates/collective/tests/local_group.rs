@@ -369,3 +369,27 @@ fn the_semantic_suite_of_every_backend_passes_on_1_to_4_threads() {
         }
     }
 }
+
+#[test]
+fn all_reduce_in_place_reduces_its_ranges_bitwise_and_leaves_the_rest() {
+    for n in WORLDS {
+        let xs = inputs(n, &[50], 60, DType::BF16);
+        let ranges = [30..50, 0..4, 10..29];
+        let out = on_ranks(&xs, |c, x| {
+            let mut buf = x.clone();
+            c.all_reduce_in_place(&mut buf, &ranges, ReduceOp::Sum).expect("in place");
+            let overlapping = c.all_reduce_in_place(&mut buf.clone(), &[0..5, 4..6], ReduceOp::Sum).unwrap_err();
+            (buf, x.clone(), overlapping.to_string())
+        });
+        let want = reference_reduce(&xs, ReduceOp::Sum);
+        for (rank, (buf, x, e)) in out.iter().enumerate() {
+            let (got, mine) = (values(buf), values(x));
+            for i in 0..50 {
+                let expected = if ranges.iter().any(|r| r.contains(&i)) { want[i] } else { mine[i] };
+                assert_eq!(got[i].to_bits(), expected.to_bits(), "world {n} rank {rank} element {i}");
+            }
+            assert_eq!(bits(x), bits(&xs[rank]), "the input sharing the buffer changed");
+            assert!(e.contains("overlap"), "{e}");
+        }
+    }
+}

@@ -155,7 +155,8 @@ pub struct LoopSection {
     #[serde(default = "one")]
     pub grad_accum: usize,
     /// Data-parallel ranks (default 1). `N > 1` runs N ranks as threads of this process over
-    /// `vit_collective::LocalGroup` (CPU): each computes the gradients of its `batch_size / N`
+    /// `vit_collective::LocalGroup` (CPU), or over NCCL on N GPUs (`train.device = cuda`: rank r
+    /// on cuda:r; see `train.comm`): each computes the gradients of its `batch_size / N`
     /// examples of every global batch, and their sum is all-reduced before the update.
     #[serde(default = "one")]
     pub world: usize,
@@ -185,6 +186,16 @@ pub struct LoopSection {
     /// behaviour).
     #[serde(default = "default_collective_timeout")]
     pub collective_timeout: f64,
+    /// How ranks talk (`auto`, `nccl` or `local`). `auto` (default): NCCL between GPU ranks
+    /// (`train.world = N > 1` with `train.device = cuda`: rank r on cuda:r; or mpirun with
+    /// `--device cuda`: each process on the GPU of its local rank), the host backend otherwise
+    /// (`LocalGroup` threads, MPI processes). `nccl`: NCCL always on a GPU, even for one rank
+    /// (the whole data-parallel path through NCCL on one GPU, e.g. to check it end to end).
+    /// `local`: the host backend only (refused for several GPU ranks). Host tensors (losses,
+    /// stop flags, statistics) always go over the host backend; with NCCL the gradients stay on
+    /// the device and are all-reduced in place, bucket by bucket (`train.bucket_mb`).
+    #[serde(default)]
+    pub comm: Comm,
     /// Evaluate on the test split every N steps (and at the end); 0 = only at the end.
     #[serde(default)]
     pub eval_every: u64,
@@ -282,6 +293,19 @@ pub enum Sharding {
     /// Parameters, gradients and optimizer state (ZeRO-3; ViT-22B's parameters over the data
     /// axis): each stage's parameters are gathered when it runs and dropped after.
     Full,
+}
+
+/// `train.comm`: the communication backend between ranks (see `TrainSection::comm`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Comm {
+    /// NCCL between GPU ranks, the host backend otherwise.
+    #[default]
+    Auto,
+    /// NCCL, also for a single GPU rank (a GPU device is required).
+    Nccl,
+    /// The host backend (`LocalGroup` threads, MPI processes) only.
+    Local,
 }
 
 fn default_collective_timeout() -> f64 {
@@ -521,12 +545,15 @@ impl TrainConfig {
         if !(t.bucket_mb >= 0.0 && t.bucket_mb.is_finite()) {
             return bad("train.bucket_mb", t.bucket_mb.to_string(), "a size in MiB ≥ 0 (0: no buckets)");
         }
-        if t.world > 1 && t.device.0 != vit_tensor::Device::Cpu {
+        if t.world > 1 && t.device.0 != vit_tensor::Device::Cpu && t.comm == Comm::Local {
             return bad(
-                "train.world",
-                t.world.to_string(),
-                "1 on a GPU: several ranks run as CPU threads (LocalGroup); GPUs need the NCCL backend, not built yet",
+                "train.comm",
+                "local".into(),
+                "auto or nccl with train.world > 1 on a GPU (GPU ranks talk over NCCL)",
             );
+        }
+        if t.comm == Comm::Nccl && t.device.0 == vit_tensor::Device::Cpu {
+            return bad("train.comm", "nccl".into(), "auto or local on the CPU (NCCL needs train.device = cuda)");
         }
         match (t.steps, t.epochs) {
             (Some(0), _) => return bad("train.steps", "0".into(), "at least 1"),

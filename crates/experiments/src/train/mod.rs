@@ -16,6 +16,7 @@ pub mod moe_eval;
 pub mod moe_log;
 mod panics;
 pub mod plot;
+pub mod routed;
 pub mod run_dir;
 pub mod zero;
 
@@ -416,7 +417,16 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
             }
             let rank = vit_collective::Communicator::rank(&comm);
             let dir = if rank == 0 { run.clone() } else { run.reader() };
-            let result = train_rank(cfg, &dir, opts, &comm);
+            let result = match (cfg.train.device.0, cfg.train.comm) {
+                // GPU ranks: NCCL between the processes' GPUs (the id broadcast over MPI), each
+                // process on the GPU of its local rank; host tensors stay on MPI.
+                (Device::Cuda(base), c) if c != config::Comm::Local => {
+                    let d = base + local_rank(rank);
+                    nccl_over(&comm, d, cfg)
+                        .and_then(|(rcfg, nccl)| train_rank(&rcfg, &dir, opts, &routed::Routed::new(&comm, nccl)))
+                }
+                _ => train_rank(cfg, &dir, opts, &comm),
+            };
             // A rank that failed alone would leave the others waiting in a collective forever
             // (and itself in MPI_Finalize): unless every rank failed at once, end the job.
             if let Err(e) = &result {
@@ -430,14 +440,31 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
             return result;
         }
     }
-    if world <= 1 {
+    let nccl = uses_nccl(cfg, world);
+    if world <= 1 && !nccl {
         return train_rank(cfg, run, opts, &vit_collective::SingleProcess::new());
+    }
+    if let (true, Device::Cuda(base)) = (nccl, cfg.train.device.0) {
+        let count = vit_tensor::cuda::device_count();
+        if base + world > count {
+            return Err(TrainError::Config(format!(
+                "train.world = {world} on cuda:{base}: expected {world} GPU(s) (cuda:{base}..cuda:{}), but {count} \
+                 CUDA device(s) are visible",
+                base + world - 1
+            )));
+        }
     }
     let timeout =
         (cfg.train.collective_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(cfg.train.collective_timeout));
-    let results = vit_collective::LocalGroup::run_with_timeout(world, timeout, |comm| {
-        let dir = if vit_collective::Communicator::rank(&comm) == 0 { run.clone() } else { run.reader() };
-        train_rank(cfg, &dir, opts, &comm)
+    let results = vit_collective::LocalGroup::run_with_timeout(world.max(1), timeout, |comm| {
+        let rank = vit_collective::Communicator::rank(&comm);
+        let dir = if rank == 0 { run.clone() } else { run.reader() };
+        match cfg.train.device.0 {
+            // Rank r on cuda:(base + r), gradients over NCCL; host tensors over the threads.
+            Device::Cuda(base) if nccl => nccl_over(&comm, base + rank, cfg)
+                .and_then(|(rcfg, nccl)| train_rank(&rcfg, &dir, opts, &routed::Routed::new(&comm, nccl))),
+            _ => train_rank(cfg, &dir, opts, &comm),
+        }
     });
     // A rank that failed makes the others see it leave the group: report the failure itself.
     fn is_departure(e: &TrainError) -> bool {
@@ -465,6 +492,42 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
         (None, Some(s)) => Ok(s),
         (None, None) => Err(TrainError::Io("rank 0 returned no summary".into())),
     }
+}
+
+/// Whether the ranks of a run of `world` in-process ranks (or MPI processes) talk over NCCL:
+/// `train.comm = "nccl"`, or `"auto"` with several ranks on a GPU.
+fn uses_nccl(cfg: &TrainConfig, world: usize) -> bool {
+    match (cfg.train.comm, cfg.train.device.0) {
+        (_, Device::Cpu) | (config::Comm::Local, _) => false,
+        (config::Comm::Nccl, Device::Cuda(_)) => true,
+        (config::Comm::Auto, Device::Cuda(_)) => world > 1,
+    }
+}
+
+/// This rank's NCCL communicator on cuda:`device`, made over the host backend `host` (every
+/// rank calls it), with the collective timeout; and the config of this rank (its device).
+fn nccl_over(
+    host: &dyn vit_collective::Communicator,
+    device: usize,
+    cfg: &TrainConfig,
+) -> Result<(TrainConfig, vit_collective::NcclCommunicator), TrainError> {
+    let mut nccl = vit_collective::NcclCommunicator::from_communicator(host, device)?;
+    if cfg.train.collective_timeout > 0.0 {
+        nccl.set_timeout(Some(std::time::Duration::from_secs_f64(cfg.train.collective_timeout)));
+    }
+    let mut rcfg = cfg.clone();
+    rcfg.train.device = config::TrainDevice(Device::Cuda(device));
+    Ok((rcfg, nccl))
+}
+
+/// This process's rank among those of its machine under mpirun or srun (Open MPI, MPICH and
+/// Slurm name it in the environment), or its world rank when none does.
+#[cfg(feature = "mpi")]
+fn local_rank(rank: usize) -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse().ok())
+        .unwrap_or(rank)
 }
 
 /// The training loop of one data-parallel rank of `comm` (the whole run when it is a world of one).
@@ -505,6 +568,9 @@ fn train_rank(
     }
 
     let (drank, dworld) = (dp.rank(), dp.world_size());
+    // Over NCCL the gradients are all-reduced on the device, in place (also for one rank, so
+    // that `train.comm = "nccl"` runs the whole path on one GPU).
+    let via_nccl = uses_nccl(cfg, world);
     let data = data::load(&cfg.data)?;
     let probe = data.eval_loader(&data.train, 1)?.batch(0)?;
     let want = [mcfg.channels, mcfg.image_size, mcfg.image_size];
@@ -701,8 +767,16 @@ fn train_rank(
     let buckets = if sharded || full || mp.is_some() || ep.is_some() {
         None
     } else {
-        gradient_buckets(&params, dworld, cfg.train.bucket_mb)?
+        gradient_buckets(&params, dworld > 1 || via_nccl, cfg.train.bucket_mb)?
     };
+    if via_nccl && lead {
+        let buckets = buckets.as_ref().map_or(1, |p| p.buckets().len());
+        println!(
+            "communication: NCCL {} between {world} GPU rank(s); gradients all-reduced on the device, in place, \
+             in {buckets} bucket(s)",
+            vit_collective::nccl_version().unwrap_or_default()
+        );
+    }
     let shard = vit_data::loader::Shard { index: drank, count: dworld };
     let first_row = shard.rows(batch).start;
     let mut stream = data.train_loader(batch, cfg.train.seed, shard)?.iter_from(first_step);
@@ -809,7 +883,9 @@ fn train_rank(
                 // gradient buckets to a communication thread (or all is reduced after it).
                 let micro_batches = my_labels.chunks(micro).count();
                 std::thread::scope(|scope| -> Result<(), TrainError> {
-                    let mut overlap = buckets.as_ref().map(|plan| {
+                    // (Over NCCL the buckets are reduced in place after backward instead: NCCL
+                    // runs on the compute stream, so a communication thread would not overlap.)
+                    let mut overlap = buckets.as_ref().filter(|_| !via_nccl).map(|plan| {
                         vit_collective::OverlappedAllReduce::start(scope, dp, plan, vit_collective::ReduceOp::Sum)
                     });
                     for (j, labels) in my_labels.chunks(micro).enumerate() {
@@ -846,6 +922,19 @@ fn train_rank(
                         (Some(o), _) => o.finish(grads.buffer_mut(0))?,
                         // The experts' gradients are complete on their rank: the rest only.
                         (None, Some(e)) => e.reduce_replicated(dp, &mut grads)?,
+                        // NCCL: each device buffer in place, bucket by bucket (the plan's
+                        // buckets of the one f32 buffer; whole buffers otherwise).
+                        (None, None) if via_nccl && !sharded => {
+                            for i in 0..grads.buffers().len() {
+                                #[allow(clippy::single_range_in_vec_init)] // one range: the whole buffer
+                                let whole = [0..grads.buffer(i).numel()];
+                                let ranges = match (&buckets, i) {
+                                    (Some(plan), 0) => plan.buckets(),
+                                    _ => &whole[..],
+                                };
+                                dp.all_reduce_in_place(grads.buffer_mut(i), ranges, vit_collective::ReduceOp::Sum)?;
+                            }
+                        }
                         (None, None) if dworld > 1 && !sharded => {
                             for i in 0..grads.buffers().len() {
                                 let summed = dp.all_reduce(grads.buffer(i), vit_collective::ReduceOp::Sum)?;
@@ -984,17 +1073,18 @@ fn train_rank(
     write_summary(run, StopReason::Completed, total, last_loss, (test_acc, test_loss), evals, rate, started)
 }
 
-/// The buckets of the overlapped gradient all-reduce of `world` ranks, over the gradients'
-/// one flat f32 buffer; `None` for one rank, for `bucket_mb = 0`, or when the parameters are
-/// not one f32 buffer (then all is reduced after backward).
+/// The buckets of the gradient all-reduce (overlapped on the host, in place over NCCL), over
+/// the gradients' one flat f32 buffer; `None` when nothing is `reduce`d (one rank off NCCL),
+/// for `bucket_mb = 0`, or when the parameters are not one f32 buffer (then all is reduced
+/// after backward).
 fn gradient_buckets(
     params: &ParamStore,
-    world: usize,
+    reduce: bool,
     bucket_mb: f64,
 ) -> Result<Option<vit_collective::BucketPlan>, TrainError> {
     // The f32 master parameters in one buffer have the gradients' layout (`zeros_like(F32)`).
     let one_f32_buffer = params.buffers().len() == 1 && params.buffer(0).dtype() == DType::F32;
-    if world <= 1 || bucket_mb == 0.0 || !one_f32_buffer {
+    if !reduce || bucket_mb == 0.0 || !one_f32_buffer {
         return Ok(None);
     }
     let ranges = params

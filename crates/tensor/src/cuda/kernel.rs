@@ -489,6 +489,13 @@ pub fn device_ptr(t: &Tensor) -> Result<u64> {
     Ok(p)
 }
 
+/// The stream every op, copy and kernel of CUDA `device` runs on (created with the device's
+/// backend on first use), for crates that enqueue work of their own libraries on it (NCCL in
+/// `vit-collective`): work queued on it is ordered with every tensor op of the device.
+pub fn stream(device: Device) -> Result<Arc<cudarc::driver::CudaStream>> {
+    Ok(backend_for("stream", device)?.stream.clone())
+}
+
 /// A tensor of `shape` and `dtype` on CUDA `device` whose elements are not initialised (no
 /// memset): for outputs a kernel writes completely.
 ///
