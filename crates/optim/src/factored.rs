@@ -315,7 +315,7 @@ fn factored_core<E>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -448,7 +448,7 @@ mod tests {
     }
 
     /// The elements of a row-major tensor `dims` at `idx` along `axis`, in order.
-    fn take(x: &[f32], dims: &[usize], axis: usize, idx: &[usize]) -> Vec<f32> {
+    pub(crate) fn take(x: &[f32], dims: &[usize], axis: usize, idx: &[usize]) -> Vec<f32> {
         let outer: usize = dims[..axis].iter().product();
         let inner: usize = dims[axis + 1..].iter().product();
         let mut out = Vec::with_capacity(outer * idx.len() * inner);
@@ -463,7 +463,7 @@ mod tests {
 
     /// Runs `f(rank, reduction)` on `n` threads whose reductions sum in rank order (the
     /// in-process stand-in for an all-reduce over the model axis).
-    fn on_ranks<T: Send>(n: usize, f: impl Fn(usize, &mut SumOverShards) -> T + Sync) -> Vec<T> {
+    pub(crate) fn on_ranks<T: Send>(n: usize, f: impl Fn(usize, &mut SumOverShards) -> T + Sync) -> Vec<T> {
         let slots = std::sync::Mutex::new(vec![Vec::<f64>::new(); n]);
         let barrier = std::sync::Barrier::new(n);
         std::thread::scope(|scope| {
@@ -618,8 +618,9 @@ mod tests {
         let parts = on_ranks(2, |m, reduce| {
             let idx: Vec<usize> = (6 * m..6 * m + 6).collect();
             let (mut lr, mut lc) = (vec![0f32; 12], vec![0f32; 6]);
-            let lu = factored_update_sharded(&shard, fd, &take(&g, &dims, 1, &idx), &mut lr, &mut lc, 0.0, 1e-30, reduce)
-                .unwrap();
+            let lu =
+                factored_update_sharded(&shard, fd, &take(&g, &dims, 1, &idx), &mut lr, &mut lc, 0.0, 1e-30, reduce)
+                    .unwrap();
             (idx, lu, lr, lc)
         });
         for (idx, lu, lr, lc) in parts {

@@ -16,7 +16,7 @@ pub fn optimizer_state_bytes<'a>(
     let groups = config.groups.compile()?;
     let mut bytes = 8u64;
     for (name, dims) in shapes {
-        let (_, layout) = state_layout(&config.algorithm, dims, groups.settings(name).frozen);
+        let (_, layout) = state_layout(&config.algorithm, dims, dims, groups.settings(name).frozen);
         for (_, shape, dtype) in layout {
             bytes += shape.iter().map(|&d| d as u64).product::<u64>() * dtype.size_in_bytes() as u64;
         }
