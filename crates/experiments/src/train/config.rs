@@ -507,12 +507,12 @@ impl TrainConfig {
                 "\"none\" or \"full\" under tensor parallelism: ZeRO-1 over the data axis of a mesh is not built yet",
             );
         }
-        if model_ranks > 1 && self.optimizer.name == OptimizerName::FactoredAdam {
+        if model_ranks > 1 && self.optimizer.name == OptimizerName::FactoredAdam && t.sharding == Sharding::Full {
             return bad(
                 "optimizer.name",
-                "factored-adam (with train.mesh.model > 1)".into(),
-                "adamw or sgd under tensor parallelism: the factored second moment needs whole-matrix row and \
-                 column means, which a split matrix does not have on one rank",
+                "factored-adam (with train.mesh.model > 1 and train.sharding = \"full\")".into(),
+                "adamw or sgd with full sharding on a mesh, or train.sharding = \"none\": the fully sharded \
+                 step does not sum factored statistics over the model axis yet",
             );
         }
         if !(t.collective_timeout >= 0.0 && t.collective_timeout.is_finite()) {

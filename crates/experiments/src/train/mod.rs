@@ -606,7 +606,10 @@ fn train_rank(
     } else if sharded {
         zero::Updater::Sharded(zero::ShardedOptimizer::new(opt_cfg, &params, drank, dworld)?)
     } else {
-        zero::Updater::Replicated(OptimizerChain::new(opt_cfg, &params)?)
+        zero::Updater::Replicated(match &mp {
+            Some(m) => m.optimizer(opt_cfg, &params)?,
+            None => OptimizerChain::new(opt_cfg, &params)?,
+        })
     };
     if world > 1 && lead {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
