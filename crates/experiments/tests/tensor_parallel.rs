@@ -111,25 +111,41 @@ fn factored_adam_on_meshes_follows_one_rank_and_resumes_across_meshes() {
     // along its largest axis (d0: the row sums are summed over the model axis).
     let split =
         ["blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.weight"];
-    for world in ["2", "4"] {
-        let dir = tmp.path().join(format!("mesh{world}"));
-        let o = train(&dir, &factored_args(&["--world", world, "--set", "train.mesh.model=2"]));
-        ok(&o, &format!("factored, world {world}, model 2"));
+    // Also with full sharding: parameters split over both axes, each data rank's own
+    // parameters' statistics summed over the model axis.
+    for (world, sharding) in [("2", "none"), ("4", "none"), ("4", "full")] {
+        let dir = tmp.path().join(format!("mesh{world}{sharding}"));
+        let sharding = format!("train.sharding={sharding}");
+        let o = train(&dir, &factored_args(&["--world", world, "--set", "train.mesh.model=2", "--set", &sharding]));
+        ok(&o, &format!("factored, world {world}, model 2, {sharding}"));
         assert!(String::from_utf8_lossy(&o.stdout).contains("tensor parallel"));
-        let what = format!("factored, mesh data={} model=2 vs world 1", world.parse::<usize>().unwrap() / 2);
+        let what =
+            format!("factored, mesh data={} model=2, {sharding} vs world 1", world.parse::<usize>().unwrap() / 2);
         assert_losses_close(&one, &dir, 20, &what);
         assert_factored_state_close(&ckpt(&dir), &ckpt(&one), &split, &what);
     }
 
     // A 2 × 2 mesh stopped at step 10 resumes on one rank, and one rank's run on a 2-way mesh.
     let moved = tmp.path().join("moved");
-    let o = train(&moved, &factored_args(&["--world", "4", "--set", "train.mesh.model=2", "--stop-at", "10"]));
+    let o = train(
+        &moved,
+        &factored_args(&[
+            "--world",
+            "4",
+            "--set",
+            "train.mesh.model=2",
+            "--set",
+            "train.sharding=full",
+            "--stop-at",
+            "10",
+        ]),
+    );
     assert_eq!(o.status.code(), Some(3), "mesh to step 10: {}", String::from_utf8_lossy(&o.stderr));
     ok(
         &vit(&["train", "--resume", moved.to_str().unwrap(), "--world", "1", "--set", "train.mesh.model=1"]),
         "factored, resume on one rank",
     );
-    assert_losses_close(&one, &moved, 20, "factored, 2 x 2 mesh to step 10, then world 1");
+    assert_losses_close(&one, &moved, 20, "factored, 2 x 2 mesh (full sharding) to step 10, then world 1");
     let back = tmp.path().join("back");
     assert_eq!(train(&back, &factored_args(&["--stop-at", "10"])).status.code(), Some(3), "world 1 to step 10");
     ok(
@@ -177,25 +193,12 @@ fn factored_adam_on_a_mesh_with_the_parallel_block_and_columns_split() {
 #[test]
 fn meshes_that_do_not_fit_are_config_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 3] = [
         (
             &["--world", "2", "--set", "train.mesh.model=3"],
             "train.mesh.model = 3: expected a divisor of train.world (2)",
         ),
         (&["--world", "3", "--set", "train.mesh.model=3"], "heads = 4: expected a multiple of the model axis size 3"),
-        (
-            &[
-                "--world",
-                "4",
-                "--set",
-                "train.mesh.model=2",
-                "--set",
-                "train.sharding=full",
-                "--set",
-                "optimizer.name=factored-adam",
-            ],
-            "optimizer.name = factored-adam (with train.mesh.model > 1 and train.sharding = \"full\")",
-        ),
         (
             &["--world", "4", "--set", "train.mesh.model=2", "--set", "train.sharding=optimizer"],
             "ZeRO-1 over the data axis of a mesh is not built yet",

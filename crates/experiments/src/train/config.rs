@@ -507,14 +507,6 @@ impl TrainConfig {
                 "\"none\" or \"full\" under tensor parallelism: ZeRO-1 over the data axis of a mesh is not built yet",
             );
         }
-        if model_ranks > 1 && self.optimizer.name == OptimizerName::FactoredAdam && t.sharding == Sharding::Full {
-            return bad(
-                "optimizer.name",
-                "factored-adam (with train.mesh.model > 1 and train.sharding = \"full\")".into(),
-                "adamw or sgd with full sharding on a mesh, or train.sharding = \"none\": the fully sharded \
-                 step does not sum factored statistics over the model axis yet",
-            );
-        }
         if !(t.collective_timeout >= 0.0 && t.collective_timeout.is_finite()) {
             return bad("train.collective_timeout", t.collective_timeout.to_string(), "seconds ≥ 0 (0: wait forever)");
         }

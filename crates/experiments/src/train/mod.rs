@@ -600,7 +600,9 @@ fn train_rank(
                 None => model.init_params_where(seed, DType::F32, device, owns)?,
             })
         };
-        let (share, mine) = full_shard::FullShard::new(opt_cfg, shapes, stages, drank, dworld, &mut make_mine)?;
+        let shards = mp.as_ref().map(|m| m.shards()).unwrap_or_default();
+        let (share, mine) =
+            full_shard::FullShard::new(opt_cfg, shapes, stages, drank, dworld, &shards, &mut make_mine)?;
         params = mine;
         zero::Updater::Full(Box::new(share))
     } else if sharded {

@@ -203,11 +203,16 @@ impl ModelParallel {
             .map(str::to_string)
             .collect();
         let n = self.tp.ranks();
-        share.step(params, &mut |mine, grads| {
-            let replicated = grad_norm::sum_of_squares_where(grads, |name| counted.contains(name))
-                .map_err(|e| vit_optim::OptimError::Param { name: "(gradient norm)".into(), msg: e.to_string() })?;
-            grad_norm::sum_over_ranks(world, grad_norm::share(mine, replicated, n))
-        })
+        let mut sum = |x: &mut [f64]| sum_f64_over_ranks(self.model_comm(), x);
+        share.step_tensor_parallel(
+            params,
+            &mut |mine, grads| {
+                let replicated = grad_norm::sum_of_squares_where(grads, |name| counted.contains(name))
+                    .map_err(|e| vit_optim::OptimError::Param { name: "(gradient norm)".into(), msg: e.to_string() })?;
+                grad_norm::sum_over_ranks(world, grad_norm::share(mine, replicated, n))
+            },
+            &mut sum,
+        )
     }
 }
 
