@@ -500,13 +500,6 @@ impl TrainConfig {
                 },
             );
         }
-        if model_ranks > 1 && t.sharding == Sharding::Optimizer {
-            return bad(
-                "train.sharding",
-                "\"optimizer\" (with train.mesh.model > 1)".into(),
-                "\"none\" or \"full\" under tensor parallelism: ZeRO-1 over the data axis of a mesh is not built yet",
-            );
-        }
         if !(t.collective_timeout >= 0.0 && t.collective_timeout.is_finite()) {
             return bad("train.collective_timeout", t.collective_timeout.to_string(), "seconds ≥ 0 (0: wait forever)");
         }

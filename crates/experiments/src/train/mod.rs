@@ -606,7 +606,8 @@ fn train_rank(
         params = mine;
         zero::Updater::Full(Box::new(share))
     } else if sharded {
-        zero::Updater::Sharded(zero::ShardedOptimizer::new(opt_cfg, &params, drank, dworld)?)
+        let shards = mp.as_ref().map(|m| m.shards()).unwrap_or_default();
+        zero::Updater::Sharded(zero::ShardedOptimizer::new(opt_cfg, &params, drank, dworld, &shards)?)
     } else {
         zero::Updater::Replicated(match &mp {
             Some(m) => m.optimizer(opt_cfg, &params)?,
@@ -886,6 +887,7 @@ fn train_rank(
             let info = match (&mp, &ep, &mut opt) {
                 (Some(m), _, zero::Updater::Replicated(o)) => m.step(o, &mut params, &grads)?,
                 (Some(m), _, zero::Updater::Full(share)) => m.step_full(share, &mut params, comm)?,
+                (Some(m), _, zero::Updater::Sharded(share)) => m.step_zero1(share, &mut params, &grads, comm)?,
                 (None, Some(e), zero::Updater::Replicated(o)) => e.step(dp, o, &mut params, &grads)?,
                 _ => opt.step(dp, &mut params, &grads)?,
             };

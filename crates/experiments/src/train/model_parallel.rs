@@ -186,6 +186,40 @@ impl ModelParallel {
         Ok(opt.step_tensor_parallel(params, grads, &mut global, &mut sum)?)
     }
 
+    /// [`ModelParallel::step`] of a ZeRO-1 share over the data axis `data` (this rank's
+    /// optimizer state for about 1/D of its model part's parameters; `grads` not yet summed
+    /// over `data`): the norm's parts are summed over `world`, every rank of the mesh (the data
+    /// ranks own distinct parameters, the model ranks distinct parts but for the replicated
+    /// ones, counted 1/K each).
+    pub fn step_zero1(
+        &self,
+        share: &mut super::zero::ShardedOptimizer,
+        params: &mut ParamStore,
+        grads: &ParamStore,
+        world: &dyn Communicator,
+    ) -> Result<StepInfo, TrainError> {
+        let plan = self.tp.plan();
+        let opt = share.optimizer();
+        let counted: std::collections::HashSet<String> = params
+            .names()
+            .filter(|name| !plan.is_split(name) && opt.settings(name).is_some_and(|s| !s.frozen))
+            .map(str::to_string)
+            .collect();
+        let n = self.tp.ranks();
+        let mut sum = |x: &mut [f64]| sum_f64_over_ranks(self.model_comm(), x);
+        share.step_with(
+            self.data(),
+            params,
+            grads,
+            &mut |mine, owned| {
+                let replicated = grad_norm::sum_of_squares_where(owned, |name| counted.contains(name))
+                    .map_err(|e| vit_optim::OptimError::Param { name: "(gradient norm)".into(), msg: e.to_string() })?;
+                grad_norm::sum_over_ranks(world, grad_norm::share(mine, replicated, n))
+            },
+            Some(&mut sum),
+        )
+    }
+
     /// [`ModelParallel::step`] of a share of a model fully sharded over the data axis: the
     /// parts are summed over `world`, every rank of the mesh (each holds distinct parameters but
     /// for the replicated ones, which each model rank's data ranks hold once between them).
