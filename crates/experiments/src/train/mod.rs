@@ -607,7 +607,7 @@ fn train_rank(
         zero::Updater::Full(Box::new(share))
     } else if sharded {
         let shards = mp.as_ref().map(|m| m.shards()).unwrap_or_default();
-        zero::Updater::Sharded(zero::ShardedOptimizer::new(opt_cfg, &params, drank, dworld, &shards)?)
+        zero::Updater::Sharded(zero::ShardedOptimizer::with_shards(opt_cfg, &params, drank, dworld, &shards)?)
     } else {
         zero::Updater::Replicated(match &mp {
             Some(m) => m.optimizer(opt_cfg, &params)?,

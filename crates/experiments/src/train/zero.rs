@@ -65,10 +65,14 @@ fn partition(layout: &[(String, usize, usize)], len: usize, world: usize) -> Vec
 }
 
 impl ShardedOptimizer {
-    /// Rank `rank` of `world`'s share of an optimizer with `config` over `params`. `shards`
-    /// names the parameters that are this model rank's part of a whole one (empty without a
-    /// model axis; [`OptimizerChain::with_shards`]).
-    pub fn new(
+    /// Rank `rank` of `world`'s share of an optimizer with `config` over `params`.
+    pub fn new(config: OptimizerConfig, params: &ParamStore, rank: usize, world: usize) -> Result<Self, TrainError> {
+        Self::with_shards(config, params, rank, world, &std::collections::HashMap::new())
+    }
+
+    /// [`ShardedOptimizer::new`] on a mesh: `shards` names the parameters that are this model
+    /// rank's part of a whole one ([`OptimizerChain::with_shards`]).
+    pub fn with_shards(
         config: OptimizerConfig,
         params: &ParamStore,
         rank: usize,
