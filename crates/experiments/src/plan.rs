@@ -17,7 +17,7 @@
 
 use serde::Serialize;
 use vit_model::{BlockKind, ModelConfig, ModelError, ShardSpec, TensorParallelViT, VisionTransformer};
-use vit_optim::{optimizer_state_bytes, OptimError, OptimizerConfig};
+use vit_optim::{optimizer_state_bytes_split, OptimError, OptimizerConfig};
 use vit_tensor::{DType, Device};
 
 /// Errors of the planner: each names the value and what was expected.
@@ -101,7 +101,8 @@ pub struct PlanSettings {
     pub mesh: Mesh,
     /// Global batch, images per step; must be divisible by `mesh.data`.
     pub batch: usize,
-    /// The optimizer whose state is counted ([`optimizer_state_bytes`] on the sharded shapes).
+    /// The optimizer whose state is counted ([`vit_optim::optimizer_state_bytes_split`] on the
+    /// sharded shapes: factored Adam factors a split matrix over its whole shape).
     pub optimizer: OptimizerConfig,
     /// Activation checkpointing: keep only each block's input, recompute the block in backward.
     pub remat: bool,
@@ -426,7 +427,10 @@ pub fn plan(s: &PlanSettings) -> Result<Plan, PlanError> {
         }
     }
     let block_numel = per_block.values().copied().max().unwrap_or(0);
-    let opt_full = optimizer_state_bytes(params.iter().map(|p| (p.name.as_str(), p.local.as_slice())), &s.optimizer)?;
+    let opt_full = optimizer_state_bytes_split(
+        params.iter().map(|p| (p.name.as_str(), p.local.as_slice(), p.full.as_slice())),
+        &s.optimizer,
+    )?;
     // `ParamStore`'s flat buffer: each tensor starts on a 64-byte boundary.
     let stored = |size: u64| -> u64 {
         let mut len = 0u64;

@@ -60,6 +60,25 @@ pub enum OptimError {
         msg: String,
     },
 
+    /// Arguments of the sharded factored update ([`crate::factored_update_sharded`]) that do
+    /// not fit together: a cut the shape does not allow, or a slice of the wrong length.
+    #[error("sharded factored update of a {dims:?} parameter: {msg}")]
+    Shard {
+        /// The whole parameter's shape.
+        dims: Vec<usize>,
+        /// What is wrong: expected versus found.
+        msg: String,
+    },
+
+    /// A sum over the ranks sharing a parameter (a collective) failed.
+    #[error("sum over the ranks sharing {name}: {msg}")]
+    Collective {
+        /// The parameter whose statistics were being summed.
+        name: String,
+        /// The communicator's error.
+        msg: String,
+    },
+
     #[error(transparent)]
     Tensor(#[from] vit_tensor::Error),
 }

@@ -47,9 +47,9 @@ mod schedule;
 
 pub use clip::{clip_by_global_norm, global_norm};
 pub use error::OptimError;
-pub use factored::{factored_dims, factored_update, FactoredDims};
+pub use factored::{factored_dims, factored_update, factored_update_sharded, FactoredDims, ParamShard, SumOverShards};
 pub use groups::{CompiledGroups, ParamGroups, ParamSettings, SCALING_VIT_WD_MULTS};
-pub use memory::optimizer_state_bytes;
+pub use memory::{optimizer_state_bytes, optimizer_state_bytes_split};
 pub use optimizer::{
     AdamWConfig, Algorithm, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, SgdConfig, StepInfo,
     STATE_COUNT, STATE_M, STATE_V, STATE_V_COL, STATE_V_ROW,

@@ -12,11 +12,23 @@ pub fn optimizer_state_bytes<'a>(
     shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>,
     config: &OptimizerConfig,
 ) -> Result<u64, OptimError> {
+    optimizer_state_bytes_split(shapes.into_iter().map(|(name, dims)| (name, dims, dims)), config)
+}
+
+/// [`optimizer_state_bytes`] of one rank of a tensor-parallel group: `(name, this rank's
+/// shape, the whole shape)` per parameter, as
+/// [`OptimizerChain::with_shards`](crate::OptimizerChain::with_shards) lays the state out
+/// (factored Adam picks its axes from the whole shape; its statistics are the part's shape
+/// without them).
+pub fn optimizer_state_bytes_split<'a>(
+    shapes: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [usize])>,
+    config: &OptimizerConfig,
+) -> Result<u64, OptimError> {
     config.validate()?;
     let groups = config.groups.compile()?;
     let mut bytes = 8u64;
-    for (name, dims) in shapes {
-        let (_, layout) = state_layout(&config.algorithm, dims, groups.settings(name).frozen);
+    for (name, dims, full) in shapes {
+        let (_, layout) = state_layout(&config.algorithm, dims, full, groups.settings(name).frozen);
         for (_, shape, dtype) in layout {
             bytes += shape.iter().map(|&d| d as u64).product::<u64>() * dtype.size_in_bytes() as u64;
         }
@@ -89,5 +101,27 @@ mod tests {
         let kept: usize =
             shapes.iter().filter(|(n, _)| !n.contains(".mlp.")).map(|(_, s)| s.iter().product::<usize>()).sum();
         assert_eq!(got, 8 * kept as u64 + 8);
+    }
+
+    #[test]
+    fn split_parameters_are_factored_over_their_whole_shape() {
+        use crate::{OptimizerChain, ParamShard};
+        use vit_tensor::{Device, ParamStore, Tensor};
+        // [64, 32] cut along rows over 4 ranks: the part [16, 32] alone would not be factored
+        // (16 < 32, a full [16, 32] second moment); the whole is: v_row [32] + v_col [16].
+        let cfg = OptimizerConfig::new(Algorithm::FactoredAdam(FactoredAdamConfig::default()), 1e-3);
+        let (local, full) = ([16usize, 32], [64usize, 32]);
+        let split = optimizer_state_bytes_split([("w", &local[..], &full[..])], &cfg).unwrap();
+        assert_eq!(split, 8 + 2 * 16 * 32 + 4 * (32 + 16)); // bf16 momentum, f32 statistics
+        assert_eq!(optimizer_state_bytes([("w", &local[..])], &cfg).unwrap(), 8 + 2 * 16 * 32 + 4 * 16 * 32);
+        let mut p = ParamStore::new();
+        p.insert("w", Tensor::zeros(local.to_vec(), DType::F32, Device::Cpu).unwrap()).unwrap();
+        let shards = std::collections::HashMap::from([(
+            "w".to_string(),
+            ParamShard { full_dims: full.to_vec(), axis: 0, ranks: 4 },
+        )]);
+        let opt = OptimizerChain::with_shards(cfg, &p, &shards).unwrap();
+        use crate::Optimizer;
+        assert_eq!(opt.state_bytes(), split);
     }
 }

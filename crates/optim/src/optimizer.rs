@@ -54,8 +54,8 @@ use crate::cuda::{
     self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepKind, StepScalars,
 };
 use crate::{
-    adafactor_beta2, clip::sum_of_squares, factored_dims, factored_update, CompiledGroups, FactoredDims, OptimError,
-    ParamGroups, ParamSettings, Schedule,
+    adafactor_beta2, clip::sum_of_squares, factored_dims, factored_update, factored_update_sharded, CompiledGroups,
+    FactoredDims, OptimError, ParamGroups, ParamSettings, ParamShard, Schedule, SumOverShards,
 };
 use std::collections::HashMap;
 use vit_tensor::{DType, Device, ParamDiff, ParamStore, Shape, Tensor};
@@ -299,15 +299,22 @@ type HostStateUpdate = Vec<(usize, Vec<f32>)>;
 /// One host slot's new values: its index, its parameters, and its state entries.
 type HostSlotUpdate = (usize, Vec<f32>, HostStateUpdate);
 
-/// The state tensors of one parameter, in store order.
-pub(crate) fn state_layout(algorithm: &Algorithm, dims: &[usize], frozen: bool) -> (Second, Vec<StateTensor>) {
+/// The state tensors of one parameter of shape `dims`, in store order. `full` is the whole
+/// parameter's shape when `dims` is one rank's part of it (tensor parallelism): factored Adam
+/// picks its axes from the whole shape, and the statistics have the part's shape without them.
+pub(crate) fn state_layout(
+    algorithm: &Algorithm,
+    dims: &[usize],
+    full: &[usize],
+    frozen: bool,
+) -> (Second, Vec<StateTensor>) {
     if frozen {
         return (Second::None, Vec::new());
     }
     let (m, second) = match algorithm {
         Algorithm::FactoredAdam(c) => (
             c.momentum.map(|_| c.momentum_dtype),
-            match factored_dims(dims, c.min_dim_size_to_factor) {
+            match factored_dims(full, c.min_dim_size_to_factor) {
                 Some(fd) => Second::Factored(fd),
                 None => Second::Full,
             },
@@ -339,6 +346,8 @@ struct Slot {
     device: Device,
     settings: ParamSettings,
     second: Second,
+    /// How the parameter is cut from a whole one split over a tensor-parallel group, if it is.
+    shard: Option<ParamShard>,
     /// Positions in the state store of `m` (if any) and of the second moment (`v`, or
     /// `v_row` then `v_col`).
     m: Option<usize>,
@@ -377,7 +386,42 @@ impl OptimizerChain {
     /// An optimizer for the parameters in `params` (names, shapes, dtypes and devices are
     /// fixed from here on) with zero state on each parameter's device.
     pub fn new(config: OptimizerConfig, params: &ParamStore) -> Result<Self, OptimError> {
+        Self::with_shards(config, params, &HashMap::new())
+    }
+
+    /// [`OptimizerChain::new`] for one rank of a tensor-parallel group: `shards` names the
+    /// parameters of `params` that are this rank's part of a whole one cut along one axis
+    /// ([`ParamShard`]; the others are whole, e.g. replicated). Factored Adam then factors a
+    /// cut parameter over the whole shape's axes, keeps its statistics cut or replicated
+    /// accordingly ([`factored_update_sharded`]) and needs
+    /// [`OptimizerChain::step_tensor_parallel`] to sum them over the group; every other update
+    /// is elementwise and runs on the part as is.
+    pub fn with_shards(
+        config: OptimizerConfig,
+        params: &ParamStore,
+        shards: &HashMap<String, ParamShard>,
+    ) -> Result<Self, OptimError> {
         config.validate()?;
+        for (name, shard) in shards {
+            let t = params.get(name).map_err(|_| OptimError::Param {
+                name: name.clone(),
+                msg: "has a shard layout but is not among the parameters".into(),
+            })?;
+            shard.check().map_err(|e| OptimError::Param { name: name.clone(), msg: e.to_string() })?;
+            if t.dims() != shard.local_dims().as_slice() {
+                return Err(OptimError::Param {
+                    name: name.clone(),
+                    msg: format!(
+                        "shape {:?}: expected {:?}, the whole {:?} cut along axis {} over {} ranks",
+                        t.dims(),
+                        shard.local_dims(),
+                        shard.full_dims,
+                        shard.axis,
+                        shard.ranks
+                    ),
+                });
+            }
+        }
         let groups: CompiledGroups = config.groups.compile()?;
         let mut slots = Vec::with_capacity(params.len());
         let mut index = HashMap::new();
@@ -390,7 +434,18 @@ impl OptimizerChain {
                 });
             }
             let settings = groups.settings(name);
-            let (second, layout) = state_layout(&config.algorithm, t.dims(), settings.frozen);
+            let shard = shards.get(name).cloned();
+            let full = shard.as_ref().map_or(t.dims(), |s| s.full_dims.as_slice());
+            let (second, layout) = state_layout(&config.algorithm, t.dims(), full, settings.frozen);
+            if shard.is_some() && matches!(second, Second::Factored(_)) && t.device() != Device::Cpu {
+                return Err(OptimError::Param {
+                    name: name.to_string(),
+                    msg: format!(
+                        "on {}: the factored update of a parameter split over ranks runs on the CPU only",
+                        t.device()
+                    ),
+                });
+            }
             let mut slot = Slot {
                 name: name.to_string(),
                 dims: t.dims().to_vec(),
@@ -398,6 +453,7 @@ impl OptimizerChain {
                 device: t.device(),
                 settings,
                 second,
+                shard,
                 m: None,
                 v: Vec::new(),
             };
@@ -430,12 +486,24 @@ impl OptimizerChain {
         self.index.get(name).map(|&i| self.slots[i].settings)
     }
 
-    /// The axes parameter `name`'s second moment is factored over, if it is.
+    /// The axes parameter `name`'s second moment is factored over, if it is (axes of the
+    /// whole parameter when it is split: [`OptimizerChain::with_shards`]).
     pub fn factored(&self, name: &str) -> Option<FactoredDims> {
         match self.slots[*self.index.get(name)?].second {
             Second::Factored(fd) => Some(fd),
             _ => None,
         }
+    }
+
+    /// How parameter `name` is cut from a whole one split over ranks, if it is.
+    pub fn shard(&self, name: &str) -> Option<&ParamShard> {
+        self.slots[*self.index.get(name)?].shard.as_ref()
+    }
+
+    /// Whether the step of parameter slot `i` sums statistics over its ranks (a collective).
+    fn needs_sum_over_shards(&self, i: usize) -> bool {
+        let slot = &self.slots[i];
+        slot.shard.is_some() && matches!(slot.second, Second::Factored(_))
     }
 
     /// `lr · schedule(step)`.
@@ -496,8 +564,15 @@ impl OptimizerChain {
     }
 
     /// The update direction `d` of one trainable slot and its new state tensors
-    /// (`(position, values)`, in the state's dtypes).
-    fn direction(&self, slot: &Slot, g: &[f32], t: u64) -> Result<(Vec<f32>, HostStateUpdate), OptimError> {
+    /// (`(position, values)`, in the state's dtypes). A factored slot split over ranks sums its
+    /// statistics through `sum_over_shards` (an error without one).
+    fn direction(
+        &self,
+        slot: &Slot,
+        g: &[f32],
+        t: u64,
+        sum_over_shards: Option<&mut SumOverShards>,
+    ) -> Result<(Vec<f32>, HostStateUpdate), OptimError> {
         let read = |i: usize| self.state.at(i).to_f32_vec();
         let write = |i: usize, data: Vec<f32>| -> Result<(usize, Vec<f32>), OptimError> { Ok((i, data)) };
         let mut new_state = Vec::new();
@@ -507,7 +582,27 @@ impl OptimizerChain {
                 let u = match slot.second {
                     Second::Factored(fd) => {
                         let (mut vr, mut vc) = (read(slot.v[0])?, read(slot.v[1])?);
-                        let u = factored_update(&slot.dims, fd, g, &mut vr, &mut vc, k.beta2, k.eps);
+                        let u = match (&slot.shard, sum_over_shards) {
+                            (None, _) => factored_update(&slot.dims, fd, g, &mut vr, &mut vc, k.beta2, k.eps),
+                            (Some(shard), Some(sum)) => {
+                                let mut named = |x: &mut [f64]| {
+                                    sum(x).map_err(|e| OptimError::Collective {
+                                        name: slot.name.clone(),
+                                        msg: e.to_string(),
+                                    })
+                                };
+                                factored_update_sharded(shard, fd, g, &mut vr, &mut vc, k.beta2, k.eps, &mut named)
+                                    .map_err(|e| OptimError::Param { name: slot.name.clone(), msg: e.to_string() })?
+                            }
+                            (Some(_), None) => {
+                                return Err(OptimError::Param {
+                                    name: slot.name.clone(),
+                                    msg: "is split over ranks and factored: its step needs the sum over those ranks \
+                                          (OptimizerChain::step_tensor_parallel)"
+                                        .into(),
+                                })
+                            }
+                        };
                         new_state.push(write(slot.v[0], vr)?);
                         new_state.push(write(slot.v[1], vc)?);
                         u
@@ -695,7 +790,21 @@ impl OptimizerChain {
         grads: &ParamStore,
         global_sum_of_squares: &mut dyn FnMut(f64) -> Result<f64, OptimError>,
     ) -> Result<StepInfo, OptimError> {
-        self.step_with(params, grads, global_sum_of_squares)
+        self.step_with(params, grads, global_sum_of_squares, None)
+    }
+
+    /// [`OptimizerChain::step_shard`] of one rank of a tensor-parallel group, built by
+    /// [`OptimizerChain::with_shards`]: `sum_over_shards` sums the factored statistics of the
+    /// split parameters over the group ([`SumOverShards`]; one call per split factored
+    /// parameter, in parameter order, the same on every rank).
+    pub fn step_tensor_parallel(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &ParamStore,
+        global_sum_of_squares: &mut dyn FnMut(f64) -> Result<f64, OptimError>,
+        sum_over_shards: &mut SumOverShards,
+    ) -> Result<StepInfo, OptimError> {
+        self.step_with(params, grads, global_sum_of_squares, Some(sum_over_shards))
     }
 
     fn step_with(
@@ -703,6 +812,7 @@ impl OptimizerChain {
         params: &mut ParamStore,
         grads: &ParamStore,
         global_sum_of_squares: &mut dyn FnMut(f64) -> Result<f64, OptimError>,
+        mut sum_over_shards: Option<&mut SumOverShards>,
     ) -> Result<StepInfo, OptimError> {
         let gs = self.check_inputs(params, grads)?;
         let t = self.count;
@@ -755,29 +865,34 @@ impl OptimizerChain {
                 return Ok(StepInfo { step: t, grad_norm, clipped: clip.is_some(), schedule, lr: lr * schedule });
             }
         }
-        // The slots are independent: one rayon task each (the bits do not depend on the order).
-        let updates: Vec<Option<HostSlotUpdate>> = {
-            use rayon::prelude::*;
-            let params = &*params;
-            host.par_iter()
-                .map(|&i| -> Result<Option<HostSlotUpdate>, OptimError> {
-                    let slot = &self.slots[i];
-                    let Some(g) = &gs[i] else { return Ok(None) };
-                    let mut g = g.to_f32_vec()?;
-                    if let Some(c) = clip {
-                        g.iter_mut().for_each(|x| *x *= c);
-                    }
-                    let (d, st) = self.direction(slot, &g, t)?;
-                    let a = (lr * slot.settings.lr_mult) as f32;
-                    let b = (wd * slot.settings.wd_mult) as f32;
-                    let mut theta = params.get(&slot.name)?.to_f32_vec()?;
-                    for (th, &dj) in theta.iter_mut().zip(&d) {
-                        *th -= s * (a * dj + b * *th);
-                    }
-                    Ok(Some((i, theta, st)))
-                })
-                .collect::<Result<_, OptimError>>()?
+        // The slots are independent: one rayon task each (the bits do not depend on the order),
+        // but those whose statistics are summed over ranks run one after another in slot order
+        // (their sums are collectives, called alike on every rank).
+        let update = |i: usize, sum: Option<&mut SumOverShards>| -> Result<Option<HostSlotUpdate>, OptimError> {
+            let slot = &self.slots[i];
+            let Some(g) = &gs[i] else { return Ok(None) };
+            let mut g = g.to_f32_vec()?;
+            if let Some(c) = clip {
+                g.iter_mut().for_each(|x| *x *= c);
+            }
+            let (d, st) = self.direction(slot, &g, t, sum)?;
+            let a = (lr * slot.settings.lr_mult) as f32;
+            let b = (wd * slot.settings.wd_mult) as f32;
+            let mut theta = params.get(&slot.name)?.to_f32_vec()?;
+            for (th, &dj) in theta.iter_mut().zip(&d) {
+                *th -= s * (a * dj + b * *th);
+            }
+            Ok(Some((i, theta, st)))
         };
+        let (summed, independent): (Vec<usize>, Vec<usize>) =
+            host.iter().partition(|&&i| self.needs_sum_over_shards(i));
+        let mut updates: Vec<Option<HostSlotUpdate>> = {
+            use rayon::prelude::*;
+            independent.par_iter().map(|&i| update(i, None)).collect::<Result<_, OptimError>>()?
+        };
+        for &i in &summed {
+            updates.push(update(i, sum_over_shards.as_deref_mut())?);
+        }
         let mut host_params = Vec::new();
         let mut host_state = Vec::new();
         for (i, theta, st) in updates.into_iter().flatten() {
@@ -868,7 +983,7 @@ impl OptimizerChain {
 
 impl Optimizer for OptimizerChain {
     fn step(&mut self, params: &mut ParamStore, grads: &ParamStore) -> Result<StepInfo, OptimError> {
-        self.step_with(params, grads, &mut Ok)
+        self.step_with(params, grads, &mut Ok, None)
     }
 
     fn count(&self) -> u64 {
@@ -1244,5 +1359,138 @@ mod tests {
         opt.load_state(&s).unwrap();
         assert_eq!(opt.count(), (7u64 << 32) + 5);
         assert_eq!(opt.state().unwrap().get(STATE_COUNT).unwrap().to_vec::<u32>().unwrap(), [5, 7]);
+    }
+
+    #[test]
+    fn split_parameters_step_like_their_whole_with_factored_adam() {
+        use crate::factored::tests::{on_ranks, take};
+        // a [12, 8]: d0 = 0, cut along d0; b [8, 12]: d1 = 0, cut along d1; c [6] unfactored,
+        // cut; r [8, 8] whole on every rank. f32 momentum, so the parts follow the whole
+        // within f32 rounding.
+        let shapes: [(&str, &[usize], Option<usize>); 4] =
+            [("a", &[12, 8], Some(0)), ("b", &[8, 12], Some(0)), ("c", &[6], Some(0)), ("r", &[8, 8], None)];
+        let randn = |dims: &[usize], seed| {
+            Tensor::randn(dims.to_vec(), 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap().to_f32_vec().unwrap()
+        };
+        let whole_params: Vec<Vec<f32>> = shapes.iter().enumerate().map(|(k, s)| randn(s.1, k as u64)).collect();
+        let grads: Vec<Vec<Vec<f32>>> = (0..3)
+            .map(|step| shapes.iter().enumerate().map(|(k, s)| randn(s.1, 100 + 10 * step + k as u64)).collect())
+            .collect();
+        let mut cfg = OptimizerConfig::new(factored(DType::F32, 4), 0.1);
+        cfg.weight_decay = 0.01;
+        cfg.grad_clip_norm = Some(2.0);
+        let build = |m: usize, n: usize| -> (ParamStore, HashMap<String, ParamShard>) {
+            let (mut p, mut shards) = (ParamStore::new(), HashMap::new());
+            for ((name, dims, cut), v) in shapes.iter().zip(&whole_params) {
+                let (data, local) = match cut {
+                    Some(axis) if n > 1 => {
+                        let shard = ParamShard { full_dims: dims.to_vec(), axis: *axis, ranks: n };
+                        let d = dims[*axis] / n;
+                        let idx: Vec<usize> = (m * d..(m + 1) * d).collect();
+                        let local = shard.local_dims();
+                        shards.insert(name.to_string(), shard);
+                        (take(v, dims, *axis, &idx), local)
+                    }
+                    _ => (v.clone(), dims.to_vec()),
+                };
+                p.insert(*name, t(&data, &local)).unwrap();
+            }
+            (p, shards)
+        };
+        let grad_store = |step: usize, m: usize, n: usize| {
+            let mut g = ParamStore::new();
+            for ((name, dims, cut), v) in shapes.iter().zip(&grads[step]) {
+                let (data, local) = match cut {
+                    Some(axis) if n > 1 => {
+                        let d = dims[*axis] / n;
+                        let idx: Vec<usize> = (m * d..(m + 1) * d).collect();
+                        let mut local = dims.to_vec();
+                        local[*axis] = d;
+                        (take(v, dims, *axis, &idx), local)
+                    }
+                    _ => (v.clone(), dims.to_vec()),
+                };
+                g.insert(*name, t(&data, &local)).unwrap();
+            }
+            g
+        };
+        // The whole model on one rank.
+        let (mut whole, _) = build(0, 1);
+        let mut opt = OptimizerChain::new(cfg.clone(), &whole).unwrap();
+        let mut whole_sq = Vec::new();
+        for step in 0..3 {
+            let g = grad_store(step, 0, 1);
+            let info = opt.step(&mut whole, &g).unwrap();
+            assert!(info.clipped, "step {step}: the test means to clip");
+            whole_sq.push(info.grad_norm * info.grad_norm);
+        }
+        let whole_state = opt.state().unwrap();
+        for n in [2usize, 3] {
+            if shapes.iter().any(|(_, d, c)| c.is_some_and(|a| d[a] % n != 0)) {
+                continue;
+            }
+            let parts = on_ranks(n, |m, sum| {
+                let (mut p, shards) = build(m, n);
+                let mut opt = OptimizerChain::with_shards(cfg.clone(), &p, &shards).unwrap();
+                assert_eq!(opt.factored("a"), Some(FactoredDims { d0: 0, d1: 1 }));
+                assert_eq!(opt.factored("b"), Some(FactoredDims { d0: 1, d1: 0 }));
+                assert_eq!(opt.shard("a").map(|s| s.axis), Some(0));
+                // Without the sum over ranks a split factored parameter cannot step.
+                let e = opt.clone().step(&mut p.clone(), &grad_store(0, m, n)).unwrap_err().to_string();
+                assert!(e.contains("parameter a") && e.contains("step_tensor_parallel"), "{e}");
+                for (step, sq) in whole_sq.iter().enumerate() {
+                    opt.step_tensor_parallel(&mut p, &grad_store(step, m, n), &mut |_| Ok(*sq), sum).unwrap();
+                }
+                (p, opt.state().unwrap())
+            });
+            for (m, (p, state)) in parts.iter().enumerate() {
+                for ((name, dims, cut), _) in shapes.iter().zip(&whole_params) {
+                    let want = values(&whole, name);
+                    let want = match cut {
+                        Some(axis) => {
+                            let d = dims[*axis] / n;
+                            take(&want, dims, *axis, &(m * d..(m + 1) * d).collect::<Vec<_>>())
+                        }
+                        None => want,
+                    };
+                    let got = values(p, name);
+                    for (x, y) in got.iter().zip(&want) {
+                        assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-2), "{name} on rank {m} of {n}: {x} vs {y}");
+                    }
+                }
+                // a's rows are summed over the ranks: v_row whole on every rank; b's columns
+                // are: v_col whole.
+                for key in ["v_row.a", "v_col.b"] {
+                    let (x, y) = (values(state, key), values(&whole_state, key));
+                    assert_eq!(x.len(), y.len(), "{key}");
+                    for (a, b) in x.iter().zip(&y) {
+                        assert!((a - b).abs() <= 1e-6 * b.abs(), "{key} on rank {m} of {n}: {a} vs {b}");
+                    }
+                }
+                assert_eq!(state.get("v_col.a").unwrap().dims(), [12 / n]);
+                assert_eq!(state.get("v_row.b").unwrap().dims(), [8 / n]);
+            }
+        }
+    }
+
+    #[test]
+    fn shard_layouts_that_do_not_fit_are_refused_naming_the_parameter() {
+        let p = store(&[("w", &[0.0; 24], &[6, 4])]);
+        let cfg = OptimizerConfig::new(factored(DType::F32, 2), 0.1);
+        let try_with = |name: &str, shard: ParamShard| {
+            let shards = HashMap::from([(name.to_string(), shard)]);
+            OptimizerChain::with_shards(cfg.clone(), &p, &shards).unwrap_err().to_string()
+        };
+        let e = try_with("x", ParamShard { full_dims: vec![12, 4], axis: 0, ranks: 2 });
+        assert!(e.contains("parameter x") && e.contains("not among the parameters"), "{e}");
+        let e = try_with("w", ParamShard { full_dims: vec![12, 4], axis: 1, ranks: 2 });
+        assert!(e.contains("parameter w") && e.contains("shape [6, 4]: expected [12, 2]"), "{e}");
+        let e = try_with("w", ParamShard { full_dims: vec![12, 4], axis: 0, ranks: 5 });
+        assert!(e.contains("parameter w") && e.contains("size 12") && e.contains("5 ranks"), "{e}");
+        let shards = HashMap::from([("w".to_string(), ParamShard { full_dims: vec![12, 4], axis: 0, ranks: 2 })]);
+        let opt = OptimizerChain::with_shards(cfg, &p, &shards).unwrap();
+        // Factored over the whole [12, 4] (d0 = 0): v_row [4] whole, v_col [6] the part's rows.
+        assert_eq!(opt.state().unwrap().get("v_row.w").unwrap().dims(), [4]);
+        assert_eq!(opt.state().unwrap().get("v_col.w").unwrap().dims(), [6]);
     }
 }

@@ -292,6 +292,26 @@ impl Tensor {
         Ok(Arc::get_mut(&mut self.storage).expect("storage is unique after the copy"))
     }
 
+    /// Sets every element to zero in place, on any device (a memset; no new buffer while the
+    /// old one is alive, so zeroing a large gradient buffer costs no extra memory). When another
+    /// tensor shares the storage, this tensor gets a fresh zeroed storage instead and the other
+    /// keeps its values.
+    pub fn fill_zero(&mut self) -> Result<()> {
+        let (n, offset) = (self.numel() * self.dtype.size_in_bytes(), self.offset * self.dtype.size_in_bytes());
+        match Arc::get_mut(&mut self.storage) {
+            Some(Storage::Cpu(s)) => {
+                use rayon::prelude::*;
+                // All-zero bytes are 0 in every dtype.
+                s.bytes_mut()[offset..offset + n].par_chunks_mut(4 * crate::cpu::PAR_MIN_ELEMS).for_each(|c| c.fill(0));
+            }
+            Some(Storage::Cuda(s)) => s.zero_range(offset, n)?,
+            None => {
+                *self = Tensor::zeros(self.shape.clone(), self.dtype, self.device)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Gives this tensor a storage of its own if another tensor (a clone or a view) shares it,
     /// by copying its elements (copy-on-write, on any device). After it, a kernel may write
     /// through [`crate::cuda::kernel::device_ptr`] of this tensor, or of views made from it

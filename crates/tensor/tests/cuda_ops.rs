@@ -618,3 +618,33 @@ fn ops_read_narrowed_views_at_their_offset() {
         check("sum of a view", &ops::sum(&xgv, 1).unwrap(), &ops::sum(&xv, 1).unwrap(), dt);
     }
 }
+
+/// `Tensor::fill_zero` on the device: a unique tensor is zeroed in place (same address: no
+/// second buffer at the peak), a shared storage or a view of one is left to its other owners.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn fill_zero_writes_in_place_and_spares_shared_storage() {
+    require_gpu();
+    let zeros = |t: &Tensor| t.to_f32_vec().unwrap().iter().all(|&v| v == 0.0);
+    for (i, dtype) in FLOATS.into_iter().enumerate() {
+        let seed = 900 + 10 * i as u64;
+        let mut t = gpu(&randn(&[5, 7], seed, dtype));
+        let before = vit_tensor::cuda::kernel::device_ptr(&t).unwrap();
+        t.fill_zero().unwrap();
+        assert!(zeros(&t), "{dtype}: not zeroed");
+        assert_eq!(vit_tensor::cuda::kernel::device_ptr(&t).unwrap(), before, "{dtype}: not in place");
+
+        let mut a = gpu(&randn(&[4, 3], seed + 1, dtype));
+        let kept = a.clone();
+        let want = kept.to_f32_vec().unwrap();
+        a.fill_zero().unwrap();
+        assert!(zeros(&a) && kept.to_f32_vec().unwrap() == want, "{dtype}: shared storage");
+
+        let base = gpu(&randn(&[6, 3], seed + 2, dtype));
+        let want = base.to_f32_vec().unwrap();
+        let mut view = base.narrow(2, 3).unwrap();
+        view.fill_zero().unwrap();
+        assert!(zeros(&view) && view.dims() == [3, 3], "{dtype}: view");
+        assert_eq!(base.to_f32_vec().unwrap(), want, "{dtype}: the view's base changed");
+    }
+}

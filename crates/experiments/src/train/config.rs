@@ -524,21 +524,6 @@ impl TrainConfig {
                 },
             );
         }
-        if model_ranks > 1 && t.sharding == Sharding::Optimizer {
-            return bad(
-                "train.sharding",
-                "\"optimizer\" (with train.mesh.model > 1)".into(),
-                "\"none\" or \"full\" under tensor parallelism: ZeRO-1 over the data axis of a mesh is not built yet",
-            );
-        }
-        if model_ranks > 1 && self.optimizer.name == OptimizerName::FactoredAdam {
-            return bad(
-                "optimizer.name",
-                "factored-adam (with train.mesh.model > 1)".into(),
-                "adamw or sgd under tensor parallelism: the factored second moment needs whole-matrix row and \
-                 column means, which a split matrix does not have on one rank",
-            );
-        }
         if !(t.collective_timeout >= 0.0 && t.collective_timeout.is_finite()) {
             return bad("train.collective_timeout", t.collective_timeout.to_string(), "seconds ≥ 0 (0: wait forever)");
         }

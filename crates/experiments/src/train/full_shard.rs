@@ -17,7 +17,7 @@
 use super::{zero, TrainError};
 use vit_collective::{Communicator, ReduceOp};
 use vit_model::StagedModel;
-use vit_optim::{Optimizer, OptimizerChain, OptimizerConfig, StepInfo};
+use vit_optim::{Optimizer, OptimizerChain, OptimizerConfig, ParamShard, StepInfo, SumOverShards};
 use vit_tensor::{DType, Device, ParamStore, Tensor};
 
 /// Given which names this rank owns: its parameters (made fresh, or picked from whole ones).
@@ -88,13 +88,17 @@ impl FullShard {
     /// model's, or this model rank's parts), cut into `stages` (every parameter in one), with
     /// an optimizer of `config` over its own parameters. `make_mine(owns)` makes this rank's
     /// parameters: those whose names `owns` accepts (fresh, or picked from a checkpoint).
-    /// Returns the share and this rank's parameters.
+    /// `shards` names the parameters that are this model rank's part of a whole one (empty
+    /// without a model axis): the optimizer factors them over the whole shapes
+    /// ([`OptimizerChain::with_shards`]). Returns the share and this rank's parameters.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: OptimizerConfig,
         shapes: Vec<(String, Vec<usize>)>,
         stages: Vec<Vec<String>>,
         rank: usize,
         world: usize,
+        shards: &std::collections::HashMap<String, ParamShard>,
         make_mine: &mut MakeMine<'_>,
     ) -> Result<(Self, ParamStore), TrainError> {
         let dims_of: std::collections::HashMap<String, Vec<usize>> = shapes.iter().cloned().collect();
@@ -133,7 +137,8 @@ impl FullShard {
                 mine.len()
             )));
         }
-        let opt = OptimizerChain::new(config, &mine)?;
+        let shards = shards.iter().filter(|(n, _)| owned.contains(*n)).map(|(n, s)| (n.clone(), s.clone())).collect();
+        let opt = OptimizerChain::with_shards(config, &mine, &shards)?;
         let grads = mine.zeros_like(DType::F32)?;
         Ok((FullShard { rank, world, stages: layouts, opt, grads }, mine))
     }
@@ -236,6 +241,19 @@ impl FullShard {
         let grads = std::mem::replace(&mut self.grads, mine.zeros_like(DType::F32)?);
         let info = self.opt.step_shard(mine, &grads, &mut |sq| global(sq, &grads))?;
         Ok(info)
+    }
+
+    /// [`FullShard::step`] on a mesh: `sum_over_shards` sums the factored statistics of this
+    /// rank's split parameters over the model axis (the data rank at the same coordinate of
+    /// every model rank owns the same parameters: the layout depends on the shapes alone).
+    pub fn step_tensor_parallel(
+        &mut self,
+        mine: &mut ParamStore,
+        global: &mut dyn FnMut(f64, &ParamStore) -> Result<f64, vit_optim::OptimError>,
+        sum_over_shards: &mut SumOverShards,
+    ) -> Result<StepInfo, TrainError> {
+        let grads = std::mem::replace(&mut self.grads, mine.zeros_like(DType::F32)?);
+        Ok(self.opt.step_tensor_parallel(mine, &grads, &mut |sq| global(sq, &grads), sum_over_shards)?)
     }
 
     /// This rank's packed part of stage `s`'s parameters, `[padded]` f32.

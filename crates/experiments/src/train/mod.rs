@@ -666,13 +666,19 @@ fn train_rank(
                 None => model.init_params_where(seed, DType::F32, device, owns)?,
             })
         };
-        let (share, mine) = full_shard::FullShard::new(opt_cfg, shapes, stages, drank, dworld, &mut make_mine)?;
+        let shards = mp.as_ref().map(|m| m.shards()).unwrap_or_default();
+        let (share, mine) =
+            full_shard::FullShard::new(opt_cfg, shapes, stages, drank, dworld, &shards, &mut make_mine)?;
         params = mine;
         zero::Updater::Full(Box::new(share))
     } else if sharded {
-        zero::Updater::Sharded(zero::ShardedOptimizer::new(opt_cfg, &params, drank, dworld)?)
+        let shards = mp.as_ref().map(|m| m.shards()).unwrap_or_default();
+        zero::Updater::Sharded(zero::ShardedOptimizer::with_shards(opt_cfg, &params, drank, dworld, &shards)?)
     } else {
-        zero::Updater::Replicated(OptimizerChain::new(opt_cfg, &params)?)
+        zero::Updater::Replicated(match &mp {
+            Some(m) => m.optimizer(opt_cfg, &params)?,
+            None => OptimizerChain::new(opt_cfg, &params)?,
+        })
     };
     if world > 1 && lead {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
@@ -970,6 +976,7 @@ fn train_rank(
             let info = match (&mp, &ep, &mut opt) {
                 (Some(m), _, zero::Updater::Replicated(o)) => m.step(o, &mut params, &grads)?,
                 (Some(m), _, zero::Updater::Full(share)) => m.step_full(share, &mut params, comm)?,
+                (Some(m), _, zero::Updater::Sharded(share)) => m.step_zero1(share, &mut params, &grads, comm)?,
                 (None, Some(e), zero::Updater::Replicated(o)) => e.step(dp, o, &mut params, &grads)?,
                 _ => opt.step(dp, &mut params, &grads)?,
             };

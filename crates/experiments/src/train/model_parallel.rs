@@ -4,12 +4,21 @@
 //! all-reduced over the data axis as in plain data parallelism; the optimizer updates each
 //! rank's part with the whole model's gradient norm; checkpoints and evaluation see the whole
 //! model, gathered over the model axis.
+//!
+//! Factored Adam factors a split matrix over the whole matrix's axes: the row or column sums
+//! over the split axis are summed over the model axis (f64, in rank order), and the statistic
+//! without the split axis is replicated ([`vit_optim::factored_update_sharded`]). Checkpoints
+//! hold `v_row` / `v_col` in the whole model's layout, as for one rank.
 
 use super::{full_shard::FullShard, grad_norm, TrainError};
+use std::collections::HashMap;
 use vit_collective::{Axis, Communicator, MatmulComm, Mesh, MeshShape};
 use vit_model::{ModelAxis, ParamStore, ShardSpec, TensorParallelViT, VisionTransformer};
-use vit_optim::{OptimizerChain, StepInfo, STATE_COUNT};
-use vit_tensor::Tensor;
+use vit_optim::{
+    factored_dims, OptimError, OptimizerChain, OptimizerConfig, ParamShard, StepInfo, STATE_COUNT, STATE_V_COL,
+    STATE_V_ROW,
+};
+use vit_tensor::{Device, Tensor};
 
 /// This rank's place on the mesh and its part of the model.
 pub struct ModelParallel {
@@ -68,8 +77,31 @@ impl ModelParallel {
         Ok(self.tp.gather_params(local, self.model_comm())?)
     }
 
-    /// The whole optimizer state (`m.NAME`, `v.NAME`, the step count) from every model
-    /// rank's part, each moment split like its parameter (a collective of the model axis).
+    /// How each split parameter of this rank's part is cut from the whole, for the optimizer.
+    pub fn shards(&self) -> HashMap<String, ParamShard> {
+        let n = self.tp.ranks();
+        self.tp
+            .plan()
+            .params
+            .iter()
+            .filter_map(|(name, dims, spec)| match spec {
+                ShardSpec::Split { dim, .. } => {
+                    Some((name.clone(), ParamShard { full_dims: dims.clone(), axis: *dim, ranks: n }))
+                }
+                ShardSpec::Replicated => None,
+            })
+            .collect()
+    }
+
+    /// The optimizer of this rank's part `params`: factored Adam factors the split parameters
+    /// over their whole shapes' axes ([`OptimizerChain::with_shards`]).
+    pub fn optimizer(&self, config: OptimizerConfig, params: &ParamStore) -> Result<OptimizerChain, TrainError> {
+        Ok(OptimizerChain::with_shards(config, params, &self.shards())?)
+    }
+
+    /// The whole optimizer state (`m.NAME`, `v.NAME`, `v_row.NAME`, `v_col.NAME`, the step
+    /// count) from every model rank's part, each split like its parameter or replicated (a
+    /// collective of the model axis).
     pub fn gather_state(&self, local: &ParamStore) -> Result<ParamStore, TrainError> {
         let n = self.tp.ranks();
         let mut out = ParamStore::new();
@@ -98,7 +130,9 @@ impl ModelParallel {
         Ok(out)
     }
 
-    /// How an optimizer-state tensor is split: like the parameter it belongs to.
+    /// How an optimizer-state tensor is split: a moment like the parameter it belongs to; a
+    /// factored statistic (the parameter's shape without axis `d0` for `v_row`, `d1` for
+    /// `v_col`) replicated when that axis is the split one, else split along the same axis.
     fn state_spec(&self, name: &str) -> Result<ShardSpec, TrainError> {
         if name == STATE_COUNT {
             return Ok(ShardSpec::Replicated);
@@ -108,8 +142,27 @@ impl ModelParallel {
                 return Ok(self.tp.plan().spec(param)?.clone());
             }
         }
+        for (prefix, row) in [(STATE_V_ROW, true), (STATE_V_COL, false)] {
+            let Some(param) = name.strip_prefix(prefix) else { continue };
+            let ShardSpec::Split { dim, segments } = self.tp.plan().spec(param)? else {
+                return Ok(ShardSpec::Replicated);
+            };
+            let whole = self.tp.plan().params.iter().find(|(n, _, _)| n == param).map(|(_, d, _)| d.as_slice());
+            // A statistic exists only for a factored parameter, whose axes do not depend on
+            // the size threshold: the threshold only decides whether it is factored.
+            let Some(fd) = whole.and_then(|d| factored_dims(d, 0)) else {
+                return Err(TrainError::Config(format!("optimizer state {name}: {param} is not a matrix")));
+            };
+            let dropped = if row { fd.d0 } else { fd.d1 };
+            return Ok(match dim.cmp(&dropped) {
+                std::cmp::Ordering::Equal => ShardSpec::Replicated,
+                std::cmp::Ordering::Less => ShardSpec::Split { dim: *dim, segments: segments.clone() },
+                std::cmp::Ordering::Greater => ShardSpec::Split { dim: dim - 1, segments: segments.clone() },
+            });
+        }
         Err(TrainError::Config(format!(
-            "optimizer state {name}: only whole-tensor moments (m., v.) can be split over the model axis"
+            "optimizer state {name}: only moments (m., v.) and factored statistics (v_row., v_col.) can be \
+             split over the model axis"
         )))
     }
 
@@ -129,7 +182,42 @@ impl ModelParallel {
         let n = self.tp.ranks();
         let mut global =
             |mine: f64| grad_norm::sum_over_ranks(self.model_comm(), grad_norm::share(mine, replicated, n));
-        Ok(opt.step_shard(params, grads, &mut global)?)
+        let mut sum = |x: &mut [f64]| sum_f64_over_ranks(self.model_comm(), x);
+        Ok(opt.step_tensor_parallel(params, grads, &mut global, &mut sum)?)
+    }
+
+    /// [`ModelParallel::step`] of a ZeRO-1 share over the data axis `data` (this rank's
+    /// optimizer state for about 1/D of its model part's parameters; `grads` not yet summed
+    /// over `data`): the norm's parts are summed over `world`, every rank of the mesh (the data
+    /// ranks own distinct parameters, the model ranks distinct parts but for the replicated
+    /// ones, counted 1/K each).
+    pub fn step_zero1(
+        &self,
+        share: &mut super::zero::ShardedOptimizer,
+        params: &mut ParamStore,
+        grads: &ParamStore,
+        world: &dyn Communicator,
+    ) -> Result<StepInfo, TrainError> {
+        let plan = self.tp.plan();
+        let opt = share.optimizer();
+        let counted: std::collections::HashSet<String> = params
+            .names()
+            .filter(|name| !plan.is_split(name) && opt.settings(name).is_some_and(|s| !s.frozen))
+            .map(str::to_string)
+            .collect();
+        let n = self.tp.ranks();
+        let mut sum = |x: &mut [f64]| sum_f64_over_ranks(self.model_comm(), x);
+        share.step_with(
+            self.data(),
+            params,
+            grads,
+            &mut |mine, owned| {
+                let replicated = grad_norm::sum_of_squares_where(owned, |name| counted.contains(name))
+                    .map_err(|e| vit_optim::OptimError::Param { name: "(gradient norm)".into(), msg: e.to_string() })?;
+                grad_norm::sum_over_ranks(world, grad_norm::share(mine, replicated, n))
+            },
+            Some(&mut sum),
+        )
     }
 
     /// [`ModelParallel::step`] of a share of a model fully sharded over the data axis: the
@@ -149,10 +237,49 @@ impl ModelParallel {
             .map(str::to_string)
             .collect();
         let n = self.tp.ranks();
-        share.step(params, &mut |mine, grads| {
-            let replicated = grad_norm::sum_of_squares_where(grads, |name| counted.contains(name))
-                .map_err(|e| vit_optim::OptimError::Param { name: "(gradient norm)".into(), msg: e.to_string() })?;
-            grad_norm::sum_over_ranks(world, grad_norm::share(mine, replicated, n))
-        })
+        let mut sum = |x: &mut [f64]| sum_f64_over_ranks(self.model_comm(), x);
+        share.step_tensor_parallel(
+            params,
+            &mut |mine, grads| {
+                let replicated = grad_norm::sum_of_squares_where(grads, |name| counted.contains(name))
+                    .map_err(|e| vit_optim::OptimError::Param { name: "(gradient norm)".into(), msg: e.to_string() })?;
+                grad_norm::sum_over_ranks(world, grad_norm::share(mine, replicated, n))
+            },
+            &mut sum,
+        )
     }
+}
+
+/// `x` summed element by element over the ranks of `comm`, in place, in f64: an all-gather of
+/// every rank's values (as bits) added in rank order, so every rank gets the same bits.
+fn sum_f64_over_ranks(comm: &dyn Communicator, x: &mut [f64]) -> Result<(), OptimError> {
+    if x.is_empty() {
+        return Ok(()); // the same on every rank: the layouts agree
+    }
+    let words: Vec<u32> = x
+        .iter()
+        .flat_map(|v| {
+            let b = v.to_bits();
+            [b as u32, (b >> 32) as u32]
+        })
+        .collect();
+    let len = words.len();
+    let mine = Tensor::from_vec(words, [len], Device::Cpu)?;
+    let all = comm
+        .all_gather(&mine)
+        .map_err(|e| OptimError::Collective { name: "(factored statistics)".into(), msg: e.to_string() })?
+        .to_vec::<u32>()?;
+    if all.len() != len * comm.world_size() {
+        return Err(OptimError::Collective {
+            name: "(factored statistics)".into(),
+            msg: format!("gathered {} words: expected {} from each of {} ranks", all.len(), len, comm.world_size()),
+        });
+    }
+    for (r, part) in all.chunks_exact(len).enumerate() {
+        for (v, w) in x.iter_mut().zip(part.chunks_exact(2)) {
+            let value = f64::from_bits(w[0] as u64 | (w[1] as u64) << 32);
+            *v = if r == 0 { value } else { *v + value };
+        }
+    }
+    Ok(())
 }

@@ -12,7 +12,7 @@
 use super::TrainError;
 use std::ops::Range;
 use vit_collective::{Communicator, ReduceOp};
-use vit_optim::{Optimizer, OptimizerChain, OptimizerConfig, StepInfo};
+use vit_optim::{OptimError, Optimizer, OptimizerChain, OptimizerConfig, ParamShard, StepInfo, SumOverShards};
 use vit_tensor::{DType, Device, ParamStore, Tensor};
 
 /// One rank's share of a ZeRO-1 optimizer.
@@ -67,6 +67,18 @@ fn partition(layout: &[(String, usize, usize)], len: usize, world: usize) -> Vec
 impl ShardedOptimizer {
     /// Rank `rank` of `world`'s share of an optimizer with `config` over `params`.
     pub fn new(config: OptimizerConfig, params: &ParamStore, rank: usize, world: usize) -> Result<Self, TrainError> {
+        Self::with_shards(config, params, rank, world, &std::collections::HashMap::new())
+    }
+
+    /// [`ShardedOptimizer::new`] on a mesh: `shards` names the parameters that are this model
+    /// rank's part of a whole one ([`OptimizerChain::with_shards`]).
+    pub fn with_shards(
+        config: OptimizerConfig,
+        params: &ParamStore,
+        rank: usize,
+        world: usize,
+        shards: &std::collections::HashMap<String, ParamShard>,
+    ) -> Result<Self, TrainError> {
         let all = layout(params)?;
         let len = params.buffer(0).numel();
         let parts = partition(&all, len, world);
@@ -74,12 +86,18 @@ impl ShardedOptimizer {
         let owned: Vec<_> = all.into_iter().filter(|(_, o, _)| mine.contains(o)).collect();
         let subset = subset(params, owned.iter().map(|(n, _, _)| n.as_str()))?;
         let padded = parts.iter().map(|r| r.len()).max().unwrap_or(0);
-        Ok(ShardedOptimizer { parts, padded, rank, owned, opt: OptimizerChain::new(config, &subset)? })
+        let shards = shards.iter().filter(|(n, _)| subset.contains(n)).map(|(n, s)| (n.clone(), s.clone())).collect();
+        Ok(ShardedOptimizer { parts, padded, rank, owned, opt: OptimizerChain::with_shards(config, &subset, &shards)? })
     }
 
     /// Bytes of optimizer state this rank holds.
     pub fn state_bytes(&self) -> u64 {
         self.opt.state_bytes()
+    }
+
+    /// The optimizer of this rank's parameters.
+    pub fn optimizer(&self) -> &OptimizerChain {
+        &self.opt
     }
 
     /// One step: `grads` holds this rank's gradient sums of its part of the batch (the layout of
@@ -89,6 +107,20 @@ impl ShardedOptimizer {
         comm: &dyn Communicator,
         params: &mut ParamStore,
         grads: &ParamStore,
+    ) -> Result<StepInfo, TrainError> {
+        self.step_with(comm, params, grads, &mut |sq, _| super::grad_norm::sum_over_ranks(comm, sq), None)
+    }
+
+    /// [`ShardedOptimizer::step`] with the whole model's sum of squares from `global(this
+    /// rank's sum, its summed gradients)` and, on a mesh, the factored statistics of split
+    /// parameters summed over the model axis by `sum_over_shards`.
+    pub fn step_with(
+        &mut self,
+        comm: &dyn Communicator,
+        params: &mut ParamStore,
+        grads: &ParamStore,
+        global: &mut dyn FnMut(f64, &ParamStore) -> Result<f64, OptimError>,
+        sum_over_shards: Option<&mut SumOverShards>,
     ) -> Result<StepInfo, TrainError> {
         let world = self.parts.len();
         // Reduce-scatter: part r of every rank's gradients, padded, in rank order.
@@ -108,8 +140,11 @@ impl ShardedOptimizer {
         }
         // Update this part with the whole model's gradient norm.
         let mut p = subset(params, self.owned.iter().map(|(n, _, _)| n.as_str()))?;
-        let mut global = |sq: f64| super::grad_norm::sum_over_ranks(comm, sq);
-        let info = self.opt.step_shard(&mut p, &g, &mut global)?;
+        let mut global = |sq: f64| global(sq, &g);
+        let info = match sum_over_shards {
+            Some(sum) => self.opt.step_tensor_parallel(&mut p, &g, &mut global, sum)?,
+            None => self.opt.step_shard(&mut p, &g, &mut global)?,
+        };
         // All-gather the updated parts and write them into every rank's parameters.
         let mut part = vec![0f32; self.padded];
         for (name, offset, n) in &self.owned {

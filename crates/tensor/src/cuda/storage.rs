@@ -38,6 +38,15 @@ impl CudaStorage {
         self.backend.stream.clone_dtoh(&self.buf.slice(offset..offset + len)).map_err(cuda_err)
     }
 
+    /// Sets bytes `[offset, offset + len)` to zero (a memset on the stream, no allocation).
+    pub(crate) fn zero_range(&mut self, offset: usize, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut to = self.buf.slice_mut(offset..offset + len);
+        self.backend.stream.memset_zeros(&mut to).map_err(cuda_err)
+    }
+
     /// Copies `src` (bytes on the same device) into bytes `[offset, offset + src.len())`.
     pub(crate) fn write_at(&mut self, offset: usize, src: &CudaStorage, src_offset: usize, len: usize) -> Result<()> {
         if len == 0 {
