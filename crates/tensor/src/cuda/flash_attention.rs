@@ -193,8 +193,12 @@ impl std::fmt::Display for FlashVariant {
 /// The default variant per direction (`backward`), padded head dim and up to a token count:
 /// the first row that matches wins, [`FlashVariant::M64`] where none does. Set from the
 /// `attention_cuda` bench's variant table (docs/kernels.md); until measured, today's kernels.
+// Measured on an H100 (docs/perf.md, 2026-11-26, `bench-attention_cuda`): at d = 64, M128
+// runs the forward at 1.19× (N = 197) and 1.16× (N = 256) M64's TFLOP/s and the backward at
+// 1.14× and 1.02×; a B/16 training step went from 76.3 to 73.6 ms with it. N128 was slower
+// (0.89×). Other head dims keep M64 until measured.
 const DEFAULTS: &[(bool, usize, usize, FlashVariant)] =
-    &[(false, 64, usize::MAX, FlashVariant::M64), (true, 64, usize::MAX, FlashVariant::M64)];
+    &[(false, 64, usize::MAX, FlashVariant::M128), (true, 64, usize::MAX, FlashVariant::M128)];
 
 /// The variant the ops use by default for `n` queries at padded head dim `dp`.
 pub fn default_variant(backward: bool, dp: usize, n: usize) -> FlashVariant {
