@@ -45,6 +45,7 @@ mod mpi;
 mod nccl;
 mod single;
 mod throttled;
+mod wire;
 
 pub use buckets::{BucketPlan, OverlappedAllReduce};
 pub use bytes::all_gather_bytes;

@@ -22,7 +22,9 @@
 
 use crate::{
     call::{validate_signatures, Op, Signature},
-    host, Communicator, Error, ReduceOp, Result,
+    host,
+    wire::{dtype_code, dtype_of, op_from_words, op_words},
+    Communicator, Error, ReduceOp, Result,
 };
 use mpi::{
     environment::Universe,
@@ -357,42 +359,11 @@ fn fold_in_rank_order(parts: &mut [f32], m: usize, size: usize, op: ReduceOp) ->
     acc
 }
 
-fn dtype_code(d: DType) -> u64 {
-    match d {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::F16 => 2,
-        DType::I32 => 3,
-        DType::U32 => 4,
-    }
-}
-
-fn dtype_of(code: u64) -> Option<DType> {
-    [DType::F32, DType::BF16, DType::F16, DType::I32, DType::U32].into_iter().find(|&d| dtype_code(d) == code)
-}
-
-fn reduce_code(r: ReduceOp) -> u64 {
-    match r {
-        ReduceOp::Sum => 0,
-        ReduceOp::Mean => 1,
-        ReduceOp::Max => 2,
-    }
-}
-
 /// A signature as `SIG_WORDS` words (a tensor of rank > MAX_RANK is marked with rank
 /// u64::MAX, which every rank then reports).
 fn encode(s: &Signature) -> [u64; SIG_WORDS] {
     let mut w = [0u64; SIG_WORDS];
-    let (code, red, root) = match s.op {
-        Op::AllReduce(r) => (1, reduce_code(r), 0),
-        Op::AllGather => (2, 0, 0),
-        Op::ReduceScatter(r) => (3, reduce_code(r), 0),
-        Op::AllToAll => (4, 0, 0),
-        Op::Broadcast { root } => (5, 0, root as u64),
-        Op::Barrier => (6, 0, 0),
-        Op::Split => (7, 0, 0),
-    };
-    w[..3].copy_from_slice(&[code, red, root]);
+    w[..3].copy_from_slice(&op_words(s.op));
     if let Some((shape, dtype)) = &s.tensor {
         w[3] = 1;
         w[4] = dtype_code(*dtype);
@@ -411,22 +382,7 @@ fn encode(s: &Signature) -> [u64; SIG_WORDS] {
 
 fn decode(op: &'static str, w: &[u64]) -> Result<Signature> {
     let bad = || backend_err(op, format!("a malformed call signature from another rank: {w:?}"));
-    let reduce = |c: u64| match c {
-        0 => Ok(ReduceOp::Sum),
-        1 => Ok(ReduceOp::Mean),
-        2 => Ok(ReduceOp::Max),
-        _ => Err(bad()),
-    };
-    let call = match w[0] {
-        1 => Op::AllReduce(reduce(w[1])?),
-        2 => Op::AllGather,
-        3 => Op::ReduceScatter(reduce(w[1])?),
-        4 => Op::AllToAll,
-        5 => Op::Broadcast { root: w[2] as usize },
-        6 => Op::Barrier,
-        7 => Op::Split,
-        _ => return Err(bad()),
-    };
+    let call = op_from_words(w).ok_or_else(bad)?;
     let tensor = if w[3] == 1 {
         let dtype = dtype_of(w[4]).ok_or_else(bad)?;
         if w[5] == u64::MAX {

@@ -27,6 +27,7 @@
 use crate::{
     call::{validate_signatures, Op, Signature},
     communicator::{check_ranges, check_split_args},
+    wire::{dtype_code, dtype_of, op_from_words, op_words},
     Communicator, Error, ReduceOp, Result,
 };
 use cudarc::{driver::CudaStream, nccl::sys};
@@ -701,42 +702,11 @@ fn nccl_op(op: ReduceOp) -> sys::ncclRedOp_t {
     }
 }
 
-fn dtype_code(d: DType) -> u64 {
-    match d {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::F16 => 2,
-        DType::I32 => 3,
-        DType::U32 => 4,
-    }
-}
-
-fn dtype_of(code: u64) -> Option<DType> {
-    [DType::F32, DType::BF16, DType::F16, DType::I32, DType::U32].into_iter().find(|&d| dtype_code(d) == code)
-}
-
-fn reduce_code(r: ReduceOp) -> u64 {
-    match r {
-        ReduceOp::Sum => 0,
-        ReduceOp::Mean => 1,
-        ReduceOp::Max => 2,
-    }
-}
-
 /// A call as `SIG_WORDS` words: op, reduce op, root, has tensor, dtype, place, rank, dims (a
 /// tensor of rank > MAX_RANK has rank u64::MAX, which every rank then reports).
 fn encode(op: Op, x: Option<(&Shape, DType, u64)>) -> [u64; SIG_WORDS] {
     let mut w = [0u64; SIG_WORDS];
-    let (code, red, root) = match op {
-        Op::AllReduce(r) => (1, reduce_code(r), 0),
-        Op::AllGather => (2, 0, 0),
-        Op::ReduceScatter(r) => (3, reduce_code(r), 0),
-        Op::AllToAll => (4, 0, 0),
-        Op::Broadcast { root } => (5, 0, root as u64),
-        Op::Barrier => (6, 0, 0),
-        Op::Split => (7, 0, 0),
-    };
-    w[..3].copy_from_slice(&[code, red, root]);
+    w[..3].copy_from_slice(&op_words(op));
     if let Some((shape, dtype, place)) = x {
         w[3] = 1;
         w[4] = dtype_code(dtype);
@@ -757,22 +727,7 @@ fn encode(op: Op, x: Option<(&Shape, DType, u64)>) -> [u64; SIG_WORDS] {
 /// A signature and the tensor's place (0: on its rank's device) from [`encode`]'s words.
 fn decode(op: &'static str, w: &[u64]) -> Result<(Signature, u64)> {
     let bad = || Error::Backend { op, msg: format!("a malformed call signature from another rank: {w:?}") };
-    let reduce = |c: u64| match c {
-        0 => Ok(ReduceOp::Sum),
-        1 => Ok(ReduceOp::Mean),
-        2 => Ok(ReduceOp::Max),
-        _ => Err(bad()),
-    };
-    let call = match w[0] {
-        1 => Op::AllReduce(reduce(w[1])?),
-        2 => Op::AllGather,
-        3 => Op::ReduceScatter(reduce(w[1])?),
-        4 => Op::AllToAll,
-        5 => Op::Broadcast { root: w[2] as usize },
-        6 => Op::Barrier,
-        7 => Op::Split,
-        _ => return Err(bad()),
-    };
+    let call = op_from_words(w).ok_or_else(bad)?;
     if w[3] != 1 {
         return Ok((Signature { op: call, tensor: None }, 0));
     }

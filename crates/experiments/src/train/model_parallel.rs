@@ -186,6 +186,30 @@ impl ModelParallel {
         Ok(opt.step_tensor_parallel(params, grads, &mut global, &mut sum)?)
     }
 
+    /// The whole model's sum of squares for a share sharded over the data axis too (ZeRO-1 or
+    /// full): given this rank's own squares `mine` and the gradients it holds, the replicated
+    /// trainable parameters' squares (the same on every model rank) count 1/K each, and the
+    /// parts are summed over `world`, every rank of the mesh.
+    fn mesh_norm<'a>(
+        &'a self,
+        params: &ParamStore,
+        opt: &OptimizerChain,
+        world: &'a dyn Communicator,
+    ) -> impl Fn(f64, &ParamStore) -> Result<f64, OptimError> + 'a {
+        let plan = self.tp.plan();
+        let counted: std::collections::HashSet<String> = params
+            .names()
+            .filter(|name| !plan.is_split(name) && opt.settings(name).is_some_and(|s| !s.frozen))
+            .map(str::to_string)
+            .collect();
+        let n = self.tp.ranks();
+        move |mine, grads| {
+            let replicated = grad_norm::sum_of_squares_where(grads, |name| counted.contains(name))
+                .map_err(|e| OptimError::Param { name: "(gradient norm)".into(), msg: e.to_string() })?;
+            grad_norm::sum_over_ranks(world, grad_norm::share(mine, replicated, n))
+        }
+    }
+
     /// [`ModelParallel::step`] of a ZeRO-1 share over the data axis `data` (this rank's
     /// optimizer state for about 1/D of its model part's parameters; `grads` not yet summed
     /// over `data`): the norm's parts are summed over `world`, every rank of the mesh (the data
@@ -198,26 +222,9 @@ impl ModelParallel {
         grads: &ParamStore,
         world: &dyn Communicator,
     ) -> Result<StepInfo, TrainError> {
-        let plan = self.tp.plan();
-        let opt = share.optimizer();
-        let counted: std::collections::HashSet<String> = params
-            .names()
-            .filter(|name| !plan.is_split(name) && opt.settings(name).is_some_and(|s| !s.frozen))
-            .map(str::to_string)
-            .collect();
-        let n = self.tp.ranks();
+        let norm = self.mesh_norm(params, share.optimizer(), world);
         let mut sum = |x: &mut [f64]| sum_f64_over_ranks(self.model_comm(), x);
-        share.step_with(
-            self.data(),
-            params,
-            grads,
-            &mut |mine, owned| {
-                let replicated = grad_norm::sum_of_squares_where(owned, |name| counted.contains(name))
-                    .map_err(|e| vit_optim::OptimError::Param { name: "(gradient norm)".into(), msg: e.to_string() })?;
-                grad_norm::sum_over_ranks(world, grad_norm::share(mine, replicated, n))
-            },
-            Some(&mut sum),
-        )
+        share.step_with(self.data(), params, grads, &mut |mine, owned| norm(mine, owned), Some(&mut sum))
     }
 
     /// [`ModelParallel::step`] of a share of a model fully sharded over the data axis: the
@@ -229,24 +236,9 @@ impl ModelParallel {
         params: &mut ParamStore,
         world: &dyn Communicator,
     ) -> Result<StepInfo, TrainError> {
-        let plan = self.tp.plan();
-        let opt = share.optimizer();
-        let counted: std::collections::HashSet<String> = params
-            .names()
-            .filter(|name| !plan.is_split(name) && opt.settings(name).is_some_and(|s| !s.frozen))
-            .map(str::to_string)
-            .collect();
-        let n = self.tp.ranks();
+        let norm = self.mesh_norm(params, share.optimizer(), world);
         let mut sum = |x: &mut [f64]| sum_f64_over_ranks(self.model_comm(), x);
-        share.step_tensor_parallel(
-            params,
-            &mut |mine, grads| {
-                let replicated = grad_norm::sum_of_squares_where(grads, |name| counted.contains(name))
-                    .map_err(|e| vit_optim::OptimError::Param { name: "(gradient norm)".into(), msg: e.to_string() })?;
-                grad_norm::sum_over_ranks(world, grad_norm::share(mine, replicated, n))
-            },
-            &mut sum,
-        )
+        share.step_tensor_parallel(params, &mut |mine, grads| norm(mine, grads), &mut sum)
     }
 }
 
