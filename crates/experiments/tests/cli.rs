@@ -67,6 +67,11 @@ fn devices_reports_without_panicking() {
     let d = json(&["devices", "--json"]);
     assert!(d["cpu_threads"].as_u64().unwrap() >= 1);
     assert!(d["cuda_devices"].is_u64());
+    // NCCL's version where a GPU and libnccl are present, else null (never a panic).
+    assert!(d["nccl"].is_string() || d["nccl"].is_null(), "{}", d["nccl"]);
+    if d["cuda_devices"] == 0 {
+        assert!(d["nccl"].is_null(), "NCCL reported without a CUDA device: {}", d["nccl"]);
+    }
 }
 
 fn fixtures() -> std::path::PathBuf {

@@ -1,5 +1,5 @@
-//! `vit devices [--json]`: what this machine offers vitrs, and which fast CUDA kernels passed
-//! their first-use check on each device.
+//! `vit devices [--json]`: what this machine offers vitrs (CPU threads, CUDA devices, NVRTC,
+//! NCCL), and which fast CUDA kernels passed their first-use check on each device.
 
 use super::CliError;
 use vit_tensor::cuda::{self, self_check::KernelStatus};
@@ -15,6 +15,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cuda_devices = cuda::device_count();
     let nvrtc = cuda::nvrtc_available().then(cuda::nvrtc::version).transpose()?;
+    let nccl = vit_collective::nccl_version();
     // The fast kernels' first-use checks (issue 14 item 7), run now on every device.
     let mut checks: Vec<(usize, &'static str, KernelStatus)> = Vec::new();
     if nvrtc.is_some() {
@@ -32,7 +33,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({ "cpu_threads": threads, "cuda_devices": cuda_devices, "nvrtc": nvrtc, "fast_kernels": fast })
+            serde_json::json!({ "cpu_threads": threads, "cuda_devices": cuda_devices, "nvrtc": nvrtc, "nccl": nccl, "fast_kernels": fast })
         );
         return Ok(());
     }
@@ -44,6 +45,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
     match nvrtc {
         Some((a, b)) => println!("nvrtc     {a}.{b}"),
         None => println!("nvrtc     not found (kernels cannot be compiled; see scripts/cuda-env.sh)"),
+    }
+    match nccl {
+        Some(v) => println!("nccl      {v}"),
+        None => {
+            println!("nccl      not available (needs a CUDA device and libnccl.so >= 2.18; see scripts/cuda-env.sh)")
+        }
     }
     for (ordinal, kernel, status) in &checks {
         println!("cuda:{ordinal}    {kernel:<24} {status}");
