@@ -139,6 +139,16 @@ fn a_sweep_runs_resumes_skips_and_writes_results_fits_and_plots() {
     assert!(report.points.iter().all(|(_, s)| *s == PointStatus::Skipped), "{:?}", report.points);
     assert_eq!(std::fs::read_to_string(out.join("results.jsonl")).unwrap(), before);
 
+    // A directory written before a config key existed (its default implicit) is still this
+    // point's: here `train.comm`, added after the first sweeps.
+    let cfg = out.join("model.width=8,train.steps=3").join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let older: String = text.lines().filter(|l| !l.starts_with("comm =")).map(|l| format!("{l}\n")).collect();
+    assert_ne!(older, text, "the resolved config should name train.comm");
+    std::fs::write(&cfg, older).unwrap();
+    let report = run_sweep(&plan, &out, &opts).unwrap();
+    assert!(report.points.iter().all(|(_, s)| *s == PointStatus::Skipped), "{:?}", report.points);
+
     // A run directory that holds another config is refused before anything runs.
     let changed = write(
         tmp.path(),

@@ -36,6 +36,14 @@ pub enum FitError {
     /// No start of the nonlinear fit ended at finite parameters.
     #[error("no fit converged to finite parameters on these {points} points")]
     NoFit { points: usize },
+    /// The best least-squares curve runs off to the edge of the law's family (its scale `a`
+    /// overflows as `b` and `d` grow without bound): the points do not pin down a saturating
+    /// power law, typically because they cover too short a range to show its bend.
+    #[error(
+        "the saturating power law is not identified by these {points} points: the least-squares fit runs off \
+         (b = {b:.3e}, d = {d:.3e}, a = {a}); expected points that show the curve's bend (a wider range of x)"
+    )]
+    NotIdentified { points: usize, a: f64, b: f64, d: f64 },
     /// A bad option.
     #[error("{name} = {value}: expected {expected}")]
     Option { name: &'static str, value: String, expected: &'static str },
@@ -167,6 +175,9 @@ pub fn fit_power_law(points: &[(f64, f64)], opts: &FitOptions) -> Result<Fit, Fi
         return Err(FitError::NotDecreasing { slope });
     }
     let law = fit_once(&xs, &ys, opts.offset, None).ok_or(FitError::NoFit { points: xs.len() })?;
+    if ![law.a, law.b, law.c, law.d].iter().all(|v| v.is_finite()) {
+        return Err(FitError::NotIdentified { points: xs.len(), a: law.a, b: law.b, d: law.d });
+    }
     let rmse = (xs.iter().zip(&ys).map(|(&x, &y)| (law.eval(x) - y).powi(2)).sum::<f64>() / xs.len() as f64).sqrt();
     let intervals = (opts.resamples > 0).then(|| bootstrap(&xs, &ys, &law, opts, params));
     Ok(Fit { law, offset: opts.offset, intervals, rmse, points: points.to_vec() })
@@ -450,6 +461,28 @@ mod tests {
             assert!(!iv.b.contains(1.2 * TRUTH.b) && !iv.b.contains(0.8 * TRUTH.b), "seed {seed}: {:?}", iv.b);
             assert!(!iv.c.contains(TRUTH.c + 0.02) && !iv.c.contains(TRUTH.c - 0.02), "seed {seed}: {:?}", iv.c);
             assert!((fit.rmse - 0.004).abs() < 0.0015, "seed {seed}: rmse {}", fit.rmse);
+        }
+    }
+
+    /// The Fashion-MNIST sweep's compute frontier (docs/scaling.md: training FLOPs, test
+    /// error): 1.5 decades with no visible bend, where the best curve runs off (a overflowed
+    /// and was reported as `inf`): refused as not identified, never returned.
+    #[test]
+    fn points_that_do_not_pin_the_law_down_are_not_identified() {
+        let pts = [
+            (754089984000.0, 0.3135),
+            (1488666624000.0, 0.2833),
+            (2957819904000.0, 0.2673),
+            (3016359936000.0, 0.2178),
+            (5954666496000.0, 0.1786),
+            (11831279616000.0, 0.1586),
+            (23584505856000.0, 0.1492),
+        ];
+        match fit_power_law(&pts, &FitOptions { resamples: 20, ..Default::default() }) {
+            Err(e @ FitError::NotIdentified { points: 7, .. }) => {
+                assert!(e.to_string().contains("not identified"), "{e}")
+            }
+            other => panic!("expected NotIdentified, got {other:?}"),
         }
     }
 

@@ -128,7 +128,13 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, opts: &SweepOptions) -> Result<Sweep
             Start::Fresh
         } else {
             let have = std::fs::read_to_string(&cfg_path).map_err(|e| io("read", &cfg_path, &e))?;
-            if have != want {
+            // Compared as resolved configs, so a directory written before a config key was
+            // added (its default left implicit there) still counts as this point's.
+            let have_resolved = train::config::TrainConfig::from_toml(&have, &[])
+                .and_then(|c| c.resolved())
+                .and_then(|c| c.to_toml())
+                .ok();
+            if have != want && have_resolved.as_deref() != Some(want.as_str()) {
                 return Err(SweepError::Point {
                     name: p.name.clone(),
                     msg: format!(
