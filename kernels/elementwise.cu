@@ -123,20 +123,6 @@ __device__ __forceinline__ float act(float x, int kind) {
     return 0.5f * x * (1.f + erff(x * FRAC_1_SQRT_2));
 }
 
-__device__ __forceinline__ float act_grad(float x, int kind) {
-    if (kind == 2) {
-        const float t = tanhf(x);
-        return 1.f - t * t;
-    }
-    if (kind == 0) {
-        const float t = tanhf(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
-        const float du = SQRT_2_OVER_PI * (1.f + 3.f * GELU_C * x * x);
-        return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * du;
-    }
-    const float cdf = 0.5f * (1.f + erff(x * FRAC_1_SQRT_2));
-    const float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
-    return cdf + x * pdf;
-}
 
 // tanh on the special-function unit (sm_75+): one instruction, relative error about 2^-11.
 __device__ __forceinline__ float tanh_fast(float x) {
@@ -145,7 +131,7 @@ __device__ __forceinline__ float tanh_fast(float x) {
     return y;
 }
 
-// Whether act_bwd_colsum takes act_grad_fast for T: bf16 only.
+// Whether act_bwd_colsum takes act_grad<true> (the fast tanh and exp) for T: bf16 only.
 template <class T> struct FastAct {
     static constexpr bool on = false;
 };
@@ -153,19 +139,21 @@ template <> struct FastAct<bf16> {
     static constexpr bool on = true;
 };
 
-// act_grad with the fast tanh and exp, for outputs stored in bf16.
-__device__ __forceinline__ float act_grad_fast(float x, int kind) {
+// act'(x); FAST (for outputs stored in bf16) takes the hardware tanh and __expf.
+template <bool FAST = false>
+__device__ __forceinline__ float act_grad(float x, int kind) {
     if (kind == 2) {
-        const float t = tanh_fast(x);
+        const float t = FAST ? tanh_fast(x) : tanhf(x);
         return 1.f - t * t;
     }
     if (kind == 0) {
-        const float t = tanh_fast(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
+        const float u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+        const float t = FAST ? tanh_fast(u) : tanhf(u);
         const float du = SQRT_2_OVER_PI * (1.f + 3.f * GELU_C * x * x);
         return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * du;
     }
     const float cdf = 0.5f * (1.f + erff(x * FRAC_1_SQRT_2));
-    const float pdf = __expf(-0.5f * x * x) * INV_SQRT_2PI;
+    const float pdf = (FAST ? __expf(-0.5f * x * x) : expf(-0.5f * x * x)) * INV_SQRT_2PI;
     return cdf + x * pdf;
 }
 
@@ -293,7 +281,7 @@ __device__ void act_bwd_colsum(const T* x, const T* dy, T* dx, float* part, unsi
         load_v<T, V>(x, i, u);
         load_v<T, V>(dy, i, g);
 #pragma unroll
-        for (int k = 0; k < V; ++k) u[k] = g[k] * (FastAct<T>::on ? act_grad_fast(u[k], kind) : act_grad(u[k], kind));
+        for (int k = 0; k < V; ++k) u[k] = g[k] * act_grad<FastAct<T>::on>(u[k], kind);
         store_v<T, V>(dx, i, u);
 #pragma unroll
         for (int k = 0; k < V; ++k) acc[k] += to_f32(from_f32<T>(u[k]));  // the stored value

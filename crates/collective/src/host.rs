@@ -61,21 +61,31 @@ pub(crate) fn with_dim0(dims: &[usize], d0: usize) -> Vec<usize> {
 pub(crate) fn reduce(mut parts: impl Iterator<Item = Result<Vec<f32>>>, op: ReduceOp, n: usize) -> Result<Vec<f32>> {
     let mut acc = parts.next().transpose()?.unwrap_or_default();
     for part in parts {
-        let part = part?;
-        match op {
-            ReduceOp::Sum | ReduceOp::Mean => acc.iter_mut().zip(&part).for_each(|(a, b)| *a += b),
-            ReduceOp::Max => acc.iter_mut().zip(&part).for_each(|(a, &b)| {
-                if b > *a || b.is_nan() {
-                    *a = b;
-                }
-            }),
-        }
+        fold_into(&mut acc, &part?, op);
     }
+    finish(&mut acc, op, n);
+    Ok(acc)
+}
+
+/// `acc ⊕= part` element by element: the one fold every backend uses for the next rank's part
+/// (a sum, or a max that keeps a NaN), so reductions give the same bits everywhere.
+pub(crate) fn fold_into(acc: &mut [f32], part: &[f32], op: ReduceOp) {
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => acc.iter_mut().zip(part).for_each(|(a, b)| *a += b),
+        ReduceOp::Max => acc.iter_mut().zip(part).for_each(|(a, &b)| {
+            if b > *a || b.is_nan() {
+                *a = b;
+            }
+        }),
+    }
+}
+
+/// After the last part: a mean divides the sum by the world size `n`.
+pub(crate) fn finish(acc: &mut [f32], op: ReduceOp, n: usize) {
     if op == ReduceOp::Mean {
         let n = n as f32;
         acc.iter_mut().for_each(|a| *a /= n);
     }
-    Ok(acc)
 }
 
 /// Concatenates tensors of one dtype and equal trailing dims along dim 0, on `device`,

@@ -337,25 +337,14 @@ fn f32_elements(x: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
     })
 }
 
-/// Folds `parts` (`size` chunks of `m` elements, rank 0's first) into the first, in rank order:
-/// the same order and arithmetic as `host::reduce` and the in-process group. Returns the first
-/// chunk, reduced.
+/// Folds `parts` (`size` chunks of `m` elements, rank 0's first) into the first, in rank order,
+/// with the in-process group's fold (`host::fold_into`). Returns the first chunk, reduced.
 fn fold_in_rank_order(parts: &mut [f32], m: usize, size: usize, op: ReduceOp) -> &[f32] {
     let (acc, rest) = parts.split_at_mut(m);
     for part in rest.chunks(m.max(1)).take(size.saturating_sub(1)) {
-        match op {
-            ReduceOp::Sum | ReduceOp::Mean => acc.iter_mut().zip(part).for_each(|(a, &b)| *a += b),
-            ReduceOp::Max => acc.iter_mut().zip(part).for_each(|(a, &b)| {
-                if b > *a || b.is_nan() {
-                    *a = b;
-                }
-            }),
-        }
+        host::fold_into(acc, part, op);
     }
-    if op == ReduceOp::Mean {
-        let n = size as f32;
-        acc.iter_mut().for_each(|a| *a /= n);
-    }
+    host::finish(acc, op, size);
     acc
 }
 
