@@ -1,12 +1,15 @@
 //! Data-parallel communication on the CPU (issue 12 item 7), as ratios measured in one run:
 //! `LocalGroup` all-reduce bus bandwidth against a memcpy of the same bytes, and the share of
 //! the gradient all-reduce that the bucketed, overlapped all-reduce hides behind backward at
-//! world 2. `cargo bench --bench allreduce_cpu`
+//! world 2: over `LocalGroup` itself (whose "transfer" is the summation, CPU work that competes
+//! with backward for the same cores), and over `LocalGroup` behind [`Throttled`] links, a test
+//! double of a network (the modelled transfer time sleeps, as a NIC would work beside the
+//! cores; the summation still runs on them). `cargo bench --bench allreduce_cpu`
 
 mod common;
 
 use std::{hint::black_box, time::Instant};
-use vit_collective::{BucketPlan, Communicator, LocalGroup, OverlappedAllReduce, ReduceOp};
+use vit_collective::{BucketPlan, Communicator, LinkModel, LocalGroup, OverlappedAllReduce, ReduceOp, Throttled};
 use vit_model::{ModelConfig, VisionTransformer};
 use vit_tensor::{DType, Device, ParamStore, Tensor};
 
@@ -34,9 +37,15 @@ fn memcpy_gbs(elems: usize, samples: usize) -> f64 {
 }
 
 /// Seconds of one rank's forward+backward at world 2 (both ranks at once): without any
-/// reduction, then with one all-reduce after backward, then with 25 MiB buckets overlapped.
-fn overlap(cfg: &ModelConfig, batch: usize, samples: usize) -> (f64, f64, f64, f64) {
-    let times = LocalGroup::run(2, |comm| {
+/// reduction, then with one all-reduce after backward, then with 25 MiB buckets overlapped;
+/// and of the all-reduce alone. With `link`, every collective goes over [`Throttled`] links.
+fn overlap(cfg: &ModelConfig, batch: usize, samples: usize, link: Option<LinkModel>) -> (f64, f64, f64, f64) {
+    let times = LocalGroup::run(2, |local| {
+        let comm: Box<dyn Communicator> = match link {
+            Some(l) => Box::new(Throttled::new(local, l).unwrap()),
+            None => Box::new(local),
+        };
+        let comm = comm.as_ref();
         let model = VisionTransformer::new(cfg, DType::F32, Device::Cpu).unwrap();
         let p = model.init_params(0, DType::F32, Device::Cpu).unwrap();
         let layout = p.zeros_like(DType::F32).unwrap();
@@ -65,7 +74,7 @@ fn overlap(cfg: &ModelConfig, batch: usize, samples: usize) -> (f64, f64, f64, f
                     *g.buffer_mut(0) = s;
                 }
                 _ => std::thread::scope(|scope| {
-                    let mut red = OverlappedAllReduce::start(scope, &comm, &plan, ReduceOp::Sum);
+                    let mut red = OverlappedAllReduce::start(scope, comm, &plan, ReduceOp::Sum);
                     model
                         .backward_notify(&p, &saved, &dout, 1.0, &mut g, &mut |g, names| {
                             for n in names {
@@ -120,12 +129,23 @@ fn main() {
     for s in shape {
         cfg.set(s).unwrap();
     }
-    let (bwd, after, overlapped, ar) = overlap(&cfg, if quick { 2 } else { 4 }, samples);
-    let hidden = ((bwd + ar - overlapped) / ar).clamp(0.0, 1.0);
-    println!(
-        "  world 2, {:.1}M-parameter gradients: fwd+bwd {bwd:.3} s, all-reduce alone {ar:.3} s, \
-         reduce after backward {after:.3} s, 25 MiB buckets overlapped {overlapped:.3} s: {:.0}% of the all-reduce hidden",
-        vit_model::ParamCounts::of(&cfg).unwrap().total as f64 / 1e6,
-        100.0 * hidden
-    );
+    let params = vit_model::ParamCounts::of(&cfg).unwrap().total as f64 / 1e6;
+    // Links: none (LocalGroup's own speed), then modelled networks of 1.25 GB/s (10 GbE) and
+    // 0.5 GB/s per direction with 20 µs latency.
+    let links: &[Option<f64>] = if quick { &[None, Some(1.25)] } else { &[None, Some(1.25), Some(0.5)] };
+    for &gbs in links {
+        let link =
+            gbs.map(|g| LinkModel { bandwidth_bytes_per_s: g * 1e9, latency: std::time::Duration::from_micros(20) });
+        let (bwd, after, overlapped, ar) = overlap(&cfg, if quick { 2 } else { 4 }, samples, link);
+        let hidden = ((bwd + ar - overlapped) / ar).clamp(0.0, 1.0);
+        let over = match gbs {
+            Some(g) => format!("Throttled links of {g} GB/s"),
+            None => "LocalGroup".into(),
+        };
+        println!(
+            "  world 2 over {over}, {params:.1}M-parameter gradients: fwd+bwd {bwd:.3} s, all-reduce alone {ar:.3} s, \
+             reduce after backward {after:.3} s, 25 MiB buckets overlapped {overlapped:.3} s: {:.0}% of the all-reduce hidden",
+            100.0 * hidden
+        );
+    }
 }

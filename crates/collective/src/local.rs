@@ -4,7 +4,10 @@
 //! Every collective is a rendezvous on one shared slot table: each rank deposits its call,
 //! the last to arrive closes the round, and then every rank checks all calls (so a mismatch is
 //! an error on every rank) and computes its own result from all inputs in rank order (so
-//! reductions are bitwise identical on every rank). Nothing can strand a rank: a rank whose
+//! reductions are bitwise identical on every rank). A large all-reduce splits the work: each
+//! rank sums one contiguous piece of the elements over all ranks' inputs (in rank order, the
+//! same bits) and the ranks then exchange pieces, so the ranks' threads share the summation
+//! instead of each doing all of it (a reduce-scatter and an all-gather through shared memory). Nothing can strand a rank: a rank whose
 //! communicator is dropped (its thread returned or panicked) makes the others' waits on it
 //! fail, and when every live rank is waiting on another the group reports the deadlock to all.
 
@@ -118,17 +121,30 @@ struct Shared {
 #[derive(Debug, Clone, Copy)]
 enum Wait {
     Collective(Op),
-    Recv { from: usize },
+    /// In a split all-reduce, for the other ranks' summed pieces.
+    Pieces(Op),
+    Recv {
+        from: usize,
+    },
 }
 
 impl fmt::Display for Wait {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Wait::Collective(op) => write!(f, "{op}"),
+            Wait::Pieces(op) => write!(f, "{op} (the other ranks' pieces)"),
             Wait::Recv { from } => write!(f, "recv from rank {from}"),
         }
     }
 }
+
+/// One rank's part of a split all-reduce: its elements summed over every rank, in f32, or the
+/// reason it could not sum them.
+type Piece = std::result::Result<Arc<Vec<f32>>, String>;
+
+/// Below this many elements an all-reduce is not split: every rank sums the whole tensor
+/// itself, which saves the second exchange where the summation is cheap.
+const SPLIT_REDUCE_MIN_ELEMS: usize = 1 << 15;
 
 /// A closed collective round: every rank's call, kept until every rank has taken it.
 struct Round {
@@ -145,6 +161,10 @@ struct State {
     /// The last closed round, until all `n` ranks have taken it (before any can join the next).
     done: Option<Arc<Round>>,
     taken: usize,
+    /// A split all-reduce's summed pieces, by rank (see [`LocalCommunicator::all_reduce_split`]),
+    /// until every rank has taken them all; `Err` from a rank that failed to sum its piece.
+    pieces: Vec<Option<Piece>>,
+    pieces_taken: usize,
     /// Point-to-point queues, `from * n + to`.
     mailboxes: Vec<VecDeque<Tensor>>,
     /// Ranks whose communicator was dropped.
@@ -163,7 +183,7 @@ impl State {
     fn stuck(&self, r: usize) -> bool {
         match self.waiting[r] {
             None => false,
-            Some(Wait::Collective(_)) => self.departed.is_empty(),
+            Some(Wait::Collective(_) | Wait::Pieces(_)) => self.departed.is_empty(),
             Some(Wait::Recv { from }) => !self.left[from],
         }
     }
@@ -205,6 +225,8 @@ impl Shared {
                 generation: 0,
                 done: None,
                 taken: 0,
+                pieces: vec![None; n],
+                pieces_taken: 0,
                 mailboxes: vec![VecDeque::new(); n * n],
                 left: vec![false; n],
                 departed: Vec::new(),
@@ -268,6 +290,7 @@ impl LocalCommunicator {
                         let peers = match wait {
                             Wait::Recv { from } => vec![from],
                             Wait::Collective(_) => (0..self.shared.n).filter(|&r| st.slots[r].is_none()).collect(),
+                            Wait::Pieces(_) => (0..self.shared.n).filter(|&r| st.pieces[r].is_none()).collect(),
                         };
                         return (st, Err(Error::Timeout { op, secs: t.as_secs_f64(), peers }));
                     }
@@ -343,6 +366,73 @@ impl LocalCommunicator {
             .ok_or(Error::Mismatch { op: op.name(), msg: "no rank passed a tensor".into() })
     }
 
+    /// An all-reduce with the summation split over the ranks: after the rendezvous, rank `r`
+    /// reduces elements `numel·r/n .. numel·(r+1)/n` of every rank's input (in f32, rank 0
+    /// first: [`host::reduce`], so each element has the bits of the unsplit reduction), deposits
+    /// that piece, waits for the others' and assembles the whole result. Each rank reads `1/n`
+    /// of every input instead of all of them, and converts only its piece.
+    fn all_reduce_split(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let kind = Op::AllReduce(op);
+        let round = self.rendezvous(Call { op: kind, tensor: Some(x.clone()) })?;
+        validate(kind, &round.calls)?;
+        let (n, rank, numel) = (self.shared.n, self.rank, x.numel());
+        let piece = |r: usize| numel * r / n..numel * (r + 1) / n;
+        let mine = piece(rank);
+        let summed = reduce_piece(&round.calls, mine, op, n);
+        drop(round);
+        let (deposit, failure): (Piece, _) = match summed {
+            Ok(v) => (Ok(Arc::new(v)), None),
+            Err(e) => (Err(e.to_string()), Some(e)),
+        };
+        let pieces = self.exchange_pieces(kind, deposit)?;
+        if let Some(e) = failure {
+            return Err(e); // this rank's own failure (the others were told through its piece)
+        }
+        let mut out = Vec::with_capacity(numel);
+        for p in &pieces {
+            out.extend_from_slice(p);
+        }
+        Ok(Tensor::from_f32(out, x.dims().to_vec(), x.dtype(), x.device())?)
+    }
+
+    /// Deposits this rank's piece of a split all-reduce and returns every rank's, in rank
+    /// order, once all are in. The pieces are cleared when the last rank has taken them, which
+    /// happens before any rank can enter the next collective's rendezvous.
+    fn exchange_pieces(&self, op: Op, mine: Piece) -> Result<Vec<Arc<Vec<f32>>>> {
+        let name = op.name();
+        let mut st = self.shared.lock();
+        st.pieces[self.rank] = Some(mine);
+        if st.pieces.iter().all(Option::is_some) {
+            // Whoever waits for pieces can go on: not stuck, even before it wakes (as when a
+            // rendezvous closes), so a rank entering the next collective sees no deadlock.
+            for w in st.waiting.iter_mut().filter(|w| matches!(w, Some(Wait::Pieces(_)))) {
+                *w = None;
+            }
+        }
+        self.shared.cv.notify_all();
+        let (mut st, got) = self.block(st, name, Wait::Pieces(op), |st| {
+            if st.pieces.iter().all(Option::is_some) {
+                Some(Ok(st.pieces.iter().flatten().cloned().collect::<Vec<Piece>>()))
+            } else {
+                st.first_left().map(|peer| Err(Error::Disconnected { op: name, peer }))
+            }
+        });
+        if got.is_ok() {
+            st.pieces_taken += 1;
+            if st.pieces_taken == self.shared.n {
+                st.pieces.iter_mut().for_each(|p| *p = None);
+                st.pieces_taken = 0;
+            }
+        }
+        drop(st);
+        got?.into_iter()
+            .enumerate()
+            .map(|(r, p)| {
+                p.map_err(|msg| Error::Backend { op: name, msg: format!("rank {r} could not sum its piece: {msg}") })
+            })
+            .collect()
+    }
+
     fn check_peer(&self, op: &'static str, what: &'static str, peer: usize) -> Result<()> {
         if peer >= self.shared.n {
             return Err(Error::Rank { op, what, got: peer, world_size: self.shared.n });
@@ -361,7 +451,13 @@ impl Communicator for LocalCommunicator {
     }
 
     fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
-        self.collective(Op::AllReduce(op), x)
+        // Every rank takes the same branch when the shapes agree; when they do not, both
+        // branches fail in the same rendezvous's validation.
+        if self.shared.n > 1 && x.numel() >= SPLIT_REDUCE_MIN_ELEMS {
+            self.all_reduce_split(x, op)
+        } else {
+            self.collective(Op::AllReduce(op), x)
+        }
     }
 
     fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
@@ -474,4 +570,30 @@ impl Drop for LocalCommunicator {
         }
         self.shared.cv.notify_all();
     }
+}
+
+/// Elements `range` (row-major) of every rank's input reduced with `op` over a world of `n`,
+/// in rank order and f32: [`host::fold_into`] and [`host::finish`], the bits of the unsplit
+/// reduction. f32 CPU inputs are read in place; others are converted piece by piece.
+fn reduce_piece(calls: &[Call], range: std::ops::Range<usize>, op: ReduceOp, n: usize) -> Result<Vec<f32>> {
+    fn piece<'a>(t: &'a Tensor, range: &std::ops::Range<usize>) -> Result<std::borrow::Cow<'a, [f32]>> {
+        if t.dtype() == vit_tensor::DType::F32 && t.device() == vit_tensor::Device::Cpu {
+            return Ok(std::borrow::Cow::Borrowed(&t.as_slice::<f32>()?[range.clone()]));
+        }
+        let flat = t.reshape([t.numel()])?.narrow(range.start, range.len())?;
+        Ok(std::borrow::Cow::Owned(flat.to_f32_vec()?))
+    }
+    let mut acc: Option<Vec<f32>> = None;
+    for c in calls {
+        let Some(t) = &c.tensor else {
+            return Err(Error::Mismatch { op: c.op.name(), msg: "a rank passed no tensor".into() });
+        };
+        match acc.as_mut() {
+            None => acc = Some(piece(t, &range)?.into_owned()),
+            Some(a) => host::fold_into(a, &piece(t, &range)?, op),
+        }
+    }
+    let mut acc = acc.unwrap_or_default();
+    host::finish(&mut acc, op, n);
+    Ok(acc)
 }

@@ -69,6 +69,85 @@ fn all_reduce_bf16_and_f16_keep_dtype() {
     }
 }
 
+/// From 2^15 elements on, the ranks split the summation (each sums one piece over all inputs,
+/// then the pieces are exchanged): uneven pieces (100,009 elements over 3 ranks), f32 and bf16,
+/// every op, bit for bit against the single-threaded reference and between ranks.
+#[test]
+fn split_all_reduce_matches_reference_bitwise() {
+    for n in [2, 3, 4] {
+        for dtype in [DType::F32, DType::BF16] {
+            for op in OPS {
+                let xs = inputs(n, &[7, 14_287], 40 + n as u64, dtype);
+                let out = on_ranks(&xs, |c, x| c.all_reduce(x, op).expect("all_reduce"));
+                let want = reference_reduce(&xs, op);
+                for (r, y) in out.iter().enumerate() {
+                    assert_eq!((y.dims(), y.dtype()), (&[7, 14_287][..], dtype), "n={n} {op} rank {r}");
+                    assert_eq!(values(y), want, "n={n} {dtype} {op} rank {r}");
+                    assert_eq!(bits(y), bits(&out[0]), "n={n} {dtype} {op}: rank {r} differs from rank 0");
+                }
+            }
+        }
+    }
+}
+
+/// Split (large) and whole (small) all-reduces back to back, arrival order perturbed: each
+/// round's pieces belong to that round.
+#[test]
+fn split_and_whole_all_reduces_interleave() {
+    let sizes = [40_000, 3, 65_537, 40_000, 1, 33_000];
+    for n in [2, 3] {
+        let out = LocalGroup::run(n, |c| {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| {
+                    std::thread::sleep(std::time::Duration::from_micros(((c.rank() + i) % 3) as u64 * 300));
+                    let x = input(&[len], 100 + i as u64, c.rank(), DType::F32);
+                    values(&c.all_reduce(&x, ReduceOp::Sum).expect("all_reduce"))
+                })
+                .collect::<Vec<_>>()
+        });
+        for (i, &len) in sizes.iter().enumerate() {
+            let xs = inputs(n, &[len], 100 + i as u64, DType::F32);
+            let want = reference_reduce(&xs, ReduceOp::Sum);
+            for (r, got) in out.iter().enumerate() {
+                assert_eq!(got[i], want, "n={n} round {i} ({len} elements) rank {r}");
+            }
+        }
+    }
+}
+
+/// Many split all-reduces back to back without pauses: a rank that has its pieces and enters
+/// the next rendezvous while another has not yet woken up is not a deadlock.
+#[test]
+fn split_all_reduces_back_to_back() {
+    for n in [2, 3, 4] {
+        let out = LocalGroup::run(n, |c| {
+            let x = Tensor::full(c.rank() as f32 + 1.0, [1 << 15], DType::F32, Device::Cpu).expect("full");
+            (0..200).map(|_| values(&c.all_reduce(&x, ReduceOp::Sum).expect("all_reduce"))[0]).collect::<Vec<_>>()
+        });
+        let want = (n * (n + 1) / 2) as f32;
+        for (r, got) in out.iter().enumerate() {
+            assert!(got.iter().all(|&v| v == want), "n={n} rank {r}: {:?}", &got[..4]);
+        }
+    }
+}
+
+/// Ranks that disagree on the size fail together, whether both sizes split or only one does.
+#[test]
+fn split_all_reduce_shape_mismatch_fails_on_every_rank() {
+    for other in [40_001, 10] {
+        let out = LocalGroup::run(2, |c| {
+            let len = if c.rank() == 0 { 40_000 } else { other };
+            c.all_reduce(&input(&[len], 7, c.rank(), DType::F32), ReduceOp::Sum).map(|_| ())
+        });
+        for (r, res) in out.iter().enumerate() {
+            let err = res.as_ref().expect_err("mismatched shapes must fail").to_string();
+            assert!(err.contains("all_reduce") && err.contains("40000"), "rank {r} with {other}: {err}");
+        }
+    }
+}
+
 #[test]
 fn all_reduce_of_a_scalar() {
     let xs: Vec<Tensor> =
