@@ -43,11 +43,12 @@ mod mesh;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod nccl;
+mod nccl_overlap;
 mod single;
 mod throttled;
 mod wire;
 
-pub use buckets::{BucketPlan, OverlappedAllReduce};
+pub use buckets::{BucketCountdown, BucketPlan, OverlappedAllReduce};
 pub use bytes::all_gather_bytes;
 pub use collective_matmul::{all_gather_matmul, matmul_reduce_scatter, MatmulComm};
 pub use communicator::{Communicator, ReduceOp};
@@ -57,5 +58,6 @@ pub use mesh::{Axis, Mesh, MeshShape};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiCommunicator;
 pub use nccl::{nccl_available, nccl_version, NcclCommunicator, NcclGroup};
+pub use nccl_overlap::NcclOverlappedAllReduce;
 pub use single::SingleProcess;
 pub use throttled::{LinkModel, Throttled};
