@@ -14,7 +14,8 @@
 //!
 //! [`Communicator::split`] makes sub-groups, and [`Mesh`] lays a group out on named axes
 //! (`data × model`) with one sub-communicator per axis. On top of the trait: the bucketed
-//! all-reduce overlapped with backward ([`OverlappedAllReduce`]), collective matmul
+//! all-reduce overlapped with backward ([`OverlappedAllReduce`] on a communication thread;
+//! [`NcclOverlappedAllReduce`] on a second CUDA stream, in place), collective matmul
 //! ([`all_gather_matmul`], [`matmul_reduce_scatter`]: the ring in which transfers overlap the
 //! matmuls), and [`Throttled`], a test double of a slow link for measuring overlap on one machine.
 //!

@@ -19,7 +19,9 @@
 //!   buffering), so a ring uses [`Communicator::send_recv`], which posts both in one group.
 //!
 //! Every call waits for its own completion before returning (the event recorded after it on
-//! the stream), polling `ncclCommGetAsyncError` meanwhile: an NCCL error or the timeout
+//! the stream), polling `ncclCommGetAsyncError` meanwhile (the one exception is
+//! [`crate::NcclOverlappedAllReduce`], which queues the gradient buckets on the device's
+//! communication stream during backward and waits once, in its `finish`): an NCCL error or the timeout
 //! ([`NcclCommunicator::set_timeout`]) aborts the communicator (`ncclCommAbort`, which also
 //! releases any kernel stuck waiting on a peer) and returns an error naming this rank; every
 //! later call is an [`Error::Poisoned`].
