@@ -59,6 +59,6 @@ pub use mesh::{Axis, Mesh, MeshShape};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiCommunicator;
 pub use nccl::{nccl_available, nccl_version, NcclCommunicator, NcclGroup};
-pub use nccl_overlap::NcclOverlappedAllReduce;
+pub use nccl_overlap::{NcclOverlappedAllReduce, SELF_CHECK_NAME as NCCL_OVERLAP_CHECK};
 pub use single::SingleProcess;
 pub use throttled::{LinkModel, Throttled};

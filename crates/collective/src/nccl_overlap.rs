@@ -246,6 +246,67 @@ impl<'a> NcclOverlappedAllReduce<'a> {
     }
 }
 
+/// The name that turns the overlapped path off in `VITRS_FAST_KERNELS_OFF` (comma-separated, as
+/// for the fast kernels): [`NcclOverlappedAllReduce::self_check`] then fails without running.
+pub const SELF_CHECK_NAME: &str = "nccl_overlap";
+
+impl NcclOverlappedAllReduce<'_> {
+    /// The check before first use (the overlapped path has not run on every GPU it may meet):
+    /// every rank of `comm` calls it. Each rank poisons a buffer with NaN, writes its random
+    /// parameters into it on the compute stream behind a queue of matmuls (last first, each
+    /// marked ready after its write), reduces it overlapped, and compares with the plain
+    /// in-place all-reduce of the same buckets ([`NcclCommunicator::all_reduce_ranges_in_place`]):
+    /// bit for bit at one rank, within 1e-5 of `1 + |value|` across ranks (NCCL may pick another
+    /// algorithm for one call than for a group). The ranks' verdicts are combined (a max
+    /// all-reduce), so every rank gets the same answer: `None` when the overlapped path may be
+    /// used, `Some(why)` when not (also when `VITRS_FAST_KERNELS_OFF` names
+    /// [`SELF_CHECK_NAME`], without running). Errors: NCCL or CUDA failing.
+    pub fn self_check(comm: &NcclCommunicator) -> Result<Option<String>> {
+        if std::env::var("VITRS_FAST_KERNELS_OFF").is_ok_and(|v| v.split(',').any(|n| n.trim() == SELF_CHECK_NAME)) {
+            return Ok(Some(format!("turned off by VITRS_FAST_KERNELS_OFF={SELF_CHECK_NAME}")));
+        }
+        let (n, dev) = (comm.world_size(), Device::Cuda(comm.device()));
+        let mut at = 0;
+        let params: Vec<std::ops::Range<usize>> = [1usize, 4099, 65_536, 3, 100_000, 30_001]
+            .iter()
+            .map(|&k| {
+                at += k;
+                at - k..at
+            })
+            .collect();
+        let plan = BucketPlan::new(&params, at, 50_000)?;
+        let x = Tensor::randn([at], 0.0, 1.0, 0x5e1f + comm.rank() as u64, DType::F32, dev)?;
+        let mut want = x.clone();
+        comm.all_reduce_ranges_in_place(&mut want, plan.buckets(), ReduceOp::Sum)?;
+        let work = Tensor::randn([512, 512], 0.0, 1.0, 0x5e20, DType::F32, dev)?;
+        let mut buf = Tensor::full(f32::NAN, [at], DType::F32, dev)?;
+        let mut red = NcclOverlappedAllReduce::start(comm, &plan, ReduceOp::Sum, &mut buf)?;
+        for i in (0..params.len()).rev() {
+            for _ in 0..4 {
+                drop(vit_tensor::ops::matmul(&work, &work)?);
+            }
+            buf.write_at(params[i].start, &x.narrow(params[i].start, params[i].len())?)?;
+            red.ready(&buf, i)?;
+        }
+        red.finish(&mut buf)?;
+        let tol = if n == 1 { 0.0 } else { 1e-5 };
+        let (got, want) = (buf.to_f32_vec()?, want.to_f32_vec()?);
+        let wrong = got
+            .iter()
+            .zip(&want)
+            .filter(|(g, w)| !((*g - *w).abs() <= tol * (1.0 + w.abs()) || g.to_bits() == w.to_bits()))
+            .count();
+        let flag = Tensor::from_vec(vec![wrong as f32], [1], dev)?;
+        let worst = comm.all_reduce(&flag, ReduceOp::Max)?.to_f32_vec()?[0];
+        Ok((worst > 0.0).then(|| {
+            format!(
+                "the overlapped all-reduce differed from the plain one in up to {worst} of {at} elements on a rank \
+                 (a stream-ordering fault)"
+            )
+        }))
+    }
+}
+
 impl Drop for NcclOverlappedAllReduce<'_> {
     fn drop(&mut self) {
         if self.completed || !self.launched.contains(&true) {

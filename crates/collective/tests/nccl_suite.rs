@@ -388,6 +388,16 @@ fn overlapped_buckets_written_late_equal_the_plain_in_place_all_reduce() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn the_overlapped_all_reduce_passes_its_self_check() {
+    on_gpus(|c| {
+        let verdict = NcclOverlappedAllReduce::self_check(c).expect("self-check ran");
+        assert_eq!(verdict, None, "rank {}", c.rank());
+        c.barrier().expect("usable after the check");
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn overlapped_all_reduce_errors_are_clear_and_an_abandoned_one_aborts_the_communicator() {
     on_gpus(|c| {
         let (n, r) = (c.world_size(), c.rank());

@@ -775,11 +775,27 @@ fn train_rank(
     } else {
         gradient_buckets(&params, dworld > 1 || via_nccl, cfg.train.bucket_mb)?
     };
+    // Over NCCL the buckets are reduced during backward on a second stream once that path has
+    // passed its check here (every rank gets the same verdict); after backward otherwise.
+    let overlap_on_device = match (&buckets, dp.nccl()) {
+        (Some(_), Some(nccl)) if via_nccl && cfg.train.overlap_comm => {
+            match vit_collective::NcclOverlappedAllReduce::self_check(nccl)? {
+                None => true,
+                Some(why) => {
+                    if lead {
+                        eprintln!(
+                            "warning: the overlapped NCCL gradient all-reduce is not used ({why}); the buckets are \
+                             all-reduced after backward"
+                        );
+                    }
+                    false
+                }
+            }
+        }
+        _ => false,
+    };
     if via_nccl && lead {
-        let when = match &buckets {
-            Some(_) if cfg.train.overlap_comm => "overlapped with backward on a second stream",
-            _ => "after backward",
-        };
+        let when = if overlap_on_device { "overlapped with backward on a second stream" } else { "after backward" };
         let buckets = buckets.as_ref().map_or(1, |p| p.buckets().len());
         println!(
             "communication: NCCL {} between {world} GPU rank(s); gradients all-reduced on the device, in place, \
@@ -898,7 +914,7 @@ fn train_rank(
                     let mut overlap = overlapped.filter(|_| !via_nccl).map(|plan| {
                         vit_collective::OverlappedAllReduce::start(scope, dp, plan, vit_collective::ReduceOp::Sum)
                     });
-                    let mut on_device = match (overlapped.filter(|_| via_nccl && !sharded), dp.nccl()) {
+                    let mut on_device = match (buckets.as_ref().filter(|_| overlap_on_device), dp.nccl()) {
                         (Some(plan), Some(nccl)) => Some(vit_collective::NcclOverlappedAllReduce::start(
                             nccl,
                             plan,
