@@ -2,7 +2,8 @@
 //! GPU part): [`NcclOverlappedAllReduce`] reduces the buckets of a [`BucketPlan`] over the flat
 //! gradient buffer in place, each one as soon as backward has produced it, on the device's
 //! communication stream ([`vit_tensor::cuda::kernel::comm_stream`]) while the compute stream
-//! goes on with the rest of backward. No host thread and no host wait until [`finish`].
+//! goes on with the rest of backward. No host thread, and no host wait between the agreement in
+//! [`start`] (before backward) and [`finish`].
 //!
 //! The streams are ordered with events, never by the host (the compute stream's allocations
 //! carry no events, see `vit_tensor::cuda`):
