@@ -77,6 +77,84 @@ impl BucketPlan {
     pub fn buckets(&self) -> &[Range<usize>] {
         &self.buckets
     }
+
+    /// Elements of the buffer the plan covers.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a plan over an empty buffer.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The parameters the plan was made for.
+    pub fn params(&self) -> usize {
+        self.params.len()
+    }
+
+    /// A 64-bit FNV-1a hash of the buffer length and every bucket's range: ranks whose plans
+    /// differ (and would call NCCL with different counts) have different fingerprints.
+    pub(crate) fn fingerprint(&self) -> u64 {
+        let words = std::iter::once(self.len).chain(self.buckets.iter().flat_map(|r| [r.start, r.end]));
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for w in words {
+            for b in (w as u64).to_le_bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        h
+    }
+}
+
+/// Which buckets of a [`BucketPlan`] backward has completed: each parameter is marked once as
+/// its gradient becomes final, and the mark that completes a bucket says so. The bookkeeping of
+/// the device all-reduce ([`crate::NcclOverlappedAllReduce`]), where a bucket launched early
+/// would be reduced before backward wrote it, so a parameter marked twice or outside the plan
+/// is an error instead of being ignored.
+#[derive(Debug, Clone)]
+pub struct BucketCountdown<'a> {
+    plan: &'a BucketPlan,
+    /// Parameters each bucket still waits for.
+    pending: Vec<usize>,
+    marked: Vec<bool>,
+}
+
+impl<'a> BucketCountdown<'a> {
+    /// Every bucket waiting for all its parameters.
+    pub fn new(plan: &'a BucketPlan) -> Self {
+        let mut pending = vec![0; plan.buckets.len()];
+        for &(b, _) in &plan.params {
+            pending[b] += 1;
+        }
+        BucketCountdown { plan, pending, marked: vec![false; plan.params.len()] }
+    }
+
+    /// Marks parameter `param` (an index into the ranges given to [`BucketPlan::new`]) final:
+    /// `Some(bucket)` (an index into [`BucketPlan::buckets`]) when that was the bucket's last
+    /// parameter, `None` otherwise. Errors, changing nothing: `param` outside the plan, or
+    /// marked before.
+    pub fn ready(&mut self, param: usize) -> Result<Option<usize>> {
+        const OP: &str = "BucketCountdown::ready";
+        let Some(&(b, _)) = self.plan.params.get(param) else {
+            return Err(Error::Value {
+                op: OP,
+                msg: format!(
+                    "parameter {param} is not in the bucket plan (expected an index in 0..{})",
+                    self.plan.params.len()
+                ),
+            });
+        };
+        if self.marked[param] {
+            return Err(Error::Value {
+                op: OP,
+                msg: format!("parameter {param} was marked ready twice (expected each once per backward)"),
+            });
+        }
+        self.marked[param] = true;
+        self.pending[b] -= 1;
+        Ok((self.pending[b] == 0).then_some(b))
+    }
 }
 
 /// One step's bucketed all-reduce of a flat buffer, with a communication thread (see the
@@ -218,6 +296,29 @@ mod tests {
         assert!(e.contains("overlap"), "{e}");
         let e = BucketPlan::new(&[0..4], 3, 1).unwrap_err().to_string();
         assert!(e.contains("past the buffer's 3 elements"), "{e}");
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // lists of ranges, some of one
+    fn the_countdown_completes_each_bucket_at_its_last_parameter_and_refuses_bad_marks() {
+        // Buckets [8..20) (params 2, 3) and [0..8) (params 0, 1).
+        let plan = BucketPlan::new(&[0..4, 4..6, 8..16, 16..20], 20, 6).unwrap();
+        let mut c = BucketCountdown::new(&plan);
+        assert_eq!(c.ready(3).unwrap(), None);
+        assert_eq!(c.ready(2).unwrap(), Some(0));
+        let e = c.ready(2).unwrap_err().to_string();
+        assert!(e.contains("parameter 2 was marked ready twice"), "{e}");
+        let e = c.ready(4).unwrap_err().to_string();
+        assert!(e.contains("parameter 4 is not in the bucket plan") && e.contains("0..4"), "{e}");
+        assert_eq!(c.ready(0).unwrap(), None);
+        assert_eq!(c.ready(1).unwrap(), Some(1));
+        // Plans that cut differently have different fingerprints; equal plans equal ones.
+        let same = BucketPlan::new(&[0..4, 4..6, 8..16, 16..20], 20, 6).unwrap();
+        assert_eq!(plan.fingerprint(), same.fingerprint());
+        let other = BucketPlan::new(&[0..4, 4..6, 8..16, 16..20], 20, 0).unwrap();
+        assert_ne!(plan.fingerprint(), other.fingerprint());
+        assert_ne!(plan.fingerprint(), BucketPlan::new(&[0..4], 20, 6).unwrap().fingerprint());
+        assert_eq!((plan.len(), plan.params(), plan.is_empty()), (20, 4, false));
     }
 
     #[test]

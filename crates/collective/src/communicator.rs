@@ -80,6 +80,14 @@ pub trait Communicator: Send + Sync {
         Ok(())
     }
 
+    /// The NCCL rank that carries this communicator's CUDA tensors, when there is one (the
+    /// NCCL backend itself, or a router of host and device tensors over it): what the
+    /// overlapped gradient all-reduce on the device ([`crate::NcclOverlappedAllReduce`]) runs
+    /// on. `None` (this default) for host backends.
+    fn nccl(&self) -> Option<&crate::NcclCommunicator> {
+        None
+    }
+
     /// Splits the group as `MPI_Comm_split` does: every rank calls it; the ranks that pass the
     /// same `color` form one new group, ranked by `(key, rank in this group)`. The new groups
     /// are independent of this one and of each other (their collectives never mix); they
@@ -128,6 +136,9 @@ impl Communicator for Box<dyn Communicator> {
     }
     fn all_reduce_in_place(&self, buffer: &mut Tensor, ranges: &[Range<usize>], op: ReduceOp) -> Result<()> {
         self.as_ref().all_reduce_in_place(buffer, ranges, op)
+    }
+    fn nccl(&self) -> Option<&crate::NcclCommunicator> {
+        self.as_ref().nccl()
     }
 }
 

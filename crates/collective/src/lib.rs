@@ -14,7 +14,8 @@
 //!
 //! [`Communicator::split`] makes sub-groups, and [`Mesh`] lays a group out on named axes
 //! (`data × model`) with one sub-communicator per axis. On top of the trait: the bucketed
-//! all-reduce overlapped with backward ([`OverlappedAllReduce`]), collective matmul
+//! all-reduce overlapped with backward ([`OverlappedAllReduce`] on a communication thread;
+//! [`NcclOverlappedAllReduce`] on a second CUDA stream, in place), collective matmul
 //! ([`all_gather_matmul`], [`matmul_reduce_scatter`]: the ring in which transfers overlap the
 //! matmuls), and [`Throttled`], a test double of a slow link for measuring overlap on one machine.
 //!
@@ -43,11 +44,12 @@ mod mesh;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod nccl;
+mod nccl_overlap;
 mod single;
 mod throttled;
 mod wire;
 
-pub use buckets::{BucketPlan, OverlappedAllReduce};
+pub use buckets::{BucketCountdown, BucketPlan, OverlappedAllReduce};
 pub use bytes::all_gather_bytes;
 pub use collective_matmul::{all_gather_matmul, matmul_reduce_scatter, MatmulComm};
 pub use communicator::{Communicator, ReduceOp};
@@ -57,5 +59,6 @@ pub use mesh::{Axis, Mesh, MeshShape};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiCommunicator;
 pub use nccl::{nccl_available, nccl_version, NcclCommunicator, NcclGroup};
+pub use nccl_overlap::{NcclOverlappedAllReduce, SELF_CHECK_NAME as NCCL_OVERLAP_CHECK};
 pub use single::SingleProcess;
 pub use throttled::{LinkModel, Throttled};

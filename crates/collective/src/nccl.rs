@@ -19,7 +19,9 @@
 //!   buffering), so a ring uses [`Communicator::send_recv`], which posts both in one group.
 //!
 //! Every call waits for its own completion before returning (the event recorded after it on
-//! the stream), polling `ncclCommGetAsyncError` meanwhile: an NCCL error or the timeout
+//! the stream), polling `ncclCommGetAsyncError` meanwhile (the one exception is
+//! [`crate::NcclOverlappedAllReduce`], which queues the gradient buckets on the device's
+//! communication stream during backward and waits once, in its `finish`): an NCCL error or the timeout
 //! ([`NcclCommunicator::set_timeout`]) aborts the communicator (`ncclCommAbort`, which also
 //! releases any kernel stuck waiting on a peer) and returns an error naming this rank; every
 //! later call is an [`Error::Poisoned`].
@@ -30,7 +32,10 @@ use crate::{
     wire::{dtype_code, dtype_of, op_from_words, op_words},
     Communicator, Error, ReduceOp, Result,
 };
-use cudarc::{driver::CudaStream, nccl::sys};
+use cudarc::{
+    driver::{CudaEvent, CudaStream, DevicePtr},
+    nccl::sys,
+};
 use std::{
     ops::Range,
     sync::{Arc, Mutex, MutexGuard, OnceLock},
@@ -155,7 +160,7 @@ fn unique_id(op: &'static str) -> Result<sys::ncclUniqueId> {
 }
 
 /// The NCCL type of a float dtype, for reductions.
-fn float_type(d: DType) -> Option<sys::ncclDataType_t> {
+pub(crate) fn float_type(d: DType) -> Option<sys::ncclDataType_t> {
     match d {
         DType::F32 => Some(sys::ncclDataType_t::ncclFloat32),
         DType::BF16 => Some(sys::ncclDataType_t::ncclBfloat16),
@@ -242,8 +247,8 @@ impl NcclGroup {
 }
 
 /// The communicator handle and its state, used under [`NcclCommunicator`]'s lock.
-struct Raw {
-    comm: sys::ncclComm_t,
+pub(crate) struct Raw {
+    pub(crate) comm: sys::ncclComm_t,
     /// Why the communicator was aborted, once it was: every later call fails with it.
     aborted: Option<String>,
 }
@@ -296,6 +301,8 @@ impl Drop for NcclCommunicator {
 const MAX_RANK: usize = 8;
 /// Words of a signature: op, reduce op, root, has tensor, dtype, device, rank, dims.
 const SIG_WORDS: usize = 7 + MAX_RANK;
+/// Words a caller of `agree_on` adds to the signature (a bucket plan's fingerprint).
+pub(crate) const EXTRA_WORDS: usize = 2;
 /// Words of a point-to-point header: dtype, rank, dims.
 const HEAD_WORDS: usize = 2 + MAX_RANK;
 
@@ -400,7 +407,7 @@ impl NcclCommunicator {
         self.device
     }
 
-    fn lock(&self, op: &'static str) -> Result<MutexGuard<'_, Raw>> {
+    pub(crate) fn lock(&self, op: &'static str) -> Result<MutexGuard<'_, Raw>> {
         let raw = self.raw.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(reason) = &raw.aborted {
             return Err(Error::Poisoned { op, reason: reason.clone() });
@@ -410,8 +417,16 @@ impl NcclCommunicator {
         Ok(raw)
     }
 
-    fn cuda_err(&self, op: &'static str, e: impl std::fmt::Debug) -> Error {
+    pub(crate) fn cuda_err(&self, op: &'static str, e: impl std::fmt::Debug) -> Error {
         Error::Backend { op, msg: format!("rank {} (cuda:{}): CUDA error {e:?}", self.rank, self.device) }
+    }
+
+    /// Aborts the communicator after `why` unless it was already (taking the lock itself, even
+    /// from a thread that panicked with it): for work abandoned in flight, so that no NCCL
+    /// kernel is left waiting for peers.
+    pub(crate) fn abort_now(&self, why: String) {
+        let mut raw = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        self.abort(&mut raw, why);
     }
 
     /// Aborts the communicator after `why`; every later call is [`Error::Poisoned`].
@@ -424,7 +439,7 @@ impl NcclCommunicator {
     }
 
     /// Checks the result of an NCCL call; an error aborts the communicator.
-    fn check(&self, raw: &mut Raw, op: &'static str, call: &str, r: sys::ncclResult_t) -> Result<()> {
+    pub(crate) fn check(&self, raw: &mut Raw, op: &'static str, call: &str, r: sys::ncclResult_t) -> Result<()> {
         if r == sys::ncclResult_t::ncclSuccess || r == sys::ncclResult_t::ncclInProgress {
             return Ok(());
         }
@@ -437,6 +452,12 @@ impl NcclCommunicator {
     /// error state; aborts the communicator on an error or after the timeout.
     fn wait(&self, raw: &mut Raw, op: &'static str) -> Result<()> {
         let event = self.stream.record_event(None).map_err(|e| self.cuda_err(op, e))?;
+        self.wait_for(raw, op, &event)
+    }
+
+    /// Waits until `event` has completed (work recorded on any stream of this device), polling
+    /// NCCL's asynchronous error state; aborts the communicator on an error or after the timeout.
+    pub(crate) fn wait_for(&self, raw: &mut Raw, op: &'static str, event: &CudaEvent) -> Result<()> {
         let start = Instant::now();
         let mut pause = Duration::from_micros(5);
         loop {
@@ -480,31 +501,52 @@ impl NcclCommunicator {
     /// them together, so every rank reaches the same verdict. This is where a rank waits for
     /// the others to join, and also the barrier.
     fn agree(&self, raw: &mut Raw, op: Op, x: Option<&Tensor>) -> Result<()> {
+        self.agree_on(raw, op, x, [0; EXTRA_WORDS], &self.stream).map(|_| ())
+    }
+
+    /// [`NcclCommunicator::agree`] on `stream` (this device's compute stream or its
+    /// communication stream; the small buffers are allocated, used and freed on it, and the
+    /// host waits for that stream only), carrying `extra` words of the caller's beside the
+    /// signature: every rank's, in rank order, for the caller to compare (a bucket plan's
+    /// fingerprint). Plain collectives send zeros there.
+    pub(crate) fn agree_on(
+        &self,
+        raw: &mut Raw,
+        op: Op,
+        x: Option<&Tensor>,
+        extra: [u64; EXTRA_WORDS],
+        stream: &Arc<CudaStream>,
+    ) -> Result<Vec<[u64; EXTRA_WORDS]>> {
         let name = op.name();
-        let words = encode(op, x.map(|t| (t.shape(), t.dtype(), self.place(t))));
-        let dev = Device::Cuda(self.device);
-        let send = DeviceBuffer::upload(dev, &words)?;
-        // SAFETY: the all-gather below writes every byte before it is read.
-        let recv = unsafe { DeviceBuffer::uninit(dev, 8 * SIG_WORDS * self.size)? };
-        // SAFETY: both buffers live on this device until the wait below has seen the call end;
-        // the counts are their sizes.
+        const WORDS: usize = SIG_WORDS + EXTRA_WORDS;
+        let mut words = [0u64; WORDS];
+        words[..SIG_WORDS].copy_from_slice(&encode(op, x.map(|t| (t.shape(), t.dtype(), self.place(t)))));
+        words[SIG_WORDS..].copy_from_slice(&extra);
+        let send = stream.clone_htod(&words[..]).map_err(|e| self.cuda_err(name, e))?;
+        // SAFETY: the all-gather below writes every element before it is read.
+        let recv = unsafe { stream.alloc::<u64>(WORDS * self.size) }.map_err(|e| self.cuda_err(name, e))?;
+        // SAFETY: both buffers live on this device, in `stream`'s order, until the wait below has
+        // seen the call end; the counts are their sizes.
         let r = unsafe {
             sys::ncclAllGather(
-                send.device_ptr() as *const std::ffi::c_void,
-                recv.device_ptr() as *mut std::ffi::c_void,
-                8 * SIG_WORDS,
+                send.device_ptr(stream).0 as *const std::ffi::c_void,
+                recv.device_ptr(stream).0 as *mut std::ffi::c_void,
+                8 * WORDS,
                 sys::ncclDataType_t::ncclUint8,
                 raw.comm,
-                self.stream.cu_stream() as sys::cudaStream_t,
+                stream.cu_stream() as sys::cudaStream_t,
             )
         };
         self.check(raw, name, "ncclAllGather (call signatures)", r)?;
-        self.wait(raw, name)?;
-        let all = recv.to_vec::<u64>()?;
+        let done = stream.record_event(None).map_err(|e| self.cuda_err(name, e))?;
+        self.wait_for(raw, name, &done)?;
+        let all = stream.clone_dtoh(&recv).map_err(|e| self.cuda_err(name, e))?;
         let mut sigs = Vec::with_capacity(self.size);
         let mut misplaced = Vec::new();
-        for (r, w) in all.chunks(SIG_WORDS).enumerate() {
-            let (sig, place) = decode(name, w)?;
+        let mut extras = Vec::with_capacity(self.size);
+        for (r, w) in all.chunks(WORDS).enumerate() {
+            let (sig, place) = decode(name, &w[..SIG_WORDS])?;
+            extras.push(w[SIG_WORDS..].try_into().expect("EXTRA_WORDS words"));
             if place != 0 {
                 let got = if place == u64::MAX { "cpu".to_string() } else { format!("cuda:{}", place - 1) };
                 misplaced.push(format!("rank {r}: {got}"));
@@ -523,7 +565,8 @@ impl NcclCommunicator {
                 ),
             });
         }
-        validate_signatures(op, &sigs)
+        validate_signatures(op, &sigs)?;
+        Ok(extras)
     }
 
     /// A tensor of `shape` and `dtype` on this device that the NCCL call about to be queued
@@ -542,7 +585,7 @@ impl NcclCommunicator {
     }
 
     /// Scales `t` by `1/n` on the device for `Mean` (NCCL reduced a sum).
-    fn finish_mean(&self, t: Tensor, op: ReduceOp) -> Result<Tensor> {
+    pub(crate) fn finish_mean(&self, t: Tensor, op: ReduceOp) -> Result<Tensor> {
         if op == ReduceOp::Mean && self.size > 1 {
             Ok(vit_tensor::ops::scale(&t, 1.0 / self.size as f32)?)
         } else {
@@ -695,7 +738,7 @@ impl NcclCommunicator {
 }
 
 /// `ncclMax` for `Max`, `ncclSum` otherwise (`Mean` is a sum scaled afterwards).
-fn nccl_op(op: ReduceOp) -> sys::ncclRedOp_t {
+pub(crate) fn nccl_op(op: ReduceOp) -> sys::ncclRedOp_t {
     match op {
         ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
         ReduceOp::Sum | ReduceOp::Mean => sys::ncclRedOp_t::ncclSum,
@@ -973,6 +1016,10 @@ impl Communicator for NcclCommunicator {
 
     fn all_reduce_in_place(&self, buffer: &mut Tensor, ranges: &[Range<usize>], op: ReduceOp) -> Result<()> {
         self.all_reduce_ranges_in_place(buffer, ranges, op)
+    }
+
+    fn nccl(&self) -> Option<&NcclCommunicator> {
+        Some(self)
     }
 }
 

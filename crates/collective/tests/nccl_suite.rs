@@ -11,7 +11,10 @@ mod common;
 
 use common::{bits, input, reference_reduce, values};
 use std::ops::Range;
-use vit_collective::{nccl_available, Communicator, Error, LocalGroup, NcclCommunicator, NcclGroup, ReduceOp};
+use vit_collective::{
+    nccl_available, BucketPlan, Communicator, Error, LocalGroup, NcclCommunicator, NcclGroup, NcclOverlappedAllReduce,
+    ReduceOp,
+};
 use vit_tensor::{DType, Device, Tensor};
 
 /// One rank per visible GPU.
@@ -318,4 +321,131 @@ fn from_communicator_over_a_local_group_makes_a_working_nccl_group() {
     for r in results {
         assert_eq!(r.expect("rank"), want);
     }
+}
+
+/// Parameters of the overlap tests: contiguous element ranges covering a buffer of 1_200_007
+/// (uneven sizes, no padding), and the plan cutting them into buckets of about 300k elements.
+fn overlap_params() -> (Vec<Range<usize>>, usize) {
+    let sizes = [1usize, 250_000, 333_333, 17, 200_000, 116_656, 300_000];
+    let mut at = 0;
+    let ranges = sizes
+        .iter()
+        .map(|&n| {
+            at += n;
+            at - n..at
+        })
+        .collect();
+    (ranges, at)
+}
+
+/// Queues about a millisecond of matmuls on the compute stream of `c`'s device (results
+/// dropped): a write queued after it runs late, so an all-reduce that did not wait for the
+/// compute stream would read the bucket before it.
+fn busy(c: &NcclCommunicator) {
+    let dev = Device::Cuda(c.device());
+    let a = Tensor::randn([2048, 2048], 0.0, 1.0, 7, DType::F32, dev).unwrap();
+    for _ in 0..4 {
+        drop(vit_tensor::ops::matmul(&a, &a).unwrap());
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn overlapped_buckets_written_late_equal_the_plain_in_place_all_reduce() {
+    on_gpus(|c| {
+        let (n, r) = (c.world_size(), c.rank());
+        let (params, len) = overlap_params();
+        let plan = BucketPlan::new(&params, len, 300_000).expect("plan");
+        assert!(plan.buckets().len() >= 3, "{:?}", plan.buckets());
+        for op in [ReduceOp::Sum, ReduceOp::Mean] {
+            let what = format!("rank {r}: {op}");
+            let xs = all_inputs(n, &[len], 1100, DType::F32);
+            // The reference: the plain in-place all-reduce of the same buckets.
+            let mut want = here(c, &xs[r]);
+            c.all_reduce_ranges_in_place(&mut want, plan.buckets(), op).expect(&what);
+            // Poisoned first: a bucket reduced before its write would carry NaN (or stale
+            // values) into the result.
+            let dev = Device::Cuda(c.device());
+            let mut buf = Tensor::full(f32::NAN, [len], DType::F32, dev).unwrap();
+            let mine = here(c, &xs[r]);
+            let mut red = NcclOverlappedAllReduce::start(c, &plan, op, &mut buf).expect(&what);
+            // As backward: the last parameters first, each written by the compute stream behind
+            // a queue of matmuls just before it is marked.
+            for i in (0..params.len()).rev() {
+                busy(c);
+                let p = &params[i];
+                buf.write_at(p.start, &mine.narrow(p.start, p.len()).unwrap()).unwrap();
+                red.ready(&buf, i).expect(&what);
+            }
+            red.finish(&mut buf).expect(&what);
+            assert_eq!(bits(&buf), bits(&want), "{what}: overlapped vs plain in-place all-reduce");
+            if n == 1 {
+                assert_eq!(bits(&buf), bits(&xs[0]), "{what}: one rank's sum is its buffer");
+            }
+        }
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_overlapped_all_reduce_passes_its_self_check() {
+    on_gpus(|c| {
+        let verdict = NcclOverlappedAllReduce::self_check(c).expect("self-check ran");
+        assert_eq!(verdict, None, "rank {}", c.rank());
+        c.barrier().expect("usable after the check");
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn overlapped_all_reduce_errors_are_clear_and_an_abandoned_one_aborts_the_communicator() {
+    on_gpus(|c| {
+        let (n, r) = (c.world_size(), c.rank());
+        let (params, len) = overlap_params();
+        let plan = BucketPlan::new(&params, len, 300_000).expect("plan");
+        let dev = Device::Cuda(c.device());
+        let mut buf = here(c, &input(&[len], 1200, r, DType::F32));
+        // A parameter outside the plan: an error now and from finish; nothing was launched,
+        // so the communicator stays usable.
+        let mut red = NcclOverlappedAllReduce::start(c, &plan, ReduceOp::Sum, &mut buf).unwrap();
+        let e = red.ready(&buf, params.len()).unwrap_err().to_string();
+        assert!(e.contains(&format!("parameter {} is not in the bucket plan", params.len())), "{e}");
+        let e = red.finish(&mut buf).unwrap_err().to_string();
+        assert!(e.contains("not in the bucket plan"), "{e}");
+        c.barrier().expect("usable after an error before any launch");
+        // A buffer that is not the one given to start.
+        let other = Tensor::zeros([len], DType::F32, dev).unwrap();
+        let mut red = NcclOverlappedAllReduce::start(c, &plan, ReduceOp::Sum, &mut buf).unwrap();
+        let last = params.len() - 1;
+        let e = red.ready(&other, last).unwrap_err().to_string();
+        assert!(e.contains("the buffer was replaced or copied"), "{e}");
+        drop(red);
+        c.barrier().expect("usable: nothing was launched");
+        // A buffer of the wrong length, a host buffer: errors on every rank at start.
+        let mut short = Tensor::zeros([len - 1], DType::F32, dev).unwrap();
+        let e = NcclOverlappedAllReduce::start(c, &plan, ReduceOp::Sum, &mut short).unwrap_err().to_string();
+        assert!(e.contains(&format!("expected the bucket plan's [{len}]")), "{e}");
+        let mut host = Tensor::zeros([len], DType::F32, Device::Cpu).unwrap();
+        let e = NcclOverlappedAllReduce::start(c, &plan, ReduceOp::Sum, &mut host).unwrap_err();
+        assert!(matches!(&e, Error::Value { msg, .. } if msg.contains("cpu")), "{e}");
+        if n > 1 {
+            // Ranks with different plans: the same Mismatch everywhere, no NCCL call made.
+            let cut = if r == 0 { 100_000 } else { 300_000 };
+            let mine = BucketPlan::new(&params, len, cut).unwrap();
+            let e = NcclOverlappedAllReduce::start(c, &mine, ReduceOp::Sum, &mut buf).unwrap_err();
+            assert!(
+                matches!(&e, Error::Mismatch { msg, .. } if msg.contains("same gradient bucket plan")),
+                "rank {r}: {e}"
+            );
+        }
+        // Dropped with a bucket in flight (an error during backward): the communicator is
+        // aborted, so later calls fail clearly instead of hanging.
+        let mut red = NcclOverlappedAllReduce::start(c, &plan, ReduceOp::Sum, &mut buf).unwrap();
+        for i in (0..params.len()).rev().take(2) {
+            red.ready(&buf, i).unwrap();
+        }
+        drop(red);
+        let e = c.barrier().unwrap_err();
+        assert!(matches!(&e, Error::Poisoned { reason, .. } if reason.contains("abandoned")), "rank {r}: {e}");
+    });
 }

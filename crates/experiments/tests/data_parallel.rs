@@ -42,6 +42,11 @@ fn overlapped_buckets_give_the_bits_of_one_all_reduce_after_backward() {
     let o = train(&bucketed, &["--world", "2", "--set", "train.bucket_mb=0.002"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_same_metrics(&plain, &bucketed, "2 KiB buckets vs one all-reduce");
+    // The A/B switch: the same buckets reduced after backward instead of during it.
+    let after = tmp.path().join("after");
+    let o = train(&after, &["--world", "2", "--set", "train.bucket_mb=0.002", "--set", "train.overlap_comm=false"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same_metrics(&bucketed, &after, "2 KiB buckets overlapped vs after backward");
     let o = train(&tmp.path().join("neg"), &["--set", "train.bucket_mb=-1"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("train.bucket_mb = -1: expected a size in MiB ≥ 0"));

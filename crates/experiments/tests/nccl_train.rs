@@ -86,3 +86,36 @@ fn one_gpu_through_nccl_follows_the_plain_gpu_run() {
         assert!(la.is_finite() && (la - lb).abs() <= 1e-6 * la.abs(), "step {sa}: loss {la} plain vs {lb} over NCCL");
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn one_gpu_overlapped_nccl_all_reduce_equals_the_after_backward_one_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (overlapped, after) = (tmp.path().join("overlapped"), tmp.path().join("after"));
+    // Small buckets: several per step, launched on the second stream during backward.
+    let nccl = ["--world", "1", "--device", "cuda", "--set", "train.comm=nccl", "--set", "train.bucket_mb=0.01"];
+    let o = train(&overlapped, 10, &nccl);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("overlapped with backward on a second stream"), "{}", text(&o));
+    let o = train(&after, 10, &[&nccl[..], &["--set", "train.overlap_comm=false"]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("bucket(s), after backward"), "{}", text(&o));
+    let (a, b) = (losses(&overlapped), losses(&after));
+    assert_eq!((a.len(), b.len()), (10, 10), "one metrics line per step");
+    for ((sa, la, _), (sb, lb, _)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!(la.is_finite(), "step {sa}: loss {la}");
+        assert_eq!(la.to_bits(), lb.to_bits(), "step {sa}: loss {la} overlapped vs {lb} after backward");
+    }
+    // The parameters after the last step, bit for bit (the final checkpoints).
+    let last =
+        |dir: &Path| vit_model::load_checkpoint(dir.join("step-10.safetensors"), vit_tensor::Device::Cpu).unwrap();
+    let (ca, cb) = (last(&overlapped), last(&after));
+    let names: Vec<String> = ca.params.names().map(str::to_string).collect();
+    assert!(!names.is_empty());
+    for n in &names {
+        let (x, y) = (ca.params.get(n).unwrap().to_f32_vec().unwrap(), cb.params.get(n).unwrap().to_f32_vec().unwrap());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&x), bits(&y), "parameter {n} after 10 steps: overlapped vs after backward");
+    }
+}

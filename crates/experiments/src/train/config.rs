@@ -165,6 +165,12 @@ pub struct LoopSection {
     /// backward (default 25, PyTorch DDP's); 0 = one all-reduce after backward, not overlapped.
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
+    /// Data parallel: reduce each gradient bucket while backward goes on (default true): on a
+    /// communication thread on the host backends, on a second CUDA stream over NCCL
+    /// (`vit_collective::NcclOverlappedAllReduce`). `false` reduces the same buckets after
+    /// backward (the A/B reference and the fallback; the same bits).
+    #[serde(default = "yes")]
+    pub overlap_comm: bool,
     /// Data parallel: what ranks shard. `none` (default): every rank holds and updates all
     /// parameters and optimizer state; `optimizer` (ZeRO-1): each rank keeps the optimizer state
     /// of about 1/N of the parameters and updates those alone (gradients reduce-scattered,
@@ -193,7 +199,8 @@ pub struct LoopSection {
     /// (the whole data-parallel path through NCCL on one GPU, e.g. to check it end to end).
     /// `local`: the host backend only (refused for several GPU ranks). Host tensors (losses,
     /// stop flags, statistics) always go over the host backend; with NCCL the gradients stay on
-    /// the device and are all-reduced in place, bucket by bucket (`train.bucket_mb`).
+    /// the device and are all-reduced in place, bucket by bucket (`train.bucket_mb`), on a
+    /// second stream while backward goes on (`train.overlap_comm`).
     #[serde(default)]
     pub comm: Comm,
     /// Evaluate on the test split every N steps (and at the end); 0 = only at the end.
@@ -313,6 +320,9 @@ fn default_collective_timeout() -> f64 {
 }
 fn default_bucket_mb() -> f64 {
     25.0
+}
+fn yes() -> bool {
+    true
 }
 fn one_f32() -> f32 {
     1.0

@@ -775,11 +775,31 @@ fn train_rank(
     } else {
         gradient_buckets(&params, dworld > 1 || via_nccl, cfg.train.bucket_mb)?
     };
+    // Over NCCL the buckets are reduced during backward on a second stream once that path has
+    // passed its check here (every rank gets the same verdict); after backward otherwise.
+    let overlap_on_device = match (&buckets, dp.nccl()) {
+        (Some(_), Some(nccl)) if via_nccl && cfg.train.overlap_comm => {
+            match vit_collective::NcclOverlappedAllReduce::self_check(nccl)? {
+                None => true,
+                Some(why) => {
+                    if lead {
+                        eprintln!(
+                            "warning: the overlapped NCCL gradient all-reduce is not used ({why}); the buckets are \
+                             all-reduced after backward"
+                        );
+                    }
+                    false
+                }
+            }
+        }
+        _ => false,
+    };
     if via_nccl && lead {
+        let when = if overlap_on_device { "overlapped with backward on a second stream" } else { "after backward" };
         let buckets = buckets.as_ref().map_or(1, |p| p.buckets().len());
         println!(
             "communication: NCCL {} between {world} GPU rank(s); gradients all-reduced on the device, in place, \
-             in {buckets} bucket(s)",
+             in {buckets} bucket(s), {when}",
             vit_collective::nccl_version().unwrap_or_default()
         );
     }
@@ -889,11 +909,20 @@ fn train_rank(
                 // gradient buckets to a communication thread (or all is reduced after it).
                 let micro_batches = my_labels.chunks(micro).count();
                 std::thread::scope(|scope| -> Result<(), TrainError> {
-                    // (Over NCCL the buckets are reduced in place after backward instead: NCCL
-                    // runs on the compute stream, so a communication thread would not overlap.)
-                    let mut overlap = buckets.as_ref().filter(|_| !via_nccl).map(|plan| {
+                    // (Over NCCL a second stream, not a thread, overlaps the buckets' reduction.)
+                    let overlapped = buckets.as_ref().filter(|_| cfg.train.overlap_comm);
+                    let mut overlap = overlapped.filter(|_| !via_nccl).map(|plan| {
                         vit_collective::OverlappedAllReduce::start(scope, dp, plan, vit_collective::ReduceOp::Sum)
                     });
+                    let mut on_device = match (buckets.as_ref().filter(|_| overlap_on_device), dp.nccl()) {
+                        (Some(plan), Some(nccl)) => Some(vit_collective::NcclOverlappedAllReduce::start(
+                            nccl,
+                            plan,
+                            vit_collective::ReduceOp::Sum,
+                            grads.buffer_mut(0),
+                        )?),
+                        _ => None,
+                    };
                     for (j, labels) in my_labels.chunks(micro).enumerate() {
                         let (x, t) = micro_inputs(j, labels)?;
                         let seed = moe_log::noise_seed(cfg.train.seed, step, first_row + j * micro);
@@ -904,6 +933,12 @@ fn train_rank(
                                     if let Some(i) = g.position(n) {
                                         o.ready(g.buffer(0), i);
                                     }
+                                }
+                            }
+                            if let (Some(o), true) = (on_device.as_mut(), j + 1 == micro_batches) {
+                                for i in names.iter().filter_map(|n| g.position(n)) {
+                                    // An error is kept and returned by `finish`.
+                                    let _ = o.ready(g.buffer(0), i);
                                 }
                             }
                         };
@@ -924,6 +959,10 @@ fn train_rank(
                         };
                     }
                     // The global batch's gradient: the sum of every rank's part.
+                    if let Some(o) = on_device {
+                        o.finish(grads.buffer_mut(0))?;
+                        return Ok(());
+                    }
                     match (overlap, &ep) {
                         (Some(o), _) => o.finish(grads.buffer_mut(0))?,
                         // The experts' gradients are complete on their rank: the rest only.

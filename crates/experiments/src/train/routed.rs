@@ -118,6 +118,9 @@ impl Communicator for Routed<'_> {
         let device = self.device.split(color, key)?;
         Ok(Box::new(Routed { host: Held::Owned(host), device }))
     }
+    fn nccl(&self) -> Option<&NcclCommunicator> {
+        self.device.nccl()
+    }
     fn all_reduce_in_place(&self, buffer: &mut Tensor, ranges: &[Range<usize>], op: ReduceOp) -> Result<()> {
         match buffer.device() {
             Device::Cpu => self.host.get().all_reduce_in_place(buffer, ranges, op),

@@ -496,6 +496,46 @@ pub fn stream(device: Device) -> Result<Arc<cudarc::driver::CudaStream>> {
     Ok(backend_for("stream", device)?.stream.clone())
 }
 
+/// The communication stream of CUDA `device`: a second non-blocking stream of the device's
+/// context, made once on first use (by forking the compute stream, [`stream`]), for NCCL work
+/// that overlaps the compute stream's (the data-parallel gradient all-reduce during backward).
+///
+/// Nothing orders it with the compute stream by itself (event tracking is off): its users make
+/// it wait for the compute stream before reading what that wrote ([`comm_waits_for_compute`]),
+/// keep the memory it uses alive and unwritten until the compute stream has waited for it
+/// ([`compute_waits_for_comm`]), and allocate its own scratch memory on it (the rules are
+/// documented at `CudaBackend::comm` in `vit_tensor::cuda`).
+pub fn comm_stream(device: Device) -> Result<Arc<cudarc::driver::CudaStream>> {
+    let backend = backend_for("comm_stream", device)?;
+    if let Some(s) = backend.comm.get() {
+        return Ok(s.clone());
+    }
+    let made = backend.stream.fork().map_err(cuda_err)?;
+    // Two threads racing here both fork; one stream is kept, the other dropped unused.
+    Ok(backend.comm.get_or_init(|| made).clone())
+}
+
+/// Makes the communication stream of CUDA `device` ([`comm_stream`]) wait, on the device (the
+/// host does not block), for everything queued on its compute stream so far: an event recorded
+/// on the compute stream, waited for by the communication stream. Work queued on the
+/// communication stream afterwards sees every earlier write of the compute stream.
+pub fn comm_waits_for_compute(device: Device) -> Result<()> {
+    let backend = backend_for("comm_waits_for_compute", device)?;
+    comm_stream(device)?.join(&backend.stream).map_err(cuda_err)
+}
+
+/// Makes the compute stream of CUDA `device` wait, on the device (the host does not block), for
+/// everything queued on its communication stream so far ([`comm_stream`]): every op queued on
+/// the compute stream afterwards sees the communication stream's results, and may then write or
+/// free the memory it used. Returns the event recorded on the communication stream, which the
+/// caller may poll from the host (`CudaEvent::try_is_complete`).
+pub fn compute_waits_for_comm(device: Device) -> Result<cudarc::driver::CudaEvent> {
+    let backend = backend_for("compute_waits_for_comm", device)?;
+    let event = comm_stream(device)?.record_event(None).map_err(cuda_err)?;
+    backend.stream.wait(&event).map_err(cuda_err)?;
+    Ok(event)
+}
+
 /// A tensor of `shape` and `dtype` on CUDA `device` whose elements are not initialised (no
 /// memset): for outputs a kernel writes completely.
 ///
@@ -541,6 +581,10 @@ mod tests {
         let t = Tensor::zeros([4], DType::F32, Device::Cpu).unwrap();
         assert!(matches!(device_ptr(&t), Err(Error::Device { op: "device_ptr", .. })));
         assert!(matches!(copy(&t), Err(Error::Device { op: "copy", .. })));
+        let e = comm_stream(Device::Cpu).unwrap_err();
+        assert!(matches!(&e, Error::Value { op: "comm_stream", .. }) && e.to_string().contains("got cpu"), "{e}");
+        assert!(matches!(comm_waits_for_compute(Device::Cpu), Err(Error::Value { op: "comm_waits_for_compute", .. })));
+        assert!(matches!(compute_waits_for_comm(Device::Cpu), Err(Error::Value { op: "compute_waits_for_comm", .. })));
     }
 
     #[test]

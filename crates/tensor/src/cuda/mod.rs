@@ -63,6 +63,21 @@ pub(crate) fn cuda_err(e: impl std::fmt::Debug) -> Error {
 pub(crate) struct CudaBackend {
     pub(crate) ordinal: usize,
     pub(crate) stream: Arc<CudaStream>,
+    /// The communication stream ([`kernel::comm_stream`]), made on first use.
+    ///
+    /// Stream discipline: everything of this device (ops, copies, allocations and frees of the
+    /// stream-ordered pool) runs on `stream`, and cudarc's per-allocation event tracking is off
+    /// (see [`backend`]), so nothing orders other streams with it automatically. Work on the
+    /// communication stream (NCCL's gradient all-reduce, overlapped with backward) follows these
+    /// rules, which its users uphold:
+    /// - before it reads memory that `stream` wrote, it waits for an event recorded on `stream`
+    ///   after the write ([`kernel::comm_waits_for_compute`]);
+    /// - memory it reads or writes stays allocated (no tensor dropped, so no stream-ordered
+    ///   free on `stream` may hand it out again) and unwritten by `stream` until `stream` has
+    ///   waited for an event recorded on it after that work ([`kernel::compute_waits_for_comm`]);
+    ///   in particular, `stream` waits for it before anything (the optimizer) reads its results;
+    /// - it allocates nothing from tensors: its own scratch memory is allocated and freed on it.
+    comm: OnceLock<Arc<CudaStream>>,
     /// `sm_90a` on Hopper, `sm_XY` otherwise (design §4).
     pub(crate) arch: String,
     /// Loaded modules by (address, length) of their static source text.
@@ -105,6 +120,7 @@ pub(crate) fn backend(ordinal: usize) -> Result<Arc<CudaBackend>> {
     let b = Arc::new(CudaBackend {
         ordinal,
         stream,
+        comm: OnceLock::new(),
         arch,
         modules: Mutex::new(HashMap::new()),
         blas: OnceLock::new(),
