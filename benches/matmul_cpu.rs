@@ -8,11 +8,18 @@ use criterion::{criterion_group, Criterion, Throughput};
 use std::hint::black_box;
 use vit_tensor::{cpu::gemm_f32, ops, DType, Device, Tensor};
 
-/// `[m, k] x [k, n]` shapes: square, and ViT-like linear layers on a small batch of tokens.
+/// `[m, k] x [k, n]` shapes: square, ViT-like linear layers on a small batch of tokens, and
+/// the four linear layers of ViT-B/16's forward at batch 8 (1,576 tokens; the shapes of `vit
+/// bench infer --model B/16 --batch 8`, compared with PyTorch's `torch.matmul` at the same
+/// shapes by `benches/reference/matmul_torch_cpu.py`).
 const SHAPES: &[(&str, usize, usize, usize)] = &[
     ("square 256", 256, 256, 256),
     ("S/16 qkv, 4x197 tokens", 788, 1152, 384),
     ("Ti/16 fc1, 8x197 tokens", 1576, 768, 192),
+    ("B/16 qkv, 8x197 tokens", 1576, 2304, 768),
+    ("B/16 proj, 8x197 tokens", 1576, 768, 768),
+    ("B/16 fc1, 8x197 tokens", 1576, 3072, 768),
+    ("B/16 fc2, 8x197 tokens", 1576, 768, 3072),
 ];
 
 fn naive(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) {
