@@ -50,7 +50,8 @@ fn same_bits(what: &str, a: &ParamStore, b: &ParamStore) {
         let y = b.get(n).unwrap();
         assert_eq!(x.dtype(), y.dtype(), "{what}: {n} dtype");
         let (xb, yb) = (x.to_bytes().unwrap(), y.to_bytes().unwrap());
-        let diff = xb.chunks(x.dtype().size_in_bytes()).zip(yb.chunks(y.dtype().size_in_bytes())).filter(|(p, q)| p != q);
+        let diff =
+            xb.chunks(x.dtype().size_in_bytes()).zip(yb.chunks(y.dtype().size_in_bytes())).filter(|(p, q)| p != q);
         assert_eq!(diff.count(), 0, "{what}: {n} differs from the host-sync step");
     }
 }
@@ -98,7 +99,11 @@ fn agree(name: &str, algorithm: Algorithm, clip: Option<f64>, compute: Option<DT
 }
 
 fn factored() -> Algorithm {
-    Algorithm::FactoredAdam(FactoredAdamConfig { momentum: Some(0.9), momentum_dtype: DType::BF16, ..Default::default() })
+    Algorithm::FactoredAdam(FactoredAdamConfig {
+        momentum: Some(0.9),
+        momentum_dtype: DType::BF16,
+        ..Default::default()
+    })
 }
 
 fn adamw() -> Algorithm {

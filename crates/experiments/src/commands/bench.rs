@@ -15,7 +15,9 @@
 
 use super::{model_config, CliError};
 use std::time::Instant;
-use vit_experiments::train::{config::LossKind, device_steps::DeviceSteps, micro_batch_grads, micro_batch_grads_device};
+use vit_experiments::train::{
+    config::LossKind, device_steps::DeviceSteps, micro_batch_grads, micro_batch_grads_device,
+};
 use vit_model::{ModelConfig, VisionTransformer};
 use vit_optim::{AdamWConfig, Algorithm, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups};
 use vit_tensor::{cuda, ops, DType, Device, Tensor};

@@ -1074,7 +1074,8 @@ fn train_rank(
                         d.read(o)?
                     } else {
                         let lr = o.lr_at(step);
-                        let unread = vit_optim::StepInfo { step, grad_norm: f64::NAN, clipped: false, schedule: f64::NAN, lr };
+                        let unread =
+                            vit_optim::StepInfo { step, grad_norm: f64::NAN, clipped: false, schedule: f64::NAN, lr };
                         (f64::NAN, unread)
                     }
                 }
@@ -1286,7 +1287,8 @@ fn deferred_non_finite(
 ) -> Option<TrainError> {
     let zero::Updater::Replicated(o) = opt else { return None };
     let d = dev.as_ref()?;
-    let deferred = matches!(error, TrainError::NonFiniteLoss { .. } | TrainError::Optim(vit_optim::OptimError::NonFinite { .. }));
+    let deferred =
+        matches!(error, TrainError::NonFiniteLoss { .. } | TrainError::Optim(vit_optim::OptimError::NonFinite { .. }));
     if !deferred {
         return None;
     }

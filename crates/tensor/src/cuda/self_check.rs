@@ -121,12 +121,15 @@ const ALL_CHECKS: &[CheckEntry] = &[
 
 /// Checks of fast kernels in crates built on `vit_tensor::cuda::kernel` (e.g. vit-optim's
 /// device-side step), which [`ALL_CHECKS`] cannot name: added by [`register_check`].
-static REGISTERED: std::sync::Mutex<Vec<fn(usize) -> bool>> = std::sync::Mutex::new(Vec::new());
+static REGISTERED: std::sync::Mutex<Vec<RegisteredCheck>> = std::sync::Mutex::new(Vec::new());
+
+/// A registered check: runs one kernel's check on device `ordinal`, returns whether it passed.
+type RegisteredCheck = fn(usize) -> bool;
 
 /// Adds `check` (given a device ordinal; runs its kernel's check through
 /// `kernel::fast_kernel_ok` and returns whether it passed) to those [`check_all`] runs. A
 /// function registered twice runs once.
-pub fn register_check(check: fn(usize) -> bool) {
+pub fn register_check(check: RegisteredCheck) {
     let mut list = REGISTERED.lock().expect("self-check registry poisoned");
     if !list.iter().any(|&c| std::ptr::fn_addr_eq(c, check)) {
         list.push(check);
