@@ -65,6 +65,22 @@
 // with it the clipping factor, agrees with the CPU's to ~1e-15: f64 adds are free here (the
 // kernel is bound by reading the gradients; H100 and A100 run f64 at half the f32 rate).
 //
+// Device-side step status (no host round trip in a step; crates/optim/src/cuda/device_step.rs).
+// A `StepStatus` (below) lives in device memory for a whole run. Per step:
+//   loss_accumulate(x, st)                 st.loss_acc += (double)x[0] (one micro-batch's loss sum)
+//   sum_squares_dev(descs, starts, count, partial, st)
+//       sum_squares, and the first tensor (in table order) with a non-finite partial goes to
+//       st.bad_tensor (atomicMin) while no earlier step was bad
+//   step_status_finalize(partial, blocks, st, max_norm, clip_on, t)
+//       the fold of sum_squares_finalize (same threads, same order: the same bits), then in
+//       double precision, as the host does: norm = sqrt(Σ), clip_scale = clip_on && norm >
+//       max_norm ? (float)(max_norm / norm) : 1; loss = loss_acc, loss_acc = 0; a non-finite
+//       norm or loss marks step t as the first bad one (sticky), and `skip` is set from then on.
+//   *_step_dev, factored_stats_dev, factored_finalize_dev: the step kernels with clip_scale read
+//       from st (schedule still by value) that return at once when st.skip (parameters, moments
+//       and statistics untouched); the step kernels also write the new parameter rounded to a
+//       compute dtype when the parallel CopyDesc table gives a pointer (the bf16/f16 compute copy).
+//
 // Precision: all arithmetic of the update is exact IEEE f32 with the operation order of the CPU
 // reference (__fmul_rn/__fadd_rn/__fdiv_rn/__fsqrt_rn, never contracted into FMA), so given the
 // same inputs and scalars a step reproduces the CPU step bit for bit. The factored means
@@ -147,6 +163,32 @@ struct StepScalars {
     float clip_scale;  // every gradient is multiplied by this first
 };
 static_assert(sizeof(StepScalars) == 8, "StepScalars is mirrored in crates/optim/src/cuda/mod.rs");
+
+// The device-side status of a run's steps (80 bytes; mirrored in crates/optim/src/cuda/device_step.rs).
+struct StepStatus {
+    double loss_acc;      // Σ of the micro-batch loss sums of the step in progress
+    double loss;          // the last finalized step's loss sum
+    double sum_sq;        // the last finalized step's Σ g²
+    double norm;          // sqrt(sum_sq)
+    double bad_loss;      // loss sum and norm of the first bad step
+    double bad_norm;
+    long long steps;      // steps finalized (the optimizer count t + 1 of the last)
+    long long first_bad;  // the first step t whose norm or loss was not finite, -1 for none
+    float clip_scale;     // the last finalized step's clip factor (1 without clipping)
+    int skip;             // 1 once a step was bad: every later step kernel returns at once
+    int bad_tensor;       // the first bad step's first tensor (table order) with a non-finite value;
+                          // INT_MAX (0x7fffffff) when none was found
+    int pad;
+};
+static_assert(sizeof(StepStatus) == 80, "StepStatus is mirrored in crates/optim/src/cuda/device_step.rs");
+
+// Where a step kernel also writes the new parameter, rounded to `dt` (16 bytes; `out` null for
+// none; mirrored in device_step.rs). Entry t belongs to descriptor t.
+struct CopyDesc {
+    void* out;
+    int dt, pad;
+};
+static_assert(sizeof(CopyDesc) == 16, "CopyDesc is mirrored in crates/optim/src/cuda/device_step.rs");
 
 // AdamW: m = c1·g + b1·m, v = c2·(g·g) + b2·v, d = (m / bc1) / (sqrt(v / bc2) + eps).
 struct AdamWCoefficients {
@@ -289,9 +331,9 @@ __device__ __forceinline__ void factor_index(const StepDesc& d, long long i, lon
 }
 
 // KIND's coefficients: AdamWCoefficients, SgdCoefficients or FactoredAdamCoefficients.
-template <int KIND, class Coefficients>
+template <int KIND, bool COPY, class Coefficients>
 __device__ __forceinline__ void step_group(const StepDesc& d, long long i0, const StepScalars& s,
-                                           const Coefficients& c) {
+                                           const Coefficients& c, const CopyDesc* copy) {
     const int cnt = (int)min(4ll, d.n - i0);
     const bool vec = (d.flags & F_VEC) && cnt == 4;
     const bool has_m = (d.flags & F_HAS_M) != 0;
@@ -361,21 +403,25 @@ __device__ __forceinline__ void step_group(const StepDesc& d, long long i0, cons
         th[j] = SUB(th[j], MUL(s.schedule, ADD(MUL(d.lr, dir), MUL(d.wd, th[j]))));
     }
     store_group(d.p_out, i0, d.p_dt, cnt, vec, th);
+    // The compute copy: its own alignment (8 bytes for 4 bf16/f16 elements) is checked here.
+    if (COPY && copy->out != nullptr)
+        store_group(copy->out, i0, copy->dt, cnt, cnt == 4 && ((unsigned long long)copy->out & 15) == 0, th);
     if (has_m) store_group(d.m_out, i0, d.m_dt, cnt, vec, m);
     if (has_v) store_group(d.v_out, i0, DT_F32, cnt, vec, v);
 }
 
-template <int KIND, class Coefficients>
+template <int KIND, bool COPY = false, class Coefficients>
 __device__ void step_impl(const StepDesc* __restrict__ descs, const long long* __restrict__ starts, int count,
-                          const StepScalars& s, const Coefficients& c) {
+                          const StepScalars& s, const Coefficients& c, const CopyDesc* copies = nullptr) {
     const int t = find_tensor(starts, count, blockIdx.x);
     const StepDesc& d = descs[t];
+    const CopyDesc* copy = COPY ? copies + t : nullptr;
     const long long base = ((long long)blockIdx.x - starts[t]) * STEP_ELEMS;
 #pragma unroll 1
     for (int it = 0; it < STEP_ELEMS / (4 * OPT_THREADS); ++it) {
         const long long i0 = base + (long long)(it * OPT_THREADS + threadIdx.x) * 4;
         if (i0 >= d.n) break;
-        step_group<KIND>(d, i0, s, c);
+        step_group<KIND, COPY>(d, i0, s, c, copy);
     }
 }
 
@@ -395,6 +441,38 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
     factored_adam_step(const StepDesc* __restrict__ descs, const long long* __restrict__ starts, int count,
                        StepScalars s, FactoredAdamCoefficients c) {
     step_impl<KIND_FACTORED>(descs, starts, count, s, c);
+}
+
+// The device-status variants: clip_scale from st, nothing written once st->skip.
+__device__ __forceinline__ StepScalars status_scalars(float schedule, const StepStatus* st) {
+    StepScalars s;
+    s.schedule = schedule;
+    s.clip_scale = st->clip_scale;
+    return s;
+}
+
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    adamw_step_dev(const StepDesc* __restrict__ descs, const long long* __restrict__ starts, int count,
+                   const CopyDesc* __restrict__ copies, const StepStatus* __restrict__ st, float schedule,
+                   AdamWCoefficients c) {
+    if (st->skip) return;
+    step_impl<KIND_ADAMW, true>(descs, starts, count, status_scalars(schedule, st), c, copies);
+}
+
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    sgd_step_dev(const StepDesc* __restrict__ descs, const long long* __restrict__ starts, int count,
+                 const CopyDesc* __restrict__ copies, const StepStatus* __restrict__ st, float schedule,
+                 SgdCoefficients c) {
+    if (st->skip) return;
+    step_impl<KIND_SGD, true>(descs, starts, count, status_scalars(schedule, st), c, copies);
+}
+
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    factored_adam_step_dev(const StepDesc* __restrict__ descs, const long long* __restrict__ starts, int count,
+                           const CopyDesc* __restrict__ copies, const StepStatus* __restrict__ st, float schedule,
+                           FactoredAdamCoefficients c) {
+    if (st->skip) return;
+    step_impl<KIND_FACTORED, true>(descs, starts, count, status_scalars(schedule, st), c, copies);
 }
 
 // ---------------------------------------------------------------- factored statistics
@@ -486,6 +564,22 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
     }
 }
 
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    factored_stats_dev(const FactoredDesc* __restrict__ descs, const long long* __restrict__ starts, int count,
+                       const StepStatus* __restrict__ st, float eps) {
+    if (st->skip) return;
+    const float clip = st->clip_scale;
+    const int t = find_tensor(starts, count, blockIdx.x);
+    const FactoredDesc& d = descs[t];
+    const long long lb = (long long)blockIdx.x - starts[t];
+    if (lb < d.tile_blocks) {
+        stats_tile(d, lb, clip, eps);
+    } else {
+        const long long l = (lb - d.tile_blocks) * OPT_THREADS + threadIdx.x;
+        if (l < d.P * d.A * d.Q * d.R) stats_line(d, l, clip, eps);
+    }
+}
+
 // Sum over the tiles of entry e of S_a (a_side) or S_b.
 __device__ __forceinline__ double fold_partials(const FactoredDesc& d, bool a_side, long long e) {
     const long long C = d.B * d.R;
@@ -497,9 +591,9 @@ __device__ __forceinline__ double fold_partials(const FactoredDesc& d, bool a_si
     return s;
 }
 
-extern "C" __global__ void __launch_bounds__(OPT_THREADS)
-    factored_finalize(const FactoredDesc* __restrict__ descs, const long long* __restrict__ starts, int count,
-                      float beta2, float c2) {
+__device__ __forceinline__ void factored_finalize_impl(const FactoredDesc* __restrict__ descs,
+                                                       const long long* __restrict__ starts, int count, float beta2,
+                                                       float c2) {
     const int t = find_tensor(starts, count, blockIdx.x);
     const FactoredDesc& d = descs[t];
     const long long lb = (long long)blockIdx.x - starts[t];
@@ -520,6 +614,21 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
         d.vc_out[e] = v;
         d.cf[e] = DIV(1.f, SQRT(v));
     }
+}
+
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    factored_finalize(const FactoredDesc* __restrict__ descs, const long long* __restrict__ starts, int count,
+                      float beta2, float c2) {
+    factored_finalize_impl(descs, starts, count, beta2, c2);
+}
+
+// The in-place statistics are written here: skipped once st->skip (factored_rowmean writes
+// scratch factors only and needs no variant).
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    factored_finalize_dev(const FactoredDesc* __restrict__ descs, const long long* __restrict__ starts, int count,
+                          const StepStatus* __restrict__ st, float beta2, float c2) {
+    if (st->skip) return;
+    factored_finalize_impl(descs, starts, count, beta2, c2);
 }
 
 // Block s = slice (p, q, r) of v_row: entry k of the slice (k < n1, n1 the size of d1) is
@@ -549,9 +658,10 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
 
 // ---------------------------------------------------------------- global sum of squares
 
-extern "C" __global__ void __launch_bounds__(OPT_THREADS)
-    sum_squares(const SqDesc* __restrict__ descs, const long long* __restrict__ starts, int count, double* partial) {
-    const int t = find_tensor(starts, count, blockIdx.x);
+// Block b's Σ x² (every thread gets it).
+__device__ __forceinline__ double sum_squares_block(const SqDesc* __restrict__ descs,
+                                                    const long long* __restrict__ starts, int count, int& t) {
+    t = find_tensor(starts, count, blockIdx.x);
     const SqDesc& d = descs[t];
     const long long base = ((long long)blockIdx.x - starts[t]) * STEP_ELEMS;
     double acc = 0.0;
@@ -565,14 +675,66 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc += (double)x[j] * (double)x[j];  // exact squares; x[j] = 0 beyond cnt
     }
-    acc = block_sum(acc);
+    return block_sum(acc);
+}
+
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    sum_squares(const SqDesc* __restrict__ descs, const long long* __restrict__ starts, int count, double* partial) {
+    int t;
+    const double acc = sum_squares_block(descs, starts, count, t);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// sum_squares, and (while no earlier step was bad) the first tensor with a non-finite partial
+// into st->bad_tensor.
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    sum_squares_dev(const SqDesc* __restrict__ descs, const long long* __restrict__ starts, int count, double* partial,
+                    StepStatus* st) {
+    int t;
+    const double acc = sum_squares_block(descs, starts, count, t);
+    if (threadIdx.x == 0) {
+        partial[blockIdx.x] = acc;
+        if (!isfinite(acc) && st->first_bad < 0) atomicMin(&st->bad_tensor, t);
+    }
+}
+
+// The fold of the partials: blockDim.x threads, a fixed order (deterministic).
+__device__ __forceinline__ double fold_sum_partials(const double* partial, long long blocks) {
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < blocks; i += blockDim.x) acc += partial[i];
+    return block_sum(acc);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
     sum_squares_finalize(const double* partial, long long blocks, double* out) {
-    double acc = 0.0;
-    for (long long i = threadIdx.x; i < blocks; i += blockDim.x) acc += partial[i];
-    acc = block_sum(acc);
+    const double acc = fold_sum_partials(partial, blocks);
     if (threadIdx.x == 0) out[0] = acc;
+}
+
+// See the header: the norm and clip factor of step t, and the loss, kept on the device. Launched
+// like sum_squares_finalize (one block of FINALIZE_THREADS), so the sum has the same bits.
+extern "C" __global__ void __launch_bounds__(1024)
+    step_status_finalize(const double* partial, long long blocks, StepStatus* st, double max_norm, int clip_on,
+                         long long t) {
+    const double sq = fold_sum_partials(partial, blocks);
+    if (threadIdx.x != 0) return;
+    const double norm = __dsqrt_rn(sq);
+    const double loss = st->loss_acc;
+    st->loss = loss;
+    st->loss_acc = 0.0;
+    st->sum_sq = sq;
+    st->norm = norm;
+    st->steps = t + 1;
+    if ((!isfinite(norm) || !isfinite(loss)) && st->first_bad < 0) {
+        st->first_bad = t;
+        st->bad_loss = loss;
+        st->bad_norm = norm;
+    }
+    st->skip = st->first_bad >= 0 ? 1 : 0;
+    st->clip_scale = (clip_on && norm > max_norm) ? __double2float_rn(__ddiv_rn(max_norm, norm)) : 1.f;
+}
+
+// st->loss_acc += x[0] (a micro-batch's loss sum, f32), in f64 like the host's sum.
+extern "C" __global__ void loss_accumulate(const float* x, StepStatus* st) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) st->loss_acc += (double)x[0];
 }

@@ -13,7 +13,7 @@ bin=.gpu-bin
 # the device tool's 64 MiB carry limit. Only their ignored tests ("needs a CUDA device") run
 # here: the others are CI's, and the compile checks in them need CI's pinned NVRTC wheel (the
 # CUDA 13.0 toolkit's libnvrtc on the GPU host gives no ptxas report for sm_90a).
-gpu_tests="cuda_ops cuda_layout cuda_linear cuda_model cuda_optim cuda_kernel checkpoint cuda_flash_attention cuda_fused cuda_moe_routing moe_device nccl_suite nccl_train"
+gpu_tests="cuda_ops cuda_layout cuda_linear cuda_model cuda_optim cuda_device_step device_steps cuda_kernel checkpoint cuda_flash_attention cuda_fused cuda_moe_routing moe_device nccl_suite nccl_train"
 gpu_benches="gemm_cuda optim_cuda attention_cuda norm_cuda allreduce_nccl"
 references="gemm_torch sdpa"
 if [ "${1:-}" = "--build" ]; then

@@ -6,8 +6,9 @@
 //! Kinds: `loader_panic_at_step=N` (a loader worker panics while making batch N),
 //! `train_panic_at_step=N` (the training loop panics in step N; read by `vit train`),
 //! `train_stall_at_step=N` with `stall_seconds=K` (the training loop sleeps K seconds in step
-//! N: a rank far behind the others), and `fault_rank=R` (under data parallelism, only rank R
-//! panics or stalls).
+//! N: a rank far behind the others), `train_nan_grad_at_step=N` (a NaN in the first gradient
+//! of step N: the non-finite paths of `vit train`), and `fault_rank=R` (under data parallelism,
+//! only rank R panics or stalls).
 
 use std::sync::OnceLock;
 

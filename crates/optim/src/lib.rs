@@ -51,7 +51,7 @@ pub use factored::{factored_dims, factored_update, factored_update_sharded, Fact
 pub use groups::{CompiledGroups, ParamGroups, ParamSettings, SCALING_VIT_WD_MULTS};
 pub use memory::{optimizer_state_bytes, optimizer_state_bytes_split};
 pub use optimizer::{
-    AdamWConfig, Algorithm, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, SgdConfig, StepInfo,
-    STATE_COUNT, STATE_M, STATE_V, STATE_V_COL, STATE_V_ROW,
+    AdamWConfig, Algorithm, DeviceStep, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, SgdConfig,
+    StepInfo, STATE_COUNT, STATE_M, STATE_V, STATE_V_COL, STATE_V_ROW,
 };
 pub use schedule::{adafactor_beta2, Decay, Schedule};

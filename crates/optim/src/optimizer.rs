@@ -51,7 +51,8 @@
 //! from `get`) is copied first, so such a tensor keeps its values.
 
 use crate::cuda::{
-    self as fused, AdamWCoefficients, FactoredAdamCoefficients, ParamStep, SecondMoment, StepKind, StepScalars,
+    self as fused, AdamWCoefficients, CopyOut, FactoredAdamCoefficients, ParamStep, SecondMoment, StepKind,
+    StepScalars, StepStatus, StepStatusValues,
 };
 use crate::{
     adafactor_beta2, clip::sum_of_squares, factored_dims, factored_update, factored_update_sharded, CompiledGroups,
@@ -672,13 +673,19 @@ impl OptimizerChain {
         params: &mut ParamStore,
         grads: &[Option<Tensor>],
         t: u64,
-        scalars: StepScalars,
+        scalars: DeviceScalars<'_>,
     ) -> Result<(), OptimError> {
         // The kernel writes through the buffers' device pointers: first give every buffer on
         // this device a storage of its own (copy-on-write of one still shared with tensors
         // handed out before, which keep their values).
         let device = Device::Cuda(ordinal);
-        for store in [&mut *params, &mut self.state] {
+        let (scalars, mut compute) = match scalars {
+            DeviceScalars::Host(s) => (DeviceScalars::Host(s), None),
+            DeviceScalars::Status { schedule, max_norm, status, compute } => {
+                (DeviceScalars::Status { schedule, max_norm, status, compute: None }, compute)
+            }
+        };
+        for store in [Some(&mut *params), Some(&mut self.state), compute.as_deref_mut()].into_iter().flatten() {
             for b in 0..store.buffers().len() {
                 if store.buffer(b).device() == device {
                     store.buffer_mut(b).make_unique()?;
@@ -719,9 +726,153 @@ impl OptimizerChain {
         };
         // SAFETY: the buffers behind these views were made unique above, so the only other
         // tensors sharing them are the stores' own views (which must see the new values); the
-        // entries of a store never overlap.
-        unsafe { fused::step_in_place(&steps, kind, scalars)? };
+        // entries of a store never overlap, and the compute copies are a store of their own.
+        match scalars {
+            DeviceScalars::Host(s) => unsafe { fused::step_in_place(&steps, kind, s)? },
+            DeviceScalars::Status { schedule, max_norm, status, .. } => {
+                let compute = compute.as_deref();
+                let copies: Vec<CopyOut<'_>> = list
+                    .iter()
+                    .map(|&i| compute.map(|c| c.get(&self.slots[i].name)).transpose())
+                    .collect::<Result<_, _>>()?;
+                unsafe { fused::step_in_place_dev(&steps, kind, schedule, max_norm, t, status, &copies)? }
+            }
+        }
         Ok(())
+    }
+}
+
+/// Where a device step takes its clip factor from.
+enum DeviceScalars<'a> {
+    /// Computed on the host (after reading the gradients' sum of squares).
+    Host(StepScalars),
+    /// Computed on the device into `status` ([`fused::step_in_place_dev`]), with the compute
+    /// copies written into `compute` (a store with the parameters' names and shapes).
+    Status { schedule: f32, max_norm: Option<f64>, status: &'a mut StepStatus, compute: Option<&'a mut ParamStore> },
+}
+
+/// What [`OptimizerChain::step_on_device`] did; the gradient norm, the clip decision and the
+/// non-finite check stay on the device in its [`StepStatus`] (read them with
+/// [`OptimizerChain::step_info`] and [`OptimizerChain::non_finite`] when needed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceStep {
+    /// The step just queued: the count before it (0 for the first).
+    pub step: u64,
+    /// `schedule(step)`.
+    pub schedule: f64,
+    /// The base learning rate times the schedule.
+    pub lr: f64,
+}
+
+impl OptimizerChain {
+    /// Whether [`OptimizerChain::step_on_device`] can run this optimizer on CUDA `device`: every
+    /// trainable parameter lives there and none is split over ranks.
+    pub fn runs_on_device(&self, device: Device) -> bool {
+        matches!(device, Device::Cuda(_))
+            && self.slots.iter().filter(|s| !s.settings.frozen).all(|s| s.device == device && s.shard.is_none())
+            && self.slots.iter().any(|s| !s.settings.frozen)
+    }
+
+    /// [`Optimizer::step`] with no host read (issue 14 item 6): the gradients' norm, the clip
+    /// factor and the non-finite check are computed on the device into `status` (with the loss
+    /// summed there by [`StepStatus::add_loss`]), and the fused step reads them there. A step
+    /// whose norm or loss is not finite — or any step after one — changes nothing (parameters,
+    /// moments, statistics); unlike [`Optimizer::step`], it returns `Ok` then, and the caller
+    /// finds it when it reads the status ([`OptimizerChain::non_finite`]). The step counter
+    /// advances either way. With `compute`, a store of the parameters' names and shapes on the
+    /// device (e.g. their bf16 cast), the new parameters are also written into it, rounded to its
+    /// dtype: the next forward's compute copy without a cast.
+    ///
+    /// Needs [`OptimizerChain::runs_on_device`] for `status`'s device (an error otherwise) and
+    /// gives the bits of [`Optimizer::step`] when no step was bad. Callers should first ask
+    /// [`crate::cuda::device_step_ok`] (the self-check) and use [`Optimizer::step`] when it
+    /// says no.
+    pub fn step_on_device(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &ParamStore,
+        status: &mut StepStatus,
+        compute: Option<&mut ParamStore>,
+    ) -> Result<DeviceStep, OptimError> {
+        let device = status.device();
+        let Device::Cuda(ordinal) = device else {
+            return Err(OptimError::Param { name: "(all)".into(), msg: "a device step needs a CUDA status".into() });
+        };
+        if !self.runs_on_device(device) {
+            return Err(OptimError::Param {
+                name: "(all)".into(),
+                msg: format!(
+                    "a device step needs every trainable parameter on {device} and none split over ranks; use step"
+                ),
+            });
+        }
+        let gs = self.check_inputs(params, grads)?;
+        if let Some(c) = compute.as_deref() {
+            for slot in self.slots.iter().filter(|s| !s.settings.frozen) {
+                let t = c.get(&slot.name).map_err(|_| OptimError::Param {
+                    name: slot.name.clone(),
+                    msg: "missing from the compute copy given to step_on_device".into(),
+                })?;
+                if t.dims() != slot.dims.as_slice() || t.device() != device {
+                    return Err(OptimError::Param {
+                        name: slot.name.clone(),
+                        msg: format!(
+                            "compute copy {:?} on {}: expected {:?} on {device}",
+                            t.dims(),
+                            t.device(),
+                            slot.dims
+                        ),
+                    });
+                }
+            }
+        }
+        let t = self.count;
+        let mut list = Vec::new();
+        let mut on_device: Vec<Option<Tensor>> = vec![None; self.slots.len()];
+        for (i, g) in gs.iter().enumerate() {
+            if let Some(g) = g {
+                on_device[i] = Some(g.to_device(device)?);
+                list.push(i);
+            }
+        }
+        let schedule = self.config.schedule.factor(t);
+        let scalars =
+            DeviceScalars::Status { schedule: schedule as f32, max_norm: self.config.grad_clip_norm, status, compute };
+        self.device_step(ordinal, &list, params, &on_device, t, scalars)?;
+        self.count += 1;
+        Ok(DeviceStep { step: t, schedule, lr: self.config.lr * schedule })
+    }
+
+    /// What the last step finalized in a status did, as [`Optimizer::step`] reports it (the
+    /// values of a [`StepStatus::read`]).
+    pub fn step_info(&self, status: &StepStatusValues) -> StepInfo {
+        let step = status.steps.max(1) as u64 - 1;
+        let schedule = self.config.schedule.factor(step);
+        StepInfo {
+            step,
+            grad_norm: status.norm,
+            clipped: status.clipped(self.config.grad_clip_norm),
+            schedule,
+            lr: self.config.lr * schedule,
+        }
+    }
+
+    /// The error [`Optimizer::step`] would have returned at the first step whose gradient norm
+    /// was not finite, as `status` kept it ([`OptimError::NonFinite`] naming that step and the
+    /// first parameter whose gradient held a non-finite value); `None` when no step was bad or
+    /// only the loss was (the trainer reports that one). The parameters and state are those from
+    /// before that step.
+    pub fn non_finite(&self, status: &StepStatusValues) -> Option<OptimError> {
+        let bad = status.first_bad()?;
+        if bad.norm.is_finite() {
+            return None;
+        }
+        let trainable: Vec<&Slot> = self.slots.iter().filter(|s| !s.settings.frozen).collect();
+        let name = match bad.tensor.and_then(|i| trainable.get(i)) {
+            Some(slot) => slot.name.clone(),
+            None => "(the gradients' sum of squares overflowed)".into(),
+        };
+        Some(OptimError::NonFinite { name, norm: bad.norm, step: bad.step })
     }
 }
 
@@ -903,7 +1054,7 @@ impl OptimizerChain {
         // Host values are written after every device step has launched, so an error in one
         // (a launch failure) leaves the host parameters untouched.
         for (ordinal, list) in &devices {
-            self.device_step(*ordinal, list, params, &on_device, t, scalars)?;
+            self.device_step(*ordinal, list, params, &on_device, t, DeviceScalars::Host(scalars))?;
         }
         for (i, theta) in host_params {
             let at = params.position(&self.slots[i].name).expect("checked by check_inputs");

@@ -15,7 +15,9 @@
 
 use super::{model_config, CliError};
 use std::time::Instant;
-use vit_experiments::train::{config::LossKind, micro_batch_grads};
+use vit_experiments::train::{
+    config::LossKind, device_steps::DeviceSteps, micro_batch_grads, micro_batch_grads_device,
+};
 use vit_model::{ModelConfig, VisionTransformer};
 use vit_optim::{AdamWConfig, Algorithm, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups};
 use vit_tensor::{cuda, ops, DType, Device, Tensor};
@@ -108,6 +110,14 @@ struct Report {
     peak_tflops: Option<f64>,
     /// The most device bytes in live allocations during the steps (CUDA only).
     peak_memory_bytes: Option<u64>,
+    /// Device-to-host reads per timed step (`vit_tensor::cuda::host_reads`; CUDA only): each
+    /// waits for the device, so each leaves the GPU idle while the host queues the next work.
+    host_reads_per_step: Option<f64>,
+    /// The training step's path: `device-status` (loss, norm, clip factor and the non-finite
+    /// check on the device, the optimizer writing the compute copy; one status read after the
+    /// last step) or `host-sync` (the loss and the gradients' norm read back every step: CPU,
+    /// a failed `device_step` self-check, or `VITRS_FAST_KERNELS_OFF=device_step`).
+    step_path: Option<&'static str>,
     /// Why the run stopped early (e.g. out of memory), when it did.
     error: Option<String>,
 }
@@ -154,6 +164,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
         mfu: None,
         peak_tflops: peak,
         peak_memory_bytes: None,
+        host_reads_per_step: None,
+        step_path: None,
         error: None,
     };
     let timed = if what == "infer" {
@@ -162,7 +174,13 @@ pub fn run(args: Args) -> Result<(), CliError> {
         time_steps(&cfg, &model, params, &a, device)
     };
     let times = match timed {
-        Ok(t) => t,
+        Ok(t) => {
+            if let Device::Cuda(_) = device {
+                report.host_reads_per_step = Some(t.host_reads as f64 / t.times.len().max(1) as f64);
+            }
+            report.step_path = t.path;
+            t.times
+        }
         Err(e) => {
             report.error = Some(e.to_string());
             Vec::new()
@@ -191,6 +209,16 @@ pub fn run(args: Args) -> Result<(), CliError> {
     }
 }
 
+/// What [`timed_steps`] measured.
+struct Timed {
+    /// Seconds of each timed step.
+    times: Vec<f64>,
+    /// Device-to-host reads during the timed steps (all of them).
+    host_reads: u64,
+    /// The training step's path (`Report::step_path`); `None` for forwards.
+    path: Option<&'static str>,
+}
+
 /// Seconds of each timed step (after `warmup` untimed ones).
 fn time_steps(
     cfg: &ModelConfig,
@@ -198,7 +226,7 @@ fn time_steps(
     mut params: vit_tensor::ParamStore,
     a: &StepArgs,
     device: Device,
-) -> Result<Vec<f64>, CliError> {
+) -> Result<Timed, CliError> {
     let algorithm = match a.optimizer.as_str() {
         "factored-adam" => Algorithm::FactoredAdam(FactoredAdamConfig::default()),
         _ => Algorithm::AdamW(AdamWConfig::default()),
@@ -216,7 +244,28 @@ fn time_steps(
         ops::one_hot(&Tensor::from_vec(labels, [a.batch], Device::Cpu)?, classes, DType::F32)?.to_device(device)?;
     // One gradient store for every step, zeroed in place, as `vit train` does.
     let mut grads = params.zeros_like(DType::F32)?;
-    timed_steps(a, device, |step| {
+    // As `vit train` on one GPU: no host read in a step where the self-check allows it.
+    if let Some(mut dev) = DeviceSteps::new(true, &opt, device, a.precision, a.batch)? {
+        let last = a.warmup + a.steps - 1;
+        let mut timed = timed_steps(a, device, |step| {
+            let cp = dev.compute_params(&params)?;
+            grads.fill_zero()?;
+            micro_batch_grads_device(model, &cp, &images, &targets, LossKind::Softmax, a.batch, &mut grads, &mut dev)?;
+            drop(cp);
+            dev.step(&mut opt, &mut params, &grads)?;
+            // The one read of the run (counted): the last step's loss, and any bad step before.
+            if step == last {
+                let (loss, _) = dev.read(&opt)?;
+                if !loss.is_finite() {
+                    return Err(CliError::Usage(format!("the loss became {loss} at step {step}")));
+                }
+            }
+            Ok(())
+        })?;
+        timed.path = Some("device-status");
+        return Ok(timed);
+    }
+    let mut timed = timed_steps(a, device, |step| {
         let cp = params.cast(a.precision)?;
         grads.fill_zero()?;
         let loss = micro_batch_grads(model, &cp, &images, &targets, LossKind::Softmax, a.batch, &mut grads)?;
@@ -226,23 +275,27 @@ fn time_steps(
             return Err(CliError::Usage(format!("the loss became {loss} at step {step}")));
         }
         Ok(())
-    })
+    })?;
+    timed.path = Some("host-sync");
+    Ok(timed)
 }
 
 /// Seconds of each of `a.steps` timed calls of `step` (given the step index), after
-/// `a.warmup` untimed ones, each synchronised with the device; the device's peak memory is
-/// counted from the first timed call.
+/// `a.warmup` untimed ones, each synchronised with the device; the device's peak memory and
+/// its device-to-host reads are counted from the first timed call.
 fn timed_steps(
     a: &StepArgs,
     device: Device,
     mut step: impl FnMut(usize) -> Result<(), CliError>,
-) -> Result<Vec<f64>, CliError> {
+) -> Result<Timed, CliError> {
     let mut times = Vec::with_capacity(a.steps);
+    let mut reads_before = cuda::host_reads();
     for i in 0..a.warmup + a.steps {
         if i == a.warmup {
             if let Device::Cuda(o) = device {
                 cuda::reset_peak_memory(o).ok();
             }
+            reads_before = cuda::host_reads();
         }
         sync(device)?;
         let t0 = Instant::now();
@@ -252,7 +305,7 @@ fn timed_steps(
             times.push(t0.elapsed().as_secs_f64());
         }
     }
-    Ok(times)
+    Ok(Timed { times, host_reads: cuda::host_reads() - reads_before, path: None })
 }
 
 /// Seconds of each timed forward pass (after `warmup` untimed ones): the parameters cast to
@@ -264,7 +317,7 @@ fn time_forwards(
     params: &vit_tensor::ParamStore,
     a: &StepArgs,
     device: Device,
-) -> Result<Vec<f64>, CliError> {
+) -> Result<Timed, CliError> {
     let cp = params.cast(a.precision)?;
     let images = synthetic_images(cfg, a, device)?;
     let mut last = None;
@@ -352,6 +405,9 @@ fn print_report(r: &Report, json: bool) -> Result<(), CliError> {
     }
     if let Some(b) = r.peak_memory_bytes {
         println!("  peak device memory {:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    }
+    if let (Some(n), Some(path)) = (r.host_reads_per_step, r.step_path) {
+        println!("  {n:.2} device-to-host reads per step ({path} step)");
     }
     if let Some(e) = &r.error {
         println!("  stopped: {e}");

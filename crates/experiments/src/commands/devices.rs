@@ -19,6 +19,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
     // The fast kernels' first-use checks (issue 14 item 7), run now on every device.
     let mut checks: Vec<(usize, &'static str, KernelStatus)> = Vec::new();
     if nvrtc.is_some() {
+        // Checks of kernels outside vit-tensor (vit-optim's device-side step).
+        vit_optim::cuda::register_self_checks();
         for ordinal in 0..cuda_devices {
             checks.extend(cuda::self_check::check_all(ordinal)?.into_iter().map(|(k, s)| (ordinal, k, s)));
         }

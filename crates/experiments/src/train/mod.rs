@@ -6,6 +6,7 @@ pub mod bad_examples;
 pub mod config;
 pub mod data;
 pub mod data_check;
+pub mod device_steps;
 pub mod evals;
 pub mod expert_parallel;
 pub mod full_shard;
@@ -298,6 +299,44 @@ pub fn micro_batch_grads_moe(
     ready: &mut dyn FnMut(&ParamStore, &[String]),
     ep: Option<&dyn vit_collective::Communicator>,
 ) -> Result<f64, TrainError> {
+    micro_batch_grads_to(model, params, x, t, loss, batch, moe, grads, ready, ep, None)
+}
+
+/// [`micro_batch_grads`] of a dense model whose loss stays on the device: the micro-batch's loss
+/// sum is added into `device`'s step status ([`device_steps::DeviceSteps`]) instead of being read
+/// back (no host round trip).
+#[allow(clippy::too_many_arguments)]
+pub fn micro_batch_grads_device(
+    model: &VisionTransformer,
+    params: &ParamStore,
+    x: &Tensor,
+    t: &Tensor,
+    loss: LossKind,
+    batch: usize,
+    grads: &mut ParamStore,
+    device: &mut device_steps::DeviceSteps,
+) -> Result<(), TrainError> {
+    micro_batch_grads_to(model, params, x, t, loss, batch, None, grads, &mut |_, _| {}, None, Some(device))?;
+    Ok(())
+}
+
+/// [`micro_batch_grads_moe`] that, with `device`, adds the micro-batch's loss sum into the
+/// device-side step status instead of reading it (returns 0 then; a dense model only: its
+/// auxiliary loss is 0).
+#[allow(clippy::too_many_arguments)]
+fn micro_batch_grads_to(
+    model: &VisionTransformer,
+    params: &ParamStore,
+    x: &Tensor,
+    t: &Tensor,
+    loss: LossKind,
+    batch: usize,
+    moe: Option<(u64, &mut moe_log::MoeLog)>,
+    grads: &mut ParamStore,
+    ready: &mut dyn FnMut(&ParamStore, &[String]),
+    ep: Option<&dyn vit_collective::Communicator>,
+    device: Option<&mut device_steps::DeviceSteps>,
+) -> Result<f64, TrainError> {
     let share = x.dims()[0] as f64 / batch as f64;
     let (logits, saved) = match moe {
         Some((seed, log)) => {
@@ -312,7 +351,13 @@ pub fn micro_batch_grads_moe(
     };
     let (losses, dlogits) = loss_and_grad(&logits, t, loss, batch)?;
     // The auxiliary loss (0 for a dense model) counts with this micro-batch's share of the batch.
-    let sum = ops::sum_all(&losses)?.to_scalar()? as f64 + saved.aux_loss() as f64 * x.dims()[0] as f64;
+    let sum = match device {
+        Some(d) => {
+            d.add_losses(&losses)?;
+            0.0
+        }
+        None => ops::sum_all(&losses)?.to_scalar()? as f64 + saved.aux_loss() as f64 * x.dims()[0] as f64,
+    };
     model.backward_notify_ep(params, &saved, &dlogits, share as f32, grads, ready, ep)?;
     Ok(sum)
 }
@@ -767,6 +812,15 @@ fn train_rank(
     // B/(N·accum).
     let (batch, micro) = (cfg.train.batch_size, cfg.train.batch_size / (dworld * cfg.train.grad_accum));
     let mut evaluator = evals::Evaluator::new(cfg, &data, batch, device)?;
+    // One CUDA device, a dense model, the replicated optimizer: steps without host reads
+    // (device_steps), the status read only when its numbers are needed.
+    let mut dev_steps = match &opt {
+        zero::Updater::Replicated(o) => {
+            let eligible = world == 1 && !full && mp.is_none() && ep.is_none() && mcfg.moe.is_none();
+            device_steps::DeviceSteps::new(eligible, o, device, dtype, batch)?
+        }
+        _ => None,
+    };
     // Sharded, each rank reduce-scatters its gradients in the update instead.
     // With a model axis, all is reduced after backward (the stages' gradients are per rank).
     // With experts sharded, only the replicated parameters' gradients are reduced, after it.
@@ -825,6 +879,7 @@ fn train_rank(
         // Every rank stops at the same step: the most urgent reason any rank saw.
         let stop = if world > 1 { agree_on_stop(comm, stop)? } else { stop };
         if let Some(reason) = stop {
+            check_device_steps(&dev_steps, &opt)?;
             save(&params, &opt, step)?;
             if let Some(b) = &bar {
                 b.abandon();
@@ -885,7 +940,11 @@ fn train_rank(
                     }
                     None => params.zeros_like(DType::F32)?,
                 };
-                (compute_params(&params, dtype)?, grads)
+                let cp = match dev_steps.as_mut() {
+                    Some(d) => d.compute_params(&params)?,
+                    None => compute_params(&params, dtype)?,
+                };
+                (cp, grads)
             };
             if let zero::Updater::Full(share) = &mut opt {
                 let tp_stages;
@@ -944,7 +1003,7 @@ fn train_rank(
                         };
                         loss_sum += match &mp {
                             Some(m) => micro_batch_grads_tp(m, &cp, &x, &t, cfg.train.loss, batch, &mut grads)?,
-                            None => micro_batch_grads_moe(
+                            None => micro_batch_grads_to(
                                 &model,
                                 &cp,
                                 &x,
@@ -955,6 +1014,7 @@ fn train_rank(
                                 &mut grads,
                                 &mut ready,
                                 ep.as_ref().map(|_| dp),
+                                dev_steps.as_mut(),
                             )?,
                         };
                     }
@@ -991,6 +1051,13 @@ fn train_rank(
                     Ok(())
                 })?;
             }
+            if faulty && injected("train_nan_grad_at_step") == Some(step) && !grads.is_empty() {
+                let mut v = grads.at(0).to_f32_vec()?;
+                if let Some(x) = v.first_mut() {
+                    *x = f32::NAN;
+                }
+                grads.write_f32_at(0, &v)?;
+            }
             if dworld > 1 {
                 // With the loss, how many bad examples the ranks' loaders met; their list only
                 // when there were some, so that every rank counts (and rank 0 lists) them all.
@@ -1004,7 +1071,8 @@ fn train_rank(
                 }
             }
             let loss = loss_sum / batch as f64;
-            if !loss.is_finite() {
+            // (Device steps keep the loss on the device and check it at the next read.)
+            if !loss.is_finite() && dev_steps.is_none() {
                 return Err(TrainError::NonFiniteLoss { step: step + 1, loss: loss as f32 });
             }
             // The f32 compute copy shares the parameters' buffers: drop it so the step updates
@@ -1012,12 +1080,18 @@ fn train_rank(
             drop(cp);
             // A failure inside the update may leave parameters half written: no save then.
             torn = true;
-            let info = match (&mp, &ep, &mut opt) {
-                (Some(m), _, zero::Updater::Replicated(o)) => m.step(o, &mut params, &grads)?,
-                (Some(m), _, zero::Updater::Full(share)) => m.step_full(share, &mut params, comm)?,
-                (Some(m), _, zero::Updater::Sharded(share)) => m.step_zero1(share, &mut params, &grads, comm)?,
-                (None, Some(e), zero::Updater::Replicated(o)) => e.step(dp, o, &mut params, &grads)?,
-                _ => opt.step(dp, &mut params, &grads)?,
+            let info = match (&mp, &ep, &mut opt, dev_steps.as_mut()) {
+                (None, None, zero::Updater::Replicated(o), Some(d)) => {
+                    d.step(o, &mut params, &grads)?;
+                    None
+                }
+                (Some(m), _, zero::Updater::Replicated(o), _) => Some(m.step(o, &mut params, &grads)?),
+                (Some(m), _, zero::Updater::Full(share), _) => Some(m.step_full(share, &mut params, comm)?),
+                (Some(m), _, zero::Updater::Sharded(share), _) => {
+                    Some(m.step_zero1(share, &mut params, &grads, comm)?)
+                }
+                (None, Some(e), zero::Updater::Replicated(o), _) => Some(e.step(dp, o, &mut params, &grads)?),
+                _ => Some(opt.step(dp, &mut params, &grads)?),
             };
             if !full {
                 spare_grads = Some(grads);
@@ -1026,9 +1100,29 @@ fn train_rank(
             completed = step + 1;
             train_time += t0.elapsed().as_secs_f64();
             trained += batch as u64;
-            last_loss = loss;
             let done = step + 1;
             let is_last = done == total;
+            let eval_now = evaluator.due(done, is_last);
+            let save_now = is_last || (cfg.train.checkpoint_every > 0 && done % cfg.train.checkpoint_every == 0);
+            // Device steps: the status is read (a host round trip, which also finds a bad step)
+            // only when the numbers are logged, evaluated or saved.
+            let (loss, info) = match (info, &dev_steps, &opt) {
+                (Some(info), _, _) => (loss, info),
+                (None, Some(d), zero::Updater::Replicated(o)) => {
+                    if eval_now || save_now || done % cfg.train.log_every.max(1) == 0 {
+                        d.read(o)?
+                    } else {
+                        let lr = o.lr_at(step);
+                        let unread =
+                            vit_optim::StepInfo { step, grad_norm: f64::NAN, clipped: false, schedule: f64::NAN, lr };
+                        (f64::NAN, unread)
+                    }
+                }
+                (None, ..) => unreachable!("device steps run with the replicated optimizer only"),
+            };
+            if !loss.is_nan() {
+                last_loss = loss;
+            }
             let mut line = serde_json::json!({
                 "step": done,
                 "epoch": done as f64 * batch as f64 / data.train.len() as f64,
@@ -1041,7 +1135,6 @@ fn train_rank(
                 line["bad_examples"] = bad_log.count().into();
             }
             moe.write_into(&mut line);
-            let eval_now = evaluator.due(done, is_last);
             if eval_now {
                 // Rank 0 evaluates the whole model (gathered by every rank of its model axis).
                 let whole = whole_params(&params, &opt, &mp, &ep, dp)?;
@@ -1071,7 +1164,7 @@ fn train_rank(
             if let Some(b) = &bar {
                 b.set_position(done);
             }
-            if is_last || (cfg.train.checkpoint_every > 0 && done % cfg.train.checkpoint_every == 0) {
+            if save_now {
                 save(&params, &opt, done)?;
                 last_saved = Some(done);
             }
@@ -1085,6 +1178,9 @@ fn train_rank(
         if let Some(b) = &bar {
             b.abandon();
         }
+        if let Some(found) = deferred_non_finite(&error, &dev_steps, &opt, last_saved) {
+            return Err(found);
+        }
         let rate = trained as f64 / train_time.max(1e-9);
         let keep = KeepState { completed, first_step, saved: last_saved, torn };
         return Err(keep_state_after_error(error, keep, &params, run, |step| {
@@ -1092,6 +1188,8 @@ fn train_rank(
                 // Gathering needs every rank, and the others may be anywhere after one's error.
                 return Err(TrainError::Io("the state is sharded over the ranks (train.sharding = \"optimizer\", train.mesh.model or model.moe.expert_parallel) and is not gathered after an error".into()));
             }
+            // Device steps: not after a bad step the status kept (nothing was updated since).
+            check_device_steps(&dev_steps, &opt)?;
             save(&params, &opt, step)?;
             let evals = evaluator.latest();
             write_summary(run, StopReason::Error, step, last_loss, (test_acc, test_loss), evals, rate, started)?;
@@ -1206,6 +1304,48 @@ fn keep_state_after_error(
         }
     };
     TrainError::Stopped { source: Box::new(error), kept }
+}
+
+/// With device steps, reads their status: the error of a bad step it kept, if any (so that no
+/// checkpoint is written over parameters that later steps left untouched).
+fn check_device_steps(dev: &Option<device_steps::DeviceSteps>, opt: &zero::Updater) -> Result<(), TrainError> {
+    match (dev, opt) {
+        (Some(d), zero::Updater::Replicated(o)) => d.read(o).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
+/// The run's error when device steps found a bad step at a read (`error` is that step's
+/// non-finite loss or gradient): the state is not saved, since every update from that step on
+/// was skipped while the step counter moved on (`device_steps` module docs).
+fn deferred_non_finite(
+    error: &TrainError,
+    dev: &Option<device_steps::DeviceSteps>,
+    opt: &zero::Updater,
+    saved: Option<u64>,
+) -> Option<TrainError> {
+    let zero::Updater::Replicated(o) = opt else { return None };
+    let d = dev.as_ref()?;
+    let deferred =
+        matches!(error, TrainError::NonFiniteLoss { .. } | TrainError::Optim(vit_optim::OptimError::NonFinite { .. }));
+    if !deferred {
+        return None;
+    }
+    // The status names the first bad step; report that one (the error in hand came from it).
+    let source = match d.read(o) {
+        Err(e) => e,
+        Ok(_) => return None,
+    };
+    let newest = match saved {
+        Some(s) => format!("the newest checkpoint is step {s}"),
+        None => "no checkpoint was written".into(),
+    };
+    Some(TrainError::Stopped {
+        source: Box::new(source),
+        kept: format!(
+            "no update was applied from that step on (the device skipped them), so nothing was saved; {newest}"
+        ),
+    })
 }
 
 /// True when every parameter is finite (read to the host, as a checkpoint would be).

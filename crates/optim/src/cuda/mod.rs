@@ -28,7 +28,13 @@
 //! (`tables`), and the scalars of a launch ([`StepScalars`] and the coefficient structs) are
 //! passed by value as the kernel's structs of the same names.
 
+mod device_step;
 mod tables;
+
+pub use device_step::{
+    device_step_ok, register_self_checks, step_in_place_dev, BadStep, CopyOut, StepStatus, StepStatusValues,
+    DEVICE_STEP_KERNEL,
+};
 
 use bytemuck::{Pod, Zeroable};
 use vit_tensor::cuda::kernel::{self, Arg, DeviceBuffer, KernelSource, Launch};
@@ -132,13 +138,13 @@ pub static OPTIM_SOURCE: KernelSource = KernelSource::new("optim.cu", include_st
 /// One AdamW step over `params` (each needs `m` and a [`SecondMoment::Full`]); see
 /// [`AdamWCoefficients`] for the direction. One launch of `adamw_step`.
 pub fn adamw_step(params: &[ParamStep<'_>], c: AdamWCoefficients, s: StepScalars) -> Result<Vec<ParamUpdate>> {
-    fused_step(Kind::AdamW, params, s, Arg::pod(&c), None, Outputs::New)
+    fused_step(Kind::AdamW, params, Scalars::Host(s), Arg::pod(&c), None, Outputs::New)
 }
 
 /// One SGD step over `params` (no second moment): `d = m = g + mu·m` for parameters with a
 /// momentum, `d = g` for the others. One launch of `sgd_step`.
 pub fn sgd_step(params: &[ParamStep<'_>], mu: f32, s: StepScalars) -> Result<Vec<ParamUpdate>> {
-    fused_step(Kind::Sgd, params, s, Arg::pod(&SgdCoefficients { mu }), None, Outputs::New)
+    fused_step(Kind::Sgd, params, Scalars::Host(s), Arg::pod(&SgdCoefficients { mu }), None, Outputs::New)
 }
 
 /// One factored-Adam step over `params` (each with a full or factored second moment, and a
@@ -150,7 +156,7 @@ pub fn factored_adam_step(
     c: FactoredAdamCoefficients,
     s: StepScalars,
 ) -> Result<Vec<ParamUpdate>> {
-    fused_step(Kind::Factored, params, s, Arg::pod(&c), Some(c), Outputs::New)
+    fused_step(Kind::Factored, params, Scalars::Host(s), Arg::pod(&c), Some(c), Outputs::New)
 }
 
 /// Which optimizer an in-place step runs, with its coefficients.
@@ -175,6 +181,15 @@ pub enum StepKind {
 /// views of `ParamStore` buffers made unique with `Tensor::make_unique`, whose only other views
 /// belong to the store itself. No two entries may overlap.
 pub unsafe fn step_in_place(params: &[ParamStep<'_>], kind: StepKind, s: StepScalars) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { step_in_place_with(params, kind, Scalars::Host(s)) }
+}
+
+/// [`step_in_place`] with the scalars on the host or on the device.
+///
+/// # Safety
+/// As for [`step_in_place`]; the compute copies of [`Scalars::Device`] also are written.
+unsafe fn step_in_place_with(params: &[ParamStep<'_>], kind: StepKind, s: Scalars<'_>) -> Result<()> {
     let done = match kind {
         StepKind::AdamW(c) => fused_step(Kind::AdamW, params, s, Arg::pod(&c), None, Outputs::InPlace),
         StepKind::Sgd(mu) => {
@@ -184,6 +199,15 @@ pub unsafe fn step_in_place(params: &[ParamStep<'_>], kind: StepKind, s: StepSca
     }?;
     debug_assert!(done.is_empty(), "an in-place step returns no new tensors");
     Ok(())
+}
+
+/// Where a step's clip factor comes from: the host (a by-value scalar), or the device-side
+/// [`StepStatus`] (`*_dev` kernels, which also skip the step when the status says so, and write
+/// the compute copies `copies`, one entry per parameter, in the order of the step's list).
+#[derive(Clone, Copy)]
+enum Scalars<'a> {
+    Host(StepScalars),
+    Device { schedule: f32, status: &'a DeviceBuffer, copies: &'a [tables::CopyDesc] },
 }
 
 /// Where a fused step writes: new flat tensors (returned), or over its inputs.
@@ -399,7 +423,7 @@ impl Arenas {
 fn fused_step(
     kind: Kind,
     params: &[ParamStep<'_>],
-    s: StepScalars,
+    s: Scalars<'_>,
     coefficients: Arg<'_>,
     factored: Option<FactoredAdamCoefficients>,
     outputs: Outputs,
@@ -567,11 +591,18 @@ fn fused_step(
         let t = tables::factored_table(&fdescs);
         let dev = DeviceBuffer::upload(device, &t.bytes)?;
         let count = fdescs.len() as i32;
-        let launches = [
-            ("factored_stats", vec![Arg::f32(s.clip_scale), Arg::f32(c.eps)]),
-            ("factored_finalize", vec![Arg::f32(c.beta2), Arg::f32(c.one_minus_beta2)]),
-            ("factored_rowmean", vec![]),
-        ];
+        let launches = match s {
+            Scalars::Host(s) => [
+                ("factored_stats", vec![Arg::f32(s.clip_scale), Arg::f32(c.eps)]),
+                ("factored_finalize", vec![Arg::f32(c.beta2), Arg::f32(c.one_minus_beta2)]),
+                ("factored_rowmean", vec![]),
+            ],
+            Scalars::Device { status, .. } => [
+                ("factored_stats_dev", vec![Arg::buffer(status), Arg::f32(c.eps)]),
+                ("factored_finalize_dev", vec![Arg::buffer(status), Arg::f32(c.beta2), Arg::f32(c.one_minus_beta2)]),
+                ("factored_rowmean", vec![]),
+            ],
+        };
         for (k, (name, scalars)) in launches.into_iter().enumerate() {
             if t.blocks[k] == 0 {
                 continue;
@@ -586,9 +617,34 @@ fn fused_step(
     if t.blocks[0] > 0 {
         let dev = DeviceBuffer::upload(device, &t.bytes)?;
         let count = descs.len() as i32;
-        let kernel = OPTIM_SOURCE.load(op, device)?;
-        let args = [Arg::buffer(&dev), Arg::buffer_at(&dev, t.starts[0]), Arg::i32(count), Arg::pod(&s), coefficients];
-        unsafe { kernel.launch(Launch::linear(t.blocks[0], tables::THREADS), &args)? };
+        match s {
+            Scalars::Host(s) => {
+                let kernel = OPTIM_SOURCE.load(op, device)?;
+                let args =
+                    [Arg::buffer(&dev), Arg::buffer_at(&dev, t.starts[0]), Arg::i32(count), Arg::pod(&s), coefficients];
+                unsafe { kernel.launch(Launch::linear(t.blocks[0], tables::THREADS), &args)? };
+            }
+            Scalars::Device { schedule, status, copies } => {
+                if copies.len() != descs.len() {
+                    return Err(Error::Value {
+                        op,
+                        msg: format!("{} compute-copy entries for {} parameters", copies.len(), descs.len()),
+                    });
+                }
+                let copy_table = DeviceBuffer::upload(device, copies)?;
+                let kernel = OPTIM_SOURCE.load(&format!("{op}_dev"), device)?;
+                let args = [
+                    Arg::buffer(&dev),
+                    Arg::buffer_at(&dev, t.starts[0]),
+                    Arg::i32(count),
+                    Arg::buffer(&copy_table),
+                    Arg::buffer(status),
+                    Arg::f32(schedule),
+                    coefficients,
+                ];
+                unsafe { kernel.launch(Launch::linear(t.blocks[0], tables::THREADS), &args)? };
+            }
+        }
     }
 
     if outputs == Outputs::InPlace {

@@ -29,6 +29,17 @@ pub const F_FACTORED: i32 = 4;
 /// Descriptor flag: factored, d0 is the lower of the two reduced axes.
 pub const F_D0_IS_A: i32 = 8;
 
+/// Where a `*_dev` step kernel also writes the new parameter, rounded to dtype code `dt`
+/// (`out` 0 for none): `struct CopyDesc` of `kernels/optim.cu` (16 bytes), one per descriptor.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable)]
+pub struct CopyDesc {
+    pub out: u64,
+    pub dt: i32,
+    pub pad: i32,
+}
+const _: () = assert!(std::mem::size_of::<CopyDesc>() == 16);
+
 /// The kernels' runtime dtype code: 0 f32, 1 bf16, 2 f16.
 pub fn dtype_code(d: DType) -> i32 {
     match d {

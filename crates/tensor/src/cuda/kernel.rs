@@ -399,6 +399,24 @@ fn backend_for(op: &'static str, device: Device) -> Result<Arc<CudaBackend>> {
     }
 }
 
+/// Whether the fast kernel `kernel` of a crate built on this API may be used on CUDA `device`:
+/// the self-check of `vit_tensor::cuda::self_check` (issue 14 item 7). On the first call per
+/// device, runs `check` (a small problem computed with the fast path and the reference path;
+/// returns their relative error) and records the result; `false` for a failed or erroring check
+/// (after one warning), for a kernel turned off by `VITRS_FAST_KERNELS=off` or
+/// `VITRS_FAST_KERNELS_OFF=<kernel>`, while its check runs, and on the CPU.
+pub fn fast_kernel_ok(
+    device: Device,
+    kernel: &'static str,
+    tolerance: f64,
+    check: impl FnOnce() -> Result<f64>,
+) -> bool {
+    match device {
+        Device::Cuda(i) => backend(i).is_ok_and(|b| b.fast_kernel_ok(kernel, tolerance, check)),
+        Device::Cpu => false,
+    }
+}
+
 /// Bytes on one CUDA device that are not a tensor: scratch space, uploaded tables, results to
 /// read back. Freed (in stream order) when dropped.
 pub struct DeviceBuffer {
@@ -473,6 +491,7 @@ impl DeviceBuffer {
         if self.len == 0 {
             return Ok(Vec::new());
         }
+        super::count_host_read();
         let bytes = self.backend.stream.clone_dtoh(&self.buf.slice(..self.len)).map_err(cuda_err)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }

@@ -8,6 +8,7 @@ pub(crate) mod attention;
 pub(crate) mod blas;
 pub(crate) mod elementwise;
 pub mod flash_attention;
+mod host_reads;
 pub(crate) mod index;
 pub mod kernel;
 pub(crate) mod layout;
@@ -25,6 +26,8 @@ mod storage;
 pub(crate) mod v32;
 
 pub use blas::{cached_gemm_plans, matmul_into};
+pub(crate) use host_reads::count_host_read;
+pub use host_reads::host_reads;
 pub(crate) use storage::CudaStorage;
 
 use crate::{DType, Device, Error, Result, Shape, Tensor};

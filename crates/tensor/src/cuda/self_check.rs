@@ -119,12 +119,33 @@ const ALL_CHECKS: &[CheckEntry] = &[
     super::elementwise::colsum_ok,
 ];
 
-/// Runs the check of every fast kernel on device `ordinal` (those not yet run) and returns the
-/// results, by kernel name.
+/// Checks of fast kernels in crates built on `vit_tensor::cuda::kernel` (e.g. vit-optim's
+/// device-side step), which [`ALL_CHECKS`] cannot name: added by [`register_check`].
+static REGISTERED: std::sync::Mutex<Vec<RegisteredCheck>> = std::sync::Mutex::new(Vec::new());
+
+/// A registered check: runs one kernel's check on device `ordinal`, returns whether it passed.
+type RegisteredCheck = fn(usize) -> bool;
+
+/// Adds `check` (given a device ordinal; runs its kernel's check through
+/// `kernel::fast_kernel_ok` and returns whether it passed) to those [`check_all`] runs. A
+/// function registered twice runs once.
+pub fn register_check(check: RegisteredCheck) {
+    let mut list = REGISTERED.lock().expect("self-check registry poisoned");
+    if !list.iter().any(|&c| std::ptr::fn_addr_eq(c, check)) {
+        list.push(check);
+    }
+}
+
+/// Runs the check of every fast kernel on device `ordinal` (those not yet run; registered
+/// ones included) and returns the results, by kernel name.
 pub fn check_all(ordinal: usize) -> Result<Vec<(&'static str, KernelStatus)>> {
     let b = super::backend(ordinal)?;
     for check in ALL_CHECKS {
         check(&b);
+    }
+    let registered = REGISTERED.lock().expect("self-check registry poisoned").clone();
+    for check in registered {
+        check(ordinal);
     }
     fast_kernel_report(ordinal)
 }

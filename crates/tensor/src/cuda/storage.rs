@@ -35,6 +35,7 @@ impl CudaStorage {
         if len == 0 {
             return Ok(Vec::new());
         }
+        super::count_host_read();
         self.backend.stream.clone_dtoh(&self.buf.slice(offset..offset + len)).map_err(cuda_err)
     }
 
