@@ -105,7 +105,12 @@ fn overlap(cfg: &ModelConfig, batch: usize, samples: usize, link: Option<LinkMod
 
 fn main() {
     let quick = common::quick();
-    println!("allreduce_cpu: {} threads, LocalGroup (threads of one process)", rayon::current_num_threads());
+    // The heap policy of `vit` (its main sets it): freed buffers up to 32 MiB keep their pages.
+    let retained = vit_tensor::cpu::retain_freed_memory();
+    println!(
+        "allreduce_cpu: {} threads, LocalGroup (threads of one process), retain_freed_memory: {retained}",
+        rayon::current_num_threads()
+    );
     let samples = if quick { 1 } else { 5 };
     for mib in if quick { vec![1] } else { vec![1, 16, 64] } {
         let elems = mib << 18;

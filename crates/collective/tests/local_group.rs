@@ -69,19 +69,19 @@ fn all_reduce_bf16_and_f16_keep_dtype() {
     }
 }
 
-/// From 2^15 elements on, the ranks split the summation (each sums one piece over all inputs,
-/// then the pieces are exchanged): uneven pieces (100,009 elements over 3 ranks), f32 and bf16,
+/// From 2^20 elements on, the ranks split the summation (each sums one piece over all inputs,
+/// then the pieces are exchanged): uneven pieces (1,048,579 elements over 3 ranks), f32 and bf16,
 /// every op, bit for bit against the single-threaded reference and between ranks.
 #[test]
 fn split_all_reduce_matches_reference_bitwise() {
     for n in [2, 3, 4] {
         for dtype in [DType::F32, DType::BF16] {
             for op in OPS {
-                let xs = inputs(n, &[7, 14_287], 40 + n as u64, dtype);
+                let xs = inputs(n, &[7, 149_797], 40 + n as u64, dtype);
                 let out = on_ranks(&xs, |c, x| c.all_reduce(x, op).expect("all_reduce"));
                 let want = reference_reduce(&xs, op);
                 for (r, y) in out.iter().enumerate() {
-                    assert_eq!((y.dims(), y.dtype()), (&[7, 14_287][..], dtype), "n={n} {op} rank {r}");
+                    assert_eq!((y.dims(), y.dtype()), (&[7, 149_797][..], dtype), "n={n} {op} rank {r}");
                     assert_eq!(values(y), want, "n={n} {dtype} {op} rank {r}");
                     assert_eq!(bits(y), bits(&out[0]), "n={n} {dtype} {op}: rank {r} differs from rank 0");
                 }
@@ -94,7 +94,7 @@ fn split_all_reduce_matches_reference_bitwise() {
 /// round's pieces belong to that round.
 #[test]
 fn split_and_whole_all_reduces_interleave() {
-    let sizes = [40_000, 3, 65_537, 40_000, 1, 33_000];
+    let sizes = [1_100_000, 3, 1_048_577, 1_100_000, 1, 1_048_576];
     for n in [2, 3] {
         let out = LocalGroup::run(n, |c| {
             sizes
@@ -123,8 +123,8 @@ fn split_and_whole_all_reduces_interleave() {
 fn split_all_reduces_back_to_back() {
     for n in [2, 3, 4] {
         let out = LocalGroup::run(n, |c| {
-            let x = Tensor::full(c.rank() as f32 + 1.0, [1 << 15], DType::F32, Device::Cpu).expect("full");
-            (0..200).map(|_| values(&c.all_reduce(&x, ReduceOp::Sum).expect("all_reduce"))[0]).collect::<Vec<_>>()
+            let x = Tensor::full(c.rank() as f32 + 1.0, [1 << 20], DType::F32, Device::Cpu).expect("full");
+            (0..100).map(|_| values(&c.all_reduce(&x, ReduceOp::Sum).expect("all_reduce"))[0]).collect::<Vec<_>>()
         });
         let want = (n * (n + 1) / 2) as f32;
         for (r, got) in out.iter().enumerate() {
@@ -136,14 +136,14 @@ fn split_all_reduces_back_to_back() {
 /// Ranks that disagree on the size fail together, whether both sizes split or only one does.
 #[test]
 fn split_all_reduce_shape_mismatch_fails_on_every_rank() {
-    for other in [40_001, 10] {
+    for other in [1_048_577, 10] {
         let out = LocalGroup::run(2, |c| {
-            let len = if c.rank() == 0 { 40_000 } else { other };
+            let len = if c.rank() == 0 { 1_048_576 } else { other };
             c.all_reduce(&input(&[len], 7, c.rank(), DType::F32), ReduceOp::Sum).map(|_| ())
         });
         for (r, res) in out.iter().enumerate() {
             let err = res.as_ref().expect_err("mismatched shapes must fail").to_string();
-            assert!(err.contains("all_reduce") && err.contains("40000"), "rank {r} with {other}: {err}");
+            assert!(err.contains("all_reduce") && err.contains("1048576"), "rank {r} with {other}: {err}");
         }
     }
 }
