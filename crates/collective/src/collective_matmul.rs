@@ -16,9 +16,11 @@
 //! collective and one matmul, one after the other.
 //!
 //! Devices: the code works on any float dtype and device that the [`Communicator`] and
-//! `vit_tensor::ops` accept. On CUDA today the matmuls run on the device while the transfers go
-//! through host memory (as every collective of [`crate::LocalGroup`] does); the GPU form, with
-//! the transfers on a separate CUDA stream as NCCL send/recv ordered by events, is future work.
+//! `vit_tensor::ops` accept. Over an [`crate::NcclCommunicator`] with the operands on its GPU,
+//! the ring runs on the device's streams instead (`collective_matmul_nccl`: NCCL send/receive
+//! on the communication stream, the matmuls on the compute stream, ordered by events), once a
+//! self-check on the communicator has passed; otherwise the host-thread ring above runs, its
+//! transfers going through the communicator's ordinary calls.
 
 use crate::{Communicator, Error, ReduceOp, Result};
 use std::{fmt, str::FromStr, sync::mpsc};
@@ -91,7 +93,22 @@ pub fn all_gather_matmul(
             let gathered = comm.all_gather(x)?;
             Ok((ops::matmul_t(&gathered, w, false, transpose_w)?, gathered))
         }
-        MatmulComm::Ring => ring_all_gather_matmul(comm, x, w, transpose_w),
+        MatmulComm::Ring => match on_streams(comm, x)? {
+            Some(nccl) => crate::collective_matmul_nccl::all_gather_matmul(nccl, x, w, transpose_w),
+            None => ring_all_gather_matmul(comm, x, w, transpose_w),
+        },
+    }
+}
+
+/// The NCCL communicator to run a ring on the device's streams with, when `comm` is one, `x` is
+/// on its GPU and the rings passed their self-check there
+/// ([`crate::collective_matmul_nccl::ring_allowed`]); `None` runs the host-thread ring.
+fn on_streams<'a>(comm: &'a dyn Communicator, x: &Tensor) -> Result<Option<&'a crate::NcclCommunicator>> {
+    match comm.nccl() {
+        Some(nccl) if x.device() == vit_tensor::Device::Cuda(nccl.device()) => {
+            Ok(crate::collective_matmul_nccl::ring_allowed(nccl)?.then_some(nccl))
+        }
+        _ => Ok(None),
     }
 }
 
@@ -131,7 +148,10 @@ pub fn matmul_reduce_scatter(
     }
     match mode {
         MatmulComm::Plain => comm.reduce_scatter(&ops::matmul_t(x, w, false, transpose_w)?, ReduceOp::Sum),
-        MatmulComm::Ring => ring_matmul_reduce_scatter(comm, x, w, transpose_w, rows / n),
+        MatmulComm::Ring => match on_streams(comm, x)? {
+            Some(nccl) => crate::collective_matmul_nccl::matmul_reduce_scatter(nccl, x, w, transpose_w, rows / n),
+            None => ring_matmul_reduce_scatter(comm, x, w, transpose_w, rows / n),
+        },
     }
 }
 

@@ -36,6 +36,7 @@ mod buckets;
 mod bytes;
 mod call;
 mod collective_matmul;
+mod collective_matmul_nccl;
 mod communicator;
 mod error;
 mod host;

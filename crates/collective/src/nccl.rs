@@ -272,6 +272,9 @@ pub struct NcclCommunicator {
     raw: Mutex<Raw>,
     /// How long one call may wait for the others ([`NcclCommunicator::set_timeout`]).
     timeout: Option<Duration>,
+    /// The verdict of the stream-overlapped collective matmul's self-check on this
+    /// communicator (`crate::collective_matmul_nccl`): `Some(why)` when it may not be used.
+    pub(crate) ring_matmul_refused: OnceLock<Option<String>>,
 }
 
 impl std::fmt::Debug for NcclCommunicator {
@@ -326,7 +329,15 @@ impl NcclCommunicator {
                 msg: format!("rank {rank} of {size} on cuda:{device}: {}", describe(r, std::ptr::null_mut())),
             });
         }
-        Ok(NcclCommunicator { rank, size, device, stream, raw: Mutex::new(Raw { comm, aborted: None }), timeout: None })
+        Ok(NcclCommunicator {
+            rank,
+            size,
+            device,
+            stream,
+            raw: Mutex::new(Raw { comm, aborted: None }),
+            timeout: None,
+            ring_matmul_refused: OnceLock::new(),
+        })
     }
 
     /// This rank's communicator over CUDA device `device`, for ranks that already share `host`
@@ -500,7 +511,7 @@ impl NcclCommunicator {
     /// Exchanges every rank's call signature (one small all-gather, waited for) and checks
     /// them together, so every rank reaches the same verdict. This is where a rank waits for
     /// the others to join, and also the barrier.
-    fn agree(&self, raw: &mut Raw, op: Op, x: Option<&Tensor>) -> Result<()> {
+    pub(crate) fn agree(&self, raw: &mut Raw, op: Op, x: Option<&Tensor>) -> Result<()> {
         self.agree_on(raw, op, x, [0; EXTRA_WORDS], &self.stream).map(|_| ())
     }
 
@@ -576,7 +587,7 @@ impl NcclCommunicator {
         Ok(unsafe { kernel::empty(shape, dtype, Device::Cuda(self.device))? })
     }
 
-    fn ptr(t: &Tensor) -> Result<u64> {
+    pub(crate) fn ptr(t: &Tensor) -> Result<u64> {
         Ok(kernel::device_ptr(t)?)
     }
 
@@ -654,8 +665,27 @@ impl NcclCommunicator {
         sends: &[(u64, usize, usize)],
         recvs: &[(u64, usize, usize)],
     ) -> Result<()> {
-        // SAFETY: the callers pass (device address, bytes, peer) of buffers on this device that
-        // live until the wait below; receive buffers are theirs alone.
+        // SAFETY: the buffers live until the wait below.
+        unsafe { self.exchange_on(raw, op, sends, recvs, self.cu_stream())? };
+        self.wait(raw, op)
+    }
+
+    /// Queues `sends` (device address, bytes, peer) and `recvs` as one NCCL group of raw bytes
+    /// on `stream` (this device's compute or communication stream), without waiting.
+    ///
+    /// # Safety
+    /// The addresses are of buffers on this device, `bytes` long, that stay alive (and, for a
+    /// receive, unread and unwritten by anything else) until the queued work has run on
+    /// `stream`; `stream` is a stream of this device.
+    pub(crate) unsafe fn exchange_on(
+        &self,
+        raw: &mut Raw,
+        op: &'static str,
+        sends: &[(u64, usize, usize)],
+        recvs: &[(u64, usize, usize)],
+        stream: sys::cudaStream_t,
+    ) -> Result<()> {
+        // SAFETY: see the function's contract.
         unsafe {
             let r = sys::ncclGroupStart();
             self.check(raw, op, "ncclGroupStart", r)?;
@@ -666,7 +696,7 @@ impl NcclCommunicator {
                     sys::ncclDataType_t::ncclUint8,
                     peer as i32,
                     raw.comm,
-                    self.cu_stream(),
+                    stream,
                 );
                 if r != sys::ncclResult_t::ncclSuccess {
                     sys::ncclGroupEnd();
@@ -680,7 +710,7 @@ impl NcclCommunicator {
                     sys::ncclDataType_t::ncclUint8,
                     peer as i32,
                     raw.comm,
-                    self.cu_stream(),
+                    stream,
                 );
                 if r != sys::ncclResult_t::ncclSuccess {
                     sys::ncclGroupEnd();
@@ -688,9 +718,8 @@ impl NcclCommunicator {
                 }
             }
             let r = sys::ncclGroupEnd();
-            self.check(raw, op, "ncclGroupEnd", r)?;
+            self.check(raw, op, "ncclGroupEnd", r)
         }
-        self.wait(raw, op)
     }
 
     fn check_peer(&self, op: &'static str, what: &'static str, peer: usize) -> Result<()> {
@@ -1011,6 +1040,7 @@ impl Communicator for NcclCommunicator {
             stream: self.stream.clone(),
             raw: Mutex::new(Raw { comm, aborted: None }),
             timeout: self.timeout,
+            ring_matmul_refused: OnceLock::new(),
         }))
     }
 
