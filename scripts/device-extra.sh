@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 . scripts/cuda-env.sh >/dev/null 2>&1
 export VITRS_KERNEL_CACHE=${VITRS_KERNEL_CACHE:-/tmp/vitrs-kernels}
 bin=.gpu-bin
+[ -d "$bin" ] || { [ -f "$bin.tar.xz" ] && tar -xJf "$bin.tar.xz"; }
 runs=$(mktemp -d)
 quick="--set train.steps=20 --set schedule.warmup_steps=5 --set train.log_every=1"
 "$bin/vit" train $quick --device cpu --out "$runs/cpu" >/dev/null 2>&1

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU host without Rust (design §8). Build here first:
 #   scripts/gpu-check.sh --build      # cargo builds the test and bench binaries into .gpu-bin/
-# then on the GPU host, from the repo root, with .gpu-bin carried along:
+#                                     # and packs them into .gpu-bin.tar.xz (~14 MB of ~63)
+# then on the GPU host, from the repo root, with .gpu-bin.tar.xz (or .gpu-bin) carried along
+# (the archive is unpacked into .gpu-bin/ when that is missing):
 #   scripts/gpu-check.sh              # runs every CUDA test and bench, prints one report
 #   scripts/gpu-check.sh --tests      # only the tests and the CPU-vs-GPU training run (a short call)
 #   scripts/gpu-check.sh --benches    # only the benches and their PyTorch references
@@ -45,7 +47,14 @@ for l in sys.stdin:
   for t in $gpu_tests; do [ -x "$bin/test-$t" ] || missing="$missing test-$t"; done
   for b in $gpu_benches; do [ -x "$bin/bench-$b" ] || missing="$missing bench-$b"; done
   [ -z "$missing" ] || { echo "gpu-check --build: not built:$missing" >&2; exit 1; }
-  ls -la "$bin"; du -sh "$bin"; exit 0
+  ls -la "$bin"; du -sh "$bin"
+  # The device tool carries at most 64 MiB with the working tree: the binaries go packed.
+  tar -cJf "$bin.tar.xz" "$bin"
+  du -sh "$bin.tar.xz"
+  exit 0
+fi
+if [ ! -d "$bin" ] && [ -f "$bin.tar.xz" ]; then
+  tar -xJf "$bin.tar.xz"
 fi
 mode=${1:-all}
 case "$mode" in all|--tests|--benches) ;; *) echo "gpu-check: unknown mode '$mode' (expected --build, --tests, --benches or nothing)" >&2; exit 2 ;; esac
