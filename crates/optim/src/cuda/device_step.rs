@@ -264,17 +264,7 @@ pub unsafe fn step_in_place_dev(
     }
     // Σ g² into partials (noting the first non-finite tensor), then the status.
     let grads: Vec<&Tensor> = params.iter().map(|p| p.grad).collect();
-    let mut descs = Vec::with_capacity(grads.len());
-    for g in &grads {
-        if g.device() != device {
-            return Err(Error::Device { op: OP, expected: device, got: g.device() });
-        }
-        super::float(OP, g)?;
-        let x = kernel::device_ptr(g)?;
-        let size = g.dtype().size_in_bytes() as u64;
-        let flags = if tables::aligned(&[(x, size)]) { tables::F_VEC } else { 0 };
-        descs.push(tables::SqDesc { x, n: g.numel() as u64, dt: tables::dtype_code(g.dtype()), flags });
-    }
+    let descs = super::sq_descs(OP, &grads, device)?;
     let table = tables::sq_table(&descs);
     let blocks = table.blocks[0];
     // SAFETY: sum_squares_dev writes partial[0..blocks] before step_status_finalize reads them.

@@ -224,16 +224,7 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
     const OP: &str = "sum_of_squares";
     let Some(first) = tensors.first() else { return Ok(0.0) };
     let device = first.device();
-    let mut descs = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        same_device(OP, t, device)?;
-        float(OP, t)?;
-        // The caller's borrows keep the tensors alive for the whole call.
-        let x = kernel::device_ptr(t)?;
-        let size = t.dtype().size_in_bytes() as u64;
-        let flags = if tables::aligned(&[(x, size)]) { tables::F_VEC } else { 0 };
-        descs.push(tables::SqDesc { x, n: t.numel() as u64, dt: tables::dtype_code(t.dtype()), flags });
-    }
+    let descs = sq_descs(OP, tensors, device)?;
     let table = tables::sq_table(&descs);
     let blocks = table.blocks[0];
     if blocks == 0 {
@@ -296,6 +287,21 @@ impl Kind {
 
 /// Checks that `t` is on `device`, the CUDA device of the call's first tensor (a host first
 /// tensor is reported as expected on `cuda:0`).
+/// The sum-of-squares kernels' descriptors of `tensors` (float, all on CUDA `device`); the
+/// caller's borrows keep the tensors alive while the kernels read them.
+fn sq_descs(op: &'static str, tensors: &[&Tensor], device: Device) -> Result<Vec<tables::SqDesc>> {
+    let mut descs = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        same_device(op, t, device)?;
+        float(op, t)?;
+        let x = kernel::device_ptr(t)?;
+        let size = t.dtype().size_in_bytes() as u64;
+        let flags = if tables::aligned(&[(x, size)]) { tables::F_VEC } else { 0 };
+        descs.push(tables::SqDesc { x, n: t.numel() as u64, dt: tables::dtype_code(t.dtype()), flags });
+    }
+    Ok(descs)
+}
+
 fn same_device(op: &'static str, t: &Tensor, device: Device) -> Result<()> {
     let expected = if matches!(device, Device::Cuda(_)) { device } else { Device::Cuda(0) };
     if t.device() != expected {
