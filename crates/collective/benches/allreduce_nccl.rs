@@ -136,15 +136,7 @@ fn main() {
 /// an embedding of 0.6M, contiguous f32 ranges; backward finishes them from the last.
 fn b16_params() -> (Vec<Range<usize>>, usize) {
     let sizes: Vec<usize> = std::iter::once(590_592).chain([7_087_872; 12]).chain([769_000]).collect();
-    let mut at = 0;
-    let ranges = sizes
-        .iter()
-        .map(|&n| {
-            at += n;
-            at - n..at
-        })
-        .collect();
-    (ranges, at)
+    BucketPlan::contiguous_ranges(&sizes)
 }
 
 /// One synthetic backward on `grads`' device: for each parameter from the last, matmuls on the

@@ -28,6 +28,20 @@ pub struct BucketPlan {
 }
 
 impl BucketPlan {
+    /// Element ranges of parameters of `sizes` elements laid out one after another from 0, and
+    /// the total: the `params` and `len` of [`BucketPlan::new`] for a buffer without padding.
+    pub fn contiguous_ranges(sizes: &[usize]) -> (Vec<Range<usize>>, usize) {
+        let mut at = 0;
+        let ranges = sizes
+            .iter()
+            .map(|&n| {
+                at += n;
+                at - n..at
+            })
+            .collect();
+        (ranges, at)
+    }
+
     /// The plan for parameters at element ranges `params` of a buffer of `len` elements (ranges
     /// within `0..len`, not overlapping, in any order; gaps between them are padding and ride
     /// along with a neighbour), each bucket at least `bucket_elems` elements of parameters
@@ -281,6 +295,14 @@ mod tests {
     use super::*;
     use crate::LocalGroup;
     use vit_tensor::{DType, Device};
+
+    #[test]
+    fn contiguous_ranges_tile_the_buffer_in_order() {
+        let (ranges, len) = BucketPlan::contiguous_ranges(&[3, 0, 5, 1]);
+        assert_eq!(ranges, vec![0..3, 3..3, 3..8, 8..9]);
+        assert_eq!(len, 9);
+        assert_eq!(BucketPlan::contiguous_ranges(&[]), (vec![], 0));
+    }
 
     #[test]
     #[allow(clippy::single_range_in_vec_init)] // lists of ranges, some of one

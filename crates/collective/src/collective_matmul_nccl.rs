@@ -54,8 +54,8 @@ impl NcclCommunicator {
 /// within 1e-4 of `1 + |value|`: the chunked products may round differently); the ranks'
 /// verdicts are combined with a max all-reduce. `None` when the rings may be used.
 fn self_check(comm: &NcclCommunicator) -> Result<Option<String>> {
-    if std::env::var("VITRS_FAST_KERNELS_OFF").is_ok_and(|v| v.split(',').any(|n| n.trim() == SELF_CHECK_NAME)) {
-        return Ok(Some(format!("turned off by VITRS_FAST_KERNELS_OFF={SELF_CHECK_NAME}")));
+    if vit_tensor::cuda::self_check::fast_kernel_off(SELF_CHECK_NAME) {
+        return Ok(Some(format!("turned off by VITRS_FAST_KERNELS=off or VITRS_FAST_KERNELS_OFF={SELF_CHECK_NAME}")));
     }
     let (n, dev) = (comm.world_size(), Device::Cuda(comm.device()));
     let seed = 0x7a11 + comm.rank() as u64;

@@ -263,18 +263,13 @@ impl NcclOverlappedAllReduce<'_> {
     /// used, `Some(why)` when not (also when `VITRS_FAST_KERNELS_OFF` names
     /// [`SELF_CHECK_NAME`], without running). Errors: NCCL or CUDA failing.
     pub fn self_check(comm: &NcclCommunicator) -> Result<Option<String>> {
-        if std::env::var("VITRS_FAST_KERNELS_OFF").is_ok_and(|v| v.split(',').any(|n| n.trim() == SELF_CHECK_NAME)) {
-            return Ok(Some(format!("turned off by VITRS_FAST_KERNELS_OFF={SELF_CHECK_NAME}")));
+        if vit_tensor::cuda::self_check::fast_kernel_off(SELF_CHECK_NAME) {
+            return Ok(Some(format!(
+                "turned off by VITRS_FAST_KERNELS=off or VITRS_FAST_KERNELS_OFF={SELF_CHECK_NAME}"
+            )));
         }
         let (n, dev) = (comm.world_size(), Device::Cuda(comm.device()));
-        let mut at = 0;
-        let params: Vec<std::ops::Range<usize>> = [1usize, 4099, 65_536, 3, 100_000, 30_001]
-            .iter()
-            .map(|&k| {
-                at += k;
-                at - k..at
-            })
-            .collect();
+        let (params, at) = BucketPlan::contiguous_ranges(&[1, 4099, 65_536, 3, 100_000, 30_001]);
         let plan = BucketPlan::new(&params, at, 50_000)?;
         let x = Tensor::randn([at], 0.0, 1.0, 0x5e1f + comm.rank() as u64, DType::F32, dev)?;
         let mut want = x.clone();

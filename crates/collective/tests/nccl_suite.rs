@@ -326,16 +326,7 @@ fn from_communicator_over_a_local_group_makes_a_working_nccl_group() {
 /// Parameters of the overlap tests: contiguous element ranges covering a buffer of 1_200_007
 /// (uneven sizes, no padding), and the plan cutting them into buckets of about 300k elements.
 fn overlap_params() -> (Vec<Range<usize>>, usize) {
-    let sizes = [1usize, 250_000, 333_333, 17, 200_000, 116_656, 300_000];
-    let mut at = 0;
-    let ranges = sizes
-        .iter()
-        .map(|&n| {
-            at += n;
-            at - n..at
-        })
-        .collect();
-    (ranges, at)
+    BucketPlan::contiguous_ranges(&[1, 250_000, 333_333, 17, 200_000, 116_656, 300_000])
 }
 
 /// Queues about a millisecond of matmuls on the compute stream of `c`'s device (results

@@ -44,8 +44,10 @@ pub(crate) struct SelfChecks {
 }
 
 /// Whether `kernel` is turned off: every fast kernel by `VITRS_FAST_KERNELS=off` (or `0`), or
-/// this one by name in the comma-separated `VITRS_FAST_KERNELS_OFF`.
-fn fast_kernel_off(kernel: &str) -> bool {
+/// this one by name in the comma-separated `VITRS_FAST_KERNELS_OFF`. Public for fast paths whose
+/// check is not one device's (the collective ones in vit-collective), so that both switches
+/// work on them too.
+pub fn fast_kernel_off(kernel: &str) -> bool {
     std::env::var("VITRS_FAST_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("off") || v == "0")
         || std::env::var("VITRS_FAST_KERNELS_OFF").is_ok_and(|v| named_in(&v, kernel))
 }
