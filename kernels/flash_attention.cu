@@ -31,7 +31,8 @@
 //       cp.async while the tensor cores work. o = O / l, lse = m·ln 2 + ln l (natural log, like
 //       the reference op).
 //   flash_bwd_delta_<dt>(o, d_o, delta, L, bh)
-//       warp per query row (grid-stride over B·H·n rows): delta_i = Σ_c dO_ic·O_ic (f32).
+//       eight lanes per query row, 16-byte loads (grid-stride over B·H·n rows):
+//       delta_i = Σ_c dO_ic·O_ic (f32).
 //   flash_bwd_dq_<dt>_d<DP>(q, k, v, d_o, lse, delta, dq, L, scale, scale_log2)
 //       grid (⌈n/64⌉, B·H), 64 queries per block (16 per warp); over key blocks of BK (64 for
 //       DP ≤ 96, else 32; double-buffered K, V): S = Q·Kᵀ, P = 2^(S·c − lse·log2 e), dP = dO·Vᵀ,
@@ -46,6 +47,7 @@
 // Precision: 16-bit operands, f32 accumulators and softmax statistics; P and dS are rounded to
 // the operand type before their second GEMM (as in FlashAttention-2); one rounding on store.
 #include "common.cuh"
+#include "vec.cuh"
 
 #define FA_THREADS 128
 #define FA_PAD 8   // 16-bit elements of padding per shared-memory row
@@ -296,8 +298,14 @@ __device__ __forceinline__ void flash_fwd_impl(const T* q_, const T* k_, const T
     float mrow[MT][2], lrow[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) mrow[mt][0] = mrow[mt][1] = NEG_INF, lrow[mt][0] = lrow[mt][1] = 0.f;
+    // Tail skipping (warp-uniform branches; the work skipped would only add zeros or compute
+    // rows that are never stored): warps whose queries are all past the last one, and in the
+    // last key block the 16-key groups wholly past the last key. At N = 197 with 128-query
+    // blocks that is 1 warp of 8 and 3 of 16 key groups per (batch, head).
+    const bool warp_live = q0 + warp * WM < n;
 
     for (long long j0 = 0; j0 < m; j0 += BN) {
+        const int kl = (int)min((long long)BN, m - j0);  // live keys in this block
         load_tile<BN, DP>(sV, gv + j0 * svn, svn, m - j0, d);
         cp_async_commit();
         cp_async_wait<1>();  // K of this block
@@ -309,10 +317,12 @@ __device__ __forceinline__ void flash_fwd_impl(const T* q_, const T* k_, const T
         for (int kk = 0; kk < KS; ++kk) {
             if constexpr (!QR) {
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) frag_a<LD>(qf[mt][0], sQ, warp * WM + mt * 16, kk * 16, lane);
+                for (int mt = 0; mt < MT; ++mt)
+                    frag_a<LD>(qf[mt][0], sQ, warp * WM + mt * 16, kk * 16, lane);
             }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
+                if (np * 16 >= kl || !warp_live) continue;
                 unsigned kb[4];
                 frag_bt<LD>(kb, sK, np * 16, kk * 16, lane);
 #pragma unroll
@@ -330,13 +340,16 @@ __device__ __forceinline__ void flash_fwd_impl(const T* q_, const T* k_, const T
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) mask_key_tail(s[mt], j0, m, lane);
         }
+        if (warp_live) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) softmax_step(s[mt], acc[mt], mrow[mt], lrow[mt], scale_log2);
+            for (int mt = 0; mt < MT; ++mt) softmax_step(s[mt], acc[mt], mrow[mt], lrow[mt], scale_log2);
+        }
 
         cp_async_wait<1>();  // V of this block
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
+            if (kk * 16 >= kl || !warp_live) continue;
             unsigned a[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) pack_a<T>(a[mt], s[mt], kk);
@@ -374,19 +387,34 @@ __device__ __forceinline__ void flash_fwd_impl(const T* q_, const T* k_, const T
 
 // ---------------------------------------------------------------- backward: delta
 
+// Eight lanes per row (four rows per warp), each lane 16 bytes (8 elements) per step: a row of
+// d = 64 is one 128-byte load per tensor for the eight lanes. (A warp per row with 2-byte loads
+// ran at ~0.9 TB/s on an H100, 2.9% of a B/16 step.) d % 8 == 0 and 16-byte-aligned row starts
+// are the launcher's preconditions. Lane sums fold in a fixed order: deterministic.
 template <class T>
 __device__ __forceinline__ void flash_bwd_delta_impl(const T* o, const T* d_o, float* delta, const FlashLayout& L,
                                                      long long bh_count) {
-    const int lane = threadIdx.x & 31;
+    const int sub = threadIdx.x & 7;  // lane within the row's group of eight
     const long long rows = bh_count * L.n;
-    for (long long r = global_thread() >> 5; r < rows; r += grid_threads() >> 5) {
+    const int d = (int)L.d;
+    for (long long r0 = global_thread() >> 3; r0 - (threadIdx.x & 31) / 8 < rows; r0 += grid_threads() >> 3) {
+        const bool live = r0 < rows;
+        const long long r = live ? r0 : rows - 1;  // dead groups compute a live row, store nothing
         const long long bh = r / L.n, i = r % L.n, b = bh / L.heads, h = bh % L.heads;
         const T* orow = slot(o, L, FA_O, b, h) + i * L.s[FA_O][3];
         const T* drow = slot(d_o, L, FA_DO, b, h) + i * L.s[FA_DO][3];
         float acc = 0.f;
-        for (int c = lane; c < L.d; c += 32) acc += load(orow, c) * load(drow, c);
-        acc = warp_sum(acc);
-        if (lane == 0) delta[r] = acc;
+        for (int c = sub * 8; c < d; c += 64) {
+            float a[8], g[8];
+            load16<T>(orow, c, a);
+            load16<T>(drow, c, g);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc += a[k] * g[k];
+        }
+        acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        if (live && sub == 0) delta[r] = acc;
     }
 }
 
@@ -432,9 +460,13 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
     float acc[MT][DT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) zero_acc(acc[mt]);
+    // Tail skipping as in the forward: warps whose queries are all past n, and key groups of
+    // 16 wholly past m in the last step.
+    const bool warp_live = q0 + warp * WM < n;
 
     int stage = 0;
     for (long long j0 = 0; j0 < m; j0 += BK, stage ^= 1) {
+        const int kl = (int)min((long long)BK, m - j0);  // live keys in this step
         const u16* sK = sKV + stage * 2 * TILE;
         const u16* sV = sK + TILE;
         if (j0 + BK < m) {  // next stage
@@ -450,6 +482,7 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
         for (int mt = 0; mt < MT; ++mt) zero_acc(s[mt]), zero_acc(dp[mt]);
 #pragma unroll 2  // fully unrolled, ptxas hoists every fragment load and spills at DP = 128
         for (int kk = 0; kk < KS; ++kk) {
+            if (!warp_live) break;
             unsigned qa[MT][4], da[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
@@ -458,6 +491,7 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
             }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
+                if (np * 16 >= kl) continue;
                 unsigned kb[4], vb[4];
                 frag_bt<LD>(kb, sK, np * 16, kk * 16, lane);
                 frag_bt<LD>(vb, sV, np * 16, kk * 16, lane);
@@ -475,6 +509,10 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
+                if (nt * 8 >= kl) {  // no live key: dS = 0, no exp
+                    s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+                    continue;
+                }
                 const long long c = j0 + nt * 8 + 2 * (lane & 3);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
@@ -487,6 +525,7 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
         // dQ += dS·K
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
+            if (kk * 16 >= kl || !warp_live) continue;
             unsigned a[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) pack_a<T>(a[mt], s[mt], kk);
@@ -547,9 +586,13 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
     float dk[MT][DT][4], dv[MT][DT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) zero_acc(dk[mt]), zero_acc(dv[mt]);
+    // Tail skipping as in the forward, transposed: warps whose keys are all past m, and query
+    // groups of 16 wholly past n in the last step.
+    const bool warp_live = k0 + warp * WK < m;
 
     int stage = 0;
     for (long long i0 = 0; i0 < n; i0 += BQ, stage ^= 1) {
+        const int ql = (int)min((long long)BQ, n - i0);  // live queries in this step
         const u16* sQ = sQD + stage * 2 * QT;
         const u16* sDO = sQ + QT;
         const float* st = sStat + stage * 2 * BQ;
@@ -573,6 +616,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
         for (int mt = 0; mt < MT; ++mt) zero_acc(s[mt]), zero_acc(dp[mt]);
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
+            if (!warp_live) break;
             unsigned ka[MT][4], va[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
@@ -581,6 +625,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
             }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
+                if (np * 16 >= ql) continue;
                 unsigned qb[4], db[4];
                 frag_bt<LD>(qb, sQ, np * 16, kk * 16, lane);
                 frag_bt<LD>(db, sDO, np * 16, kk * 16, lane);
@@ -598,6 +643,11 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
+                if (nt * 8 >= ql) {  // no live query: P = dS = 0, no exp
+                    s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+                    dp[mt][nt][0] = dp[mt][nt][1] = dp[mt][nt][2] = dp[mt][nt][3] = 0.f;
+                    continue;
+                }
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int c = nt * 8 + 2 * (lane & 3) + (e & 1);
@@ -609,6 +659,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
         // dV += Pᵀ·dO, dK += dSᵀ·Q
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk) {
+            if (kk * 16 >= ql || !warp_live) continue;
             unsigned pa[MT][4], sa[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) pack_a<T>(pa[mt], s[mt], kk), pack_a<T>(sa[mt], dp[mt], kk);

@@ -339,7 +339,8 @@ pub(crate) fn launch_bwd(
     let bh_ = i64_of(bh);
     let rows = bh * n;
     let delta_cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(4).clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        // Eight threads per row, so 16 rows per 128-thread block.
+        grid_dim: (rows.div_ceil(THREADS as usize / 8).clamp(1, MAX_BLOCKS) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
