@@ -298,14 +298,8 @@ __device__ __forceinline__ void flash_fwd_impl(const T* q_, const T* k_, const T
     float mrow[MT][2], lrow[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) mrow[mt][0] = mrow[mt][1] = NEG_INF, lrow[mt][0] = lrow[mt][1] = 0.f;
-    // Tail skipping (warp-uniform branches; the work skipped would only add zeros or compute
-    // rows that are never stored): warps whose queries are all past the last one, and in the
-    // last key block the 16-key groups wholly past the last key. At N = 197 with 128-query
-    // blocks that is 1 warp of 8 and 3 of 16 key groups per (batch, head).
-    const bool warp_live = q0 + warp * WM < n;
 
     for (long long j0 = 0; j0 < m; j0 += BN) {
-        const int kl = (int)min((long long)BN, m - j0);  // live keys in this block
         load_tile<BN, DP>(sV, gv + j0 * svn, svn, m - j0, d);
         cp_async_commit();
         cp_async_wait<1>();  // K of this block
@@ -317,12 +311,10 @@ __device__ __forceinline__ void flash_fwd_impl(const T* q_, const T* k_, const T
         for (int kk = 0; kk < KS; ++kk) {
             if constexpr (!QR) {
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-                    frag_a<LD>(qf[mt][0], sQ, warp * WM + mt * 16, kk * 16, lane);
+                for (int mt = 0; mt < MT; ++mt) frag_a<LD>(qf[mt][0], sQ, warp * WM + mt * 16, kk * 16, lane);
             }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
-                if (np * 16 >= kl || !warp_live) continue;
                 unsigned kb[4];
                 frag_bt<LD>(kb, sK, np * 16, kk * 16, lane);
 #pragma unroll
@@ -340,16 +332,13 @@ __device__ __forceinline__ void flash_fwd_impl(const T* q_, const T* k_, const T
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) mask_key_tail(s[mt], j0, m, lane);
         }
-        if (warp_live) {
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) softmax_step(s[mt], acc[mt], mrow[mt], lrow[mt], scale_log2);
-        }
+        for (int mt = 0; mt < MT; ++mt) softmax_step(s[mt], acc[mt], mrow[mt], lrow[mt], scale_log2);
 
         cp_async_wait<1>();  // V of this block
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            if (kk * 16 >= kl || !warp_live) continue;
             unsigned a[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) pack_a<T>(a[mt], s[mt], kk);
@@ -460,13 +449,9 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
     float acc[MT][DT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) zero_acc(acc[mt]);
-    // Tail skipping as in the forward: warps whose queries are all past n, and key groups of
-    // 16 wholly past m in the last step.
-    const bool warp_live = q0 + warp * WM < n;
 
     int stage = 0;
     for (long long j0 = 0; j0 < m; j0 += BK, stage ^= 1) {
-        const int kl = (int)min((long long)BK, m - j0);  // live keys in this step
         const u16* sK = sKV + stage * 2 * TILE;
         const u16* sV = sK + TILE;
         if (j0 + BK < m) {  // next stage
@@ -482,7 +467,6 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
         for (int mt = 0; mt < MT; ++mt) zero_acc(s[mt]), zero_acc(dp[mt]);
 #pragma unroll 2  // fully unrolled, ptxas hoists every fragment load and spills at DP = 128
         for (int kk = 0; kk < KS; ++kk) {
-            if (!warp_live) break;
             unsigned qa[MT][4], da[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
@@ -491,7 +475,6 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
             }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
-                if (np * 16 >= kl) continue;
                 unsigned kb[4], vb[4];
                 frag_bt<LD>(kb, sK, np * 16, kk * 16, lane);
                 frag_bt<LD>(vb, sV, np * 16, kk * 16, lane);
@@ -509,10 +492,6 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                if (nt * 8 >= kl) {  // no live key: dS = 0, no exp
-                    s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
-                    continue;
-                }
                 const long long c = j0 + nt * 8 + 2 * (lane & 3);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
@@ -525,7 +504,6 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
         // dQ += dS·K
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
-            if (kk * 16 >= kl || !warp_live) continue;
             unsigned a[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) pack_a<T>(a[mt], s[mt], kk);
@@ -586,13 +564,9 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
     float dk[MT][DT][4], dv[MT][DT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) zero_acc(dk[mt]), zero_acc(dv[mt]);
-    // Tail skipping as in the forward, transposed: warps whose keys are all past m, and query
-    // groups of 16 wholly past n in the last step.
-    const bool warp_live = k0 + warp * WK < m;
 
     int stage = 0;
     for (long long i0 = 0; i0 < n; i0 += BQ, stage ^= 1) {
-        const int ql = (int)min((long long)BQ, n - i0);  // live queries in this step
         const u16* sQ = sQD + stage * 2 * QT;
         const u16* sDO = sQ + QT;
         const float* st = sStat + stage * 2 * BQ;
@@ -616,7 +590,6 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
         for (int mt = 0; mt < MT; ++mt) zero_acc(s[mt]), zero_acc(dp[mt]);
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
-            if (!warp_live) break;
             unsigned ka[MT][4], va[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
@@ -625,7 +598,6 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
             }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
-                if (np * 16 >= ql) continue;
                 unsigned qb[4], db[4];
                 frag_bt<LD>(qb, sQ, np * 16, kk * 16, lane);
                 frag_bt<LD>(db, sDO, np * 16, kk * 16, lane);
@@ -643,11 +615,6 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                if (nt * 8 >= ql) {  // no live query: P = dS = 0, no exp
-                    s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
-                    dp[mt][nt][0] = dp[mt][nt][1] = dp[mt][nt][2] = dp[mt][nt][3] = 0.f;
-                    continue;
-                }
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int c = nt * 8 + 2 * (lane & 3) + (e & 1);
@@ -659,7 +626,6 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
         // dV += Pᵀ·dO, dK += dSᵀ·Q
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk) {
-            if (kk * 16 >= ql || !warp_live) continue;
             unsigned pa[MT][4], sa[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) pack_a<T>(pa[mt], s[mt], kk), pack_a<T>(sa[mt], dp[mt], kk);
