@@ -4,12 +4,23 @@
 #   scripts/device-extra.sh           # bf16 check, B/16 and L/16 train benches, e/14 memory
 #   scripts/device-extra.sh --quick   # bf16 check, B/16 train bench and timm eager at batch 256
 #                                     # (VITRS_AB_KERNELS="k1 k2": B/16 again with each turned off)
+#   scripts/device-extra.sh --profile # where a B/16 step's GPU time goes: ncu over one warm-up
+#                                     # and one timed step at batch 64, per kernel, largest first
+#                                     # (the self-checks' kernels are included; docs/perf.md)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/cuda-env.sh >/dev/null 2>&1
 export VITRS_KERNEL_CACHE=${VITRS_KERNEL_CACHE:-/tmp/vitrs-kernels}
 bin=.gpu-bin
 [ -d "$bin" ] || { [ -f "$bin.tar.xz" ] && tar -xJf "$bin.tar.xz"; }
+if [ "${1:-}" = "--profile" ]; then
+  csv=${OUT:-/tmp}/ncu.csv
+  timeout 150 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base --log-file "$csv" \
+    "$bin/vit" bench train --model B/16 --set pool=tok --batch 64 --steps 1 --warmup 1 >/dev/null 2>&1 ||
+    { echo "device-extra: ncu failed (is it on PATH?)"; exit 1; }
+  python3 scripts/ncu-summary.py "$csv" 25
+  exit 0
+fi
 runs=$(mktemp -d)
 quick="--set train.steps=20 --set schedule.warmup_steps=5 --set train.log_every=1"
 "$bin/vit" train $quick --device cpu --out "$runs/cpu" >/dev/null 2>&1
