@@ -120,6 +120,26 @@ pub struct OptimizerSection {
     pub train_only: Vec<String>,
 }
 
+impl OptimizerSection {
+    /// A warning when `weight_decay` looks like PyTorch's AdamW λ rather than vitrs's absolute
+    /// per-step decay: at or above the learning rate, every weight shrinks by that fraction per
+    /// step at the schedule's peak (0.01 gives a half-life of ~70 steps, and training stalls
+    /// near chance). Scaling ViT's body decay is 0.03·lr, far below. `None` when it looks fine.
+    pub fn weight_decay_warning(&self) -> Option<String> {
+        let (wd, lr) = (self.weight_decay, self.lr);
+        (wd > 0.0 && wd >= lr).then(|| {
+            let half_life = (0.5f64).ln() / (1.0 - wd.min(0.999_999)).ln();
+            format!(
+                "optimizer.weight_decay = {wd} is not below optimizer.lr = {lr}: vitrs's weight decay is absolute \
+                 (big_vision's config.wd), so every decayed weight shrinks by {:.3}% per step at the schedule's peak \
+                 (half-life {half_life:.0} steps); PyTorch's AdamW weight_decay λ is λ·lr here (e.g. {:.1e})",
+                100.0 * wd,
+                wd * lr
+            )
+        })
+    }
+}
+
 /// `[schedule]` (reference §3).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -630,6 +650,29 @@ fn one_line(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pytorch_sized_weight_decay_is_flagged_and_big_vision_sized_ones_are_not() {
+        let opt = |lr: f64, weight_decay: f64| super::OptimizerSection {
+            name: super::OptimizerName::AdamW,
+            lr,
+            weight_decay,
+            clip_norm: None,
+            momentum: None,
+            train_only: Vec::new(),
+        };
+        // PyTorch's 0.01 and 0.05 at lr 3e-3: flagged, with the per-step shrink and the λ·lr value.
+        let w = opt(3e-3, 0.01).weight_decay_warning().expect("0.01 at lr 3e-3 is flagged");
+        assert!(
+            w.contains("0.01") && w.contains("1.000%") && w.contains("half-life 69 steps") && w.contains("3.0e-5"),
+            "{w}"
+        );
+        assert!(opt(1e-3, 0.05).weight_decay_warning().is_some());
+        // big_vision-sized values (the recipes', Scaling ViT's 0.03·lr) and none at all: quiet.
+        assert_eq!(opt(2e-3, 1e-4).weight_decay_warning(), None);
+        assert_eq!(opt(8e-4, 0.03 * 8e-4).weight_decay_warning(), None);
+        assert_eq!(opt(1e-3, 0.0).weight_decay_warning(), None);
+    }
+
     use super::*;
 
     fn quickstart(sets: &[&str]) -> Result<TrainConfig, TrainError> {

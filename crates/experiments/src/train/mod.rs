@@ -680,6 +680,9 @@ fn train_rank(
         );
         bad_log.record(0, &data.bad_at_start)?;
     }
+    if let (true, Some(w)) = (lead, cfg.optimizer.weight_decay_warning()) {
+        eprintln!("warning: {w}");
+    }
     let names: Vec<String> = model.param_shapes()?.into_iter().map(|(n, _)| n).collect();
     let opt_cfg = optimizer_config(cfg, total, names.iter().map(String::as_str))?;
     if let Some(e) = &ep {
