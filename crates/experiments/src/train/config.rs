@@ -650,10 +650,12 @@ fn one_line(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_pytorch_sized_weight_decay_is_flagged_and_big_vision_sized_ones_are_not() {
-        let opt = |lr: f64, weight_decay: f64| super::OptimizerSection {
-            name: super::OptimizerName::AdamW,
+        let opt = |lr: f64, weight_decay: f64| OptimizerSection {
+            name: OptimizerName::AdamW,
             lr,
             weight_decay,
             clip_norm: None,
@@ -672,8 +674,6 @@ mod tests {
         assert_eq!(opt(8e-4, 0.03 * 8e-4).weight_decay_warning(), None);
         assert_eq!(opt(1e-3, 0.0).weight_decay_warning(), None);
     }
-
-    use super::*;
 
     fn quickstart(sets: &[&str]) -> Result<TrainConfig, TrainError> {
         TrainConfig::from_toml(QUICKSTART, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>())
