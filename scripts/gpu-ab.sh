@@ -25,21 +25,17 @@ case "${1:-}" in
   rm -rf "$dir" && mkdir -p "$dir"
   export CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=true
   export CARGO_PROFILE_BENCH_DEBUG=false CARGO_PROFILE_BENCH_STRIP=true
-  pick() {  # the executable of cargo target $1 (kind $2) in the JSON stream on stdin
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1] and sys.argv[2] in m["target"]["kind"]:
-        print(m["executable"])' "$1" "$2"
-  }
   json=$(mktemp)
   cargo build --release -p vit-experiments
   cp target/release/vit "$dir/vit"
   cargo bench --bench attention_cuda --no-run --message-format=json >"$json"
-  cp "$(pick attention_cuda bench <"$json")" "$dir/bench-attention_cuda"
+  scripts/cargo-executables.py bench attention_cuda <"$json" | while read -r _ exe; do cp "$exe" "$dir/bench-attention_cuda"; done
   cargo test --release --workspace --no-run --message-format=json >"$json"
-  for t in $tests; do cp "$(pick "$t" test <"$json")" "$dir/test-$t"; done
+  scripts/cargo-executables.py test $tests <"$json" | while read -r name exe; do cp "$exe" "$dir/test-$name"; done
   rm -f "$json"
+  for f in vit bench-attention_cuda $(printf 'test-%s ' $tests); do
+    [ -x "$dir/$f" ] || { echo "gpu-ab --build: $f was not built" >&2; exit 1; }
+  done
   tar -cJf "$dir.tar.xz" "$dir" && rm -rf "$dir"
   du -sh "$dir.tar.xz"
   ;;

@@ -25,22 +25,15 @@ if [ "${1:-}" = "--build" ]; then
   rm -rf "$bin" && mkdir -p "$bin"
   export CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=true
   export CARGO_PROFILE_BENCH_DEBUG=false CARGO_PROFILE_BENCH_STRIP=true
-  artifacts() {  # executables of the given cargo JSON stream whose target kind matches $1
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and sys.argv[1] in m["target"]["kind"]:
-        print(m["target"]["name"], m["executable"])' "$1"
-  }
   # cargo's JSON goes to a file (its errors stay on stderr), so a failed build is not hidden
   # behind a pipe.
   json=$(mktemp)
   cargo test --release --workspace --no-run --message-format=json >"$json"
-  artifacts test <"$json" | while read -r name exe; do
+  scripts/cargo-executables.py test <"$json" | while read -r name exe; do
     case " $gpu_tests " in *" $name "*) cp "$exe" "$bin/test-$name" ;; esac
   done
   cargo bench --workspace --no-run --message-format=json >"$json"
-  artifacts bench <"$json" | while read -r name exe; do
+  scripts/cargo-executables.py bench <"$json" | while read -r name exe; do
     case " $gpu_benches " in *" $name "*) cp "$exe" "$bin/bench-$name" ;; esac
   done
   rm -f "$json"

@@ -285,8 +285,6 @@ impl Kind {
     }
 }
 
-/// Checks that `t` is on `device`, the CUDA device of the call's first tensor (a host first
-/// tensor is reported as expected on `cuda:0`).
 /// The sum-of-squares kernels' descriptors of `tensors` (float, all on CUDA `device`); the
 /// caller's borrows keep the tensors alive while the kernels read them.
 fn sq_descs(op: &'static str, tensors: &[&Tensor], device: Device) -> Result<Vec<tables::SqDesc>> {
@@ -302,6 +300,8 @@ fn sq_descs(op: &'static str, tensors: &[&Tensor], device: Device) -> Result<Vec
     Ok(descs)
 }
 
+/// Checks that `t` is on `device`, the CUDA device of the call's first tensor (a host first
+/// tensor is reported as expected on `cuda:0`).
 fn same_device(op: &'static str, t: &Tensor, device: Device) -> Result<()> {
     let expected = if matches!(device, Device::Cuda(_)) { device } else { Device::Cuda(0) };
     if t.device() != expected {
