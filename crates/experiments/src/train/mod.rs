@@ -17,6 +17,7 @@ pub mod moe_eval;
 pub mod moe_log;
 mod panics;
 pub mod plot;
+mod rank_pools;
 pub mod routed;
 pub mod run_dir;
 pub mod zero;
@@ -501,14 +502,22 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
     }
     let timeout =
         (cfg.train.collective_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(cfg.train.collective_timeout));
+    // CPU ranks split this process's rayon threads between them: two ranks of one thread each
+    // keep both cores busy through each other's serial stretches, where two ranks on one shared
+    // pool wait on each other's jobs (docs/perf.md, "Data parallelism in one process").
+    let rank_pools = (cfg.train.device.0 == Device::Cpu).then(|| rank_pools::split(world.max(1)));
     let results = vit_collective::LocalGroup::run_with_timeout(world.max(1), timeout, |comm| {
         let rank = vit_collective::Communicator::rank(&comm);
         let dir = if rank == 0 { run.clone() } else { run.reader() };
-        match cfg.train.device.0 {
+        let work = || match cfg.train.device.0 {
             // Rank r on cuda:(base + r), gradients over NCCL; host tensors over the threads.
             Device::Cuda(base) if nccl => nccl_over(&comm, base + rank, cfg)
                 .and_then(|(rcfg, nccl)| train_rank(&rcfg, &dir, opts, &routed::Routed::new(&comm, nccl))),
             _ => train_rank(cfg, &dir, opts, &comm),
+        };
+        match rank_pools.as_ref().and_then(|pools| pools.get(rank)) {
+            Some(pool) => pool.install(work),
+            None => work(),
         }
     });
     // A rank that failed makes the others see it leave the group: report the failure itself.
