@@ -173,11 +173,11 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, opts: &SweepOptions) -> Result<Sweep
     }
     let work = || {
         let pool = match rayon::ThreadPoolBuilder::new().num_threads(per_job).build() {
-            Ok(p) => p,
+            Ok(p) => Some(p),
             Err(e) => {
-                // Without a pool of our own, the point runs on the global one.
-                log(&format!("warning: cannot build a pool of {per_job} threads ({e}); using the global pool"));
-                rayon::ThreadPoolBuilder::new().num_threads(0).build().expect("the default pool builds")
+                // Without a pool of our own, the point runs on the current one (the same bits).
+                log(&format!("warning: cannot build a pool of {per_job} threads ({e}); using the current pool"));
+                None
             }
         };
         loop {
@@ -211,7 +211,11 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, opts: &SweepOptions) -> Result<Sweep
                         quiet: true,
                     };
                     let t0 = Instant::now();
-                    match pool.install(|| train::train(&p.config, &run, &ropts)) {
+                    let result = match &pool {
+                        Some(pool) => pool.install(|| train::train(&p.config, &run, &ropts)),
+                        None => train::train(&p.config, &run, &ropts),
+                    };
+                    match result {
                         Ok(s) => {
                             log(&format!(
                                 "[{}/{n}] {}: done, test accuracy {:.4} in {:.1} s",
