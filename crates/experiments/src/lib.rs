@@ -3,4 +3,5 @@
 pub mod fewshot;
 pub mod plan;
 pub mod sweep;
+mod thread_pools;
 pub mod train;

@@ -160,7 +160,6 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, opts: &SweepOptions) -> Result<Sweep
     let to_run = starts.iter().filter(|s| **s != Start::Skip).count();
     let jobs = opts.jobs.min(to_run.max(1));
     let threads = opts.threads.unwrap_or_else(rayon::current_num_threads).max(1);
-    let per_job = (threads / jobs).max(1);
     let statuses: Mutex<Vec<PointStatus>> = Mutex::new(vec![PointStatus::NotStarted; n]);
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -171,82 +170,78 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, opts: &SweepOptions) -> Result<Sweep
             log(&format!("[{}/{n}] {}: finished before, skipped", i + 1, p.name));
         }
     }
-    let work = || {
-        let pool = match rayon::ThreadPoolBuilder::new().num_threads(per_job).build() {
-            Ok(p) => Some(p),
-            Err(e) => {
-                // Without a pool of our own, the point runs on the current one (the same bits).
-                log(&format!("warning: cannot build a pool of {per_job} threads ({e}); using the current pool"));
-                None
-            }
-        };
-        loop {
-            if stop.load(Ordering::SeqCst) {
-                return;
-            }
-            let i = next.fetch_add(1, Ordering::SeqCst);
-            if i >= n {
-                return;
-            }
-            let (p, start) = (&sweep.points[i], starts[i]);
-            if start == Start::Skip {
-                continue;
-            }
-            let status = match RunDir::create(out.join(&p.name)) {
-                Err(e) => PointStatus::Failed { error: e.to_string() },
-                Ok(run) => {
-                    log(&format!(
-                        "[{}/{n}] {}: {}",
-                        i + 1,
-                        p.name,
+    // Without pools of their own, the points run on the current one (the same bits).
+    let pools = crate::thread_pools::split(jobs, threads).unwrap_or_else(|e| {
+        log(&format!("warning: {e}; using the current pool"));
+        Vec::new()
+    });
+    let work = |pool: Option<&rayon::ThreadPool>| loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        if i >= n {
+            return;
+        }
+        let (p, start) = (&sweep.points[i], starts[i]);
+        if start == Start::Skip {
+            continue;
+        }
+        let status = match RunDir::create(out.join(&p.name)) {
+            Err(e) => PointStatus::Failed { error: e.to_string() },
+            Ok(run) => {
+                log(&format!(
+                    "[{}/{n}] {}: {}",
+                    i + 1,
+                    p.name,
+                    match start {
+                        Start::Resume(s) => format!("resuming from step {s}"),
+                        _ => "training".into(),
+                    }
+                ));
+                let ropts = RunOptions {
+                    resume: matches!(start, Start::Resume(_)),
+                    stop_at: opts.stop_at,
+                    progress_bar: false,
+                    quiet: true,
+                };
+                let t0 = Instant::now();
+                let result = match pool {
+                    Some(pool) => pool.install(|| train::train(&p.config, &run, &ropts)),
+                    None => train::train(&p.config, &run, &ropts),
+                };
+                match result {
+                    Ok(s) => {
+                        log(&format!(
+                            "[{}/{n}] {}: done, test accuracy {:.4} in {:.1} s",
+                            i + 1,
+                            p.name,
+                            s.test_accuracy,
+                            t0.elapsed().as_secs_f64()
+                        ));
                         match start {
-                            Start::Resume(s) => format!("resuming from step {s}"),
-                            _ => "training".into(),
-                        }
-                    ));
-                    let ropts = RunOptions {
-                        resume: matches!(start, Start::Resume(_)),
-                        stop_at: opts.stop_at,
-                        progress_bar: false,
-                        quiet: true,
-                    };
-                    let t0 = Instant::now();
-                    let result = match &pool {
-                        Some(pool) => pool.install(|| train::train(&p.config, &run, &ropts)),
-                        None => train::train(&p.config, &run, &ropts),
-                    };
-                    match result {
-                        Ok(s) => {
-                            log(&format!(
-                                "[{}/{n}] {}: done, test accuracy {:.4} in {:.1} s",
-                                i + 1,
-                                p.name,
-                                s.test_accuracy,
-                                t0.elapsed().as_secs_f64()
-                            ));
-                            match start {
-                                Start::Resume(from) => PointStatus::Resumed { from },
-                                _ => PointStatus::Ran,
-                            }
-                        }
-                        Err(TrainError::Interrupted { step, .. }) => {
-                            stop.store(true, Ordering::SeqCst);
-                            log(&format!("[{}/{n}] {}: interrupted at step {step}, checkpoint saved", i + 1, p.name));
-                            PointStatus::Interrupted { step }
-                        }
-                        Err(e) => {
-                            log(&format!("[{}/{n}] {}: failed: {e}", i + 1, p.name));
-                            PointStatus::Failed { error: e.to_string() }
+                            Start::Resume(from) => PointStatus::Resumed { from },
+                            _ => PointStatus::Ran,
                         }
                     }
+                    Err(TrainError::Interrupted { step, .. }) => {
+                        stop.store(true, Ordering::SeqCst);
+                        log(&format!("[{}/{n}] {}: interrupted at step {step}, checkpoint saved", i + 1, p.name));
+                        PointStatus::Interrupted { step }
+                    }
+                    Err(e) => {
+                        log(&format!("[{}/{n}] {}: failed: {e}", i + 1, p.name));
+                        PointStatus::Failed { error: e.to_string() }
+                    }
                 }
-            };
-            statuses.lock().expect("not poisoned")[i] = status;
-        }
+            }
+        };
+        statuses.lock().expect("not poisoned")[i] = status;
     };
     std::thread::scope(|s| {
-        for _ in 0..jobs {
-            s.spawn(work);
+        for job in 0..jobs {
+            let pool = pools.get(job);
+            s.spawn(move || work(pool));
         }
     });
     let statuses = statuses.into_inner().expect("not poisoned");

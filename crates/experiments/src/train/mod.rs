@@ -17,7 +17,6 @@ pub mod moe_eval;
 pub mod moe_log;
 mod panics;
 pub mod plot;
-mod rank_pools;
 pub mod routed;
 pub mod run_dir;
 pub mod zero;
@@ -505,7 +504,12 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
     // CPU ranks split this process's rayon threads between them: two ranks of one thread each
     // keep both cores busy through each other's serial stretches, where two ranks on one shared
     // pool wait on each other's jobs (docs/perf.md, "Data parallelism in one process").
-    let rank_pools = (cfg.train.device.0 == Device::Cpu).then(|| rank_pools::split(world.max(1)));
+    let rank_pools = match cfg.train.device.0 {
+        Device::Cpu => crate::thread_pools::split(world.max(1), rayon::current_num_threads())
+            .inspect_err(|e| eprintln!("warning: {e}; the ranks share one pool"))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let results = vit_collective::LocalGroup::run_with_timeout(world.max(1), timeout, |comm| {
         let rank = vit_collective::Communicator::rank(&comm);
         let dir = if rank == 0 { run.clone() } else { run.reader() };
@@ -515,7 +519,7 @@ pub fn train(cfg: &TrainConfig, run: &RunDir, opts: &RunOptions) -> Result<Summa
                 .and_then(|(rcfg, nccl)| train_rank(&rcfg, &dir, opts, &routed::Routed::new(&comm, nccl))),
             _ => train_rank(cfg, &dir, opts, &comm),
         };
-        match rank_pools.as_ref().and_then(|pools| pools.get(rank)) {
+        match rank_pools.get(rank) {
             Some(pool) => pool.install(work),
             None => work(),
         }
