@@ -242,14 +242,20 @@ fn a_file_deleted_or_made_unreadable_mid_run_saves_the_state_and_resumes_exactly
     let (tmp, config, straight) = with_straight_run(steps);
     let file = train_file(tmp.path(), "a", 7);
     let good = std::fs::read(&file).unwrap();
-    // Deleted after the scan (ENOENT), then a directory where the file was (EISDIR: unreadable,
-    // even for root).
+    // Deleted after the scan (ENOENT), then replaced by a link to a directory (EISDIR:
+    // unreadable, even for root). The link is renamed over the file in one step, so the loader
+    // never sees the name missing in between (a remove then a mkdir raced it).
+    let dir = tmp.path().join("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    let link = tmp.path().join("link-to-a-directory");
     for (what, expect) in [("deleted", "No such file"), ("unreadable", "Is a directory")] {
         let out = tmp.path().join(what);
         let o = fault_mid_run(&config, &out, 3, || {
-            std::fs::remove_file(&file).unwrap();
             if what == "unreadable" {
-                std::fs::create_dir(&file).unwrap();
+                std::os::unix::fs::symlink(&dir, &link).unwrap();
+                std::fs::rename(&link, &file).unwrap();
+            } else {
+                std::fs::remove_file(&file).unwrap();
             }
         });
         let line = one_line_error(&o, what);
@@ -257,7 +263,7 @@ fn a_file_deleted_or_made_unreadable_mid_run_saves_the_state_and_resumes_exactly
         let saved = newest_checkpoint(&out).expect("a checkpoint of the last completed step");
         assert!(saved >= 3 && line.contains(&format!("step {saved}")), "{what}: {line}");
         if what == "unreadable" {
-            std::fs::remove_dir(&file).unwrap();
+            std::fs::remove_file(&file).unwrap();
         }
         std::fs::write(&file, &good).unwrap();
         assert_resumed_equals_straight(&straight, &out, steps, what);
