@@ -21,14 +21,22 @@ impl ModelConfig {
     /// `E · capacity(group of group_size images) / group_size` (≈ k·C·N: the padding of empty
     /// slots is computed too).
     pub fn forward_flops_per_image(&self) -> f64 {
-        let (d, m, n) = (self.width as f64, self.mlp_dim as f64, self.tokens() as f64);
+        self.forward_flops_keeping(self.num_patches())
+    }
+
+    /// [`ModelConfig::forward_flops_per_image`] of a training pass under PatchDropout that keeps
+    /// `kept` patch tokens per image: the blocks and the head see `kept` tokens (and the class
+    /// token); the patch embedding still runs on every patch.
+    pub fn forward_flops_keeping(&self, kept: usize) -> f64 {
+        let n = (kept + usize::from(self.pool == Pool::Tok)) as f64;
+        let (d, m) = (self.width as f64, self.mlp_dim as f64);
         let patches = (self.image_size / self.patch.max(1)).pow(2) as f64;
         let patch_in = (self.channels * self.patch * self.patch) as f64;
         let embed = 2.0 * patches * patch_in * d;
         let block = 2.0 * n * d * (4.0 * d + 2.0 * m) + 4.0 * n * n * d;
         let moe = self.moe.as_ref().map_or(0.0, |moe| {
             let g = moe.group_size.max(1);
-            let slots = (moe.experts * moe.capacity_for(g * self.tokens())) as f64 / g as f64;
+            let slots = (moe.experts * moe.capacity_for(g * n as usize)) as f64 / g as f64;
             let moe_block =
                 block - 2.0 * n * 2.0 * d * m + 2.0 * n * d * moe.experts as f64 + 2.0 * slots * 2.0 * d * m;
             moe.moe_blocks(self.depth).len() as f64 * (moe_block - block)
@@ -73,6 +81,17 @@ mod tests {
         let f = cfg.forward_flops_per_image();
         assert!((f / 2.0 / 1e9 - 17.56).abs() < 0.01, "{} GMACs", f / 2e9);
         assert_eq!(cfg.train_flops_per_image(), 3.0 * f);
+    }
+
+    #[test]
+    fn patch_dropout_cuts_the_blocks_flops_but_not_the_embedding() {
+        let mut cfg = ModelConfig::preset("B/16").unwrap();
+        cfg.pool = Pool::Tok;
+        assert_eq!(cfg.forward_flops_keeping(196), cfg.forward_flops_per_image());
+        let (d, m) = (768.0, 3072.0);
+        let block = |n: f64| 2.0 * n * d * (4.0 * d + 2.0 * m) + 4.0 * n * n * d;
+        let saved = cfg.forward_flops_per_image() - cfg.forward_flops_keeping(98);
+        assert!((saved - 12.0 * (block(197.0) - block(99.0))).abs() < 1.0, "{saved}");
     }
 
     #[test]

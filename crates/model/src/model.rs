@@ -2,13 +2,14 @@
 //! pooling → optional pre-logits (Dense + tanh) → classifier. Every ViT, Scaling-ViT and
 //! ViT-22B variant of the zoo is this one model with different settings.
 
+use crate::layers::patch_dropout::{self, KeptTokens, PatchDrop};
 use crate::layers::MoeStats;
 use crate::{
     layers::{
         block::block_noise_seed, Block, BlockSaved, EmbedSaved, Embedding, Fill, Init, Initializer, Linear, Norm,
         NormSaved, ParamSink, PoolSaved, Pooling, ShapeList,
     },
-    ModelConfig, ParamStore, Result,
+    ModelConfig, ParamStore, Pool, Result,
 };
 use vit_collective::Communicator;
 use vit_tensor::{ops, DType, Device, Tensor};
@@ -39,6 +40,8 @@ pub struct VisionTransformer {
 pub struct ForwardSaved {
     /// What the patch embedding saved (the flattened patches `[B, N, C·p·p]`).
     embed: EmbedSaved,
+    /// The tokens PatchDropout kept (`None`: every token).
+    kept: Option<KeptTokens>,
     /// Input of each block, `[B, N, D]` (kept with or without activation checkpointing).
     block_inputs: Vec<Tensor>,
     /// Saved activations of each block; `None` under activation checkpointing (recomputed).
@@ -172,14 +175,30 @@ impl VisionTransformer {
     /// MoE layers route without noise (deterministic, as at inference); training uses
     /// [`VisionTransformer::forward_train`].
     pub fn forward(&self, p: &ParamStore, images: &Tensor) -> Result<(Tensor, ForwardSaved)> {
-        self.forward_routed(p, images, None, None)
+        self.forward_routed(p, images, None, None, None)
     }
 
     /// [`VisionTransformer::forward`] in training: MoE routers add their noise, drawn from
     /// `noise_seed` (each layer its own stream, so the same seed gives the same bits). A dense
     /// model gives the same as `forward`.
     pub fn forward_train(&self, p: &ParamStore, images: &Tensor, noise_seed: u64) -> Result<(Tensor, ForwardSaved)> {
-        self.forward_routed(p, images, Some(noise_seed), None)
+        self.forward_routed(p, images, Some(noise_seed), None, None)
+    }
+
+    /// [`VisionTransformer::forward_train`] (with expert parallelism over `ep` when given, as
+    /// [`VisionTransformer::forward_train_ep`]) and PatchDropout: with `patch = Some(drop)`, each
+    /// image keeps `drop.keep` of its patch tokens (and the class token), and the blocks run on
+    /// `[B, keep (+1), D]` ([`crate::layers::patch_dropout`]). Backward gives the dropped
+    /// tokens a zero gradient. Errors when `keep` is 0 or more than the patches.
+    pub fn forward_train_with(
+        &self,
+        p: &ParamStore,
+        images: &Tensor,
+        noise_seed: u64,
+        patch: Option<PatchDrop>,
+        ep: Option<&dyn Communicator>,
+    ) -> Result<(Tensor, ForwardSaved)> {
+        self.forward_routed(p, images, Some(noise_seed), patch, ep)
     }
 
     /// [`VisionTransformer::forward_train`] with expert parallelism: every MoE layer's experts
@@ -195,7 +214,7 @@ impl VisionTransformer {
         noise_seed: u64,
         comm: &dyn Communicator,
     ) -> Result<(Tensor, ForwardSaved)> {
-        self.forward_routed(p, images, Some(noise_seed), Some(comm))
+        self.forward_routed(p, images, Some(noise_seed), None, Some(comm))
     }
 
     fn forward_routed(
@@ -203,9 +222,17 @@ impl VisionTransformer {
         p: &ParamStore,
         images: &Tensor,
         noise_seed: Option<u64>,
+        patch: Option<PatchDrop>,
         ep: Option<&dyn Communicator>,
     ) -> Result<(Tensor, ForwardSaved)> {
         let (mut x, embed) = self.embed.forward(p, images)?;
+        let mut kept = None;
+        if let Some(drop) = &patch {
+            let prefix = usize::from(self.config.pool == Pool::Tok);
+            let (dropped, k) = patch_dropout::drop_tokens(&x, prefix, drop)?;
+            x = dropped;
+            kept = Some(k);
+        }
         let mut block_inputs = Vec::with_capacity(self.blocks.len());
         let mut block_saved = Vec::with_capacity(self.blocks.len());
         let mut moe = Vec::new();
@@ -219,7 +246,7 @@ impl VisionTransformer {
             x = y;
         }
         let (out, tail) = self.tail_forward(p, x)?;
-        Ok((out, ForwardSaved { embed, block_inputs, block_saved, tail, noise_seed, moe }))
+        Ok((out, ForwardSaved { embed, kept, block_inputs, block_saved, tail, noise_seed, moe }))
     }
 
     /// The final norm, pooling, pre-logits and classifier on the encoded tokens `x [B, N, D]`.
@@ -372,6 +399,9 @@ impl VisionTransformer {
                 }
             };
             notify(g);
+        }
+        if let Some(k) = &s.kept {
+            dx = patch_dropout::restore(&dx, k)?;
         }
         let dimages = self.embed.backward(p, &s.embed, &dx, g)?;
         notify(g);

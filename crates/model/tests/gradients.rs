@@ -5,7 +5,9 @@ mod common;
 
 use common::randomised;
 
-use vit_model::{BlockKind, ModelConfig, ParamCounts, Pool, PosEmb, VisionTransformer};
+use vit_model::{
+    layers::patch_dropout::PatchDrop, BlockKind, ModelConfig, ParamCounts, Pool, PosEmb, VisionTransformer,
+};
 use vit_tensor::{ops, testing::check_gradient, DType, Device, Tensor};
 
 const CPU: Device = Device::Cpu;
@@ -25,31 +27,34 @@ fn tiny(pool: Pool, block: BlockKind, qk_norm: bool, bias: bool) -> ModelConfig 
 
 /// Checks the gradient of every parameter tensor (sampled) and of the images.
 fn check_model(cfg: &ModelConfig, what: &str) {
+    check_model_keeping(cfg, None, what)
+}
+
+/// [`check_model`] of a training pass that keeps `patch_keep` patch tokens per image
+/// (PatchDropout; the same seed, so the same tokens, in every evaluation).
+fn check_model_keeping(cfg: &ModelConfig, patch_keep: Option<usize>, what: &str) {
     let model = VisionTransformer::new(cfg, DType::F32, CPU).unwrap();
+    let forward = |p: &vit_model::ParamStore, x: &Tensor| match patch_keep {
+        Some(keep) => {
+            model.forward_train_with(p, x, 11, Some(PatchDrop { keep, seed: 11, first_image: 0 }), None).unwrap()
+        }
+        None => model.forward(p, x).unwrap(),
+    };
     let p = randomised(&model.init_params(0, DType::F32, CPU).unwrap(), 100);
     assert_eq!(p.numel() as u64, ParamCounts::of(cfg).unwrap().total, "{what}: parameter count");
     let images =
         Tensor::randn([2, cfg.channels, cfg.image_size, cfg.image_size], 0.0, 1.0, 7, DType::F32, CPU).unwrap();
-    let (out, saved) = model.forward(&p, &images).unwrap();
+    let (out, saved) = forward(&p, &images);
     let r = Tensor::randn(out.shape().clone(), 0.0, 1.0, 8, DType::F32, CPU).unwrap();
     let mut g = p.zeros_like(DType::F32).unwrap();
     let dimages = model.backward(&p, &saved, &r, &mut g).unwrap();
-    check_gradient(
-        &format!("{what}: images"),
-        |x| Ok(model.forward(&p, x).unwrap().0),
-        &images,
-        &r,
-        &dimages,
-        1e-2,
-        3e-3,
-        12,
-    )
-    .unwrap();
+    check_gradient(&format!("{what}: images"), |x| Ok(forward(&p, x).0), &images, &r, &dimages, 1e-2, 3e-3, 12)
+        .unwrap();
     for (name, t) in p.iter() {
         let f = |x: &Tensor| {
             let mut q = p.clone();
             q.set(name, x.clone()).unwrap();
-            Ok(model.forward(&q, &images).unwrap().0)
+            Ok(forward(&q, &images).0)
         };
         // Step 5e-3: at 1e-2 the O(h²) truncation error of central differences reaches the
         // tolerance on some parameters of these random models (a LayerNorm scale of the
@@ -82,6 +87,36 @@ fn sincos_posemb_prelogits_erf_and_headless_models_match_finite_differences() {
     let mut c = tiny(Pool::Map, BlockKind::Parallel, true, false);
     c.classes = 0;
     check_model(&c, "no classifier");
+}
+
+#[test]
+fn patch_dropout_matches_finite_differences_with_every_pool() {
+    for pool in [Pool::Tok, Pool::Gap, Pool::Map] {
+        let mut c = tiny(pool, BlockKind::Sequential, false, true);
+        c.set("image_size=12").unwrap(); // 9 patches, 4 kept
+        check_model_keeping(&c, Some(4), &format!("patch dropout, {pool:?}"));
+    }
+}
+
+#[test]
+fn patch_dropout_keeping_every_patch_is_the_plain_forward_and_a_drop_changes_the_output() {
+    let mut c = tiny(Pool::Tok, BlockKind::Parallel, true, false);
+    c.set("image_size=12").unwrap();
+    let model = VisionTransformer::new(&c, DType::F32, CPU).unwrap();
+    let p = randomised(&model.init_params(0, DType::F32, CPU).unwrap(), 5);
+    let images = Tensor::randn([3, 2, 12, 12], 0.0, 1.0, 4, DType::F32, CPU).unwrap();
+    let keeping =
+        |keep| model.forward_train_with(&p, &images, 1, Some(PatchDrop { keep, seed: 1, first_image: 0 }), None);
+    let plain = common::values(&model.forward(&p, &images).unwrap().0);
+    let all = common::values(&keeping(9).unwrap().0);
+    assert_eq!(plain, all, "keeping all 9 patches (in order) is the plain pass");
+    let some = common::values(&keeping(5).unwrap().0);
+    assert_ne!(plain, some);
+    assert_eq!(some, common::values(&keeping(5).unwrap().0), "the same seed keeps the same tokens");
+    for bad in [0, 10] {
+        let e = keeping(bad).unwrap_err().to_string();
+        assert!(e.contains(&format!("{bad} of the 9 patch tokens")), "{e}");
+    }
 }
 
 #[test]

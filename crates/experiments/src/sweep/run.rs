@@ -17,7 +17,8 @@ use std::{
     },
     time::Instant,
 };
-use vit_model::ParamCounts;
+use train::config::TrainConfig;
+use vit_model::{ModelConfig, ParamCounts};
 
 /// Options of one `vit sweep` invocation.
 #[derive(Debug, Clone)]
@@ -78,7 +79,8 @@ pub struct Record {
     pub images_seen: u64,
     /// The training split's size (after `data.train_limit`).
     pub train_images: usize,
-    /// Training FLOPs: forward FLOPs per image × 3 × images seen.
+    /// Training FLOPs: forward FLOPs per image × 3 × images seen (a step under PatchDropout
+    /// counted at the tokens it keeps, `ModelConfig::forward_flops_keeping`).
     pub train_flops: f64,
     /// Every numeric value of the run's `summary.json` (nested keys joined by `/`), and
     /// `test_error` = 1 − `test_accuracy`.
@@ -318,6 +320,7 @@ fn record(p: &crate::sweep::Point, dir: &Path) -> Result<Record, SweepError> {
     let batch_size = p.config.train.batch_size;
     let images_seen = steps * batch_size as u64;
     let forward = m.forward_flops_per_image();
+    let train_flops = train_flops(&p.config, &m, steps, p.train_images);
     let settings = p
         .settings
         .iter()
@@ -332,9 +335,21 @@ fn record(p: &crate::sweep::Point, dir: &Path) -> Result<Record, SweepError> {
         steps,
         images_seen,
         train_images: p.train_images,
-        train_flops: forward * 3.0 * images_seen as f64,
+        train_flops,
         metrics,
     })
+}
+
+/// Model FLOPs of the first `steps` steps of `cfg` (model `m`) on `train_images` images: 3 ×
+/// forward FLOPs per image × images seen, where a step under PatchDropout counts at the tokens
+/// it keeps.
+fn train_flops(cfg: &TrainConfig, m: &ModelConfig, steps: u64, train_images: usize) -> f64 {
+    let total = train::total_steps(cfg, train_images);
+    let drops: Vec<usize> =
+        (0..steps).filter_map(|s| cfg.train.patch_drop(m.num_patches(), s, total, 0)).map(|d| d.keep).collect();
+    let batch = cfg.train.batch_size as u64;
+    let full = m.forward_flops_per_image() * 3.0 * ((steps - drops.len() as u64) * batch) as f64;
+    full + drops.first().map_or(0.0, |&k| m.forward_flops_keeping(k) * 3.0 * (drops.len() as u64 * batch) as f64)
 }
 
 /// Every finite number in `v`, keyed by its path (`a/b`).
@@ -361,4 +376,26 @@ pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<(), SweepError> {
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     std::fs::write(&tmp, text).map_err(|e| SweepError::Io(format!("cannot write {}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| SweepError::Io(format!("cannot rename onto {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_under_patch_dropout_count_at_the_tokens_they_keep() {
+        let mut cfg = TrainConfig::from_toml(train::config::QUICKSTART, &[]).unwrap();
+        cfg.train.steps = Some(100);
+        cfg.train.epochs = None;
+        let m = cfg.model_config().unwrap();
+        let (f, batch) = (m.forward_flops_per_image(), cfg.train.batch_size as f64);
+        assert_eq!(train_flops(&cfg, &m, 60, 1000), f * 3.0 * 60.0 * batch);
+        cfg.train.patch_dropout = 0.5;
+        cfg.train.patch_dropout_until = 0.5;
+        let k = m.forward_flops_keeping(vit_model::layers::patch_dropout::tokens_kept(m.num_patches(), 0.5));
+        assert!(k < f);
+        // Steps 0-49 drop, 50-59 keep every token.
+        let want = k * 3.0 * 50.0 * batch + f * 3.0 * 10.0 * batch;
+        assert!((train_flops(&cfg, &m, 60, 1000) - want).abs() <= 1e-9 * want);
+    }
 }

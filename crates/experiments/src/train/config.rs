@@ -7,6 +7,7 @@
 use crate::train::TrainError;
 use serde::{Deserialize, Serialize};
 use std::{collections::BTreeMap, fmt, path::Path};
+use vit_model::layers::patch_dropout::{self, PatchDrop};
 use vit_model::ModelConfig;
 use vit_tensor::{DType, Device};
 
@@ -262,6 +263,30 @@ pub struct LoopSection {
     /// Weight of the distillation loss (1 = distillation only).
     #[serde(default = "one_f32")]
     pub distill_weight: f32,
+    /// PatchDropout (Liu et al. 2022; timm's `patch_drop_rate`): the fraction of each image's
+    /// patch tokens dropped in a training step, after the position embedding (0 = none). The
+    /// blocks run on the rest, so a step costs less; evaluation sees every token.
+    #[serde(default)]
+    pub patch_dropout: f64,
+    /// The fraction of the run's steps that drop patches (default 1, the whole run); the steps
+    /// after train on every token, as evaluation sees them (FLIP's unmasked tuning).
+    #[serde(default = "one_f64")]
+    pub patch_dropout_until: f64,
+}
+
+impl LoopSection {
+    /// What PatchDropout drops at `step` of `total` steps for a pass whose first image is row
+    /// `first_image` of the global batch, for a model of `patches` patch tokens (`None`: it
+    /// keeps every token). Drops during the first `patch_dropout_until · total` steps; the
+    /// draws come from the seed and the step, so a resumed run draws as a straight one.
+    pub fn patch_drop(&self, patches: usize, step: u64, total: u64, first_image: usize) -> Option<PatchDrop> {
+        let dropping = self.patch_dropout > 0.0 && (step as f64) < self.patch_dropout_until * total as f64;
+        dropping.then(|| PatchDrop {
+            keep: patch_dropout::tokens_kept(patches, self.patch_dropout),
+            seed: vit_model::layers::moe::mix_seed(self.seed ^ 0x7061_7463_685f_6472, step),
+            first_image: first_image as u64,
+        })
+    }
 }
 
 fn one() -> usize {
@@ -343,6 +368,9 @@ fn default_bucket_mb() -> f64 {
 }
 fn yes() -> bool {
     true
+}
+fn one_f64() -> f64 {
+    1.0
 }
 fn one_f32() -> f32 {
     1.0
@@ -593,6 +621,23 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&t.distill_weight) {
             return bad("train.distill_weight", t.distill_weight.to_string(), "a value in [0, 1]");
+        }
+        if !(0.0..1.0).contains(&t.patch_dropout) {
+            return bad("train.patch_dropout", t.patch_dropout.to_string(), "a fraction of the patches in [0, 1)");
+        }
+        if !(0.0..=1.0).contains(&t.patch_dropout_until) {
+            return bad(
+                "train.patch_dropout_until",
+                t.patch_dropout_until.to_string(),
+                "a fraction of the steps in [0, 1]",
+            );
+        }
+        if t.patch_dropout > 0.0 && (t.mesh.model > 1 || t.sharding == Sharding::Full) {
+            return bad(
+                "train.patch_dropout",
+                t.patch_dropout.to_string(),
+                "0 with a model axis (train.mesh.model > 1) or train.sharding = \"full\" (their passes keep every token)",
+            );
         }
         let o = &self.optimizer;
         if !(o.lr > 0.0 && o.lr.is_finite()) {

@@ -299,7 +299,7 @@ pub fn micro_batch_grads_moe(
     ready: &mut dyn FnMut(&ParamStore, &[String]),
     ep: Option<&dyn vit_collective::Communicator>,
 ) -> Result<f64, TrainError> {
-    micro_batch_grads_to(model, params, x, t, loss, batch, moe, grads, ready, ep, None)
+    micro_batch_grads_to(model, params, x, t, loss, batch, moe, None, grads, ready, ep, None)
 }
 
 /// [`micro_batch_grads`] of a dense model whose loss stays on the device: the micro-batch's loss
@@ -316,13 +316,14 @@ pub fn micro_batch_grads_device(
     grads: &mut ParamStore,
     device: &mut device_steps::DeviceSteps,
 ) -> Result<(), TrainError> {
-    micro_batch_grads_to(model, params, x, t, loss, batch, None, grads, &mut |_, _| {}, None, Some(device))?;
+    micro_batch_grads_to(model, params, x, t, loss, batch, None, None, grads, &mut |_, _| {}, None, Some(device))?;
     Ok(())
 }
 
 /// [`micro_batch_grads_moe`] that, with `device`, adds the micro-batch's loss sum into the
 /// device-side step status instead of reading it (returns 0 then; a dense model only: its
-/// auxiliary loss is 0).
+/// auxiliary loss is 0). With `moe` and `patch`, each image keeps `patch.keep` patch tokens
+/// (PatchDropout).
 #[allow(clippy::too_many_arguments)]
 fn micro_batch_grads_to(
     model: &VisionTransformer,
@@ -332,6 +333,7 @@ fn micro_batch_grads_to(
     loss: LossKind,
     batch: usize,
     moe: Option<(u64, &mut moe_log::MoeLog)>,
+    patch: Option<vit_model::layers::patch_dropout::PatchDrop>,
     grads: &mut ParamStore,
     ready: &mut dyn FnMut(&ParamStore, &[String]),
     ep: Option<&dyn vit_collective::Communicator>,
@@ -340,10 +342,7 @@ fn micro_batch_grads_to(
     let share = x.dims()[0] as f64 / batch as f64;
     let (logits, saved) = match moe {
         Some((seed, log)) => {
-            let (logits, saved) = match ep {
-                Some(comm) => model.forward_train_ep(params, x, seed, comm)?,
-                None => model.forward_train(params, x, seed)?,
-            };
+            let (logits, saved) = model.forward_train_with(params, x, seed, patch, ep)?;
             log.add(&saved, share);
             (logits, saved)
         }
@@ -1027,6 +1026,7 @@ fn train_rank(
                                 cfg.train.loss,
                                 batch,
                                 moe,
+                                cfg.train.patch_drop(mcfg.num_patches(), step, total, first_row + j * micro),
                                 &mut grads,
                                 &mut ready,
                                 ep.as_ref().map(|_| dp),

@@ -12,6 +12,7 @@ pub mod mlp;
 pub mod moe;
 pub mod moe_parallel;
 pub mod norm;
+pub mod patch_dropout;
 pub mod pool;
 pub mod routing;
 

@@ -1,0 +1,66 @@
+//! PatchDropout in training (`train.patch_dropout`, `train.patch_dropout_until`): it changes
+//! the steps that drop and no others, a run stopped and resumed drops as a straight one (the
+//! draws come from the seed and the step), two data-parallel ranks and micro-batches drop the
+//! same tokens of each image as one rank does, and bad settings are one-line errors.
+
+mod common;
+
+use common::{assert_losses_close, assert_same_metrics, losses, train_small as train, vit};
+
+const DROP: [&str; 2] = ["--set", "train.patch_dropout=0.5"];
+
+fn ok(o: std::process::Output) {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn patch_dropout_changes_its_steps_only_resumes_exactly_and_any_split_draws_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    ok(train(&dir("plain"), &[]));
+    ok(train(&dir("dropped"), &DROP));
+    ok(train(&dir("half"), &[&DROP[..], &["--set", "train.patch_dropout_until=0.5"]].concat()));
+    ok(train(&dir("none"), &[&DROP[..], &["--set", "train.patch_dropout_until=0"]].concat()));
+    let config = std::fs::read_to_string(dir("dropped").join("config.toml")).unwrap();
+    assert!(config.contains("patch_dropout = 0.5"), "{config}");
+    let (plain, dropped, half) = (losses(&dir("plain")), losses(&dir("dropped")), losses(&dir("half")));
+    assert_eq!((plain.len(), dropped.len()), (20, 20));
+    // The zero-initialised head gives ln 10 until the first update with a nonzero learning
+    // rate (step 2 of the warmup); from step 3 on, fewer tokens give other losses.
+    assert!(plain[2..].iter().zip(&dropped[2..]).all(|(a, b)| a.1 != b.1));
+    // Dropping until step 10 of 20 is the whole-run dropout up to there, then another run.
+    assert_eq!(half[..10], dropped[..10], "the first 10 steps drop the same tokens");
+    assert!(half[10..].iter().zip(&dropped[10..]).all(|(a, b)| a.1 != b.1), "steps 11-20 keep every token");
+    // until = 0 drops nothing: the plain run, bit for bit.
+    assert_same_metrics(&dir("plain"), &dir("none"), "patch_dropout_until = 0");
+
+    let o = train(&dir("resumed"), &[&DROP[..], &["--stop-at", "7"]].concat());
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(vit(&["train", "--resume", dir("resumed").to_str().unwrap()]));
+    assert_same_metrics(&dir("dropped"), &dir("resumed"), "patch dropout: straight vs stopped at 7 and resumed");
+
+    // Each image draws from its global position in the batch: two ranks, or micro-batches of
+    // 16, drop what one pass drops (the sums differ only in order).
+    ok(train(&dir("two"), &[&DROP[..], &["--world", "2"]].concat()));
+    assert_losses_close(&dir("dropped"), &dir("two"), 20, "patch dropout: world 2 vs world 1");
+    ok(train(&dir("micro"), &[&DROP[..], &["--set", "train.grad_accum=4"]].concat()));
+    assert_losses_close(&dir("dropped"), &dir("micro"), 20, "patch dropout: 4 micro-batches of 16 vs one pass");
+}
+
+#[test]
+fn a_bad_patch_dropout_setting_is_a_one_line_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (set, want) in [
+        (vec!["train.patch_dropout=1"], "train.patch_dropout = 1: expected a fraction of the patches in [0, 1)"),
+        (vec!["train.patch_dropout=-0.1"], "train.patch_dropout = -0.1"),
+        (vec!["train.patch_dropout_until=1.5"], "train.patch_dropout_until = 1.5: expected a fraction of the steps"),
+        (vec!["train.patch_dropout=0.5", "train.sharding=\"full\""], "train.sharding = \"full\""),
+    ] {
+        let args: Vec<&str> = set.iter().flat_map(|s| ["--set", s]).collect();
+        let o = train(&tmp.path().join("bad"), &args);
+        assert_eq!(o.status.code(), Some(1), "{set:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{set:?}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "{set:?}: {e}");
+    }
+}
