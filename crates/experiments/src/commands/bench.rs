@@ -18,6 +18,7 @@ use std::time::Instant;
 use vit_experiments::train::{
     config::LossKind, device_steps::DeviceSteps, micro_batch_grads, micro_batch_grads_device,
 };
+use vit_model::layers::patch_dropout::{tokens_kept, PatchDrop};
 use vit_model::{ModelConfig, VisionTransformer};
 use vit_optim::{AdamWConfig, Algorithm, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups};
 use vit_tensor::{cuda, ops, DType, Device, Tensor};
@@ -78,6 +79,10 @@ pub struct StepArgs {
     /// Seed of the synthetic data and the initialisation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// PatchDropout (`train` and `memory`): the fraction of each image's patch tokens dropped
+    /// in every step, as `train.patch_dropout` does (0 = none). Model FLOPs count the tokens kept.
+    #[arg(long, default_value_t = 0.0)]
+    patch_dropout: f64,
     /// One JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -94,6 +99,8 @@ struct Report {
     precision: String,
     /// The optimizer of the training steps; `none` for `infer`.
     optimizer: String,
+    /// The fraction of patch tokens dropped in each training step (`--patch-dropout`).
+    patch_dropout: f64,
     timed_steps: usize,
     /// Median wall-clock milliseconds per step (forward, backward, optimizer; the forward
     /// alone for `infer`), synchronised.
@@ -134,8 +141,21 @@ pub fn run(args: Args) -> Result<(), CliError> {
     if a.steps == 0 {
         return Err(CliError::Usage("--steps 0: expected at least one timed step".into()));
     }
+    if !(0.0..1.0).contains(&a.patch_dropout) {
+        return Err(CliError::Usage(format!(
+            "--patch-dropout {}: expected a fraction of the patches in [0, 1)",
+            a.patch_dropout
+        )));
+    }
+    if what == "infer" && a.patch_dropout > 0.0 {
+        return Err(CliError::Usage(format!(
+            "--patch-dropout {} with infer: expected it with train or memory only (inference keeps every token)",
+            a.patch_dropout
+        )));
+    }
     let device = a.device.unwrap_or(if cuda::available() { Device::Cuda(0) } else { Device::Cpu });
     let cfg = model_config(&a.model, &a.sets)?;
+    let kept = (a.patch_dropout > 0.0).then(|| tokens_kept(cfg.num_patches(), a.patch_dropout));
     let model = VisionTransformer::new(&cfg, a.precision, device)?;
     let params = model.init_params(a.seed, DType::F32, device)?;
     let peak = a.peak_tflops.or(match (device, a.precision) {
@@ -154,10 +174,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
         timed_steps: 0,
         step_ms: None,
         images_per_second: None,
-        model_flops_per_image: if what == "infer" {
-            cfg.forward_flops_per_image()
-        } else {
-            cfg.train_flops_per_image()
+        patch_dropout: a.patch_dropout,
+        model_flops_per_image: match (what, kept) {
+            ("infer", _) => cfg.forward_flops_per_image(),
+            (_, Some(k)) => 3.0 * cfg.forward_flops_keeping(k),
+            (_, None) => cfg.train_flops_per_image(),
         },
         model_tflops: None,
         model_gflops: None,
@@ -171,7 +192,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let timed = if what == "infer" {
         time_forwards(&cfg, &model, &params, &a, device)
     } else {
-        time_steps(&cfg, &model, params, &a, device)
+        time_steps(&cfg, &model, params, &a, kept, device)
     };
     let times = match timed {
         Ok(t) => {
@@ -225,8 +246,11 @@ fn time_steps(
     model: &VisionTransformer,
     mut params: vit_tensor::ParamStore,
     a: &StepArgs,
+    kept: Option<usize>,
     device: Device,
 ) -> Result<Timed, CliError> {
+    // Each step draws other tokens, as training does.
+    let patch = |step: usize| kept.map(|keep| PatchDrop { keep, seed: step as u64, first_image: 0 });
     let algorithm = match a.optimizer.as_str() {
         "factored-adam" => Algorithm::FactoredAdam(FactoredAdamConfig::default()),
         _ => Algorithm::AdamW(AdamWConfig::default()),
@@ -250,7 +274,18 @@ fn time_steps(
         let mut timed = timed_steps(a, device, |step| {
             let cp = dev.compute_params(&params)?;
             grads.fill_zero()?;
-            micro_batch_grads_device(model, &cp, &images, &targets, LossKind::Softmax, a.batch, &mut grads, &mut dev)?;
+            let p = patch(step);
+            micro_batch_grads_device(
+                model,
+                &cp,
+                &images,
+                &targets,
+                LossKind::Softmax,
+                a.batch,
+                p,
+                &mut grads,
+                &mut dev,
+            )?;
             drop(cp);
             dev.step(&mut opt, &mut params, &grads)?;
             // The one read of the run (counted): the last step's loss, and any bad step before.
@@ -268,7 +303,8 @@ fn time_steps(
     let mut timed = timed_steps(a, device, |step| {
         let cp = params.cast(a.precision)?;
         grads.fill_zero()?;
-        let loss = micro_batch_grads(model, &cp, &images, &targets, LossKind::Softmax, a.batch, &mut grads)?;
+        let loss =
+            micro_batch_grads(model, &cp, &images, &targets, LossKind::Softmax, a.batch, patch(step), &mut grads)?;
         drop(cp);
         opt.step(&mut params, &grads)?;
         if !loss.is_finite() {
@@ -389,6 +425,9 @@ fn print_report(r: &Report, json: bool) -> Result<(), CliError> {
         r.precision,
         if r.what == "infer" { "forward only (vit predict)" } else { &r.optimizer }
     );
+    if r.patch_dropout > 0.0 {
+        println!("  patch dropout {}: model FLOPs counted at the tokens kept", r.patch_dropout);
+    }
     if let (Some(ms), Some(rate), Some(tf), Some(gf)) = (r.step_ms, r.images_per_second, r.model_tflops, r.model_gflops)
     {
         print!("  {ms:.1} ms/step (median of {}), {rate:.1} images/s, ", r.timed_steps);

@@ -28,7 +28,10 @@ use std::{
     time::Instant,
 };
 use vit_data::Loader;
-use vit_model::{checkpoint, layers::resample_posemb, Checkpoint, ModelConfig, ParamStore, VisionTransformer};
+use vit_model::{
+    checkpoint, layers::patch_dropout::PatchDrop, layers::resample_posemb, Checkpoint, ModelConfig, ParamStore,
+    VisionTransformer,
+};
 use vit_optim::{
     AdamWConfig, Algorithm, Decay, FactoredAdamConfig, OptimizerChain, OptimizerConfig, ParamGroups, Schedule,
     SgdConfig,
@@ -266,7 +269,9 @@ fn with_teacher(t: Tensor, teacher: Option<(&Tensor, f32)>) -> Result<Tensor, Tr
 /// Forward and backward of one micro-batch: `x` `[micro, C, H, W]` in the compute dtype and
 /// targets `t` `[micro, classes]` f32 on the model's device. Adds the gradients of the batch's
 /// mean loss (each example weighted `1 / batch`, `batch` the whole optimizer batch) into
-/// `grads`, and returns the sum of the micro-batch's per-example losses.
+/// `grads`, and returns the sum of the micro-batch's per-example losses. With `patch`, each
+/// image keeps `patch.keep` of its patch tokens (PatchDropout).
+#[allow(clippy::too_many_arguments)]
 pub fn micro_batch_grads(
     model: &VisionTransformer,
     params: &ParamStore,
@@ -274,9 +279,10 @@ pub fn micro_batch_grads(
     t: &Tensor,
     loss: LossKind,
     batch: usize,
+    patch: Option<PatchDrop>,
     grads: &mut ParamStore,
 ) -> Result<f64, TrainError> {
-    micro_batch_grads_moe(model, params, x, t, loss, batch, None, grads, &mut |_, _| {}, None)
+    micro_batch_grads_to(model, params, x, t, loss, batch, None, patch, grads, &mut |_, _| {}, None, None)
 }
 
 /// [`micro_batch_grads`] with V-MoE training: MoE routers add noise from `moe`'s seed
@@ -304,7 +310,7 @@ pub fn micro_batch_grads_moe(
 
 /// [`micro_batch_grads`] of a dense model whose loss stays on the device: the micro-batch's loss
 /// sum is added into `device`'s step status ([`device_steps::DeviceSteps`]) instead of being read
-/// back (no host round trip).
+/// back (no host round trip). With `patch`, each image keeps `patch.keep` patch tokens.
 #[allow(clippy::too_many_arguments)]
 pub fn micro_batch_grads_device(
     model: &VisionTransformer,
@@ -313,17 +319,18 @@ pub fn micro_batch_grads_device(
     t: &Tensor,
     loss: LossKind,
     batch: usize,
+    patch: Option<PatchDrop>,
     grads: &mut ParamStore,
     device: &mut device_steps::DeviceSteps,
 ) -> Result<(), TrainError> {
-    micro_batch_grads_to(model, params, x, t, loss, batch, None, None, grads, &mut |_, _| {}, None, Some(device))?;
+    micro_batch_grads_to(model, params, x, t, loss, batch, None, patch, grads, &mut |_, _| {}, None, Some(device))?;
     Ok(())
 }
 
 /// [`micro_batch_grads_moe`] that, with `device`, adds the micro-batch's loss sum into the
 /// device-side step status instead of reading it (returns 0 then; a dense model only: its
-/// auxiliary loss is 0). With `moe` and `patch`, each image keeps `patch.keep` patch tokens
-/// (PatchDropout).
+/// auxiliary loss is 0). With `patch`, each image keeps `patch.keep` patch tokens
+/// (PatchDropout; without `moe`, in a pass whose router-noise seed is 0).
 #[allow(clippy::too_many_arguments)]
 fn micro_batch_grads_to(
     model: &VisionTransformer,
@@ -333,7 +340,7 @@ fn micro_batch_grads_to(
     loss: LossKind,
     batch: usize,
     moe: Option<(u64, &mut moe_log::MoeLog)>,
-    patch: Option<vit_model::layers::patch_dropout::PatchDrop>,
+    patch: Option<PatchDrop>,
     grads: &mut ParamStore,
     ready: &mut dyn FnMut(&ParamStore, &[String]),
     ep: Option<&dyn vit_collective::Communicator>,
@@ -346,6 +353,7 @@ fn micro_batch_grads_to(
             log.add(&saved, share);
             (logits, saved)
         }
+        None if patch.is_some() => model.forward_train_with(params, x, 0, patch, None)?,
         None => model.forward(params, x)?,
     };
     let (losses, dlogits) = loss_and_grad(&logits, t, loss, batch)?;
