@@ -344,12 +344,14 @@ fn record(p: &crate::sweep::Point, dir: &Path) -> Result<Record, SweepError> {
 /// forward FLOPs per image × images seen, where a step under PatchDropout counts at the tokens
 /// it keeps.
 fn train_flops(cfg: &TrainConfig, m: &ModelConfig, steps: u64, train_images: usize) -> f64 {
-    let total = train::total_steps(cfg, train_images);
-    let drops: Vec<usize> =
-        (0..steps).filter_map(|s| cfg.train.patch_drop(m.num_patches(), s, total, 0)).map(|d| d.keep).collect();
+    let dropping = cfg.train.patch_dropping_steps(train::total_steps(cfg, train_images)).min(steps);
     let batch = cfg.train.batch_size as u64;
-    let full = m.forward_flops_per_image() * 3.0 * ((steps - drops.len() as u64) * batch) as f64;
-    full + drops.first().map_or(0.0, |&k| m.forward_flops_keeping(k) * 3.0 * (drops.len() as u64 * batch) as f64)
+    let full = m.forward_flops_per_image() * 3.0 * ((steps - dropping) * batch) as f64;
+    if dropping == 0 {
+        return full;
+    }
+    let kept = vit_model::layers::patch_dropout::tokens_kept(m.num_patches(), cfg.train.patch_dropout);
+    full + m.forward_flops_keeping(kept) * 3.0 * (dropping * batch) as f64
 }
 
 /// Every finite number in `v`, keyed by its path (`a/b`).

@@ -280,12 +280,21 @@ impl LoopSection {
     /// keeps every token). Drops during the first `patch_dropout_until · total` steps; the
     /// draws come from the seed and the step, so a resumed run draws as a straight one.
     pub fn patch_drop(&self, patches: usize, step: u64, total: u64, first_image: usize) -> Option<PatchDrop> {
-        let dropping = self.patch_dropout > 0.0 && (step as f64) < self.patch_dropout_until * total as f64;
-        dropping.then(|| PatchDrop {
+        (step < self.patch_dropping_steps(total)).then(|| PatchDrop {
             keep: patch_dropout::tokens_kept(patches, self.patch_dropout),
             seed: vit_model::layers::moe::mix_seed(self.seed ^ 0x7061_7463_685f_6472, step),
             first_image: first_image as u64,
         })
+    }
+
+    /// How many of the first of `total` steps drop patches: `⌈patch_dropout_until · total⌉`
+    /// (steps `0..` that), or 0 without PatchDropout.
+    pub fn patch_dropping_steps(&self, total: u64) -> u64 {
+        if self.patch_dropout > 0.0 {
+            (self.patch_dropout_until * total as f64).ceil() as u64
+        } else {
+            0
+        }
     }
 }
 
