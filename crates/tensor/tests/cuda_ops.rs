@@ -552,10 +552,11 @@ fn gather_rows_with_missing_entries() {
     require_gpu();
     for dt in FLOATS {
         let src = randn(&[50, 771], 240, dt);
-        let idx = Tensor::from_vec(indices(120, -1, 50, 241), [120], Device::Cpu).unwrap();
+        let idx = ops::RowIndex::from_host(indices(120, -1, 50, 241), 50, Device::Cpu).unwrap();
+        let on_gpu = ops::RowIndex::from_host(indices(120, -1, 50, 241), 50, GPU).unwrap();
         check_exact(
             &format!("gather_rows ({dt})"),
-            &ops::gather_rows(&gpu(&src), &gpu(&idx)).unwrap(),
+            &ops::gather_rows(&gpu(&src), &on_gpu).unwrap(),
             &ops::gather_rows(&src, &idx).unwrap(),
         );
     }
@@ -567,11 +568,12 @@ fn scatter_add_rows_accumulates_repeats() {
     require_gpu();
     for dt in FLOATS {
         let src = randn(&[120, 771], 250, dt);
-        let idx = Tensor::from_vec(indices(120, -1, 50, 251), [120], Device::Cpu).unwrap();
+        let idx = ops::RowIndex::from_host(indices(120, -1, 50, 251), 50, Device::Cpu).unwrap();
+        let on_gpu = ops::RowIndex::from_tensor(gpu(idx.tensor()), 50).unwrap();
         check(
             "scatter_add_rows",
-            &ops::scatter_add_rows(&gpu(&src), &gpu(&idx), 50).unwrap(),
-            &ops::scatter_add_rows(&src, &idx, 50).unwrap(),
+            &ops::scatter_add_rows(&gpu(&src), &on_gpu).unwrap(),
+            &ops::scatter_add_rows(&src, &idx).unwrap(),
             dt,
         );
     }

@@ -53,9 +53,16 @@ fn dtype_and_value_errors_are_clear() {
     assert!(m.contains("to_vec") && m.contains("i32"), "{m}");
     let m = msg(ops::topk(&t(&[2, 3]), 4).unwrap_err());
     assert!(m.contains("k = 4") && m.contains("<= 3"), "{m}");
-    let idx = Tensor::from_vec(vec![0i32, 5], [2], CPU).unwrap();
-    let m = msg(ops::gather_rows(&t(&[3, 2]), &idx).unwrap_err());
+    let m = msg(ops::RowIndex::from_host(vec![0i32, 5], 3, CPU).unwrap_err());
     assert!(m.contains("index 5 at position 1") && m.contains("-1..3"), "{m}");
+    let idx = Tensor::from_vec(vec![-2i32, 0], [2], CPU).unwrap();
+    let m = msg(ops::RowIndex::from_tensor(idx, 3).unwrap_err());
+    assert!(m.contains("index -2 at position 0"), "{m}");
+    let idx = ops::RowIndex::from_host(vec![0i32, 2], 3, CPU).unwrap();
+    let m = msg(ops::gather_rows(&t(&[4, 2]), &idx).unwrap_err());
+    assert!(m.contains("[3, width]") && m.contains("[4, 2]"), "{m}");
+    let m = msg(ops::scatter_add_rows(&t(&[3, 2]), &idx).unwrap_err());
+    assert!(m.contains("[2, width]") && m.contains("[3, 2]"), "{m}");
     let m = msg(ops::layer_norm_fwd(&t(&[2, 3]), None, None, 0.0, ops::NormKind::Rms).unwrap_err());
     assert!(m.contains("eps"), "{m}");
     let labels = Tensor::from_vec(vec![0i32, 10], [2], CPU).unwrap();

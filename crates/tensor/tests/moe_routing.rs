@@ -122,7 +122,7 @@ fn dispatch_and_combine_agree_with_the_row_gather_and_scatter_ops() {
     let (r, _, _) = random_routing(true, 5);
     let (s, k, rows, d) = (r.tokens(), r.k(), r.experts() * r.slots(), 13);
     let token_of_row: Vec<i32> = i32s(r.slot_src()).iter().map(|&a| if a < 0 { -1 } else { a / k as i32 }).collect();
-    let token_of_row = Tensor::from_vec(token_of_row, [rows], Device::Cpu).unwrap();
+    let token_of_row = ops::RowIndex::from_host(token_of_row, s, Device::Cpu).unwrap();
     let w = f32s(r.weight());
     let row_w: Vec<f32> = i32s(r.slot_src()).iter().map(|&a| if a < 0 { 0.0 } else { w[a as usize] }).collect();
     let row_w = Tensor::from_vec(row_w, [rows], Device::Cpu).unwrap();
@@ -140,11 +140,11 @@ fn dispatch_and_combine_agree_with_the_row_gather_and_scatter_ops() {
     close(
         "dispatch backward",
         &ops::moe_dispatch_bwd(&out, &r).unwrap(),
-        &ops::scatter_add_rows(&out, &token_of_row, s).unwrap(),
+        &ops::scatter_add_rows(&out, &token_of_row).unwrap(),
     );
     let weighted = ops::mul(&out, &ops::broadcast(&row_w, 1, d).unwrap()).unwrap();
     let y = ops::moe_combine(&out, &r).unwrap();
-    close("combine", &y, &ops::scatter_add_rows(&weighted, &token_of_row, s).unwrap());
+    close("combine", &y, &ops::scatter_add_rows(&weighted, &token_of_row).unwrap());
     let (dout, dw) = ops::moe_combine_bwd(&out, &dy, &r).unwrap();
     let want_dout = ops::mul(&ops::gather_rows(&dy, &token_of_row).unwrap(), &ops::broadcast(&row_w, 1, d).unwrap());
     close("combine backward (buffers)", &dout, &want_dout.unwrap());

@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{MoeConfig, ParamStore, Result};
 use vit_tensor::{
-    ops::{self, Gelu, MoeRouting, RouteGroup},
+    ops::{self, Gelu, MoeRouting, RouteGroup, RowIndex},
     DType, Device, Tensor,
 };
 
@@ -100,8 +100,9 @@ enum SlotMaps {
     /// Routed on the host ([`MoeMlp::plan`]): dispatch and combine are `gather_rows` and
     /// `scatter_add_rows`.
     Host {
-        /// The token row of each expert slot, I32 `[E·slots]`; −1 for an empty slot.
-        dispatch: Tensor,
+        /// The token row of each expert slot, `[E·slots]` into the `S` tokens; −1 for an empty
+        /// slot.
+        dispatch: RowIndex,
         /// For each slot, the index `t·k + j` (t the token row in the batch, j its choice) of
         /// the assignment in it; −1 for an empty slot.
         slot_src: Vec<i64>,
@@ -121,8 +122,9 @@ pub(crate) struct RoutePlan {
     pub(crate) routes: Vec<GroupRoute>,
     /// First token row of each group.
     pub(crate) group_start: Vec<usize>,
-    /// The token row of each expert slot, I32 `[E·slots]`; −1 for an empty slot.
-    pub(crate) dispatch: Tensor,
+    /// The token row of each expert slot, `[E·slots]` into the `S` tokens; −1 for an empty
+    /// slot. Checked on the host, where routing made it.
+    pub(crate) dispatch: RowIndex,
     /// For each slot, the assignment `t·k + j` in it; −1 for an empty slot.
     pub(crate) slot_src: Vec<i64>,
     /// Each slot's combine weight (0 when empty), `[E·slots]`.
@@ -188,7 +190,7 @@ impl MoeMlp {
         let xin = ops::gather_rows(&x2, &dispatch)?.reshape([e, slots, d])?;
         let (h_pre, h, out) = self.experts_forward(p, &xin, slots)?;
         let scaled = ops::mul(&out.reshape([e * slots, d])?, &ops::broadcast(&slot_weight, 1, d)?)?;
-        let y = ops::scatter_add_rows(&scaled, &dispatch, s)?.reshape(dims.clone())?;
+        let y = ops::scatter_add_rows(&scaled, &dispatch)?.reshape(dims.clone())?;
 
         let stats = self.stats(&routes);
         let maps = SlotMaps::Host { dispatch, slot_src, slot_weight };
@@ -326,7 +328,7 @@ impl MoeMlp {
             }
             offset += r.capacity;
         }
-        let dispatch = Tensor::from_vec(dispatch, [e * slots], Device::Cpu)?.to_device(device)?;
+        let dispatch = RowIndex::from_host(dispatch, s, device)?;
         let slot_weight = Tensor::from_vec(weight, [e * slots], Device::Cpu)?.cast(dtype)?.to_device(device)?;
         Ok(RoutePlan { routes, group_start, dispatch, slot_src, slot_weight, slots })
     }
@@ -386,7 +388,7 @@ impl MoeMlp {
             SlotMaps::Host { dispatch, slot_src, slot_weight } => {
                 let (dout, dweight) = self.combine_backward(&dy2, dispatch, slot_weight, slot_src, &out2)?;
                 let dxin = self.experts_backward(p, &s.xin, &s.h_pre, &s.h, &dout.reshape([e, slots, d])?, g)?;
-                (ops::scatter_add_rows(&dxin.reshape([e * slots, d])?, dispatch, n)?, dweight)
+                (ops::scatter_add_rows(&dxin.reshape([e * slots, d])?, dispatch)?, dweight)
             }
             SlotMaps::Device(r) => {
                 let (dout, dweight) = ops::moe_combine_bwd(&out2, &dy2, r)?;
@@ -404,7 +406,7 @@ impl MoeMlp {
     pub(crate) fn combine_backward(
         &self,
         dy2: &Tensor,
-        dispatch: &Tensor,
+        dispatch: &RowIndex,
         slot_weight: &Tensor,
         slot_src: &[i64],
         out2: &Tensor,

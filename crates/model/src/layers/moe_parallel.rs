@@ -98,7 +98,7 @@ impl MoeMlp {
         let (h_pre, h, out_local) = self.experts_forward(p, &xin, w * slots)?;
         let out = comm.all_to_all(&by_rank(&out_local, w, el, slots, d)?)?.reshape([e * slots, d])?;
         let scaled = ops::mul(&out, &ops::broadcast(&plan.slot_weight, 1, d)?)?;
-        let y = ops::scatter_add_rows(&scaled, &plan.dispatch, s)?.reshape(dims)?;
+        let y = ops::scatter_add_rows(&scaled, &plan.dispatch)?.reshape(dims)?;
         let stats = self.stats(&plan.routes);
         Ok((y, MoeParallelSaved { plan, xin, h_pre, h, out, stats }))
     }
@@ -131,7 +131,7 @@ impl MoeMlp {
         let dout_local = by_expert(&comm.all_to_all(&dout.reshape([e, slots, d])?)?, w, el, slots, d)?;
         let dxin_local = self.experts_backward(p, &s.xin, &s.h_pre, &s.h, &dout_local, g)?;
         let dxin = comm.all_to_all(&by_rank(&dxin_local, w, el, slots, d)?)?.reshape([e * slots, d])?;
-        let dx2 = ops::scatter_add_rows(&dxin, &s.plan.dispatch, n)?;
+        let dx2 = ops::scatter_add_rows(&dxin, &s.plan.dispatch)?;
         let dx2 = self.router_backward(p, &x2, dx2, &s.plan.routes, &s.plan.group_start, &dweight, aux_scale, g)?;
         Ok(dx2.reshape(dims)?)
     }

@@ -7,7 +7,10 @@
 
 use super::moe::mix_seed;
 use crate::{ModelError, Result};
-use vit_tensor::{ops, Device, Tensor};
+use vit_tensor::{
+    ops::{self, RowIndex},
+    Tensor,
+};
 
 /// What a training pass drops: each image keeps `keep` of its patch tokens. Image `i` of the
 /// pass draws from stream `first_image + i` of `seed`, so what an image keeps does not depend
@@ -26,8 +29,9 @@ pub struct PatchDrop {
 /// Which tokens of a batch a pass keeps: the rows of `[B·N, D]` it gathered, and `N`.
 #[derive(Debug, Clone)]
 pub struct KeptTokens {
-    /// I32 `[B·K]`: for image b, its K kept tokens as rows `b·N + j` (j ascending).
-    rows: Tensor,
+    /// `[B·K]` into the `B·N` tokens: for image b, its K kept tokens as rows `b·N + j` (j
+    /// ascending).
+    rows: RowIndex,
     /// Tokens per image before dropping (N).
     tokens: usize,
 }
@@ -82,7 +86,7 @@ pub fn drop_tokens(x: &Tensor, prefix: usize, drop: &PatchDrop) -> Result<(Tenso
         });
     }
     let rows = kept_rows(b, n, prefix, drop);
-    let rows = Tensor::from_vec(rows, [b * (prefix + keep)], Device::Cpu)?.to_device(x.device())?;
+    let rows = RowIndex::from_host(rows, b * n, x.device())?;
     let kept = ops::gather_rows(&x.reshape([b * n, d])?, &rows)?.reshape([b, prefix + keep, d])?;
     Ok((kept, KeptTokens { rows, tokens: n }))
 }
@@ -93,7 +97,7 @@ pub fn restore(dkept: &Tensor, kept: &KeptTokens) -> Result<Tensor> {
     let [b, k, d] = dkept.dims()[..] else {
         return Err(shape_error(format!("expected the kept tokens' gradient [B, K, D], got {}", dkept.shape())));
     };
-    let full = ops::scatter_add_rows(&dkept.reshape([b * k, d])?, &kept.rows, b * kept.tokens)?;
+    let full = ops::scatter_add_rows(&dkept.reshape([b * k, d])?, &kept.rows)?;
     Ok(full.reshape([b, kept.tokens, d])?)
 }
 
@@ -104,6 +108,7 @@ fn shape_error(msg: String) -> ModelError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vit_tensor::Device;
 
     fn pd(keep: usize, seed: u64, first_image: u64) -> PatchDrop {
         PatchDrop { keep, seed, first_image }
