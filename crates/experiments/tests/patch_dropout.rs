@@ -47,6 +47,46 @@ fn patch_dropout_changes_its_steps_only_resumes_exactly_and_any_split_draws_the_
     assert_losses_close(&dir("dropped"), &dir("micro"), 20, "patch dropout: 4 micro-batches of 16 vs one pass");
 }
 
+/// A V-MoE (block 1 of 2 a MoE of 4 experts, k = 2, groups of 4 images) routes only the kept
+/// tokens: each group's capacity follows its token count. Router noise is off because its draw
+/// follows the micro-batch (so micro-batches route differently with noise, patch dropout or not).
+const MOE: [&str; 10] = [
+    "--set",
+    "model.moe.experts=4",
+    "--set",
+    "model.moe.k=2",
+    "--set",
+    "model.moe.group_size=4",
+    "--set",
+    "model.moe.capacity=0.8",
+    "--set",
+    "model.moe.noise=0",
+];
+
+#[test]
+fn a_vmoe_with_patch_dropout_trains_resumes_exactly_and_splits_like_one_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    ok(train(&dir("moe"), &MOE));
+    let dropping = [&MOE[..], &DROP[..]].concat();
+    ok(train(&dir("dropped"), &dropping));
+    let (plain, dropped) = (losses(&dir("moe")), losses(&dir("dropped")));
+    assert_eq!((plain.len(), dropped.len()), (20, 20));
+    assert!(dropped.iter().all(|l| l.1.is_finite()));
+    assert!(plain[2..].iter().zip(&dropped[2..]).all(|(a, b)| a.1 != b.1), "the MoE sees fewer tokens");
+    let metrics = std::fs::read_to_string(dir("dropped").join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().all(|l| l.contains("\"load\"")), "every step logs block 1's routing");
+
+    let o = train(&dir("resumed"), &[&dropping[..], &["--stop-at", "7"]].concat());
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(vit(&["train", "--resume", dir("resumed").to_str().unwrap()]));
+    assert_same_metrics(&dir("dropped"), &dir("resumed"), "MoE with patch dropout: straight vs resumed");
+    // Routing groups are whole images, so micro-batches of 16 (4 groups each) route and drop
+    // as one pass does.
+    ok(train(&dir("micro"), &[&dropping[..], &["--set", "train.grad_accum=4"]].concat()));
+    assert_losses_close(&dir("dropped"), &dir("micro"), 20, "MoE with patch dropout: 4 micro-batches vs one pass");
+}
+
 #[test]
 fn a_bad_patch_dropout_setting_is_a_one_line_error() {
     let tmp = tempfile::tempdir().unwrap();
