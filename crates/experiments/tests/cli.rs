@@ -236,6 +236,13 @@ fn bench_train_with_patch_dropout_counts_the_flops_of_the_tokens_kept() {
     let per_image = r["model_flops_per_image"].as_f64().unwrap();
     assert!((per_image - 3.0 * fwd).abs() < 1e-9 * fwd, "{r}");
     assert!(r["images_per_second"].as_f64().unwrap() > 0.0 && r["error"].is_null(), "{r}");
+    // The reference of the ratio is timed in the same run, with every token.
+    let (rate, every) =
+        (r["images_per_second"].as_f64().unwrap(), r["every_token_images_per_second"].as_f64().unwrap());
+    let x = r["speedup_vs_every_token"].as_f64().unwrap();
+    assert!(every > 0.0 && (x - rate / every).abs() <= 1e-12 * x, "{r}");
+    let plain = json(&[&["bench", "train"][..], &tiny[..]].concat());
+    assert!(plain["every_token_images_per_second"].is_null() && plain["speedup_vs_every_token"].is_null(), "{plain}");
     for (args, want) in [
         (["bench", "train", "--patch-dropout", "1"], "--patch-dropout 1: expected a fraction of the patches in [0, 1)"),
         (["bench", "infer", "--patch-dropout", "0.5"], "--patch-dropout 0.5 with infer"),

@@ -101,6 +101,11 @@ struct Report {
     optimizer: String,
     /// The fraction of patch tokens dropped in each training step (`--patch-dropout`).
     patch_dropout: f64,
+    /// `train` with `--patch-dropout`: images/s of the same steps with every token, timed in
+    /// the same run right after (fresh parameters of the same seed).
+    every_token_images_per_second: Option<f64>,
+    /// `images_per_second / every_token_images_per_second`: what dropping buys per image.
+    speedup_vs_every_token: Option<f64>,
     timed_steps: usize,
     /// Median wall-clock milliseconds per step (forward, backward, optimizer; the forward
     /// alone for `infer`), synchronised.
@@ -175,6 +180,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
         step_ms: None,
         images_per_second: None,
         patch_dropout: a.patch_dropout,
+        every_token_images_per_second: None,
+        speedup_vs_every_token: None,
         model_flops_per_image: match (what, kept) {
             ("infer", _) => cfg.forward_flops_per_image(),
             (_, Some(k)) => 3.0 * cfg.forward_flops_keeping(k),
@@ -221,6 +228,13 @@ pub fn run(args: Args) -> Result<(), CliError> {
         report.model_tflops = Some(tflops);
         report.model_gflops = Some(flops / 1e9);
         report.mfu = peak.map(|p| tflops / p);
+        // The reference of the ratio, measured in the same run: every token kept.
+        if what == "train" && kept.is_some() {
+            let params = model.init_params(a.seed, DType::F32, device)?;
+            let every = a.batch as f64 / median(&time_steps(&cfg, &model, params, &a, None, device)?.times);
+            report.every_token_images_per_second = Some(every);
+            report.speedup_vs_every_token = Some(rate / every);
+        }
     }
     print_report(&report, a.json)?;
     match (&report.error, what) {
@@ -441,6 +455,9 @@ fn print_report(r: &Report, json: bool) -> Result<(), CliError> {
             (Some(m), Some(p)) => println!(", MFU {:.1}% of {p} TFLOP/s", 100.0 * m),
             _ => println!(),
         }
+    }
+    if let (Some(every), Some(x)) = (r.every_token_images_per_second, r.speedup_vs_every_token) {
+        println!("  every token (same run): {every:.1} images/s; patch dropout {}: {x:.2}x", r.patch_dropout);
     }
     if let Some(b) = r.peak_memory_bytes {
         println!("  peak device memory {:.2} GiB", b as f64 / (1u64 << 30) as f64);
