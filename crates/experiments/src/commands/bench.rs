@@ -106,6 +106,8 @@ struct Report {
     every_token_images_per_second: Option<f64>,
     /// `images_per_second / every_token_images_per_second`: what dropping buys per image.
     speedup_vs_every_token: Option<f64>,
+    /// Why the every-token reference could not run, when it could not.
+    reference_error: Option<String>,
     timed_steps: usize,
     /// Median wall-clock milliseconds per step (forward, backward, optimizer; the forward
     /// alone for `infer`), synchronised.
@@ -182,6 +184,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         patch_dropout: a.patch_dropout,
         every_token_images_per_second: None,
         speedup_vs_every_token: None,
+        reference_error: None,
         model_flops_per_image: match (what, kept) {
             ("infer", _) => cfg.forward_flops_per_image(),
             (_, Some(k)) => 3.0 * cfg.forward_flops_keeping(k),
@@ -228,12 +231,22 @@ pub fn run(args: Args) -> Result<(), CliError> {
         report.model_tflops = Some(tflops);
         report.model_gflops = Some(flops / 1e9);
         report.mfu = peak.map(|p| tflops / p);
-        // The reference of the ratio, measured in the same run: every token kept.
+        // The reference of the ratio, measured in the same run: every token kept. It runs after
+        // the peak memory and host reads were read, so they are the dropping steps' own; where
+        // it cannot run (out of memory with every token), the report says so and keeps the rest.
         if what == "train" && kept.is_some() {
-            let params = model.init_params(a.seed, DType::F32, device)?;
-            let every = a.batch as f64 / median(&time_steps(&cfg, &model, params, &a, None, device)?.times);
-            report.every_token_images_per_second = Some(every);
-            report.speedup_vs_every_token = Some(rate / every);
+            let reference = model
+                .init_params(a.seed, DType::F32, device)
+                .map_err(CliError::from)
+                .and_then(|params| time_steps(&cfg, &model, params, &a, None, device));
+            match reference {
+                Ok(t) => {
+                    let every = a.batch as f64 / median(&t.times);
+                    report.every_token_images_per_second = Some(every);
+                    report.speedup_vs_every_token = Some(rate / every);
+                }
+                Err(e) => report.reference_error = Some(format!("every-token reference: {e}")),
+            }
         }
     }
     print_report(&report, a.json)?;
@@ -464,6 +477,9 @@ fn print_report(r: &Report, json: bool) -> Result<(), CliError> {
     }
     if let (Some(n), Some(path)) = (r.host_reads_per_step, r.step_path) {
         println!("  {n:.2} device-to-host reads per step ({path} step)");
+    }
+    if let Some(e) = &r.reference_error {
+        println!("  no ratio: {e}");
     }
     if let Some(e) = &r.error {
         println!("  stopped: {e}");
