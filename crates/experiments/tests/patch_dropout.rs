@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_losses_close, assert_same_metrics, losses, train_small as train, vit};
+use common::{assert_losses_close, assert_same_metrics, assert_stopped_and_resumed_like, losses, train_small as train};
 
 const DROP: [&str; 2] = ["--set", "train.patch_dropout=0.5"];
 
@@ -34,10 +34,7 @@ fn patch_dropout_changes_its_steps_only_resumes_exactly_and_any_split_draws_the_
     // until = 0 drops nothing: the plain run, bit for bit.
     assert_same_metrics(&dir("plain"), &dir("none"), "patch_dropout_until = 0");
 
-    let o = train(&dir("resumed"), &[&DROP[..], &["--stop-at", "7"]].concat());
-    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
-    ok(vit(&["train", "--resume", dir("resumed").to_str().unwrap()]));
-    assert_same_metrics(&dir("dropped"), &dir("resumed"), "patch dropout: straight vs stopped at 7 and resumed");
+    assert_stopped_and_resumed_like(&dir("dropped"), &dir("resumed"), &DROP, "patch dropout");
 
     // Each image draws from its global position in the batch: two ranks, or micro-batches of
     // 16, drop what one pass drops (the sums differ only in order).
@@ -77,10 +74,7 @@ fn a_vmoe_with_patch_dropout_trains_resumes_exactly_and_splits_like_one_pass() {
     let metrics = std::fs::read_to_string(dir("dropped").join("metrics.jsonl")).unwrap();
     assert!(metrics.lines().all(|l| l.contains("\"load\"")), "every step logs block 1's routing");
 
-    let o = train(&dir("resumed"), &[&dropping[..], &["--stop-at", "7"]].concat());
-    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
-    ok(vit(&["train", "--resume", dir("resumed").to_str().unwrap()]));
-    assert_same_metrics(&dir("dropped"), &dir("resumed"), "MoE with patch dropout: straight vs resumed");
+    assert_stopped_and_resumed_like(&dir("dropped"), &dir("resumed"), &dropping, "MoE with patch dropout");
     // Routing groups are whole images, so micro-batches of 16 (4 groups each) route and drop
     // as one pass does.
     ok(train(&dir("micro"), &[&dropping[..], &["--set", "train.grad_accum=4"]].concat()));

@@ -109,3 +109,13 @@ pub fn train_small(out: &Path, extra: &[&str]) -> std::process::Output {
     args.extend_from_slice(extra);
     vit(&args)
 }
+
+/// [`train_small`] with `extra` into `resumed`, stopped after step 7 (exit code 3) and resumed
+/// with `vit train --resume`: its metrics must equal those of the straight run in `straight`.
+pub fn assert_stopped_and_resumed_like(straight: &Path, resumed: &Path, extra: &[&str], what: &str) {
+    let o = train_small(resumed, &[extra, &["--stop-at", "7"]].concat());
+    assert_eq!(o.status.code(), Some(3), "{what}: {}", String::from_utf8_lossy(&o.stderr));
+    let o = vit(&["train", "--resume", resumed.to_str().unwrap()]);
+    assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
+    assert_same_metrics(straight, resumed, &format!("{what}: straight vs stopped at 7 and resumed"));
+}
