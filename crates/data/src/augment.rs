@@ -128,6 +128,21 @@ fn default_translate() -> f64 {
 fn default_cutout() -> f64 {
     40.0
 }
+fn default_erase_area_min() -> f64 {
+    crate::erasing::AREA_MIN
+}
+fn default_erase_area_max() -> f64 {
+    crate::erasing::AREA_MAX
+}
+fn default_erase_aspect_min() -> f64 {
+    crate::erasing::ASPECT_MIN
+}
+fn default_erase_aspect_max() -> f64 {
+    1.0 / crate::erasing::ASPECT_MIN
+}
+fn default_noise() -> [f32; 2] {
+    [0.0, 255.0]
+}
 
 /// One preprocessing op. Serialised as a table tagged by `op` (snake_case variant name).
 /// Values are whatever the previous op left (0..=255 straight from the dataset); sizes are in
@@ -207,6 +222,29 @@ pub enum Transform {
         #[serde(default = "default_cutout")]
         cutout: f64,
     },
+    /// Random erasing (Zhong et al. 2020, Alg. 1): with probability `p` (default 0.5) one box of
+    /// area fraction uniform in `[area_min, area_max]` (default 0.02–0.4) and aspect ratio
+    /// log-uniform in `[aspect_min, aspect_max]` (default 0.3–1/0.3) is filled, every value with
+    /// `value` if given, otherwise with noise uniform in `noise` (default `[0, 255]`, the raw
+    /// pixel scale: put it before `value_range`). No box after 10 tries leaves the image as it
+    /// is. See [`crate::erasing`].
+    #[serde(alias = "erase")]
+    RandomErasing {
+        #[serde(default = "half")]
+        p: f64,
+        #[serde(default = "default_erase_area_min")]
+        area_min: f64,
+        #[serde(default = "default_erase_area_max")]
+        area_max: f64,
+        #[serde(default = "default_erase_aspect_min")]
+        aspect_min: f64,
+        #[serde(default = "default_erase_aspect_max")]
+        aspect_max: f64,
+        #[serde(default)]
+        value: Option<f32>,
+        #[serde(default = "default_noise")]
+        noise: [f32; 2],
+    },
 }
 
 impl Transform {
@@ -223,6 +261,7 @@ impl Transform {
             Transform::Normalize { .. } => "normalize",
             Transform::GreyToRgb => "grey_to_rgb",
             Transform::Randaug { .. } => "randaug",
+            Transform::RandomErasing { .. } => "random_erasing",
         }
     }
 
@@ -297,6 +336,28 @@ impl Transform {
                     );
                 }
             }
+            Transform::RandomErasing { p, area_min, area_max, aspect_min, aspect_max, value, noise } => {
+                if !(0.0..=1.0).contains(p) {
+                    return Err(self.err(format!("probability p must be in [0, 1], got {p}")));
+                }
+                if !(0.0 < *area_min && area_min <= area_max && *area_max <= 1.0) {
+                    return Err(self.err(format!("need 0 < area_min ≤ area_max ≤ 1, got {area_min} and {area_max}")));
+                }
+                if !(0.0 < *aspect_min && aspect_min <= aspect_max && aspect_max.is_finite()) {
+                    return Err(
+                        self.err(format!("need 0 < aspect_min ≤ aspect_max, got {aspect_min} and {aspect_max}"))
+                    );
+                }
+                if let Some(v) = value.filter(|v| !v.is_finite()) {
+                    return Err(self.err(format!("value must be finite, got {v}")));
+                }
+                let [lo, hi] = *noise;
+                if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                    return Err(
+                        self.err(format!("noise must be a finite range [lo, hi] with lo ≤ hi, got [{lo}, {hi}]"))
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -306,7 +367,8 @@ impl Transform {
         match self {
             Transform::InceptionCrop { size, area_min, area_max, aspect_min, aspect_max } => {
                 let (top, left, h, w) =
-                    inception_box(img.height, img.width, (*area_min, *area_max), (*aspect_min, *aspect_max), rng);
+                    sample_box(img.height, img.width, (*area_min, *area_max), (*aspect_min, *aspect_max), rng)
+                        .unwrap_or((0, 0, img.height, img.width));
                 let crop = crop(&img, top, left, h, w);
                 Ok(match size {
                     Some(s) => {
@@ -390,18 +452,33 @@ impl Transform {
                 };
                 Ok(ra.apply(img, rng))
             }
+            Transform::RandomErasing { p, area_min, area_max, aspect_min, aspect_max, value, noise } => {
+                let erasing = crate::erasing::RandomErasing {
+                    p: *p,
+                    area: (*area_min, *area_max),
+                    aspect: (*aspect_min, *aspect_max),
+                    fill: match value {
+                        Some(v) => crate::erasing::Fill::Value(*v),
+                        None => crate::erasing::Fill::Noise(noise[0], noise[1]),
+                    },
+                };
+                Ok(erasing.apply(img, rng))
+            }
         }
     }
 }
 
-/// The crop box `(top, left, height, width)` of an inception crop of an `h × w` image.
-fn inception_box(
+/// A random box `(top, left, height, width)` inside an `h × w` image, as the inception crop
+/// and random erasing draw it: up to 10 tries of an area fraction uniform in `[area_min,
+/// area_max]` and an aspect ratio (width / height) log-uniform in `[aspect_min, aspect_max]`;
+/// the first that fits goes to a uniform position. `None` if no try fits.
+pub(crate) fn sample_box(
     h: usize,
     w: usize,
     (area_min, area_max): (f64, f64),
     (aspect_min, aspect_max): (f64, f64),
     rng: &mut Rng,
-) -> (usize, usize, usize, usize) {
+) -> Option<(usize, usize, usize, usize)> {
     let area = (h * w) as f64;
     let (lo, hi) = (aspect_min.ln(), aspect_max.ln());
     for _ in 0..10 {
@@ -412,10 +489,10 @@ fn inception_box(
         if (1..=w).contains(&cw) && (1..=h).contains(&ch) {
             let top = rng.below(h - ch + 1);
             let left = rng.below(w - cw + 1);
-            return (top, left, ch, cw);
+            return Some((top, left, ch, cw));
         }
     }
-    (0, 0, h, w)
+    None
 }
 
 /// The `h × w` window at (`top`, `left`), which must lie inside the image.
@@ -653,7 +730,8 @@ mod tests {
         let (h, w) = (60, 80);
         let mut full = 0;
         for seed in 0..300 {
-            let (top, left, ch, cw) = inception_box(h, w, (0.08, 1.0), (0.75, 4.0 / 3.0), &mut Rng::new(seed));
+            let (top, left, ch, cw) =
+                sample_box(h, w, (0.08, 1.0), (0.75, 4.0 / 3.0), &mut Rng::new(seed)).unwrap_or((0, 0, h, w));
             assert!(top + ch <= h && left + cw <= w);
             if (ch, cw) == (h, w) {
                 full += 1;
@@ -680,7 +758,8 @@ mod tests {
         assert!(out.data.chunks(3).all(|p| p == [0.0, 1.0, 2.0]));
         // A crop of a coordinate image equals the window at the drawn box.
         let coord = img(h, w, 1, |y, x, _| (y * 1000 + x) as f32);
-        let (top, left, ch, cw) = inception_box(h, w, (0.08, 1.0), (0.75, 4.0 / 3.0), &mut Rng::new(4));
+        let (top, left, ch, cw) =
+            sample_box(h, w, (0.08, 1.0), (0.75, 4.0 / 3.0), &mut Rng::new(4)).expect("a box fits");
         let op = Transform::InceptionCrop {
             size: None,
             area_min: 0.08,

@@ -9,7 +9,7 @@
 //! - [`bundled`]: the Fashion-MNIST subset of the repository's `data/` embedded in the binary
 //!   ([`InMemoryDataset::from_bundled`]; configs say `data.path = "bundled:fashion-mnist-small"`).
 //! - Augmentation: [`Transform`]s (inception crop, random crop with padding, flip, resize,
-//!   value range, normalisation, grey → RGB, RandAugment) composed into a [`Pipeline`] that serde reads
+//!   value range, normalisation, grey → RGB, RandAugment, random erasing) composed into a [`Pipeline`] that serde reads
 //!   from a TOML list, random ops drawing from a seeded [`Rng`].
 //! - [`Loader`]: worker threads decode and augment, a bounded window prefetches, and batches
 //!   `{ images: [B, C, H, W] f32, labels: [B] i32 }` come out in an order fixed by the seed,
@@ -22,6 +22,7 @@ pub mod augment;
 pub mod bundled;
 pub mod cifar;
 mod dataset;
+pub mod erasing;
 mod error;
 pub mod faults;
 pub mod folder;
