@@ -272,6 +272,23 @@ impl Transform {
     /// Checks the settings that do not depend on the image (sizes ≥ 1, ranges ordered,
     /// probabilities in [0, 1], std > 0).
     pub fn validate(&self) -> Result<(), DataError> {
+        let probability_ok = |p: f64| {
+            if (0.0..=1.0).contains(&p) {
+                Ok(())
+            } else {
+                Err(self.err(format!("probability p must be in [0, 1], got {p}")))
+            }
+        };
+        // The ranges of `sample_box`, shared by the inception crop and random erasing.
+        let box_ranges_ok = |(area_min, area_max): (f64, f64), (aspect_min, aspect_max): (f64, f64)| {
+            if !(0.0 < area_min && area_min <= area_max && area_max <= 1.0) {
+                return Err(self.err(format!("need 0 < area_min ≤ area_max ≤ 1, got {area_min} and {area_max}")));
+            }
+            if !(0.0 < aspect_min && aspect_min <= aspect_max && aspect_max.is_finite()) {
+                return Err(self.err(format!("need 0 < aspect_min ≤ aspect_max, got {aspect_min} and {aspect_max}")));
+            }
+            Ok(())
+        };
         let size_ok = |s: Size| {
             let (h, w) = s.hw();
             if h == 0 || w == 0 {
@@ -285,23 +302,14 @@ impl Transform {
                 if let Some(s) = size {
                     size_ok(*s)?;
                 }
-                if !(0.0 < *area_min && area_min <= area_max && *area_max <= 1.0) {
-                    return Err(self.err(format!("need 0 < area_min ≤ area_max ≤ 1, got {area_min} and {area_max}")));
-                }
-                if !(0.0 < *aspect_min && aspect_min <= aspect_max && aspect_max.is_finite()) {
-                    return Err(
-                        self.err(format!("need 0 < aspect_min ≤ aspect_max, got {aspect_min} and {aspect_max}"))
-                    );
-                }
+                box_ranges_ok((*area_min, *area_max), (*aspect_min, *aspect_max))?;
             }
             Transform::RandomCrop { size, .. } | Transform::CentralCrop { size } | Transform::Resize { size } => {
                 size_ok(*size)?
             }
             Transform::ResizeSmall { size } => size_ok(Size::Square(*size))?,
             Transform::FlipLr { p } => {
-                if !(0.0..=1.0).contains(p) {
-                    return Err(self.err(format!("probability p must be in [0, 1], got {p}")));
-                }
+                probability_ok(*p)?;
             }
             Transform::ValueRange { min, max, in_min, in_max } => {
                 let ok = in_min < in_max && min.is_finite() && max.is_finite();
@@ -337,17 +345,8 @@ impl Transform {
                 }
             }
             Transform::RandomErasing { p, area_min, area_max, aspect_min, aspect_max, value, noise } => {
-                if !(0.0..=1.0).contains(p) {
-                    return Err(self.err(format!("probability p must be in [0, 1], got {p}")));
-                }
-                if !(0.0 < *area_min && area_min <= area_max && *area_max <= 1.0) {
-                    return Err(self.err(format!("need 0 < area_min ≤ area_max ≤ 1, got {area_min} and {area_max}")));
-                }
-                if !(0.0 < *aspect_min && aspect_min <= aspect_max && aspect_max.is_finite()) {
-                    return Err(
-                        self.err(format!("need 0 < aspect_min ≤ aspect_max, got {aspect_min} and {aspect_max}"))
-                    );
-                }
+                probability_ok(*p)?;
+                box_ranges_ok((*area_min, *area_max), (*aspect_min, *aspect_max))?;
                 if let Some(v) = value.filter(|v| !v.is_finite()) {
                     return Err(self.err(format!("value must be finite, got {v}")));
                 }

@@ -128,7 +128,7 @@ mod tests {
             // The noise is in range.
             for y in top..top + h {
                 for v in &out.data[(y * 30 + left) * 2..(y * 30 + left + w) * 2] {
-                    assert!((0.0..255.0).contains(v), "seed {seed}: fill {v}");
+                    assert!((0.0..=255.0).contains(v), "seed {seed}: fill {v}");
                 }
             }
         }
