@@ -14,6 +14,7 @@
 //! classes = 1000       # K, classifier outputs; 0 = no classifier (features only)
 //! pool = "map"         # "tok" | "gap" | "map"
 //! posemb = "learn"     # "learn" | "sincos2d"
+//! stem = []            # conv stem channels, e.g. [16, 32] for patch 4; empty = patch projection
 //! block = "sequential" # "sequential" | "parallel"
 //! qk_norm = false
 //! qkv_bias = true
@@ -149,6 +150,14 @@ pub struct ModelConfig {
     pub pool: Pool,
     /// Position embedding kind.
     pub posemb: PosEmb,
+    /// A convolutional stem in place of the p×p patch projection (Xiao et al. 2021, "Early
+    /// convolutions help transformers see better"): the output channels of its 3×3 stride-2
+    /// convolutions (padding 1, no bias), each followed by a LayerNorm over its channels and
+    /// GELU, then a 1×1 convolution with bias to `width` (`patch_embed.proj`). `patch` must be
+    /// `2^len`, so the stem gives the same `(image_size / patch)²` tokens. Empty (the default,
+    /// absent in TOML): the plain patch projection of ViT.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stem: Vec<usize>,
     /// Residual layout of the blocks.
     pub block: BlockKind,
     /// LayerNorm over the head dimension on q and k in every encoder block (ViT-22B). One
@@ -220,6 +229,7 @@ pub const KEYS: &[&str] = &[
     "classes",
     "pool",
     "posemb",
+    "stem",
     "block",
     "qk_norm",
     "qkv_bias",
@@ -245,6 +255,7 @@ impl ModelConfig {
             classes: 1000,
             pool: Pool::Map,
             posemb: PosEmb::Learn,
+            stem: Vec::new(),
             block: BlockKind::Sequential,
             qk_norm: false,
             qkv_bias: true,
@@ -344,7 +355,7 @@ impl ModelConfig {
     ///
     /// Integers are unsigned decimal; booleans are `true`/`false`; enums take the
     /// lowercase names of [`Pool`], [`PosEmb`], [`BlockKind`] and [`Gelu`]; `prelogits`
-    /// takes a width or `none`. An unknown key lists the valid keys; a bad value names the
+    /// takes a width or `none`; `stem` a list of channels (`[16, 32]` or `16,32`) or `none`. An unknown key lists the valid keys; a bad value names the
     /// key, the value and the expected type.
     pub fn set_value(&mut self, key: &str, value: &str) -> Result<()> {
         let key = key.trim().replace('-', "_");
@@ -369,6 +380,7 @@ impl ModelConfig {
             "classes" => self.classes = parse_uint(key, value)?,
             "pool" => self.pool = parse_enum(key, value)?,
             "posemb" => self.posemb = parse_enum(key, value)?,
+            "stem" => self.stem = parse_channels(key, value)?,
             "block" => self.block = parse_enum(key, value)?,
             "qk_norm" => self.qk_norm = parse_bool(key, value)?,
             "qkv_bias" => self.qkv_bias = parse_bool(key, value)?,
@@ -442,6 +454,23 @@ impl ModelConfig {
         }
         if self.width % self.heads != 0 {
             return Err(ModelError::invalid("width", self.width, format!("a multiple of heads ({})", self.heads)));
+        }
+        if !self.stem.is_empty() {
+            let stem = format!("{:?}", self.stem);
+            if self.stem.contains(&0) {
+                return Err(ModelError::invalid("stem", stem, "positive channel counts"));
+            }
+            // Each 3×3 stride-2 convolution halves the side: `patch` must be 2^len.
+            if u32::try_from(self.stem.len()).ok().and_then(|n| 1usize.checked_shl(n)) != Some(self.patch) {
+                return Err(ModelError::invalid(
+                    "stem",
+                    stem,
+                    format!(
+                        "one stride-2 convolution per halving of patch ({}): patch = 2^(number of stem channels)",
+                        self.patch
+                    ),
+                ));
+            }
         }
         if self.posemb == PosEmb::Sincos2d && (self.width % 4 != 0 || self.width < 8) {
             return Err(ModelError::invalid(
@@ -532,6 +561,19 @@ fn parse_uint(key: &'static str, value: &str) -> Result<usize> {
     value.parse().map_err(|_| ModelError::bad_value(key, value, "an unsigned integer"))
 }
 
+/// `none`, `[]`, `[16, 32]` or `16,32`: a list of channel counts.
+fn parse_channels(key: &'static str, value: &str) -> Result<Vec<usize>> {
+    let inner = value.strip_prefix('[').and_then(|v| v.strip_suffix(']')).unwrap_or(value).trim();
+    if inner.is_empty() || inner == "none" {
+        return Ok(Vec::new());
+    }
+    inner
+        .split(',')
+        .map(|c| c.trim().parse())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| ModelError::bad_value(key, value, "a list of unsigned integers such as [16, 32], or none"))
+}
+
 fn parse_bool(key: &'static str, value: &str) -> Result<bool> {
     match value {
         "true" => Ok(true),
@@ -561,6 +603,7 @@ mod tests {
                 "image_size" => "256",
                 "width" => "256",
                 "heads" => "4",
+                "stem" => "[8, 8, 8, 8, 16]", // patch 32: five halvings
                 _ => "32",
             };
             cfg.set(&format!("{key}={value}")).unwrap();
@@ -568,6 +611,7 @@ mod tests {
         assert_eq!(cfg.prelogits, Some(32));
         assert_eq!(cfg.pool, Pool::Gap);
         assert_eq!(cfg.block, BlockKind::Parallel);
+        assert_eq!(cfg.stem, [8, 8, 8, 8, 16]);
         cfg.validate().unwrap();
         let text = cfg.to_toml().unwrap();
         assert_eq!(ModelConfig::from_toml(&text).unwrap(), cfg);

@@ -11,7 +11,8 @@ impl ModelConfig {
         side * side + usize::from(self.pool == Pool::Tok)
     }
 
-    /// Forward FLOPs for one image: patch embedding, every block (q, k, v and output
+    /// Forward FLOPs for one image: patch embedding (with a conv stem, its convolutions'
+    /// `2·positions·9·in·out` and the 1×1 projection), every block (q, k, v and output
     /// projections, the two MLP matmuls, `softmax(qkᵀ)·v` as `4·N²·D`), the MAP head's
     /// attention and MLP, the pre-logits layer and the classifier. The same for the
     /// sequential and the parallel block (the same matmuls, fused differently).
@@ -31,8 +32,18 @@ impl ModelConfig {
         let n = (kept + usize::from(self.pool == Pool::Tok)) as f64;
         let (d, m) = (self.width as f64, self.mlp_dim as f64);
         let patches = (self.image_size / self.patch.max(1)).pow(2) as f64;
-        let patch_in = (self.channels * self.patch * self.patch) as f64;
-        let embed = 2.0 * patches * patch_in * d;
+        let embed = match self.stem.last() {
+            Some(&last) => {
+                let (mut cin, mut side, mut convs) = (self.channels as f64, self.image_size as f64, 0.0);
+                for &cout in &self.stem {
+                    side = (side / 2.0).ceil();
+                    convs += 2.0 * side * side * 9.0 * cin * cout as f64;
+                    cin = cout as f64;
+                }
+                convs + 2.0 * patches * last as f64 * d
+            }
+            None => 2.0 * patches * (self.channels * self.patch * self.patch) as f64 * d,
+        };
         let block = 2.0 * n * d * (4.0 * d + 2.0 * m) + 4.0 * n * n * d;
         let moe = self.moe.as_ref().map_or(0.0, |moe| {
             let g = moe.group_size.max(1);
@@ -92,6 +103,24 @@ mod tests {
         let block = |n: f64| 2.0 * n * d * (4.0 * d + 2.0 * m) + 4.0 * n * n * d;
         let saved = cfg.forward_flops_per_image() - cfg.forward_flops_keeping(98);
         assert!((saved - 12.0 * (block(197.0) - block(99.0))).abs() < 1.0, "{saved}");
+    }
+
+    #[test]
+    fn a_conv_stem_counts_its_convolutions_and_the_1x1_projection() {
+        let mut plain = ModelConfig::custom();
+        for s in ["image_size=28", "patch=4", "channels=1", "width=64", "heads=4"] {
+            plain.set(s).unwrap();
+        }
+        let mut stem = plain.clone();
+        stem.set("stem=[16, 32]").unwrap();
+        stem.validate().unwrap();
+        // 28 -> 14 (1 -> 16 channels) -> 7 (16 -> 32), then 49 tokens of 32 -> 64; the plain
+        // embedding is 49 patches of 16 pixels -> 64.
+        let convs = 2.0 * 196.0 * 9.0 * 16.0 + 2.0 * 49.0 * 9.0 * 16.0 * 32.0 + 2.0 * 49.0 * 32.0 * 64.0;
+        let diff = stem.forward_flops_per_image() - plain.forward_flops_per_image();
+        assert!((diff - (convs - 2.0 * 49.0 * 16.0 * 64.0)).abs() < 1e-6, "{diff}");
+        // PatchDropout leaves the stem whole.
+        assert_eq!(stem.forward_flops_keeping(12) - plain.forward_flops_keeping(12), diff);
     }
 
     #[test]

@@ -64,7 +64,8 @@ impl ParamCounts {
 /// Pieces a config does not have count 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct ParamBreakdown {
-    /// Patch embedding: p²·C·D kernel + D bias.
+    /// Patch embedding: p²·C·D kernel + D bias; with a conv stem, its convolutions
+    /// (`9·in·out` each) and norms, then the 1×1 projection `stem.last()·D + D`.
     pub patch_embed: u64,
     /// Learned position embedding: N·D, or (N+1)·D with a class token; 0 for sincos2d.
     pub pos_embed: u64,
@@ -154,7 +155,15 @@ fn count(cfg: &ModelConfig) -> Option<ParamBreakdown> {
     let attn = c(4) * d * d + qkv_bias + d; // q, k, v, out kernels; out bias always
     let map_attn = c(4) * d * d + c(4) * d; // the MAP head's attention: every bias, always
 
-    let patch_embed = p * p * c(cfg.channels) * d + d;
+    let patch_embed = match cfg.stem.last() {
+        Some(&last) => {
+            let ins = std::iter::once(cfg.channels).chain(cfg.stem.iter().copied());
+            let convs =
+                ins.zip(&cfg.stem).fold(zero, |sum, (cin, &cout)| sum + c(9) * c(cin) * c(cout) + norm(c(cout)));
+            convs + c(last) * d + d
+        }
+        None => p * p * c(cfg.channels) * d + d,
+    };
     let pos_embed = match cfg.posemb {
         PosEmb::Learn => (n + when(tok, one)) * d,
         PosEmb::Sincos2d => zero,

@@ -204,6 +204,30 @@ fn classes_zero_means_no_classifier() {
 }
 
 #[test]
+fn conv_stem_parses_round_trips_and_is_checked() {
+    let mut cfg = ModelConfig::custom();
+    for (value, want) in
+        [("[64, 128, 256, 512]", vec![64, 128, 256, 512]), ("16,32", vec![16, 32]), ("none", vec![]), ("[]", vec![])]
+    {
+        cfg.set(&format!("stem={value}")).unwrap();
+        assert_eq!(cfg.stem, want, "{value}");
+    }
+    // The ViT-B/16 stem of Xiao et al. 2021: four halvings for patch 16.
+    cfg.set("stem=[64, 128, 256, 512]").unwrap();
+    cfg.validate().unwrap();
+    let text = cfg.to_toml().unwrap();
+    assert!(text.lines().any(|l| l == "stem = [64, 128, 256, 512]"), "{text}");
+    assert_eq!(ModelConfig::from_toml(&text).unwrap(), cfg);
+    assert!(!ModelConfig::custom().to_toml().unwrap().contains("stem"), "no stem is left out");
+    let msg = invalid(&["stem=[16, 32]"]);
+    assert!(msg.contains("stem = [16, 32]") && msg.contains("patch (16)") && msg.contains("2^"), "{msg}");
+    let msg = invalid(&["stem=[16, 0, 32, 64]"]);
+    assert!(msg.contains("stem = [16, 0, 32, 64]") && msg.contains("positive"), "{msg}");
+    let err = cfg.set("stem=[16, big]").unwrap_err();
+    assert!(matches!(err, ModelError::BadValue { .. }) && err.to_string().contains("[16, big]"), "{err}");
+}
+
+#[test]
 fn toml_round_trips_every_preset() {
     for name in ModelConfig::preset_names() {
         let mut cfg = ModelConfig::preset(name).unwrap();

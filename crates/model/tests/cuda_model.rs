@@ -1,5 +1,5 @@
 //! The whole model on CUDA equals the CPU reference: logits and every parameter gradient,
-//! in f32 (tight) for both block kinds and every pooling.
+//! in f32 (tight) for both block kinds and every pooling, and with a conv stem.
 
 use vit_model::{BlockKind, ModelConfig, ParamStore, Pool, VisionTransformer};
 use vit_tensor::{testing::assert_close, DType, Device, Tensor};
@@ -19,6 +19,10 @@ fn forward_and_backward_on_cuda_equal_cpu() {
         }
         cfg.pool = pool;
         cfg.block = block;
+        if pool == Pool::Map {
+            // A conv stem (im2col, col2im, channels-last permutes) in place of the patch projection.
+            cfg.set("stem=[8, 16]").unwrap();
+        }
         let cpu_model = VisionTransformer::new(&cfg, DType::F32, Device::Cpu).unwrap();
         let gpu_model = VisionTransformer::new(&cfg, DType::F32, gpu).unwrap();
         let p = cpu_model.init_params(3, DType::F32, Device::Cpu).unwrap();

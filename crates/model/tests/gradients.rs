@@ -99,6 +99,25 @@ fn patch_dropout_matches_finite_differences_with_every_pool() {
 }
 
 #[test]
+fn conv_stems_match_finite_differences() {
+    // Two channels (the channels-last permute), one channel (a reshape), with and without norm
+    // biases, a class token and PatchDropout after the stem.
+    for (channels, bias, pool, keep) in
+        [(2, true, Pool::Gap, None), (1, false, Pool::Tok, None), (2, true, Pool::Map, Some(2))]
+    {
+        let mut c = tiny(pool, BlockKind::Sequential, false, bias);
+        c.set(&format!("channels={channels}")).unwrap();
+        c.set("stem=[3, 5]").unwrap();
+        c.validate().unwrap();
+        check_model_keeping(
+            &c,
+            keep,
+            &format!("stem [3, 5], {channels} channels, bias={bias}, {pool:?}, keep {keep:?}"),
+        );
+    }
+}
+
+#[test]
 fn patch_dropout_keeping_every_patch_is_the_plain_forward_and_a_drop_changes_the_output() {
     let mut c = tiny(Pool::Tok, BlockKind::Parallel, true, false);
     c.set("image_size=12").unwrap();

@@ -96,6 +96,14 @@ fn remat_and_a_class_token_still_match() {
 }
 
 #[test]
+fn a_conv_stem_is_replicated_and_still_matches() {
+    let mut cfg = tiny(BlockKind::Parallel, Pool::Map, true, false);
+    cfg.set("stem=[4]").unwrap(); // patch 2: one stride-2 convolution
+    cfg.validate().unwrap();
+    check(&cfg, 2, MatmulComm::Ring, "parallel map stem");
+}
+
+#[test]
 fn initial_parameters_are_the_whole_models_split_and_gather_back() {
     let cfg = tiny(BlockKind::Parallel, Pool::Map, true, true);
     let model = VisionTransformer::new(&cfg, DType::F32, CPU).unwrap();

@@ -536,6 +536,67 @@ fn patchify_matches_naive_and_inverts() {
     check_gradient("patchify", |t| ops::patchify(t, p), &img, &r, &back, 1e-2, 1e-3, 40).unwrap();
 }
 
+/// A convolution straight from its definition: `x [b, h, w, c]`, kernel `[o, k, k, c]`,
+/// zero padding; `[b, oh, ow, o]`.
+fn naive_conv(x: &[f32], [b, h, w, c]: [usize; 4], kernel: &[f32], o: usize, win: ops::ConvWindow) -> Vec<f32> {
+    let (k, s, pad) = (win.kernel as isize, win.stride as isize, win.pad as isize);
+    let (oh, ow) = (win.out_side(h).unwrap(), win.out_side(w).unwrap());
+    let mut out = vec![0.0f32; b * oh * ow * o];
+    for bi in 0..b {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for oc in 0..o {
+                    let mut acc = 0.0f64;
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let (y, xx) = (oy as isize * s + ky - pad, ox as isize * s + kx - pad);
+                            if y < 0 || xx < 0 || y >= h as isize || xx >= w as isize {
+                                continue;
+                            }
+                            for ci in 0..c {
+                                let pixel = x[((bi * h + y as usize) * w + xx as usize) * c + ci];
+                                let weight =
+                                    kernel[((oc * win.kernel + ky as usize) * win.kernel + kx as usize) * c + ci];
+                                acc += (pixel * weight) as f64;
+                            }
+                        }
+                    }
+                    out[((bi * oh + oy) * ow + ox) * o + oc] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn im2col_and_a_matmul_are_the_convolution_and_col2im_is_its_backward() {
+    let (b, c, o) = (2, 3, 4);
+    // Stride-2 3x3 with padding (a conv stem), odd sides, overlapping stride 1, a window as
+    // large as the padded image, and non-overlapping patches.
+    let cases = [(9, 7, 3, 2, 1), (6, 6, 3, 1, 1), (5, 4, 5, 1, 1), (8, 8, 4, 4, 0)];
+    for (case, (h, w, k, s, pad)) in cases.into_iter().enumerate() {
+        let win = ops::ConvWindow { kernel: k, stride: s, pad };
+        let (oh, ow) = (win.out_side(h).unwrap(), win.out_side(w).unwrap());
+        let x = randn(&[b, h, w, c], 60 + case as u64);
+        let kernel = randn(&[o, k, k, c], 70 + case as u64);
+        let cols = ops::im2col(&x, win).unwrap();
+        assert_eq!(cols.dims(), &[b, oh * ow, k * k * c], "{win:?}");
+        let y = ops::matmul_t(&cols, &kernel.reshape([o, k * k * c]).unwrap(), false, true).unwrap();
+        let want = naive_conv(&v(&x), [b, h, w, c], &v(&kernel), o, win);
+        assert_close(&format!("conv {win:?}"), &v(&y), &want, 1e-5, 1e-5);
+        let r = randn(&[b, oh * ow, k * k * c], 80 + case as u64);
+        let back = ops::col2im(&r, h, w, c, win).unwrap();
+        assert_eq!(back.dims(), &[b, h, w, c]);
+        check_gradient("im2col", |t| ops::im2col(t, win), &x, &r, &back, 1e-2, 1e-3, 40).unwrap();
+    }
+    // Non-overlapping windows on one channel are patchify: the same values in the same order.
+    let img = randn(&[2, 1, 8, 12], 90);
+    let win = ops::ConvWindow { kernel: 4, stride: 4, pad: 0 };
+    let cols = ops::im2col(&img.reshape([2, 8, 12, 1]).unwrap(), win).unwrap();
+    assert_eq!(v(&cols), v(&ops::patchify(&img, 4).unwrap()));
+}
+
 #[test]
 fn tensors_create_view_cast_and_copy() {
     let a = Tensor::randn([4, 3], 0.0, 1.0, 51, DType::F32, CPU).unwrap();

@@ -602,6 +602,31 @@ fn patchify_and_unpatchify() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn im2col_and_col2im() {
+    require_gpu();
+    for dt in FLOATS {
+        // A conv stem's stride-2 3x3 windows, overlapping stride 1, non-overlapping patches.
+        for (b, h, w, c, k, s, pad) in
+            [(3, 28, 28, 1, 3, 2, 1), (2, 14, 13, 16, 3, 2, 1), (2, 9, 9, 5, 3, 1, 1), (1, 8, 8, 3, 4, 4, 0)]
+        {
+            let win = ops::ConvWindow { kernel: k, stride: s, pad };
+            let x = randn(&[b, h, w, c], 262, dt);
+            let what = format!("[{b}, {h}, {w}, {c}] {win:?} ({dt})");
+            let cols = ops::im2col(&x, win).unwrap();
+            check_exact(&format!("im2col {what}"), &ops::im2col(&gpu(&x), win).unwrap(), &cols);
+            // The same additions in the same order: exact in f32, one rounding in bf16/f16.
+            let r = randn(cols.dims(), 263, dt);
+            check_exact(
+                &format!("col2im {what}"),
+                &ops::col2im(&gpu(&r), h, w, c, win).unwrap(),
+                &ops::col2im(&r, h, w, c, win).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn ops_read_narrowed_views_at_their_offset() {
     require_gpu();
     for dt in [DType::F32, DType::BF16] {

@@ -30,6 +30,20 @@ fn shape_mismatches_name_op_and_shapes() {
     assert!(m.contains("heads 3"), "{m}");
     let m = msg(ops::patchify(&t(&[1, 3, 10, 10]), 4).unwrap_err());
     assert!(m.contains("patch size 4") && m.contains("10"), "{m}");
+    let win = ops::ConvWindow { kernel: 3, stride: 2, pad: 1 };
+    let m = msg(ops::im2col(&t(&[1, 3, 10]), win).unwrap_err());
+    assert!(
+        m.starts_with("im2col:") && m.contains("[batch, height, width, channels]") && m.contains("[1, 3, 10]"),
+        "{m}"
+    );
+    let m = msg(ops::im2col(&t(&[1, 4, 4, 2]), ops::ConvWindow { kernel: 3, stride: 0, pad: 1 }).unwrap_err());
+    assert!(m.contains("stride: 0") && m.contains("4x4"), "{m}");
+    let m = msg(ops::im2col(&t(&[1, 4, 4, 2]), ops::ConvWindow { kernel: 2, stride: 1, pad: 2 }).unwrap_err());
+    assert!(m.contains("pad < kernel"), "{m}");
+    let m = msg(ops::im2col(&t(&[1, 2, 2, 1]), ops::ConvWindow { kernel: 5, stride: 1, pad: 1 }).unwrap_err());
+    assert!(m.contains("kernel <= side + 2·pad") && m.contains("2x2"), "{m}");
+    let m = msg(ops::col2im(&t(&[2, 5, 18]), 4, 4, 2, win).unwrap_err());
+    assert!(m.starts_with("col2im:") && m.contains("[batch, 4, 18]") && m.contains("[2, 5, 18]"), "{m}");
     let m = msg(t(&[2, 3]).reshape([4, 2]).unwrap_err());
     assert!(m.contains("[2, 3]") && m.contains("[4, 2]"), "{m}");
     let m = msg(t(&[2, 3]).narrow(1, 2).unwrap_err());

@@ -1,10 +1,13 @@
-//! Patch embedding, position embedding (learned or sincos2d) and the class token (reference §2).
+//! Patch embedding (a p×p projection, or a convolutional stem then a 1×1 projection), position
+//! embedding (learned or sincos2d) and the class token (reference §2).
 
 use super::init::{Fill, ParamSink};
+use super::stem::{ConvStem, StemSaved};
 use crate::{ModelConfig, ModelError, ParamStore, Pool, PosEmb, Result};
 use vit_tensor::{ops, DType, Device, Tensor};
 
-/// `patch_embed.proj` (a p×p stride-p convolution with bias, stored `[D, C, p, p]` as in timm),
+/// `patch_embed.proj` (a p×p stride-p convolution with bias, stored `[D, C, p, p]` as in timm;
+/// with a conv stem, a 1×1 convolution `[D, stem.last(), 1, 1]` on its output),
 /// `cls_token` `[1, 1, D]` with `pool = "tok"`, `pos_embed` `[1, T, D]` when learned.
 #[derive(Debug, Clone)]
 pub struct Embedding {
@@ -16,14 +19,18 @@ pub struct Embedding {
     learned: bool,
     /// The fixed sincos2d table `[N, D]`, built once (no parameters).
     sincos: Option<Tensor>,
+    /// The convolutional stem, if the config has one.
+    stem: Option<ConvStem>,
 }
 
 /// What [`Embedding::backward`] needs, for images `[B, C, H, W]` cut into N patches of p×p.
 #[derive(Debug, Clone)]
 pub struct EmbedSaved {
-    /// The flattened patches, input of the patch projection, `[B, N, C·p·p]` (features
-    /// ordered `(c, py, px)`).
+    /// The input of the patch projection, `[B, N, F]`: the flattened patches (`F = C·p·p`,
+    /// features ordered `(c, py, px)`) or the stem's output (`F = stem.last()`).
     patches: Tensor,
+    /// The stem's saved activations, with a stem.
+    stem: Option<StemSaved>,
     /// The batch size B.
     batch: usize,
 }
@@ -100,6 +107,7 @@ impl Embedding {
             cls: cfg.pool == Pool::Tok,
             learned: cfg.posemb == PosEmb::Learn,
             sincos,
+            stem: ConvStem::new(cfg),
         })
     }
 
@@ -110,9 +118,16 @@ impl Embedding {
 
     /// Adds the patch embedding, class token and learned position embedding to `store`.
     pub fn init(&self, sink: &mut dyn ParamSink) -> Result<()> {
-        let (d, c, p) = (self.width, self.channels, self.patch);
-        let fan_in = c * p * p;
-        sink.add("patch_embed.proj.weight", &[d, c, p, p], Fill::Normal { std: (fan_in as f32).powf(-0.5) })?;
+        let d = self.width;
+        let dims = match &self.stem {
+            Some(stem) => {
+                stem.init(sink)?;
+                [d, stem.out_channels(), 1, 1]
+            }
+            None => [d, self.channels, self.patch, self.patch],
+        };
+        let fan_in = dims[1] * dims[2] * dims[3];
+        sink.add("patch_embed.proj.weight", &dims, Fill::Normal { std: (fan_in as f32).powf(-0.5) })?;
         sink.add("patch_embed.proj.bias", &[d], Fill::Zeros)?;
         if self.cls {
             sink.add("cls_token", &[1, 1, d], Fill::Zeros)?;
@@ -133,8 +148,15 @@ impl Embedding {
                 msg: format!("expected [batch, {}, {}, {}], found {}", expect[0], expect[1], expect[2], images.shape()),
             });
         }
-        let patches = ops::patchify(images, self.patch)?;
-        let w = p.get("patch_embed.proj.weight")?.reshape([d, self.channels * self.patch * self.patch])?;
+        let (patches, stem) = match &self.stem {
+            Some(stem) => {
+                let (features, saved) = stem.forward(p, images)?;
+                (features, Some(saved))
+            }
+            None => (ops::patchify(images, self.patch)?, None),
+        };
+        let w = p.get("patch_embed.proj.weight")?;
+        let w = w.reshape([d, w.numel() / d])?;
         let mut x = ops::linear(&patches, &w, Some(p.get("patch_embed.proj.bias")?), None, None)?.y;
         if let Some(s) = &self.sincos {
             x = ops::bias_add(&x.reshape([b, self.tokens * d])?, s)?.reshape([b, self.tokens, d])?;
@@ -147,7 +169,7 @@ impl Embedding {
             let t = self.seq_len();
             x = ops::bias_add(&x.reshape([b, t * d])?, &p.get("pos_embed")?.reshape([t * d])?)?.reshape([b, t, d])?;
         }
-        Ok((x, EmbedSaved { patches, batch: b }))
+        Ok((x, EmbedSaved { patches, stem, batch: b }))
     }
 
     /// Accumulates parameter gradients; returns the gradient of the images.
@@ -166,6 +188,9 @@ impl Embedding {
         let dpatches = ops::matmul_t(&dtok, &w.reshape([d, w.numel() / d])?, false, false)?;
         let bias = Some("patch_embed.proj.bias");
         ops::linear_wgrad(g, "patch_embed.proj.weight", bias, &s.patches, &dtok)?;
+        if let (Some(stem), Some(saved)) = (&self.stem, &s.stem) {
+            return stem.backward(p, saved, &dpatches, g);
+        }
         let side = self.patch * self.grid();
         Ok(ops::unpatchify(&dpatches, self.channels, side, side, self.patch)?)
     }

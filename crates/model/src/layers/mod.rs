@@ -15,6 +15,7 @@ pub mod norm;
 pub mod patch_dropout;
 pub mod pool;
 pub mod routing;
+pub mod stem;
 
 pub use block::{Block, BlockSaved};
 pub use embed::{resample_posemb, sincos2d, EmbedSaved, Embedding};
@@ -27,3 +28,4 @@ pub use moe_parallel::{shard_experts, MoeParallelSaved};
 pub use norm::{Norm, NormSaved, LAYER_NORM_EPS};
 pub use pool::{MapHead, PoolSaved, Pooling};
 pub use routing::GroupRoute;
+pub use stem::{ConvStem, StemSaved, STEM_WINDOW};

@@ -11,6 +11,7 @@ mod elementwise;
 /// The flash kernels' algorithm in Rust, checked against the reference attention (tests only).
 #[cfg(test)]
 mod flash_attention;
+mod im2col;
 mod index;
 mod layout;
 mod linear;
@@ -29,6 +30,7 @@ pub(crate) use attention::*;
 pub(crate) use attention_packed::*;
 pub use elementwise::erfc;
 pub(crate) use elementwise::*;
+pub(crate) use im2col::*;
 pub(crate) use index::*;
 pub(crate) use layout::*;
 pub(crate) use linear::*;

@@ -9,6 +9,7 @@ pub(crate) mod blas;
 pub(crate) mod elementwise;
 pub mod flash_attention;
 mod host_reads;
+pub(crate) mod im2col;
 pub(crate) mod index;
 pub mod kernel;
 pub(crate) mod layout;

@@ -25,6 +25,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("reduce.cu", include_str!("../../../../kernels/reduce.cu")),
     ("index.cu", include_str!("../../../../kernels/index.cu")),
     ("patch.cu", include_str!("../../../../kernels/patch.cu")),
+    ("im2col.cu", include_str!("../../../../kernels/im2col.cu")),
     ("layout.cu", include_str!("../../../../kernels/layout.cu")),
     ("flash_attention.cu", include_str!("../../../../kernels/flash_attention.cu")),
     ("routing.cu", include_str!("../../../../kernels/routing.cu")),

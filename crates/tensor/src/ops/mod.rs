@@ -5,6 +5,7 @@
 mod attention;
 mod attention_packed;
 mod elementwise;
+mod im2col;
 mod index;
 mod layout;
 mod linear;
@@ -20,6 +21,7 @@ pub use crate::op_kinds::{Activation, BinaryOp, Gelu, MatmulDims, NormKind, Redu
 pub use attention::*;
 pub use attention_packed::*;
 pub use elementwise::*;
+pub use im2col::*;
 pub use index::*;
 pub use layout::*;
 pub use linear::*;
