@@ -75,8 +75,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
         return Ok(());
     }
     let m = |n: u64| format!("{:>16} ({:.3}M)", group(n), n as f64 / 1e6);
+    let stem = if cfg.stem.is_empty() { String::new() } else { format!(" (conv stem {:?})", cfg.stem) };
     println!(
-        "{} — width {}, depth {}, mlp {}, heads {}, patch {}, {} tokens",
+        "{} — width {}, depth {}, mlp {}, heads {}, patch {}{stem}, {} tokens",
         args.model,
         cfg.width,
         cfg.depth,
