@@ -355,8 +355,9 @@ impl ModelConfig {
     ///
     /// Integers are unsigned decimal; booleans are `true`/`false`; enums take the
     /// lowercase names of [`Pool`], [`PosEmb`], [`BlockKind`] and [`Gelu`]; `prelogits`
-    /// takes a width or `none`; `stem` a list of channels (`[16, 32]` or `16,32`) or `none`. An unknown key lists the valid keys; a bad value names the
-    /// key, the value and the expected type.
+    /// takes a width or `none`; `stem` a list of channels (`[16, 32]` or `16,32`) or `none`.
+    /// An unknown key lists the valid keys; a bad value names the key, the value and the
+    /// expected type.
     pub fn set_value(&mut self, key: &str, value: &str) -> Result<()> {
         let key = key.trim().replace('-', "_");
         let value = unquote(value.trim());
