@@ -153,6 +153,17 @@ fn norms_and_reductions_give_the_same_bits_on_any_thread_count() {
 }
 
 #[test]
+fn im2col_and_col2im_give_the_same_bits_on_any_thread_count() {
+    // A conv stem's overlapping 3x3 stride-2 windows: col2im sums up to four reads per pixel.
+    let win = ops::ConvWindow { kernel: 3, stride: 2, pad: 1 };
+    let x = randn(&[64, 14, 14, 16], 10);
+    let cols = randn(&[64, 49, 144], 11);
+    same_on_any_thread_count("im2col, col2im", || {
+        vec![bits(&ops::im2col(&x, win).unwrap()), bits(&ops::col2im(&cols, 14, 14, 16, win).unwrap())]
+    });
+}
+
+#[test]
 fn random_tensors_are_the_same_on_any_thread_count() {
     // More than one parallel piece (16,384 elements each) and an odd length.
     same_on_any_thread_count("randn / rand_uniform", || {
