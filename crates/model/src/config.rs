@@ -133,6 +133,14 @@ pub struct ModelConfig {
     pub image_size: usize,
     /// Patch side p in pixels. The image is cut into `(image_size / p)²` patches.
     pub patch: usize,
+    /// Side k of the patch projection's window when it is larger than `patch`: overlapping
+    /// patches (a k×k stride-p convolution with `(k − p) / 2` zero pixels of padding, as the
+    /// overlapping patch embeddings of PVTv2 and CvT), so each of the `(image_size / p)²` tokens
+    /// sees a k×k neighbourhood of its patch. `k − p` must be even, and there is no `stem`.
+    /// `None` (absent in TOML): k = p, ViT's non-overlapping patches. The kernel is stored
+    /// `[D, C, k, k]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch_kernel: Option<usize>,
     /// Input channels C (3 for RGB).
     pub channels: usize,
     /// Token width D (hidden size).
@@ -221,6 +229,7 @@ const CUSTOM: &str = "custom";
 pub const KEYS: &[&str] = &[
     "image_size",
     "patch",
+    "patch_kernel",
     "channels",
     "width",
     "depth",
@@ -247,6 +256,7 @@ impl ModelConfig {
         ModelConfig {
             image_size: 224,
             patch: 16,
+            patch_kernel: None,
             channels: 3,
             width: 192,
             depth: 12,
@@ -373,6 +383,12 @@ impl ModelConfig {
         match key {
             "image_size" => self.image_size = parse_uint(key, value)?,
             "patch" => self.patch = parse_uint(key, value)?,
+            "patch_kernel" => {
+                self.patch_kernel = match value {
+                    "none" => None,
+                    _ => Some(parse_uint(key, value)?),
+                }
+            }
             "channels" => self.channels = parse_uint(key, value)?,
             "width" => self.width = parse_uint(key, value)?,
             "depth" => self.depth = parse_uint(key, value)?,
@@ -456,6 +472,22 @@ impl ModelConfig {
         if self.width % self.heads != 0 {
             return Err(ModelError::invalid("width", self.width, format!("a multiple of heads ({})", self.heads)));
         }
+        if let Some(k) = self.patch_kernel {
+            if k < self.patch || (k - self.patch) % 2 != 0 {
+                return Err(ModelError::invalid(
+                    "patch_kernel",
+                    k,
+                    format!("at least patch ({}) and larger by an even number of pixels", self.patch),
+                ));
+            }
+            if !self.stem.is_empty() {
+                return Err(ModelError::invalid(
+                    "patch_kernel",
+                    k,
+                    format!("none with a conv stem ({:?}), whose projection is 1x1", self.stem),
+                ));
+            }
+        }
         if !self.stem.is_empty() {
             let stem = format!("{:?}", self.stem);
             if self.stem.contains(&0) {
@@ -524,6 +556,13 @@ impl ModelConfig {
     /// Patches per image side, `image_size / patch` (0 if `patch` is 0).
     pub fn grid(&self) -> usize {
         self.image_size.checked_div(self.patch).unwrap_or(0)
+    }
+
+    /// The patch projection's window: k×k (`patch_kernel`, or `patch` without it), stride
+    /// `patch`, padding `(k − patch) / 2`, so it gives `grid()²` tokens.
+    pub fn patch_window(&self) -> vit_tensor::ops::ConvWindow {
+        let kernel = self.patch_kernel.unwrap_or(self.patch);
+        vit_tensor::ops::ConvWindow { kernel, stride: self.patch, pad: kernel.saturating_sub(self.patch) / 2 }
     }
 
     /// Number of patch tokens N = `grid()²`. Exact for a validated config.

@@ -42,7 +42,10 @@ impl ModelConfig {
                 }
                 convs + 2.0 * patches * last as f64 * d
             }
-            None => 2.0 * patches * (self.channels * self.patch * self.patch) as f64 * d,
+            None => {
+                let k = self.patch_window().kernel as f64;
+                2.0 * patches * self.channels as f64 * k * k * d
+            }
         };
         let block = 2.0 * n * d * (4.0 * d + 2.0 * m) + 4.0 * n * n * d;
         let moe = self.moe.as_ref().map_or(0.0, |moe| {
@@ -121,6 +124,21 @@ mod tests {
         assert!((diff - (convs - 2.0 * 49.0 * 16.0 * 64.0)).abs() < 1e-6, "{diff}");
         // PatchDropout leaves the stem whole.
         assert_eq!(stem.forward_flops_keeping(12) - plain.forward_flops_keeping(12), diff);
+    }
+
+    #[test]
+    fn overlapping_patches_count_their_whole_windows() {
+        let mut plain = ModelConfig::custom();
+        for s in ["image_size=28", "patch=4", "channels=1", "width=64", "heads=4"] {
+            plain.set(s).unwrap();
+        }
+        let mut wide = plain.clone();
+        wide.set("patch_kernel=8").unwrap();
+        wide.validate().unwrap();
+        // 49 windows of 8x8 pixels -> 64, against 49 patches of 4x4.
+        let diff = wide.forward_flops_per_image() - plain.forward_flops_per_image();
+        assert!((diff - 2.0 * 49.0 * (64.0 - 16.0) * 64.0).abs() < 1e-6, "{diff}");
+        assert_eq!(wide.forward_flops_keeping(12) - plain.forward_flops_keeping(12), diff);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 //! | piece | parameters |
 //! |---|---|
-//! | patch embedding (conv p×p, stride p, bias) | p²·C·D + D |
+//! | patch embedding (conv p×p, stride p, bias) | p²·C·D + D (k²·C·D + D with `patch_kernel` k) |
 //! | learned position embedding | N·D, or (N+1)·D with `pool = "tok"` (the class token has its own) |
 //! | sincos2d position embedding | 0 |
 //! | class token (`tok`) | D |
@@ -64,7 +64,7 @@ impl ParamCounts {
 /// Pieces a config does not have count 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct ParamBreakdown {
-    /// Patch embedding: p²·C·D kernel + D bias; with a conv stem, its convolutions
+    /// Patch embedding: p²·C·D kernel (k²·C·D with `patch_kernel` k) + D bias; with a conv stem, its convolutions
     /// (`9·in·out` each) and norms, then the 1×1 projection `stem.last()·D + D`.
     pub patch_embed: u64,
     /// Learned position embedding: N·D, or (N+1)·D with a class token; 0 for sincos2d.
@@ -141,7 +141,6 @@ fn count(cfg: &ModelConfig) -> Option<ParamBreakdown> {
     let one = c(1);
     let d = c(cfg.width);
     let m = c(cfg.mlp_dim);
-    let p = c(cfg.patch);
     let k = c(cfg.classes);
     let grid = c(cfg.image_size.checked_div(cfg.patch)?);
     let n = grid * grid;
@@ -162,7 +161,10 @@ fn count(cfg: &ModelConfig) -> Option<ParamBreakdown> {
                 ins.zip(&cfg.stem).fold(zero, |sum, (cin, &cout)| sum + c(9) * c(cin) * c(cout) + norm(c(cout)));
             convs + c(last) * d + d
         }
-        None => p * p * c(cfg.channels) * d + d,
+        None => {
+            let p = c(cfg.patch_window().kernel); // p, or patch_kernel
+            p * p * c(cfg.channels) * d + d
+        }
     };
     let pos_embed = match cfg.posemb {
         PosEmb::Learn => (n + when(tok, one)) * d,

@@ -204,6 +204,30 @@ fn classes_zero_means_no_classifier() {
 }
 
 #[test]
+fn patch_kernel_parses_round_trips_and_is_checked() {
+    let mut cfg = ModelConfig::custom();
+    cfg.set("patch_kernel=24").unwrap();
+    assert_eq!(cfg.patch_kernel, Some(24));
+    let win = cfg.patch_window();
+    assert_eq!((win.kernel, win.stride, win.pad), (24, 16, 4));
+    assert_eq!(win.out_side(cfg.image_size), Some(cfg.grid()), "the same token grid");
+    let text = cfg.to_toml().unwrap();
+    assert!(text.lines().any(|l| l == "patch_kernel = 24"), "{text}");
+    assert_eq!(ModelConfig::from_toml(&text).unwrap(), cfg);
+    cfg.set("patch_kernel=none").unwrap();
+    assert_eq!(cfg.patch_kernel, None);
+    assert!(!cfg.to_toml().unwrap().contains("patch_kernel"), "none is left out");
+    for bad in ["patch_kernel=17", "patch_kernel=8"] {
+        let msg = invalid(&[bad]);
+        assert!(msg.contains(&bad.replace('=', " = ")) && msg.contains("patch (16)"), "{msg}");
+    }
+    let msg = invalid(&["patch=4", "image_size=28", "stem=[8, 16]", "patch_kernel=8"]);
+    assert!(msg.contains("patch_kernel = 8") && msg.contains("conv stem ([8, 16])"), "{msg}");
+    let err = cfg.set("patch_kernel=wide").unwrap_err().to_string();
+    assert!(err.contains("patch_kernel") && err.contains("wide"), "{err}");
+}
+
+#[test]
 fn conv_stem_parses_round_trips_and_is_checked() {
     let mut cfg = ModelConfig::custom();
     for (value, want) in

@@ -1,5 +1,6 @@
 //! The whole model on CUDA equals the CPU reference: logits and every parameter gradient,
-//! in f32 (tight) for both block kinds and every pooling, and with a conv stem.
+//! in f32 (tight) for both block kinds and every pooling, with a conv stem and with overlapping
+//! patches.
 
 use vit_model::{BlockKind, ModelConfig, ParamStore, Pool, VisionTransformer};
 use vit_tensor::{testing::assert_close, DType, Device, Tensor};
@@ -22,6 +23,10 @@ fn forward_and_backward_on_cuda_equal_cpu() {
         if pool == Pool::Map {
             // A conv stem (im2col, col2im, channels-last permutes) in place of the patch projection.
             cfg.set("stem=[8, 16]").unwrap();
+        }
+        if pool == Pool::Gap {
+            // Overlapping 8x8 patches of a 3-channel image (im2col, the kernel's permute).
+            cfg.set("patch_kernel=8").unwrap();
         }
         let cpu_model = VisionTransformer::new(&cfg, DType::F32, Device::Cpu).unwrap();
         let gpu_model = VisionTransformer::new(&cfg, DType::F32, gpu).unwrap();

@@ -8,7 +8,11 @@ use common::randomised;
 use vit_model::{
     layers::patch_dropout::PatchDrop, BlockKind, ModelConfig, ParamCounts, Pool, PosEmb, VisionTransformer,
 };
-use vit_tensor::{ops, testing::check_gradient, DType, Device, Tensor};
+use vit_tensor::{
+    ops,
+    testing::{assert_close, check_gradient},
+    DType, Device, Tensor,
+};
 
 const CPU: Device = Device::Cpu;
 
@@ -114,6 +118,63 @@ fn conv_stems_match_finite_differences() {
             keep,
             &format!("stem [3, 5], {channels} channels, bias={bias}, {pool:?}, keep {keep:?}"),
         );
+    }
+}
+
+#[test]
+fn overlapping_patches_match_finite_differences() {
+    // Two channels (the kernel's permute), one channel (a reshape), windows of 6 and 8 pixels
+    // (padding 1 and 2), a class token and PatchDropout after the projection.
+    for (channels, kernel, pool, keep) in [(2, 8, Pool::Gap, None), (1, 6, Pool::Tok, None), (2, 6, Pool::Map, Some(2))]
+    {
+        let mut c = tiny(pool, BlockKind::Sequential, false, true);
+        c.set(&format!("channels={channels}")).unwrap();
+        c.set(&format!("patch_kernel={kernel}")).unwrap();
+        c.validate().unwrap();
+        check_model_keeping(&c, keep, &format!("patch_kernel {kernel}, {channels} channels, {pool:?}, keep {keep:?}"));
+    }
+}
+
+#[test]
+fn overlapping_patches_with_a_kernel_zero_outside_the_patch_are_the_plain_projection() {
+    // The stored layout [D, C, k, k]: the plain model's kernel placed at the window's centre
+    // (offset (k - p) / 2) gives the same tokens, for several channels.
+    for channels in [1, 3] {
+        let mut plain = tiny(Pool::Gap, BlockKind::Sequential, false, true);
+        plain.set(&format!("channels={channels}")).unwrap();
+        let mut wide = plain.clone();
+        wide.set("patch_kernel=8").unwrap();
+        wide.validate().unwrap();
+        let (pm, wm) = (
+            VisionTransformer::new(&plain, DType::F32, CPU).unwrap(),
+            VisionTransformer::new(&wide, DType::F32, CPU).unwrap(),
+        );
+        let p = randomised(&pm.init_params(0, DType::F32, CPU).unwrap(), 3);
+        let mut q = randomised(&wm.init_params(0, DType::F32, CPU).unwrap(), 3);
+        let w = p.get("patch_embed.proj.weight").unwrap();
+        let (d, pp) = (w.dims()[0], 4);
+        let small = w.to_f32_vec().unwrap();
+        let mut big = vec![0.0f32; d * channels * 8 * 8];
+        for o in 0..d * channels {
+            for y in 0..pp {
+                for x in 0..pp {
+                    big[(o * 8 + y + 2) * 8 + x + 2] = small[(o * pp + y) * pp + x];
+                }
+            }
+        }
+        for (name, t) in p.iter() {
+            let t = match name {
+                "patch_embed.proj.weight" => {
+                    Tensor::from_f32(big.clone(), [d, channels, 8, 8], DType::F32, CPU).unwrap()
+                }
+                _ => t.clone(),
+            };
+            q.set(name, t).unwrap();
+        }
+        let images = Tensor::randn([2, channels, 8, 8], 0.0, 1.0, 4, DType::F32, CPU).unwrap();
+        let a = pm.forward(&p, &images).unwrap().0.to_f32_vec().unwrap();
+        let b = wm.forward(&q, &images).unwrap().0.to_f32_vec().unwrap();
+        assert_close(&format!("{channels} channels"), &b, &a, 1e-5, 1e-5);
     }
 }
 

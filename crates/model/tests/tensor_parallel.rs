@@ -101,6 +101,10 @@ fn a_conv_stem_is_replicated_and_still_matches() {
     cfg.set("stem=[4]").unwrap(); // patch 2: one stride-2 convolution
     cfg.validate().unwrap();
     check(&cfg, 2, MatmulComm::Ring, "parallel map stem");
+    let mut cfg = tiny(BlockKind::Sequential, Pool::Gap, false, true);
+    cfg.set("patch_kernel=4").unwrap(); // overlapping windows, replicated like the plain patches
+    cfg.validate().unwrap();
+    check(&cfg, 2, MatmulComm::Ring, "sequential gap overlapping patches");
 }
 
 #[test]

@@ -75,7 +75,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
         return Ok(());
     }
     let m = |n: u64| format!("{:>16} ({:.3}M)", group(n), n as f64 / 1e6);
-    let stem = if cfg.stem.is_empty() { String::new() } else { format!(" (conv stem {:?})", cfg.stem) };
+    let stem = match (&cfg.stem[..], cfg.patch_kernel) {
+        ([], Some(k)) if k > cfg.patch => format!(" (overlapping {k}x{k} windows)"),
+        ([], _) => String::new(),
+        (stem, _) => format!(" (conv stem {stem:?})"),
+    };
     println!(
         "{} — width {}, depth {}, mlp {}, heads {}, patch {}{stem}, {} tokens",
         args.model,

@@ -1,13 +1,17 @@
-//! Patch embedding (a p×p projection, or a convolutional stem then a 1×1 projection), position
-//! embedding (learned or sincos2d) and the class token (reference §2).
+//! Patch embedding (a p×p projection, an overlapping k×k one, or a convolutional stem then a 1×1
+//! projection), position embedding (learned or sincos2d) and the class token (reference §2).
 
 use super::init::{Fill, ParamSink};
-use super::stem::{ConvStem, StemSaved};
+use super::stem::{from_channels_last, to_channels_last, ConvStem, StemSaved};
 use crate::{ModelConfig, ModelError, ParamStore, Pool, PosEmb, Result};
-use vit_tensor::{ops, DType, Device, Tensor};
+use vit_tensor::{
+    ops::{self, ConvWindow},
+    DType, Device, Tensor,
+};
 
 /// `patch_embed.proj` (a p×p stride-p convolution with bias, stored `[D, C, p, p]` as in timm;
-/// with a conv stem, a 1×1 convolution `[D, stem.last(), 1, 1]` on its output),
+/// with `patch_kernel` k, a k×k stride-p convolution `[D, C, k, k]`; with a conv stem, a 1×1
+/// convolution `[D, stem.last(), 1, 1]` on its output),
 /// `cls_token` `[1, 1, D]` with `pool = "tok"`, `pos_embed` `[1, T, D]` when learned.
 #[derive(Debug, Clone)]
 pub struct Embedding {
@@ -21,13 +25,16 @@ pub struct Embedding {
     sincos: Option<Tensor>,
     /// The convolutional stem, if the config has one.
     stem: Option<ConvStem>,
+    /// The window of overlapping patches (`patch_kernel` larger than `patch`), if any.
+    overlap: Option<ConvWindow>,
 }
 
 /// What [`Embedding::backward`] needs, for images `[B, C, H, W]` cut into N patches of p×p.
 #[derive(Debug, Clone)]
 pub struct EmbedSaved {
     /// The input of the patch projection, `[B, N, F]`: the flattened patches (`F = C·p·p`,
-    /// features ordered `(c, py, px)`) or the stem's output (`F = stem.last()`).
+    /// features ordered `(c, py, px)`), the overlapping windows (`F = k·k·C`, ordered
+    /// `(ky, kx, c)`) or the stem's output (`F = stem.last()`).
     patches: Tensor,
     /// The stem's saved activations, with a stem.
     stem: Option<StemSaved>,
@@ -108,6 +115,7 @@ impl Embedding {
             learned: cfg.posemb == PosEmb::Learn,
             sincos,
             stem: ConvStem::new(cfg),
+            overlap: Some(cfg.patch_window()).filter(|w| w.kernel > cfg.patch),
         })
     }
 
@@ -124,7 +132,10 @@ impl Embedding {
                 stem.init(sink)?;
                 [d, stem.out_channels(), 1, 1]
             }
-            None => [d, self.channels, self.patch, self.patch],
+            None => {
+                let k = self.overlap.map_or(self.patch, |w| w.kernel);
+                [d, self.channels, k, k]
+            }
         };
         let fan_in = dims[1] * dims[2] * dims[3];
         sink.add("patch_embed.proj.weight", &dims, Fill::Normal { std: (fan_in as f32).powf(-0.5) })?;
@@ -153,10 +164,12 @@ impl Embedding {
                 let (features, saved) = stem.forward(p, images)?;
                 (features, Some(saved))
             }
-            None => (ops::patchify(images, self.patch)?, None),
+            None => match self.overlap {
+                Some(win) => (ops::im2col(&to_channels_last(images)?, win)?, None),
+                None => (ops::patchify(images, self.patch)?, None),
+            },
         };
-        let w = p.get("patch_embed.proj.weight")?;
-        let w = w.reshape([d, w.numel() / d])?;
+        let w = self.projection(p)?;
         let mut x = ops::linear(&patches, &w, Some(p.get("patch_embed.proj.bias")?), None, None)?.y;
         if let Some(s) = &self.sincos {
             x = ops::bias_add(&x.reshape([b, self.tokens * d])?, s)?.reshape([b, self.tokens, d])?;
@@ -184,15 +197,41 @@ impl Embedding {
         } else {
             dx.clone()
         };
-        let w = p.get("patch_embed.proj.weight")?;
-        let dpatches = ops::matmul_t(&dtok, &w.reshape([d, w.numel() / d])?, false, false)?;
-        let bias = Some("patch_embed.proj.bias");
-        ops::linear_wgrad(g, "patch_embed.proj.weight", bias, &s.patches, &dtok)?;
+        let dpatches = ops::matmul_t(&dtok, &self.projection(p)?, false, false)?;
+        let (weight, bias) = ("patch_embed.proj.weight", "patch_embed.proj.bias");
+        match self.overlap {
+            // The kernel `[D, C, k, k]` was permuted to the windows' `(ky, kx, c)` order.
+            Some(win) if self.channels > 1 => {
+                let (rows, f) = (s.patches.numel() / s.patches.shape().last(), s.patches.shape().last());
+                let dw = ops::matmul_t(&dtok.reshape([rows, d])?, &s.patches.reshape([rows, f])?, true, false)?;
+                let dw = ops::permute(&dw.reshape([d, win.kernel, win.kernel, self.channels])?, &[0, 3, 1, 2])?;
+                g.accumulate(weight, &dw)?;
+                g.accumulate(bias, &ops::bias_add_bwd(&dtok)?)?;
+            }
+            _ => ops::linear_wgrad(g, weight, Some(bias), &s.patches, &dtok)?,
+        }
         if let (Some(stem), Some(saved)) = (&self.stem, &s.stem) {
             return stem.backward(p, saved, &dpatches, g);
         }
         let side = self.patch * self.grid();
+        if let Some(win) = self.overlap {
+            let image = ops::col2im(&dpatches, side, side, self.channels, win)?;
+            return from_channels_last(&image);
+        }
         Ok(ops::unpatchify(&dpatches, self.channels, side, side, self.patch)?)
+    }
+
+    /// The patch projection's kernel as `[D, F]` in the order of its input's features: the
+    /// stored `[D, C, k, k]` permuted to `[D, k, k, C]` for overlapping windows of several
+    /// channels (a reshape for one channel, for the plain patches and for a stem).
+    fn projection(&self, p: &ParamStore) -> Result<Tensor> {
+        let w = p.get("patch_embed.proj.weight")?;
+        let d = self.width;
+        let w = match self.overlap {
+            Some(_) if self.channels > 1 => ops::permute(w, &[0, 2, 3, 1])?,
+            _ => w.clone(),
+        };
+        Ok(w.reshape([d, w.numel() / d])?)
     }
 
     fn grid(&self) -> usize {

@@ -130,7 +130,7 @@ impl ConvStem {
 }
 
 /// `[B, C, H, W] -> [B, H, W, C]` (a reshape for one channel).
-fn to_channels_last(images: &Tensor) -> Result<Tensor> {
+pub(super) fn to_channels_last(images: &Tensor) -> Result<Tensor> {
     let d = images.dims();
     Ok(match d[1] {
         1 => images.reshape([d[0], d[2], d[3], 1])?,
@@ -139,7 +139,7 @@ fn to_channels_last(images: &Tensor) -> Result<Tensor> {
 }
 
 /// `[B, H, W, C] -> [B, C, H, W]` (a reshape for one channel).
-fn from_channels_last(x: &Tensor) -> Result<Tensor> {
+pub(super) fn from_channels_last(x: &Tensor) -> Result<Tensor> {
     let d = x.dims();
     Ok(match d[3] {
         1 => x.reshape([d[0], 1, d[1], d[2]])?,
