@@ -136,7 +136,8 @@ pub struct ModelConfig {
     /// Side k of the patch projection's window when it is larger than `patch`: overlapping
     /// patches (a k×k stride-p convolution with `(k − p) / 2` zero pixels of padding, as the
     /// overlapping patch embeddings of PVTv2 and CvT), so each of the `(image_size / p)²` tokens
-    /// sees a k×k neighbourhood of its patch. `k − p` must be even, and there is no `stem`.
+    /// sees a k×k neighbourhood of its patch. `k − p` must be even, and with k > p there is no
+    /// `stem`.
     /// `None` (absent in TOML): k = p, ViT's non-overlapping patches. The kernel is stored
     /// `[D, C, k, k]`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -480,11 +481,14 @@ impl ModelConfig {
                     format!("at least patch ({}) and larger by an even number of pixels", self.patch),
                 ));
             }
-            if !self.stem.is_empty() {
+            if k > self.patch && !self.stem.is_empty() {
                 return Err(ModelError::invalid(
                     "patch_kernel",
                     k,
-                    format!("none with a conv stem ({:?}), whose projection is 1x1", self.stem),
+                    format!(
+                        "patch ({}) or none with a conv stem ({:?}), whose projection is 1x1",
+                        self.patch, self.stem
+                    ),
                 ));
             }
         }

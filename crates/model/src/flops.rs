@@ -26,12 +26,12 @@ impl ModelConfig {
     }
 
     /// [`ModelConfig::forward_flops_per_image`] of a training pass under PatchDropout that keeps
-    /// `kept` patch tokens per image: the blocks and the head see `kept` tokens (and the class
-    /// token); the patch embedding still runs on every patch.
+    /// `kept` patch tokens per image: the patch projection, the blocks and the head see `kept`
+    /// tokens (and the class token); a conv stem still runs on the whole image.
     pub fn forward_flops_keeping(&self, kept: usize) -> f64 {
         let n = (kept + usize::from(self.pool == Pool::Tok)) as f64;
         let (d, m) = (self.width as f64, self.mlp_dim as f64);
-        let patches = (self.image_size / self.patch.max(1)).pow(2) as f64;
+        let projected = kept as f64;
         let embed = match self.stem.last() {
             Some(&last) => {
                 let (mut cin, mut side, mut convs) = (self.channels as f64, self.image_size as f64, 0.0);
@@ -40,11 +40,11 @@ impl ModelConfig {
                     convs += 2.0 * side * side * 9.0 * cin * cout as f64;
                     cin = cout as f64;
                 }
-                convs + 2.0 * patches * last as f64 * d
+                convs + 2.0 * projected * last as f64 * d
             }
             None => {
                 let k = self.patch_window().kernel as f64;
-                2.0 * patches * self.channels as f64 * k * k * d
+                2.0 * projected * self.channels as f64 * k * k * d
             }
         };
         let block = 2.0 * n * d * (4.0 * d + 2.0 * m) + 4.0 * n * n * d;
@@ -98,14 +98,15 @@ mod tests {
     }
 
     #[test]
-    fn patch_dropout_cuts_the_blocks_flops_but_not_the_embedding() {
+    fn patch_dropout_cuts_the_blocks_and_the_projections_flops() {
         let mut cfg = ModelConfig::preset("B/16").unwrap();
         cfg.pool = Pool::Tok;
         assert_eq!(cfg.forward_flops_keeping(196), cfg.forward_flops_per_image());
         let (d, m) = (768.0, 3072.0);
         let block = |n: f64| 2.0 * n * d * (4.0 * d + 2.0 * m) + 4.0 * n * n * d;
         let saved = cfg.forward_flops_per_image() - cfg.forward_flops_keeping(98);
-        assert!((saved - 12.0 * (block(197.0) - block(99.0))).abs() < 1.0, "{saved}");
+        let projection = 2.0 * 98.0 * (3.0 * 16.0 * 16.0) * d;
+        assert!((saved - 12.0 * (block(197.0) - block(99.0)) - projection).abs() < 1.0, "{saved}");
     }
 
     #[test]
@@ -119,11 +120,12 @@ mod tests {
         stem.validate().unwrap();
         // 28 -> 14 (1 -> 16 channels) -> 7 (16 -> 32), then 49 tokens of 32 -> 64; the plain
         // embedding is 49 patches of 16 pixels -> 64.
-        let convs = 2.0 * 196.0 * 9.0 * 16.0 + 2.0 * 49.0 * 9.0 * 16.0 * 32.0 + 2.0 * 49.0 * 32.0 * 64.0;
+        let convs = 2.0 * 196.0 * 9.0 * 16.0 + 2.0 * 49.0 * 9.0 * 16.0 * 32.0;
         let diff = stem.forward_flops_per_image() - plain.forward_flops_per_image();
-        assert!((diff - (convs - 2.0 * 49.0 * 16.0 * 64.0)).abs() < 1e-6, "{diff}");
-        // PatchDropout leaves the stem whole.
-        assert_eq!(stem.forward_flops_keeping(12) - plain.forward_flops_keeping(12), diff);
+        assert!((diff - (convs + 2.0 * 49.0 * (32.0 - 16.0) * 64.0)).abs() < 1e-6, "{diff}");
+        // PatchDropout leaves the stem whole; the projection runs on the 12 kept tokens.
+        let diff = stem.forward_flops_keeping(12) - plain.forward_flops_keeping(12);
+        assert!((diff - (convs + 2.0 * 12.0 * (32.0 - 16.0) * 64.0)).abs() < 1e-6, "{diff}");
     }
 
     #[test]
@@ -138,7 +140,8 @@ mod tests {
         // 49 windows of 8x8 pixels -> 64, against 49 patches of 4x4.
         let diff = wide.forward_flops_per_image() - plain.forward_flops_per_image();
         assert!((diff - 2.0 * 49.0 * (64.0 - 16.0) * 64.0).abs() < 1e-6, "{diff}");
-        assert_eq!(wide.forward_flops_keeping(12) - plain.forward_flops_keeping(12), diff);
+        let diff = wide.forward_flops_keeping(12) - plain.forward_flops_keeping(12);
+        assert!((diff - 2.0 * 12.0 * (64.0 - 16.0) * 64.0).abs() < 1e-6, "{diff}");
     }
 
     #[test]

@@ -225,7 +225,14 @@ impl VisionTransformer {
         patch: Option<PatchDrop>,
         ep: Option<&dyn Communicator>,
     ) -> Result<(Tensor, ForwardSaved)> {
-        let (mut x, embed) = self.embed.forward(p, images)?;
+        let patch_rows = match &patch {
+            Some(drop) => {
+                let b = images.dims().first().copied().unwrap_or(0);
+                Some(patch_dropout::kept_patch_rows(b, self.config.num_patches(), drop, images.device())?)
+            }
+            None => None,
+        };
+        let (mut x, embed) = self.embed.forward_kept(p, images, patch_rows.as_ref())?;
         let mut kept = None;
         if let Some(drop) = &patch {
             let prefix = usize::from(self.config.pool == Pool::Tok);

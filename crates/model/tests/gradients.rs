@@ -6,7 +6,11 @@ mod common;
 use common::randomised;
 
 use vit_model::{
-    layers::patch_dropout::PatchDrop, BlockKind, ModelConfig, ParamCounts, Pool, PosEmb, VisionTransformer,
+    layers::{
+        patch_dropout::{self, PatchDrop},
+        Embedding,
+    },
+    BlockKind, ModelConfig, ParamCounts, Pool, PosEmb, VisionTransformer,
 };
 use vit_tensor::{
     ops,
@@ -196,6 +200,43 @@ fn patch_dropout_keeping_every_patch_is_the_plain_forward_and_a_drop_changes_the
     for bad in [0, 10] {
         let e = keeping(bad).unwrap_err().to_string();
         assert!(e.contains(&format!("{bad} of the 9 patch tokens")), "{e}");
+    }
+}
+
+#[test]
+fn projecting_only_the_kept_patches_gives_the_kept_tokens_of_the_whole_embedding() {
+    // Embedding::forward_kept against the whole embedding followed by PatchDropout's gather,
+    // forward and backward: plain, overlapping and stem patches, with and without a class token.
+    for (extra, pool) in [("image_size=12", Pool::Tok), ("patch_kernel=8", Pool::Gap), ("stem=[3, 5]", Pool::Map)] {
+        let mut c = tiny(pool, BlockKind::Sequential, false, true);
+        c.set("image_size=16").unwrap(); // 16 patches of 4 = 2^2 pixels
+        c.set(extra).unwrap();
+        c.validate().unwrap();
+        let model = VisionTransformer::new(&c, DType::F32, CPU).unwrap();
+        let embed = Embedding::new(&c, DType::F32, CPU).unwrap();
+        let p = randomised(&model.init_params(0, DType::F32, CPU).unwrap(), 9);
+        let (b, n, side) = (3, c.num_patches(), c.image_size);
+        let images = Tensor::randn([b, 2, side, side], 0.0, 1.0, 4, DType::F32, CPU).unwrap();
+        let drop = PatchDrop { keep: n / 3, seed: 5, first_image: 2 };
+        let prefix = usize::from(pool == Pool::Tok);
+        let rows = patch_dropout::kept_patch_rows(b, n, &drop, CPU).unwrap();
+        let (whole, ws) = embed.forward(&p, &images).unwrap();
+        let (kept, ks) = embed.forward_kept(&p, &images, Some(&rows)).unwrap();
+        let (whole_kept, wk) = patch_dropout::drop_tokens(&whole, prefix, &drop).unwrap();
+        let (kept_kept, kk) = patch_dropout::drop_tokens(&kept, prefix, &drop).unwrap();
+        let what = format!("{extra:?} {pool:?}");
+        // Equal up to rounding: the projection's matmul has fewer rows, so it may block differently.
+        assert_close(&what, &common::values(&kept_kept), &common::values(&whole_kept), 1e-5, 1e-5);
+        // A gradient on the kept tokens only, as the blocks give it.
+        let dy = Tensor::randn(kept_kept.shape().clone(), 0.0, 1.0, 6, DType::F32, CPU).unwrap();
+        let (mut gw, mut gk) = (p.zeros_like(DType::F32).unwrap(), p.zeros_like(DType::F32).unwrap());
+        let dw = embed.backward(&p, &ws, &patch_dropout::restore(&dy, &wk).unwrap(), &mut gw).unwrap();
+        let dk = embed.backward(&p, &ks, &patch_dropout::restore(&dy, &kk).unwrap(), &mut gk).unwrap();
+        assert_close(&format!("{what}: images"), &common::values(&dk), &common::values(&dw), 1e-5, 1e-5);
+        for (name, t) in gw.iter() {
+            let k = common::values(gk.get(name).unwrap());
+            assert_close(&format!("{what}: {name}"), &k, &common::values(t), 1e-5, 1e-5);
+        }
     }
 }
 

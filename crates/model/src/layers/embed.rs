@@ -5,7 +5,7 @@ use super::init::{Fill, ParamSink};
 use super::stem::{from_channels_last, to_channels_last, ConvStem, StemSaved};
 use crate::{ModelConfig, ModelError, ParamStore, Pool, PosEmb, Result};
 use vit_tensor::{
-    ops::{self, ConvWindow},
+    ops::{self, ConvWindow, RowIndex},
     DType, Device, Tensor,
 };
 
@@ -32,10 +32,13 @@ pub struct Embedding {
 /// What [`Embedding::backward`] needs, for images `[B, C, H, W]` cut into N patches of p×p.
 #[derive(Debug, Clone)]
 pub struct EmbedSaved {
-    /// The input of the patch projection, `[B, N, F]`: the flattened patches (`F = C·p·p`,
-    /// features ordered `(c, py, px)`), the overlapping windows (`F = k·k·C`, ordered
-    /// `(ky, kx, c)`) or the stem's output (`F = stem.last()`).
+    /// The input of the patch projection, `[B, N, F]` (or `[rows, F]`, the kept rows only,
+    /// under PatchDropout): the flattened patches (`F = C·p·p`, features ordered `(c, py, px)`),
+    /// the overlapping windows (`F = k·k·C`, ordered `(ky, kx, c)`) or the stem's output
+    /// (`F = stem.last()`).
     patches: Tensor,
+    /// The patch rows projected under PatchDropout, an index into the `B·N` rows.
+    kept: Option<RowIndex>,
     /// The stem's saved activations, with a stem.
     stem: Option<StemSaved>,
     /// The batch size B.
@@ -151,6 +154,19 @@ impl Embedding {
 
     /// `images [batch, C, H, W] -> tokens [batch, T, D]`.
     pub fn forward(&self, p: &ParamStore, images: &Tensor) -> Result<(Tensor, EmbedSaved)> {
+        self.forward_kept(p, images, None)
+    }
+
+    /// [`Embedding::forward`] that projects only the patches `kept` (an index into the
+    /// `batch · N` patch rows, from [`crate::layers::patch_dropout::kept_patch_rows`]): the other
+    /// tokens get the position embedding alone, and PatchDropout drops them next. Under
+    /// PatchDropout the projection and its backward cost the kept fraction.
+    pub fn forward_kept(
+        &self,
+        p: &ParamStore,
+        images: &Tensor,
+        kept: Option<&RowIndex>,
+    ) -> Result<(Tensor, EmbedSaved)> {
         let (b, d) = (images.dims()[0], self.width);
         let expect = [self.channels, self.patch * self.grid(), self.patch * self.grid()];
         if images.rank() != 4 || images.dims()[1..] != expect {
@@ -169,8 +185,16 @@ impl Embedding {
                 None => (ops::patchify(images, self.patch)?, None),
             },
         };
+        let (n, f) = (self.tokens, patches.shape().last());
+        let patches = match kept {
+            Some(rows) => ops::gather_rows(&patches.reshape([b * n, f])?, rows)?,
+            None => patches,
+        };
         let w = self.projection(p)?;
         let mut x = ops::linear(&patches, &w, Some(p.get("patch_embed.proj.bias")?), None, None)?.y;
+        if let Some(rows) = kept {
+            x = ops::scatter_add_rows(&x, rows)?.reshape([b, n, d])?;
+        }
         if let Some(s) = &self.sincos {
             x = ops::bias_add(&x.reshape([b, self.tokens * d])?, s)?.reshape([b, self.tokens, d])?;
         }
@@ -182,7 +206,7 @@ impl Embedding {
             let t = self.seq_len();
             x = ops::bias_add(&x.reshape([b, t * d])?, &p.get("pos_embed")?.reshape([t * d])?)?.reshape([b, t, d])?;
         }
-        Ok((x, EmbedSaved { patches, stem, batch: b }))
+        Ok((x, EmbedSaved { patches, kept: kept.cloned(), stem, batch: b }))
     }
 
     /// Accumulates parameter gradients; returns the gradient of the images.
@@ -197,7 +221,11 @@ impl Embedding {
         } else {
             dx.clone()
         };
-        let dpatches = ops::matmul_t(&dtok, &self.projection(p)?, false, false)?;
+        let dtok = match &s.kept {
+            Some(rows) => ops::gather_rows(&dtok.reshape([b * self.tokens, d])?, rows)?,
+            None => dtok,
+        };
+        let mut dpatches = ops::matmul_t(&dtok, &self.projection(p)?, false, false)?;
         let (weight, bias) = ("patch_embed.proj.weight", "patch_embed.proj.bias");
         match self.overlap {
             // The kernel `[D, C, k, k]` was permuted to the windows' `(ky, kx, c)` order.
@@ -209,6 +237,11 @@ impl Embedding {
                 g.accumulate(bias, &ops::bias_add_bwd(&dtok)?)?;
             }
             _ => ops::linear_wgrad(g, weight, Some(bias), &s.patches, &dtok)?,
+        }
+        if let Some(rows) = &s.kept {
+            // The dropped patches' gradient is zero.
+            let f = s.patches.shape().last();
+            dpatches = ops::scatter_add_rows(&dpatches, rows)?.reshape([b, self.tokens, f])?;
         }
         if let (Some(stem), Some(saved)) = (&self.stem, &s.stem) {
             return stem.backward(p, saved, &dpatches, g);

@@ -1,6 +1,7 @@
 //! PatchDropout (Liu et al. 2022, "PatchDropout: Economizing Vision Transformers Using Patch
 //! Dropout"; timm's `patch_drop_rate`): in training, each image keeps a random subset of its
-//! patch tokens after the position embedding is added, so every block runs on fewer tokens.
+//! patch tokens after the position embedding is added, so every block runs on fewer tokens
+//! (and the patch projection too: [`kept_patch_rows`]).
 //! The step costs less (the token-wise matmuls scale with the tokens kept, attention with their
 //! square) and the model sees a new partial view of each image every time. Evaluation runs on
 //! every token. The class token, when there is one, is always kept.
@@ -9,7 +10,7 @@ use super::moe::mix_seed;
 use crate::{ModelError, Result};
 use vit_tensor::{
     ops::{self, RowIndex},
-    Tensor,
+    Device, Tensor,
 };
 
 /// What a training pass drops: each image keeps `keep` of its patch tokens. Image `i` of the
@@ -69,6 +70,27 @@ pub fn tokens_kept(patches: usize, rate: f64) -> usize {
     (((1.0 - rate) * patches as f64).round() as usize).clamp(1, patches)
 }
 
+/// The rows of the patches that `drop` keeps among `batch` images of `patches` patches each,
+/// as an index into their `[batch · patches]` rows on `device`: the same patches that
+/// [`drop_tokens`] keeps of those images' tokens, whatever their prefix. The patch embedding
+/// projects only these ([`crate::layers::Embedding::forward_kept`]).
+pub fn kept_patch_rows(batch: usize, patches: usize, drop: &PatchDrop, device: Device) -> Result<RowIndex> {
+    check_keep(patches, drop.keep)?;
+    Ok(RowIndex::from_host(kept_rows(batch, patches, 0, drop), batch * patches, device)?)
+}
+
+/// `keep` must be in `1..=patches`.
+fn check_keep(patches: usize, keep: usize) -> Result<()> {
+    if keep == 0 || keep > patches {
+        return Err(ModelError::InvalidConfig {
+            field: "patch dropout: tokens kept",
+            value: format!("{keep} of the {patches} patch tokens"),
+            expected: format!("1..={patches}"),
+        });
+    }
+    Ok(())
+}
+
 /// Keeps `drop.keep` patch tokens of each image of `x` `[B, N, D]` (and the first `prefix`):
 /// returns `[B, prefix + keep, D]` and what [`restore`] needs.
 pub fn drop_tokens(x: &Tensor, prefix: usize, drop: &PatchDrop) -> Result<(Tensor, KeptTokens)> {
@@ -77,14 +99,7 @@ pub fn drop_tokens(x: &Tensor, prefix: usize, drop: &PatchDrop) -> Result<(Tenso
     let [b, n, d] = dims[..] else {
         return Err(shape_error(format!("expected tokens [B, N, D], got {}", x.shape())));
     };
-    let patches = n.saturating_sub(prefix);
-    if keep == 0 || keep > patches {
-        return Err(ModelError::InvalidConfig {
-            field: "patch dropout: tokens kept",
-            value: format!("{keep} of the {patches} patch tokens"),
-            expected: format!("1..={patches}"),
-        });
-    }
+    check_keep(n.saturating_sub(prefix), keep)?;
     let rows = kept_rows(b, n, prefix, drop);
     let rows = RowIndex::from_host(rows, b * n, x.device())?;
     let kept = ops::gather_rows(&x.reshape([b * n, d])?, &rows)?.reshape([b, prefix + keep, d])?;
@@ -108,7 +123,6 @@ fn shape_error(msg: String) -> ModelError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vit_tensor::Device;
 
     fn pd(keep: usize, seed: u64, first_image: u64) -> PatchDrop {
         PatchDrop { keep, seed, first_image }
