@@ -226,13 +226,14 @@ fn bench_train_reports_rate_and_model_flops_on_the_cpu() {
 
 #[test]
 fn bench_train_with_patch_dropout_counts_the_flops_of_the_tokens_kept() {
-    // 16 patches of 4 px, GAP: dropping 0.5 keeps 8 tokens per image.
+    // 16 patches of 4 px, GAP: dropping 0.5 keeps 8 tokens per image, and the patch projection
+    // runs on those 8 only.
     let tiny = tiny_bench_args(&["patch=4", "pool=gap"], 4, 2);
     let tiny: Vec<&str> = tiny.iter().map(String::as_str).chain(["--json"]).collect();
     let r = json(&[&["bench", "train"][..], &tiny[..], &["--patch-dropout", "0.5"][..]].concat());
     assert_eq!(r["patch_dropout"], 0.5, "{r}");
     let block = |n: f64| 2.0 * n * 32.0 * (4.0 * 32.0 + 128.0) + 4.0 * n * n * 32.0;
-    let fwd = 2.0 * 16.0 * 48.0 * 32.0 + block(8.0) + 2.0 * 32.0 * 5.0;
+    let fwd = 2.0 * 8.0 * 48.0 * 32.0 + block(8.0) + 2.0 * 32.0 * 5.0;
     let per_image = r["model_flops_per_image"].as_f64().unwrap();
     assert!((per_image - 3.0 * fwd).abs() < 1e-9 * fwd, "{r}");
     assert!(r["images_per_second"].as_f64().unwrap() > 0.0 && r["error"].is_null(), "{r}");
