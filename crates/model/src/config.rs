@@ -137,9 +137,8 @@ pub struct ModelConfig {
     /// patches (a k×k stride-p convolution with `(k − p) / 2` zero pixels of padding, as the
     /// overlapping patch embeddings of PVTv2 and CvT), so each of the `(image_size / p)²` tokens
     /// sees a k×k neighbourhood of its patch. `k − p` must be even, and with k > p there is no
-    /// `stem`.
-    /// `None` (absent in TOML): k = p, ViT's non-overlapping patches. The kernel is stored
-    /// `[D, C, k, k]`.
+    /// `stem`. `None` (absent in TOML): k = p, ViT's non-overlapping patches. The kernel is
+    /// stored `[D, C, k, k]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub patch_kernel: Option<usize>,
     /// Input channels C (3 for RGB).

@@ -1,8 +1,8 @@
 //! The whole model on CUDA equals the CPU reference: logits and every parameter gradient,
 //! in f32 (tight) for both block kinds and every pooling, with a conv stem and with overlapping
-//! patches.
+//! patches under PatchDropout.
 
-use vit_model::{BlockKind, ModelConfig, ParamStore, Pool, VisionTransformer};
+use vit_model::{layers::patch_dropout::PatchDrop, BlockKind, ModelConfig, ParamStore, Pool, VisionTransformer};
 use vit_tensor::{testing::assert_close, DType, Device, Tensor};
 
 #[test]
@@ -48,8 +48,11 @@ fn forward_and_backward_on_cuda_equal_cpu() {
         }
         let images = Tensor::randn([4, 3, 32, 32], 0.0, 1.0, 1, DType::F32, Device::Cpu).unwrap();
         let r = Tensor::randn([4, 10], 0.0, 1.0, 2, DType::F32, Device::Cpu).unwrap();
-        let (lc, sc) = cpu_model.forward(&p, &images).unwrap();
-        let (lg, sg) = gpu_model.forward(&pg, &images.to_device(gpu).unwrap()).unwrap();
+        // With overlapping windows, a PatchDropout pass too (the kept patches' projection:
+        // gather_rows and scatter_add_rows on the device).
+        let drop = (pool == Pool::Gap).then_some(PatchDrop { keep: 20, seed: 3, first_image: 0 });
+        let (lc, sc) = cpu_model.forward_train_with(&p, &images, 0, drop, None).unwrap();
+        let (lg, sg) = gpu_model.forward_train_with(&pg, &images.to_device(gpu).unwrap(), 0, drop, None).unwrap();
         assert_close(&format!("{pool:?} logits"), &lg.to_f32_vec().unwrap(), &lc.to_f32_vec().unwrap(), 1e-3, 1e-4);
         let mut gc = p.zeros_like(DType::F32).unwrap();
         let mut gg = pg.zeros_like(DType::F32).unwrap();

@@ -75,13 +75,13 @@ pub fn run(args: Args) -> Result<(), CliError> {
         return Ok(());
     }
     let m = |n: u64| format!("{:>16} ({:.3}M)", group(n), n as f64 / 1e6);
-    let stem = match (&cfg.stem[..], cfg.patch_kernel) {
+    let embedding = match (&cfg.stem[..], cfg.patch_kernel) {
         ([], Some(k)) if k > cfg.patch => format!(" (overlapping {k}x{k} windows)"),
         ([], _) => String::new(),
         (stem, _) => format!(" (conv stem {stem:?})"),
     };
     println!(
-        "{} — width {}, depth {}, mlp {}, heads {}, patch {}{stem}, {} tokens",
+        "{} — width {}, depth {}, mlp {}, heads {}, patch {}{embedding}, {} tokens",
         args.model,
         cfg.width,
         cfg.depth,
