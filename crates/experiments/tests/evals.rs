@@ -134,3 +134,81 @@ fn an_entry_on_the_test_split_replaces_eval_every() {
         "{e}"
     );
 }
+
+/// Test-time augmentation (`tta` of a classification entry, `vit eval --tta`): the entry's
+/// accuracy and loss are those of the mean logits of each test image and its mirror image,
+/// computed here by hand from the final checkpoint; the plain test evaluation stays the legacy
+/// `test_accuracy`, and `vit eval --tta flip_lr` gives the entry's numbers.
+#[test]
+fn a_tta_entry_classifies_by_the_mean_logits_of_the_image_and_its_mirror() {
+    use vit_experiments::train::{config::TrainConfig, data, evaluate, tta::TtaOp};
+    use vit_model::{checkpoint::load_checkpoint, VisionTransformer};
+    use vit_tensor::{DType, Device, Tensor};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let entry = "[[evals]]\nkind = \"classification\"\nname = \"test_tta\"\ntta = [\"flip_lr\"]\nevery = 5\n";
+    let o = train(&run, entry, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ls = lines(&run);
+    for l in &ls {
+        let step = l["step"].as_u64().unwrap();
+        assert_eq!(l.get("eval/test_tta/accuracy").is_some(), step % 5 == 0, "step {step}: {l}");
+        assert_eq!(l.get("test_accuracy"), l.get("eval/test/accuracy"), "the legacy metric stays plain: {l}");
+    }
+    let end = &ls[9];
+
+    // By hand: the logits of every test image and of its mirror image, averaged.
+    let cfg = TrainConfig::from_file(&run.join("config.toml"), &[]).unwrap();
+    let ckpt = load_checkpoint(run.join("step-10.safetensors"), Device::Cpu).unwrap();
+    let model = VisionTransformer::new(&ckpt.config, DType::F32, Device::Cpu).unwrap();
+    let d = data::load(&cfg.data).unwrap();
+    let loader = d.eval_loader(&d.test, 50).unwrap();
+    let (mut correct, mut loss, mut n) = (0usize, 0f64, 0usize);
+    for b in loader.iter() {
+        let b = b.unwrap();
+        let dims = b.images.dims().to_vec();
+        let w = dims[3];
+        let x = b.images.to_f32_vec().unwrap();
+        let mirror: Vec<f32> = x.chunks(w).flat_map(|r| r.iter().rev().copied()).collect();
+        let mirror = Tensor::from_f32(mirror, dims, DType::F32, Device::Cpu).unwrap();
+        let (_, a) = model.features_and_logits(&ckpt.params, &b.images).unwrap();
+        let (_, m) = model.features_and_logits(&ckpt.params, &mirror).unwrap();
+        let (a, m) = (a.to_f32_vec().unwrap(), m.to_f32_vec().unwrap());
+        assert_ne!(a, m, "the mirror images give other logits");
+        let classes = ckpt.config.classes;
+        for (i, label) in b.labels.to_vec::<i32>().unwrap().into_iter().enumerate() {
+            let mean: Vec<f64> =
+                (0..classes).map(|c| (a[i * classes + c] as f64 + m[i * classes + c] as f64) / 2.0).collect();
+            let best = (0..classes).max_by(|&p, &q| mean[p].total_cmp(&mean[q])).unwrap();
+            correct += usize::from(best as i32 == label);
+            let top = mean.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = top + mean.iter().map(|v| (v - top).exp()).sum::<f64>().ln();
+            loss += lse - mean[label as usize];
+            n += 1;
+        }
+    }
+    let (acc, loss) = (correct as f64 / n as f64, loss / n as f64);
+    assert_eq!(end["eval/test_tta/accuracy"].as_f64(), Some(acc), "{end}");
+    assert!((end["eval/test_tta/loss"].as_f64().unwrap() - loss).abs() < 1e-5, "{end} against {loss}");
+    // The library call with the entry's ops gives the same (its batches of 50 round the loss's
+    // sum differently from training's), and differs from the plain one.
+    let (lib_acc, lib_loss) = evaluate(&model, &ckpt.params, &loader, Device::Cpu, false, &[TtaOp::FlipLr]).unwrap();
+    assert_eq!(lib_acc, acc);
+    assert!((lib_loss - loss).abs() < 1e-5, "{lib_loss} against {loss}");
+    let plain = evaluate(&model, &ckpt.params, &loader, Device::Cpu, false, &[]).unwrap();
+    assert!((plain.1 - end["eval/test/loss"].as_f64().unwrap()).abs() < 1e-5, "{plain:?} {end}");
+    assert!((plain.1 - lib_loss).abs() > 1e-4, "TTA changes the loss: {plain:?} against {lib_loss}");
+
+    // `vit eval --tta flip_lr` on the checkpoint: the same numbers.
+    let ckpt_path = run.join("step-10.safetensors");
+    let o = vit(&["eval", "--checkpoint", ckpt_path.to_str().unwrap(), "--tta", "flip_lr", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["accuracy"], end["eval/test_tta/accuracy"], "{e}");
+    assert_eq!(e["tta"], serde_json::json!(["flip_lr"]));
+    let o = vit(&["eval", "--checkpoint", ckpt_path.to_str().unwrap(), "--tta", "flip_lr,mirror"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("tta op \"mirror\": expected flip_lr"), "{err}");
+}

@@ -1,7 +1,8 @@
-//! `vit eval --checkpoint C [--data DIR ...] [--set model.moe.capacity=0.5 ...] [--sweep
-//! model.moe.capacity=0.25,0.5,1.0] [--json]`: top-1 accuracy and loss on the test split; for a
-//! V-MoE also the assignments dropped at capacity, with the routing knobs changed at inference
-//! or swept (BPR and vanilla routing side by side).
+//! `vit eval --checkpoint C [--data DIR ...] [--tta flip_lr,shift] [--set
+//! model.moe.capacity=0.5 ...] [--sweep model.moe.capacity=0.25,0.5,1.0] [--json]`: top-1
+//! accuracy and loss on the test split, optionally with test-time augmentation; for a V-MoE
+//! also the assignments dropped at capacity, with the routing knobs changed at inference or
+//! swept (BPR and vanilla routing side by side).
 
 use super::{
     data_args::{CheckpointArgs, Loaded},
@@ -10,6 +11,7 @@ use super::{
 use vit_experiments::train::{
     evaluate,
     moe_eval::{evaluate_routed, parse_sweep, set_inference_knob, sweep, RoutedEval, SweepRow},
+    tta::{parse_list, view_count, TtaOp},
 };
 use vit_model::VisionTransformer;
 use vit_tensor::DType;
@@ -29,6 +31,10 @@ pub struct Args {
     /// `model.moe.capacity=0.25,0.5,0.75,1.0,1.25`.
     #[arg(long, value_name = "KEY=V1,V2,...")]
     sweep: Option<String>,
+    /// Test-time augmentation: classify each image by the mean logits of its views,
+    /// `flip_lr` (mirror images, 2×), `shift` (one-pixel shifts, 3×) or `flip_lr,shift` (6×).
+    #[arg(long, value_name = "OP,...")]
+    tta: Option<String>,
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
@@ -36,6 +42,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let sigmoid = args.loss == "sigmoid";
     // The knobs are checked before the data is read.
     let sweep_spec = args.sweep.as_deref().map(parse_sweep).transpose()?;
+    let tta = args.tta.as_deref().map(parse_list).transpose()?.unwrap_or_default();
+    if let (Some(spec), Some(t)) = (&args.sweep, &args.tta) {
+        return Err(CliError::Usage(format!(
+            "--sweep {spec} with --tta {t}: expected one of the two (the capacity sweep evaluates plain images)"
+        )));
+    }
     let Loaded { device, checkpoint: ckpt, model, data } = c.load()?;
     let mut cfg = ckpt.config.clone();
     for s in &args.sets {
@@ -53,19 +65,27 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let loader = data.eval_loader(&data.test, c.batch())?;
     let test = &data.test;
     let Some(moe) = &cfg.moe else {
-        let (accuracy, loss) = evaluate(&model, &ckpt.params, &loader, device, sigmoid)?;
+        let (accuracy, loss) = evaluate(&model, &ckpt.params, &loader, device, sigmoid, &tta)?;
         if c.json {
             println!(
                 "{}",
-                serde_json::json!({ "accuracy": accuracy, "loss": loss, "examples": test.len(), "step": ckpt.step })
+                serde_json::json!({
+                    "accuracy": accuracy, "loss": loss, "examples": test.len(), "step": ckpt.step,
+                    "tta": tta.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })
             );
         } else {
-            println!("{}: top-1 {accuracy:.4}, loss {loss:.4} on {} test images", c.checkpoint.display(), test.len());
+            println!(
+                "{}: top-1 {accuracy:.4}, loss {loss:.4} on {} test images{}",
+                c.checkpoint.display(),
+                test.len(),
+                tta_words(&tta)
+            );
         }
         return Ok(());
     };
     let model = VisionTransformer::new(&cfg, DType::F32, device)?;
-    let r = evaluate_routed(&model, &ckpt.params, &loader, device, sigmoid)?;
+    let r = evaluate_routed(&model, &ckpt.params, &loader, device, sigmoid, &tta)?;
     if c.json {
         let knobs =
             serde_json::json!({ "capacity": moe.capacity, "k": moe.k, "group_size": moe.group_size, "bpr": moe.bpr });
@@ -74,15 +94,17 @@ pub fn run(args: Args) -> Result<(), CliError> {
             serde_json::json!({
                 "accuracy": r.accuracy, "loss": r.loss, "examples": test.len(), "step": ckpt.step,
                 "moe": knobs, "dropped": dropped_json(&r),
+                "tta": tta.iter().map(ToString::to_string).collect::<Vec<_>>(),
             })
         );
     } else {
         println!(
-            "{}: top-1 {:.4}, loss {:.4} on {} test images (MoE capacity {}, k {}, group {}, {}: {:.2}% of assignments dropped)",
+            "{}: top-1 {:.4}, loss {:.4} on {} test images{} (MoE capacity {}, k {}, group {}, {}: {:.2}% of assignments dropped)",
             c.checkpoint.display(),
             r.accuracy,
             r.loss,
             test.len(),
+            tta_words(&tta),
             moe.capacity,
             moe.k,
             moe.group_size,
@@ -91,6 +113,15 @@ pub fn run(args: Args) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+/// ` with TTA flip_lr, shift (6 views)`, or nothing without TTA.
+fn tta_words(tta: &[TtaOp]) -> String {
+    if tta.is_empty() {
+        return String::new();
+    }
+    let ops: Vec<String> = tta.iter().map(ToString::to_string).collect();
+    format!(" with TTA {} ({} views)", ops.join(", "), view_count(tta))
 }
 
 /// `{"<block>": fraction}` of one evaluation's dropped assignments.

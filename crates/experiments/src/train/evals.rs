@@ -9,6 +9,12 @@
 //! every = 100
 //!
 //! [[evals]]
+//! kind = "classification"   # the same with test-time augmentation (crate::train::tta):
+//! name = "val_tta"          # the mean logits over each image's mirror image and one-pixel
+//! tta = ["flip_lr", "shift"] # shifts; an entry with tta does not replace the plain test one
+//! every = 100
+//!
+//! [[evals]]
 //! kind = "fewshot"          # ridge regression on frozen pre-logit features (crate::fewshot)
 //! name = "fewshot"
 //! shots = [1, 5, 10]
@@ -31,7 +37,7 @@
 
 use crate::{
     fewshot::{fewshot_accuracy, linear_probe_accuracy, Features},
-    train::{config::TrainConfig, data::Data, evaluate, TrainError},
+    train::{config::TrainConfig, data::Data, evaluate, tta::TtaOp, TrainError},
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -86,11 +92,18 @@ pub struct EvalEntry {
     /// `fewshot` only: seeds per shot count, averaged (default 3, big_vision's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seeds: Option<u64>,
+    /// `classification` only: test-time augmentation, e.g. `["flip_lr"]` (default none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tta: Vec<TtaOp>,
 }
 
 impl EvalEntry {
+    /// The plain test classification (no TTA): what `train.eval_every` adds and what writes
+    /// the legacy `test_accuracy`.
     fn is_test_classification(&self) -> bool {
-        self.kind == EvalKind::Classification && self.split.unwrap_or_default() == EvalSplit::Test
+        self.kind == EvalKind::Classification
+            && self.split.unwrap_or_default() == EvalSplit::Test
+            && self.tta.is_empty()
     }
 }
 
@@ -110,6 +123,12 @@ pub fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
         }
         if e.kind != EvalKind::Classification && e.split.is_some() {
             return bad("split", format!("{:?}", e.split.unwrap_or_default()), "no split: it is for classification");
+        }
+        if e.kind != EvalKind::Classification && !e.tta.is_empty() {
+            return bad("tta", tta_list(&e.tta), "no tta: it is for classification");
+        }
+        if let Err(why) = crate::train::tta::check(&e.tta) {
+            return bad("tta", tta_list(&e.tta), &why);
         }
         match e.kind {
             EvalKind::Fewshot => {
@@ -138,6 +157,11 @@ pub fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// `["flip_lr", "shift"]`, as the config writes it.
+fn tta_list(ops: &[TtaOp]) -> String {
+    format!("{:?}", ops.iter().map(ToString::to_string).collect::<Vec<_>>())
+}
+
 /// The entries a run evaluates: `[[evals]]`, plus `train.eval_every`'s test classification
 /// (named `test`) unless an entry evaluates the test split already.
 pub fn entries(cfg: &TrainConfig) -> Vec<EvalEntry> {
@@ -153,6 +177,7 @@ pub fn entries(cfg: &TrainConfig) -> Vec<EvalEntry> {
                 split: Some(EvalSplit::Test),
                 shots: Vec::new(),
                 seeds: None,
+                tta: Vec::new(),
             },
         );
     }
@@ -216,7 +241,7 @@ impl Evaluator {
                         EvalSplit::Test => &self.test_loader,
                         EvalSplit::Train => &self.train_loader,
                     };
-                    let (acc, loss) = evaluate(model, params, loader, self.device, self.sigmoid)?;
+                    let (acc, loss) = evaluate(model, params, loader, self.device, self.sigmoid, &e.tta)?;
                     m.insert("accuracy".to_string(), acc);
                     m.insert("error".to_string(), 1.0 - acc);
                     m.insert("loss".to_string(), loss);
@@ -318,6 +343,17 @@ mod tests {
         let all = super::entries(&own.unwrap());
         assert_eq!(all.len(), 1);
         assert_eq!((all[0].name.as_str(), all[0].every), ("val", 7));
+        // One with test-time augmentation does not: the plain test evaluation stays first.
+        let tta = parse(
+            "[[evals]]\nkind = \"classification\"\nname = \"test_tta\"\ntta = [\"flip_lr\", \"shift\"]\nevery = 7\n",
+            &[],
+        );
+        let tta = tta.unwrap();
+        assert_eq!(TrainConfig::from_toml(&tta.to_toml().unwrap(), &[]).unwrap(), tta, "round trip");
+        let all = super::entries(&tta);
+        assert_eq!(all.len(), 2);
+        assert_eq!((all[0].name.as_str(), all[0].tta.len()), ("test", 0));
+        assert_eq!((all[1].name.as_str(), all[1].tta.len()), ("test_tta", 2));
     }
 
     /// configs/vit-s16-i1k.toml is "Better plain ViT baselines" (Beyer et al. 2022).
@@ -371,6 +407,17 @@ mod tests {
             ),
             ("kind = \"linear_probe\"\nname = \"a\"\nevery = 1\nevry = 2", &[][..], "evry"),
             ("kind = \"classification\"\nname = \"a\"\nevery = 1\nsplit = \"val\"", &[][..], "val"),
+            (
+                "kind = \"fewshot\"\nname = \"a\"\nevery = 1\nshots = [1]\ntta = [\"flip_lr\"]",
+                &[][..],
+                "tta = [\"flip_lr\"]: expected no tta: it is for classification",
+            ),
+            (
+                "kind = \"classification\"\nname = \"a\"\nevery = 1\ntta = [\"flip_lr\", \"flip_lr\"]",
+                &["train.eval_every=0"][..],
+                "tta = [\"flip_lr\", \"flip_lr\"]: expected each op at most once (flip_lr is listed twice)",
+            ),
+            ("kind = \"classification\"\nname = \"a\"\nevery = 1\ntta = [\"flip\"]", &[][..], "flip"),
             (
                 "kind = \"classification\"\nname = \"a\"\nevery = 1",
                 &["train.eval_every=5"][..],

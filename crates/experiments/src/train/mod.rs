@@ -19,6 +19,7 @@ mod panics;
 pub mod plot;
 pub mod routed;
 pub mod run_dir;
+pub mod tta;
 pub mod zero;
 
 use config::{DecayKind, LossKind, OptimizerName, TrainConfig};
@@ -425,15 +426,17 @@ fn micro_batch_grads_tp(
 }
 
 /// `(accuracy, mean loss)` over one pass of `loader`; the loss is sigmoid cross-entropy when
-/// `sigmoid`, else softmax cross-entropy.
+/// `sigmoid`, else softmax cross-entropy; with test-time augmentation `tta` (empty: none), of
+/// the mean logits over each image's views ([`tta`]).
 pub fn evaluate(
     model: &VisionTransformer,
     params: &ParamStore,
     loader: &Loader,
     device: Device,
     sigmoid: bool,
+    tta: &[tta::TtaOp],
 ) -> Result<(f64, f64), TrainError> {
-    let r = moe_eval::evaluate_routed(model, params, loader, device, sigmoid)?;
+    let r = moe_eval::evaluate_routed(model, params, loader, device, sigmoid, tta)?;
     Ok((r.accuracy, r.loss))
 }
 

@@ -4,10 +4,10 @@
 //! that evaluates every value with Batch Priority Routing and with vanilla routing side by side
 //! (the paper's figure: BPR degrades gracefully below C = 1, vanilla collapses).
 
-use super::{param_dtype, targets, TrainError};
+use super::{param_dtype, targets, tta, tta::TtaOp, TrainError};
 use vit_data::Loader;
 use vit_model::{ModelConfig, ParamStore, VisionTransformer};
-use vit_tensor::{ops, DType, Device};
+use vit_tensor::{ops, DType, Device, Tensor};
 
 /// The model keys `vit eval --set` and `--sweep` accept, with the `model.` prefix of a train
 /// config (`model.moe.capacity=0.5`; the bare `moe.capacity=0.5` is taken too).
@@ -67,12 +67,16 @@ impl RoutedEval {
 
 /// [`super::evaluate`] that also collects each MoE block's dropped assignments (MoE layers
 /// route without noise, as at inference). The loss is sigmoid cross-entropy when `sigmoid`.
+/// With test-time augmentation `tta` (empty: none), each image's logits are the mean over its
+/// views ([`super::tta`]), accuracy and loss are of those, and the dropped assignments are
+/// counted on the images themselves.
 pub fn evaluate_routed(
     model: &VisionTransformer,
     params: &ParamStore,
     loader: &Loader,
     device: Device,
     sigmoid: bool,
+    tta: &[TtaOp],
 ) -> Result<RoutedEval, TrainError> {
     let classes = model.config.classes;
     let (mut correct, mut loss, mut n) = (0usize, 0f64, 0usize);
@@ -82,12 +86,16 @@ pub fn evaluate_routed(
     for b in loader.iter() {
         let b = b?;
         let labels = b.labels.to_vec::<i32>()?;
-        let x = b.images.to_device(device)?.cast(param_dtype(params))?;
+        let views = tta::views(&b.images, tta)?;
+        let x = views[0].to_device(device)?.cast(param_dtype(params))?;
         let (_, logits, moe) = model.predict_routed(params, &x)?;
-        let logits = logits.cast(DType::F32)?;
+        let mut logits = logits.cast(DType::F32)?;
+        if views.len() > 1 {
+            logits = mean_logits(model, params, &views, logits, device)?;
+        }
         let pred = ops::argmax(&logits, 1)?.to_vec::<u32>()?;
         correct += pred.iter().zip(&labels).filter(|(p, l)| **p as i32 == **l).count();
-        let t = targets(&labels, classes, 0.0, None)?.to_device(device)?;
+        let t = targets(&labels, classes, 0.0, None)?.to_device(logits.device())?;
         let losses = if sigmoid {
             ops::sigmoid_cross_entropy_fwd(&logits, &t)?
         } else {
@@ -106,6 +114,28 @@ pub fn evaluate_routed(
         *d /= n.max(1) as f64;
     }
     Ok(RoutedEval { accuracy: correct as f64 / n.max(1) as f64, loss: loss / n.max(1) as f64, dropped })
+}
+
+/// The mean of `first` (the logits of `views[0]`) and the logits of the other views, summed in
+/// the views' order on the host: `[batch, classes]` f32 on the host.
+fn mean_logits(
+    model: &VisionTransformer,
+    params: &ParamStore,
+    views: &[Tensor],
+    first: Tensor,
+    device: Device,
+) -> Result<Tensor, TrainError> {
+    let dims = first.dims().to_vec();
+    let mut sum = first.to_f32_vec()?;
+    for v in &views[1..] {
+        let (_, logits) = model.features_and_logits(params, &v.to_device(device)?.cast(param_dtype(params))?)?;
+        for (s, l) in sum.iter_mut().zip(logits.to_f32_vec()?) {
+            *s += l;
+        }
+    }
+    let n = views.len() as f32;
+    sum.iter_mut().for_each(|s| *s /= n);
+    Ok(Tensor::from_f32(sum, dims, DType::F32, Device::Cpu)?)
 }
 
 /// One value of a sweep: the knob's value and the evaluation with BPR and with vanilla routing.
@@ -165,7 +195,7 @@ pub fn sweep(
             let mut c = c.clone();
             set_inference_knob(&mut c, &format!("model.moe.bpr={bpr}"))?;
             let model = VisionTransformer::new(&c, DType::F32, device)?;
-            evaluate_routed(&model, params, loader, device, sigmoid)
+            evaluate_routed(&model, params, loader, device, sigmoid, &[])
         };
         let (bpr, vanilla) = (eval(true)?, eval(false)?);
         rows.push(SweepRow { value: v.clone(), bpr, vanilla });
