@@ -490,7 +490,8 @@ pub const QUICKSTART: &str = include_str!("../../../../configs/quickstart.toml")
 
 impl TrainConfig {
     /// Parses TOML text, applies `key=value` overrides (dotted keys: `train.steps=30`,
-    /// `model.width=64`; values are TOML, bare words are strings), and validates.
+    /// `model.width=64`, or `evals=[{ kind = ... }, ...]` for the whole `[[evals]]` list;
+    /// values are TOML, bare words are strings), and validates.
     pub fn from_toml(text: &str, sets: &[String]) -> Result<Self, TrainError> {
         let mut value: toml::Table =
             text.parse().map_err(|e: toml::de::Error| TrainError::Config(one_line(&e.to_string())))?;
@@ -677,8 +678,11 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), Train
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().filter(|l| !l.is_empty() && !parts.is_empty()).ok_or_else(|| {
-        TrainError::Config(format!("--set {assignment:?}: expected a dotted key such as train.steps or model.width"))
+    // `evals` is the one top-level key that is not a section: `[[evals]]`, set as a whole list.
+    let last = parts.pop().filter(|l| !l.is_empty() && (!parts.is_empty() || *l == "evals")).ok_or_else(|| {
+        TrainError::Config(format!(
+            "--set {assignment:?}: expected a dotted key such as train.steps or model.width (or evals=[...])"
+        ))
     })?;
     let mut t = table;
     for p in parts {
@@ -731,6 +735,18 @@ mod tests {
 
     fn quickstart(sets: &[&str]) -> Result<TrainConfig, TrainError> {
         TrainConfig::from_toml(QUICKSTART, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn evals_is_the_one_undotted_key_set_sets_and_it_replaces_the_whole_list() {
+        let set = r#"evals=[{ kind = "classification", name = "test_tta", tta = ["flip_lr", "shift"], every = 0 }]"#;
+        let cfg = quickstart(&[set]).unwrap();
+        assert_eq!(cfg.evals.len(), 1);
+        assert_eq!((cfg.evals[0].name.as_str(), cfg.evals[0].every, cfg.evals[0].tta.len()), ("test_tta", 0, 2));
+        let e = quickstart(&["steps=3"]).unwrap_err().to_string();
+        assert!(e.contains("\"steps=3\": expected a dotted key such as train.steps"), "{e}");
+        let e = quickstart(&[r#"evals=[{ kind = "classification", name = "x", every = 1, tta = ["flip"] }]"#]);
+        assert!(e.unwrap_err().to_string().contains("flip"));
     }
 
     #[test]
