@@ -11,7 +11,7 @@ use super::{
 use vit_experiments::train::{
     evaluate,
     moe_eval::{evaluate_routed, parse_sweep, set_inference_knob, sweep, RoutedEval, SweepRow},
-    tta::{parse_list, view_count, TtaOp},
+    tta::{names, parse_list, view_count, TtaOp},
 };
 use vit_model::VisionTransformer;
 use vit_tensor::DType;
@@ -71,7 +71,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
                 "{}",
                 serde_json::json!({
                     "accuracy": accuracy, "loss": loss, "examples": test.len(), "step": ckpt.step,
-                    "tta": tta.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "tta": names(&tta),
                 })
             );
         } else {
@@ -94,7 +94,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
             serde_json::json!({
                 "accuracy": r.accuracy, "loss": r.loss, "examples": test.len(), "step": ckpt.step,
                 "moe": knobs, "dropped": dropped_json(&r),
-                "tta": tta.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "tta": names(&tta),
             })
         );
     } else {
@@ -120,8 +120,7 @@ fn tta_words(tta: &[TtaOp]) -> String {
     if tta.is_empty() {
         return String::new();
     }
-    let ops: Vec<String> = tta.iter().map(ToString::to_string).collect();
-    format!(" with TTA {} ({} views)", ops.join(", "), view_count(tta))
+    format!(" with TTA {} ({} views)", names(tta).join(", "), view_count(tta))
 }
 
 /// `{"<block>": fraction}` of one evaluation's dropped assignments.

@@ -125,10 +125,10 @@ pub fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
             return bad("split", format!("{:?}", e.split.unwrap_or_default()), "no split: it is for classification");
         }
         if e.kind != EvalKind::Classification && !e.tta.is_empty() {
-            return bad("tta", tta_list(&e.tta), "no tta: it is for classification");
+            return bad("tta", format!("{:?}", crate::train::tta::names(&e.tta)), "no tta: it is for classification");
         }
         if let Err(why) = crate::train::tta::check(&e.tta) {
-            return bad("tta", tta_list(&e.tta), &why);
+            return bad("tta", format!("{:?}", crate::train::tta::names(&e.tta)), &why);
         }
         match e.kind {
             EvalKind::Fewshot => {
@@ -155,11 +155,6 @@ pub fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
         )));
     }
     Ok(())
-}
-
-/// `["flip_lr", "shift"]`, as the config writes it.
-fn tta_list(ops: &[TtaOp]) -> String {
-    format!("{:?}", ops.iter().map(ToString::to_string).collect::<Vec<_>>())
 }
 
 /// The entries a run evaluates: `[[evals]]`, plus `train.eval_every`'s test classification

@@ -61,6 +61,11 @@ pub fn check(ops: &[TtaOp]) -> Result<(), String> {
     }
 }
 
+/// The ops' names as the config writes them: `["flip_lr", "shift"]`.
+pub fn names(ops: &[TtaOp]) -> Vec<String> {
+    ops.iter().map(ToString::to_string).collect()
+}
+
 /// The number of views `ops` evaluate (1 without TTA).
 pub fn view_count(ops: &[TtaOp]) -> usize {
     ops.iter().map(|op| if *op == TtaOp::FlipLr { 2 } else { 3 }).product()
