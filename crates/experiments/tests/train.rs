@@ -114,6 +114,50 @@ fn a_tiny_run_lowers_the_loss_and_writes_its_run_directory() {
         let same = t.to_f32_vec().unwrap() == after.params.get(name).unwrap().to_f32_vec().unwrap();
         assert_eq!(same, !name.starts_with("head."), "{name}");
     }
+    // Weight-decay multiplier rules reach the optimizer: with every learning rate scaled to
+    // ~nothing, 5 steps of constant schedule shrink each kernel by (1 - wd·mult)^5, fc1 of the
+    // first block by its own rule (0.5), fc2 by Scaling ViT's kernel rule behind it (1), and
+    // a LayerNorm scale not at all (0).
+    let decayed = tmp("decayed");
+    let mut args = vec!["train", "--out", decayed.to_str().unwrap()];
+    args.extend(TINY);
+    args.extend(["--set", "optimizer.wd_mults=[{ pattern = 'blocks\\.0\\.mlp\\.fc1\\.weight', mult = 0.5 }]"]);
+    args.extend([
+        "--set",
+        "optimizer.lr_mults=[{ pattern = '.*', mult = 1e-9 }]",
+        "--set",
+        "optimizer.weight_decay=0.01",
+    ]);
+    args.extend(["--set", init.as_str(), "--set", "train.steps=5", "--set", "schedule.warmup_steps=0"]);
+    args.extend(["--set", "schedule.decay=\"constant\""]);
+    run_ok(&args);
+    let after =
+        vit_model::checkpoint::load_checkpoint(decayed.join("step-5.safetensors"), vit_tensor::Device::Cpu).unwrap();
+    for (name, mult) in
+        [("blocks.0.mlp.fc1.weight", 0.5), ("blocks.0.mlp.fc2.weight", 1.0), ("blocks.0.norm1.weight", 0.0)]
+    {
+        let (b, a) = (
+            before.params.get(name).unwrap().to_f32_vec().unwrap(),
+            after.params.get(name).unwrap().to_f32_vec().unwrap(),
+        );
+        let shrink = (1.0 - 0.01 * mult as f32).powi(5);
+        for (x, y) in b.iter().zip(&a) {
+            assert!((y - x * shrink).abs() <= 4e-6 * x.abs().max(1e-3), "{name}: {x} -> {y}, expected x·{shrink}");
+        }
+    }
+    // A rule that matches no parameter is refused before training.
+    let out = vit(&[
+        "train",
+        "--out",
+        tmp("typo").to_str().unwrap(),
+        "--set",
+        "optimizer.wd_mults=[{ pattern = 'haed', mult = 1.0 }]",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("optimizer.wd_mults[0]: pattern \"haed\" matches no parameter"),
+        "{err}"
+    );
     // Distillation from the checkpoint as teacher runs and learns.
     let student = tmp("student");
     let mut args = vec!["train", "--out", student.to_str().unwrap()];

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::{collections::BTreeMap, fmt, path::Path};
 use vit_model::layers::patch_dropout::{self, PatchDrop};
 use vit_model::ModelConfig;
+use vit_optim::{OptimError, ParamGroups};
 use vit_tensor::{DType, Device};
 
 /// A whole training run.
@@ -119,9 +120,53 @@ pub struct OptimizerSection {
     /// for a linear probe.
     #[serde(default)]
     pub train_only: Vec<String>,
+    /// Weight-decay multiplier rules, tried before Scaling ViT's (`head.weight` 100, other
+    /// kernels 1, norms, biases and embeddings 0; reference §3): the first rule whose pattern
+    /// matches a whole parameter name wins, as big_vision's `config.wd_mults`. E.g.
+    /// `[{ pattern = 'head\.weight', mult = 1.0 }]` decays the classifier like the body: Scaling
+    /// ViT's ×100 on the head helps few-shot transfer but costs accuracy on the training task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wd_mults: Vec<MultRule>,
+    /// Learning-rate multiplier rules (big_vision's `config.lr_mults`; unmatched parameters: 1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lr_mults: Vec<MultRule>,
+}
+
+/// One rule of `optimizer.wd_mults` or `optimizer.lr_mults`: parameters whose whole dotted name
+/// matches the regular expression `pattern` get `mult` times the base weight decay or learning
+/// rate.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MultRule {
+    /// A regular expression (the `regex` crate's syntax) matched against the whole name.
+    pub pattern: String,
+    /// The multiplier: ≥ 0 for weight decay, > 0 for the learning rate (freeze with
+    /// `optimizer.train_only` instead).
+    pub mult: f64,
 }
 
 impl OptimizerSection {
+    /// Scaling ViT's parameter groups with this section's `wd_mults` and `lr_mults` rules in
+    /// front, in their order; every pattern and multiplier checked.
+    pub fn param_groups(&self) -> Result<ParamGroups, TrainError> {
+        let mut groups = ParamGroups::scaling_vit();
+        // The builders put a rule first, so add them last to first to keep the user's order.
+        for r in self.wd_mults.iter().rev() {
+            groups = groups.with_wd_mult(r.pattern.clone(), r.mult);
+        }
+        for r in self.lr_mults.iter().rev() {
+            groups = groups.with_lr_mult(r.pattern.clone(), r.mult);
+        }
+        // The user's rules come first, so a rule's index in the compiled list is its index here.
+        groups.compile().map_err(|e| match e {
+            OptimError::Rule { list, index, pattern, msg } => {
+                TrainError::Config(format!("optimizer.{list}[{index}]: pattern {pattern:?}, {msg}"))
+            }
+            e => TrainError::Config(format!("optimizer: {}", one_line(&e.to_string()))),
+        })?;
+        Ok(groups)
+    }
+
     /// A warning when `weight_decay` looks like PyTorch's AdamW λ rather than vitrs's absolute
     /// per-step decay: at or above the learning rate, every weight shrinks by that fraction per
     /// step at the schedule's peak (0.01 gives a half-life of ~70 steps, and training stalls
@@ -556,6 +601,7 @@ impl TrainConfig {
         if let Some(m) = &self.data.mixup {
             m.validate()?;
         }
+        self.optimizer.param_groups()?;
         let t = &self.train;
         if t.batch_size == 0 {
             return bad("train.batch_size", t.batch_size.to_string(), "a positive number of images");
@@ -719,6 +765,8 @@ mod tests {
             clip_norm: None,
             momentum: None,
             train_only: Vec::new(),
+            wd_mults: Vec::new(),
+            lr_mults: Vec::new(),
         };
         // PyTorch's 0.01 and 0.05 at lr 3e-3: flagged, with the per-step shrink and the λ·lr value.
         let w = opt(3e-3, 0.01).weight_decay_warning().expect("0.01 at lr 3e-3 is flagged");
@@ -735,6 +783,50 @@ mod tests {
 
     fn quickstart(sets: &[&str]) -> Result<TrainConfig, TrainError> {
         TrainConfig::from_toml(QUICKSTART, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn wd_and_lr_multiplier_rules_parse_round_trip_and_bad_ones_are_one_line_errors() {
+        let cfg = quickstart(&[
+            r#"optimizer.wd_mults=[{ pattern = 'head\.weight', mult = 1.0 }, { pattern = '.*fc1\.weight', mult = 2.0 }]"#,
+            r#"optimizer.lr_mults=[{ pattern = 'pos_embed', mult = 0.5 }]"#,
+        ])
+        .unwrap();
+        let o = &cfg.optimizer;
+        assert_eq!((o.wd_mults.len(), o.wd_mults[1].pattern.as_str(), o.wd_mults[1].mult), (2, r".*fc1\.weight", 2.0));
+        assert_eq!(o.lr_mults, vec![MultRule { pattern: "pos_embed".into(), mult: 0.5 }]);
+        // The rules survive the run directory's config.toml, which `--resume` reads back.
+        let again = TrainConfig::from_toml(&cfg.to_toml().unwrap(), &[]).unwrap();
+        assert_eq!(again.optimizer, cfg.optimizer);
+        // The user's rules come first, in order; Scaling ViT's stay behind them.
+        let g = o.param_groups().unwrap().compile().unwrap();
+        let wd = |n: &str| g.settings(n).wd_mult;
+        assert_eq!((wd("head.weight"), wd("blocks.0.mlp.fc1.weight"), wd("blocks.0.mlp.fc2.weight")), (1.0, 2.0, 1.0));
+        assert_eq!((wd("blocks.0.norm1.weight"), wd("head.bias")), (0.0, 0.0));
+        assert_eq!((g.settings("pos_embed").lr_mult, g.settings("head.weight").lr_mult), (0.5, 1.0));
+        // Without rules: Scaling ViT's head multiplier of 100, and nothing written to the TOML.
+        let plain = quickstart(&[]).unwrap();
+        assert_eq!(plain.optimizer.param_groups().unwrap().compile().unwrap().settings("head.weight").wd_mult, 100.0);
+        assert!(!plain.to_toml().unwrap().contains("wd_mults"));
+
+        for (set, want) in [
+            (
+                r#"optimizer.wd_mults=[{ pattern = 'head\.weight', mult = -1.0 }]"#,
+                "optimizer.wd_mults[0]: pattern \"head\\\\.weight\", multiplier -1: expected a finite value >= 0",
+            ),
+            (
+                r#"optimizer.lr_mults=[{ pattern = 'head', mult = 0.0 }]"#,
+                "optimizer.lr_mults[0]: pattern \"head\", multiplier 0: expected a finite value > 0",
+            ),
+            (
+                r#"optimizer.wd_mults=[{ pattern = 'head', mult = 1.0 }, { pattern = 'head\.(', mult = 1.0 }]"#,
+                "optimizer.wd_mults[1]: pattern \"head\\\\.(\", not a valid regular expression",
+            ),
+            (r#"optimizer.wd_mults=[{ pattern = 'head', multiplier = 1.0 }]"#, "multiplier"),
+        ] {
+            let e = quickstart(&[set]).unwrap_err().to_string();
+            assert!(e.contains(want) && !e.contains('\n'), "{set}: {e}");
+        }
     }
 
     #[test]

@@ -34,8 +34,7 @@ use vit_model::{
     VisionTransformer,
 };
 use vit_optim::{
-    AdamWConfig, Algorithm, Decay, FactoredAdamConfig, OptimizerChain, OptimizerConfig, ParamGroups, Schedule,
-    SgdConfig,
+    AdamWConfig, Algorithm, Decay, FactoredAdamConfig, OptimizerChain, OptimizerConfig, Schedule, SgdConfig,
 };
 use vit_tensor::{ops, DType, Device, Tensor};
 
@@ -196,12 +195,28 @@ fn optimizer_config<'a>(
     oc.weight_decay = o.weight_decay;
     oc.grad_clip_norm = o.clip_norm;
     oc.schedule = Schedule::new(decay, s.warmup_steps, s.cooldown_steps, total)?;
-    oc.groups = ParamGroups::scaling_vit();
+    oc.groups = o.param_groups()?;
+    let names: Vec<&str> = names.collect();
+    // A rule that matches no parameter is a typo or a rule for another model: say so rather
+    // than train without it.
+    for (list, rules) in [("wd_mults", &o.wd_mults), ("lr_mults", &o.lr_mults)] {
+        for (i, r) in rules.iter().enumerate() {
+            let re = regex::Regex::new(&format!("^(?:{})$", r.pattern)).expect("checked by param_groups");
+            if !names.iter().any(|n| re.is_match(n)) {
+                return Err(TrainError::Config(format!(
+                    "optimizer.{list}[{i}]: pattern {:?} matches no parameter of this model; expected a regular \
+                     expression over whole dotted names such as {:?}",
+                    r.pattern,
+                    names.iter().rev().take(3).collect::<Vec<_>>()
+                )));
+            }
+        }
+    }
     if !o.train_only.is_empty() {
         // Freeze, by exact name, every parameter that no `train_only` pattern matches in full.
         let keep = regex::Regex::new(&format!("^(?:{})$", o.train_only.join("|")))
             .map_err(|e| TrainError::Config(format!("optimizer.train_only: {}", e.to_string().replace('\n', " "))))?;
-        for name in names.filter(|n| !keep.is_match(n)) {
+        for name in names.into_iter().filter(|n| !keep.is_match(n)) {
             oc.groups = oc.groups.freeze(regex::escape(name));
         }
     }
