@@ -219,6 +219,7 @@ fn bench_train_reports_rate_and_model_flops_on_the_cpu() {
     let gflops = r["model_gflops"].as_f64().unwrap();
     assert!((gflops - 3.0 * fwd * rate / 1e9).abs() < 1e-9 * gflops, "{r}");
     assert!(r["mfu"].is_null() && r["peak_memory_bytes"].is_null() && r["error"].is_null(), "{r}");
+    assert_eq!(r["cpu"].as_str(), Some(vit_tensor::cpu::CpuInfo::detect().to_string().as_str()), "{r}");
     let bad = vit(&["bench", "train", "--batch", "0", "--device", "cpu"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--batch 0: expected at least one image"));

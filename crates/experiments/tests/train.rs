@@ -81,6 +81,8 @@ fn a_tiny_run_lowers_the_loss_and_writes_its_run_directory() {
         assert!(s[k].is_number(), "summary.json lacks {k}: {s}");
     }
     assert!(s["test_accuracy"].as_f64().unwrap() > 0.3, "{s}");
+    // The CPU it ran on, as the kernels see it (rates depend on it).
+    assert_eq!(s["cpu"].as_str(), Some(vit_tensor::cpu::CpuInfo::detect().to_string().as_str()), "{s}");
     // eval and the trainer's final evaluation agree with an accuracy computed here from the
     // checkpoint and the IDX files; fewshot runs on the frozen features.
     let ckpt = dir.join("step-40.safetensors");

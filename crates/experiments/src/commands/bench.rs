@@ -134,6 +134,9 @@ struct Report {
     step_path: Option<&'static str>,
     /// Why the run stopped early (e.g. out of memory), when it did.
     error: Option<String>,
+    /// The host CPU and its kernels' instruction set (`vit_tensor::cpu::CpuInfo`): CPU rates
+    /// depend on it, so compare them only between runs on the same one.
+    cpu: String,
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
@@ -198,6 +201,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         host_reads_per_step: None,
         step_path: None,
         error: None,
+        cpu: vit_tensor::cpu::CpuInfo::detect().to_string(),
     };
     let timed = if what == "infer" {
         time_forwards(&cfg, &model, &params, &a, device)
@@ -452,6 +456,9 @@ fn print_report(r: &Report, json: bool) -> Result<(), CliError> {
         r.precision,
         if r.what == "infer" { "forward only (vit predict)" } else { &r.optimizer }
     );
+    if r.device == Device::Cpu.to_string() {
+        println!("  on {}", r.cpu);
+    }
     if r.patch_dropout > 0.0 {
         println!("  patch dropout {}: model FLOPs counted at the tokens kept", r.patch_dropout);
     }

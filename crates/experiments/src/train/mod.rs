@@ -121,6 +121,9 @@ pub struct Summary {
     /// Training images per second (evaluation and checkpoint time excluded).
     pub images_per_second: f64,
     pub wall_seconds: f64,
+    /// The CPU the run ran on and its kernels' instruction set
+    /// (`AMD EPYC (family 25, model 1), AVX2+FMA kernels`): speeds depend on it.
+    pub cpu: String,
     /// Whether this process wrote the run (false on data-parallel ranks other than 0, which
     /// should not report it again).
     #[serde(skip)]
@@ -1418,6 +1421,7 @@ fn write_summary(
         eval: evals.clone(),
         images_per_second: rate,
         wall_seconds: started.elapsed().as_secs_f64(),
+        cpu: vit_tensor::cpu::CpuInfo::detect().to_string(),
         lead: run.writes(),
     };
     run.write("summary.json", &serde_json::to_string_pretty(&summary).map_err(|e| TrainError::Io(e.to_string()))?)?;

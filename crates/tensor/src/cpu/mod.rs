@@ -11,6 +11,7 @@ mod elementwise;
 /// The flash kernels' algorithm in Rust, checked against the reference attention (tests only).
 #[cfg(test)]
 mod flash_attention;
+mod host;
 mod im2col;
 mod index;
 mod layout;
@@ -30,6 +31,7 @@ pub(crate) use attention::*;
 pub(crate) use attention_packed::*;
 pub use elementwise::erfc;
 pub(crate) use elementwise::*;
+pub use host::{CpuInfo, SimdLevel};
 pub(crate) use im2col::*;
 pub(crate) use index::*;
 pub(crate) use layout::*;

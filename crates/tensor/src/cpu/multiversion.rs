@@ -11,7 +11,8 @@
 //! whatever the vector width (tested in `cpu::vector_math`).
 
 /// Defines `fn $name(args)` whose `$body` runs compiled for AVX-512F, AVX2+FMA or the baseline,
-/// whichever this CPU supports (checked once per call; `is_x86_feature_detected!` caches).
+/// whichever this CPU supports ([`SimdLevel::detect`](crate::cpu::SimdLevel::detect), checked once
+/// per call; `is_x86_feature_detected!` caches).
 ///
 /// The body is an `#[inline(always)]` inner function, so everything it calls that is also
 /// `#[inline(always)]` is compiled inside the `#[target_feature]` copies.
@@ -34,13 +35,13 @@ macro_rules! multiversion {
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the features `avx512` was compiled for (checked above).
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                match $crate::cpu::SimdLevel::detect() {
+                    // SAFETY: `detect` returns `Avx512` only where the CPU has AVX-512F (and so
+                    // AVX2 and FMA), the features `avx512` was compiled for.
+                    $crate::cpu::SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above, for AVX2 and FMA.
-                    return unsafe { avx2($($arg),*) };
+                    $crate::cpu::SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::cpu::SimdLevel::Baseline => {}
                 }
             }
             body($($arg),*)
