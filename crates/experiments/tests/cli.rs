@@ -66,6 +66,7 @@ fn bad_input_is_one_line_and_exit_code_1() {
 fn devices_reports_without_panicking() {
     let d = json(&["devices", "--json"]);
     assert!(d["cpu_threads"].as_u64().unwrap() >= 1);
+    assert_eq!(d["cpu"].as_str(), Some(vit_tensor::cpu::CpuInfo::detect().to_string().as_str()), "{d}");
     assert!(d["cuda_devices"].is_u64());
     // NCCL's version where a GPU and libnccl are present, else null (never a panic).
     assert!(d["nccl"].is_string() || d["nccl"].is_null(), "{}", d["nccl"]);

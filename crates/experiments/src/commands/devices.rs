@@ -13,6 +13,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<(), CliError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = vit_tensor::cpu::CpuInfo::detect().to_string();
     let cuda_devices = cuda::device_count();
     let nvrtc = cuda::nvrtc_available().then(cuda::nvrtc::version).transpose()?;
     let nccl = vit_collective::nccl_version();
@@ -35,11 +36,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({ "cpu_threads": threads, "cuda_devices": cuda_devices, "nvrtc": nvrtc, "nccl": nccl, "fast_kernels": fast })
+            serde_json::json!({ "cpu": cpu, "cpu_threads": threads, "cuda_devices": cuda_devices, "nvrtc": nvrtc, "nccl": nccl, "fast_kernels": fast })
         );
         return Ok(());
     }
-    println!("cpu       {threads} threads");
+    println!("cpu       {cpu}, {threads} threads");
     println!(
         "cuda      {cuda_devices} device(s){}",
         if cuda_devices == 0 { " (driver not found or no GPU)" } else { "" }
