@@ -157,11 +157,43 @@ impl CompiledGroups {
             frozen: self.frozen.iter().any(|re| re.is_match(name)),
         }
     }
+
+    /// `(list, index)` of every `lr_mults` / `wd_mults` rule whose pattern matches none of
+    /// `names`, in list order (`lr_mults` first): a typo, or a rule written for another model.
+    pub fn unmatched_rules(&self, names: &[&str]) -> Vec<(&'static str, usize)> {
+        let unused = |list: &'static str, rules: &[(Regex, f64)]| {
+            rules
+                .iter()
+                .enumerate()
+                .filter(|(_, (re, _))| !names.iter().any(|n| re.is_match(n)))
+                .map(move |(i, _)| (list, i))
+                .collect::<Vec<_>>()
+        };
+        [unused("lr_mults", &self.lr_mults), unused("wd_mults", &self.wd_mults)].concat()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rules_that_match_no_name_are_listed_by_list_and_index() {
+        let g = ParamGroups::scaling_vit()
+            .with_wd_mult(r"haed\.weight", 1.0)
+            .with_lr_mult(r"blocks\.0\..*", 0.5)
+            .with_lr_mult("pos_embd", 2.0)
+            .compile()
+            .unwrap();
+        let names = ["head.weight", "head.bias", "blocks.0.norm1.weight", "pos_embed"];
+        // lr_mults: [pos_embd, blocks.0.*]; wd_mults: [haed.weight, then Scaling ViT's four
+        // rules, which all match one of these names].
+        assert_eq!(g.unmatched_rules(&names), vec![("lr_mults", 0), ("wd_mults", 0)]);
+        // Whole-name matching: a prefix is not a match.
+        let g = ParamGroups::none().with_wd_mult("head", 1.0).compile().unwrap();
+        assert_eq!(g.unmatched_rules(&names), vec![("wd_mults", 0)]);
+        assert_eq!(g.unmatched_rules(&["head"]), vec![]);
+    }
 
     #[test]
     fn scaling_vit_weight_decay_rules_on_every_contract_name() {

@@ -200,19 +200,18 @@ fn optimizer_config<'a>(
     oc.schedule = Schedule::new(decay, s.warmup_steps, s.cooldown_steps, total)?;
     oc.groups = o.param_groups()?;
     let names: Vec<&str> = names.collect();
-    // A rule that matches no parameter is a typo or a rule for another model: say so rather
-    // than train without it.
-    for (list, rules) in [("wd_mults", &o.wd_mults), ("lr_mults", &o.lr_mults)] {
-        for (i, r) in rules.iter().enumerate() {
-            let re = regex::Regex::new(&format!("^(?:{})$", r.pattern)).expect("checked by param_groups");
-            if !names.iter().any(|n| re.is_match(n)) {
-                return Err(TrainError::Config(format!(
-                    "optimizer.{list}[{i}]: pattern {:?} matches no parameter of this model; expected a regular \
-                     expression over whole dotted names such as {:?}",
-                    r.pattern,
-                    names.iter().rev().take(3).collect::<Vec<_>>()
-                )));
-            }
+    // A rule of the config's that matches no parameter is a typo or a rule for another model:
+    // say so rather than train without it. The config's rules come first in each list, so an
+    // index below their count is one of them (Scaling ViT's rules behind may go unused).
+    for (list, i) in oc.groups.compile()?.unmatched_rules(&names) {
+        let ours = if list == "wd_mults" { &o.wd_mults } else { &o.lr_mults };
+        if let Some(r) = ours.get(i) {
+            return Err(TrainError::Config(format!(
+                "optimizer.{list}[{i}]: pattern {:?} matches no parameter of this model; expected a regular \
+                 expression over whole dotted names such as {:?}",
+                r.pattern,
+                names.iter().rev().take(3).collect::<Vec<_>>()
+            )));
         }
     }
     if !o.train_only.is_empty() {

@@ -8,10 +8,11 @@
 //! with the same kernels. `vit train` writes this into `summary.json`, and `vit bench` prints it.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
 
-/// The widest vector instructions that `gemm` and the `multiversion!` kernels dispatch to,
-/// detected the way they detect it.
+/// The widest vector instructions that `gemm` and the `multiversion!` kernels dispatch to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum SimdLevel {
     /// AVX-512F (with AVX2 and FMA).
     Avx512,
@@ -21,15 +22,35 @@ pub enum SimdLevel {
     Baseline,
 }
 
+/// [`SimdLevel::detect`]'s answer once known: 0 not yet, else the level's code + 1.
+static DETECTED: AtomicU8 = AtomicU8::new(0);
+
 impl SimdLevel {
-    /// The level of this CPU.
+    /// The level of this CPU: `Avx512` where it has AVX-512F, AVX2 and FMA (what the AVX-512
+    /// copies of the kernels are compiled for), `Avx2` where it has AVX2 and FMA. Detected on
+    /// the first call and then one relaxed load, since `multiversion!` asks on every call.
+    #[inline]
     pub fn detect() -> SimdLevel {
+        match DETECTED.load(Ordering::Relaxed) {
+            1 => SimdLevel::Avx512,
+            2 => SimdLevel::Avx2,
+            3 => SimdLevel::Baseline,
+            _ => {
+                let level = Self::probe();
+                DETECTED.store(level as u8 + 1, Ordering::Relaxed);
+                level
+            }
+        }
+    }
+
+    fn probe() -> SimdLevel {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            let avx2_fma = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+            if avx2_fma && std::arch::is_x86_feature_detected!("avx512f") {
                 return SimdLevel::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if avx2_fma {
                 return SimdLevel::Avx2;
             }
         }
@@ -113,11 +134,13 @@ mod tests {
         let level = SimdLevel::detect();
         #[cfg(target_arch = "x86_64")]
         {
-            let avx512 = std::arch::is_x86_feature_detected!("avx512f");
             let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+            let avx512 = avx2 && std::arch::is_x86_feature_detected!("avx512f");
             assert_eq!(level == SimdLevel::Avx512, avx512);
             assert_eq!(level == SimdLevel::Avx2, !avx512 && avx2);
         }
+        // The cached answer is the probed one, call after call.
+        assert_eq!((SimdLevel::detect(), SimdLevel::probe()), (level, level));
         let shown = CpuInfo { model: "X".into(), simd: level }.to_string();
         assert!(shown.starts_with("X, ") && shown.ends_with(" kernels"), "{shown}");
     }

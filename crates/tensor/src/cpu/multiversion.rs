@@ -11,8 +11,8 @@
 //! whatever the vector width (tested in `cpu::vector_math`).
 
 /// Defines `fn $name(args)` whose `$body` runs compiled for AVX-512F, AVX2+FMA or the baseline,
-/// whichever this CPU supports ([`SimdLevel::detect`](crate::cpu::SimdLevel::detect), checked once
-/// per call; `is_x86_feature_detected!` caches).
+/// whichever this CPU supports ([`SimdLevel::detect`](crate::cpu::SimdLevel::detect): one cached
+/// load per call).
 ///
 /// The body is an `#[inline(always)]` inner function, so everything it calls that is also
 /// `#[inline(always)]` is compiled inside the `#[target_feature]` copies.
@@ -36,8 +36,8 @@ macro_rules! multiversion {
                     body($($arg),*)
                 }
                 match $crate::cpu::SimdLevel::detect() {
-                    // SAFETY: `detect` returns `Avx512` only where the CPU has AVX-512F (and so
-                    // AVX2 and FMA), the features `avx512` was compiled for.
+                    // SAFETY: `detect` returns `Avx512` only where the CPU has AVX-512F, AVX2
+                    // and FMA, the features `avx512` was compiled for.
                     $crate::cpu::SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above, for AVX2 and FMA.
                     $crate::cpu::SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
