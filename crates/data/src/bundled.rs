@@ -27,7 +27,7 @@ const FASHION_MNIST_SMALL: &[(&str, &[u8])] = &[
 ];
 
 /// The dataset name when `path` is `bundled:<name>`, `None` for a path on disk. The name is
-/// not checked here: [`bundled_idx_pair`] names the choices for an unknown one.
+/// not checked here: loading an unknown one fails with an error that names the choices.
 pub fn bundled_name(path: &str) -> Option<&str> {
     path.strip_prefix(BUNDLED_PREFIX)
 }

@@ -101,7 +101,7 @@ impl Checkpoint {
         diff_result(ParamDiff::between(expected, &self.params), "checkpoint parameters do not match the model".into())
     }
 
-    /// Checks the parameters against what `model` declares ([`VisionTransformer::param_shapes`],
+    /// Checks the parameters against what `model` declares ([`crate::VisionTransformer::param_shapes`],
     /// f32) as [`Checkpoint::check_against`] does, without initialising (or allocating) a model:
     /// what resuming, `vit predict` and evaluation check before loading a checkpoint of any size.
     pub fn check_against_model(&self, model: &crate::VisionTransformer) -> Result<()> {

@@ -12,7 +12,7 @@ pub struct Args {
     #[arg(long)]
     config: PathBuf,
     /// The output folder: one run directory per point, results.jsonl, fit.json, the plots
-    /// (default runs/<sweep file name>).
+    /// (default `runs/<sweep file name>`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// `key=value` overrides for every point, applied after the sweep file's `set` (e.g.

@@ -18,7 +18,7 @@ pub struct Args {
     /// Data-parallel ranks as threads of this process (overrides train.world; CPU).
     #[arg(long)]
     world: Option<usize>,
-    /// The run directory (default runs/<config name>).
+    /// The run directory (default `runs/<config name>`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run in this directory from its newest checkpoint, with its config.

@@ -15,7 +15,11 @@
 //! Axes are taken in the alphabetical order of their keys; the grid's last axis varies fastest.
 
 use crate::sweep::SweepError;
-use crate::train::{self, config::TrainConfig, TrainError};
+use crate::train::{
+    self,
+    config::{one_line, TrainConfig},
+    TrainError,
+};
 use serde::Deserialize;
 use std::{
     collections::HashMap,
@@ -269,10 +273,6 @@ pub fn value_name(v: &toml::Value) -> String {
         other => other.to_string(),
     };
     raw.chars().map(|c| if c.is_ascii_alphanumeric() || ".-_".contains(c) { c } else { '_' }).collect()
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// What the data of a config gives, read once per distinct `[data]` section.

@@ -749,7 +749,8 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), Train
     Ok(())
 }
 
-fn one_line(s: &str) -> String {
+/// A parser's multi-line message as one line, for errors that must stay one line.
+pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

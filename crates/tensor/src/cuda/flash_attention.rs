@@ -1,10 +1,10 @@
 //! CUDA launches of `kernels/flash_attention.cu`: tensor-core flash attention, forward and
 //! deterministic backward, bf16 and f16, head dims that are multiples of 8 up to 128, any token
-//! counts; q, k, v, o and the gradients addressed through strides ([`FlashLayout`]), so the
+//! counts; q, k, v, o and the gradients addressed through strides (`FlashLayout`), so the
 //! kernels read a packed qkv projection and write merged-head outputs directly.
 //!
 //! The ops use these kernels only after their first-use self-check passed on the device
-//! ([`super::CudaBackend::fast_kernel_ok`]): a small problem per head-dim variant against the
+//! (`CudaBackend::fast_kernel_ok`): a small problem per head-dim variant against the
 //! reference kernels of `kernels/attention.cu`. Otherwise, and for shapes or layouts the kernels
 //! do not take, the callers fall back to the reference kernels.
 
@@ -137,7 +137,7 @@ impl FlashVariant {
     }
 
     /// Whether the variant has kernels for the forward (`backward = false`) or backward at
-    /// padded head dim `dp` (see [`padded_head_dim`]).
+    /// padded head dim `dp` (see `padded_head_dim`).
     pub fn supports(self, backward: bool, dp: usize) -> bool {
         match (self, backward) {
             (FlashVariant::M64, _) => (64..=MAX_HEAD_DIM).contains(&dp) && dp % 16 == 0,

@@ -73,7 +73,7 @@ pub fn pad_along(dy: &Tensor, dims: &[usize], dim: usize, start: usize) -> Resul
     copy_blocks(&[(dy, start)], dim, dims.to_vec(), Blocks::Place)
 }
 
-/// Concatenation along `dim`; every other dim must agree. Backward: [`slice`] per part.
+/// Concatenation along `dim`; every other dim must agree. Backward: [`slice()`] per part.
 pub fn concat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
     let first = parts.first().ok_or_else(|| Error::shape("concat", "expected at least one tensor"))?;
     same_device("concat", parts)?;
