@@ -7,6 +7,14 @@
 #   scripts/device-extra.sh --profile # where a B/16 step's GPU time goes: ncu over one warm-up
 #                                     # and one timed step at batch 64, per kernel, largest first
 #                                     # (the self-checks' kernels are included; docs/perf.md)
+#   scripts/device-extra.sh --recipe  # the Fashion-MNIST recipe's model (PatchDropout 0.75 for
+#                                     # 80% of the steps, 8x8 windows, 6-view TTA) for 20 f32
+#                                     # steps on cuda:0 and on the CPU, losses and accuracy
+#                                     # compared; then B/16 with PatchDropout 0.75 (host reads
+#                                     # per step, same-run ratio to every token)
+#   scripts/device-extra.sh --stalls  # ncu's occupancy, scheduler and warp-stall sections for
+#                                     # one launch each of the flash forward, dq and dk/dv
+#                                     # kernels inside a B/16 step (to $OUT/ncu-flash.txt)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/cuda-env.sh >/dev/null 2>&1
@@ -21,7 +29,47 @@ if [ "${1:-}" = "--profile" ]; then
   python3 scripts/ncu-summary.py "$csv" 25
   exit 0
 fi
+if [ "${1:-}" = "--stalls" ]; then
+  txt=${OUT:-/tmp}/ncu-flash.txt
+  : >"$txt"
+  # Skip the self-checks' launches and the warm-up step's first layers: one launch each from
+  # the middle of a step.
+  for k in flash_fwd_bf16_d64_m128 flash_bwd_dq_bf16_d64_m128 flash_bwd_dkdv_bf16_d64_m128; do
+    timeout 120 ncu --clock-control none --kernel-name "$k" --launch-skip 5 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+      --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      "$bin/vit" bench train --model B/16 --set pool=tok --batch 64 --steps 1 --warmup 1 >>"$txt" 2>&1 ||
+      echo "device-extra: ncu failed on $k" | tee -a "$txt"
+  done
+  grep -E "^  [a-z_]+flash|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issued Warp|No Eligible|Warp Cycles Per Issued|Stall|One or More" "$txt" | head -80
+  exit 0
+fi
 runs=$(mktemp -d)
+if [ "${1:-}" = "--recipe" ]; then
+  # Everything the recipe of docs/reproduce.md runs, on the bundled subset: patch dropout's
+  # gather and scatter (RowIndex), the overlapping-window im2col, GAP, and the TTA evaluation.
+  recipe=(--config configs/fashion-mnist-vit.toml --set data.path=bundled:fashion-mnist-small
+    --set train.steps=20 --set schedule.warmup_steps=5 --set train.log_every=1 --set train.eval_every=20
+    --set train.checkpoint_every=20 --set train.patch_dropout=0.75 --set train.patch_dropout_until=0.8
+    --set model.patch_kernel=8 --set train.label_smoothing=0.0
+    --set 'evals=[{ kind = "classification", name = "test_tta", tta = ["flip_lr", "shift"], every = 0 }]')
+  "$bin/vit" train "${recipe[@]}" --device cpu --out "$runs/cpu" >"$runs/cpu.txt" 2>&1 || cat "$runs/cpu.txt"
+  "$bin/vit" train "${recipe[@]}" --device cuda:0 --out "$runs/cuda" >"$runs/cuda.txt" 2>&1 || cat "$runs/cuda.txt"
+  python3 - "$runs" <<'PY'
+import json, sys
+def read(d):
+    with open(f"{sys.argv[1]}/{d}/metrics.jsonl") as f:
+        rows = [json.loads(l) for l in f]
+    return [r["loss"] for r in rows if "loss" in r], [r for r in rows if any(k.startswith("eval/") or k.startswith("test") for k in r)]
+(cpu, ce), (gpu, ge) = read("cpu"), read("cuda")
+worst = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
+print(f"recipe, f32, {len(cpu)}/{len(gpu)} steps: cpu {cpu[0]:.5f} -> {cpu[-1]:.5f}, cuda {gpu[0]:.5f} -> {gpu[-1]:.5f}; max relative difference {worst:.2e} (< 1e-2 expected)")
+print("cpu evals: ", json.dumps(ce[-1:]))
+print("cuda evals:", json.dumps(ge[-1:]))
+PY
+  timeout 120 "$bin/vit" bench train --model B/16 --set pool=tok --batch 256 --steps 10 --warmup 3 --patch-dropout 0.75 --json | tee -a "${OUT:-/tmp}/bench-train.jsonl"
+  exit 0
+fi
 quick="--set train.steps=20 --set schedule.warmup_steps=5 --set train.log_every=1"
 "$bin/vit" train $quick --device cpu --out "$runs/cpu" >/dev/null 2>&1
 "$bin/vit" train $quick --set train.precision=bf16 --device cuda:0 --out "$runs/bf16" >"$runs/bf16.txt" 2>&1 || cat "$runs/bf16.txt"
