@@ -103,6 +103,23 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], unsigned addr) {
                  : "memory");
 }
 
+// 2^x for the softmax. FX = false: exp2f, which without fast math wraps MUFU.EX2 in a denormal
+// fix-up (a compare and two predicated multiplies). FX = true (the `_m128e` kernels): one
+// `ex2.approx.ftz` on sm_90 and later; every argument here is ≤ 0 (p ≤ 1), so the only results it
+// changes are below 2^-126, which flush to 0 and vanish next to the row maximum's 1 in every sum.
+// On sm_80 ptxas spills the m128 forward with it (24 bytes), so there FX keeps exp2f.
+template <bool FX>
+__device__ __forceinline__ float softmax_exp2(float x) {
+#if __CUDA_ARCH__ >= 900
+    if constexpr (FX) {
+        float y;
+        asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+        return y;
+    }
+#endif
+    return exp2f(x);
+}
+
 // c += a·b on the tensor cores, and two f32 packed into one 16-bit pair (lo in the low half).
 template <class T> struct Mma;
 template <> struct Mma<bf16> {
@@ -224,7 +241,7 @@ __device__ __forceinline__ void mask_key_tail(float (&s)[NT][4], long long j0, l
 // One online-softmax step for this thread's rows g and g+8 of one m16 tile: the scores s
 // become p = 2^(s·c − m_new), the running max m (log2 units), the running (per-thread partial)
 // sum l and the output accumulator are rescaled by 2^(m_old − m_new).
-template <int NT, int DT>
+template <bool FX, int NT, int DT>
 __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&acc)[DT][4], float (&mrow)[2], float (&lrow)[2],
                                              float scale_log2) {
 #pragma unroll
@@ -235,13 +252,13 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&acc)[DT]
         mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
         const float mnew = fmaxf(mrow[r], mx * scale_log2);
-        const float alpha = exp2f(mrow[r] - mnew);
+        const float alpha = softmax_exp2<FX>(mrow[r] - mnew);
         mrow[r] = mnew;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            s[nt][2 * r] = exp2f(fmaf(s[nt][2 * r], scale_log2, -mnew));
-            s[nt][2 * r + 1] = exp2f(fmaf(s[nt][2 * r + 1], scale_log2, -mnew));
+            s[nt][2 * r] = softmax_exp2<FX>(fmaf(s[nt][2 * r], scale_log2, -mnew));
+            s[nt][2 * r + 1] = softmax_exp2<FX>(fmaf(s[nt][2 * r + 1], scale_log2, -mnew));
             sum += s[nt][2 * r] + s[nt][2 * r + 1];
         }
         lrow[r] = lrow[r] * alpha + sum;
@@ -258,8 +275,8 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&acc)[DT]
 // MT m16 row tiles per warp (BM = 64·MT queries per block), BN keys per block; QR: the Q
 // fragments live in registers for the whole key loop (else they are re-read from shared memory
 // at every key block, which frees 4·MT·DP/16 registers). With MT = 2 every K and V fragment a
-// warp loads feeds two row tiles: half the ldmatrix traffic per MMA.
-template <class T, int DP, int MT, int BN, bool QR>
+// warp loads feeds two row tiles: half the ldmatrix traffic per MMA. FX: see softmax_exp2.
+template <class T, int DP, int MT, int BN, bool QR, bool FX>
 __device__ __forceinline__ void flash_fwd_impl(const T* q_, const T* k_, const T* v_, T* o_, float* lse,
                                                const FlashLayout& L, float scale_log2) {
     constexpr int BM = 64 * MT, WM = 16 * MT;  // queries per block, per warp
@@ -333,7 +350,7 @@ __device__ __forceinline__ void flash_fwd_impl(const T* q_, const T* k_, const T
             for (int mt = 0; mt < MT; ++mt) mask_key_tail(s[mt], j0, m, lane);
         }
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) softmax_step(s[mt], acc[mt], mrow[mt], lrow[mt], scale_log2);
+        for (int mt = 0; mt < MT; ++mt) softmax_step<FX>(s[mt], acc[mt], mrow[mt], lrow[mt], scale_log2);
 
         cp_async_wait<1>();  // V of this block
         __syncthreads();
@@ -410,8 +427,8 @@ __device__ __forceinline__ void flash_bwd_delta_impl(const T* o, const T* d_o, f
 // ---------------------------------------------------------------- backward: dq
 
 // MT m16 query tiles per warp (64·MT queries per block), BK keys per step. With MT = 2 every
-// K and V fragment feeds two query tiles.
-template <class T, int DP, int MT, int BK>
+// K and V fragment feeds two query tiles. FX: see softmax_exp2.
+template <class T, int DP, int MT, int BK, bool FX>
 __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, const T* v_, const T* do_,
                                                   const float* lse, const float* delta, T* dq_, const FlashLayout& L,
                                                   float scale, float scale_log2) {
@@ -497,7 +514,7 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
                 for (int e = 0; e < 4; ++e) {
                     const int r = e >> 1;
                     const float p =
-                        (c + (e & 1)) < m ? exp2f(fmaf(s[mt][nt][e], scale_log2, -lse2[mt][r])) : 0.f;
+                        (c + (e & 1)) < m ? softmax_exp2<FX>(fmaf(s[mt][nt][e], scale_log2, -lse2[mt][r])) : 0.f;
                     s[mt][nt][e] = p * (dp[mt][nt][e] - dl[mt][r]);
                 }
             }
@@ -530,8 +547,8 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const T* q_, const T* k_, cons
 // ---------------------------------------------------------------- backward: dk, dv
 
 // MT m16 key tiles per warp (64·MT keys per block), BQ queries per step. With MT = 2 every Q
-// and dO fragment feeds two key tiles.
-template <class T, int DP, int MT, int BQ>
+// and dO fragment feeds two key tiles. FX: see softmax_exp2.
+template <class T, int DP, int MT, int BQ, bool FX>
 __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, const T* v_, const T* do_,
                                                     const float* lse, const float* delta, T* dkv_,
                                                     const FlashLayout& L, float scale, float scale_log2) {
@@ -618,7 +635,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int c = nt * 8 + 2 * (lane & 3) + (e & 1);
-                    const float p = exp2f(fmaf(s[mt][nt][e], scale_log2, -st[c]));
+                    const float p = softmax_exp2<FX>(fmaf(s[mt][nt][e], scale_log2, -st[c]));
                     s[mt][nt][e] = p;
                     dp[mt][nt][e] = p * (dp[mt][nt][e] - st[BQ + c]);
                 }
@@ -669,43 +686,51 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
 //                block), 32 queries per step.
 //   _n128        fwd only (DP 64, 80, 96): 16 queries per warp, 128-key blocks (half the
 //                barriers and softmax rescales per key).
+//   _m128e       DP 64, forward and backward: _m128's tiles with one MUFU.EX2 per exponential
+//                on sm_90+ (softmax_exp2); the same code as _m128 on sm_80.
 
-#define FLASH_FWD(name, T, DP, SUFFIX, MT, BN, QR)                                                                    \
+#define FLASH_FWD(name, T, DP, SUFFIX, MT, BN, QR, FX)                                                                \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                           \
         flash_fwd_##name##_d##DP##SUFFIX(const T* q, const T* k, const T* v, T* o, float* lse, FlashLayout L,        \
                                          float scale_log2) {                                                           \
-        flash_fwd_impl<T, DP, MT, BN, QR>(q, k, v, o, lse, L, scale_log2);                                             \
+        flash_fwd_impl<T, DP, MT, BN, QR, FX>(q, k, v, o, lse, L, scale_log2);                                         \
     }
-#define FLASH_DQ(name, T, DP, SUFFIX, MT, BK)                                                                         \
+#define FLASH_DQ(name, T, DP, SUFFIX, MT, BK, FX)                                                                     \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                           \
         flash_bwd_dq_##name##_d##DP##SUFFIX(const T* q, const T* k, const T* v, const T* d_o, const float* lse,      \
                                             const float* delta, T* dq, FlashLayout L, float scale,                     \
                                             float scale_log2) {                                                        \
-        flash_bwd_dq_impl<T, DP, MT, BK>(q, k, v, d_o, lse, delta, dq, L, scale, scale_log2);                          \
+        flash_bwd_dq_impl<T, DP, MT, BK, FX>(q, k, v, d_o, lse, delta, dq, L, scale, scale_log2);                      \
     }
-#define FLASH_DKDV(name, T, DP, SUFFIX, MT, BQ)                                                                       \
+#define FLASH_DKDV(name, T, DP, SUFFIX, MT, BQ, FX)                                                                   \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                           \
         flash_bwd_dkdv_##name##_d##DP##SUFFIX(const T* q, const T* k, const T* v, const T* d_o, const float* lse,    \
                                               const float* delta, T* dkv, FlashLayout L, float scale,                  \
                                               float scale_log2) {                                                      \
-        flash_bwd_dkdv_impl<T, DP, MT, BQ>(q, k, v, d_o, lse, delta, dkv, L, scale, scale_log2);                       \
+        flash_bwd_dkdv_impl<T, DP, MT, BQ, FX>(q, k, v, d_o, lse, delta, dkv, L, scale, scale_log2);                   \
     }
 
 // The default kernels of head dim DP.
 #define FLASH_DP(name, T, DP)                                                                                         \
-    FLASH_FWD(name, T, DP, , 1, 64, true)                                                                              \
-    FLASH_DQ(name, T, DP, , 1, (DP <= 96 ? 64 : 32))                                                                   \
-    FLASH_DKDV(name, T, DP, , 1, (DP <= 64 ? 64 : 32))
+    FLASH_FWD(name, T, DP, , 1, 64, true, false)                                                                       \
+    FLASH_DQ(name, T, DP, , 1, (DP <= 96 ? 64 : 32), false)                                                            \
+    FLASH_DKDV(name, T, DP, , 1, (DP <= 64 ? 64 : 32), false)
 
 // The variants, at the head dims where ptxas (sm_80 and sm_90a) finds registers for them without
 // spills: _m128 forward at DP 64 (Q in registers) and 80 (Q re-read from shared memory; 96
 // spills either way), _n128 forward at DP 64, 80, 96, _m128 backward at DP 64 (its dk/dv
 // kernel spills at 80).
-#define FLASH_FWD_M128(name, T, DP, QR) FLASH_FWD(name, T, DP, _m128, 2, 64, QR)
-#define FLASH_FWD_N128(name, T, DP) FLASH_FWD(name, T, DP, _n128, 1, 128, true)
+#define FLASH_FWD_M128(name, T, DP, QR) FLASH_FWD(name, T, DP, _m128, 2, 64, QR, false)
+#define FLASH_FWD_N128(name, T, DP) FLASH_FWD(name, T, DP, _n128, 1, 128, true, false)
 #define FLASH_BWD_M128(name, T, DP)                                                                                   \
-    FLASH_DQ(name, T, DP, _m128, 2, 32)                                                                                \
-    FLASH_DKDV(name, T, DP, _m128, 2, 32)
+    FLASH_DQ(name, T, DP, _m128, 2, 32, false)                                                                         \
+    FLASH_DKDV(name, T, DP, _m128, 2, 32, false)
+// _m128e: _m128 at DP 64 with one MUFU.EX2 per exponential (softmax_exp2); measured against
+// _m128 before it may become a default (docs/kernels.md).
+#define FLASH_M128E(name, T)                                                                                          \
+    FLASH_FWD(name, T, 64, _m128e, 2, 64, true, true)                                                                  \
+    FLASH_DQ(name, T, 64, _m128e, 2, 32, true)                                                                         \
+    FLASH_DKDV(name, T, 64, _m128e, 2, 32, true)
 
 #define FLASH(name, T)                                                                                                 \
     extern "C" __global__ void flash_bwd_delta_##name(const T* o, const T* d_o, float* delta, FlashLayout L,         \
@@ -722,7 +747,8 @@ __device__ __forceinline__ void flash_bwd_dkdv_impl(const T* q_, const T* k_, co
     FLASH_FWD_N128(name, T, 64)                                                                                        \
     FLASH_FWD_N128(name, T, 80)                                                                                        \
     FLASH_FWD_N128(name, T, 96)                                                                                        \
-    FLASH_BWD_M128(name, T, 64)
+    FLASH_BWD_M128(name, T, 64)                                                                                        \
+    FLASH_M128E(name, T)
 
 FLASH(bf16, bf16)
 FLASH(f16, f16)

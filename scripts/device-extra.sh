@@ -14,7 +14,10 @@
 #                                     # per step, same-run ratio to every token)
 #   scripts/device-extra.sh --stalls  # ncu's occupancy, scheduler and warp-stall sections for
 #                                     # one launch each of the flash forward, dq and dk/dv
-#                                     # kernels inside a B/16 step (to $OUT/ncu-flash.txt)
+#                                     # kernels inside a B/16 step (to $OUT/ncu-flash.txt), for
+#                                     # each variant in $VITRS_AB_VARIANTS (default "m128 m128e")
+#   scripts/device-extra.sh --variants # B/16 steps alternated over the flash variants in
+#                                     # $VITRS_AB_VARIANTS (VITRS_FLASH_VARIANT), two rounds
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/cuda-env.sh >/dev/null 2>&1
@@ -34,14 +37,23 @@ if [ "${1:-}" = "--stalls" ]; then
   : >"$txt"
   # Skip the self-checks' launches and the warm-up step's first layers: one launch each from
   # the middle of a step.
-  for k in flash_fwd_bf16_d64_m128 flash_bwd_dq_bf16_d64_m128 flash_bwd_dkdv_bf16_d64_m128; do
-    timeout 120 ncu --clock-control none --kernel-name "$k" --launch-skip 5 --launch-count 1 \
+  for k in $(for v in ${VITRS_AB_VARIANTS:-m128 m128e}; do echo flash_{fwd,bwd_dq,bwd_dkdv}_bf16_d64_$v; done); do
+    VITRS_FLASH_VARIANT=${k##*_} timeout 120 ncu --clock-control none --kernel-name "$k" --launch-skip 5 --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
       --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
       "$bin/vit" bench train --model B/16 --set pool=tok --batch 64 --steps 1 --warmup 1 >>"$txt" 2>&1 ||
       echo "device-extra: ncu failed on $k" | tee -a "$txt"
   done
   grep -E "^  [a-z_]+flash|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issued Warp|No Eligible|Warp Cycles Per Issued|Stall|One or More" "$txt" | head -80
+  exit 0
+fi
+if [ "${1:-}" = "--variants" ]; then
+  for round in 1 2; do
+    for v in ${VITRS_AB_VARIANTS:-m128 m128e}; do
+      echo "round $round, VITRS_FLASH_VARIANT=$v"
+      VITRS_FLASH_VARIANT=$v timeout 120 "$bin/vit" bench train --model B/16 --set pool=tok --batch 256 --steps 20 --warmup 3 --json | tee -a "${OUT:-/tmp}/bench-variants.jsonl"
+    done
+  done
   exit 0
 fi
 runs=$(mktemp -d)

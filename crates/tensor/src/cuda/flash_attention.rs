@@ -114,25 +114,31 @@ pub enum FlashVariant {
     /// Forward only (padded head dims 64, 80, 96): 16 rows per warp and 128-key blocks, half
     /// the barriers and softmax rescales per key of `M64`.
     N128,
+    /// `M128`'s tiles at padded head dim 64, forward and backward, with one `MUFU.EX2` per
+    /// softmax exponential on sm_90 and later (`ex2.approx.ftz` instead of `exp2f`'s denormal
+    /// fix-up; the same code as `M128` on sm_80). An H200 profile put the `M128` forward at
+    /// about 12 issued instructions per MMA (docs/kernels.md); not a default until measured.
+    M128E,
 }
 
 impl FlashVariant {
     /// Every variant, the default first.
-    pub const ALL: [FlashVariant; 3] = [FlashVariant::M64, FlashVariant::M128, FlashVariant::N128];
+    pub const ALL: [FlashVariant; 4] = [FlashVariant::M64, FlashVariant::M128, FlashVariant::N128, FlashVariant::M128E];
 
-    /// The variant's name (`m64`, `m128`, `n128`), as `VITRS_FLASH_VARIANT` takes it.
+    /// The variant's name (`m64`, `m128`, `n128`, `m128e`), as `VITRS_FLASH_VARIANT` takes it.
     pub fn name(self) -> &'static str {
         match self {
             FlashVariant::M64 => "m64",
             FlashVariant::M128 => "m128",
             FlashVariant::N128 => "n128",
+            FlashVariant::M128E => "m128e",
         }
     }
 
     /// The variant called `name` (see [`FlashVariant::name`]).
     pub fn parse(name: &str) -> Result<Self> {
         Self::ALL.into_iter().find(|v| v.name() == name).ok_or_else(|| {
-            Error::Cuda(format!("flash attention variant '{name}' unknown: expected one of m64, m128, n128"))
+            Error::Cuda(format!("flash attention variant '{name}' unknown: expected one of m64, m128, n128, m128e"))
         })
     }
 
@@ -145,6 +151,7 @@ impl FlashVariant {
             (FlashVariant::M128, true) => dp == 64,
             (FlashVariant::N128, false) => dp == 64 || dp == 80 || dp == 96,
             (FlashVariant::N128, true) => false,
+            (FlashVariant::M128E, _) => dp == 64,
         }
     }
 
@@ -154,6 +161,7 @@ impl FlashVariant {
             FlashVariant::M64 => "",
             FlashVariant::M128 => "_m128",
             FlashVariant::N128 => "_n128",
+            FlashVariant::M128E => "_m128e",
         }
     }
 
@@ -162,7 +170,7 @@ impl FlashVariant {
     fn fwd_tiles(self, dp: usize) -> (usize, usize, bool) {
         match self {
             FlashVariant::M64 => (64, 64, true),
-            FlashVariant::M128 => (128, 64, dp == 64),
+            FlashVariant::M128 | FlashVariant::M128E => (128, 64, dp == 64),
             FlashVariant::N128 => (64, 128, true),
         }
     }
@@ -170,7 +178,7 @@ impl FlashVariant {
     /// dq tiles: (queries per block, keys per step).
     fn dq_tiles(self, dp: usize) -> (usize, usize) {
         match self {
-            FlashVariant::M128 => (128, 32),
+            FlashVariant::M128 | FlashVariant::M128E => (128, 32),
             _ => (64, if dp <= 96 { 64 } else { 32 }),
         }
     }
@@ -178,7 +186,7 @@ impl FlashVariant {
     /// dk/dv tiles: (keys per block, queries per step).
     fn dkdv_tiles(self, dp: usize) -> (usize, usize) {
         match self {
-            FlashVariant::M128 => (128, 32),
+            FlashVariant::M128 | FlashVariant::M128E => (128, 32),
             _ => (64, if dp <= 64 { 64 } else { 32 }),
         }
     }
@@ -399,7 +407,7 @@ pub fn entry_points() -> Vec<String> {
 /// The self-check key of `variant`'s forward or backward kernels for `dtype`
 /// (`flash_attention_{fwd,bwd}_{bf16,f16}[_<variant>]`; `M64`'s keys have no suffix).
 fn check_key(variant: FlashVariant, backward: bool, dtype: DType) -> &'static str {
-    const KEYS: [[[&str; 2]; 2]; 3] = [
+    const KEYS: [[[&str; 2]; 2]; 4] = [
         [
             ["flash_attention_fwd_bf16", "flash_attention_fwd_f16"],
             ["flash_attention_bwd_bf16", "flash_attention_bwd_f16"],
@@ -411,6 +419,10 @@ fn check_key(variant: FlashVariant, backward: bool, dtype: DType) -> &'static st
         [
             ["flash_attention_fwd_bf16_n128", "flash_attention_fwd_f16_n128"],
             ["flash_attention_bwd_bf16_n128", "flash_attention_bwd_f16_n128"],
+        ],
+        [
+            ["flash_attention_fwd_bf16_m128e", "flash_attention_fwd_f16_m128e"],
+            ["flash_attention_bwd_bf16_m128e", "flash_attention_bwd_f16_m128e"],
         ],
     ];
     let v = FlashVariant::ALL.iter().position(|&x| x == variant).unwrap_or(0);
@@ -1016,7 +1028,7 @@ mod tests {
             assert_eq!(v.to_string(), v.name());
         }
         let err = FlashVariant::parse("m256").unwrap_err().to_string();
-        assert!(err.contains("m256") && err.contains("m64, m128, n128"), "{err}");
+        assert!(err.contains("m256") && err.contains("m64, m128, n128, m128e"), "{err}");
     }
 
     #[test]
@@ -1029,6 +1041,8 @@ mod tests {
         assert!(FlashVariant::M128.supports(false, 80) && !FlashVariant::M128.supports(false, 96));
         assert!(FlashVariant::M128.supports(true, 64) && !FlashVariant::M128.supports(true, 80));
         assert!(FlashVariant::N128.supports(false, 96) && !FlashVariant::N128.supports(true, 64));
+        assert!(FlashVariant::M128E.supports(false, 64) && FlashVariant::M128E.supports(true, 64));
+        assert!(!FlashVariant::M128E.supports(false, 80) && !FlashVariant::M128E.supports(true, 80));
         // Each supported direction has self-check problems, each unsupported one none.
         for v in FlashVariant::ALL {
             for backward in [false, true] {
@@ -1042,6 +1056,10 @@ mod tests {
         assert!(names.contains(&"flash_fwd_f16_d80_m128".to_string()));
         assert!(names.contains(&"flash_bwd_dkdv_bf16_d64_m128".to_string()));
         assert!(!names.iter().any(|n| n.contains("bwd_dq_bf16_d64_n128")));
+        for op in ["fwd", "bwd_dq", "bwd_dkdv"] {
+            assert!(names.contains(&format!("flash_{op}_bf16_d64_m128e")), "{op}");
+        }
+        assert!(!names.iter().any(|n| n.contains("d80_m128e")));
     }
 
     #[test]
@@ -1058,7 +1076,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(keys.len(), 12);
+        assert_eq!(keys.len(), 16);
         assert_eq!(check_key(FlashVariant::M64, false, DType::BF16), "flash_attention_fwd_bf16");
     }
 
