@@ -1,5 +1,6 @@
-//! PatchDropout in training (`train.patch_dropout`, `train.patch_dropout_until`): it changes
-//! the steps that drop and no others, a run stopped and resumed drops as a straight one (the
+//! PatchDropout in training (`train.patch_dropout`, `train.patch_dropout_until`,
+//! `train.patch_dropout_stages`): it changes the steps that drop and no others, a later stage
+//! changes its own steps only, a run stopped and resumed drops as a straight one (the
 //! draws come from the seed and the step), two data-parallel ranks and micro-batches drop the
 //! same tokens of each image as one rank does, and bad settings are one-line errors.
 
@@ -8,6 +9,11 @@ mod common;
 use common::{assert_losses_close, assert_same_metrics, assert_stopped_and_resumed_like, losses, train_small as train};
 
 const DROP: [&str; 2] = ["--set", "train.patch_dropout=0.5"];
+
+/// `--set` arguments as the `&str`s that `train` takes.
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
 
 fn ok(o: std::process::Output) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -35,6 +41,25 @@ fn patch_dropout_changes_its_steps_only_resumes_exactly_and_any_split_draws_the_
     assert_same_metrics(&dir("plain"), &dir("none"), "patch_dropout_until = 0");
 
     assert_stopped_and_resumed_like(&dir("dropped"), &dir("resumed"), &DROP, "patch dropout");
+
+    // Stages: a second stage at the first one's rate until the end is the whole-run dropout,
+    // bit for bit (same draws per step); at another rate (0.25 for steps 11-15) it changes
+    // steps 11-15 only, until its end, and then every token is kept, as in `half`.
+    let staged = |stage: &str| -> Vec<String> {
+        let first = ["--set", "train.patch_dropout=0.5", "--set", "train.patch_dropout_until=0.5", "--set"];
+        first.map(String::from).into_iter().chain([format!("train.patch_dropout_stages=[{stage}]")]).collect()
+    };
+    ok(train(&dir("same-stage"), &args(&staged("{ rate = 0.5, until = 1.0 }"))));
+    assert_same_metrics(&dir("dropped"), &dir("same-stage"), "a second stage at the same rate");
+    let quarter_args = staged("{ rate = 0.25, until = 0.75 }");
+    ok(train(&dir("quarter"), &args(&quarter_args)));
+    let config = std::fs::read_to_string(dir("quarter").join("config.toml")).unwrap();
+    assert!(config.contains("[[train.patch_dropout_stages]]") && config.contains("rate = 0.25"), "{config}");
+    let quarter = losses(&dir("quarter"));
+    assert_eq!(quarter[..10], half[..10], "the first stage is unchanged");
+    assert!(quarter[10..15].iter().zip(&half[10..15]).all(|(a, b)| a.1 != b.1), "steps 11-15 drop a quarter");
+    assert!(quarter[10..15].iter().zip(&dropped[10..15]).all(|(a, b)| a.1 != b.1), "not half");
+    assert_stopped_and_resumed_like(&dir("quarter"), &dir("quarter-resumed"), &args(&quarter_args), "a second stage");
 
     // Each image draws from its global position in the batch: two ranks, or micro-batches of
     // 16, drop what one pass drops (the sums differ only in order).
@@ -89,6 +114,26 @@ fn a_bad_patch_dropout_setting_is_a_one_line_error() {
         (vec!["train.patch_dropout=-0.1"], "train.patch_dropout = -0.1"),
         (vec!["train.patch_dropout_until=1.5"], "train.patch_dropout_until = 1.5: expected a fraction of the steps"),
         (vec!["train.patch_dropout=0.5", "train.sharding=\"full\""], "train.sharding = \"full\""),
+        (
+            vec!["train.patch_dropout_stages=[{ rate = 0.5, until = 0.9 }]"],
+            "train.patch_dropout_stages = (1 stages): expected no stages without train.patch_dropout > 0",
+        ),
+        (
+            vec!["train.patch_dropout=0.5", "train.patch_dropout_until=0.5", "train.patch_dropout_stages=[{ rate = 1.0, until = 0.9 }]"],
+            "train.patch_dropout_stages[0].rate = 1: expected a fraction of the patches in [0, 1)",
+        ),
+        (
+            vec![
+                "train.patch_dropout=0.5",
+                "train.patch_dropout_until=0.5",
+                "train.patch_dropout_stages=[{ rate = 0.25, until = 0.8 }, { rate = 0.1, until = 0.7 }]",
+            ],
+            "train.patch_dropout_stages[1].until = 0.7: expected a fraction of the steps in (0.8, 1]",
+        ),
+        (
+            vec!["train.patch_dropout=0.5", "train.patch_dropout_stages=[{ rate = 0.25, until = 0.9 }]"],
+            "train.patch_dropout_stages[0] = { rate = 0.25, until = 0.9 }: expected no stage after one that ends the run",
+        ),
     ] {
         let args: Vec<&str> = set.iter().flat_map(|s| ["--set", s]).collect();
         let o = train(&tmp.path().join("bad"), &args);

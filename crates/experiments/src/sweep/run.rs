@@ -342,16 +342,18 @@ fn record(p: &crate::sweep::Point, dir: &Path) -> Result<Record, SweepError> {
 
 /// Model FLOPs of the first `steps` steps of `cfg` (model `m`) on `train_images` images: 3 ×
 /// forward FLOPs per image × images seen, where a step under PatchDropout counts at the tokens
-/// it keeps.
+/// its stage keeps.
 fn train_flops(cfg: &TrainConfig, m: &ModelConfig, steps: u64, train_images: usize) -> f64 {
-    let dropping = cfg.train.patch_dropping_steps(train::total_steps(cfg, train_images)).min(steps);
-    let batch = cfg.train.batch_size as u64;
-    let full = m.forward_flops_per_image() * 3.0 * ((steps - dropping) * batch) as f64;
-    if dropping == 0 {
-        return full;
+    let batch = cfg.train.batch_size as f64;
+    let mut left = steps;
+    let mut flops = 0.0;
+    for (n, rate) in cfg.train.patch_dropout_segments(train::total_steps(cfg, train_images)) {
+        let n = n.min(left);
+        let kept = vit_model::layers::patch_dropout::tokens_kept(m.num_patches(), rate);
+        flops += m.forward_flops_keeping(kept) * 3.0 * n as f64 * batch;
+        left -= n;
     }
-    let kept = vit_model::layers::patch_dropout::tokens_kept(m.num_patches(), cfg.train.patch_dropout);
-    full + m.forward_flops_keeping(kept) * 3.0 * (dropping * batch) as f64
+    flops + m.forward_flops_per_image() * 3.0 * left as f64 * batch
 }
 
 /// Every finite number in `v`, keyed by its path (`a/b`).
@@ -383,6 +385,7 @@ pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<(), SweepError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::config::PatchDropoutStage;
 
     #[test]
     fn steps_under_patch_dropout_count_at_the_tokens_they_keep() {
@@ -399,5 +402,14 @@ mod tests {
         // Steps 0-49 drop, 50-59 keep every token.
         let want = k * 3.0 * 50.0 * batch + f * 3.0 * 10.0 * batch;
         assert!((train_flops(&cfg, &m, 60, 1000) - want).abs() <= 1e-9 * want);
+        // A second stage at a quarter of the patches until step 55: 0-49 at half, 50-54 at a
+        // quarter, 55-59 every token; and a count that stops inside the second stage.
+        cfg.train.patch_dropout_stages = vec![PatchDropoutStage { rate: 0.25, until: 0.55 }];
+        let q = m.forward_flops_keeping(vit_model::layers::patch_dropout::tokens_kept(m.num_patches(), 0.25));
+        assert!(k < q && q < f);
+        let want = (k * 50.0 + q * 5.0 + f * 5.0) * 3.0 * batch;
+        assert!((train_flops(&cfg, &m, 60, 1000) - want).abs() <= 1e-9 * want);
+        let want = (k * 50.0 + q * 2.0) * 3.0 * batch;
+        assert!((train_flops(&cfg, &m, 52, 1000) - want).abs() <= 1e-9 * want);
     }
 }

@@ -318,29 +318,75 @@ pub struct LoopSection {
     /// after train on every token, as evaluation sees them (FLIP's unmasked tuning).
     #[serde(default = "one_f64")]
     pub patch_dropout_until: f64,
+    /// Further PatchDropout stages after `patch_dropout_until`, in order: each drops `rate` of
+    /// the patches until `until` (a fraction of the run's steps, increasing); the steps after
+    /// the last stage keep every token. `[{ rate = 0.5, until = 0.93 }]` steps a run down from
+    /// `patch_dropout` to half the patches before its every-token tail.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patch_dropout_stages: Vec<PatchDropoutStage>,
+}
+
+/// One stage of `train.patch_dropout_stages`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PatchDropoutStage {
+    /// The fraction of each image's patch tokens dropped, in [0, 1).
+    pub rate: f64,
+    /// Where the stage ends, as a fraction of the run's steps.
+    pub until: f64,
 }
 
 impl LoopSection {
     /// What PatchDropout drops at `step` of `total` steps for a pass whose first image is row
     /// `first_image` of the global batch, for a model of `patches` patch tokens (`None`: it
-    /// keeps every token). Drops during the first `patch_dropout_until · total` steps; the
-    /// draws come from the seed and the step, so a resumed run draws as a straight one.
+    /// keeps every token). The rate is that of the step's stage ([`Self::patch_dropout_rate`]);
+    /// the draws come from the seed and the step, so a resumed run draws as a straight one.
     pub fn patch_drop(&self, patches: usize, step: u64, total: u64, first_image: usize) -> Option<PatchDrop> {
-        (step < self.patch_dropping_steps(total)).then(|| PatchDrop {
-            keep: patch_dropout::tokens_kept(patches, self.patch_dropout),
+        let rate = self.patch_dropout_rate(step, total);
+        (rate > 0.0).then(|| PatchDrop {
+            keep: patch_dropout::tokens_kept(patches, rate),
             seed: vit_model::layers::moe::mix_seed(self.seed ^ 0x7061_7463_685f_6472, step),
             first_image: first_image as u64,
         })
     }
 
-    /// How many of the first of `total` steps drop patches: `⌈patch_dropout_until · total⌉`
-    /// (steps `0..` that), or 0 without PatchDropout.
-    pub fn patch_dropping_steps(&self, total: u64) -> u64 {
-        if self.patch_dropout > 0.0 {
-            (self.patch_dropout_until * total as f64).ceil() as u64
-        } else {
-            0
+    /// The fraction of the patches dropped at `step` of `total` steps (0: every token): the
+    /// segments of [`Self::patch_dropout_segments`].
+    pub fn patch_dropout_rate(&self, step: u64, total: u64) -> f64 {
+        let mut start = 0;
+        for (steps, rate) in self.patch_dropout_segments(total) {
+            if step < start + steps {
+                return rate;
+            }
+            start += steps;
         }
+        0.0
+    }
+
+    /// The run's PatchDropout stages as (steps, rate) in order, from step 0: `patch_dropout`
+    /// for the first `⌈patch_dropout_until · total⌉` steps, then each of
+    /// `patch_dropout_stages` up to `⌈until · total⌉`; steps after the last keep every token.
+    /// Empty without PatchDropout.
+    pub fn patch_dropout_segments(&self, total: u64) -> Vec<(u64, f64)> {
+        if self.patch_dropout <= 0.0 {
+            return Vec::new();
+        }
+        // ⌈until · total⌉ of the exact product: 0.55 · 100 is 55.000000000000007 in f64, whose
+        // ceiling would add a step.
+        let end = |until: f64| {
+            let x = until * total as f64;
+            let near = x.round();
+            let steps = if (x - near).abs() <= 1e-9 * near.max(1.0) { near } else { x.ceil() };
+            (steps as u64).min(total)
+        };
+        let mut segments = vec![(end(self.patch_dropout_until), self.patch_dropout)];
+        let mut start = segments[0].0;
+        for stage in &self.patch_dropout_stages {
+            let stop = end(stage.until).max(start);
+            segments.push((stop - start, stage.rate));
+            start = stop;
+        }
+        segments
     }
 }
 
@@ -689,6 +735,38 @@ impl TrainConfig {
                 "a fraction of the steps in [0, 1]",
             );
         }
+        let mut until = t.patch_dropout_until;
+        for (i, stage) in t.patch_dropout_stages.iter().enumerate() {
+            if t.patch_dropout <= 0.0 {
+                return bad(
+                    "train.patch_dropout_stages",
+                    format!("({} stages)", t.patch_dropout_stages.len()),
+                    "no stages without train.patch_dropout > 0 (the first stage's rate)",
+                );
+            }
+            if !(0.0..1.0).contains(&stage.rate) {
+                return bad(
+                    &format!("train.patch_dropout_stages[{i}].rate"),
+                    stage.rate.to_string(),
+                    "a fraction of the patches in [0, 1)",
+                );
+            }
+            if until >= 1.0 {
+                return bad(
+                    &format!("train.patch_dropout_stages[{i}]"),
+                    format!("{{ rate = {}, until = {} }}", stage.rate, stage.until),
+                    "no stage after one that ends the run (until 1; train.patch_dropout_until defaults to 1)",
+                );
+            }
+            if !(stage.until > until && stage.until <= 1.0) {
+                return bad(
+                    &format!("train.patch_dropout_stages[{i}].until"),
+                    stage.until.to_string(),
+                    &format!("a fraction of the steps in ({until}, 1], after the previous stage's end"),
+                );
+            }
+            until = stage.until;
+        }
         if t.patch_dropout > 0.0 && (t.mesh.model > 1 || t.sharding == Sharding::Full) {
             return bad(
                 "train.patch_dropout",
@@ -757,6 +835,33 @@ pub(crate) fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patch_dropout_stages_split_the_steps_in_order() {
+        let mut cfg = TrainConfig::from_toml(QUICKSTART, &[]).unwrap();
+        let t = &mut cfg.train;
+        assert!(t.patch_dropout_segments(100).is_empty(), "no PatchDropout, no segments");
+        assert_eq!(t.patch_dropout_rate(0, 100), 0.0);
+        t.patch_dropout = 0.75;
+        t.patch_dropout_until = 0.8;
+        assert_eq!(t.patch_dropout_segments(100), [(80, 0.75)]);
+        t.patch_dropout_stages = vec![PatchDropoutStage { rate: 0.5, until: 0.93 }];
+        // ⌈0.93 · 101⌉ = 94: steps 0-80 (⌈80.8⌉ = 81) at 0.75, 81-93 at 0.5, 94-100 every token.
+        assert_eq!(t.patch_dropout_segments(101), [(81, 0.75), (13, 0.5)]);
+        let rates: Vec<f64> = [0, 80, 81, 93, 94, 100].iter().map(|&s| t.patch_dropout_rate(s, 101)).collect();
+        assert_eq!(rates, [0.75, 0.75, 0.5, 0.5, 0.0, 0.0]);
+        assert!(t.patch_drop(49, 81, 101, 0).is_some_and(|d| d.keep == 25), "half of 49 patches kept");
+        assert!(t.patch_drop(49, 94, 101, 0).is_none());
+        // A stage at rate 0 keeps every token for its steps.
+        t.patch_dropout_stages.push(PatchDropoutStage { rate: 0.0, until: 0.95 });
+        t.patch_dropout_stages.push(PatchDropoutStage { rate: 0.25, until: 1.0 });
+        assert_eq!(t.patch_dropout_rate(94, 100), 0.0);
+        assert_eq!(t.patch_dropout_rate(99, 100), 0.25);
+        // The ceiling is of the exact product: 0.55 · 100 is 55.000000000000007 in f64.
+        t.patch_dropout_until = 0.55;
+        t.patch_dropout_stages.clear();
+        assert_eq!(t.patch_dropout_segments(100), [(55, 0.75)]);
+    }
 
     #[test]
     fn a_pytorch_sized_weight_decay_is_flagged_and_big_vision_sized_ones_are_not() {
