@@ -44,7 +44,7 @@ if [ "${1:-}" = "--stalls" ]; then
       "$bin/vit" bench train --model B/16 --set pool=tok --batch 64 --steps 1 --warmup 1 >>"$txt" 2>&1 ||
       echo "device-extra: ncu failed on $k" | tee -a "$txt"
   done
-  grep -E "^  [a-z_]+flash|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issued Warp|No Eligible|Warp Cycles Per Issued|Stall|One or More" "$txt" | head -80
+  grep -E "^  flash_|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issued Warp|No Eligible|Warp Cycles Per Issued|Stall|One or More" "$txt" | head -80
   exit 0
 fi
 if [ "${1:-}" = "--variants" ]; then
