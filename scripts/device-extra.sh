@@ -67,33 +67,14 @@ if [ "${1:-}" = "--recipe" ]; then
     --set 'evals=[{ kind = "classification", name = "test_tta", tta = ["flip_lr", "shift"], every = 0 }]')
   "$bin/vit" train "${recipe[@]}" --device cpu --out "$runs/cpu" >"$runs/cpu.txt" 2>&1 || cat "$runs/cpu.txt"
   "$bin/vit" train "${recipe[@]}" --device cuda:0 --out "$runs/cuda" >"$runs/cuda.txt" 2>&1 || cat "$runs/cuda.txt"
-  python3 - "$runs" <<'PY'
-import json, sys
-def read(d):
-    with open(f"{sys.argv[1]}/{d}/metrics.jsonl") as f:
-        rows = [json.loads(l) for l in f]
-    return [r["loss"] for r in rows if "loss" in r], [r for r in rows if any(k.startswith("eval/") or k.startswith("test") for k in r)]
-(cpu, ce), (gpu, ge) = read("cpu"), read("cuda")
-worst = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
-print(f"recipe, f32, {len(cpu)}/{len(gpu)} steps: cpu {cpu[0]:.5f} -> {cpu[-1]:.5f}, cuda {gpu[0]:.5f} -> {gpu[-1]:.5f}; max relative difference {worst:.2e} (< 1e-2 expected)")
-print("cpu evals: ", json.dumps(ce[-1:]))
-print("cuda evals:", json.dumps(ge[-1:]))
-PY
+  python3 scripts/compare-runs.py "recipe, f32" "$runs/cpu" "$runs/cuda" 1e-2 20
   timeout 120 "$bin/vit" bench train --model B/16 --set pool=tok --batch 256 --steps 10 --warmup 3 --patch-dropout 0.75 --json | tee -a "${OUT:-/tmp}/bench-train.jsonl"
   exit 0
 fi
 quick="--set train.steps=20 --set schedule.warmup_steps=5 --set train.log_every=1"
 "$bin/vit" train $quick --device cpu --out "$runs/cpu" >/dev/null 2>&1
 "$bin/vit" train $quick --set train.precision=bf16 --device cuda:0 --out "$runs/bf16" >"$runs/bf16.txt" 2>&1 || cat "$runs/bf16.txt"
-python3 - "$runs" <<'PY'
-import json, sys
-def losses(d):
-    with open(f"{sys.argv[1]}/{d}/metrics.jsonl") as f:
-        return [json.loads(l)["loss"] for l in f]
-cpu, gpu = losses("cpu"), losses("bf16")
-worst = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
-print(f"bf16 on cuda vs f32 on cpu: {cpu[-1]:.5f} vs {gpu[-1]:.5f} after 20 steps; max relative difference {worst:.2e} (bf16: < 5e-2 expected)")
-PY
+python3 scripts/compare-runs.py "bf16 on cuda vs f32 on cpu" "$runs/cpu" "$runs/bf16" 5e-2 20
 if [ "${1:-}" = "--quick" ]; then
   # B/16 steps alternated with each kernel named in $VITRS_AB_KERNELS turned off alone (A/B of
   # one fast kernel on the same warm GPU), then timm eager.

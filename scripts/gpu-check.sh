@@ -94,15 +94,5 @@ quick="--set train.steps=20 --set schedule.warmup_steps=5 --set train.log_every=
 "$bin/vit" train $quick --device cpu --out "$runs/cpu" >"$runs/cpu.txt" 2>&1 || { cat "$runs/cpu.txt"; status=1; }
 "$bin/vit" train $quick --device cuda:0 --out "$runs/cuda" >"$runs/cuda.txt" 2>&1 || status=1
 tail -n 3 "$runs/cuda.txt" | tee -a "$log"
-python3 - "$runs" <<'PY' 2>&1 | tee -a "$log" || status=1
-import json, sys
-def losses(d):
-    with open(f"{sys.argv[1]}/{d}/metrics.jsonl") as f:
-        return [json.loads(l)["loss"] for l in f]
-cpu, gpu = losses("cpu"), losses("cuda")
-assert len(cpu) == len(gpu) == 20, (len(cpu), len(gpu))
-worst = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
-print(f"losses cpu {cpu[0]:.5f} -> {cpu[-1]:.5f}, cuda {gpu[0]:.5f} -> {gpu[-1]:.5f}; max relative difference {worst:.2e}")
-sys.exit(0 if worst < 1e-2 else 1)
-PY
+python3 scripts/compare-runs.py "vit train, f32" "$runs/cpu" "$runs/cuda" 1e-2 20 2>&1 | tee -a "$log" || status=1
 exit $status

@@ -735,15 +735,15 @@ impl TrainConfig {
                 "a fraction of the steps in [0, 1]",
             );
         }
+        if !t.patch_dropout_stages.is_empty() && t.patch_dropout <= 0.0 {
+            return bad(
+                "train.patch_dropout_stages",
+                format!("({} stages)", t.patch_dropout_stages.len()),
+                "no stages without train.patch_dropout > 0 (the first stage's rate)",
+            );
+        }
         let mut until = t.patch_dropout_until;
         for (i, stage) in t.patch_dropout_stages.iter().enumerate() {
-            if t.patch_dropout <= 0.0 {
-                return bad(
-                    "train.patch_dropout_stages",
-                    format!("({} stages)", t.patch_dropout_stages.len()),
-                    "no stages without train.patch_dropout > 0 (the first stage's rate)",
-                );
-            }
             if !(0.0..1.0).contains(&stage.rate) {
                 return bad(
                     &format!("train.patch_dropout_stages[{i}].rate"),

@@ -138,7 +138,8 @@ impl FlashVariant {
     /// The variant called `name` (see [`FlashVariant::name`]).
     pub fn parse(name: &str) -> Result<Self> {
         Self::ALL.into_iter().find(|v| v.name() == name).ok_or_else(|| {
-            Error::Cuda(format!("flash attention variant '{name}' unknown: expected one of m64, m128, n128, m128e"))
+            let names: Vec<&str> = Self::ALL.iter().map(|v| v.name()).collect();
+            Error::Cuda(format!("flash attention variant '{name}' unknown: expected one of {}", names.join(", ")))
         })
     }
 
