@@ -4,7 +4,7 @@
 //! matrix kept between forward and backward (backward recomputes it from `lse`).
 
 use super::multiversion::multiversion;
-use super::softmax::{divide_row, exp_scaled_shifted, exp_shifted_sum, scale_row_max};
+use super::softmax::{exp_scaled_shifted_rows, scaled_softmax_rows};
 use super::{matmul::gemm_f32, zeroed};
 use rayon::prelude::*;
 
@@ -30,12 +30,7 @@ pub(crate) fn attention_fwd(
             (&q[h * n * d..(h + 1) * n * d], &k[h * m * d..(h + 1) * m * d], &v[h * m * d..(h + 1) * m * d]);
         let mut s = vec![0.0f32; n * m];
         gemm_f32(qh, kh, &mut s, n, m, d, false, true, 1);
-        for (row, l) in s.chunks_mut(m.max(1)).zip(lh.iter_mut()) {
-            let max = scale_row_max(row, scale);
-            let sum = exp_shifted_sum(row, max);
-            divide_row(row, sum);
-            *l = max + sum.ln();
-        }
+        scaled_softmax_rows(&mut s, m, scale, lh);
         gemm_f32(&s, vh, oh, n, d, m, false, false, 1);
     });
     (o, lse)
@@ -70,9 +65,7 @@ pub(crate) fn attention_bwd(
             // P = exp(scale·QKᵀ − lse), recomputed.
             let mut p = vec![0.0f32; n * m];
             gemm_f32(qh, kh, &mut p, n, m, d, false, true, 1);
-            for (row, &l) in p.chunks_mut(m).zip(lh) {
-                exp_scaled_shifted(row, scale, l);
-            }
+            exp_scaled_shifted_rows(&mut p, m, scale, lh);
             // dV = Pᵀ dO; dP = dO Vᵀ.
             gemm_f32(&p, doh, dvh, m, d, n, true, false, 1);
             let mut ds = vec![0.0f32; n * m];

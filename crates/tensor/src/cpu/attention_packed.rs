@@ -1,11 +1,13 @@
 //! Self-attention read straight from a packed qkv projection `[batch, tokens, channels]` and
 //! written with its heads merged, through strided GEMMs: no split, permute or merge copies
 //! (those copies were 5% of a CPU training step at ViT-Ti widths, issue 15). The math is
-//! `attention.rs`'s, one batch per rayon task and its heads in turn.
+//! `attention.rs`'s, one batch per rayon task and its heads in turn, with the scores kept
+//! transposed, `[keys, queries]`, and each row padded to whole vectors, so that the softmax
+//! runs down the columns in vector operations across queries (`softmax::scaled_softmax_columns`).
+//! The padding columns hold values that nothing reads.
 
-use super::attention::softmax_grad_row;
 use super::matmul::{gemm_strided, gemm_strided_uninit, MatRef};
-use super::softmax::{divide_row, exp_scaled_shifted, exp_shifted_sum, scale_row_max};
+use super::softmax::{exp_scaled_shifted_columns, scaled_softmax_columns, softmax_grad_columns, COLUMN_BLOCK};
 use super::uninit_vec;
 use rayon::prelude::*;
 
@@ -45,16 +47,15 @@ pub(crate) fn attention_fwd_packed(qkv: &[f32], p: PackedHeads, scale: f32) -> (
         uninit_vec(p.batch * n * w, |o| {
             o.par_chunks_mut(n * w).zip(lse.par_chunks_mut(p.heads * n)).enumerate().for_each(|(b, (ob, lb))| {
                 let x = &qkv[b * n * p.channels..(b + 1) * n * p.channels];
-                let mut s = vec![0.0f32; n * n];
+                let np = n.div_ceil(COLUMN_BLOCK) * COLUMN_BLOCK;
+                // Sᵀ [keys, queries] with rows np apart; lse and sums of the padded columns.
+                let (mut st, mut l, mut scratch) = (vec![0.0f32; n * np], vec![0.0f32; np], vec![0.0f32; np]);
                 for h in 0..p.heads {
-                    gemm_strided(p.head(x, 0, h), p.head(x, 1, h).t(), &mut s, n, false, 1);
-                    for (row, l) in s.chunks_mut(n).zip(&mut lb[h * n..(h + 1) * n]) {
-                        let max = scale_row_max(row, scale);
-                        let sum = exp_shifted_sum(row, max);
-                        divide_row(row, sum);
-                        *l = max + sum.ln();
-                    }
-                    gemm_strided_uninit(MatRef::rows(&s, n, n, n), p.head(x, 2, h), &mut ob[h * dh..], w, 1);
+                    gemm_strided(p.head(x, 1, h), p.head(x, 0, h).t(), &mut st, np, false, 1);
+                    scaled_softmax_columns(&mut st, np, scale, &mut l, &mut scratch);
+                    lb[h * n..(h + 1) * n].copy_from_slice(&l[..n]);
+                    // O = P V = (Pᵀ)ᵀ V.
+                    gemm_strided_uninit(MatRef::rows(&st, n, n, np).t(), p.head(x, 2, h), &mut ob[h * dh..], w, 1);
                 }
             })
         })
@@ -83,28 +84,31 @@ pub(crate) fn attention_bwd_packed(
                 let x = &qkv[b * n * p.channels..(b + 1) * n * p.channels];
                 let (ob, dob) = (&o[b * n * w..(b + 1) * n * w], &d_o[b * n * w..(b + 1) * n * w]);
                 let lb = &lse[b * p.heads * n..(b + 1) * p.heads * n];
-                let (mut pm, mut ds) = (vec![0.0f32; n * n], vec![0.0f32; n * n]);
+                let np = n.div_ceil(COLUMN_BLOCK) * COLUMN_BLOCK;
+                // Pᵀ and dSᵀ [keys, queries] with rows np apart; lse and δ of the padded columns.
+                let (mut pt, mut dst) = (vec![0.0f32; n * np], vec![0.0f32; n * np]);
+                let (mut l, mut delta) = (vec![0.0f32; np], vec![0.0f32; np]);
                 for h in 0..p.heads {
                     let (q, k, v) = (p.head(x, 0, h), p.head(x, 1, h), p.head(x, 2, h));
                     let doh = MatRef::rows(&dob[h * dh..], n, dh, w);
-                    // P = exp(scale·QKᵀ − lse), recomputed.
-                    gemm_strided(q, k.t(), &mut pm, n, false, 1);
-                    for (row, &l) in pm.chunks_mut(n).zip(&lb[h * n..(h + 1) * n]) {
-                        exp_scaled_shifted(row, scale, l);
-                    }
-                    // dV = Pᵀ dO; dP = dO Vᵀ.
-                    gemm_strided_uninit(MatRef::rows(&pm, n, n, n).t(), doh, &mut gb[2 * w + h * dh..], 3 * w, 1);
-                    gemm_strided(doh, v.t(), &mut ds, n, false, 1);
-                    // dS = P ∘ (dP − δ)·scale with δ_i = dO_i · O_i.
-                    for i in 0..n {
+                    // Pᵀ = exp(scale·K Qᵀ − lse), recomputed.
+                    gemm_strided(k, q.t(), &mut pt, np, false, 1);
+                    l[..n].copy_from_slice(&lb[h * n..(h + 1) * n]);
+                    exp_scaled_shifted_columns(&mut pt, np, scale, &l);
+                    let ptm = MatRef::rows(&pt, n, n, np);
+                    // dV = Pᵀ dO; dPᵀ = V dOᵀ.
+                    gemm_strided_uninit(ptm, doh, &mut gb[2 * w + h * dh..], 3 * w, 1);
+                    gemm_strided(v, doh.t(), &mut dst, np, false, 1);
+                    // dSᵀ = Pᵀ ∘ (dPᵀ − δ)·scale with δ_i = dO_i · O_i, one per query column.
+                    for (i, d) in delta[..n].iter_mut().enumerate() {
                         let at = i * w + h * dh..i * w + (h + 1) * dh;
-                        let delta: f32 = dob[at.clone()].iter().zip(&ob[at]).map(|(a, b)| a * b).sum();
-                        softmax_grad_row(&mut ds[i * n..(i + 1) * n], &pm[i * n..(i + 1) * n], delta, scale);
+                        *d = dob[at.clone()].iter().zip(&ob[at]).map(|(a, b)| a * b).sum();
                     }
-                    // dQ = dS K; dK = dSᵀ Q.
-                    let dsm = MatRef::rows(&ds, n, n, n);
-                    gemm_strided_uninit(dsm, k, &mut gb[h * dh..], 3 * w, 1);
-                    gemm_strided_uninit(dsm.t(), q, &mut gb[w + h * dh..], 3 * w, 1);
+                    softmax_grad_columns(&mut dst, &pt, &delta, np, scale);
+                    // dQ = dS K = (dSᵀ)ᵀ K; dK = dSᵀ Q.
+                    let dstm = MatRef::rows(&dst, n, n, np);
+                    gemm_strided_uninit(dstm.t(), k, &mut gb[h * dh..], 3 * w, 1);
+                    gemm_strided_uninit(dstm, q, &mut gb[w + h * dh..], 3 * w, 1);
                 }
             })
         })

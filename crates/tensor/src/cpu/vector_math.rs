@@ -118,6 +118,11 @@ pub(crate) fn sum(x: &[f32]) -> f32 {
 }
 
 /// The largest element (−inf for an empty slice; NaN if any element is NaN).
+///
+/// The 16 lanes are combined pairwise, as in [`sum`] (vector operations; a left-to-right fold
+/// of the lanes was a chain of 16 dependent compares, a third of a softmax row of 49 scores).
+/// The maximum does not depend on the order, except which of `+0` and `−0` is returned when
+/// both are the largest, and softmax only subtracts it, where the two give the same result.
 #[inline(always)]
 pub(crate) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
@@ -127,7 +132,14 @@ pub(crate) fn max(x: &[f32]) -> f32 {
         acc.iter_mut().zip(c).for_each(|(a, &v)| *a = take(*a, v));
     }
     acc.iter_mut().zip(chunks.remainder()).for_each(|(a, &v)| *a = take(*a, v));
-    acc.iter().fold(f32::NEG_INFINITY, |a, &v| take(a, v))
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] = take(acc[i], acc[i + width]);
+        }
+    }
+    acc[0]
 }
 
 #[cfg(test)]
@@ -230,5 +242,12 @@ mod tests {
             assert_eq!(max(&x), x.iter().copied().fold(f32::NEG_INFINITY, f32::max), "max of {len}");
         }
         assert!(max(&[1.0, f32::NAN, 2.0]).is_nan());
+        for at in [0, 5, 16, 40] {
+            let mut x = vec![1.0f32; 49];
+            x[at] = f32::NAN;
+            assert!(max(&x).is_nan(), "a NaN at {at} of 49");
+        }
+        assert_eq!(max(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
     }
 }
