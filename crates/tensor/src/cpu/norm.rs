@@ -49,9 +49,14 @@ multiversion! {
     ) {
         let d = w.len();
         let (mut g, mut xhat, mut gx) = (vec![0.0f32; d], vec![0.0f32; d], vec![0.0f32; d]);
+        // Every slice cut to `d` elements, so the loops below have no bounds checks and
+        // vectorise (indexed loops over slices of unknown lengths stayed partly scalar).
+        let (g, xhat, gx) = (&mut g[..d], &mut xhat[..d], &mut gx[..d]);
+        let (w, dw, db) = (&w[..d], &mut dw[..d], &mut db[..d]);
         for (((xr, dyr), dxr), (&mu, &rs)) in
             x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(mean.iter().zip(rstd))
         {
+            let (xr, dyr, dxr) = (&xr[..d], &dyr[..d], &mut dxr[..d]);
             for j in 0..d {
                 g[j] = dyr[j] * w[j];
                 xhat[j] = (xr[j] - mu) * rs;
@@ -59,8 +64,8 @@ multiversion! {
                 dw[j] += dyr[j] * xhat[j];
                 db[j] += dyr[j];
             }
-            let g_mean = if rms { 0.0 } else { vm::sum(&g) / d as f32 };
-            let gx_mean = vm::sum(&gx) / d as f32;
+            let g_mean = if rms { 0.0 } else { vm::sum(g) / d as f32 };
+            let gx_mean = vm::sum(gx) / d as f32;
             for j in 0..d {
                 dxr[j].write(rs * (g[j] - g_mean - xhat[j] * gx_mean));
             }
