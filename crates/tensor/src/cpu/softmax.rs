@@ -42,10 +42,10 @@ multiversion! {
     /// place; writes each row's log-sum-exp (of the scaled row) to `lse [rows]`.
     ///
     /// The same IEEE operations in the same order as [`scale_row_max`], [`exp_shifted_sum`]
-    /// and [`divide_row`] row by row (so the same bits), but in one call per block, with the
-    /// exponentials in one loop over the whole block: attention rows of 12 or 49 tokens are
-    /// shorter than a few vectors, and per-row calls spent more time in their set-up (the
-    /// exponential's constants, the remainder loops) than in the arithmetic.
+    /// and [`divide_row`] row by row (so the same bits), in one call per block, with the
+    /// exponentials in one loop over the whole block (rows of 12 or 49 tokens are shorter than
+    /// a few vectors). The split-heads attention uses it; the packed one, which the models use,
+    /// has the faster column kernels below (docs/perf.md, session 21).
     pub(crate) fn scaled_softmax_rows(s: &mut [f32], m: usize, scale: f32, lse: &mut [f32]) {
         if m == 0 {
             return;
@@ -93,7 +93,7 @@ multiversion! {
     /// and every row is whole vectors: a softmax along rows of 12 or 49 scores spent most of
     /// its time in horizontal reductions and remainder loops (docs/perf.md). The sum over keys
     /// is in key order; the probabilities are the exponentials times the reciprocal of the sum
-    /// (a division per score was a fifth of the forward softmax).
+    /// (one division per column instead of one per score).
     pub(crate) fn scaled_softmax_columns(t: &mut [f32], width: usize, scale: f32, lse: &mut [f32], scratch: &mut [f32]) {
         if width == 0 || t.is_empty() {
             return;
