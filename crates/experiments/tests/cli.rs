@@ -170,6 +170,11 @@ fn train_without_arguments_works_in_an_empty_folder() {
     assert_eq!(summary["steps"].as_u64(), Some(3));
     let acc = summary["test_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc), "{summary}");
+    // The hypervisor's share of the CPU during the run: a fraction on Linux, null elsewhere.
+    match summary["cpu_steal"].as_f64() {
+        Some(steal) => assert!((0.0..=1.0).contains(&steal), "{summary}"),
+        None => assert!(summary["cpu_steal"].is_null() && !cfg!(target_os = "linux"), "{summary}"),
+    }
     // The resolved config keeps the bundled path, so eval from the run directory works too.
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(config.contains("path = \"bundled:fashion-mnist-small\""), "{config}");

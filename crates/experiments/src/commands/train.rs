@@ -29,6 +29,10 @@ pub struct Args {
     stop_at: Option<u64>,
 }
 
+/// Steal above this fraction of the CPU time is reported after the run: the timing is the
+/// host's, not the CPU's (docs/perf.md, session 21).
+const STEAL_WORTH_SAYING: f64 = 0.02;
+
 pub fn run(args: Args) -> Result<(), CliError> {
     let mut sets = args.sets.clone();
     if let Some(d) = &args.device {
@@ -68,5 +72,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
         s.wall_seconds,
         run.path.display()
     );
+    if let Some(steal) = s.cpu_steal.filter(|&f| f > STEAL_WORTH_SAYING) {
+        println!(
+            "note: the hypervisor took {:.0}% of the CPU during this run (steal time): its speed is not this CPU's",
+            steal * 100.0
+        );
+    }
     Ok(())
 }

@@ -18,11 +18,13 @@ pub mod moe_log;
 mod panics;
 pub mod plot;
 pub mod routed;
+pub mod run_clock;
 pub mod run_dir;
 pub mod tta;
 pub mod zero;
 
 use config::{DecayKind, LossKind, OptimizerName, TrainConfig};
+use run_clock::RunClock;
 use run_dir::RunDir;
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -124,6 +126,10 @@ pub struct Summary {
     /// The CPU the run ran on and its kernels' instruction set
     /// (`AMD EPYC (family 25, model 1), AVX2+FMA kernels`): speeds depend on it.
     pub cpu: String,
+    /// The fraction of all cores' time that the hypervisor took during the run (Linux's steal
+    /// time, [`run_clock`]); `null` where it cannot be read. Above a few percent the run's
+    /// speed is not the CPU's.
+    pub cpu_steal: Option<f64>,
     /// Whether this process wrote the run (false on data-parallel ranks other than 0, which
     /// should not report it again).
     #[serde(skip)]
@@ -633,7 +639,7 @@ fn train_rank(
             cfg.train.mesh.model, cfg.train.grad_accum, cfg.train.batch_size
         )));
     }
-    let started = Instant::now();
+    let started = RunClock::start();
     watch_signals();
     let device: Device = cfg.train.device.0;
     let dtype = cfg.train.precision.dtype();
@@ -1409,7 +1415,7 @@ fn write_summary(
     test: (f64, f64),
     evals: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
     rate: f64,
-    started: Instant,
+    started: RunClock,
 ) -> Result<Summary, TrainError> {
     let summary = Summary {
         stop_reason: reason,
@@ -1419,8 +1425,9 @@ fn write_summary(
         test_loss: test.1,
         eval: evals.clone(),
         images_per_second: rate,
-        wall_seconds: started.elapsed().as_secs_f64(),
+        wall_seconds: started.wall_seconds(),
         cpu: vit_tensor::cpu::CpuInfo::detect().to_string(),
+        cpu_steal: started.steal_fraction(),
         lead: run.writes(),
     };
     run.write("summary.json", &serde_json::to_string_pretty(&summary).map_err(|e| TrainError::Io(e.to_string()))?)?;
