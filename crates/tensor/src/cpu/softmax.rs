@@ -98,12 +98,12 @@ multiversion! {
         if width == 0 || t.is_empty() {
             return;
         }
+        debug_assert_eq!(t.len() % width, 0, "a partial row of {width} columns");
         let (max, sum) = (lse, scratch);
-        let take = |a: f32, v: f32| if v > a || v.is_nan() { v } else { a };
         t.iter_mut().for_each(|v| *v *= scale);
         max.copy_from_slice(&t[..width]);
         for row in t[width..].chunks_exact(width) {
-            max.iter_mut().zip(row).for_each(|(m, &v)| *m = take(*m, v));
+            max.iter_mut().zip(row).for_each(|(m, &v)| *m = vm::max_step(*m, v));
         }
         for row in t.chunks_exact_mut(width) {
             row.iter_mut().zip(max.iter()).for_each(|(v, &m)| *v = vm::exp(*v - m));
@@ -130,6 +130,7 @@ multiversion! {
         if width == 0 {
             return;
         }
+        debug_assert_eq!(t.len() % width, 0, "a partial row of {width} columns");
         for row in t.chunks_exact_mut(width) {
             row.iter_mut().zip(lse).for_each(|(v, &l)| *v = vm::exp(*v * scale - l));
         }
@@ -143,6 +144,7 @@ multiversion! {
         if width == 0 {
             return;
         }
+        debug_assert!(ds.len() % width == 0 && ds.len() == p.len(), "blocks of {} and {} for {width} columns", ds.len(), p.len());
         for (row, prow) in ds.chunks_exact_mut(width).zip(p.chunks_exact(width)) {
             row.iter_mut().zip(prow).zip(delta).for_each(|((x, &pij), &d)| *x = pij * (*x - d) * scale);
         }

@@ -117,26 +117,36 @@ pub(crate) fn sum(x: &[f32]) -> f32 {
     acc[0]
 }
 
+/// The larger of `a` and `v`; NaN if either is NaN. The step of [`max`], and of the column
+/// maxima of attention's softmax (`softmax::scaled_softmax_columns`).
+#[inline(always)]
+pub(crate) fn max_step(a: f32, v: f32) -> f32 {
+    if v > a || v.is_nan() {
+        v
+    } else {
+        a
+    }
+}
+
 /// The largest element (−inf for an empty slice; NaN if any element is NaN).
 ///
-/// The 16 lanes are combined pairwise, as in [`sum`] (vector operations; a left-to-right fold
-/// of the lanes was a chain of 16 dependent compares, a third of a softmax row of 49 scores).
+/// The 16 lanes are combined pairwise, as in [`sum`] (four vector steps instead of a chain of
+/// 16 dependent compares).
 /// The maximum does not depend on the order, except which of `+0` and `−0` is returned when
 /// both are the largest, and softmax only subtracts it, where the two give the same result.
 #[inline(always)]
 pub(crate) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
-    let take = |a: f32, v: f32| if v > a || v.is_nan() { v } else { a };
     for c in &mut chunks {
-        acc.iter_mut().zip(c).for_each(|(a, &v)| *a = take(*a, v));
+        acc.iter_mut().zip(c).for_each(|(a, &v)| *a = max_step(*a, v));
     }
-    acc.iter_mut().zip(chunks.remainder()).for_each(|(a, &v)| *a = take(*a, v));
+    acc.iter_mut().zip(chunks.remainder()).for_each(|(a, &v)| *a = max_step(*a, v));
     let mut width = LANES;
     while width > 1 {
         width /= 2;
         for i in 0..width {
-            acc[i] = take(acc[i], acc[i + width]);
+            acc[i] = max_step(acc[i], acc[i + width]);
         }
     }
     acc[0]
