@@ -137,7 +137,7 @@ pub fn matmul_reduce_scatter(
     check_operands(OP, x, w, transpose_w)?;
     let n = comm.world_size();
     let rows = x.dims()[0];
-    if rows % n != 0 {
+    if !rows.is_multiple_of(n) {
         return Err(Error::Shape {
             op: OP,
             msg: format!("dim 0 of x {} is not divisible by world size {n}", x.shape()),

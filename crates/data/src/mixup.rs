@@ -17,7 +17,7 @@ pub fn mixup(images: &mut [f32], targets: &mut [f32], batch: usize, p: f64, rng:
     if !(p > 0.0 && p.is_finite()) {
         return Err(bad(format!("p = {p}: expected a positive Beta parameter (big_vision uses 0.2)")));
     }
-    if batch == 0 || images.len() % batch != 0 || targets.len() % batch != 0 {
+    if batch == 0 || !images.len().is_multiple_of(batch) || !targets.len().is_multiple_of(batch) {
         return Err(bad(format!(
             "a batch of {batch} with {} image values and {} target values: expected whole rows per example",
             images.len(),

@@ -185,14 +185,14 @@ pub fn shard_params(cfg: &ModelConfig, model: usize) -> Result<Vec<ShardedParam>
     if model == 0 {
         return Err(invalid("model axis", 0, "a positive size"));
     }
-    if cfg.heads % model != 0 {
+    if !cfg.heads.is_multiple_of(model) {
         return Err(invalid(
             "--mesh model",
             model,
             format!("must divide the {} heads (the model axis splits the heads)", cfg.heads),
         ));
     }
-    if cfg.mlp_dim % model != 0 {
+    if !cfg.mlp_dim.is_multiple_of(model) {
         return Err(invalid("--mesh model", model, format!("must divide mlp_dim = {}", cfg.mlp_dim)));
     }
     let vit = VisionTransformer::new(cfg, DType::F32, Device::Cpu)?;
@@ -398,7 +398,7 @@ pub fn plan(s: &PlanSettings) -> Result<Plan, PlanError> {
             format!("the mesh data={data},model={model} has {} devices", s.mesh.devices()),
         ));
     }
-    if s.batch == 0 || s.batch % data != 0 {
+    if s.batch == 0 || !s.batch.is_multiple_of(data) {
         return Err(invalid("--batch", s.batch, format!("a positive multiple of the data axis ({data})")));
     }
     if s.precision != DType::F32 && s.precision != DType::BF16 {

@@ -462,18 +462,18 @@ impl ModelConfig {
                 return Err(ModelError::invalid(field, value, "a positive integer"));
             }
         }
-        if self.image_size % self.patch != 0 {
+        if !self.image_size.is_multiple_of(self.patch) {
             return Err(ModelError::invalid(
                 "image_size",
                 self.image_size,
                 format!("a multiple of patch ({})", self.patch),
             ));
         }
-        if self.width % self.heads != 0 {
+        if !self.width.is_multiple_of(self.heads) {
             return Err(ModelError::invalid("width", self.width, format!("a multiple of heads ({})", self.heads)));
         }
         if let Some(k) = self.patch_kernel {
-            if k < self.patch || (k - self.patch) % 2 != 0 {
+            if k < self.patch || !(k - self.patch).is_multiple_of(2) {
                 return Err(ModelError::invalid(
                     "patch_kernel",
                     k,
@@ -508,7 +508,7 @@ impl ModelConfig {
                 ));
             }
         }
-        if self.posemb == PosEmb::Sincos2d && (self.width % 4 != 0 || self.width < 8) {
+        if self.posemb == PosEmb::Sincos2d && (!self.width.is_multiple_of(4) || self.width < 8) {
             return Err(ModelError::invalid(
                 "width",
                 self.width,

@@ -437,7 +437,7 @@ pub(crate) mod tests {
     /// (`[d/2, d/2]` when that splits evenly, else `[d]`) cut in `n` parts, part `m` of each,
     /// as the model's `ShardSpec` cuts a fused projection.
     fn shard_indices(d: usize, m: usize, n: usize) -> Vec<usize> {
-        let segments = if d % (2 * n) == 0 { vec![d / 2, d / 2] } else { vec![d] };
+        let segments = if d.is_multiple_of(2 * n) { vec![d / 2, d / 2] } else { vec![d] };
         let mut out = Vec::new();
         let mut start = 0;
         for s in segments {

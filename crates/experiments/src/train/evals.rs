@@ -209,7 +209,7 @@ impl Evaluator {
 
     /// Whether any entry evaluates after step `done` (`last`: the run's last step).
     pub fn due(&self, done: u64, last: bool) -> bool {
-        self.entries.iter().any(|e| last || (e.every > 0 && done % e.every == 0))
+        self.entries.iter().any(|e| last || (e.every > 0 && done.is_multiple_of(e.every)))
     }
 
     /// Runs the entries due after step `done` on `params` (the compute copy), writes their
@@ -228,7 +228,7 @@ impl Evaluator {
         let mut features: Option<(Extracted, Extracted)> = None;
         let entries = self.entries.clone();
         let mut legacy_done = false;
-        for e in entries.iter().filter(|e| last || (e.every > 0 && done % e.every == 0)) {
+        for e in entries.iter().filter(|e| last || (e.every > 0 && done.is_multiple_of(e.every))) {
             let mut m = BTreeMap::new();
             match e.kind {
                 EvalKind::Classification => {

@@ -41,7 +41,7 @@ impl ModelParallel {
             return Ok(None);
         }
         let world = comm.world_size();
-        if world % model_ranks != 0 {
+        if !world.is_multiple_of(model_ranks) {
             return Err(TrainError::Config(format!(
                 "train.mesh.model = {model_ranks}: expected a divisor of the {world} ranks"
             )));

@@ -55,7 +55,7 @@ pub fn shard_experts(layer: &MoeMlp, full: &ParamStore, rank: usize, world: usiz
 /// E/W, or an error when the W ranks do not divide the E experts.
 fn local_experts(layer: &MoeMlp, world: usize) -> Result<usize> {
     let e = layer.cfg.experts;
-    if world == 0 || e % world != 0 {
+    if world == 0 || !e.is_multiple_of(world) {
         return Err(ModelError::invalid("moe.experts", e, format!("a multiple of the {world} expert-parallel ranks")));
     }
     Ok(e / world)

@@ -144,7 +144,7 @@ multiversion! {
         if width == 0 {
             return;
         }
-        debug_assert!(ds.len() % width == 0 && ds.len() == p.len(), "blocks of {} and {} for {width} columns", ds.len(), p.len());
+        debug_assert!(ds.len().is_multiple_of(width) && ds.len() == p.len(), "blocks of {} and {} for {width} columns", ds.len(), p.len());
         for (row, prow) in ds.chunks_exact_mut(width).zip(p.chunks_exact(width)) {
             row.iter_mut().zip(prow).zip(delta).for_each(|((x, &pij), &d)| *x = pij * (*x - d) * scale);
         }

@@ -169,7 +169,7 @@ fn colsum_applies(x: &Tensor, dy: &Tensor) -> bool {
         && x.shape() == dy.shape()
         && x.rank() >= 1
         && cols > 0
-        && cols % width == 0
+        && cols.is_multiple_of(width)
         && x.numel() < (1 << 31)
         && [x, dy].iter().all(|t| t.cuda_storage("activation_bwd_bias_grad").is_ok_and(|(_, b)| b % 16 == 0))
 }

@@ -81,7 +81,7 @@ impl FlashLayout {
 /// The contraction the kernels pad head dim `d` to (a multiple of 16, at least 64), or `None`
 /// when `d` is not a multiple of 8 in `8..=128`.
 pub(crate) fn padded_head_dim(d: usize) -> Option<usize> {
-    (d % 8 == 0 && (8..=MAX_HEAD_DIM).contains(&d)).then(|| (d.div_ceil(16) * 16).max(64))
+    (d.is_multiple_of(8) && (8..=MAX_HEAD_DIM).contains(&d)).then(|| (d.div_ceil(16) * 16).max(64))
 }
 
 /// Whether the flash kernels take this problem: bf16 or f16, a supported head dim, at least one
@@ -147,7 +147,7 @@ impl FlashVariant {
     /// padded head dim `dp` (see `padded_head_dim`).
     pub fn supports(self, backward: bool, dp: usize) -> bool {
         match (self, backward) {
-            (FlashVariant::M64, _) => (64..=MAX_HEAD_DIM).contains(&dp) && dp % 16 == 0,
+            (FlashVariant::M64, _) => (64..=MAX_HEAD_DIM).contains(&dp) && dp.is_multiple_of(16),
             (FlashVariant::M128, false) => dp == 64 || dp == 80,
             (FlashVariant::M128, true) => dp == 64,
             (FlashVariant::N128, false) => dp == 64 || dp == 80 || dp == 96,
@@ -764,7 +764,7 @@ fn packed_layout(n: usize, channels: usize, offset: usize, width: usize, heads: 
 /// dtype and alignment; whether they passed their self-check on the device is separate.
 pub fn supports_packed(qkv: &Tensor, offset: usize, width: usize, heads: usize) -> bool {
     let d = qkv.dims();
-    if d.len() != 3 || heads == 0 || width % heads != 0 || offset + 3 * width > d[2] {
+    if d.len() != 3 || heads == 0 || !width.is_multiple_of(heads) || offset + 3 * width > d[2] {
         return false;
     }
     let layout = packed_layout(d[1], d[2], offset, width, heads);

@@ -482,7 +482,7 @@ impl DeviceBuffer {
     /// The contents as `T`s (waits for the stream). The length must be a multiple of `T`'s size.
     pub fn to_vec<T: Pod>(&self) -> Result<Vec<T>> {
         let size = std::mem::size_of::<T>();
-        if size == 0 || self.len % size != 0 {
+        if size == 0 || !self.len.is_multiple_of(size) {
             return Err(Error::value(
                 "DeviceBuffer::to_vec",
                 format!("{} bytes are not a whole number of {size}-byte elements", self.len),

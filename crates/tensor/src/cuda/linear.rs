@@ -152,7 +152,7 @@ pub(crate) fn forward(
         return Ok(None);
     }
     let backend = backend_of(x, "linear")?;
-    let tanh_fused = gelu == Some(Gelu::Tanh) && w.dims()[0] % 8 == 0 && fast(&backend, GELU_AUX_BIAS);
+    let tanh_fused = gelu == Some(Gelu::Tanh) && w.dims()[0].is_multiple_of(8) && fast(&backend, GELU_AUX_BIAS);
     if !tanh_fused && bias.is_some() && !fast(&backend, BIAS) || residual.is_some() && !fast(&backend, RESIDUAL) {
         return Ok(None);
     }
@@ -195,7 +195,7 @@ fn dgrad_gelu_fused(dy: &Tensor, w: &Tensor, pre: &Tensor) -> Result<Option<(Ten
 
 /// The DGELU_BGRAD path of `ops::linear_dgrad_gelu`, or `None` (compose it).
 pub(crate) fn dgrad_gelu(dy: &Tensor, w: &Tensor, pre: &Tensor, gelu: Gelu) -> Result<Option<(Tensor, Tensor)>> {
-    if gelu != Gelu::Tanh || !half(dy.dtype()) || w.dims()[1] % 8 != 0 {
+    if gelu != Gelu::Tanh || !half(dy.dtype()) || !w.dims()[1].is_multiple_of(8) {
         return Ok(None);
     }
     if !fast(&backend_of(dy, "linear_dgrad_gelu")?, DGELU_BGRAD) {

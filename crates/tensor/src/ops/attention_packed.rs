@@ -24,7 +24,7 @@ fn check_packed(
 ) -> Result<(usize, usize, usize)> {
     same_float_dtype(op, &[qkv])?;
     let d = qkv.dims();
-    if d.len() != 3 || heads == 0 || width == 0 || width % heads != 0 || offset + 3 * width > d[2] {
+    if d.len() != 3 || heads == 0 || width == 0 || !width.is_multiple_of(heads) || offset + 3 * width > d[2] {
         return Err(Error::shape(
             op,
             format!(

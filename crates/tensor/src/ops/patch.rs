@@ -15,7 +15,7 @@ pub fn patchify(images: &Tensor, p: usize) -> Result<Tensor> {
             format!("expected images [batch, channels, height, width], got {}", images.shape()),
         ));
     }
-    if p == 0 || d[2] % p != 0 || d[3] % p != 0 {
+    if p == 0 || !d[2].is_multiple_of(p) || !d[3].is_multiple_of(p) {
         return Err(Error::shape("patchify", format!("patch size {p} must divide height {} and width {}", d[2], d[3])));
     }
     let (b, c, h, w) = (d[0], d[1], d[2], d[3]);
@@ -33,7 +33,12 @@ pub fn unpatchify(patches: &Tensor, channels: usize, height: usize, width: usize
     same_float_dtype("unpatchify", &[patches])?;
     let d = patches.dims();
     let tokens = height.checked_div(p).unwrap_or(0) * width.checked_div(p).unwrap_or(0);
-    let ok = p > 0 && height % p == 0 && width % p == 0 && d.len() == 3 && d[1] == tokens && d[2] == channels * p * p;
+    let ok = p > 0
+        && height.is_multiple_of(p)
+        && width.is_multiple_of(p)
+        && d.len() == 3
+        && d[1] == tokens
+        && d[2] == channels * p * p;
     if !ok {
         return Err(Error::shape(
             "unpatchify",

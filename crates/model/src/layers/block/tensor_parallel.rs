@@ -315,14 +315,14 @@ impl Block {
 
 /// Checks that `n` model ranks can split `cfg`'s heads and MLP evenly.
 pub(crate) fn check_divisible(cfg: &ModelConfig, n: usize) -> Result<()> {
-    if n == 0 || cfg.heads % n != 0 {
+    if n == 0 || !cfg.heads.is_multiple_of(n) {
         return Err(ModelError::InvalidConfig {
             field: "heads",
             value: cfg.heads.to_string(),
             expected: format!("a multiple of the model axis size {n} (each model rank holds whole heads)"),
         });
     }
-    if cfg.mlp_dim % n != 0 {
+    if !cfg.mlp_dim.is_multiple_of(n) {
         return Err(ModelError::InvalidConfig {
             field: "mlp_dim",
             value: cfg.mlp_dim.to_string(),
