@@ -232,6 +232,37 @@ fn bench_train_reports_rate_and_model_flops_on_the_cpu() {
 }
 
 #[test]
+fn bench_train_with_bf16_matmuls_times_each_step_against_its_f32_twin() {
+    // Width 64 and 64 tokens of batch 2: the linear layers' products are at least 32 in every
+    // dimension, so they take the bf16 path (the AMX tiles where this CPU has them).
+    let tiny = tiny_bench_args(&["width=64", "mlp_dim=128", "image_size=32", "patch=4"], 2, 3);
+    let tiny: Vec<&str> = tiny.iter().map(String::as_str).chain(["--json"]).collect();
+    let r = json(&[&["bench", "train"][..], &tiny[..], &["--matmul-precision", "bf16"][..]].concat());
+    assert_eq!(r["matmul_precision"], "bf16", "{r}");
+    assert_eq!(r["timed_steps"], 3, "{r}");
+    let (rate, f32_rate) =
+        (r["images_per_second"].as_f64().unwrap(), r["f32_matmul_images_per_second"].as_f64().unwrap());
+    let x = r["speedup_vs_f32_matmul"].as_f64().unwrap();
+    assert!(rate > 0.0 && f32_rate > 0.0 && (x - rate / f32_rate).abs() <= 1e-12 * x, "{r}");
+    assert!(r["error"].is_null(), "{r}");
+    let plain = json(&[&["bench", "train"][..], &tiny[..]].concat());
+    assert_eq!(plain["matmul_precision"], "f32", "{plain}");
+    assert!(plain["f32_matmul_images_per_second"].is_null() && plain["speedup_vs_f32_matmul"].is_null(), "{plain}");
+    for (args, want) in [
+        (
+            &["bench", "train", "--matmul-precision", "bf16", "--device", "cuda:0"][..],
+            "--matmul-precision bf16 on cuda:0",
+        ),
+        (&["bench", "train", "--matmul-precision", "tf32", "--device", "cpu"][..], "tf32"),
+    ] {
+        let bad = vit(args);
+        assert_ne!(bad.status.code(), Some(0), "{args:?}");
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn bench_train_with_patch_dropout_counts_the_flops_of_the_tokens_kept() {
     // 16 patches of 4 px, GAP: dropping 0.5 keeps 8 tokens per image, and the patch projection
     // runs on those 8 only.

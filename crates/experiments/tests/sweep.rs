@@ -212,6 +212,18 @@ fn bad_axes_are_one_line_errors_before_anything_runs() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("axis train.steps = 0"), "{err}");
     assert!(!out.exists());
+
+    // Each matmul precision is fine, but it is process-wide: points side by side must agree.
+    let path = write(tmp.path(), "sweep.toml", &sweep_file("\"train.matmul_precision\" = [\"f32\", \"bf16\"]"));
+    let sweep = Sweep::from_file(&path).unwrap();
+    let out = tmp.path().join("out-mp");
+    let opts = SweepOptions { jobs: 2, ..Default::default() };
+    let e = run_sweep(&sweep, &out, &opts).unwrap_err().to_string();
+    for n in ["train.matmul_precision = bf16", "--jobs 2", "process-wide"] {
+        assert!(e.contains(n), "{n:?} not in: {e}");
+    }
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "no point may start");
 }
 
 #[test]

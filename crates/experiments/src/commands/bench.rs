@@ -21,7 +21,7 @@ use vit_experiments::train::{
 use vit_model::layers::patch_dropout::{tokens_kept, PatchDrop};
 use vit_model::{ModelConfig, VisionTransformer};
 use vit_optim::{AdamWConfig, Algorithm, FactoredAdamConfig, Optimizer, OptimizerChain, OptimizerConfig, ParamGroups};
-use vit_tensor::{cuda, ops, DType, Device, Tensor};
+use vit_tensor::{cpu::MatmulPrecision, cuda, ops, DType, Device, Tensor};
 
 /// Dense bf16/f16 tensor-core peak of the H100 and H200 SXM (reference §1), the MFU
 /// denominator on CUDA unless `--peak-tflops` says otherwise.
@@ -63,6 +63,12 @@ pub struct StepArgs {
     /// optimizer state stay f32).
     #[arg(long, default_value = "bf16", value_parser = parse_precision)]
     precision: DType,
+    /// Inputs of the CPU backend's GEMMs: `f32`, or `bf16` (rounded, f32 sums; on the AMX
+    /// tiles where the CPU has them), as `train.matmul_precision`. CPU only. With `bf16`, each
+    /// step index runs twice, with f32 GEMMs and then bf16, and both rates are reported: the
+    /// ratio is measured in the same run, step by step, so the host's drift cancels.
+    #[arg(long, default_value = "f32")]
+    matmul_precision: MatmulPrecision,
     /// Timed steps (`train`, `infer`; `memory` runs one).
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -97,6 +103,8 @@ struct Report {
     batch: usize,
     device: String,
     precision: String,
+    /// The CPU GEMMs' input precision (`--matmul-precision`).
+    matmul_precision: String,
     /// The optimizer of the training steps; `none` for `infer`.
     optimizer: String,
     /// The fraction of patch tokens dropped in each training step (`--patch-dropout`).
@@ -106,6 +114,11 @@ struct Report {
     every_token_images_per_second: Option<f64>,
     /// `images_per_second / every_token_images_per_second`: what dropping buys per image.
     speedup_vs_every_token: Option<f64>,
+    /// `--matmul-precision bf16`: images/s of the same steps with f32 GEMMs, each timed right
+    /// before its bf16 twin.
+    f32_matmul_images_per_second: Option<f64>,
+    /// `images_per_second / f32_matmul_images_per_second`: what bf16 GEMMs buy.
+    speedup_vs_f32_matmul: Option<f64>,
     /// Why the every-token reference could not run, when it could not.
     reference_error: Option<String>,
     timed_steps: usize,
@@ -164,6 +177,13 @@ pub fn run(args: Args) -> Result<(), CliError> {
         )));
     }
     let device = a.device.unwrap_or(if cuda::available() { Device::Cuda(0) } else { Device::Cpu });
+    if a.matmul_precision != MatmulPrecision::F32 && device != Device::Cpu {
+        return Err(CliError::Usage(format!(
+            "--matmul-precision {} on {device}: expected it with --device cpu only (the GPU GEMMs follow --precision)",
+            a.matmul_precision
+        )));
+    }
+    vit_tensor::cpu::set_matmul_precision(a.matmul_precision);
     let cfg = model_config(&a.model, &a.sets)?;
     let kept = (a.patch_dropout > 0.0).then(|| tokens_kept(cfg.num_patches(), a.patch_dropout));
     let model = VisionTransformer::new(&cfg, a.precision, device)?;
@@ -180,6 +200,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         batch: a.batch,
         device: device.to_string(),
         precision: format!("{:?}", a.precision).to_lowercase(),
+        matmul_precision: a.matmul_precision.to_string(),
         optimizer: if what == "infer" { "none".to_string() } else { a.optimizer.clone() },
         timed_steps: 0,
         step_ms: None,
@@ -187,6 +208,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
         patch_dropout: a.patch_dropout,
         every_token_images_per_second: None,
         speedup_vs_every_token: None,
+        f32_matmul_images_per_second: None,
+        speedup_vs_f32_matmul: None,
         reference_error: None,
         model_flops_per_image: match (what, kept) {
             ("infer", _) => cfg.forward_flops_per_image(),
@@ -214,6 +237,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
                 report.host_reads_per_step = Some(t.host_reads as f64 / t.times.len().max(1) as f64);
             }
             report.step_path = t.path;
+            if !t.f32_matmul_times.is_empty() {
+                report.f32_matmul_images_per_second = Some(a.batch as f64 / median(&t.f32_matmul_times));
+            }
             t.times
         }
         Err(e) => {
@@ -235,6 +261,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         report.model_tflops = Some(tflops);
         report.model_gflops = Some(flops / 1e9);
         report.mfu = peak.map(|p| tflops / p);
+        report.speedup_vs_f32_matmul = report.f32_matmul_images_per_second.map(|f| rate / f);
         // The reference of the ratio, measured in the same run: every token kept. It runs after
         // the peak memory and host reads were read, so they are the dropping steps' own; where
         // it cannot run (out of memory with every token), the report says so and keeps the rest.
@@ -265,6 +292,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
 struct Timed {
     /// Seconds of each timed step.
     times: Vec<f64>,
+    /// `--matmul-precision bf16`: seconds of each timed step's f32-GEMM twin (else empty).
+    f32_matmul_times: Vec<f64>,
     /// Device-to-host reads during the timed steps (all of them).
     host_reads: u64,
     /// The training step's path (`Report::step_path`); `None` for forwards.
@@ -355,7 +384,13 @@ fn timed_steps(
     device: Device,
     mut step: impl FnMut(usize) -> Result<(), CliError>,
 ) -> Result<Timed, CliError> {
+    // bf16 GEMMs: each step index also runs with f32 GEMMs just before, timed apart.
+    let twins: &[MatmulPrecision] = match a.matmul_precision {
+        MatmulPrecision::Bf16 => &[MatmulPrecision::F32, MatmulPrecision::Bf16],
+        MatmulPrecision::F32 => &[MatmulPrecision::F32],
+    };
     let mut times = Vec::with_capacity(a.steps);
+    let mut f32_matmul_times = Vec::new();
     let mut reads_before = cuda::host_reads();
     for i in 0..a.warmup + a.steps {
         if i == a.warmup {
@@ -364,15 +399,21 @@ fn timed_steps(
             }
             reads_before = cuda::host_reads();
         }
-        sync(device)?;
-        let t0 = Instant::now();
-        step(i)?;
-        sync(device)?;
-        if i >= a.warmup {
-            times.push(t0.elapsed().as_secs_f64());
+        for &precision in twins {
+            vit_tensor::cpu::set_matmul_precision(precision);
+            sync(device)?;
+            let t0 = Instant::now();
+            let result = step(i);
+            vit_tensor::cpu::set_matmul_precision(a.matmul_precision);
+            result?;
+            sync(device)?;
+            if i >= a.warmup {
+                let into = if precision == a.matmul_precision { &mut times } else { &mut f32_matmul_times };
+                into.push(t0.elapsed().as_secs_f64());
+            }
         }
     }
-    Ok(Timed { times, host_reads: cuda::host_reads() - reads_before, path: None })
+    Ok(Timed { times, f32_matmul_times, host_reads: cuda::host_reads() - reads_before, path: None })
 }
 
 /// Seconds of each timed forward pass (after `warmup` untimed ones): the parameters cast to
@@ -478,6 +519,9 @@ fn print_report(r: &Report, json: bool) -> Result<(), CliError> {
     }
     if let (Some(every), Some(x)) = (r.every_token_images_per_second, r.speedup_vs_every_token) {
         println!("  every token (same run): {every:.1} images/s; patch dropout {}: {x:.2}x", r.patch_dropout);
+    }
+    if let (Some(f), Some(x)) = (r.f32_matmul_images_per_second, r.speedup_vs_f32_matmul) {
+        println!("  f32 GEMMs (same run, step by step): {f:.1} images/s; bf16 GEMMs: {x:.2}x");
     }
     if let Some(b) = r.peak_memory_bytes {
         println!("  peak device memory {:.2} GiB", b as f64 / (1u64 << 30) as f64);

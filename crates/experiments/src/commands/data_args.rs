@@ -24,6 +24,10 @@ pub struct CheckpointArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The CPU's GEMMs: `f32`, or `bf16` (inputs rounded, f32 sums; on AMX tiles where the CPU
+    /// has them), as `train.matmul_precision`. CPU only.
+    #[arg(long, default_value = "f32")]
+    pub matmul_precision: vit_tensor::cpu::MatmulPrecision,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -42,6 +46,13 @@ impl CheckpointArgs {
     /// model and the data.
     pub fn load(&self) -> Result<Loaded, CliError> {
         let device: Device = self.device.parse()?;
+        if self.matmul_precision != vit_tensor::cpu::MatmulPrecision::F32 && device != Device::Cpu {
+            return Err(CliError::Usage(format!(
+                "--matmul-precision {} on {device}: expected it with --device cpu only",
+                self.matmul_precision
+            )));
+        }
+        vit_tensor::cpu::set_matmul_precision(self.matmul_precision);
         let ckpt = checkpoint::load_checkpoint(&self.checkpoint, device)?;
         let model = VisionTransformer::new(&ckpt.config, DType::F32, device)?;
         ckpt.check_against_model(&model)?;

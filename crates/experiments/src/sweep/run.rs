@@ -116,6 +116,26 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, opts: &SweepOptions) -> Result<Sweep
     if opts.jobs == 0 {
         return Err(SweepError::File("--jobs 0: expected at least one job".into()));
     }
+    // `train.matmul_precision` is process-wide (vit_tensor::cpu::set_matmul_precision): points
+    // side by side must agree on it.
+    if opts.jobs > 1 {
+        let mut precisions = sweep.points.iter().map(|p| (p, p.config.train.matmul_precision));
+        if let Some((first, want)) = precisions.next() {
+            if let Some((p, other)) = precisions.find(|(_, mp)| *mp != want) {
+                return Err(SweepError::Point {
+                    name: p.name.clone(),
+                    msg: format!(
+                        "train.matmul_precision = {} with --jobs {} while {} has {}: expected one matmul precision \
+                         for points that run side by side (it is process-wide), or --jobs 1",
+                        other.setting(),
+                        opts.jobs,
+                        first.name,
+                        want.setting()
+                    ),
+                });
+            }
+        }
+    }
     // Before anything runs: what each point's directory holds, and that it is this point's.
     let mut starts = Vec::with_capacity(sweep.points.len());
     for p in &sweep.points {

@@ -288,6 +288,11 @@ pub struct LoopSection {
     /// `f32`, or `bf16` (bf16 activations and gradients, f32 master weights).
     #[serde(default)]
     pub precision: Precision,
+    /// The CPU's GEMMs: `f32`, or `bf16` (inputs rounded to bf16, f32 sums, on the AMX tiles
+    /// where the CPU has them; products with a dimension under 32 stay f32), as PyTorch's
+    /// `set_float32_matmul_precision("medium")`. Tensors stay in `train.precision`. CPU only.
+    #[serde(default)]
+    pub matmul_precision: MatmulPrecisionChoice,
     /// Activation checkpointing per block (overrides the model's `remat`).
     #[serde(default)]
     pub remat: Option<bool>,
@@ -511,6 +516,28 @@ pub enum OptimizerName {
     Sgd,
 }
 
+/// `train.matmul_precision`: the inputs' precision of the CPU backend's GEMMs.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum MatmulPrecisionChoice {
+    /// Exact f32 products.
+    #[default]
+    #[serde(rename = "f32")]
+    F32,
+    /// bf16 inputs, f32 sums (`vit_tensor::cpu::MatmulPrecision::Bf16`).
+    #[serde(rename = "bf16")]
+    Bf16,
+}
+
+impl MatmulPrecisionChoice {
+    /// The CPU backend's setting.
+    pub fn setting(self) -> vit_tensor::cpu::MatmulPrecision {
+        match self {
+            MatmulPrecisionChoice::F32 => vit_tensor::cpu::MatmulPrecision::F32,
+            MatmulPrecisionChoice::Bf16 => vit_tensor::cpu::MatmulPrecision::Bf16,
+        }
+    }
+}
+
 /// `train.precision`: the dtype of activations and gradients.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Precision {
@@ -650,22 +677,29 @@ impl TrainConfig {
         }
         self.optimizer.param_groups()?;
         let t = &self.train;
+        if t.matmul_precision != MatmulPrecisionChoice::F32 && t.device.0 != vit_tensor::Device::Cpu {
+            return bad(
+                "train.matmul_precision",
+                format!("\"{}\" on {}", t.matmul_precision.setting(), t.device.0),
+                "\"f32\" off the CPU (GPU GEMMs follow train.precision)",
+            );
+        }
         if t.batch_size == 0 {
             return bad("train.batch_size", t.batch_size.to_string(), "a positive number of images");
         }
-        if t.grad_accum == 0 || t.batch_size % t.grad_accum != 0 {
+        if t.grad_accum == 0 || !t.batch_size.is_multiple_of(t.grad_accum) {
             return bad("train.grad_accum", t.grad_accum.to_string(), "a positive divisor of train.batch_size");
         }
         let model_ranks = t.mesh.model;
         // Under mpirun the world is the process count (train.world stays 1): checked at run time.
-        if model_ranks == 0 || (t.world > 1 && t.world % model_ranks != 0) {
+        if model_ranks == 0 || (t.world > 1 && !t.world.is_multiple_of(model_ranks)) {
             return bad(
                 "train.mesh.model",
                 model_ranks.to_string(),
                 &format!("a divisor of train.world ({})", t.world),
             );
         }
-        if t.world == 0 || t.batch_size % ((t.world / model_ranks).max(1) * t.grad_accum) != 0 {
+        if t.world == 0 || !t.batch_size.is_multiple_of((t.world / model_ranks).max(1) * t.grad_accum) {
             return bad(
                 "train.world",
                 t.world.to_string(),
@@ -893,6 +927,19 @@ mod tests {
     }
 
     #[test]
+    fn bf16_matmuls_are_a_cpu_setting_and_refused_on_a_gpu() {
+        let cfg = quickstart(&["train.matmul_precision=bf16"]).unwrap();
+        assert_eq!(cfg.train.matmul_precision.setting(), vit_tensor::cpu::MatmulPrecision::Bf16);
+        assert_eq!(quickstart(&[]).unwrap().train.matmul_precision, MatmulPrecisionChoice::F32);
+        let e = quickstart(&["train.matmul_precision=bf16", "train.device=cuda:1"]).unwrap_err().to_string();
+        for n in ["train.matmul_precision", "\"bf16\" on cuda:1", "GPU GEMMs follow train.precision"] {
+            assert!(e.contains(n), "{n:?} not in: {e}");
+        }
+        assert_eq!(e.lines().count(), 1, "{e}");
+        quickstart(&["train.matmul_precision=f32", "train.device=cuda:1"]).unwrap();
+    }
+
+    #[test]
     fn wd_and_lr_multiplier_rules_parse_round_trip_and_bad_ones_are_one_line_errors() {
         let cfg = quickstart(&[
             r#"optimizer.wd_mults=[{ pattern = 'head\.weight', mult = 1.0 }, { pattern = '.*fc1\.weight', mult = 2.0 }]"#,
@@ -952,7 +999,7 @@ mod tests {
     fn every_spelling_of_the_choices_parses_to_its_variant_and_writes_back_the_same() {
         use vit_tensor::Device;
         type Is = fn(&TrainConfig) -> bool;
-        let cases: [(&str, Is); 14] = [
+        let cases: [(&str, Is); 16] = [
             ("schedule.decay=rsqrt", |c| c.schedule.decay == DecayKind::Rsqrt),
             ("schedule.decay=cosine", |c| c.schedule.decay == DecayKind::Cosine),
             ("schedule.decay=linear", |c| c.schedule.decay == DecayKind::Linear),
@@ -962,6 +1009,8 @@ mod tests {
             ("optimizer.name=sgd", |c| c.optimizer.name == OptimizerName::Sgd),
             ("train.precision=f32", |c| c.train.precision.dtype() == DType::F32),
             ("train.precision=bf16", |c| c.train.precision.dtype() == DType::BF16),
+            ("train.matmul_precision=f32", |c| c.train.matmul_precision == MatmulPrecisionChoice::F32),
+            ("train.matmul_precision=bf16", |c| c.train.matmul_precision == MatmulPrecisionChoice::Bf16),
             ("train.loss=softmax", |c| c.train.loss == LossKind::Softmax),
             ("train.loss=sigmoid", |c| c.train.loss == LossKind::Sigmoid),
             ("train.device=cpu", |c| c.train.device.0 == Device::Cpu),
@@ -994,6 +1043,7 @@ mod tests {
             ("schedule.decay=cosin", "schedule.decay", "cosin", &["rsqrt", "cosine", "linear", "constant"][..]),
             ("optimizer.name=adam", "optimizer.name", "adam", &["factored-adam", "adamw", "sgd"][..]),
             ("train.precision=fp16", "train.precision", "fp16", &["f32", "bf16"][..]),
+            ("train.matmul_precision=tf32", "train.matmul_precision", "tf32", &["f32", "bf16"][..]),
             ("train.loss=softmx", "train.loss", "softmx", &["softmax", "sigmoid"][..]),
             ("train.device=gpu", "train.device", "gpu", &["cpu", "cuda", "cuda:N"][..]),
             ("train.device=cuda:x", "train.device", "cuda:x", &["cpu", "cuda", "cuda:N"][..]),

@@ -632,7 +632,7 @@ fn train_rank(
     let lead = rank == 0;
     // Data-parallel groups: all ranks, or world / train.mesh.model of them on a mesh.
     let groups = world / cfg.train.mesh.model.max(1);
-    if world % cfg.train.mesh.model.max(1) != 0 || cfg.train.batch_size % (groups * cfg.train.grad_accum) != 0 {
+    if world % cfg.train.mesh.model.max(1) != 0 || !cfg.train.batch_size.is_multiple_of(groups * cfg.train.grad_accum) {
         return Err(TrainError::Config(format!(
             "{world} ranks with train.mesh.model = {}: expected the mesh size to divide the ranks and the \
              data-parallel groups times train.grad_accum ({}) to divide train.batch_size ({})",
@@ -641,6 +641,8 @@ fn train_rank(
     }
     let started = RunClock::start();
     watch_signals();
+    // Process-wide, as PyTorch's setting: every rank of this process has the same config.
+    vit_tensor::cpu::set_matmul_precision(cfg.train.matmul_precision.setting());
     let device: Device = cfg.train.device.0;
     let dtype = cfg.train.precision.dtype();
     let mcfg: ModelConfig = cfg.model_config()?;

@@ -76,20 +76,27 @@ pub struct CpuInfo {
     pub model: String,
     /// The kernels' instruction set.
     pub simd: SimdLevel,
+    /// Whether bf16 GEMMs (`MatmulPrecision::Bf16`) run on AMX tiles ([`super::amx_available`]).
+    pub amx: bool,
 }
 
 impl CpuInfo {
     /// This machine's CPU (Linux: from `/proc/cpuinfo`).
     pub fn detect() -> CpuInfo {
         let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        CpuInfo { model: model_from_cpuinfo(&text), simd: SimdLevel::detect() }
+        CpuInfo { model: model_from_cpuinfo(&text), simd: SimdLevel::detect(), amx: super::amx_available() }
     }
 }
 
 impl fmt::Display for CpuInfo {
-    /// `AMD EPYC (family 25, model 1), AVX2+FMA kernels`.
+    /// `AMD EPYC (family 25, model 1), AVX2+FMA kernels`, and `, AMX tiles for bf16 GEMMs`
+    /// where the CPU has them.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}, {} kernels", self.model, self.simd)
+        write!(f, "{}, {} kernels", self.model, self.simd)?;
+        if self.amx {
+            f.write_str(", AMX tiles for bf16 GEMMs")?;
+        }
+        Ok(())
     }
 }
 
@@ -141,7 +148,9 @@ mod tests {
         }
         // The cached answer is the probed one, call after call.
         assert_eq!((SimdLevel::detect(), SimdLevel::probe()), (level, level));
-        let shown = CpuInfo { model: "X".into(), simd: level }.to_string();
+        let shown = CpuInfo { model: "X".into(), simd: level, amx: false }.to_string();
         assert!(shown.starts_with("X, ") && shown.ends_with(" kernels"), "{shown}");
+        let shown = CpuInfo { model: "X".into(), simd: level, amx: true }.to_string();
+        assert!(shown.ends_with(" kernels, AMX tiles for bf16 GEMMs"), "{shown}");
     }
 }

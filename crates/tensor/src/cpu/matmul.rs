@@ -1,6 +1,8 @@
 //! f32 matmul on the `gemm` crate (strided, so transposes and heads inside a packed projection
 //! cost nothing), with rayon. Outputs that the product overwrites are never zeroed first.
 
+use super::amx::{amx_available, gemm_bf16_amx, gemm_bf16_emulated};
+use super::matmul_precision::{matmul_precision, MatmulPrecision};
 use super::uninit_vec;
 use crate::op_kinds::MatmulDims;
 use gemm::Parallelism;
@@ -45,7 +47,14 @@ fn fits(len: usize, rows: usize, cols: usize, row_stride: usize, col_stride: usi
     rows == 0 || cols == 0 || (rows - 1) * row_stride + (cols - 1) * col_stride < len
 }
 
+/// Under [`MatmulPrecision::Bf16`], the products whose `m`, `n` and `k` are all at least this
+/// many round their inputs to bf16; the others stay f32.
+pub const BF16_MIN_DIM: usize = 32;
+
 /// `c = a·b` or `c += a·b` through `gemm::gemm`, `c` row-major with rows `c_row_stride` apart.
+///
+/// The inputs are rounded to bf16 first under [`MatmulPrecision::Bf16`] (for products of at
+/// least [`BF16_MIN_DIM`] in every dimension), on the AMX tiles where the CPU has them.
 ///
 /// # Safety
 /// `c` points to `c_len` writable f32s, initialised when `accumulate` (gemm reads them then,
@@ -76,6 +85,31 @@ unsafe fn gemm_raw(
         }
         return;
     }
+    // bf16 only where every dimension fills a 32 × 32 tile block: smaller products (one
+    // head's attention with 16 channels, a 10-class head) stay exact, and cheap either way.
+    let bf16 = matmul_precision() == MatmulPrecision::Bf16 && m.min(n).min(k) >= BF16_MIN_DIM;
+    match bf16 {
+        false => gemm_raw_f32(a, b, c, c_len, c_row_stride, accumulate, threads),
+        true if amx_available() => gemm_bf16_amx(a, b, c, c_row_stride, accumulate, threads),
+        true => gemm_bf16_emulated(a, b, c, c_len, c_row_stride, accumulate, threads),
+    }
+}
+
+/// [`gemm_raw`] in f32 through `gemm::gemm`, for views already checked and `m, n, k` > 0.
+///
+/// # Safety
+/// As [`gemm_raw`].
+pub(crate) unsafe fn gemm_raw_f32(
+    a: MatRef,
+    b: MatRef,
+    c: *mut f32,
+    c_len: usize,
+    c_row_stride: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    debug_assert!(fits(c_len, m, n, c_row_stride, 1));
     let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: every view was checked to lie inside its buffer; gemm reads `c` only when
     // `read_dst` (= accumulate) and otherwise writes all m·n elements.

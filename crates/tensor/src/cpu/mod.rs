@@ -5,6 +5,7 @@
 //! is f32 (design §2).
 
 mod allocator;
+mod amx;
 mod attention;
 mod attention_packed;
 mod elementwise;
@@ -17,6 +18,7 @@ mod index;
 mod layout;
 mod linear;
 mod matmul;
+mod matmul_precision;
 mod moe_dispatch;
 mod multiversion;
 mod norm;
@@ -27,6 +29,7 @@ mod softmax;
 mod vector_math;
 
 pub use allocator::retain_freed_memory;
+pub use amx::amx_available;
 pub(crate) use attention::*;
 pub(crate) use attention_packed::*;
 pub use elementwise::erfc;
@@ -38,6 +41,7 @@ pub(crate) use layout::*;
 pub(crate) use linear::*;
 pub use matmul::gemm_f32;
 pub(crate) use matmul::matmul;
+pub use matmul_precision::{matmul_precision, set_matmul_precision, MatmulPrecision};
 pub(crate) use moe_dispatch::*;
 pub(crate) use norm::*;
 pub(crate) use patch::*;
