@@ -1,12 +1,17 @@
 //! CPU matmul: `ops::matmul` against the `gemm` crate called directly (the wrapper must cost
-//! < 5%) and against a naive triple loop, each ratio measured in the same run.
+//! < 5%) and against a naive triple loop, each ratio measured in the same run; then bf16 GEMMs
+//! (`cpu::set_matmul_precision(Bf16)`: the AMX tiles where the CPU has them) against f32, the
+//! two timed alternately, sample by sample.
 //! `cargo bench --bench matmul_cpu`
 
 mod common;
 
 use criterion::{criterion_group, Criterion, Throughput};
 use std::hint::black_box;
-use vit_tensor::{cpu::gemm_f32, ops, DType, Device, Tensor};
+use vit_tensor::{
+    cpu::{self, gemm_f32, MatmulPrecision},
+    ops, DType, Device, Tensor,
+};
 
 /// `[m, k] x [k, n]` shapes: square, ViT-like linear layers on a small batch of tokens, and
 /// the four linear layers of ViT-B/16's forward at batch 8 (1,576 tokens; the shapes of `vit
@@ -77,8 +82,61 @@ fn ratios() {
     }
 }
 
+/// `(name, m, n, k, trans_a, trans_b)`: the three products of each linear layer of the
+/// Fashion-MNIST recipe's model (width 64, qkv 192, MLP 128) over 128 images of 50 tokens
+/// (forward `x·Wᵀ`, input gradient `dy·W`, weight gradient `dyᵀ·x`), and ViT-B/16's qkv.
+const BF16_SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
+    ("recipe qkv forward", 6400, 192, 64, false, true),
+    ("recipe qkv input grad", 6400, 64, 192, false, false),
+    ("recipe qkv weight grad", 192, 64, 6400, true, false),
+    ("recipe fc2 forward", 6400, 64, 128, false, true),
+    ("recipe fc2 weight grad", 64, 128, 6400, true, false),
+    ("B/16 qkv, 8x197 tokens", 1576, 2304, 768, false, true),
+];
+
+/// Prints GFLOP/s of f32 and bf16 GEMMs per shape and their ratio; the two alternate sample by
+/// sample, so the host's drift falls on both.
+fn bf16_ratios() {
+    let threads = rayon::current_num_threads();
+    let samples = if common::quick() { 3 } else { 21 };
+    let path = if cpu::amx_available() { "AMX tiles" } else { "emulated (no AMX): rounding, then f32 gemm" };
+    println!("matmul_cpu bf16: {threads} threads, bf16 on {path}; ratio = f32 time / bf16 time");
+    for &(name, m, n, k, ta, tb) in BF16_SHAPES {
+        let (a, b) = inputs(m, n, k);
+        let (av, bv) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+        let mut c = vec![0.0f32; m * n];
+        let mut times = [Vec::new(), Vec::new()];
+        for s in 0..=samples {
+            for (which, p) in [MatmulPrecision::F32, MatmulPrecision::Bf16].into_iter().enumerate() {
+                cpu::set_matmul_precision(p);
+                let t = std::time::Instant::now();
+                gemm_f32(&av, &bv, &mut c, m, n, k, ta, tb, threads);
+                black_box(&mut c);
+                if s > 0 {
+                    times[which].push(t.elapsed().as_secs_f64());
+                }
+            }
+        }
+        cpu::set_matmul_precision(MatmulPrecision::F32);
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (f, h) = (median(&mut times[0]), median(&mut times[1]));
+        let gflops = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+        println!(
+            "  {name:<24} [{m}x{k}]x[{k}x{n}]{}  f32 {:7.1} GFLOP/s | bf16 {:7.1} (ratio {:.2})",
+            if ta { " (a stored transposed)" } else { "" },
+            gflops(f),
+            gflops(h),
+            f / h
+        );
+    }
+}
+
 fn bench(c: &mut Criterion) {
     ratios();
+    bf16_ratios();
     let threads = rayon::current_num_threads();
     let mut g = c.benchmark_group("matmul_cpu");
     for &(name, m, n, k) in SHAPES {

@@ -3,20 +3,26 @@
 //! (round to nearest even) and the products summed in f32.
 //!
 //! One `tdpbf16ps` multiplies a `[16, 32]` bf16 tile of `a` by a `[32, 16]` tile of `b` into a
-//! `[16, 16]` f32 tile: 8,192 multiply-adds, where an AVX-512 FMA does 16. Both operands are
-//! first packed, rounded to bf16 and zero-padded, into the layouts the tile loads read with a
-//! 64-byte stride:
+//! `[16, 16]` f32 tile: 8,192 multiply-adds, where an AVX-512 FMA does 16. The operands are
+//! packed, rounded to bf16 and zero-padded, into the layouts the tile loads read with a 64-byte
+//! stride, as `u32` pairs of bf16 (k = 2p in the low half, 2p + 1 in the high):
 //!
-//! - `a` `[m, k]` → `[m/16][k/32][16 rows][32 k]`;
-//! - `b` `[k, n]` → `[n/16][k/32][16 k-pairs][16 columns][2]` (the "VNNI" layout: the two
-//!   values of a k-pair sit side by side, as `tdpbf16ps` reads them).
+//! - `a` `[m, k]` → `[m/16][k/32][16 rows][16 pairs]`;
+//! - `b` `[k, n]` → `[n/16][k/32][16 pairs][16 columns]` (the "VNNI" layout: the two values of
+//!   a k-pair side by side, as `tdpbf16ps` reads them).
 //!
-//! Each task then computes `[32, 32]` blocks of `c` in four accumulator tiles (`tmm0`-`tmm3`),
-//! loading two tiles of `a` (`tmm4`, `tmm5`) and two of `b` (`tmm6`, `tmm7`) per 32 values of
-//! k. Every element of `c` is summed by one task in one order, so the result has the same bits
-//! for any thread count. The instructions are written with `asm!` (Rust's AMX intrinsics are not
-//! stable); [`gemm_bf16_emulated`] is the same arithmetic in plain Rust, the reference the tile
-//! path is tested against and the path on CPUs without AMX.
+//! `b` is packed once per product; each 32-row block of `a` just before its products, into a
+//! buffer that stays in cache. Packing converts 32 values per `vcvtne2ps2bf16` and needs a
+//! 16 × 16 transpose in registers where an operand's memory runs the other way (`a` with k down
+//! its columns, `b` with k along its rows); a weight gradient `dyᵀ·x` has both operands with k
+//! down the columns, so it is computed as `(xᵀ·dy)ᵀ` when that puts the transpose on the
+//! smaller one. A task computes `[32, 32]` blocks of `c` in four accumulator tiles
+//! (`tmm0`-`tmm3`), loading two tiles of `a` (`tmm4`, `tmm5`) and two of `b` (`tmm6`, `tmm7`)
+//! per 32 values of k. Every element of `c` is summed by one task in one order, so the result
+//! has the same bits for any thread count. The instructions are written with `asm!` (Rust's AMX
+//! intrinsics are not stable). [`gemm_bf16_emulated`] rounds the operands the same way and
+//! multiplies them with `gemm`'s f32 kernels: the path on CPUs without AMX, equal to the tiles
+//! up to the order of the f32 sums. Both are tested against an f64 reference on rounded inputs.
 
 use super::matmul::MatRef;
 use rayon::prelude::*;
@@ -55,13 +61,45 @@ pub(crate) fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// Whether this process can run the tile kernel: the CPU has AMX-TILE and AMX-BF16, and Linux
-/// granted the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16+).
-/// Asked once. `VIT_NO_AMX=1` in the environment turns the tile path off (the emulated path
-/// then gives the same products up to the order of the f32 sums).
+/// The name that turns the tile path off in `VITRS_FAST_KERNELS_OFF` (or `VITRS_FAST_KERNELS=off`
+/// for every fast path): bf16 GEMMs then take the emulated path.
+pub const SELF_CHECK_NAME: &str = "amx_gemm";
+
+/// Whether this process runs bf16 GEMMs on the tiles: the CPU has AMX-TILE and AMX-BF16, Linux
+/// granted the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16+),
+/// the switches of [`crate::cuda::self_check::fast_kernel_off`] leave it on, and a product
+/// computed on the tiles matched the emulated path on first use. Asked once.
 pub fn amx_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| std::env::var_os("VIT_NO_AMX").is_none_or(|v| v == "0") && probe())
+    *AVAILABLE.get_or_init(|| {
+        if crate::cuda::self_check::fast_kernel_off(SELF_CHECK_NAME) || !probe() {
+            return false;
+        }
+        let error = self_check();
+        let ok = error.is_finite() && error <= 1e-5;
+        if !ok {
+            eprintln!("warning: AMX bf16 GEMM self-check failed (relative error {error:e}); using the emulated path");
+        }
+        ok
+    })
+}
+
+/// `‖tiles − emulated‖ / ‖emulated‖` on a `[40, 48] · [48, 37]` product (edge blocks, a padded
+/// k) of fixed values, with the tiles on this thread.
+fn self_check() -> f64 {
+    let (m, k, n) = (40, 48, 37);
+    let value = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 4.0;
+    let (a, b): (Vec<f32>, Vec<f32>) = ((0..m * k).map(value).collect(), (0..k * n).map(|i| value(i + 5)).collect());
+    let (am, bm) = (MatRef::rows(&a, m, k, k), MatRef::rows(&b, k, n, n));
+    let (mut tiles, mut emulated) = (vec![0f32; m * n], vec![0f32; m * n]);
+    // SAFETY: `probe` granted the tile state; the views are dense and inside their vectors.
+    unsafe {
+        gemm_tiles(am, bm, tiles.as_mut_ptr(), n, false, 1, false);
+        gemm_bf16_emulated(am, bm, emulated.as_mut_ptr(), emulated.len(), n, false, 1);
+    }
+    let diff: f64 = tiles.iter().zip(&emulated).map(|(t, e)| ((t - e) as f64).powi(2)).sum();
+    let norm: f64 = emulated.iter().map(|e| (*e as f64).powi(2)).sum();
+    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -115,11 +153,23 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// 256 u32 per tile) in `orient`, zero beyond `v`'s extent.
 fn pack_block(v: Axes, o0: usize, kp: usize, orient: Orientation, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
-    if amx_available() {
-        // SAFETY: every CPU with AMX-BF16 has AVX-512F, BW and BF16 (Sapphire Rapids and later).
+    if simd_packing() {
+        // SAFETY: simd_packing() found AVX-512F, BW and BF16 (every AMX CPU has them).
         return unsafe { simd::pack_block(v, o0, kp, orient, out) };
     }
     pack_block_body(v, o0, kp, orient, out)
+}
+
+/// Whether the CPU has what [`simd::pack_block`] is compiled for (AVX-512F, BW and BF16).
+fn simd_packing() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// [`pack_block`] one value at a time: where the CPU has no AMX (tests), and at edges.
@@ -646,8 +696,8 @@ mod tests {
     /// scalar packing's bits, specials included, for both layouts and orientations.
     #[test]
     fn simd_packing_matches_the_scalar_packing() {
-        if !amx_available() {
-            eprintln!("no AMX on this CPU: the AVX-512 packing runs only there");
+        if !simd_packing() {
+            eprintln!("no AVX-512 BF16 on this CPU: the AVX-512 packing runs only there");
             return;
         }
         let mut data = random(96 * 100, 3);
@@ -664,7 +714,7 @@ mod tests {
             for orient in [Orientation::OtherMajor, Orientation::PairMajor] {
                 for o0 in (0..o_len).step_by(16) {
                     let (mut fast, mut slow) = (vec![0u32; 8 * kp], vec![7u32; 8 * kp]);
-                    // SAFETY: amx_available() implies AVX-512F, BW and BF16.
+                    // SAFETY: simd_packing() found AVX-512F, BW and BF16.
                     unsafe { simd::pack_block(v, o0, kp, orient, &mut fast) };
                     pack_block_body(v, o0, kp, orient, &mut slow);
                     assert!(
@@ -731,6 +781,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_first_use_self_check_passes_where_the_tiles_run() {
+        if !probe() {
+            eprintln!("no AMX on this CPU: nothing to check");
+            return;
+        }
+        let error = self_check();
+        assert!(error.is_finite() && error <= 1e-6, "tiles against the emulated path: relative error {error:e}");
+        assert!(amx_available() || crate::cuda::self_check::fast_kernel_off(SELF_CHECK_NAME));
     }
 
     /// Every element of `c` is summed by one task in one order: the same bits for any number
