@@ -6,7 +6,9 @@
 //! matrix tiles ([`super::amx`]), several times faster than AVX-512 f32; elsewhere the rounding is
 //! emulated, so a run gives the same products (up to the order of the f32 sums) on any CPU.
 //! The setting is process-wide, like PyTorch's, and read by every GEMM of the CPU backend
-//! (linear layers, attention products, patch embedding); tensors stay f32.
+//! (linear layers, attention products, patch embedding); under bf16 only the products of at
+//! least [`BF16_MIN_DIM`](super::matmul::BF16_MIN_DIM) in every dimension round their inputs.
+//! Tensors stay f32.
 
 use std::fmt;
 use std::str::FromStr;
