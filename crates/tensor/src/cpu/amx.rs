@@ -315,11 +315,11 @@ fn pack_b(b: MatRef, np: usize, kp: usize, parallel: bool) -> Vec<u32> {
     let v = Axes { data: b.data, k_len: b.rows, o_len: b.cols, k_stride: b.row_stride, o_stride: b.col_stride };
     let block = TILE_COLS * kp / 2;
     let mut out = vec![0u32; np * kp / 2];
-    let orient = Orientation::PairMajor;
+    let fill = |(ob, tiles): (usize, &mut [u32])| pack_block(v, ob * TILE_COLS, kp, Orientation::PairMajor, tiles);
     if parallel && v.o_len * v.k_len >= super::PAR_MIN_ELEMS {
-        out.par_chunks_mut(block).enumerate().for_each(|(ob, tiles)| pack_block(v, ob * TILE_COLS, kp, orient, tiles));
+        out.par_chunks_mut(block).enumerate().for_each(fill);
     } else {
-        out.chunks_mut(block).enumerate().for_each(|(ob, tiles)| pack_block(v, ob * TILE_COLS, kp, orient, tiles));
+        out.chunks_mut(block).enumerate().for_each(fill);
     }
     out
 }
